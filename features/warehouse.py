@@ -1,0 +1,56 @@
+"""The embedded warehouse: DuckDB connections over Parquet files, and atomic Parquet writes."""
+
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import duckdb
+
+PARQUET_OPTIONS = "FORMAT PARQUET, COMPRESSION ZSTD, ROW_GROUP_SIZE 122880"
+
+
+def connect(threads: int = 2, memory_limit: str = "4GB", database: str | Path = ":memory:") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with deliberate thread and memory limits (the machine is shared)."""
+    con = duckdb.connect(str(database))
+    con.execute(f"SET threads = {int(threads)}")
+    con.execute(f"SET memory_limit = '{memory_limit}'")
+    con.execute("SET preserve_insertion_order = false")
+    return con
+
+
+def quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def sql_literal(value: object) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def staged_path(staged_dir: Path, table: str) -> Path:
+    return staged_dir / f"{table}.parquet"
+
+
+def write_parquet_atomically(con: duckdb.DuckDBPyConnection, select_sql: str, target: Path) -> int:
+    """Write the query's rows to `target` so that readers see the old file or the new one, never half.
+
+    DuckDB writes to a temporary file beside the target; `os.replace` then swaps it in (atomic on
+    POSIX within one filesystem). On any error the temporary file is removed and the target untouched.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        con.execute(f"COPY ({select_sql}) TO {sql_literal(tmp)} ({PARQUET_OPTIONS})")
+        rows = con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(tmp)})").fetchone()[0]
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return int(rows)
+
+
+def register_views(con: duckdb.DuckDBPyConnection, views: Iterable[tuple[str, str]]) -> None:
+    """Create or replace views `name AS SELECT * FROM read_parquet(glob)`."""
+    for name, parquet_glob in views:
+        con.execute(
+            f"CREATE OR REPLACE VIEW {quote(name)} AS SELECT * FROM read_parquet({sql_literal(parquet_glob)}, hive_partitioning = true)"
+        )
