@@ -1,0 +1,271 @@
+"""Point-in-time customer features, declared once and computed set-based in DuckDB.
+
+Every feature is a `Feature` below: its SQL, meaning, window and type. The SQL query and the
+feature dictionary (`feature_dictionary()`, docs/FEATURES.md) are both generated from this list.
+
+Features are computed over a *spine* of (customer_id, as_of) pairs: one as_of for a nightly
+partition, or each label's date for a training set. For a pair, only rows dated on or before
+as_of are read (transactions and events by timestamp, balances by month end, loans by open date;
+a loan closed after as_of counts as open, as it was on that day). Balances come from the latest
+month end on or before as_of.
+"""
+
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import duckdb
+
+from features.contract import INVESTMENT_PRODUCTS, PRODUCTS, SPEND_CATEGORIES
+from features.warehouse import sql_literal, staged_path, write_parquet_atomically
+
+SOURCES = ("customer", "balances", "transactions", "loans", "digital", "derived")
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    source: str
+    sql: str
+    description: str
+    window: str
+    kind: str = "numeric"  # numeric | categorical
+    group: str = ""
+    fill: float | None = None  # value when the customer has no rows in the source (counts, sums)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"feature {self.name}: unknown source {self.source}")
+
+
+def _latest(col: str) -> str:
+    return f"sum({col}) FILTER (WHERE month_end = snap)"
+
+
+def _months_ago(col: str, months: int) -> str:
+    return f"sum({col}) FILTER (WHERE month_end = last_day(snap - INTERVAL {months} MONTH))"
+
+
+def _share(num: str, den: str) -> str:
+    return f"({num}) / nullif({den}, 0)"
+
+
+_SPEND = "direction = 'debit' AND category IN (" + ", ".join(sql_literal(c) for c in SPEND_CATEGORIES) + ")"
+_RISKY = "(p_mutual_fund + p_equity)"
+_INVEST = "(" + " + ".join(f"p_{p}" for p in INVESTMENT_PRODUCTS) + ")"
+
+
+def _cat_sum(category: str, window: str) -> str:
+    return f"sum(amount) FILTER (WHERE {window} AND category = {sql_literal(category)})"
+
+
+FEATURES: tuple[Feature, ...] = (
+    # ---- demographics (customers table; PII never selected) ----
+    Feature("age", "customer", "date_diff('day', c.birth_date, s.as_of) / 365.25", "Age in years at as_of.", "as_of", group="demographics"),
+    Feature("gender", "customer", "c.gender", "Recorded gender.", "static", "categorical", "demographics"),
+    Feature("marital_status", "customer", "c.marital_status", "KYC marital status (often missing).", "static", "categorical", "demographics"),
+    Feature("num_children", "customer", "c.num_children", "KYC number of children (often missing).", "static", group="demographics"),
+    Feature("education", "customer", "c.education", "Highest education.", "static", "categorical", "demographics"),
+    Feature("occupation", "customer", "c.occupation", "Occupation group.", "static", "categorical", "demographics"),
+    Feature("region", "customer", "c.region", "Home-branch region.", "static", "categorical", "demographics"),
+    Feature("city_tier", "customer", "c.city_tier", "Home-branch city tier (1 = largest).", "static", group="demographics"),
+    Feature("acquisition_channel", "customer", "c.acquisition_channel", "How the customer was acquired.", "static", "categorical", "tenure"),
+    Feature("tenure_months", "customer", "date_diff('day', c.onboarding_date, s.as_of) / 30.44", "Months since onboarding.", "as_of", group="tenure"),
+    # ---- assets under management and product mix (balances) ----
+    Feature("aum_total", "balances", _latest("aum"), "Assets under management at the latest month end (excl. credit card).", "month end", group="aum", fill=0.0),
+    Feature("aum_avg_3m", "balances", "sum(aum) FILTER (WHERE month_end > snap - INTERVAL 3 MONTH) / 3", "Average month-end AUM over 3 months.", "3m", group="aum", fill=0.0),
+    Feature("aum_avg_12m", "balances", "sum(aum) / 12", "Average month-end AUM over 12 months.", "12m", group="aum", fill=0.0),
+    Feature("aum_growth_3m", "balances", f"{_latest('aum')} / nullif({_months_ago('aum', 3)}, 0) - 1", "Relative AUM change over 3 months.", "3m", group="aum"),
+    *(
+        Feature(f"share_{p}", "balances", _share(_latest(f"p_{p}"), _latest("aum")), f"Share of AUM in {p.replace('_', ' ')}.", "month end", group="product_mix")
+        for p in PRODUCTS
+        if p != "credit_card"
+    ),
+    Feature("investment_share", "balances", _share(_latest(_INVEST), _latest("aum")), "Share of AUM in wealth, fund, equity and bond products.", "month end", group="product_mix"),
+    Feature("risky_share", "balances", _share(_latest(_RISKY), _latest("aum")), "Share of AUM in mutual funds and equity.", "month end", group="investment"),
+    Feature(
+        "risky_share_change_3m", "balances",
+        f"{_share(_latest(_RISKY), _latest('aum'))} - {_share(_months_ago(_RISKY, 3), _months_ago('aum', 3))}",
+        "Change of the risky share over 3 months (de-risking after drawdowns is negative).", "3m", group="investment",
+    ),
+    Feature("n_products_held", "balances", "max(n_products) FILTER (WHERE month_end = snap)", "Number of products held at the latest month end (incl. credit card).", "month end", group="product_mix", fill=0),
+    Feature("months_with_balance_12m", "balances", "count(*) FILTER (WHERE aum > 0)", "Month ends with a positive AUM in 12 months.", "12m", group="activity", fill=0),
+    Feature("credit_card_balance", "balances", _latest("p_credit_card"), "Credit card amount owed at the latest month end.", "month end", group="credit", fill=0.0),
+    # ---- income and cash flow (transactions) ----
+    Feature("salary_income_3m", "transactions", "sum(amount) FILTER (WHERE w3 AND category IN ('salary', 'pension')) / 3", "Monthly salary and pension credited, 3-month average.", "3m", group="income", fill=0.0),
+    Feature("inflow_3m", "transactions", "sum(amount) FILTER (WHERE w3 AND direction = 'credit') / 3", "Monthly money in, 3-month average.", "3m", group="income", fill=0.0),
+    Feature("outflow_3m", "transactions", "sum(amount) FILTER (WHERE w3 AND direction = 'debit') / 3", "Monthly money out, 3-month average.", "3m", group="income", fill=0.0),
+    Feature("spend_1m", "transactions", f"sum(amount) FILTER (WHERE w1 AND {_SPEND})", "Consumer spending in the last month.", "1m", group="spending", fill=0.0),
+    Feature("spend_3m", "transactions", f"sum(amount) FILTER (WHERE w3 AND {_SPEND})", "Consumer spending over 3 months.", "3m", group="spending", fill=0.0),
+    Feature("spend_12m", "transactions", f"sum(amount) FILTER (WHERE {_SPEND})", "Consumer spending over 12 months.", "12m", group="spending", fill=0.0),
+    *(
+        Feature(f"spend_share_{c}_12m", "transactions", _share(_cat_sum(c, "true"), f"sum(amount) FILTER (WHERE {_SPEND})"), f"Share of 12-month spending on {c.replace('_', ' ')}.", "12m", group="spending")
+        for c in ("groceries", "dining", "shopping", "luxury", "travel", "entertainment", "rent", "childcare", "education", "medical", "insurance_premium")
+    ),
+    *(
+        Feature(f"spend_{c}_3m", "transactions", _cat_sum(c, "w3"), f"Spending on {c} over 3 months.", "3m", group="spending", fill=0.0)
+        for c in ("childcare", "education", "medical", "travel")
+    ),
+    Feature("has_mortgage_payment_3m", "transactions", "(count(*) FILTER (WHERE w3 AND category = 'mortgage_payment') > 0)::INT", "Paid a mortgage instalment in 3 months.", "3m", group="credit", fill=0),
+    # ---- recency and frequency ----
+    Feature("txn_count_1m", "transactions", "count(*) FILTER (WHERE w1)", "Transactions in the last month.", "1m", group="activity", fill=0),
+    Feature("txn_count_3m", "transactions", "count(*) FILTER (WHERE w3)", "Transactions over 3 months.", "3m", group="activity", fill=0),
+    Feature("txn_count_12m", "transactions", "count(*)", "Transactions over 12 months.", "12m", group="activity", fill=0),
+    Feature("days_since_last_txn", "transactions", "date_diff('day', max(txn_ts)::DATE, any_value(as_of))", "Days since the last transaction (empty if none in 12 months).", "12m", group="activity"),
+    Feature("active_months_12m", "transactions", "count(DISTINCT date_trunc('month', txn_ts))", "Months with at least one transaction in 12 months.", "12m", group="activity", fill=0),
+    Feature("digital_txn_share_3m", "transactions", _share("count(*) FILTER (WHERE w3 AND channel IN ('mobile', 'online'))", "count(*) FILTER (WHERE w3)"), "Share of transactions in mobile/online channels over 3 months.", "3m", group="digital"),
+    Feature("branch_txn_share_12m", "transactions", _share("count(*) FILTER (WHERE channel IN ('branch', 'atm'))", "count(*)"), "Share of transactions at branches and ATMs over 12 months.", "12m", group="activity"),
+    # ---- investment behaviour ----
+    Feature("invest_buy_count_3m", "transactions", "count(*) FILTER (WHERE w3 AND category = 'investment_buy')", "Investment purchases over 3 months.", "3m", group="investment", fill=0),
+    Feature("invest_sell_count_3m", "transactions", "count(*) FILTER (WHERE w3 AND category = 'investment_sell')", "Investment redemptions over 3 months.", "3m", group="investment", fill=0),
+    Feature("invest_trade_count_12m", "transactions", "count(*) FILTER (WHERE category IN ('investment_buy', 'investment_sell'))", "Investment trades over 12 months.", "12m", group="investment", fill=0),
+    Feature("invest_buy_amount_3m", "transactions", "sum(amount) FILTER (WHERE w3 AND category = 'investment_buy')", "Amount invested over 3 months.", "3m", group="investment", fill=0.0),
+    Feature(
+        "invest_sell_ratio_3m", "transactions",
+        _share("sum(amount) FILTER (WHERE w3 AND category = 'investment_sell')", "sum(amount) FILTER (WHERE w3 AND category IN ('investment_buy', 'investment_sell'))"),
+        "Redemptions as a share of traded amount over 3 months.", "3m", group="investment",
+    ),
+    # ---- loans and credit ----
+    Feature("n_active_loans", "loans", "count(*) FILTER (WHERE loan_type <> 'credit_card')", "Open loans (excl. credit cards) at as_of.", "as_of", group="credit", fill=0),
+    Feature("has_mortgage", "loans", "(count(*) FILTER (WHERE loan_type = 'mortgage') > 0)::INT", "Has an open mortgage.", "as_of", group="credit", fill=0),
+    Feature("loan_outstanding", "loans", "sum(outstanding) FILTER (WHERE loan_type <> 'credit_card')", "Outstanding loan principal (annuity schedule).", "as_of", group="credit", fill=0.0),
+    Feature("monthly_debt_payment", "loans", "sum(monthly_payment) FILTER (WHERE loan_type <> 'credit_card')", "Scheduled monthly loan payments.", "as_of", group="credit", fill=0.0),
+    Feature("credit_limit", "loans", "sum(principal) FILTER (WHERE loan_type = 'credit_card')", "Total credit card limit.", "as_of", group="credit", fill=0.0),
+    Feature("months_since_last_loan", "loans", "date_diff('day', max(open_date), any_value(as_of)) / 30.44", "Months since the newest open loan or card.", "as_of", group="credit"),
+    # ---- digital engagement ----
+    Feature("logins_1m", "digital", "count(*) FILTER (WHERE w1 AND event_type = 'login')", "App/web logins in the last month.", "1m", group="digital", fill=0),
+    Feature("logins_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type = 'login')", "App/web logins over 3 months.", "3m", group="digital", fill=0),
+    Feature("fund_equity_views_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type IN ('view_fund', 'view_equity'))", "Fund and equity page views over 3 months.", "3m", group="investment", fill=0),
+    Feature("deposit_views_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type = 'view_deposit')", "Deposit product page views over 3 months.", "3m", group="digital", fill=0),
+    Feature("app_trades_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type = 'trade')", "Trades placed in the app over 3 months.", "3m", group="investment", fill=0),
+    Feature("loan_insurance_views_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type IN ('view_loan', 'view_insurance'))", "Loan and insurance page views over 3 months.", "3m", group="digital", fill=0),
+    Feature("support_chats_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type = 'support_chat')", "Support chats over 3 months.", "3m", group="digital", fill=0),
+    Feature("days_since_last_login", "digital", "date_diff('day', max(event_ts) FILTER (WHERE event_type = 'login')::DATE, any_value(as_of))", "Days since the last login (empty if none in 12 months).", "12m", group="digital"),
+    # ---- derived from the features above ----
+    Feature("debt_to_income", "derived", "monthly_debt_payment / nullif(salary_income_3m, 0)", "Scheduled loan payments over salary income.", "3m", group="credit"),
+    Feature("card_utilisation", "derived", "credit_card_balance / nullif(credit_limit, 0)", "Credit card balance over limit.", "month end", group="credit"),
+    Feature("txn_trend_1m_vs_3m", "derived", "txn_count_1m / nullif(txn_count_3m / 3.0, 0)", "Last month's transactions relative to the 3-month average (falling engagement < 1).", "1m/3m", group="activity"),
+    Feature("spend_to_income_3m", "derived", "(spend_3m / 3) / nullif(inflow_3m, 0)", "Monthly spending over monthly inflow.", "3m", group="spending"),
+)
+
+FEATURE_NAMES = tuple(f.name for f in FEATURES)
+CATEGORICAL_FEATURES = tuple(f.name for f in FEATURES if f.kind == "categorical")
+KEY_COLUMNS = ("customer_id", "as_of")
+
+
+def _block(source: str, relation: str) -> str:
+    exprs = [f"    {f.sql} AS {f.name}" for f in FEATURES if f.source == source]
+    return f"{source}_features AS (\n  SELECT customer_id, as_of,\n" + ",\n".join(exprs) + f"\n  FROM {relation}\n  GROUP BY customer_id, as_of\n)"
+
+
+def features_sql(staged_dir: Path, spine_sql: str, first_as_of: date, last_as_of: date) -> str:
+    """The SELECT computing every feature for each (customer_id, as_of) row of `spine_sql`.
+
+    `first_as_of`/`last_as_of` bound the spine's dates so that Parquet scans skip rows that no
+    as_of can use.
+    """
+    src = {t: f"read_parquet({sql_literal(staged_path(staged_dir, t))})" for t in ("customers", "balances", "loans", "transactions", "digital_events")}
+    lo = f"DATE {sql_literal(first_as_of)} - INTERVAL 12 MONTH"
+    hi = f"DATE {sql_literal(last_as_of)} + INTERVAL 1 DAY"
+    product_cols = ",\n      ".join(f"sum(balance) FILTER (WHERE product = {sql_literal(p)}) AS p_{p}" for p in PRODUCTS)
+    non_card = " + ".join(f"p_{p}" for p in PRODUCTS if p != "credit_card")
+    customer_cols = ",\n    ".join(f"{f.sql} AS {f.name}" for f in FEATURES if f.source == "customer")
+    ctes = [
+        f"spine AS (\n  SELECT DISTINCT customer_id, as_of::DATE AS as_of,\n"
+        f"    CASE WHEN as_of::DATE = last_day(as_of::DATE) THEN as_of::DATE ELSE last_day(as_of::DATE - INTERVAL 1 MONTH) END AS snap\n"
+        f"  FROM ({spine_sql})\n)",
+        f"customer_features AS (\n  SELECT s.customer_id, s.as_of,\n    {customer_cols}\n  FROM spine s JOIN {src['customers']} c USING (customer_id)\n)",
+        # one row per customer, as_of and month end, products pivoted to columns
+        f"bal_month AS (\n  SELECT s.customer_id, s.as_of, s.snap, b.month_end,\n      {product_cols},\n      count(*) AS n_products\n"
+        f"  FROM spine s JOIN {src['balances']} b ON b.customer_id = s.customer_id\n"
+        f"    AND b.month_end <= s.snap AND b.month_end > s.snap - INTERVAL 12 MONTH\n"
+        f"    AND b.month_end > {lo} AND b.month_end < {hi}\n  GROUP BY ALL\n)",
+        f"bal AS (\n  SELECT * REPLACE ({' , '.join(f'coalesce(p_{p}, 0) AS p_{p}' for p in PRODUCTS)}),\n"
+        f"    {' + '.join(f'coalesce(p_{p}, 0)' for p in PRODUCTS if p != 'credit_card')} AS aum\n  FROM bal_month\n)",
+        _block("balances", "bal"),
+        f"txn AS (\n  SELECT s.customer_id, s.as_of, t.txn_ts, t.amount, t.direction, t.category, t.channel,\n"
+        f"    t.txn_ts >= s.as_of - INTERVAL 1 MONTH + INTERVAL 1 DAY AS w1,\n"
+        f"    t.txn_ts >= s.as_of - INTERVAL 3 MONTH + INTERVAL 1 DAY AS w3\n"
+        f"  FROM spine s JOIN {src['transactions']} t ON t.customer_id = s.customer_id\n"
+        f"    AND t.txn_ts < s.as_of + INTERVAL 1 DAY AND t.txn_ts >= s.as_of - INTERVAL 12 MONTH + INTERVAL 1 DAY\n"
+        f"    AND t.txn_ts >= {lo} AND t.txn_ts < {hi}\n)",
+        _block("transactions", "txn"),
+        f"loan AS (\n  SELECT s.customer_id, s.as_of, l.loan_type, l.open_date, l.principal, l.monthly_payment,\n"
+        f"    CASE WHEN l.term_months IS NULL THEN NULL\n"
+        f"         WHEN l.interest_rate = 0 THEN l.principal * greatest(l.term_months - date_diff('month', l.open_date, s.as_of), 0) / l.term_months\n"
+        f"         ELSE l.monthly_payment * (1 - pow(1 + l.interest_rate / 12, -greatest(l.term_months - date_diff('month', l.open_date, s.as_of), 0))) / (l.interest_rate / 12)\n"
+        f"    END AS outstanding\n"
+        f"  FROM spine s JOIN {src['loans']} l ON l.customer_id = s.customer_id\n"
+        f"    AND l.open_date <= s.as_of AND (l.close_date IS NULL OR l.close_date > s.as_of)\n)",
+        _block("loans", "loan"),
+        f"dig AS (\n  SELECT s.customer_id, s.as_of, e.event_ts, e.event_type,\n"
+        f"    e.event_ts >= s.as_of - INTERVAL 1 MONTH + INTERVAL 1 DAY AS w1,\n"
+        f"    e.event_ts >= s.as_of - INTERVAL 3 MONTH + INTERVAL 1 DAY AS w3\n"
+        f"  FROM spine s JOIN {src['digital_events']} e ON e.customer_id = s.customer_id\n"
+        f"    AND e.event_ts < s.as_of + INTERVAL 1 DAY AND e.event_ts >= s.as_of - INTERVAL 12 MONTH + INTERVAL 1 DAY\n"
+        f"    AND e.event_ts >= {lo} AND e.event_ts < {hi}\n)",
+        _block("digital", "dig"),
+    ]
+    joined_cols = []
+    for f in FEATURES:
+        if f.source in ("customer", "derived"):
+            continue
+        col = f"{f.source}_features.{f.name}"
+        joined_cols.append(f"coalesce({col}, {f.fill}) AS {f.name}" if f.fill is not None else f"{col} AS {f.name}")
+    joins = "\n".join(
+        f"LEFT JOIN {s}_features USING (customer_id, as_of)" for s in ("balances", "transactions", "loans", "digital")
+    )
+    customer_names = ", ".join(f.name for f in FEATURES if f.source == "customer")
+    base = (
+        f"SELECT customer_id, as_of, {customer_names},\n  " + ",\n  ".join(joined_cols)
+        + f"\nFROM customer_features\n{joins}"
+    )
+    derived = ", ".join(f"{f.sql} AS {f.name}" for f in FEATURES if f.source == "derived")
+    ordered = ", ".join(FEATURE_NAMES)
+    return (
+        "WITH " + ",\n".join(ctes)
+        + f",\nbase AS (\n{base}\n),\nwith_derived AS (SELECT *, {derived} FROM base)\n"
+        + f"SELECT customer_id, as_of, {ordered} FROM with_derived ORDER BY customer_id, as_of"
+    )
+
+
+def snapshot_spine_sql(staged_dir: Path, as_of: date) -> str:
+    """Every customer onboarded on or before `as_of`."""
+    customers = sql_literal(staged_path(staged_dir, "customers"))
+    return f"SELECT customer_id, DATE {sql_literal(as_of)} AS as_of FROM read_parquet({customers}) WHERE onboarding_date <= DATE {sql_literal(as_of)}"
+
+
+def build_customer_features(con: duckdb.DuckDBPyConnection, staged_dir: Path, as_of: date, target: Path) -> int:
+    """Compute the feature snapshot for `as_of` and write it atomically to `target` (Parquet). Returns rows."""
+    sql = features_sql(staged_dir, snapshot_spine_sql(staged_dir, as_of), as_of, as_of)
+    return write_parquet_atomically(con, sql, target)
+
+
+def features_for_spine(con: duckdb.DuckDBPyConnection, staged_dir: Path, spine_sql: str) -> duckdb.DuckDBPyRelation:
+    """Features for arbitrary (customer_id, as_of) pairs, e.g. each label at its label date."""
+    first, last = con.execute(f"SELECT min(as_of)::DATE, max(as_of)::DATE FROM ({spine_sql})").fetchone()
+    if first is None:
+        raise ValueError("the spine is empty: no (customer_id, as_of) rows to compute features for")
+    return con.sql(features_sql(staged_dir, spine_sql, first, last))
+
+
+def feature_dictionary() -> list[dict[str, str]]:
+    """Name, meaning, window, type and group of every feature (generated from `FEATURES`)."""
+    return [
+        {"name": f.name, "group": f.group, "kind": f.kind, "window": f.window, "source": f.source, "description": f.description}
+        for f in FEATURES
+    ]
+
+
+def feature_dictionary_markdown() -> str:
+    lines = [
+        "# Feature dictionary",
+        "",
+        f"Generated from `features/customer_features.py` by `tagml features`; do not edit by hand. {len(FEATURES)} features,",
+        "one row per customer and `as_of`; windows end on as_of (inclusive) and only use data dated on or before it.",
+        "",
+        "| feature | group | type | window | source | meaning |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| `{d['name']}` | {d['group']} | {d['kind']} | {d['window']} | {d['source']} | {d['description']} |" for d in feature_dictionary()]
+    return "\n".join(lines) + "\n"
