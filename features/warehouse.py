@@ -2,7 +2,8 @@
 
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from datetime import date
 from pathlib import Path
 
 import duckdb
@@ -27,21 +28,39 @@ def sql_literal(value: object) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def staged_dir_of(warehouse_dir: Path) -> Path:
+    """Where validated raw tables (PII removed) live inside the warehouse."""
+    return Path(warehouse_dir) / "raw"
+
+
 def staged_path(staged_dir: Path, table: str) -> Path:
     return staged_dir / f"{table}.parquet"
 
 
-def write_parquet_atomically(con: duckdb.DuckDBPyConnection, select_sql: str, target: Path) -> int:
+def features_path(warehouse_dir: Path, as_of: date) -> Path:
+    """The customer_features snapshot for one as_of (hive-style partition directory)."""
+    return Path(warehouse_dir) / "customer_features" / f"as_of={as_of.isoformat()}" / "data.parquet"
+
+
+def write_parquet_atomically(
+    con: duckdb.DuckDBPyConnection,
+    select_sql: str,
+    target: Path,
+    validate: Callable[[Path], None] | None = None,
+) -> int:
     """Write the query's rows to `target` so that readers see the old file or the new one, never half.
 
-    DuckDB writes to a temporary file beside the target; `os.replace` then swaps it in (atomic on
-    POSIX within one filesystem). On any error the temporary file is removed and the target untouched.
+    DuckDB writes to a temporary file beside the target; `validate(tmp)` may inspect it and raise to
+    abort; `os.replace` then swaps it in (atomic on POSIX within one filesystem). On any error the
+    temporary file is removed and the target is untouched.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         con.execute(f"COPY ({select_sql}) TO {sql_literal(tmp)} ({PARQUET_OPTIONS})")
         rows = con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(tmp)})").fetchone()[0]
+        if validate is not None:
+            validate(tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -69,13 +69,3 @@ class Settings:
         dagster_yaml = self.dagster_home / "dagster.yaml"
         if not dagster_yaml.exists():
             dagster_yaml.write_text("telemetry:\n  enabled: false\n")
-
-    @property
-    def staged_dir(self) -> Path:
-        """Validated raw tables, PII removed, as Parquet."""
-        return self.warehouse_dir / "raw"
-
-    @property
-    def features_dir(self) -> Path:
-        """customer_features partitions as Parquet (`as_of=YYYY-MM-DD/`)."""
-        return self.warehouse_dir / "customer_features"

@@ -1,0 +1,43 @@
+"""Build a feature snapshot behind its quality gate: a snapshot that fails a blocking check never
+replaces the stored partition."""
+
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import duckdb
+
+from features.customer_features import features_sql, snapshot_spine_sql
+from features.quality import CheckOutcome, check_feature_snapshot
+from features.warehouse import write_parquet_atomically
+
+
+class FeatureQualityError(RuntimeError):
+    """A blocking data-quality check failed; the previous snapshot (if any) was kept."""
+
+    def __init__(self, as_of: date, outcomes: list[CheckOutcome]):
+        self.outcomes = outcomes
+        failed = [f"{o.name}: {o.description} {o.metadata}" for o in outcomes if o.blocking and not o.passed]
+        super().__init__(f"customer_features for {as_of} failed blocking checks; nothing was replaced:\n  " + "\n  ".join(failed))
+
+
+@dataclass(frozen=True)
+class FeatureSnapshot:
+    as_of: date
+    path: Path
+    rows: int
+    checks: list[CheckOutcome]
+
+
+def build_feature_snapshot(con: duckdb.DuckDBPyConnection, staged_dir: Path, as_of: date, target: Path) -> FeatureSnapshot:
+    """Compute features for every customer at `as_of`, check them, and only then swap them into `target`."""
+    outcomes: list[CheckOutcome] = []
+
+    def gate(candidate: Path) -> None:
+        outcomes.extend(check_feature_snapshot(con, candidate, staged_dir, as_of))
+        if any(o.blocking and not o.passed for o in outcomes):
+            raise FeatureQualityError(as_of, outcomes)
+
+    sql = features_sql(staged_dir, snapshot_spine_sql(staged_dir, as_of), as_of, as_of)
+    rows = write_parquet_atomically(con, sql, target, validate=gate)
+    return FeatureSnapshot(as_of, target, rows, outcomes)
