@@ -75,16 +75,22 @@ def _fail(spec: TableSpec, column: str | None, rule: str, detail: str, **kw: Any
 
 def _read_source(con: duckdb.DuckDBPyConnection, spec: TableSpec, kind: str, location: str) -> str:
     view = f"src_{spec.name}"
+    # skip = 0: the header is the first line. Left to the sniffer, a malformed last row can be taken
+    # for the header, and its values (names, phone numbers) would be reported as column names.
     reader = (
         f"read_parquet({sql_literal(location)})"
         if kind == "parquet"
-        else f"read_csv({sql_literal(location)}, header = true, all_varchar = true)"
+        else f"read_csv({sql_literal(location)}, header = true, all_varchar = true, skip = 0)"
     )
+    # A CSV is parsed in full here, so that a malformed row anywhere is a contract error.
+    probe = f"SELECT * FROM {view} LIMIT 1" if kind == "parquet" else f"SELECT count(*) FROM {view}"
     try:
         con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM {reader}")
-        con.execute(f"SELECT * FROM {view} LIMIT 1").fetchall()
+        con.execute(probe).fetchall()
     except duckdb.Error as exc:
-        raise _fail(spec, None, "readable", f"cannot read {location}: {exc}") from exc
+        # Only the first line of DuckDB's message: CSV errors go on to quote the offending row (PII).
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise _fail(spec, None, "readable", f"cannot read {location}: {reason}") from exc
     return view
 
 
@@ -175,10 +181,8 @@ def validate_and_stage(
         for (col, bad), n_bad in zip(cast_checks, counts):
             if not n_bad:
                 continue
-            examples = () if col.pii else tuple(
-                {col.name: r[0]}
-                for r in con.execute(f"SELECT {quote(col.name)} FROM {src} WHERE {bad} LIMIT {MAX_EXAMPLES}").fetchall()
-            )
+            # the offending rows by key, plus the bad value unless the column is PII
+            examples = _example_rows(con, spec, src, bad, col.name)
             violations.append(Violation(spec.name, col.name, "type", f"values are not valid {col.type}", int(n_bad), examples))
     if violations:
         raise ContractError(violations)
