@@ -1,0 +1,93 @@
+"""Shared fixtures for the domain tests: one small synthetic bank per session, staged once.
+
+Everything is written under pytest's temporary directories; nothing touches the working tree.
+Per-test corruption copies or rewrites single tables into the test's own `tmp_path`.
+"""
+
+import shutil
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from features.contract import RAW_TABLES
+from features.customer_features import build_customer_features
+from features.raw import validate_and_stage
+from features.synthetic import BankConfig, generate_bank
+from features.warehouse import connect, sql_literal
+
+# Small enough for the whole domain suite to run in well under a minute on two cores, large enough
+# for the marginal and causal checks to be far from their tolerances.
+BANK = BankConfig(customers=3000, months=12, seed=7)
+WINDOW_START = date(2025, 11, 1)  # first day of the 12 generated months ending 2026-10
+WINDOW_END = date(2026, 10, 31)
+MID_MONTH_END = date(2026, 6, 30)
+MID_MONTH_DAY = date(2026, 6, 15)
+
+
+def make_connection(tmp: Path) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection whose spill directory is under `tmp` (never the working directory)."""
+    con = connect(threads=2, memory_limit="1GB")
+    spill = tmp / "duckdb_spill"
+    spill.mkdir(parents=True, exist_ok=True)
+    con.execute(f"SET temp_directory = {sql_literal(spill)}")
+    return con
+
+
+def raw_glob(raw_dir: Path, table: str) -> str:
+    return str(raw_dir / table / "*.parquet")
+
+
+def stage_all(con: duckdb.DuckDBPyConnection, raw_dir: Path, staged_dir: Path) -> dict:
+    """Validate and stage every contract table (customers first, as the loader requires)."""
+    return {spec.name: validate_and_stage(con, spec, raw_dir, staged_dir) for spec in RAW_TABLES}
+
+
+@pytest.fixture
+def con(tmp_path):
+    connection = make_connection(tmp_path)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bank")
+
+
+@pytest.fixture(scope="session")
+def bank(session_dir) -> dict:
+    """The session's synthetic bank: raw tables, the generator's summary and the staged tables."""
+    raw = session_dir / "raw"
+    summary = generate_bank(BANK, raw)
+    staged = session_dir / "staged"
+    connection = make_connection(session_dir)
+    try:
+        results = stage_all(connection, raw, staged)
+    finally:
+        connection.close()
+    return {"raw": raw, "staged": staged, "summary": summary, "staged_tables": results, "config": BANK}
+
+
+@pytest.fixture(scope="session")
+def bank_features(bank, session_dir) -> dict:
+    """Feature snapshots of the session bank at a month end and at a mid-month day."""
+    connection = make_connection(session_dir)
+    out = {}
+    try:
+        for as_of in (MID_MONTH_END, MID_MONTH_DAY):
+            target = session_dir / "features" / f"{as_of.isoformat()}.parquet"
+            build_customer_features(connection, bank["staged"], as_of, target)
+            out[as_of] = target
+    finally:
+        connection.close()
+    return out
+
+
+@pytest.fixture
+def staged_copy(bank, tmp_path) -> Path:
+    """A private copy of the session's staged tables, for tests that (try to) overwrite them."""
+    target = tmp_path / "staged"
+    shutil.copytree(bank["staged"], target)
+    return target
