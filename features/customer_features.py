@@ -241,12 +241,17 @@ def build_customer_features(con: duckdb.DuckDBPyConnection, staged_dir: Path, as
     return write_parquet_atomically(con, sql, target)
 
 
-def features_for_spine(con: duckdb.DuckDBPyConnection, staged_dir: Path, spine_sql: str) -> duckdb.DuckDBPyRelation:
-    """Features for arbitrary (customer_id, as_of) pairs, e.g. each label at its label date."""
+def spine_features_sql(con: duckdb.DuckDBPyConnection, staged_dir: Path, spine_sql: str) -> str:
+    """SQL of the features for arbitrary (customer_id, as_of) pairs, e.g. each label at its label date."""
     first, last = con.execute(f"SELECT min(as_of)::DATE, max(as_of)::DATE FROM ({spine_sql})").fetchone()
     if first is None:
         raise ValueError("the spine is empty: no (customer_id, as_of) rows to compute features for")
-    return con.sql(features_sql(staged_dir, spine_sql, first, last))
+    return features_sql(staged_dir, spine_sql, first, last)
+
+
+def features_for_spine(con: duckdb.DuckDBPyConnection, staged_dir: Path, spine_sql: str) -> duckdb.DuckDBPyRelation:
+    """Features for arbitrary (customer_id, as_of) pairs as a DuckDB relation."""
+    return con.sql(spine_features_sql(con, staged_dir, spine_sql))
 
 
 def feature_dictionary() -> list[dict[str, str]]:

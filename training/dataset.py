@@ -1,0 +1,123 @@
+"""Training sets: each label joined to the customer's features as of the label's date (point in time),
+split out-of-time by default, and saved as a Parquet snapshot that the model version references."""
+
+import hashlib
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from features.customer_features import CATEGORICAL_FEATURES, spine_features_sql
+from features.warehouse import sql_literal, staged_path, write_parquet_atomically
+from training.catalog import TagSpec
+
+LABEL_COLUMN = "label"
+SPLIT_COLUMN = "split"
+
+
+class TrainingDataError(ValueError):
+    """Labels or features cannot make a usable training set (named tag and reason)."""
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    tag: str
+    frame: pd.DataFrame  # customer_id, as_of, label, split, features...
+    feature_names: tuple[str, ...]
+    categorical: tuple[str, ...]
+    snapshot_path: Path
+    snapshot_id: str
+    dropped_labels: dict[str, int]
+
+    def part(self, split: str) -> tuple[pd.DataFrame, pd.Series]:
+        rows = self.frame[self.frame[SPLIT_COLUMN] == split]
+        return rows[list(self.feature_names)], rows[LABEL_COLUMN]
+
+
+def labels_sql(staged_dir: Path, tag: TagSpec, train_as_of: date) -> str:
+    """The usable labels of one tag known on `train_as_of`; one per customer and label date."""
+    assert tag.label is not None
+    conditions = [f"tag = {sql_literal(tag.label_tag)}", f"known_date <= DATE {sql_literal(train_as_of)}"]
+    if tag.label.sources:
+        conditions.append("source IN (" + ", ".join(sql_literal(s) for s in tag.label.sources) + ")")
+    if tag.label.max_age_days:
+        conditions.append(f"label_date >= DATE {sql_literal(train_as_of - timedelta(days=tag.label.max_age_days))}")
+    where = " AND ".join(conditions)
+    return (
+        f"SELECT customer_id, label_date, label, label_date - INTERVAL {tag.label.horizon_days} DAY AS as_of "
+        f"FROM read_parquet({sql_literal(staged_path(staged_dir, 'tag_labels'))}) WHERE {where}"
+    )
+
+
+def _split(frame: pd.DataFrame, tag: TagSpec, seed: int) -> pd.Series:
+    n = len(frame)
+    n_test = int(round(n * tag.split.test_fraction))
+    n_valid = int(round(n * tag.split.valid_fraction))
+    if tag.split.method == "out_of_time":
+        # train on the earliest labels, validate and test on later ones (ties broken by customer id)
+        order = np.lexsort((frame["customer_id"].to_numpy(), frame["as_of"].to_numpy()))
+    else:
+        from sklearn.model_selection import train_test_split
+
+        idx = np.arange(n)
+        rest, test = train_test_split(idx, test_size=n_test, stratify=frame[LABEL_COLUMN], random_state=seed)
+        train, valid = train_test_split(rest, test_size=n_valid, stratify=frame[LABEL_COLUMN].iloc[rest], random_state=seed)
+        order = np.concatenate([train, valid, test])
+    split = np.empty(n, dtype=object)
+    split[order[: n - n_test - n_valid]] = "train"
+    split[order[n - n_test - n_valid : n - n_test]] = "valid"
+    split[order[n - n_test :]] = "test"
+    return pd.Series(split, index=frame.index)
+
+
+def build_training_set(
+    con: duckdb.DuckDBPyConnection,
+    staged_dir: Path,
+    tag: TagSpec,
+    train_as_of: date,
+    snapshot_dir: Path,
+    seed: int = 0,
+) -> TrainingSet:
+    """Assemble, split and save the training snapshot of `tag` with labels known on `train_as_of`."""
+    labels = labels_sql(staged_dir, tag, train_as_of)
+    counts = dict(
+        con.execute(f"SELECT label IN ({', '.join(sql_literal(c) for c in tag.classes)}), count(*) FROM ({labels}) GROUP BY 1").fetchall()
+    )
+    unknown = counts.get(False, 0)
+    if not counts.get(True):
+        raise TrainingDataError(f"tag {tag.name!r}: no usable labels known on {train_as_of} (tag={tag.label_tag!r}, sources={list(tag.label.sources)})")
+    known = f"SELECT * FROM ({labels}) WHERE label IN ({', '.join(sql_literal(c) for c in tag.classes)})"
+    # a customer labelled twice on one date keeps the last label
+    dedup = f"SELECT * FROM ({known}) QUALIFY row_number() OVER (PARTITION BY customer_id, as_of ORDER BY label_date DESC, label) = 1"
+    features = spine_features_sql(con, staged_dir, f"SELECT customer_id, as_of FROM ({dedup})")
+    names = tag.feature_names
+    frame = con.execute(
+        f"SELECT l.customer_id, l.as_of::DATE AS as_of, l.label AS {LABEL_COLUMN}, {', '.join('f.' + n for n in names)} "
+        f"FROM ({dedup}) l JOIN ({features}) f ON f.customer_id = l.customer_id AND f.as_of = l.as_of::DATE "
+        f"ORDER BY l.as_of, l.customer_id"
+    ).df()
+    missing_features = counts[True] - len(frame)
+    present = frame[LABEL_COLUMN].value_counts()
+    absent = [c for c in tag.classes if c not in present.index]
+    if absent:
+        raise TrainingDataError(f"tag {tag.name!r}: classes {absent} have no labels; cannot train a {len(tag.classes)}-class model")
+    frame[SPLIT_COLUMN] = _split(frame, tag, seed)
+    categorical = tuple(n for n in names if n in CATEGORICAL_FEATURES)
+    digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()[:12]
+    snapshot_id = f"{tag.name}-{train_as_of.isoformat()}-{digest}"
+    path = snapshot_dir / tag.name / f"{snapshot_id}.parquet"
+    con.register("_snapshot", frame)
+    write_parquet_atomically(con, "SELECT * FROM _snapshot", path)
+    con.unregister("_snapshot")
+    return TrainingSet(
+        tag=tag.name,
+        frame=frame,
+        feature_names=names,
+        categorical=categorical,
+        snapshot_path=path,
+        snapshot_id=snapshot_id,
+        dropped_labels={"unknown_class": int(unknown), "customer_not_found": int(missing_features)},
+    )
