@@ -50,6 +50,7 @@ RISK_CUTPOINTS = np.array([-1.3, -0.45, 0.45, 1.3])
 RISK_LABEL_SCALE = 0.3
 LIFE_STAGE_RECORD_ERROR = 0.08
 CHURN_HORIZON_MONTHS = 3
+MAX_BUY_THE_DIP = 0.3  # log of the largest extra risky allocation an aggressive customer buys after a fall
 
 _SURNAMES = np.array(["Wang", "Li", "Zhang", "Liu", "Chen", "Yang", "Huang", "Zhao", "Wu", "Zhou", "Xu", "Sun", "Ma", "Zhu", "Hu", "Guo"])
 _GIVEN = np.array(["Wei", "Fang", "Na", "Min", "Jing", "Lei", "Qiang", "Yan", "Jie", "Tao", "Ming", "Chao", "Xiu", "Hui", "Jun", "Ping"])
@@ -280,7 +281,8 @@ class _Chunk:
 
     # ---- balances -------------------------------------------------------------------------
     def _risky_multiplier(self) -> np.ndarray:
-        """How much of the normal risky allocation each customer holds in each month (n, M)."""
+        """How much of the normal risky allocation each customer holds in each month (n, M), before
+        market moves (those are applied separately: a price fall is a loss, not a sale)."""
         market = market_index(self.config)
         returns = np.r_[0.0, market[1:] / market[:-1] - 1]
         # After a drawdown conservative customers de-risk and aggressive ones add; the reaction decays.
@@ -291,7 +293,7 @@ class _Chunk:
             if ret < -0.03:
                 level = level + (-ret * 6) * np.tanh(self.risk - 0.3)
             reaction[:, m] = level
-        return np.exp(np.clip(reaction, -2.5, 1.0)) * market[None, :]
+        return np.exp(np.clip(reaction, -2.5, MAX_BUY_THE_DIP))
 
     def balances(self) -> pa.Table:
         rng, n, M = self.rng, self.n, self.config.months
@@ -306,7 +308,7 @@ class _Chunk:
             "bond": (-0.9, 0.2),
             "insurance": (-1.2, -0.2),
         }
-        logw = np.stack([a + b * r + rng.normal(0, 0.5, n) for a, b in weights.values()], axis=1)
+        logw = np.stack([a + b * r + rng.normal(0, 0.35, n) for a, b in weights.values()], axis=1)
         share = np.exp(logw)
         share /= share.sum(axis=1, keepdims=True)
         # small savers do not spread their money across products
@@ -318,9 +320,13 @@ class _Chunk:
         values = holding[:, :, None] * growth[:, None, :] * rng.lognormal(0, 0.04, (n, 7, M))  # (n, P, M)
         risky = np.array([p in ("mutual_fund", "equity") for p in weights])
         mult = self._risky_multiplier()
-        moved = values[:, risky, :] * (1 - mult[:, None, :])
-        values[:, risky, :] *= mult[:, None, :]
-        values[:, 1, :] += np.clip(moved.sum(axis=1), 0, None)  # de-risked money lands in time deposits
+        moved = (values[:, risky, :] * (1 - mult[:, None, :])).sum(axis=1)  # > 0 sold, < 0 bought
+        values[:, risky, :] *= mult[:, None, :] * market_index(self.config)[None, None, :]
+        # de-risked money lands in time deposits; dip purchases are paid from time, then current deposits
+        values[:, 1, :] += moved
+        short = np.clip(-values[:, 1, :], 0, None)
+        values[:, 1, :] += short
+        values[:, 0, :] = np.maximum(values[:, 0, :] - short, 0)
         card_limit = np.where(self.has_card, self.card_limit, 0.0)
         util = np.clip(self.card_util[:, None] * rng.lognormal(0, 0.25, (n, M)), 0, 1.0)
         card = card_limit[:, None] * util * self.activity
@@ -572,9 +578,9 @@ class _Chunk:
             ok = hi > lo
             return idx[ok], (lo[ok] + rng.random(ok.sum()) * (hi[ok] - lo[ok])).astype(np.int64)
 
-        # risk questionnaire: investors are asked far more often
+        # risk questionnaire: mandatory before buying investment products, so mostly investors answer it
         invests = self.aum > 20_000
-        asked = np.nonzero(rng.random(n) < np.where(invests, 0.33, 0.12))[0]
+        asked = np.nonzero(rng.random(n) < np.where(invests, 0.38, 0.05))[0]
         idx, day = label_days(asked)
         cdf = _sigmoid((RISK_CUTPOINTS[None, :] - self.risk[idx, None]) / RISK_LABEL_SCALE)
         cdf = np.concatenate([np.zeros((idx.size, 1)), cdf, np.ones((idx.size, 1))], axis=1)
