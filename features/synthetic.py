@@ -50,7 +50,7 @@ RISK_CUTPOINTS = np.array([-1.3, -0.45, 0.45, 1.3])
 RISK_LABEL_SCALE = 0.3
 LIFE_STAGE_RECORD_ERROR = 0.08
 CHURN_HORIZON_MONTHS = 3
-MAX_BUY_THE_DIP = 0.3  # log of the largest extra risky allocation an aggressive customer buys after a fall
+MAX_BUY_THE_DIP = 0.15  # log of the largest extra risky allocation an aggressive customer buys after a fall
 
 _SURNAMES = np.array(["Wang", "Li", "Zhang", "Liu", "Chen", "Yang", "Huang", "Zhao", "Wu", "Zhou", "Xu", "Sun", "Ma", "Zhu", "Hu", "Guo"])
 _GIVEN = np.array(["Wei", "Fang", "Na", "Min", "Jing", "Lei", "Qiang", "Yan", "Jie", "Tao", "Ming", "Chao", "Xiu", "Hui", "Jun", "Ping"])
