@@ -1,0 +1,377 @@
+"""Feature-build benchmark: synthetic bank -> staged Parquet -> 79 features, DuckDB vs pandas.
+
+    .venv/bin/python bench/bench_features.py                       # 100k and 1M customers
+    .venv/bin/python bench/bench_features.py --sizes 100000 --repeats 1
+    .venv/bin/python bench/bench_features.py --check               # pandas == DuckDB on 20k customers
+
+Every measured step (generate, stage, duckdb, pandas) runs in its own subprocess
+(`bench_features.py _step ...`), so the peak RSS reported is that step's alone: the child reports
+`getrusage(RUSAGE_SELF).ru_maxrss` and the parent also polls `/proc/<pid>/status` (VmHWM), which
+is what remains if the child has to be killed. The parent kills a step that exceeds `--mem-cap-gb`
+of resident memory or `--timeout` seconds and records that it did not finish instead.
+
+Wall time is measured inside the child around the work itself (imports and interpreter start-up
+excluded; they are reported separately as `process_s`). The parent also reads /proc/stat around
+each step and reports how much CPU *other* processes used meanwhile (the machine is shared, and
+on 2 cores a busy neighbour changes the wall time a lot).
+
+Data lives under `--workdir` (default bench/out/, gitignored): `n<customers>/raw`, `.../staged`,
+`.../features_duckdb.parquet`, `.../features_pandas.parquet`, and `results-<time>.json`.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_WORKDIR = HERE / "out"
+STEPS = ("generate", "stage", "duckdb", "pandas")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------------------------
+# steps (run in a child process)
+# ---------------------------------------------------------------------------------------------
+def bank_dir(workdir: Path, customers: int) -> Path:
+    return workdir / f"n{customers}"
+
+
+def step_generate(args) -> dict:
+    from features.synthetic import BankConfig, generate_bank
+
+    t0 = time.perf_counter()
+    summary = generate_bank(BankConfig(customers=args.size, months=args.months, seed=args.seed), bank_dir(args.workdir, args.size) / "raw")
+    return {"wall_s": time.perf_counter() - t0, "rows": summary["rows"]}
+
+
+def step_stage(args) -> dict:
+    from features.contract import RAW_TABLES
+    from features.raw import validate_and_stage
+    from features.warehouse import connect
+
+    d = bank_dir(args.workdir, args.size)
+    con = connect(args.threads, args.memory_limit)
+    con.execute("SET enable_progress_bar = false")
+    t0 = time.perf_counter()
+    rows, per_table = 0, {}
+    for spec in RAW_TABLES:  # customers first: the others are checked against it
+        t = time.perf_counter()
+        staged = validate_and_stage(con, spec, d / "raw", d / "staged")
+        per_table[spec.name] = round(time.perf_counter() - t, 3)
+        rows += staged.rows
+    return {"wall_s": time.perf_counter() - t0, "rows": rows, "per_table_s": per_table}
+
+
+def step_duckdb(args) -> dict:
+    from features.customer_features import build_customer_features
+    from features.warehouse import connect
+
+    d = bank_dir(args.workdir, args.size)
+    con = connect(args.threads, args.memory_limit)
+    con.execute("SET enable_progress_bar = false")
+    t0 = time.perf_counter()
+    rows = build_customer_features(con, d / "staged", date.fromisoformat(args.as_of), d / "features_duckdb.parquet")
+    return {"wall_s": time.perf_counter() - t0, "rows": rows}
+
+
+def step_pandas(args) -> dict:
+    sys.path.insert(0, str(HERE))
+    from pandas_features import build_pandas_features
+
+    d = bank_dir(args.workdir, args.size)
+    t0 = time.perf_counter()
+    df = build_pandas_features(d / "staged", date.fromisoformat(args.as_of))
+    df.to_parquet(d / "features_pandas.parquet", index=False)
+    return {"wall_s": time.perf_counter() - t0, "rows": len(df)}
+
+
+def run_step_in_child(args) -> None:
+    fn = {"generate": step_generate, "stage": step_stage, "duckdb": step_duckdb, "pandas": step_pandas}[args.step]
+    result = fn(args)
+    result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# parent: launch, watch, measure
+# ---------------------------------------------------------------------------------------------
+def _proc_status_kb(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def _busy_cpu_s() -> float:
+    with open("/proc/stat") as fh:
+        parts = fh.readline().split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in parts[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def launch(step: str, args, size: int) -> dict:
+    """Run one step in a fresh interpreter; return its measurements (or why it did not finish)."""
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "_step", step,
+        "--size", str(size), "--workdir", str(args.workdir), "--seed", str(args.seed), "--months", str(args.months),
+        "--as-of", args.as_of, "--threads", str(args.threads), "--memory-limit", args.memory_limit,
+    ]
+    cap_kb = int(args.mem_cap_gb * 1024 * 1024)
+    log = bank_dir(args.workdir, size) / f"{step}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    busy0, t0 = _busy_cpu_s(), time.perf_counter()
+    with open(log, "w") as out:
+        # cwd = the bank's directory: DuckDB's spill directory (.tmp) lands there, not in the repo
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=bank_dir(args.workdir, size), env=env)
+        peak_kb, killed = 0, None
+        while proc.poll() is None:  # the pid is not reaped before poll() returns non-None: safe to kill
+            rss = _proc_status_kb(proc.pid, "VmRSS")
+            peak_kb = max(peak_kb, _proc_status_kb(proc.pid, "VmHWM"), rss)
+            elapsed = time.perf_counter() - t0
+            if rss > cap_kb:
+                killed = f"killed at {rss / 1024**2:.1f} GB RSS (cap {args.mem_cap_gb:g} GB) after {elapsed:.0f} s"
+            elif elapsed > args.timeout:
+                killed = f"killed after {elapsed:.0f} s (timeout {args.timeout:g} s) at {rss / 1024**2:.1f} GB RSS"
+            if killed:
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(0.1)
+    process_s = time.perf_counter() - t0
+    rusage = resource.getrusage(resource.RUSAGE_CHILDREN)  # cumulative; only used for the CPU delta below
+    busy = _busy_cpu_s() - busy0
+    result: dict = {"step": step, "size": size, "process_s": round(process_s, 2), "polled_peak_mb": round(peak_kb / 1024, 1)}
+    text = log.read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+    if killed or proc.returncode != 0 or not lines:
+        result["error"] = killed or f"exit code {proc.returncode}: {text.strip().splitlines()[-1] if text.strip() else ''}"
+        result["peak_mb"] = result["polled_peak_mb"]
+    else:
+        result.update(json.loads(lines[-1][len("RESULT "):]))
+        result["peak_mb"] = round(max(result.pop("maxrss_mb"), result["polled_peak_mb"]), 1)
+        result["wall_s"] = round(result["wall_s"], 2)
+    own_cpu = rusage.ru_utime + rusage.ru_stime - launch.cpu_seen  # type: ignore[attr-defined]
+    launch.cpu_seen = rusage.ru_utime + rusage.ru_stime  # type: ignore[attr-defined]
+    result["cpu_s"] = round(own_cpu, 1)
+    result["other_cpu_pct"] = round(100 * max(busy - own_cpu, 0) / (process_s * (os.cpu_count() or 1)), 1)
+    return result
+
+
+launch.cpu_seen = 0.0  # type: ignore[attr-defined]
+
+
+def _fmt_s(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f}" + (f" ({min(values):.1f}–{max(values):.1f})" if len(values) > 1 else "")
+
+
+def summarise(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    s = {"runs": len(runs), "ok": len(ok), "errors": [r["error"] for r in runs if "error" in r]}
+    if ok:
+        s["wall_s"] = [r["wall_s"] for r in ok]
+        s["wall_median_s"] = statistics.median(s["wall_s"])
+        s["peak_mb"] = max(r["peak_mb"] for r in ok)
+        s["rows"] = ok[-1]["rows"]
+        s["other_cpu_pct"] = max(r["other_cpu_pct"] for r in ok)
+    else:
+        s["peak_mb"] = max(r["peak_mb"] for r in runs)
+    return s
+
+
+def markdown(results: dict, args) -> str:
+    out = []
+    for size, steps in results.items():
+        raw_rows = steps.get("generate", {}).get("rows")
+        out.append(f"### {int(size):,} customers × {args.months} months (seed {args.seed}, as_of {args.as_of})\n")
+        if isinstance(raw_rows, dict):
+            out.append("Raw rows: " + ", ".join(f"{k} {v:,}" for k, v in raw_rows.items()) + "\n")
+        out.append("| step | wall s, median (min–max) | runs | peak RSS | other procs' CPU | output rows |")
+        out.append("| --- | --- | --- | --- | --- | --- |")
+        labels = {"generate": "generate raw (numpy/pyarrow)", "stage": "validate + stage all raw tables (DuckDB)",
+                  "duckdb": "features, DuckDB", "pandas": "features, pandas"}
+        for step in STEPS:
+            s = steps.get(step)
+            if not s:
+                continue
+            rows = s.get("rows")
+            rows = f"{sum(rows.values()):,}" if isinstance(rows, dict) else (f"{rows:,}" if rows else "")
+            if s["ok"]:
+                note = f" ({s['ok']}/{s['runs']} finished: {'; '.join(s['errors'])})" if s["errors"] else ""
+                out.append(f"| {labels[step]} | {_fmt_s(s['wall_s'])}{note} | {s['ok']} | {s['peak_mb'] / 1024:.2f} GB | ≤{s['other_cpu_pct']:.0f}% | {rows} |")
+            else:
+                out.append(f"| {labels[step]} | did not finish: {s['errors'][0]} | 0 | ≥{s['peak_mb'] / 1024:.2f} GB | | |")
+        d, p, st = steps.get("duckdb"), steps.get("pandas"), steps.get("stage")
+        if st and d and st["ok"] and d["ok"]:
+            out.append(f"\nFrom raw (stage + DuckDB features): **{st['wall_median_s'] + d['wall_median_s']:.1f} s**, "
+                       f"peak {max(st['peak_mb'], d['peak_mb']) / 1024:.2f} GB.")
+        if d and p and d["ok"] and p["ok"]:
+            out.append(f"pandas / DuckDB feature build: **{p['wall_median_s'] / d['wall_median_s']:.1f}× wall time**, "
+                       f"**{p['peak_mb'] / d['peak_mb']:.1f}× peak RSS**.")
+        elif d and p and d["ok"]:
+            out.append(f"pandas did not finish within the cap; DuckDB took {d['wall_median_s']:.1f} s at {d['peak_mb'] / 1024:.2f} GB.")
+        out.append("")
+    return "\n".join(out)
+
+
+def run_bench(args) -> None:
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    for size in args.sizes:
+        steps: dict = {}
+        results[size] = steps
+        raw_manifest = bank_dir(args.workdir, size) / "raw" / "_truth" / "manifest.json"
+        if args.reuse_raw and raw_manifest.exists():
+            print(f"[n={size}] reusing raw data in {raw_manifest.parent.parent}", flush=True)
+            steps["generate"] = {"runs": 0, "ok": 0, "errors": [], "rows": json.loads(raw_manifest.read_text())["rows"], "skipped": True}
+        todo = [("generate", 1)] if "generate" not in steps else []
+        todo += [(s, args.repeats) for s in ("stage", "duckdb", "pandas") if s not in args.skip]
+        for step, n in todo:
+            runs = []
+            for i in range(n):
+                r = launch(step, args, size)
+                runs.append(r)
+                print(f"[n={size}] {step} run {i + 1}/{n}: " + json.dumps(r), flush=True)
+                if "error" in r and step != "pandas":
+                    raise SystemExit(f"{step} failed at n={size}: {r['error']} (log: {bank_dir(args.workdir, size) / (step + '.log')})")
+                if "error" in r:  # a capped pandas run: do not repeat it
+                    break
+            steps[step] = summarise(runs) | {"details": runs}
+            if step == "generate" and runs[-1].get("rows"):
+                steps[step]["rows"] = runs[-1]["rows"]
+    md = markdown(results, args)
+    print("\n" + md)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    meta = {"argv": sys.argv, "args": {k: str(v) for k, v in vars(args).items()}, "results": results, "markdown": md}
+    target = args.json or args.workdir / f"results-{stamp}.json"
+    Path(target).write_text(json.dumps(meta, indent=2, default=str))
+    print(f"results: {target}")
+
+
+# ---------------------------------------------------------------------------------------------
+# --check: pandas output == DuckDB output
+# ---------------------------------------------------------------------------------------------
+def compare(duck, pand, rtol: float, atol: float) -> list[tuple[str, int, str]]:
+    """Per-feature mismatches: (feature, n_rows, example)."""
+    import numpy as np
+
+    from features.customer_features import CATEGORICAL_FEATURES, FEATURE_NAMES
+
+    problems = []
+    if len(duck) != len(pand) or not (duck["customer_id"].to_numpy() == pand["customer_id"].to_numpy()).all():
+        only_d = set(duck["customer_id"]) - set(pand["customer_id"])
+        only_p = set(pand["customer_id"]) - set(duck["customer_id"])
+        return [("(rows)", len(only_d) + len(only_p), f"{len(duck)} vs {len(pand)} rows; only DuckDB {sorted(only_d)[:3]}, only pandas {sorted(only_p)[:3]}")]
+    as_of_d = duck["as_of"].astype(str).to_numpy()
+    as_of_p = pand["as_of"].astype(str).to_numpy()
+    if (as_of_d != as_of_p).any():
+        problems.append(("as_of", int((as_of_d != as_of_p).sum()), f"{as_of_d[0]} vs {as_of_p[0]}"))
+    for name in FEATURE_NAMES:
+        if name not in pand.columns:
+            problems.append((name, len(duck), "missing in pandas output"))
+            continue
+        a, b = duck[name], pand[name]
+        if name in CATEGORICAL_FEATURES:
+            bad = ~((a.isna() & b.isna()) | (a.astype(object) == b.astype(object)))
+        else:
+            x, y = a.astype("float64").to_numpy(), b.astype("float64").to_numpy()
+            bad = ~((np.isnan(x) & np.isnan(y)) | np.isclose(x, y, rtol=rtol, atol=atol))
+        n_bad = int(np.asarray(bad).sum())
+        if n_bad:
+            i = np.flatnonzero(np.asarray(bad))[0]
+            problems.append((name, n_bad, f"{duck['customer_id'].iloc[i]}: duckdb={a.iloc[i]!r} pandas={b.iloc[i]!r}"))
+    return problems
+
+
+def run_check(args) -> None:
+    import pandas as pd
+
+    sys.path.insert(0, str(HERE))
+    from pandas_features import build_pandas_features
+
+    from features.contract import RAW_TABLES
+    from features.customer_features import FEATURE_NAMES, build_customer_features
+    from features.raw import validate_and_stage
+    from features.synthetic import BankConfig, generate_bank
+    from features.warehouse import connect
+
+    d = bank_dir(args.workdir, args.check_size)
+    if not (d / "raw" / "_truth" / "manifest.json").exists() or not args.reuse_raw:
+        generate_bank(BankConfig(customers=args.check_size, months=args.months, seed=args.seed), d / "raw")
+    con = connect(args.threads, args.memory_limit)
+    con.execute("SET enable_progress_bar = false")
+    for spec in RAW_TABLES:
+        validate_and_stage(con, spec, d / "raw", d / "staged")
+    failed = False
+    for as_of_text in args.check_as_of or [args.as_of]:
+        as_of = date.fromisoformat(as_of_text)
+        target = d / f"check_duckdb_{as_of}.parquet"
+        build_customer_features(con, d / "staged", as_of, target)
+        duck = pd.read_parquet(target)
+        pand = build_pandas_features(d / "staged", as_of)
+        problems = compare(duck, pand, args.rtol, args.atol)
+        print(f"as_of {as_of}: {len(duck):,} rows, {len(FEATURE_NAMES)} features, "
+              f"{len(problems)} mismatching (rtol {args.rtol:g}, atol {args.atol:g})")
+        for name, n, example in problems:
+            print(f"  MISMATCH {name}: {n} rows, e.g. {example}")
+        failed |= bool(problems)
+    if failed:
+        raise SystemExit("pandas and DuckDB features differ")
+    print("OK: every feature matches")
+
+
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="customers per bank")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--months", type=int, default=12)
+    p.add_argument("--as-of", default="2026-10-31")
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    p.add_argument("--threads", type=int, default=2, help="DuckDB threads")
+    p.add_argument("--memory-limit", default="8GB", help="DuckDB memory_limit")
+    p.add_argument("--repeats", type=int, default=3, help="runs of stage / duckdb / pandas per size (generate runs once)")
+    p.add_argument("--timeout", type=float, default=1200, help="kill a step after this many seconds")
+    p.add_argument("--mem-cap-gb", type=float, default=20, help="kill a step whose resident memory exceeds this")
+    p.add_argument("--reuse-raw", action="store_true", help="do not regenerate raw data that already exists (generate is then not timed)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["stage", "duckdb", "pandas"], help="steps not to run (their inputs must exist)")
+    p.add_argument("--json", type=Path, help="where to write the results (default: WORKDIR/results-<time>.json)")
+    p.add_argument("--check", action="store_true", help="assert pandas == DuckDB feature by feature instead of timing")
+    p.add_argument("--check-size", type=int, default=20_000)
+    p.add_argument("--check-as-of", nargs="*", help="as_of dates to compare (default: --as-of)")
+    p.add_argument("--rtol", type=float, default=1e-6)
+    p.add_argument("--atol", type=float, default=1e-12, help="absolute tolerance (differences of equal shares can be ~1e-17, not 0)")
+    if argv and argv[0] == "_step":
+        p.add_argument("step", choices=STEPS)
+        p.add_argument("--size", type=int, required=True)
+        args = p.parse_args(argv[1:])
+        args.internal = True
+        return args
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    args.workdir = args.workdir.resolve()
+    if getattr(args, "internal", False):
+        run_step_in_child(args)
+    elif args.check:
+        run_check(args)
+    else:
+        run_bench(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
