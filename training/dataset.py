@@ -99,13 +99,16 @@ def build_training_set(
         f"FROM ({dedup}) l JOIN ({features}) f ON f.customer_id = l.customer_id AND f.as_of = l.as_of::DATE "
         f"ORDER BY l.as_of, l.customer_id"
     ).df()
+    categorical = tuple(n for n in names if n in CATEGORICAL_FEATURES)
+    numeric = [n for n in names if n not in categorical]
+    # nullable integer columns (pandas.NA) become float with NaN, the models' missing value
+    frame[numeric] = frame[numeric].astype("float64")
     missing_features = counts[True] - len(frame)
     present = frame[LABEL_COLUMN].value_counts()
     absent = [c for c in tag.classes if c not in present.index]
     if absent:
         raise TrainingDataError(f"tag {tag.name!r}: classes {absent} have no labels; cannot train a {len(tag.classes)}-class model")
     frame[SPLIT_COLUMN] = _split(frame, tag, seed)
-    categorical = tuple(n for n in names if n in CATEGORICAL_FEATURES)
     digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()[:12]
     snapshot_id = f"{tag.name}-{train_as_of.isoformat()}-{digest}"
     path = snapshot_dir / tag.name / f"{snapshot_id}.parquet"

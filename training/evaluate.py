@@ -1,0 +1,145 @@
+"""Held-out evaluation: overall, per class, calibration, per slice, and the plots logged to MLflow."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+AGE_BANDS = (0, 30, 45, 60, 200)
+VALUE_TIER_BANDS = (-np.inf, 50_000, 1_000_000, np.inf)
+
+
+def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> float:
+    """Top-label ECE: |confidence - accuracy| averaged over equal-width confidence bins, weighted by size."""
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.mean() * abs(confidence[mask].mean() - correct[mask].mean())
+    return float(total)
+
+
+def core_metrics(y: np.ndarray, proba: np.ndarray, n_classes: int) -> dict[str, float]:
+    pred = proba.argmax(axis=1)
+    labels = list(range(n_classes))
+    if n_classes == 2:
+        auc = roc_auc_score(y, proba[:, 1]) if len(np.unique(y)) == 2 else float("nan")
+    else:
+        present = np.unique(y)
+        auc = roc_auc_score(y, proba, multi_class="ovr", labels=labels) if len(present) == n_classes else float("nan")
+    return {
+        "macro_f1": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "log_loss": float(log_loss(y, np.clip(proba, 1e-12, 1), labels=labels)),
+        "roc_auc_ovr": float(auc),
+        "calibration_error": expected_calibration_error(y, proba),
+    }
+
+
+def per_class_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    precision, recall, _, support = precision_recall_fscore_support(y, proba.argmax(axis=1), labels=list(range(len(classes))), zero_division=0)
+    out: dict[str, float] = {}
+    for k, c in enumerate(classes):
+        out[f"precision_{c}"] = float(precision[k])
+        out[f"recall_{c}"] = float(recall[k])
+        out[f"support_{c}"] = float(support[k])
+    return out
+
+
+def slices(frame: pd.DataFrame) -> dict[str, pd.Series]:
+    """Slice definitions available in this frame: age band, region, value tier."""
+    out = {}
+    if "age" in frame:
+        out["age_band"] = pd.cut(frame["age"], AGE_BANDS, right=False, labels=["<30", "30-44", "45-59", "60+"]).astype(str)
+    if "region" in frame:
+        out["region"] = frame["region"].fillna("missing").astype(str)
+    if "aum_total" in frame:
+        out["value_tier"] = pd.cut(frame["aum_total"], VALUE_TIER_BANDS, labels=["mass", "affluent", "hnw"]).astype(str)
+    return out
+
+
+def slice_metrics(frame: pd.DataFrame, y: np.ndarray, proba: np.ndarray, metric: str, n_classes: int, min_rows: int = 30) -> dict[str, float]:
+    """The promotion metric per slice value (slices with fewer than `min_rows` rows are skipped)."""
+    out = {}
+    for name, values in slices(frame).items():
+        for value in sorted(values.unique()):
+            mask = (values == value).to_numpy()
+            if mask.sum() >= min_rows:
+                out[f"{name}={value}"] = core_metrics(y[mask], proba[mask], n_classes)[metric]
+    return out
+
+
+def plot_confusion(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = confusion_matrix(y, proba.argmax(axis=1), labels=list(range(len(classes))), normalize="true")
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("observed (row-normalised)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_calibration(y: np.ndarray, proba: np.ndarray, path: Path, bins: int = 10) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    xs = [confidence[which == b].mean() for b in range(bins) if (which == b).any()]
+    ys = [correct[which == b].mean() for b in range(bins) if (which == b).any()]
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], "--", color="grey")
+    ax.plot(xs, ys, "o-")
+    ax.set_xlabel("predicted probability of the top class")
+    ax.set_ylabel("observed accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_importance(names: Sequence[str], importance: np.ndarray, path: Path, top: int = 20) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(importance)[::-1][:top][::-1]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.barh([names[i] for i in order], importance[order])
+    ax.set_xlabel("gain importance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
