@@ -47,7 +47,8 @@ def _months_ago(col: str, months: int) -> str:
 
 
 def _share(num: str, den: str) -> str:
-    return f"({num}) / nullif({den}, 0)"
+    # a filtered sum over no rows is NULL, but with a denominator the share is 0, not unknown
+    return f"coalesce({num}, 0) / nullif({den}, 0)"
 
 
 _SPEND = "direction = 'debit' AND category IN (" + ", ".join(sql_literal(c) for c in SPEND_CATEGORIES) + ")"
@@ -73,7 +74,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("tenure_months", "customer", "date_diff('day', c.onboarding_date, s.as_of) / 30.44", "Months since onboarding.", "as_of", group="tenure"),
     # ---- assets under management and product mix (balances) ----
     Feature("aum_total", "balances", _latest("aum"), "Assets under management at the latest month end (excl. credit card).", "month end", group="aum", fill=0.0),
-    Feature("aum_avg_3m", "balances", "sum(aum) FILTER (WHERE month_end > snap - INTERVAL 3 MONTH) / 3", "Average month-end AUM over 3 months.", "3m", group="aum", fill=0.0),
+    Feature("aum_avg_3m", "balances", "sum(aum) FILTER (WHERE month_end > last_day(snap - INTERVAL 3 MONTH)) / 3", "Average month-end AUM over 3 months.", "3m", group="aum", fill=0.0),
     Feature("aum_avg_12m", "balances", "sum(aum) / 12", "Average month-end AUM over 12 months.", "12m", group="aum", fill=0.0),
     Feature("aum_growth_3m", "balances", f"{_latest('aum')} / nullif({_months_ago('aum', 3)}, 0) - 1", "Relative AUM change over 3 months.", "3m", group="aum"),
     *(
@@ -243,7 +244,7 @@ def build_customer_features(con: duckdb.DuckDBPyConnection, staged_dir: Path, as
 
 def spine_features_sql(con: duckdb.DuckDBPyConnection, staged_dir: Path, spine_sql: str) -> str:
     """SQL of the features for arbitrary (customer_id, as_of) pairs, e.g. each label at its label date."""
-    first, last = con.execute(f"SELECT min(as_of)::DATE, max(as_of)::DATE FROM ({spine_sql})").fetchone()
+    first, last = con.execute(f"SELECT min(as_of)::DATE, max(as_of)::DATE FROM ({spine_sql})").fetchall()[0]
     if first is None:
         raise ValueError("the spine is empty: no (customer_id, as_of) rows to compute features for")
     return features_sql(staged_dir, spine_sql, first, last)
