@@ -171,7 +171,10 @@ def validate_and_stage(
             )
             continue
         select_parts.append(f"{expr} AS {quote(col.name)}")
-        cast_checks.append((col, f"{quote(col.name)} IS NOT NULL AND {expr} IS NULL"))
+        bad = f"{quote(col.name)} IS NOT NULL AND {expr} IS NULL"
+        if col.type == "int":  # the cast rounds: 1.5 children would silently become 2
+            bad = f"{quote(col.name)} IS NOT NULL AND ({expr} IS NULL OR TRY_CAST({quote(col.name)} AS DOUBLE) <> {expr})"
+        cast_checks.append((col, bad))
     if violations:
         raise ContractError(violations)
     if cast_checks:

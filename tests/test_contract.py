@@ -104,6 +104,13 @@ def _csv_bad_birth_date(con, raw, out):
     return {"customer_id": BAD_CUSTOMER}
 
 
+def _csv_fractional_children(con, raw, out):
+    """1.5 children must be rejected, not rounded to 2."""
+    sql = customers_with_bad_row(raw, "'1.5' AS num_children", base_replace="num_children::VARCHAR AS num_children")
+    to_csv(con, sql, out / "customers.csv")
+    return {"customer_id": BAD_CUSTOMER, "num_children": "1.5"}
+
+
 def _whole_column(table: str, replace: str, order: str):
     """The column has an impossible type for every row (struct, list, date for a double...)."""
 
@@ -186,6 +193,7 @@ CASES = [
     Case("missing_column_amount", "transactions", "amount", "missing_column", _missing_column("transactions", "amount")),
     Case("type_csv_birth_date_not_a_date", "customers", "birth_date", "type", _csv_bad_birth_date),
     Case("type_csv_txn_ts_not_a_timestamp", "transactions", "txn_ts", "type", _bad_txn_timestamp),
+    Case("type_fractional_int_in_csv", "customers", "num_children", "type", _csv_fractional_children),
     Case("type_date_given_as_struct", "balances", "month_end", "type", _whole_column("balances", "{'d': month_end} AS month_end", "customer_id, month_end, product")),
     Case("type_date_given_as_list", "loans", "open_date", "type", _whole_column("loans", "[open_date] AS open_date", "loan_id")),
     Case("type_double_given_as_date", "balances", "balance", "type", _whole_column("balances", "DATE '2026-01-31' AS balance", "customer_id, month_end, product")),
