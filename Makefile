@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tagml-installed
 
-.PHONY: install demo test ui bench clean
+.PHONY: install demo test ui mlflow-ui bench clean
+
+export OMP_WAIT_POLICY ?= PASSIVE
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +24,9 @@ test: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/tagml ui
+
+mlflow-ui: $(STAMP)
+	$(BIN)/tagml mlflow-ui
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_features.py

@@ -590,7 +590,7 @@ class _Chunk:
         truth["risk_appetite"] = truth_table(idx, day, probs, RISK_CLASSES)
 
         # life stage from KYC / relationship managers, with recording errors
-        recorded = np.nonzero(rng.random(n) < 0.12)[0]
+        recorded = np.nonzero(rng.random(n) < 0.18)[0]
         idx, day = label_days(recorded)
         years_before_end = (self.end_day - day) / 365.25
         stage = life_stage_of(

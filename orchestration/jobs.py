@@ -4,12 +4,19 @@ import dagster as dg
 
 from orchestration.feature_assets import FEATURES_GROUP
 from orchestration.raw_assets import RAW_GROUP
+from orchestration.training_assets import TRAINING_GROUP, tag_model_key, training_set_key
+from training.catalog import Catalog
 
 RAW_INGEST_JOB = "raw_ingest_job"
 CUSTOMER_FEATURES_JOB = "customer_features_job"
+TRAIN_ALL_JOB = "train_all_tags_job"
 
 
-def build_jobs(partitions_def: dg.PartitionsDefinition) -> list:
+def train_tag_job_name(tag: str) -> str:
+    return f"train_{tag}_job"
+
+
+def build_jobs(partitions_def: dg.PartitionsDefinition, catalog: Catalog) -> list:
     # In-process: each step would otherwise start a process (~4 s of imports) for sub-second work.
     return [
         dg.define_asset_job(
@@ -24,5 +31,20 @@ def build_jobs(partitions_def: dg.PartitionsDefinition) -> list:
             partitions_def=partitions_def,
             description="Build the customer feature snapshot for one as_of.",
             executor_def=dg.in_process_executor,
+        ),
+        dg.define_asset_job(
+            TRAIN_ALL_JOB,
+            selection=dg.AssetSelection.groups(TRAINING_GROUP),
+            description="Build training sets, train, register and gate every model tag.",
+            executor_def=dg.in_process_executor,
+        ),
+        *(
+            dg.define_asset_job(
+                train_tag_job_name(tag.name),
+                selection=dg.AssetSelection.assets(training_set_key(tag.name), tag_model_key(tag.name)),
+                description=f"Retrain {tag.name}: training set, Optuna + MLflow, promotion gate.",
+                executor_def=dg.in_process_executor,
+            )
+            for tag in catalog.model_tags
         ),
     ]

@@ -5,10 +5,12 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+from mlflow.tracking import MlflowClient
 from pydantic import Field
 
 from features.warehouse import connect, features_path, staged_dir_of
 from tagml.settings import Settings
+from training.tracking import connect_tracking
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -41,3 +43,21 @@ class WarehouseResource(dg.ConfigurableResource):
 
     def features_path(self, as_of: date) -> Path:
         return features_path(Path(self.warehouse_dir), as_of)
+
+    @property
+    def training_sets_dir(self) -> Path:
+        return Path(self.warehouse_dir) / "training_sets"
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """MLflow tracking store and model registry (SQLite file by default, a server at a bank)."""
+
+    tracking_uri: str = Field(description="MLflow tracking/registry URI, e.g. sqlite:///... or https://mlflow.bank")
+    artifact_location: str | None = Field(default=None, description="Artifact root for new experiments (local dir by default).")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "MlflowResource":
+        return cls(tracking_uri=settings.mlflow_tracking_uri, artifact_location=str(settings.mlflow_artifact_dir))
+
+    def client(self) -> MlflowClient:
+        return connect_tracking(self.tracking_uri)

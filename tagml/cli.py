@@ -38,12 +38,12 @@ def _dagster_instance(settings: Settings):
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from features.synthetic import BankConfig, generate_bank, month_ends
     from orchestration.definitions import build_definitions
-    from orchestration.jobs import CUSTOMER_FEATURES_JOB, RAW_INGEST_JOB
+    from orchestration.jobs import CUSTOMER_FEATURES_JOB, RAW_INGEST_JOB, TRAIN_ALL_JOB
 
     settings.ensure_dirs()
     config = BankConfig(customers=args.customers, months=12, seed=args.seed)
     as_of: date = month_ends(config.end_month, config.months)[-1].item()
-    print(f"[1/3] generating a synthetic bank: {config.customers:,} customers x {config.months} months -> {settings.raw_dir}")
+    print(f"[1/4] generating a synthetic bank: {config.customers:,} customers x {config.months} months -> {settings.raw_dir}")
     started = time.perf_counter()
     summary = generate_bank(config, settings.raw_dir)
     print(f"      {summary['rows']} in {time.perf_counter() - started:.1f}s")
@@ -51,13 +51,17 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     defs = build_definitions(settings)
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     with _dagster_instance(settings) as instance:
-        print("[2/3] raw_ingest_job: validate the raw contract, drop PII, stage Parquet")
+        print("[2/4] raw_ingest_job: validate the raw contract, drop PII, stage Parquet")
         defs.resolve_job_def(RAW_INGEST_JOB).execute_in_process(instance=instance, run_config=quiet)
-        print(f"[3/3] customer_features_job for as_of={as_of}")
+        print(f"[3/4] customer_features_job for as_of={as_of}")
         result = defs.resolve_job_def(CUSTOMER_FEATURES_JOB).execute_in_process(
             instance=instance, partition_key=as_of.isoformat(), run_config=quiet
         )
         checks = [f"{e.check_name}={'ok' if e.passed else 'FAILED'}" for e in result.get_asset_check_evaluations()]
+        print("[4/4] train_all_tags_job: training sets, Optuna + MLflow, registry, promotion gate")
+        started = time.perf_counter()
+        trained = defs.resolve_job_def(TRAIN_ALL_JOB).execute_in_process(instance=instance, run_config=quiet, raise_on_error=False)
+        training_seconds = time.perf_counter() - started
 
     from features.warehouse import features_path
 
@@ -69,10 +73,25 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     print(f"customer_features[{as_of}]: {meta.num_rows:,} customers x {meta.num_columns - 2} features -> {path}")
     if checks:
         print("checks: " + ", ".join(checks))
-    print(f"staged raw tables:  {settings.warehouse_dir / 'raw'}")
+    print(f"\nmodels ({training_seconds:.0f}s):")
+    for event in trained.get_asset_materialization_events():
+        key = event.asset_key.path
+        if key[-1] != "tag_model":
+            continue
+        meta = {k: v.value for k, v in event.materialization.metadata.items()}
+        print(
+            f"  {key[0]:<14} v{meta['model_version']}  macro_f1={meta['test_macro_f1']:.3f}  accuracy={meta['test_accuracy']:.3f}"
+            f"  calibration_error={meta['test_calibration_error']:.3f}  (baseline macro_f1={meta.get('baseline_macro_f1', float('nan')):.3f})"
+        )
+    for evaluation in trained.get_asset_check_evaluations():
+        print(f"  gate {evaluation.asset_key.path[0]:<14} {evaluation.description}")
+    if not trained.success:
+        print("  training job FAILED; see the Dagster UI for the step logs")
+    print(f"\nstaged raw tables:  {settings.warehouse_dir / 'raw'}")
     print(f"Dagster instance:   {settings.dagster_home}")
-    print("open the UI with:   make ui   (then http://127.0.0.1:3000)")
-    return 0
+    print(f"MLflow:             {settings.mlflow_tracking_uri}")
+    print("open the UIs with:  make ui (Dagster, http://127.0.0.1:3000)   make mlflow-ui (http://127.0.0.1:5000)")
+    return 0 if trained.success else 1
 
 
 def _ui(args: argparse.Namespace, settings: Settings) -> int:
@@ -96,6 +115,52 @@ def _features(args: argparse.Namespace, settings: Settings) -> int:
 
     _emit(feature_dictionary_markdown(), args.out)
     return 0
+
+
+def _leaderboard(args: argparse.Namespace, settings: Settings) -> int:
+    import pandas as pd
+
+    from training.catalog import load_catalog
+    from training.registry import leaderboard
+    from training.tracking import connect_tracking
+
+    tag = load_catalog(settings.catalog_path).get(args.tag)
+    board = leaderboard(connect_tracking(settings.mlflow_tracking_uri), tag, limit=args.limit)
+    if board.empty:
+        print(f"no training runs for {args.tag} yet")
+        return 0
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format):
+        print(f"{args.tag}: runs ranked by test {tag.promotion.metric}")
+        print(board.drop(columns=["run_id"]).to_string(index=False))
+    return 0
+
+
+def _promote(args: argparse.Namespace, settings: Settings) -> int:
+    from training.registry import promote
+    from training.tracking import connect_tracking
+
+    promote(connect_tracking(settings.mlflow_tracking_uri), args.tag, args.version, by=args.by, reason=args.reason)
+    print(f"{args.tag}: v{args.version} is now champion")
+    return 0
+
+
+def _rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from training.registry import rollback
+    from training.tracking import connect_tracking
+
+    restored = rollback(connect_tracking(settings.mlflow_tracking_uri), args.tag, by=args.by, reason=args.reason)
+    print(f"{args.tag}: champion rolled back to v{restored}")
+    return 0
+
+
+def _mlflow_ui(args: argparse.Namespace, settings: Settings) -> int:
+    settings.ensure_dirs()
+    command = [
+        sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.mlflow_tracking_uri,
+        "--default-artifact-root", str(settings.mlflow_artifact_dir), "--host", args.host, "--port", str(args.port), "--workers", "1",
+    ]
+    os.execvp(command[0], command)
+    return 0  # unreachable
 
 
 def _emit(text: str, out: str | None) -> None:
@@ -131,6 +196,30 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(run=_ui)
 
+    board = sub.add_parser("leaderboard", help="training runs of a tag ranked by its promotion metric")
+    board.add_argument("tag")
+    board.add_argument("--limit", type=int, default=20)
+    board.set_defaults(run=_leaderboard)
+
+    user = os.environ.get("USER", "unknown")
+    prom = sub.add_parser("promote", help="make a model version the champion of its tag (recorded)")
+    prom.add_argument("tag")
+    prom.add_argument("version")
+    prom.add_argument("--reason", default="manual promotion")
+    prom.add_argument("--by", default=user)
+    prom.set_defaults(run=_promote)
+
+    back = sub.add_parser("rollback", help="restore the previous champion of a tag (recorded)")
+    back.add_argument("tag")
+    back.add_argument("--reason", default="manual rollback")
+    back.add_argument("--by", default=user)
+    back.set_defaults(run=_rollback)
+
+    mui = sub.add_parser("mlflow-ui", help="start the MLflow UI on this TAGML_HOME's tracking store")
+    mui.add_argument("--host", default="127.0.0.1")
+    mui.add_argument("--port", type=int, default=5000)
+    mui.set_defaults(run=_mlflow_ui)
+
     for name, func, what in (("contract", _contract, "the raw data contract"), ("features", _features, "the feature dictionary")):
         p = sub.add_parser(name, help=f"print {what} as markdown")
         p.add_argument("--out", help="write to this file instead of stdout")
@@ -139,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # xgboost/OpenMP threads spin-wait by default, which starves a busy 2-core machine (STACK.md)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     return args.run(args, Settings.from_env())
 

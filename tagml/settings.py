@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_HOME = ".tagml"
+DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "tags" / "catalog.yaml"
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Settings:
     mlflow_tracking_uri: str
     mlflow_artifact_dir: Path
     reports_dir: Path
+    catalog_path: Path
     threads: int = 2
     duckdb_memory_limit: str = "4GB"
     partitions_start: str = "2024-01-01"
@@ -52,6 +54,7 @@ class Settings:
             ),
             mlflow_artifact_dir=artifact_dir,
             reports_dir=path("TAGML_REPORTS_DIR", home / "reports"),
+            catalog_path=path("TAGML_CATALOG", DEFAULT_CATALOG),
             threads=int(env.get("TAGML_THREADS", "2")),
             duckdb_memory_limit=env.get("TAGML_DUCKDB_MEMORY_LIMIT", "4GB"),
             partitions_start=env.get("TAGML_PARTITIONS_START", "2024-01-01"),

@@ -79,8 +79,12 @@ class ModelSpec(_Strict):
     trials: int = Field(20, ge=1, le=1000)
     timeout_seconds: int = Field(600, ge=10)
     baseline: Literal["logistic_regression", None] = "logistic_regression"
-    calibrate: bool = True
-    class_weight: Literal["balanced", "none"] = "balanced"
+    calibration: Literal["temperature", "sigmoid", "isotonic", "none"] = Field(
+        "temperature", description="how validation data recalibrates the probabilities (temperature keeps the ranking)"
+    )
+    class_weight: Literal["balanced", "none"] = Field(
+        "none", description="'balanced' trades calibration for minority-class recall"
+    )
 
 
 class SplitSpec(_Strict):

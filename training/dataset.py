@@ -124,3 +124,21 @@ def build_training_set(
         snapshot_id=snapshot_id,
         dropped_labels={"unknown_class": int(unknown), "customer_not_found": int(missing_features)},
     )
+
+
+def load_training_set(path: Path, tag: TagSpec) -> TrainingSet:
+    """Re-open a saved training snapshot (as referenced by a model version or an upstream asset)."""
+    path = Path(path)
+    if not path.exists():
+        raise TrainingDataError(f"tag {tag.name!r}: training snapshot {path} does not exist")
+    frame = pd.read_parquet(path)
+    names = tuple(c for c in frame.columns if c not in ("customer_id", "as_of", LABEL_COLUMN, SPLIT_COLUMN))
+    return TrainingSet(
+        tag=tag.name,
+        frame=frame,
+        feature_names=names,
+        categorical=tuple(n for n in names if n in CATEGORICAL_FEATURES),
+        snapshot_path=path,
+        snapshot_id=path.stem,
+        dropped_labels={},
+    )

@@ -19,7 +19,7 @@ AGE_BANDS = (0, 30, 45, 60, 200)
 VALUE_TIER_BANDS = (-np.inf, 50_000, 1_000_000, np.inf)
 
 
-def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 15) -> float:
+def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 10) -> float:
     """Top-label ECE: |confidence - accuracy| averaged over equal-width confidence bins, weighted by size."""
     confidence = proba.max(axis=1)
     correct = proba.argmax(axis=1) == y

@@ -24,6 +24,7 @@ from training.catalog import TagSpec
 from training.dataset import TrainingSet
 from training.evaluate import core_metrics, per_class_metrics, plot_calibration, plot_confusion, plot_importance, slice_metrics
 from training.models import build_pipeline
+from training.tracking import connect_tracking
 
 PIP_REQUIREMENTS = ["scikit-learn>=1.6,<2", "xgboost>=3.0,<3.3", "pandas>=2.2,<3", "numpy>=2.0,<2.5"]
 
@@ -78,8 +79,7 @@ def train_tag(
 ) -> TrainResult:
     """Tune, fit, calibrate, evaluate, log and register a model for `tag`; the new version becomes `challenger`."""
     assert tag.model is not None
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    client = connect_tracking(tracking_uri)
     experiment_name = f"tagml/{tag.name}"
     experiment = client.get_experiment_by_name(experiment_name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name, artifact_location=artifact_location)
@@ -135,8 +135,8 @@ def train_tag(
         pipeline = build_pipeline(tag.model.family, best_params, categorical, numeric, n_classes, seed, threads)
         pipeline.fit(X_train, y_train, model__sample_weight=weights)
         model: Any = pipeline
-        if tag.model.calibrate:
-            model = CalibratedClassifierCV(FrozenEstimator(pipeline), method="temperature").fit(X_valid, y_valid)
+        if tag.model.calibration != "none":
+            model = CalibratedClassifierCV(FrozenEstimator(pipeline), method=tag.model.calibration).fit(X_valid, y_valid)
         timings["refit"] = time.perf_counter() - started
         proba = model.predict_proba(X_test)
         metrics = {**core_metrics(y_test, proba, n_classes), **per_class_metrics(y_test, proba, classes)}
