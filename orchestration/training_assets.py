@@ -57,7 +57,7 @@ def build_training_assets(tag: TagSpec) -> list[dg.AssetsDefinition]:
                 "rows": len(data.frame),
                 "train_as_of": train_as_of.isoformat(),
                 "snapshot_id": data.snapshot_id,
-                "path": dg.MetadataValue.path(str(data.snapshot_path)),
+                "snapshot_path": dg.MetadataValue.path(str(data.snapshot_path)),
                 "features": len(data.feature_names),
                 "dropped_labels": data.dropped_labels,
                 "class_balance": dg.MetadataValue.md(balance.to_markdown()),

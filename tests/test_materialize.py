@@ -77,3 +77,26 @@ def test_contract_violation_fails_the_asset_and_keeps_the_staged_table(home, tmp
     assert "customers.region" in failure.event_specific_data.error.message
     assert "allowed_values" in failure.event_specific_data.error.message
     assert staged.read_bytes() == before
+
+
+def test_training_job_trains_registers_and_gates_one_tag(home):
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.jobs import train_tag_job_name
+
+    assert _run(home, RAW_INGEST_JOB).success
+    config = {"trials": 1, "seed": 0}
+    run_config = {"ops": {"risk_appetite__training_set": {"config": config}, "risk_appetite__tag_model": {"config": config}}}
+    result = _run(home, train_tag_job_name("risk_appetite"), run_config=run_config)
+    materialized = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert set(materialized) == {"risk_appetite/training_set", "risk_appetite/tag_model"}
+    [gate] = result.get_asset_check_evaluations()
+    assert gate.check_name == "promotion_gate"
+    assert gate.metadata["decision"].value in {"promoted", "rejected"}
+    version = materialized["risk_appetite/tag_model"]["model_version"].value
+    client = MlflowClient(home.mlflow_tracking_uri)
+    registered = client.get_model_version("tagml-risk_appetite", version)
+    assert registered.tags["gate.decision"] == gate.metadata["decision"].value
+    assert registered.tags["data_snapshot"] == str(materialized["risk_appetite/training_set"]["snapshot_path"].value)
+    # the run fails only when a blocking gate fails with no champion to fall back on
+    assert result.success == (gate.passed or gate.severity.value == "WARN")

@@ -96,9 +96,11 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
     if rules.require_all_classes_predicted and never:
         passed = False
         reasons.append(f"classes never predicted on the test set: {never}")
-    if scores["calibration_error"] > rules.max_calibration_error:
+    if scores["calibration_error_debiased"] > rules.max_calibration_error:
         passed = False
-        reasons.append(f"calibration error {scores['calibration_error']:.4f} > {rules.max_calibration_error}")
+        reasons.append(
+            f"calibration error {scores['calibration_error_debiased']:.4f} (debiased; raw {scores['calibration_error']:.4f}) > {rules.max_calibration_error}"
+        )
     low_slices = {k: round(v, 4) for k, v in slices.items() if v < rules.slice_floor}
     if low_slices:
         passed = False
