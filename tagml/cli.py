@@ -40,6 +40,9 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from orchestration.definitions import build_definitions
     from orchestration.jobs import CUSTOMER_FEATURES_JOB, RAW_INGEST_JOB, TRAIN_ALL_JOB
 
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.ERROR)  # keep the demo's output to what it did
     settings.ensure_dirs()
     config = BankConfig(customers=args.customers, months=12, seed=args.seed)
     as_of: date = month_ends(config.end_month, config.months)[-1].item()

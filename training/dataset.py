@@ -2,7 +2,8 @@
 split out-of-time by default, and saved as a Parquet snapshot that the model version references."""
 
 import hashlib
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 from features.customer_features import CATEGORICAL_FEATURES, spine_features_sql
-from features.warehouse import sql_literal, staged_path, write_parquet_atomically
-from training.catalog import TagSpec
+from features.warehouse import quote, sql_literal, staged_path, write_parquet_atomically
+from training.catalog import TagSpec, WideTableSource
 
 LABEL_COLUMN = "label"
 SPLIT_COLUMN = "split"
@@ -31,6 +32,7 @@ class TrainingSet:
     snapshot_path: Path
     snapshot_id: str
     dropped_labels: dict[str, int]
+    feature_types: dict[str, str] = field(default_factory=dict)
 
     def part(self, split: str) -> tuple[pd.DataFrame, pd.Series]:
         rows = self.frame[self.frame[SPLIT_COLUMN] == split]
@@ -73,6 +75,63 @@ def _split(frame: pd.DataFrame, tag: TagSpec, seed: int) -> pd.Series:
     return pd.Series(split, index=frame.index)
 
 
+PII_NAME = re.compile(r"(^|_)(name|full_name|phone|mobile|email|national_id|id_card|id_number|passport|address|ssn)($|_)", re.IGNORECASE)
+NUMERIC_SQL_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "FLOAT", "DOUBLE", "DECIMAL")
+CATEGORICAL_SQL_TYPES = ("VARCHAR", "BOOLEAN")
+
+
+def _reader(path: str) -> str:
+    lower = path.lower()
+    if lower.endswith(".csv"):
+        return f"read_csv({sql_literal(path)}, header = true)"
+    if Path(path).is_dir():
+        return f"read_parquet({sql_literal(str(Path(path) / '*.parquet'))})"
+    return f"read_parquet({sql_literal(path)})"
+
+
+def wide_table_labels_sql(tag: TagSpec, train_as_of: date, staged_dir: Path) -> str:
+    """Labels for a wide-table tag: the staged tag_labels, or the source's own labels file."""
+    source = tag.label.feature_source
+    assert isinstance(source, WideTableSource)
+    if source.labels_path is None:
+        return labels_sql(staged_dir, tag, train_as_of)
+    return (
+        f"SELECT {quote(source.id_column)}::VARCHAR AS customer_id, label_date::DATE AS label_date, label::VARCHAR AS label, "
+        f"label_date::DATE - INTERVAL {tag.label.horizon_days} DAY AS as_of FROM {_reader(source.labels_path)} "
+        f"WHERE label_date::DATE <= DATE {sql_literal(train_as_of)}"
+    )
+
+
+def _wide_features(con: duckdb.DuckDBPyConnection, tag: TagSpec, labels: str) -> tuple[str, tuple[str, ...], tuple[str, ...], dict[str, str]]:
+    """(SQL joining labels to the wide table, features, categorical features, inferred types)."""
+    source = tag.label.feature_source
+    assert isinstance(source, WideTableSource)
+    relation = _reader(source.path)
+    try:
+        described = con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()
+    except duckdb.Error as exc:
+        raise TrainingDataError(f"tag {tag.name!r}: cannot read feature table {source.path}: {str(exc).splitlines()[0]}") from exc
+    types = {name: sql_type for name, sql_type, *_ in described}
+    if source.id_column not in types:
+        raise TrainingDataError(f"tag {tag.name!r}: feature table {source.path} has no id column {source.id_column!r} (columns: {sorted(types)})")
+    candidates = [c for c in types if c not in (source.id_column, "as_of")]
+    usable = {c: t for c, t in types.items() if c in candidates and not PII_NAME.search(c) and t.split("(")[0] in NUMERIC_SQL_TYPES + CATEGORICAL_SQL_TYPES}
+    selection = tag.features
+    chosen = [c for c in candidates if c in usable and (not selection.include or c in selection.include) and c not in selection.exclude]
+    if not chosen:
+        raise TrainingDataError(f"tag {tag.name!r}: no usable feature columns in {source.path} after excluding ids, PII-like names and unsupported types")
+    categorical = tuple(c for c in chosen if usable[c].split("(")[0] in CATEGORICAL_SQL_TYPES)
+    cols = ", ".join(f"f.{quote(c)}::VARCHAR AS {quote(c)}" if c in categorical else f"f.{quote(c)}::DOUBLE AS {quote(c)}" for c in chosen)
+    if "as_of" in types:
+        # snapshots of the wide table: each label takes the latest snapshot on or before its date
+        join = f"ASOF JOIN {relation} f ON f.{quote(source.id_column)}::VARCHAR = l.customer_id AND f.as_of::DATE <= l.as_of::DATE"
+    else:
+        join = f"JOIN {relation} f ON f.{quote(source.id_column)}::VARCHAR = l.customer_id"
+    sql = f"SELECT l.customer_id, l.as_of::DATE AS as_of, l.label AS {LABEL_COLUMN}, {cols} FROM ({labels}) l {join} ORDER BY l.as_of, l.customer_id"
+    inferred = {c: ("categorical" if c in categorical else "numeric") for c in chosen}
+    return sql, tuple(chosen), categorical, inferred
+
+
 def build_training_set(
     con: duckdb.DuckDBPyConnection,
     staged_dir: Path,
@@ -81,25 +140,36 @@ def build_training_set(
     snapshot_dir: Path,
     seed: int = 0,
 ) -> TrainingSet:
-    """Assemble, split and save the training snapshot of `tag` with labels known on `train_as_of`."""
-    labels = labels_sql(staged_dir, tag, train_as_of)
-    counts = dict(
-        con.execute(f"SELECT label IN ({', '.join(sql_literal(c) for c in tag.classes)}), count(*) FROM ({labels}) GROUP BY 1").fetchall()
-    )
+    """Assemble, split and save the training snapshot of `tag` with labels known on `train_as_of`.
+
+    Features come from the computed customer features at each label's date, or from the bank's own
+    wide table when the catalog says so (types inferred; PII-like column names never used).
+    """
+    wide = isinstance(tag.label.feature_source, WideTableSource)
+    labels = wide_table_labels_sql(tag, train_as_of, staged_dir) if wide else labels_sql(staged_dir, tag, train_as_of)
+    in_classes = f"label IN ({', '.join(sql_literal(c) for c in tag.classes)})"
+    counts = dict(con.execute(f"SELECT {in_classes}, count(*) FROM ({labels}) GROUP BY 1").fetchall())
     unknown = counts.get(False, 0)
     if not counts.get(True):
         raise TrainingDataError(f"tag {tag.name!r}: no usable labels known on {train_as_of} (tag={tag.label_tag!r}, sources={list(tag.label.sources)})")
-    known = f"SELECT * FROM ({labels}) WHERE label IN ({', '.join(sql_literal(c) for c in tag.classes)})"
     # a customer labelled twice on one date keeps the last label
-    dedup = f"SELECT * FROM ({known}) QUALIFY row_number() OVER (PARTITION BY customer_id, as_of ORDER BY label_date DESC, label) = 1"
-    features = spine_features_sql(con, staged_dir, f"SELECT customer_id, as_of FROM ({dedup})")
-    names = tag.feature_names
-    frame = con.execute(
-        f"SELECT l.customer_id, l.as_of::DATE AS as_of, l.label AS {LABEL_COLUMN}, {', '.join('f.' + n for n in names)} "
-        f"FROM ({dedup}) l JOIN ({features}) f ON f.customer_id = l.customer_id AND f.as_of = l.as_of::DATE "
-        f"ORDER BY l.as_of, l.customer_id"
-    ).df()
-    categorical = tuple(n for n in names if n in CATEGORICAL_FEATURES)
+    dedup = (
+        f"SELECT * FROM ({labels}) WHERE {in_classes} "
+        "QUALIFY row_number() OVER (PARTITION BY customer_id, as_of ORDER BY label_date DESC, label) = 1"
+    )
+    if wide:
+        sql, names, categorical, feature_types = _wide_features(con, tag, dedup)
+    else:
+        names = tag.feature_names
+        categorical = tuple(n for n in names if n in CATEGORICAL_FEATURES)
+        feature_types = {n: ("categorical" if n in categorical else "numeric") for n in names}
+        features = spine_features_sql(con, staged_dir, f"SELECT customer_id, as_of FROM ({dedup})")
+        sql = (
+            f"SELECT l.customer_id, l.as_of::DATE AS as_of, l.label AS {LABEL_COLUMN}, {', '.join('f.' + n for n in names)} "
+            f"FROM ({dedup}) l JOIN ({features}) f ON f.customer_id = l.customer_id AND f.as_of = l.as_of::DATE "
+            f"ORDER BY l.as_of, l.customer_id"
+        )
+    frame = con.execute(sql).df()
     numeric = [n for n in names if n not in categorical]
     # nullable integer columns (pandas.NA) become float with NaN, the models' missing value
     frame[numeric] = frame[numeric].astype("float64")
@@ -123,6 +193,7 @@ def build_training_set(
         snapshot_path=path,
         snapshot_id=snapshot_id,
         dropped_labels={"unknown_class": int(unknown), "customer_not_found": int(missing_features)},
+        feature_types=feature_types,
     )
 
 
@@ -133,11 +204,13 @@ def load_training_set(path: Path, tag: TagSpec) -> TrainingSet:
         raise TrainingDataError(f"tag {tag.name!r}: training snapshot {path} does not exist")
     frame = pd.read_parquet(path)
     names = tuple(c for c in frame.columns if c not in ("customer_id", "as_of", LABEL_COLUMN, SPLIT_COLUMN))
+    categorical = tuple(n for n in names if not pd.api.types.is_numeric_dtype(frame[n]))
     return TrainingSet(
         tag=tag.name,
         frame=frame,
         feature_names=names,
-        categorical=tuple(n for n in names if n in CATEGORICAL_FEATURES),
+        categorical=categorical,
+        feature_types={n: ("categorical" if n in categorical else "numeric") for n in names},
         snapshot_path=path,
         snapshot_id=path.stem,
         dropped_labels={},

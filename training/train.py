@@ -116,15 +116,20 @@ def train_tag(
                 fit_kwargs.update(eval_set=[(Xt_valid, y_valid)], verbose=False)
             with mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial.number}", nested=True):
                 mlflow.log_params(params)
-                model.fit(Xt_train, y_train, **fit_kwargs)
-                valid = core_metrics(y_valid, model.predict_proba(Xt_valid), n_classes)
+                fit_started = time.perf_counter()
+                try:
+                    model.fit(Xt_train, y_train, **fit_kwargs)
+                    proba_valid = model.predict_proba(Xt_valid)
+                finally:
+                    timings["model_fit"] = timings.get("model_fit", 0.0) + time.perf_counter() - fit_started
+                valid = core_metrics(y_valid, proba_valid, n_classes)
                 mlflow.log_metrics({f"valid_{k}": v for k, v in valid.items()})
             return valid["log_loss"]
 
         sampler = optuna.samplers.TPESampler(seed=seed)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=20)
-        study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner, study_name=f"{tag.name}-{parent.info.run_id}")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner, study_name=f"{tag.name}-{parent.info.run_id}")
         study.optimize(objective, n_trials=trials or tag.model.trials, timeout=tag.model.timeout_seconds)
         timings["tuning"] = time.perf_counter() - started
         best_params = {**tag.model.params, **study.best_params}
@@ -133,7 +138,9 @@ def train_tag(
 
         started = time.perf_counter()
         pipeline = build_pipeline(tag.model.family, best_params, categorical, numeric, n_classes, seed, threads)
+        fit_started = time.perf_counter()
         pipeline.fit(X_train, y_train, model__sample_weight=weights)
+        timings["model_fit"] = timings.get("model_fit", 0.0) + time.perf_counter() - fit_started
         model: Any = pipeline
         if tag.model.calibration != "none":
             model = CalibratedClassifierCV(FrozenEstimator(pipeline), method=tag.model.calibration).fit(X_valid, y_valid)
@@ -193,6 +200,7 @@ def _register(client: MlflowClient, tag: TagSpec, model_uri: str, run_id: str, d
         "data_snapshot": str(data.snapshot_path),
         "snapshot_id": data.snapshot_id,
         "feature_list": json.dumps(list(data.feature_names)),
+        "feature_types": json.dumps(data.feature_types or {n: ("categorical" if n in data.categorical else "numeric") for n in data.feature_names}),
         "classes": json.dumps(list(tag.classes)),
         "catalog_hash": tag.content_hash(),
         "code_version": code_version(),
