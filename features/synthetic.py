@@ -47,7 +47,7 @@ EDUCATION = ("primary", "secondary", "bachelor", "postgraduate")
 OCCUPATIONS = ("employee", "civil_servant", "professional", "self_employed", "retired", "student", "unemployed")
 REGION_P = {"east": 0.30, "south": 0.18, "north": 0.15, "central": 0.14, "southwest": 0.10, "northeast": 0.07, "northwest": 0.06}
 RISK_CUTPOINTS = np.array([-1.3, -0.45, 0.45, 1.3])
-RISK_LABEL_SCALE = 0.3
+RISK_LABEL_SCALE = 0.4  # questionnaires are noisy self-reports
 LIFE_STAGE_RECORD_ERROR = 0.08
 CHURN_HORIZON_MONTHS = 3
 MAX_BUY_THE_DIP = 0.15  # log of the largest extra risky allocation an aggressive customer buys after a fall
@@ -308,11 +308,11 @@ class _Chunk:
             "bond": (-0.9, 0.2),
             "insurance": (-1.2, -0.2),
         }
-        logw = np.stack([a + b * r + rng.normal(0, 0.35, n) for a, b in weights.values()], axis=1)
+        logw = np.stack([a + b * r + rng.normal(0, 0.25, n) for a, b in weights.values()], axis=1)
         share = np.exp(logw)
         share /= share.sum(axis=1, keepdims=True)
         # small savers do not spread their money across products
-        min_holding = 10_000.0
+        min_holding = 5_000.0
         holding = share * self.aum[:, None]
         holding[:, 1:] = np.where(holding[:, 1:] < min_holding, 0.0, holding[:, 1:])
         holding[:, 0] = self.aum - holding[:, 1:].sum(axis=1)
