@@ -74,7 +74,7 @@ def _fail(spec: TableSpec, column: str | None, rule: str, detail: str, **kw: Any
 
 
 def _read_source(con: duckdb.DuckDBPyConnection, spec: TableSpec, kind: str, location: str) -> str:
-    view = f"src_{spec.name}"
+    view = f"src_{spec.name}_{kind}"  # a view over Parquet, a temporary table for CSV
     # skip = 0: the header is the first line. Left to the sniffer, a malformed last row can be taken
     # for the header, and its values (names, phone numbers) would be reported as column names.
     reader = (
@@ -82,11 +82,16 @@ def _read_source(con: duckdb.DuckDBPyConnection, spec: TableSpec, kind: str, loc
         if kind == "parquet"
         else f"read_csv({sql_literal(location)}, header = true, all_varchar = true, skip = 0)"
     )
-    # A CSV is parsed in full here, so that a malformed row anywhere is a contract error.
-    probe = f"SELECT * FROM {view} LIMIT 1" if kind == "parquet" else f"SELECT count(*) FROM {view}"
+    # A CSV is parsed once, in full, into a temporary table: a malformed row anywhere is a contract
+    # error, and the checks that follow do not re-sniff and re-parse the text file each time.
+    create = (
+        f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM {reader}"
+        if kind == "parquet"
+        else f"CREATE OR REPLACE TEMP TABLE {view} AS SELECT * FROM {reader}"
+    )
     try:
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM {reader}")
-        con.execute(probe).fetchall()
+        con.execute(create)
+        con.execute(f"SELECT * FROM {view} LIMIT 1").fetchall()
     except duckdb.Error as exc:
         # Only the first line of DuckDB's message: CSV errors go on to quote the offending row (PII).
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
