@@ -1,0 +1,259 @@
+"""Batch scoring of every customer into one tag-store partition.
+
+The feature snapshot is streamed in batches (memory does not grow with the number of customers);
+model tags use their `champion` (resolved by alias when the run starts), rule tags their SQL bands.
+Every row records what produced it. All tags of a partition go to one temporary Parquet file that
+replaces the partition only when everything succeeded.
+"""
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from features.warehouse import sql_literal, staged_path
+from scoring.reasons import ReasonExplainer
+from scoring.rules import rule_case_sql, rule_version
+from training.catalog import Catalog, TagSpec
+from training.registry import CHAMPION, load_model
+from training.train import registered_model_name
+
+UNKNOWN = "unknown"
+DEFAULT_BATCH_ROWS = 100_000
+
+TAG_ROW_SCHEMA = pa.schema(
+    [
+        ("customer_id", pa.string()),
+        ("as_of", pa.date32()),
+        ("tag", pa.string()),
+        ("value", pa.string()),
+        ("probability", pa.float64()),
+        ("probabilities", pa.map_(pa.string(), pa.float64())),
+        ("reasons", pa.list_(pa.string())),
+        ("source", pa.string()),  # model | rule | observed
+        ("inferred_value", pa.string()),
+        ("observed_value", pa.string()),
+        ("observed_mismatch", pa.bool_()),
+        ("producer", pa.string()),  # registered model/version, or rule version
+        ("model_version", pa.string()),
+        ("mlflow_run_id", pa.string()),
+        ("scored_at", pa.timestamp("s", tz="UTC")),
+    ]
+)
+
+
+class ScoringError(RuntimeError):
+    """Scoring cannot proceed (missing champion, features not matching the model); nothing was written."""
+
+
+@dataclass(frozen=True)
+class Champion:
+    tag: str
+    version: str
+    run_id: str
+    features: tuple[str, ...]
+    categorical: tuple[str, ...]
+    classes: tuple[str, ...]
+    model: Any
+
+    @property
+    def producer(self) -> str:
+        return f"{registered_model_name(self.tag)}/{self.version}"
+
+
+@dataclass
+class ScoringSummary:
+    as_of: date
+    path: Path
+    rows: int
+    customers: int
+    seconds: float
+    per_tag: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def resolve_champion(client: MlflowClient, tag: TagSpec) -> Champion:
+    """The champion of a model tag, with the feature list and classes recorded at registration."""
+    name = registered_model_name(tag.name)
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        raise ScoringError(f"tag {tag.name!r}: no '{CHAMPION}' alias on registered model {name!r}; train and promote a model first") from exc
+    features = tuple(json.loads(version.tags["feature_list"]))
+    types = json.loads(version.tags.get("feature_types", "{}"))
+    if not types:  # versions registered before feature types were recorded: read the signature
+        import mlflow
+
+        schema = mlflow.models.get_model_info(f"models:/{name}/{version.version}").signature.inputs
+        types = {col.name: ("categorical" if col.type.name == "string" else "numeric") for col in schema.inputs}
+    categorical = tuple(f for f in features if types.get(f) == "categorical")
+    return Champion(
+        tag=tag.name,
+        version=str(version.version),
+        run_id=version.run_id,
+        features=features,
+        categorical=categorical,
+        classes=tuple(json.loads(version.tags["classes"])),
+        model=load_model(tag.name, str(version.version)),
+    )
+
+
+def observed_labels(con: duckdb.DuckDBPyConnection, staged_dir: Path, tag: TagSpec, as_of: date) -> pd.Series:
+    """The newest observed label per customer known on `as_of` (within the tag's max label age)."""
+    assert tag.label is not None
+    where = [f"tag = {sql_literal(tag.label_tag)}", f"known_date <= DATE {sql_literal(as_of)}"]
+    if tag.label.sources:
+        where.append("source IN (" + ", ".join(sql_literal(s) for s in tag.label.sources) + ")")
+    if tag.label.max_age_days:
+        where.append(f"label_date > DATE {sql_literal(as_of)} - INTERVAL {tag.label.max_age_days} DAY")
+    rows = con.execute(
+        f"SELECT customer_id, arg_max(label, label_date) FROM read_parquet({sql_literal(staged_path(staged_dir, 'tag_labels'))}) "
+        f"WHERE {' AND '.join(where)} GROUP BY customer_id"
+    ).fetchall()
+    return pd.Series({cid: label for cid, label in rows}, dtype=object)
+
+
+def _check_features(path: Path, champion: Champion) -> None:
+    available = set(pq.read_schema(path).names)
+    missing = [f for f in champion.features if f not in available]
+    if missing:
+        raise ScoringError(
+            f"tag {champion.tag!r}: feature table {path} lacks {len(missing)} column(s) the champion "
+            f"{champion.producer} was trained on: {missing[:10]}"
+        )
+
+
+def _model_batches(
+    path: Path, tag: TagSpec, champion: Champion, observed: pd.Series, explainer: ReasonExplainer | None,
+    as_of: date, scored_at: datetime, batch_rows: int, top_reasons: int,
+) -> Iterator[pa.RecordBatch]:
+    dataset = ds.dataset(path, format="parquet")
+    numeric = [f for f in champion.features if f not in champion.categorical]
+    for batch in dataset.to_batches(columns=["customer_id", *champion.features], batch_size=batch_rows):
+        frame = batch.to_pandas()
+        X = frame[list(champion.features)].copy()
+        X[numeric] = X[numeric].astype("float64")
+        proba = champion.model.predict_proba(X)
+        top = proba.argmax(axis=1)
+        classes = np.array(champion.classes, dtype=object)
+        inferred = classes[top]
+        confidence = proba[np.arange(len(top)), top]
+        if tag.min_confidence:
+            inferred = np.where(confidence < tag.min_confidence, UNKNOWN, inferred)
+        seen = observed.reindex(frame["customer_id"]).to_numpy()
+        has_observed = pd.notna(seen)
+        seen = np.where(has_observed, seen, None)
+        observed_wins = tag.label is not None and tag.label.observed_wins
+        value = np.where(has_observed & observed_wins, seen, inferred)
+        source = np.where(has_observed & observed_wins, "observed", "model")
+        mismatch = np.where(has_observed, seen != inferred, None)
+        value_index = {c: k for k, c in enumerate(champion.classes)}
+        prob_of_value = np.array([proba[i, value_index[v]] if v in value_index else confidence[i] for i, v in enumerate(value)])
+        reasons = explainer.reasons(X, top, top_reasons) if explainer else [[] for _ in range(len(frame))]
+        n = len(frame)
+        yield pa.RecordBatch.from_arrays(
+            [
+                pa.array(frame["customer_id"], pa.string()),
+                pa.array([as_of] * n, pa.date32()),
+                pa.array([tag.name] * n, pa.string()),
+                pa.array(value, pa.string()),
+                pa.array(prob_of_value, pa.float64()),
+                pa.MapArray.from_arrays(
+                    pa.array(np.arange(0, (n + 1) * len(classes), len(classes)), pa.int32()),
+                    pa.array(np.tile(classes, n), pa.string()),
+                    pa.array(proba.astype("float64").ravel()),
+                ),
+                pa.array(reasons, pa.list_(pa.string())),
+                pa.array(source, pa.string()),
+                pa.array(inferred, pa.string()),
+                pa.array(seen, pa.string()),
+                pa.array(mismatch, pa.bool_()),
+                pa.array([champion.producer] * n, pa.string()),
+                pa.array([champion.version] * n, pa.string()),
+                pa.array([champion.run_id] * n, pa.string()),
+                pa.array([scored_at] * n, pa.timestamp("s", tz="UTC")),
+            ],
+            schema=TAG_ROW_SCHEMA,
+        )
+
+
+def _rule_batches(con: duckdb.DuckDBPyConnection, path: Path, tag: TagSpec, as_of: date, scored_at: datetime, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    producer = rule_version(tag)
+    sql = (
+        f"SELECT customer_id::VARCHAR AS customer_id, DATE {sql_literal(as_of)} AS as_of, {sql_literal(tag.name)} AS tag, "
+        f"{rule_case_sql(tag)} AS value, NULL::DOUBLE AS probability, NULL::MAP(VARCHAR, DOUBLE) AS probabilities, "
+        f"[]::VARCHAR[] AS reasons, 'rule' AS source, NULL::VARCHAR AS inferred_value, NULL::VARCHAR AS observed_value, "
+        f"NULL::BOOLEAN AS observed_mismatch, {sql_literal(producer)} AS producer, NULL::VARCHAR AS model_version, "
+        f"NULL::VARCHAR AS mlflow_run_id, TIMESTAMPTZ {sql_literal(scored_at.isoformat())} AS scored_at "
+        f"FROM read_parquet({sql_literal(path)})"
+    )
+    try:
+        reader = con.sql(sql).to_arrow_reader(batch_rows)
+    except duckdb.Error as exc:
+        raise ScoringError(f"rule tag {tag.name!r}: its bands do not evaluate on {path}: {str(exc).splitlines()[0]}") from exc
+    for batch in reader:
+        yield batch.cast(TAG_ROW_SCHEMA) if batch.schema != TAG_ROW_SCHEMA else batch
+
+
+def score_partition(
+    con: duckdb.DuckDBPyConnection,
+    client: MlflowClient | None,
+    catalog: Catalog,
+    features_path: Path,
+    staged_dir: Path,
+    as_of: date,
+    target: Path,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    top_reasons: int = 3,
+    with_reasons: bool = True,
+) -> ScoringSummary:
+    """Score every catalog tag for every customer of the snapshot and replace `target` atomically."""
+    started = time.perf_counter()
+    if not features_path.exists():
+        raise ScoringError(f"no feature snapshot for as_of {as_of} at {features_path}; materialize customer_features first")
+    if catalog.model_tags and client is None:
+        raise ScoringError("model tags need an MLflow client to resolve their champions")
+    # resolve everything first: a missing champion or mismatched features fails before anything is written
+    champions = {tag.name: resolve_champion(client, tag) for tag in catalog.model_tags}
+    for champion in champions.values():
+        _check_features(features_path, champion)
+    scored_at = datetime.now(timezone.utc).replace(microsecond=0)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    per_tag: dict[str, dict[str, Any]] = {}
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, TAG_ROW_SCHEMA, compression="zstd") as writer:
+            for tag in catalog.rule_tags:
+                t0 = time.perf_counter()
+                for batch in _rule_batches(con, features_path, tag, as_of, scored_at, batch_rows):
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+                per_tag[tag.name] = {"producer": rule_version(tag), "seconds": time.perf_counter() - t0}
+            for tag in catalog.model_tags:
+                t0 = time.perf_counter()
+                champion = champions[tag.name]
+                explainer = ReasonExplainer.for_model(con, champion.model, champion.features, champion.categorical, features_path) if with_reasons else None
+                observed = observed_labels(con, staged_dir, tag, as_of)
+                for batch in _model_batches(features_path, tag, champion, observed, explainer, as_of, scored_at, batch_rows, top_reasons):
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+                per_tag[tag.name] = {"producer": champion.producer, "seconds": time.perf_counter() - t0}
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    customers = pq.read_metadata(features_path).num_rows
+    return ScoringSummary(as_of, target, rows, customers, time.perf_counter() - started, per_tag)
