@@ -3,7 +3,9 @@
 import dagster as dg
 
 from orchestration.feature_assets import build_customer_features_asset
-from orchestration.jobs import build_jobs
+from orchestration.jobs import TRAIN_ALL_JOB, build_jobs, build_nightly_scoring_job
+from orchestration.schedules import build_schedules
+from orchestration.scoring_assets import build_customer_tags_asset
 from orchestration.partitions import as_of_partitions
 from orchestration.raw_assets import RAW_ASSETS
 from orchestration.resources import MlflowResource, WarehouseResource
@@ -15,9 +17,19 @@ from training.catalog import load_catalog
 def build_definitions(settings: Settings) -> dg.Definitions:
     partitions = as_of_partitions(settings)
     catalog = load_catalog(settings.catalog_path)
+    nightly = build_nightly_scoring_job(partitions)
+    jobs = build_jobs(partitions, catalog)
+    automation = build_schedules(settings, nightly, next(j for j in jobs if j.name == TRAIN_ALL_JOB))
     return dg.Definitions(
-        assets=[*RAW_ASSETS, build_customer_features_asset(partitions), *build_all_training_assets(catalog)],
-        jobs=build_jobs(partitions, catalog),
+        assets=[
+            *RAW_ASSETS,
+            build_customer_features_asset(partitions),
+            *build_all_training_assets(catalog),
+            build_customer_tags_asset(partitions, catalog),
+        ],
+        jobs=[*jobs, nightly],
+        schedules=[a for a in automation if isinstance(a, dg.ScheduleDefinition)],
+        sensors=[a for a in automation if isinstance(a, dg.SensorDefinition)],
         resources={
             "warehouse": WarehouseResource.from_settings(settings),
             "mlflow_store": MlflowResource.from_settings(settings),

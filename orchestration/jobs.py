@@ -4,16 +4,28 @@ import dagster as dg
 
 from orchestration.feature_assets import FEATURES_GROUP
 from orchestration.raw_assets import RAW_GROUP
+from orchestration.scoring_assets import SCORING_GROUP
 from orchestration.training_assets import TRAINING_GROUP, tag_model_key, training_set_key
 from training.catalog import Catalog
 
 RAW_INGEST_JOB = "raw_ingest_job"
 CUSTOMER_FEATURES_JOB = "customer_features_job"
 TRAIN_ALL_JOB = "train_all_tags_job"
+NIGHTLY_SCORING_JOB = "nightly_scoring_job"
 
 
 def train_tag_job_name(tag: str) -> str:
     return f"train_{tag}_job"
+
+
+def build_nightly_scoring_job(partitions_def: dg.PartitionsDefinition):
+    return dg.define_asset_job(
+        NIGHTLY_SCORING_JOB,
+        selection=dg.AssetSelection.groups(RAW_GROUP, FEATURES_GROUP, SCORING_GROUP),
+        partitions_def=partitions_def,
+        description="Ingest raw data, build the as_of's features and score every customer's tags.",
+        executor_def=dg.in_process_executor,
+    )
 
 
 def build_jobs(partitions_def: dg.PartitionsDefinition, catalog: Catalog) -> list:

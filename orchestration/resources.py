@@ -45,6 +45,10 @@ class WarehouseResource(dg.ConfigurableResource):
         return features_path(Path(self.warehouse_dir), as_of)
 
     @property
+    def tag_store_dir(self) -> Path:
+        return Path(self.warehouse_dir) / "customer_tags"
+
+    @property
     def training_sets_dir(self) -> Path:
         return Path(self.warehouse_dir) / "training_sets"
 

@@ -38,7 +38,7 @@ def _dagster_instance(settings: Settings):
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from features.synthetic import BankConfig, generate_bank, month_ends
     from orchestration.definitions import build_definitions
-    from orchestration.jobs import CUSTOMER_FEATURES_JOB, RAW_INGEST_JOB, TRAIN_ALL_JOB
+    from orchestration.jobs import CUSTOMER_FEATURES_JOB, NIGHTLY_SCORING_JOB, RAW_INGEST_JOB, TRAIN_ALL_JOB
 
     import logging
 
@@ -46,7 +46,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     settings.ensure_dirs()
     config = BankConfig(customers=args.customers, months=12, seed=args.seed)
     as_of: date = month_ends(config.end_month, config.months)[-1].item()
-    print(f"[1/4] generating a synthetic bank: {config.customers:,} customers x {config.months} months -> {settings.raw_dir}")
+    print(f"[1/5] generating a synthetic bank: {config.customers:,} customers x {config.months} months -> {settings.raw_dir}")
     started = time.perf_counter()
     summary = generate_bank(config, settings.raw_dir)
     print(f"      {summary['rows']} in {time.perf_counter() - started:.1f}s")
@@ -54,17 +54,21 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     defs = build_definitions(settings)
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     with _dagster_instance(settings) as instance:
-        print("[2/4] raw_ingest_job: validate the raw contract, drop PII, stage Parquet")
+        print("[2/5] raw_ingest_job: validate the raw contract, drop PII, stage Parquet")
         defs.resolve_job_def(RAW_INGEST_JOB).execute_in_process(instance=instance, run_config=quiet)
-        print(f"[3/4] customer_features_job for as_of={as_of}")
+        print(f"[3/5] customer_features_job for as_of={as_of}")
         result = defs.resolve_job_def(CUSTOMER_FEATURES_JOB).execute_in_process(
             instance=instance, partition_key=as_of.isoformat(), run_config=quiet
         )
         checks = [f"{e.check_name}={'ok' if e.passed else 'FAILED'}" for e in result.get_asset_check_evaluations()]
-        print("[4/4] train_all_tags_job: training sets, Optuna + MLflow, registry, promotion gate")
+        print("[4/5] train_all_tags_job: training sets, Optuna + MLflow, registry, promotion gate")
         started = time.perf_counter()
         trained = defs.resolve_job_def(TRAIN_ALL_JOB).execute_in_process(instance=instance, run_config=quiet, raise_on_error=False)
         training_seconds = time.perf_counter() - started
+        print(f"[5/5] nightly_scoring_job for as_of={as_of}: rule tags + model tags from the champions")
+        scored = defs.resolve_job_def(NIGHTLY_SCORING_JOB).execute_in_process(
+            instance=instance, partition_key=as_of.isoformat(), run_config=quiet, raise_on_error=False
+        )
 
     from features.warehouse import features_path
 
@@ -90,11 +94,29 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  gate {evaluation.asset_key.path[0]:<14} {evaluation.description}")
     if not trained.success:
         print("  training job FAILED; see the Dagster UI for the step logs")
+    if scored.success:
+        from features.warehouse import connect
+        from scoring.store import TagStore
+
+        store = TagStore(settings.warehouse_dir / "customer_tags")
+        con = connect(settings.threads, settings.duckdb_memory_limit)
+        distribution = store.distribution(con, as_of)
+        print(f"\ncustomer_tags[{as_of}] -> {store.partition_path(as_of)}")
+        for tag, rows in distribution.groupby("tag", sort=False):
+            print(f"  {tag:<16} " + "  ".join(f"{r.value} {r.share:.1%}" for r in rows.itertuples()))
+        example = con.execute(
+            f"SELECT customer_id FROM read_parquet('{store.partition_path(as_of)}') WHERE tag = 'risk_appetite' AND source = 'model' ORDER BY customer_id LIMIT 1"
+        ).fetchall()
+        if example:
+            print(f"\n$ tagml tags {example[0][0]}")
+            _tags(argparse.Namespace(customer_id=example[0][0], as_of=None, lineage=True), settings)
+    else:
+        print("  scoring job FAILED; see the Dagster UI for the step logs")
     print(f"\nstaged raw tables:  {settings.warehouse_dir / 'raw'}")
     print(f"Dagster instance:   {settings.dagster_home}")
     print(f"MLflow:             {settings.mlflow_tracking_uri}")
     print("open the UIs with:  make ui (Dagster, http://127.0.0.1:3000)   make mlflow-ui (http://127.0.0.1:5000)")
-    return 0 if trained.success else 1
+    return 0 if trained.success and scored.success else 1
 
 
 def _ui(args: argparse.Namespace, settings: Settings) -> int:
@@ -166,6 +188,61 @@ def _mlflow_ui(args: argparse.Namespace, settings: Settings) -> int:
     return 0  # unreachable
 
 
+def _present(value: object) -> bool:
+    """Not None/NA/NaN and, for containers, not empty."""
+    if value is None or value is getattr(__import__("pandas"), "NA"):
+        return False
+    if isinstance(value, float):
+        return value == value
+    try:
+        return len(value) > 0  # type: ignore[arg-type]
+    except TypeError:
+        return True
+
+
+def _tags(args: argparse.Namespace, settings: Settings) -> int:
+    from features.warehouse import connect
+    from scoring.store import TagStore
+    from training.registry import lineage
+    from training.tracking import connect_tracking
+
+    store = TagStore(settings.warehouse_dir / "customer_tags")
+    as_of = date.fromisoformat(args.as_of) if args.as_of else None
+    con = connect(settings.threads, settings.duckdb_memory_limit)
+    frame = store.customer_tags(con, args.customer_id, as_of)
+    client = None
+    print(f"customer {args.customer_id}, tags as of {frame['as_of'].iloc[0]:%Y-%m-%d} (scored {frame['scored_at'].iloc[0]:%Y-%m-%d %H:%M} UTC)")
+    for row in frame.itertuples():
+        line = f"  {row.tag:<16} {row.value:<16}"
+        if _present(row.probability):
+            line += f" p={row.probability:.2f}"
+        line += f"  [{row.source}"
+        if _present(row.observed_value) and row.observed_mismatch is True:
+            line += f"; model says {row.inferred_value}, observed {row.observed_value}"
+        line += f"]  by {row.producer}"
+        print(line)
+        if _present(row.probabilities):
+            print("      probabilities: " + ", ".join(f"{k} {v:.2f}" for k, v in dict(row.probabilities).items()))
+        if _present(row.reasons):
+            print("      reasons: " + "; ".join(row.reasons))
+        if _present(row.model_version) and args.lineage:
+            client = client or connect_tracking(settings.mlflow_tracking_uri)
+            info = lineage(client, row.tag, row.model_version)
+            print(f"      lineage: {info['model']} <- run {info['mlflow_run_id']} <- snapshot {info['data_snapshot']} (catalog {info['catalog_hash']}, code {info['code_version']})")
+    return 0
+
+
+def _export(args: argparse.Namespace, settings: Settings) -> int:
+    from features.warehouse import connect
+    from scoring.store import TagStore
+
+    store = TagStore(settings.warehouse_dir / "customer_tags")
+    as_of = store.latest_on_or_before(date.fromisoformat(args.as_of) if args.as_of else None)
+    rows = store.export(connect(settings.threads, settings.duckdb_memory_limit), as_of, args.format, Path(args.out))
+    print(f"exported {rows:,} tag rows of {as_of} to {args.out}")
+    return 0
+
+
 def _emit(text: str, out: str | None) -> None:
     if out:
         Path(out).write_text(text)
@@ -217,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--reason", default="manual rollback")
     back.add_argument("--by", default=user)
     back.set_defaults(run=_rollback)
+
+    tags = sub.add_parser("tags", help="a customer's tags with probabilities, reasons and lineage")
+    tags.add_argument("customer_id")
+    tags.add_argument("--as-of", help="YYYY-MM-DD (default: the newest partition)")
+    tags.add_argument("--no-lineage", dest="lineage", action="store_false", help="skip the MLflow lineage lookup")
+    tags.set_defaults(run=_tags)
+
+    export = sub.add_parser("export", help="write one tag partition for downstream systems")
+    export.add_argument("--as-of", help="YYYY-MM-DD (default: the newest partition)")
+    export.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    export.add_argument("--out", required=True)
+    export.set_defaults(run=_export)
 
     mui = sub.add_parser("mlflow-ui", help="start the MLflow UI on this TAGML_HOME's tracking store")
     mui.add_argument("--host", default="127.0.0.1")

@@ -30,6 +30,8 @@ class Settings:
     duckdb_memory_limit: str = "4GB"
     partitions_start: str = "2024-01-01"
     timezone: str = "Asia/Shanghai"
+    scoring_cron: str = "0 2 * * *"
+    retrain_cron: str = "0 3 * * 0"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -59,6 +61,8 @@ class Settings:
             duckdb_memory_limit=env.get("TAGML_DUCKDB_MEMORY_LIMIT", "4GB"),
             partitions_start=env.get("TAGML_PARTITIONS_START", "2024-01-01"),
             timezone=env.get("TAGML_TIMEZONE", "Asia/Shanghai"),
+            scoring_cron=env.get("TAGML_SCORING_CRON", "0 2 * * *"),
+            retrain_cron=env.get("TAGML_RETRAIN_CRON", "0 3 * * 0"),
         )
 
     def ensure_dirs(self) -> None:

@@ -212,3 +212,10 @@ def leaderboard(client: MlflowClient, tag: TagSpec, limit: int = 20) -> pd.DataF
 
 def decision_as_dict(decision: GateDecision) -> dict[str, Any]:
     return asdict(decision)
+
+
+def lineage(client: MlflowClient, tag: str, version: str) -> dict[str, Any]:
+    """What a model version came from: MLflow run, training snapshot, catalog hash, code, gate decision."""
+    v = client.get_model_version(registered_model_name(tag), str(version))
+    keys = ("snapshot_id", "data_snapshot", "catalog_hash", "code_version", "gate.decision", "champion_since")
+    return {"model": f"{registered_model_name(tag)}/{v.version}", "mlflow_run_id": v.run_id, **{k: v.tags.get(k) for k in keys}}

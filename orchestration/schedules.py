@@ -1,0 +1,51 @@
+"""Schedules and sensors, named after what they start. Cron and timezone come from settings."""
+
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import dagster as dg
+
+from orchestration.jobs import NIGHTLY_SCORING_JOB, TRAIN_ALL_JOB
+from tagml.settings import Settings
+
+
+def build_schedules(settings: Settings, nightly_job, train_all_job) -> list:
+    zone = ZoneInfo(settings.timezone)
+
+    def yesterday(moment: datetime) -> str:
+        return (moment.astimezone(zone).date() - timedelta(days=1)).isoformat()
+
+    @dg.schedule(
+        name="nightly_scoring_schedule",
+        job_name=NIGHTLY_SCORING_JOB,
+        cron_schedule=settings.scoring_cron,
+        execution_timezone=settings.timezone,
+        description="Ingest raw data, build yesterday's features and score every customer's tags.",
+    )
+    def nightly_scoring_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        as_of = yesterday(context.scheduled_execution_time)
+        return dg.RunRequest(run_key=f"score-{as_of}", partition_key=as_of)
+
+    @dg.schedule(
+        name="weekly_retraining_schedule",
+        job_name=TRAIN_ALL_JOB,
+        cron_schedule=settings.retrain_cron,
+        execution_timezone=settings.timezone,
+        description="Retrain every model tag and gate the challengers; rescore_after_training_sensor re-scores afterwards.",
+    )
+    def weekly_retraining_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        return dg.RunRequest(run_key=f"retrain-{context.scheduled_execution_time.astimezone(zone).date().isoformat()}")
+
+    @dg.run_status_sensor(
+        name="rescore_after_training_sensor",
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        monitored_jobs=[train_all_job],
+        request_job=nightly_job,
+        description="After a successful retraining run, re-score yesterday's partition with the (possibly new) champions.",
+    )
+    def rescore_after_training_sensor(context: dg.RunStatusSensorContext) -> dg.RunRequest:
+        as_of = yesterday(datetime.now(zone))
+        # one re-score per training run, however often the sensor is evaluated
+        return dg.RunRequest(run_key=f"rescore-{context.dagster_run.run_id}", partition_key=as_of)
+
+    return [nightly_scoring_schedule, weekly_retraining_schedule, rescore_after_training_sensor]

@@ -1,0 +1,64 @@
+"""customer_tags: every customer's catalog tags for one as_of, scored from the champions."""
+
+from contextlib import closing
+from datetime import date
+
+import dagster as dg
+
+from orchestration.resources import MlflowResource, WarehouseResource
+from orchestration.training_assets import tag_model_key
+from scoring.score import ScoringError, score_partition
+from scoring.store import TagStore
+from training.catalog import Catalog
+
+SCORING_GROUP = "scoring"
+
+
+def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: Catalog) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="customer_tags",
+        group_name=SCORING_GROUP,
+        partitions_def=partitions_def,
+        deps=["customer_features", *(tag_model_key(t.name) for t in catalog.model_tags)],
+        check_specs=[
+            dg.AssetCheckSpec("coverage", asset="customer_tags", blocking=True, description="Every customer of the snapshot has every catalog tag.")
+        ],
+        kinds={"parquet", "mlflow"},
+        description="Every customer's rule and model tags for the as_of: value, class probabilities, reasons, observed vs inferred, and the model or rule version.",
+    )
+    def customer_tags(context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow_store: MlflowResource):
+        as_of = date.fromisoformat(context.partition_key)
+        store = TagStore(warehouse.tag_store_dir)
+        with closing(warehouse.connect()) as con:
+            client = mlflow_store.client() if catalog.model_tags else None
+            try:
+                summary = score_partition(
+                    con, client, catalog, warehouse.features_path(as_of), warehouse.staged_dir, as_of, store.partition_path(as_of)
+                )
+            except ScoringError as err:
+                raise dg.Failure(description=str(err)) from err
+            distribution = store.distribution(con, as_of)
+            previous = [d for d in store.partitions() if d < as_of]
+            changed = store.changed_share(con, previous[-1], as_of) if previous else {}
+        expected = summary.customers * len(catalog.tags)
+        yield dg.MaterializeResult(
+            metadata={
+                "rows": summary.rows,
+                "customers": summary.customers,
+                "path": dg.MetadataValue.path(str(summary.path)),
+                "producers": dg.MetadataValue.json({t: v["producer"] for t, v in summary.per_tag.items()}),
+                "seconds": round(summary.seconds, 1),
+                "distribution": dg.MetadataValue.md(distribution.to_markdown(index=False)),
+                "changed_share_since_previous": dg.MetadataValue.json(changed),
+                "previous_partition": previous[-1].isoformat() if previous else "none",
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="coverage",
+                    passed=summary.rows == expected,
+                    metadata={"rows": summary.rows, "expected_rows": expected, "tags": len(catalog.tags)},
+                )
+            ],
+        )
+
+    return customer_tags

@@ -1,0 +1,125 @@
+"""The tag store: one Parquet file per as_of partition, read through DuckDB.
+
+Queries: the current tags (latest partition), what a customer's tags were on a date (latest
+partition on or before it) and which model or rule version produced them, changes between two
+partitions and the transition matrix of a tag, and exports for downstream systems.
+"""
+
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from features.warehouse import sql_literal, write_parquet_atomically
+
+PARTITION_FILE = "data.parquet"
+
+
+class TagStoreError(LookupError):
+    """The requested partition or customer is not in the tag store."""
+
+
+class TagStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def partition_path(self, as_of: date) -> Path:
+        return self.root / f"as_of={as_of.isoformat()}" / PARTITION_FILE
+
+    def partitions(self) -> list[date]:
+        found = [p.parent.name.removeprefix("as_of=") for p in self.root.glob(f"as_of=*/{PARTITION_FILE}")]
+        return sorted(date.fromisoformat(d) for d in found)
+
+    def _all(self) -> str:
+        if not self.partitions():
+            raise TagStoreError(f"the tag store at {self.root} has no partitions yet; run the scoring job first")
+        return f"read_parquet({sql_literal(str(self.root / 'as_of=*' / PARTITION_FILE))}, hive_partitioning = false)"
+
+    def _partition(self, as_of: date) -> str:
+        path = self.partition_path(as_of)
+        if not path.exists():
+            raise TagStoreError(f"no tag partition for as_of {as_of} (have: {[d.isoformat() for d in self.partitions()][-5:]})")
+        return f"read_parquet({sql_literal(path)})"
+
+    def latest_on_or_before(self, as_of: date | None) -> date:
+        candidates = [d for d in self.partitions() if as_of is None or d <= as_of]
+        if not candidates:
+            raise TagStoreError(f"no tag partition on or before {as_of} in {self.root}")
+        return candidates[-1]
+
+    def register_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        """`customer_tags_history` (every partition) and `customer_tags_current` (the latest)."""
+        con.execute(f"CREATE OR REPLACE VIEW customer_tags_history AS SELECT * FROM {self._all()}")
+        latest = self.latest_on_or_before(None)
+        con.execute(f"CREATE OR REPLACE VIEW customer_tags_current AS SELECT * FROM {self._partition(latest)}")
+
+    def customer_tags(self, con: duckdb.DuckDBPyConnection, customer_id: str, as_of: date | None = None) -> pd.DataFrame:
+        """A customer's tags in the latest partition on or before `as_of` (default: the newest)."""
+        partition = self.latest_on_or_before(as_of)
+        frame = con.execute(
+            f"SELECT * FROM {self._partition(partition)} WHERE customer_id = ? ORDER BY tag", [customer_id]
+        ).df()
+        if frame.empty:
+            raise TagStoreError(f"customer {customer_id!r} has no tags in the partition of {partition}")
+        return frame
+
+    def history(self, con: duckdb.DuckDBPyConnection, customer_id: str, tag: str | None = None) -> pd.DataFrame:
+        """Every partition's value of a customer's tags, with the producing model or rule version."""
+        where = "customer_id = ?" + (" AND tag = ?" if tag else "")
+        params = [customer_id, tag] if tag else [customer_id]
+        return con.execute(
+            f"SELECT as_of, tag, value, probability, source, producer, mlflow_run_id FROM {self._all()} WHERE {where} ORDER BY tag, as_of",
+            params,
+        ).df()
+
+    def changes(self, con: duckdb.DuckDBPyConnection, tag: str, before: date, after: date) -> pd.DataFrame:
+        """Customers whose `tag` value differs between two partitions (new customers show from = NULL)."""
+        return con.execute(
+            f"SELECT a.customer_id, b.value AS from_value, a.value AS to_value, b.producer AS from_producer, a.producer AS to_producer "
+            f"FROM {self._partition(after)} a LEFT JOIN (SELECT * FROM {self._partition(before)} WHERE tag = ?) b USING (customer_id) "
+            f"WHERE a.tag = ? AND b.value IS DISTINCT FROM a.value ORDER BY a.customer_id",
+            [tag, tag],
+        ).df()
+
+    def transition_matrix(self, con: duckdb.DuckDBPyConnection, tag: str, before: date, after: date) -> pd.DataFrame:
+        """Counts of customers by (value before, value after) for one tag."""
+        counts = con.execute(
+            f"SELECT coalesce(b.value, '(new)') AS from_value, a.value AS to_value, count(*) AS customers "
+            f"FROM {self._partition(after)} a LEFT JOIN (SELECT * FROM {self._partition(before)} WHERE tag = ?) b USING (customer_id) "
+            f"WHERE a.tag = ? GROUP BY ALL",
+            [tag, tag],
+        ).df()
+        return counts.pivot(index="from_value", columns="to_value", values="customers").fillna(0).astype(int)
+
+    def export(self, con: duckdb.DuckDBPyConnection, as_of: date, fmt: str, out: Path) -> int:
+        """Write one partition for downstream systems: Parquet as stored, or CSV with JSON-encoded maps and lists."""
+        source = self._partition(as_of)
+        out = Path(out)
+        if fmt == "parquet":
+            return write_parquet_atomically(con, f"SELECT * FROM {source} ORDER BY customer_id, tag", out)
+        if fmt == "csv":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp")
+            con.execute(
+                f"COPY (SELECT * REPLACE (to_json(probabilities)::VARCHAR AS probabilities, to_json(reasons)::VARCHAR AS reasons) "
+                f"FROM {source} ORDER BY customer_id, tag) TO {sql_literal(tmp)} (FORMAT CSV, HEADER)"
+            )
+            tmp.replace(out)
+            return con.execute(f"SELECT count(*) FROM {source}").fetchall()[0][0]
+        raise ValueError(f"unknown export format {fmt!r}; use parquet or csv")
+
+    def distribution(self, con: duckdb.DuckDBPyConnection, as_of: date) -> pd.DataFrame:
+        """Share of customers per value of each tag, with the observed share."""
+        return con.execute(
+            f"SELECT tag, value, count(*) AS customers, round(count(*) / sum(count(*)) OVER (PARTITION BY tag), 4) AS share, "
+            f"round(avg((source = 'observed')::INT), 4) AS observed_share FROM {self._partition(as_of)} GROUP BY tag, value ORDER BY tag, value"
+        ).df()
+
+    def changed_share(self, con: duckdb.DuckDBPyConnection, before: date, after: date) -> dict[str, float]:
+        """Per tag, the share of customers whose value changed since the previous partition."""
+        rows = con.execute(
+            f"SELECT a.tag, avg((b.value IS DISTINCT FROM a.value)::INT) FROM {self._partition(after)} a "
+            f"JOIN {self._partition(before)} b ON a.customer_id = b.customer_id AND a.tag = b.tag GROUP BY a.tag ORDER BY 1"
+        ).fetchall()
+        return {tag: round(float(share), 4) for tag, share in rows}
