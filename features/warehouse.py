@@ -1,6 +1,7 @@
 """The embedded warehouse: DuckDB connections over Parquet files, and atomic Parquet writes."""
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import date
@@ -42,6 +43,20 @@ def features_path(warehouse_dir: Path, as_of: date) -> Path:
     return Path(warehouse_dir) / "customer_features" / f"as_of={as_of.isoformat()}" / "data.parquet"
 
 
+STALE_TEMPORARY_SECONDS = 6 * 3600
+
+
+def remove_stale_temporaries(target: Path, older_than: float = STALE_TEMPORARY_SECONDS) -> None:
+    """Delete temporary files of `target` left by a killed writer (readers never look at them)."""
+    now = time.time()
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        try:
+            if now - stale.stat().st_mtime > older_than:
+                stale.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def write_parquet_atomically(
     con: duckdb.DuckDBPyConnection,
     select_sql: str,
@@ -55,6 +70,7 @@ def write_parquet_atomically(
     temporary file is removed and the target is untouched.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         con.execute(f"COPY ({select_sql}) TO {sql_literal(tmp)} ({PARQUET_OPTIONS})")

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from features.warehouse import sql_literal, staged_path
+from features.warehouse import remove_stale_temporaries, sql_literal, staged_path
 from scoring.reasons import ReasonExplainer
 from scoring.rules import rule_case_sql, rule_version
 from training.catalog import Catalog, TagSpec
@@ -232,6 +232,7 @@ def score_partition(
         _check_features(features_path, champion)
     scored_at = datetime.now(timezone.utc).replace(microsecond=0)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     per_tag: dict[str, dict[str, Any]] = {}
     rows = 0

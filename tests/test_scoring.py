@@ -1,0 +1,263 @@
+"""Batch scoring and the tag store with real stores: DuckDB/Parquet features, an MLflow SQLite registry."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from features.customer_features import build_customer_features
+from scoring.score import TAG_ROW_SCHEMA, ScoringError, score_partition
+from scoring.store import TagStore, TagStoreError
+from tests.conftest import WINDOW_END, make_connection
+from training.catalog import load_catalog
+from training.dataset import build_training_set
+from training.registry import apply_gate, champion_version, evaluate_gate, promote
+from training.tracking import connect_tracking
+from training.train import train_tag
+
+AS_OF = WINDOW_END
+
+
+def small_catalog(tmp: Path, include=("risk_appetite", "value_tier", "lifecycle_stage")) -> Path:
+    shipped = load_catalog()
+    entries = []
+    for name in include:
+        entry = shipped.get(name).model_dump(mode="json")
+        if entry["kind"] == "model":
+            entry["model"].update(trials=1, timeout_seconds=60)
+            entry["promotion"].update(max_calibration_error=0.5, slice_floor=0.0)
+        entries.append(entry)
+    path = tmp / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "tags": entries}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(bank, tmp_path_factory):
+    """A trained, promoted risk_appetite champion and a feature snapshot at the window end."""
+    tmp = tmp_path_factory.mktemp("scoring")
+    catalog = load_catalog(small_catalog(tmp))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = connect_tracking(uri)
+    con = make_connection(tmp)
+    features = tmp / "features" / f"as_of={AS_OF}" / "data.parquet"
+    build_customer_features(con, bank["staged"], AS_OF, features)
+    tag = catalog.get("risk_appetite")
+    data = build_training_set(con, bank["staged"], tag, AS_OF, tmp / "sets")
+    first = train_tag(tag, data, uri, artifact_location=str(tmp / "artifacts"), seed=0, threads=1)
+    apply_gate(client, evaluate_gate(client, tag, first.version, data))
+    assert champion_version(client, "risk_appetite") == first.version
+    return {"tmp": tmp, "catalog": catalog, "uri": uri, "client": client, "con": con, "features": features, "data": data, "first": first, "staged": bank["staged"]}
+
+
+def _score(world, target: Path, **kwargs):
+    return score_partition(world["con"], world["client"], world["catalog"], world["features"], world["staged"], AS_OF, target, **kwargs)
+
+
+def test_every_customer_gets_every_tag_with_what_produced_it(world, tmp_path):
+    target = tmp_path / "tags" / f"as_of={AS_OF}" / "data.parquet"
+    summary = _score(world, target)
+    rows = pd.read_parquet(target)
+    customers = pq.read_metadata(world["features"]).num_rows
+    assert summary.rows == len(rows) == customers * 3
+    assert rows.groupby("tag").customer_id.nunique().to_dict() == {"risk_appetite": customers, "value_tier": customers, "lifecycle_stage": customers}
+    model = rows[rows.tag == "risk_appetite"]
+    assert set(model.producer) == {f"tagml-risk_appetite/{world['first'].version}"}
+    assert set(model.mlflow_run_id) == {world["first"].run_id}
+    sums = model.probabilities.map(lambda m: sum(v for _, v in m))
+    assert np.allclose(sums, 1, atol=1e-5)
+    assert (model.reasons.map(len) > 0).mean() > 0.95
+    assert model.reasons.explode().dropna().str.match(r"^[a-z0-9_]+( high| low|=.+)$").all()
+    # observed questionnaires win and the disagreement with the model stays visible
+    observed = model[model.source == "observed"]
+    assert len(observed) > 0 and (observed.value == observed.observed_value).all()
+    assert observed.observed_mismatch.isin([True, False]).all()
+    assert (observed.observed_mismatch == (observed.inferred_value != observed.observed_value)).all()
+    inferred = model[model.source == "model"]
+    assert (inferred.value == inferred.inferred_value).all() and inferred.observed_value.isna().all()
+    rules = rows[rows.tag == "value_tier"]
+    assert rules.producer.str.startswith("rule:2026.1:").all() and rules.probability.isna().all()
+    aum = pd.read_parquet(world["features"], columns=["customer_id", "aum_total"]).set_index("customer_id").aum_total
+    tiers = rules.set_index("customer_id").value
+    assert (tiers[aum[aum >= 1_000_000].index] .isin(["high_net_worth", "private_banking"])).all()
+    assert (tiers[aum[aum < 50_000].index] == "mass").all()
+
+
+def test_scoring_follows_the_champion_alias(world, tmp_path):
+    tag = world["catalog"].get("risk_appetite")
+    second = train_tag(tag, world["data"], world["uri"], artifact_location=str(world["tmp"] / "artifacts"), seed=1, threads=1)
+    target = tmp_path / "data.parquet"
+    _score(world, target)
+    assert set(pd.read_parquet(target, filters=[("tag", "=", "risk_appetite")]).model_version) == {world["first"].version}
+    promote(world["client"], "risk_appetite", second.version, by="test")
+    try:
+        _score(world, target)
+        assert set(pd.read_parquet(target, filters=[("tag", "=", "risk_appetite")]).model_version) == {second.version}
+    finally:
+        promote(world["client"], "risk_appetite", world["first"].version, by="test")
+
+
+def test_rerunning_a_partition_leaves_exactly_one_copy(world, tmp_path):
+    store = TagStore(tmp_path / "tags")
+    for _ in range(2):
+        _score(world, store.partition_path(AS_OF))
+    assert [p.name for p in store.partition_path(AS_OF).parent.iterdir()] == ["data.parquet"]
+    con = world["con"]
+    assert con.execute(f"SELECT count(*), count(DISTINCT (customer_id, tag)) FROM read_parquet('{store.partition_path(AS_OF)}')").fetchall()[0] == (
+        pq.read_metadata(store.partition_path(AS_OF)).num_rows,
+    ) * 2
+
+
+def test_missing_champion_fails_clearly_and_writes_nothing(world, tmp_path):
+    catalog = load_catalog(small_catalog(tmp_path, include=("risk_appetite", "life_stage")))
+    target = tmp_path / "data.parquet"
+    target.write_bytes(b"previous partition")
+    with pytest.raises(ScoringError, match="tag 'life_stage': no 'champion' alias on registered model 'tagml-life_stage'"):
+        score_partition(world["con"], world["client"], catalog, world["features"], world["staged"], AS_OF, target)
+    assert target.read_bytes() == b"previous partition"
+    assert list(tmp_path.glob(".*tmp")) == []
+
+
+def test_features_not_matching_the_model_fail_clearly_and_write_nothing(world, tmp_path):
+    broken = tmp_path / "features.parquet"
+    table = pq.read_table(world["features"])
+    pq.write_table(table.drop(["share_equity", "age"]), broken)
+    target = tmp_path / "data.parquet"
+    with pytest.raises(ScoringError, match=r"lacks 2 column\(s\).*'age'.*'share_equity'"):
+        score_partition(world["con"], world["client"], world["catalog"], broken, world["staged"], AS_OF, target)
+    assert not target.exists()
+
+
+def test_a_scoring_run_killed_mid_write_leaves_the_previous_partition_intact(world, tmp_path):
+    target = tmp_path / "tags" / f"as_of={AS_OF}" / "data.parquet"
+    _score(world, target)
+    before = pd.read_parquet(target)
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from datetime import date
+        from pathlib import Path
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        import scoring.score as score
+        from features.warehouse import connect
+        from training.catalog import load_catalog
+        from training.tracking import connect_tracking
+        original = score._model_batches
+        def slow(*args, **kwargs):
+            for batch in original(*args, **kwargs):
+                time.sleep(0.2)
+                yield batch
+        score._model_batches = slow
+        score.score_partition(connect(1, "1GB"), connect_tracking({world['uri']!r}), load_catalog({str(world['tmp'] / 'catalog.yaml')!r}),
+            Path({str(world['features'])!r}), Path({str(world['staged'])!r}), date.fromisoformat({AS_OF.isoformat()!r}),
+            Path({str(target)!r}), batch_rows=50)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(target.parent.glob(".data.parquet.*.tmp")):
+        time.sleep(0.05)
+    assert list(target.parent.glob(".data.parquet.*.tmp")), "the scoring run never started writing"
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    pd.testing.assert_frame_equal(pd.read_parquet(target), before)
+    # readers of the store never see the half-written file
+    assert TagStore(target.parent.parent).partitions() == [AS_OF]
+
+
+# ---- the store's queries on a hand-made example ---------------------------------------------------
+
+
+def _rows(as_of: date, values: dict[str, str], producer: str) -> pa.Table:
+    n = len(values)
+    return pa.table(
+        {
+            "customer_id": list(values),
+            "as_of": [as_of] * n,
+            "tag": ["risk_appetite"] * n,
+            "value": list(values.values()),
+            "probability": [0.6] * n,
+            "probabilities": pa.array([[("C1", 0.4), ("C2", 0.6)]] * n, pa.map_(pa.string(), pa.float64())),
+            "reasons": [["age high"]] * n,
+            "source": ["model"] * n,
+            "inferred_value": list(values.values()),
+            "observed_value": [None] * n,
+            "observed_mismatch": [None] * n,
+            "producer": [producer] * n,
+            "model_version": [producer[-1]] * n,
+            "mlflow_run_id": ["run" + producer[-1]] * n,
+            "scored_at": [datetime(2026, 1, 1, tzinfo=timezone.utc)] * n,
+        },
+        schema=TAG_ROW_SCHEMA,
+    )
+
+
+@pytest.fixture
+def hand_store(tmp_path):
+    store = TagStore(tmp_path / "tags")
+    for as_of, values, producer in (
+        (date(2026, 9, 30), {"A": "C1", "B": "C2", "C": "C2"}, "tagml-risk_appetite/1"),
+        (date(2026, 10, 31), {"A": "C2", "B": "C2", "C": "C1", "D": "C1"}, "tagml-risk_appetite/2"),
+    ):
+        path = store.partition_path(as_of)
+        path.parent.mkdir(parents=True)
+        pq.write_table(_rows(as_of, values, producer), path)
+    return store
+
+
+def test_history_changes_and_transitions_on_a_hand_made_store(hand_store, tmp_path):
+    con = make_connection(tmp_path)
+    assert hand_store.partitions() == [date(2026, 9, 30), date(2026, 10, 31)]
+    # what tag did A have on 2026-10-15, and from which model version?
+    on_date = hand_store.customer_tags(con, "A", date(2026, 10, 15))
+    assert on_date[["value", "producer"]].values.tolist() == [["C1", "tagml-risk_appetite/1"]]
+    history = hand_store.history(con, "A", "risk_appetite")
+    assert history[["value", "producer"]].values.tolist() == [["C1", "tagml-risk_appetite/1"], ["C2", "tagml-risk_appetite/2"]]
+    changes = hand_store.changes(con, "risk_appetite", date(2026, 9, 30), date(2026, 10, 31))
+    assert changes[["customer_id", "from_value", "to_value"]].where(changes.notna(), None).values.tolist() == [
+        ["A", "C1", "C2"], ["C", "C2", "C1"], ["D", None, "C1"],
+    ]
+    matrix = hand_store.transition_matrix(con, "risk_appetite", date(2026, 9, 30), date(2026, 10, 31))
+    assert matrix.loc["C1", "C2"] == 1 and matrix.loc["C2", "C2"] == 1 and matrix.loc["C2", "C1"] == 1 and matrix.loc["(new)", "C1"] == 1
+    assert hand_store.changed_share(con, date(2026, 9, 30), date(2026, 10, 31)) == {"risk_appetite": round(2 / 3, 4)}
+    hand_store.register_views(con)
+    assert con.execute("SELECT count(*) FROM customer_tags_current").fetchall()[0][0] == 4
+    assert con.execute("SELECT count(*) FROM customer_tags_history").fetchall()[0][0] == 7
+    with pytest.raises(TagStoreError, match="no tag partition on or before 2026-01-01"):
+        hand_store.customer_tags(con, "A", date(2026, 1, 1))
+    with pytest.raises(TagStoreError, match="customer 'Z' has no tags"):
+        hand_store.customer_tags(con, "Z")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_export_for_downstream_systems(hand_store, tmp_path, fmt):
+    con = make_connection(tmp_path)
+    out = tmp_path / f"export.{fmt}"
+    assert hand_store.export(con, date(2026, 10, 31), fmt, out) == 4
+    frame = pd.read_parquet(out) if fmt == "parquet" else pd.read_csv(out)
+    assert list(frame.customer_id) == ["A", "B", "C", "D"]
+    if fmt == "csv":
+        assert frame.probabilities.iloc[0] == '{"C1":0.4,"C2":0.6}'
+
+
+def test_stale_temporaries_of_killed_writers_are_cleaned_up_later(world, tmp_path):
+    target = tmp_path / "data.parquet"
+    stale = tmp_path / ".data.parquet.deadbeef.tmp"
+    fresh = tmp_path / ".data.parquet.cafe.tmp"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"in progress elsewhere")
+    os.utime(stale, (time.time() - 7 * 3600,) * 2)
+    _score(world, target)
+    assert not stale.exists() and fresh.exists()
