@@ -100,3 +100,43 @@ def test_training_job_trains_registers_and_gates_one_tag(home):
     assert registered.tags["data_snapshot"] == str(materialized["risk_appetite/training_set"]["snapshot_path"].value)
     # the run fails only when a blocking gate fails with no champion to fall back on
     assert result.success == (gate.passed or gate.severity.value == "WARN")
+
+
+@pytest.fixture(scope="module")
+def small_home(tmp_path_factory):
+    import yaml
+
+    from training.catalog import load_catalog
+
+    root = tmp_path_factory.mktemp("small_home")
+    shipped = load_catalog()
+    risk = shipped.get("risk_appetite").model_dump(mode="json")
+    risk["model"].update(trials=1)
+    risk["promotion"].update(max_calibration_error=0.5, slice_floor=0.0)
+    catalog = root / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"tags": [risk, shipped.get("value_tier").model_dump(mode="json")]}))
+    settings = Settings.from_env({"TAGML_HOME": str(root / "home"), "TAGML_CATALOG": str(catalog)})
+    settings.ensure_dirs()
+    generate_bank(BankConfig(customers=1_500, months=12, seed=3), settings.raw_dir)
+    return settings
+
+
+def test_nightly_scoring_job_needs_a_champion_then_tags_everyone(small_home):
+    from orchestration.jobs import NIGHTLY_SCORING_JOB, train_tag_job_name
+
+    failed = _run(small_home, NIGHTLY_SCORING_JOB, partition_key=AS_OF)
+    assert not failed.success
+    failure = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "no 'champion' alias on registered model 'tagml-risk_appetite'" in failure.event_specific_data.error.message
+    assert not (small_home.warehouse_dir / "customer_tags" / f"as_of={AS_OF}" / "data.parquet").exists()
+
+    assert _run(small_home, train_tag_job_name("risk_appetite")).success
+    scored = _run(small_home, NIGHTLY_SCORING_JOB, partition_key=AS_OF)
+    assert scored.success
+    tags_event = next(e for e in scored.get_asset_materialization_events() if e.asset_key.to_user_string() == "customer_tags")
+    metadata = tags_event.materialization.metadata
+    customers = metadata["customers"].value
+    assert metadata["rows"].value == 2 * customers
+    assert "risk_appetite" in metadata["distribution"].value and "value_tier" in metadata["distribution"].value
+    coverage = [e for e in scored.get_asset_check_evaluations() if e.check_name == "coverage"]
+    assert [c.passed for c in coverage] == [True]
