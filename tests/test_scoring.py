@@ -261,3 +261,25 @@ def test_stale_temporaries_of_killed_writers_are_cleaned_up_later(world, tmp_pat
     os.utime(stale, (time.time() - 7 * 3600,) * 2)
     _score(world, target)
     assert not stale.exists() and fresh.exists()
+
+
+def test_reason_contributions_equal_xgboosts_own_for_the_predicted_class(world):
+    import xgboost as xgb
+
+    from scoring.reasons import ReasonExplainer
+    from scoring.score import resolve_champion
+
+    champion = resolve_champion(world["client"], world["catalog"].get("risk_appetite"))
+    frame = pd.read_parquet(world["features"]).head(500)
+    X = frame[list(champion.features)].copy()
+    numeric = [f for f in champion.features if f not in champion.categorical]
+    X[numeric] = X[numeric].astype("float64")
+    explainer = ReasonExplainer.for_model(world["con"], champion.model, champion.features, champion.categorical, world["features"])
+    predicted = champion.model.predict_proba(X).argmax(axis=1)
+    ours = explainer.contributions(X, predicted)
+    matrix = xgb.DMatrix(np.asarray(explainer.prepare.transform(X), dtype=np.float32), missing=np.nan)
+    reference = explainer.booster.predict(matrix, pred_contribs=True, approx_contribs=True)[np.arange(len(X)), predicted, :-1]
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+    reasons = explainer.reasons(X, predicted, top=3)
+    top_feature = [explainer.names[i] for i in reference.argmax(axis=1)]
+    assert all(r[0].split(" ")[0].split("=")[0] == f for r, f, ref in zip(reasons, top_feature, reference.max(axis=1)) if ref > 0)
