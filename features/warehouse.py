@@ -3,7 +3,7 @@
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -83,9 +83,30 @@ def write_parquet_atomically(
     return int(rows)
 
 
-def register_views(con: duckdb.DuckDBPyConnection, views: Iterable[tuple[str, str]]) -> None:
-    """Create or replace views `name AS SELECT * FROM read_parquet(glob)`."""
-    for name, parquet_glob in views:
-        con.execute(
-            f"CREATE OR REPLACE VIEW {quote(name)} AS SELECT * FROM read_parquet({sql_literal(parquet_glob)}, hive_partitioning = true)"
-        )
+def publish_views(duckdb_path: Path, warehouse_dir: Path) -> list[str]:
+    """(Re)create views in the warehouse's DuckDB file over everything stored as Parquet, so that
+    `duckdb <file>` answers SQL over raw tables, features and tags without copying them.
+
+    Views are a convenience: if another process holds the file, they are left as they were.
+    """
+    warehouse_dir = Path(warehouse_dir)
+    views: list[tuple[str, str]] = [(f"raw_{p.stem}", str(p)) for p in sorted(staged_dir_of(warehouse_dir).glob("*.parquet"))]
+    for name in ("customer_features", "customer_tags"):
+        if any((warehouse_dir / name).glob("as_of=*/data.parquet")):
+            views.append((name if name == "customer_features" else "customer_tags_history", str(warehouse_dir / name / "as_of=*" / "data.parquet")))
+    duckdb_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        con = duckdb.connect(str(duckdb_path))
+    except duckdb.IOException:
+        return []
+    try:
+        for name, path in views:
+            con.execute(f"CREATE OR REPLACE VIEW {quote(name)} AS SELECT * FROM read_parquet({sql_literal(path)}, hive_partitioning = false)")
+        if any(n == "customer_tags_history" for n, _ in views):
+            con.execute(
+                "CREATE OR REPLACE VIEW customer_tags_current AS SELECT * FROM customer_tags_history "
+                "WHERE as_of = (SELECT max(as_of) FROM customer_tags_history)"
+            )
+    finally:
+        con.close()
+    return [n for n, _ in views]

@@ -48,6 +48,7 @@ def build_customer_features_asset(partitions_def: dg.PartitionsDefinition) -> dg
             preview = con.execute(
                 f"SELECT {', '.join(PREVIEW_COLUMNS)} FROM read_parquet({sql_literal(target)}) USING SAMPLE 5 ROWS (reservoir, 42)"
             ).df()
+        warehouse.publish_views()
         yield dg.MaterializeResult(
             metadata={
                 "rows": snapshot.rows,

@@ -45,6 +45,7 @@ def build_raw_asset(spec: TableSpec) -> dg.AssetsDefinition:
                     metadata={"violations": dg.MetadataValue.md(_violations_markdown(err))},
                 )
                 raise dg.Failure(description=str(err)) from err
+        warehouse.publish_views()
         yield dg.MaterializeResult(
             metadata={
                 "rows": staged.rows,

@@ -8,7 +8,7 @@ import duckdb
 from mlflow.tracking import MlflowClient
 from pydantic import Field
 
-from features.warehouse import connect, features_path, staged_dir_of
+from features.warehouse import connect, features_path, publish_views, staged_dir_of
 from tagml.settings import Settings
 from training.tracking import connect_tracking
 
@@ -18,6 +18,7 @@ class WarehouseResource(dg.ConfigurableResource):
 
     raw_dir: str = Field(description="Directory holding the raw contract tables (Parquet files/dirs or CSV).")
     warehouse_dir: str = Field(description="Directory of the Parquet warehouse (staged raw tables, features).")
+    duckdb_path: str = Field(description="DuckDB file holding views over the warehouse's Parquet files.")
     threads: int = Field(default=2, description="DuckDB threads; keep at or below the cores you can use.")
     memory_limit: str = Field(default="4GB", description="DuckDB memory limit; larger work spills to disk.")
 
@@ -26,12 +27,16 @@ class WarehouseResource(dg.ConfigurableResource):
         return cls(
             raw_dir=str(settings.raw_dir),
             warehouse_dir=str(settings.warehouse_dir),
+            duckdb_path=str(settings.duckdb_path),
             threads=settings.threads,
             memory_limit=settings.duckdb_memory_limit,
         )
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         return connect(self.threads, self.memory_limit)
+
+    def publish_views(self) -> list[str]:
+        return publish_views(Path(self.duckdb_path), Path(self.warehouse_dir))
 
     @property
     def raw_path(self) -> Path:

@@ -40,6 +40,7 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
             distribution = store.distribution(con, as_of)
             previous = [d for d in store.partitions() if d < as_of]
             changed = store.changed_share(con, previous[-1], as_of) if previous else {}
+        warehouse.publish_views()
         expected = summary.customers * len(catalog.tags)
         yield dg.MaterializeResult(
             metadata={

@@ -5,7 +5,7 @@ model's `champion_history` tag (JSON list), which is what `rollback` walks back 
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -208,10 +208,6 @@ def leaderboard(client: MlflowClient, tag: TagSpec, limit: int = 20) -> pd.DataF
             }
         )
     return pd.DataFrame(rows)
-
-
-def decision_as_dict(decision: GateDecision) -> dict[str, Any]:
-    return asdict(decision)
 
 
 def lineage(client: MlflowClient, tag: str, version: str) -> dict[str, Any]:
