@@ -48,6 +48,11 @@ def test_raw_then_features_materialize_with_passing_checks(home):
     table = pq.read_table(home.warehouse_dir / "customer_features" / f"as_of={AS_OF}" / "data.parquet")
     assert table.column_names == ["customer_id", "as_of", *FEATURE_NAMES]
     assert set(table.column("as_of").to_pylist()) == {date(2026, 10, 31)}
+    import duckdb
+
+    with duckdb.connect(str(home.duckdb_path), read_only=True) as warehouse:  # SQL over the Parquet via views
+        assert warehouse.execute("SELECT count(*) FROM customer_features").fetchall()[0][0] == customers.num_rows
+        assert warehouse.execute("SELECT count(*) FROM raw_customers").fetchall()[0][0] == customers.num_rows
 
 
 def test_rerunning_a_partition_replaces_it(home):
