@@ -29,6 +29,7 @@ from features.warehouse import remove_stale_temporaries, sql_literal, staged_pat
 from scoring.reasons import ReasonExplainer
 from scoring.rules import rule_case_sql, rule_version
 from training.catalog import Catalog, TagSpec
+from training.dataset import label_conditions
 from training.registry import CHAMPION, load_model
 from training.train import registered_model_name
 
@@ -113,12 +114,7 @@ def resolve_champion(client: MlflowClient, tag: TagSpec) -> Champion:
 
 def observed_labels(con: duckdb.DuckDBPyConnection, staged_dir: Path, tag: TagSpec, as_of: date) -> pd.Series:
     """The newest observed label per customer known on `as_of` (within the tag's max label age)."""
-    assert tag.label is not None
-    where = [f"tag = {sql_literal(tag.label_tag)}", f"known_date <= DATE {sql_literal(as_of)}"]
-    if tag.label.sources:
-        where.append("source IN (" + ", ".join(sql_literal(s) for s in tag.label.sources) + ")")
-    if tag.label.max_age_days:
-        where.append(f"label_date > DATE {sql_literal(as_of)} - INTERVAL {tag.label.max_age_days} DAY")
+    where = label_conditions(tag, as_of)
     rows = con.execute(
         f"SELECT customer_id, arg_max(label, label_date) FROM read_parquet({sql_literal(staged_path(staged_dir, 'tag_labels'))}) "
         f"WHERE {' AND '.join(where)} GROUP BY customer_id"

@@ -39,15 +39,20 @@ class TrainingSet:
         return rows[list(self.feature_names)], rows[LABEL_COLUMN]
 
 
-def labels_sql(staged_dir: Path, tag: TagSpec, train_as_of: date) -> str:
-    """The usable labels of one tag known on `train_as_of`; one per customer and label date."""
+def label_conditions(tag: TagSpec, as_of: date) -> list[str]:
+    """SQL predicates over tag_labels: this tag's labels from its sources, known on `as_of`, not too old."""
     assert tag.label is not None
-    conditions = [f"tag = {sql_literal(tag.label_tag)}", f"known_date <= DATE {sql_literal(train_as_of)}"]
+    conditions = [f"tag = {sql_literal(tag.label_tag)}", f"known_date <= DATE {sql_literal(as_of)}"]
     if tag.label.sources:
         conditions.append("source IN (" + ", ".join(sql_literal(s) for s in tag.label.sources) + ")")
     if tag.label.max_age_days:
-        conditions.append(f"label_date >= DATE {sql_literal(train_as_of - timedelta(days=tag.label.max_age_days))}")
-    where = " AND ".join(conditions)
+        conditions.append(f"label_date >= DATE {sql_literal(as_of - timedelta(days=tag.label.max_age_days))}")
+    return conditions
+
+
+def labels_sql(staged_dir: Path, tag: TagSpec, train_as_of: date) -> str:
+    """The usable labels of one tag known on `train_as_of`; one per customer and label date."""
+    where = " AND ".join(label_conditions(tag, train_as_of))
     return (
         f"SELECT customer_id, label_date, label, label_date - INTERVAL {tag.label.horizon_days} DAY AS as_of "
         f"FROM read_parquet({sql_literal(staged_path(staged_dir, 'tag_labels'))}) WHERE {where}"

@@ -1,6 +1,7 @@
 """Held-out evaluation: overall, per class, calibration, per slice, and the plots logged to MLflow."""
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -113,62 +114,55 @@ def slice_metrics(frame: pd.DataFrame, y: np.ndarray, proba: np.ndarray, metric:
     return out
 
 
-def plot_confusion(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], path: Path) -> Path:
+@contextmanager
+def _figure(path: Path, size: tuple[float, float]):
+    """A matplotlib figure (headless backend) saved to `path` and closed on exit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def plot_confusion(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], path: Path) -> Path:
     matrix = confusion_matrix(y, proba.argmax(axis=1), labels=list(range(len(classes))), normalize="true")
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("observed (row-normalised)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, (5, 4)) as ax:
+        ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("observed (row-normalised)")
     return path
 
 
 def plot_calibration(y: np.ndarray, proba: np.ndarray, path: Path, bins: int = 10) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     confidence = proba.max(axis=1)
     correct = proba.argmax(axis=1) == y
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
     xs = [confidence[which == b].mean() for b in range(bins) if (which == b).any()]
     ys = [correct[which == b].mean() for b in range(bins) if (which == b).any()]
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.plot([0, 1], [0, 1], "--", color="grey")
-    ax.plot(xs, ys, "o-")
-    ax.set_xlabel("predicted probability of the top class")
-    ax.set_ylabel("observed accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, (4, 4)) as ax:
+        ax.plot([0, 1], [0, 1], "--", color="grey")
+        ax.plot(xs, ys, "o-")
+        ax.set_xlabel("predicted probability of the top class")
+        ax.set_ylabel("observed accuracy")
     return path
 
 
 def plot_importance(names: Sequence[str], importance: np.ndarray, path: Path, top: int = 20) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     order = np.argsort(importance)[::-1][:top][::-1]
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ax.barh([names[i] for i in order], importance[order])
-    ax.set_xlabel("gain importance")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, (6, 5)) as ax:
+        ax.barh([names[i] for i in order], importance[order])
+        ax.set_xlabel("gain importance")
     return path
