@@ -283,3 +283,17 @@ def test_reason_contributions_equal_xgboosts_own_for_the_predicted_class(world):
     reasons = explainer.reasons(X, predicted, top=3)
     top_feature = [explainer.names[i] for i in reference.argmax(axis=1)]
     assert all(r[0].split(" ")[0].split("=")[0] == f for r, f, ref in zip(reasons, top_feature, reference.max(axis=1)) if ref > 0)
+
+
+def test_low_confidence_inferences_are_stored_as_unknown(world, tmp_path):
+    entry = world["catalog"].get("risk_appetite").model_dump(mode="json")
+    entry["min_confidence"] = 0.6
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"tags": [entry]}))
+    target = tmp_path / "data.parquet"
+    score_partition(world["con"], world["client"], load_catalog(path), world["features"], world["staged"], AS_OF, target)
+    rows = pd.read_parquet(target)
+    top = rows.probabilities.map(lambda m: max(v for _, v in m))
+    inferred = rows[rows.source == "model"]
+    assert (inferred.value == "unknown").sum() == (top[inferred.index] < 0.6).sum() > 0
+    assert (rows[rows.source == "observed"].value != "unknown").all()  # an observed label is never unknown
