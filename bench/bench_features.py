@@ -40,6 +40,21 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # ---------------------------------------------------------------------------------------------
 # steps (run in a child process)
 # ---------------------------------------------------------------------------------------------
+def _self_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Timer:
+    """Wall and CPU seconds of the work itself (all threads of this process)."""
+
+    def __init__(self) -> None:
+        self.wall0, self.cpu0 = time.perf_counter(), _self_cpu_s()
+
+    def done(self, **result) -> dict:
+        return {"wall_s": time.perf_counter() - self.wall0, "work_cpu_s": round(_self_cpu_s() - self.cpu0, 1), **result}
+
+
 def bank_dir(workdir: Path, customers: int) -> Path:
     return workdir / f"n{customers}"
 
@@ -47,9 +62,9 @@ def bank_dir(workdir: Path, customers: int) -> Path:
 def step_generate(args) -> dict:
     from features.synthetic import BankConfig, generate_bank
 
-    t0 = time.perf_counter()
+    timer = Timer()
     summary = generate_bank(BankConfig(customers=args.size, months=args.months, seed=args.seed), bank_dir(args.workdir, args.size) / "raw")
-    return {"wall_s": time.perf_counter() - t0, "rows": summary["rows"]}
+    return timer.done(rows=summary["rows"])
 
 
 def step_stage(args) -> dict:
@@ -60,14 +75,14 @@ def step_stage(args) -> dict:
     d = bank_dir(args.workdir, args.size)
     con = connect(args.threads, args.memory_limit)
     con.execute("SET enable_progress_bar = false")
-    t0 = time.perf_counter()
+    timer = Timer()
     rows, per_table = 0, {}
     for spec in RAW_TABLES:  # customers first: the others are checked against it
         t = time.perf_counter()
         staged = validate_and_stage(con, spec, d / "raw", d / "staged")
         per_table[spec.name] = round(time.perf_counter() - t, 3)
         rows += staged.rows
-    return {"wall_s": time.perf_counter() - t0, "rows": rows, "per_table_s": per_table}
+    return timer.done(rows=rows, per_table_s=per_table)
 
 
 def step_duckdb(args) -> dict:
@@ -77,9 +92,9 @@ def step_duckdb(args) -> dict:
     d = bank_dir(args.workdir, args.size)
     con = connect(args.threads, args.memory_limit)
     con.execute("SET enable_progress_bar = false")
-    t0 = time.perf_counter()
+    timer = Timer()
     rows = build_customer_features(con, d / "staged", date.fromisoformat(args.as_of), d / "features_duckdb.parquet")
-    return {"wall_s": time.perf_counter() - t0, "rows": rows}
+    return timer.done(rows=rows)
 
 
 def step_pandas(args) -> dict:
@@ -87,10 +102,10 @@ def step_pandas(args) -> dict:
     from pandas_features import build_pandas_features
 
     d = bank_dir(args.workdir, args.size)
-    t0 = time.perf_counter()
+    timer = Timer()
     df = build_pandas_features(d / "staged", date.fromisoformat(args.as_of))
     df.to_parquet(d / "features_pandas.parquet", index=False)
-    return {"wall_s": time.perf_counter() - t0, "rows": len(df)}
+    return timer.done(rows=len(df))
 
 
 def run_step_in_child(args) -> None:
@@ -121,8 +136,24 @@ def _busy_cpu_s() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
+def wait_for_idle(args) -> float:
+    """Wait (up to --wait-idle-max s) until other processes use less than --wait-idle % of the CPUs.
+
+    Returns the busy share seen last. 0 disables waiting (one 1-second sample is still taken).
+    """
+    deadline = time.perf_counter() + args.wait_idle_max
+    while True:
+        b0 = _busy_cpu_s()
+        time.sleep(1.0)
+        busy_pct = 100 * (_busy_cpu_s() - b0) / (os.cpu_count() or 1)
+        if not args.wait_idle or busy_pct <= args.wait_idle or time.perf_counter() > deadline:
+            return busy_pct
+        time.sleep(2.0)
+
+
 def launch(step: str, args, size: int) -> dict:
     """Run one step in a fresh interpreter; return its measurements (or why it did not finish)."""
+    busy_before = wait_for_idle(args)
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "_step", step,
         "--size", str(size), "--workdir", str(args.workdir), "--seed", str(args.seed), "--months", str(args.months),
@@ -153,7 +184,8 @@ def launch(step: str, args, size: int) -> dict:
     process_s = time.perf_counter() - t0
     rusage = resource.getrusage(resource.RUSAGE_CHILDREN)  # cumulative; only used for the CPU delta below
     busy = _busy_cpu_s() - busy0
-    result: dict = {"step": step, "size": size, "process_s": round(process_s, 2), "polled_peak_mb": round(peak_kb / 1024, 1)}
+    result: dict = {"step": step, "size": size, "process_s": round(process_s, 2), "polled_peak_mb": round(peak_kb / 1024, 1),
+                    "busy_before_pct": round(busy_before, 1)}
     text = log.read_text()
     lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
     if killed or proc.returncode != 0 or not lines:
@@ -173,7 +205,12 @@ def launch(step: str, args, size: int) -> dict:
 launch.cpu_seen = 0.0  # type: ignore[attr-defined]
 
 
+QUIET_PCT = 10  # a run is "quiet" if other processes used less than this share of the CPUs meanwhile
+
+
 def _fmt_s(values: list[float]) -> str:
+    if not values:
+        return "–"
     return f"{statistics.median(values):.1f}" + (f" ({min(values):.1f}–{max(values):.1f})" if len(values) > 1 else "")
 
 
@@ -183,6 +220,9 @@ def summarise(runs: list[dict]) -> dict:
     if ok:
         s["wall_s"] = [r["wall_s"] for r in ok]
         s["wall_median_s"] = statistics.median(s["wall_s"])
+        s["quiet_wall_s"] = [r["wall_s"] for r in ok if r["other_cpu_pct"] < QUIET_PCT]
+        s["quiet_median_s"] = statistics.median(s["quiet_wall_s"]) if s["quiet_wall_s"] else None
+        s["cpu_s"] = [r["work_cpu_s"] for r in ok]
         s["peak_mb"] = max(r["peak_mb"] for r in ok)
         s["rows"] = ok[-1]["rows"]
         s["other_cpu_pct"] = max(r["other_cpu_pct"] for r in ok)
@@ -191,39 +231,81 @@ def summarise(runs: list[dict]) -> dict:
     return s
 
 
-def markdown(results: dict, args) -> str:
+def markdown(results: dict, months, seed, as_of) -> str:
     out = []
+    labels = {"generate": "generate raw (numpy/pyarrow)", "stage": "validate + stage all raw tables (DuckDB)",
+              "duckdb": "features, DuckDB", "pandas": "features, pandas"}
     for size, steps in results.items():
         raw_rows = steps.get("generate", {}).get("rows")
-        out.append(f"### {int(size):,} customers × {args.months} months (seed {args.seed}, as_of {args.as_of})\n")
+        out.append(f"### {int(size):,} customers × {months} months (seed {seed}, as_of {as_of})\n")
         if isinstance(raw_rows, dict):
             out.append("Raw rows: " + ", ".join(f"{k} {v:,}" for k, v in raw_rows.items()) + "\n")
-        out.append("| step | wall s, median (min–max) | runs | peak RSS | other procs' CPU | output rows |")
-        out.append("| --- | --- | --- | --- | --- | --- |")
-        labels = {"generate": "generate raw (numpy/pyarrow)", "stage": "validate + stage all raw tables (DuckDB)",
-                  "duckdb": "features, DuckDB", "pandas": "features, pandas"}
+        out.append(f"| step | wall s: median (min–max), all runs | wall s: quiet runs (others < {QUIET_PCT}% CPU) "
+                   "| CPU s (median) | runs | peak RSS | others' CPU, worst run | output rows |")
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for step in STEPS:
             s = steps.get(step)
-            if not s:
+            if not s or not s["runs"]:
                 continue
             rows = s.get("rows")
             rows = f"{sum(rows.values()):,}" if isinstance(rows, dict) else (f"{rows:,}" if rows else "")
             if s["ok"]:
                 note = f" ({s['ok']}/{s['runs']} finished: {'; '.join(s['errors'])})" if s["errors"] else ""
-                out.append(f"| {labels[step]} | {_fmt_s(s['wall_s'])}{note} | {s['ok']} | {s['peak_mb'] / 1024:.2f} GB | ≤{s['other_cpu_pct']:.0f}% | {rows} |")
+                out.append(f"| {labels[step]} | {_fmt_s(s['wall_s'])}{note} | {_fmt_s(s['quiet_wall_s'])} "
+                           f"| {statistics.median(s['cpu_s']):.1f} | {s['ok']} | {s['peak_mb'] / 1024:.2f} GB "
+                           f"| {s['other_cpu_pct']:.0f}% | {rows} |")
             else:
-                out.append(f"| {labels[step]} | did not finish: {s['errors'][0]} | 0 | ≥{s['peak_mb'] / 1024:.2f} GB | | |")
+                out.append(f"| {labels[step]} | did not finish: {s['errors'][0]} | | | 0 | ≥{s['peak_mb'] / 1024:.2f} GB | | |")
         d, p, st = steps.get("duckdb"), steps.get("pandas"), steps.get("stage")
-        if st and d and st["ok"] and d["ok"]:
-            out.append(f"\nFrom raw (stage + DuckDB features): **{st['wall_median_s'] + d['wall_median_s']:.1f} s**, "
-                       f"peak {max(st['peak_mb'], d['peak_mb']) / 1024:.2f} GB.")
-        if d and p and d["ok"] and p["ok"]:
-            out.append(f"pandas / DuckDB feature build: **{p['wall_median_s'] / d['wall_median_s']:.1f}× wall time**, "
-                       f"**{p['peak_mb'] / d['peak_mb']:.1f}× peak RSS**.")
-        elif d and p and d["ok"]:
-            out.append(f"pandas did not finish within the cap; DuckDB took {d['wall_median_s']:.1f} s at {d['peak_mb'] / 1024:.2f} GB.")
+        out.append("")
+        if st and d and st.get("ok") and d.get("ok"):
+            line = (f"- From raw (stage + DuckDB features): **{st['wall_median_s'] + d['wall_median_s']:.1f} s** (medians of all runs)")
+            if st["quiet_median_s"] and d["quiet_median_s"]:
+                line += f", **{st['quiet_median_s'] + d['quiet_median_s']:.1f} s** (quiet runs)"
+            out.append(line + f"; peak RSS {max(st['peak_mb'], d['peak_mb']) / 1024:.2f} GB (staging).")
+        if d and p and d.get("ok") and p.get("ok"):
+            line = f"- pandas / DuckDB feature build: **{p['wall_median_s'] / d['wall_median_s']:.1f}× wall time** (medians of all runs)"
+            if d["quiet_median_s"] and p["quiet_median_s"]:
+                line += f", **{p['quiet_median_s'] / d['quiet_median_s']:.1f}×** (quiet runs)"
+            line += (f", {statistics.median(p['cpu_s']) / statistics.median(d['cpu_s']):.1f}× CPU time, "
+                     f"**{p['peak_mb'] / d['peak_mb']:.1f}× peak RSS**.")
+            out.append(line)
+        elif d and p and d.get("ok"):
+            out.append(f"- pandas did not finish within the cap; DuckDB took {d['wall_median_s']:.1f} s at {d['peak_mb'] / 1024:.2f} GB.")
         out.append("")
     return "\n".join(out)
+
+
+def render(sources: list[str]) -> str:
+    """Merge the runs of several results files (same data) and render one markdown report.
+
+    A source is `results.json` (every step in it) or `results.json:stage,duckdb` (only those steps,
+    e.g. to leave out runs made with an older version of the code).
+    """
+    merged: dict = {}
+    first_args = None
+    for source in sources:
+        path, _, only = str(source).partition(":")
+        meta = json.loads(Path(path).read_text())
+        first_args = first_args or meta["args"]
+        wanted = set(only.split(",")) if only else None
+        for size, steps in meta["results"].items():
+            for step, s in steps.items():
+                if wanted is not None and step not in wanted:
+                    continue
+                slot = merged.setdefault(size, {}).setdefault(step, {"details": [], "rows": s.get("rows")})
+                slot["details"] += s.get("details", [])
+    results = {}
+    for size, steps in merged.items():
+        results[size] = {}
+        for step in STEPS:
+            if step not in steps:
+                continue
+            s = steps[step]
+            results[size][step] = summarise(s["details"]) if s["details"] else {"runs": 0, "ok": 0, "rows": s["rows"]}
+            if step == "generate":
+                results[size][step]["rows"] = s["details"][-1]["rows"] if s["details"] else s["rows"]
+    return markdown(results, first_args["months"], first_args["seed"], first_args["as_of"])
 
 
 def run_bench(args) -> None:
@@ -251,7 +333,7 @@ def run_bench(args) -> None:
             steps[step] = summarise(runs) | {"details": runs}
             if step == "generate" and runs[-1].get("rows"):
                 steps[step]["rows"] = runs[-1]["rows"]
-    md = markdown(results, args)
+    md = markdown(results, args.months, args.seed, args.as_of)
     print("\n" + md)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     meta = {"argv": sys.argv, "args": {k: str(v) for k, v in vars(args).items()}, "results": results, "markdown": md}
@@ -345,9 +427,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="runs of stage / duckdb / pandas per size (generate runs once)")
     p.add_argument("--timeout", type=float, default=1200, help="kill a step after this many seconds")
     p.add_argument("--mem-cap-gb", type=float, default=20, help="kill a step whose resident memory exceeds this")
+    p.add_argument("--wait-idle", type=float, default=0, metavar="PCT",
+                   help="before each step, wait until the machine's CPUs are at most PCT%% busy (shared machine); 0: do not wait")
+    p.add_argument("--wait-idle-max", type=float, default=600, help="give up waiting for an idle machine after this many seconds")
     p.add_argument("--reuse-raw", action="store_true", help="do not regenerate raw data that already exists (generate is then not timed)")
     p.add_argument("--skip", nargs="*", default=[], choices=["stage", "duckdb", "pandas"], help="steps not to run (their inputs must exist)")
     p.add_argument("--json", type=Path, help="where to write the results (default: WORKDIR/results-<time>.json)")
+    p.add_argument("--render", nargs="+", metavar="RESULTS_JSON[:STEP,...]",
+                   help="print the markdown report for these results files, pooling runs of the same step "
+                        "(FILE:stage,duckdb takes only those steps from FILE)")
     p.add_argument("--check", action="store_true", help="assert pandas == DuckDB feature by feature instead of timing")
     p.add_argument("--check-size", type=int, default=20_000)
     p.add_argument("--check-as-of", nargs="*", help="as_of dates to compare (default: --as-of)")
@@ -367,6 +455,8 @@ def main(argv: list[str]) -> None:
     args.workdir = args.workdir.resolve()
     if getattr(args, "internal", False):
         run_step_in_child(args)
+    elif args.render:
+        print(render(args.render))
     elif args.check:
         run_check(args)
     else:

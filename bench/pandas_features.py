@@ -10,12 +10,13 @@ Semantics follow features/customer_features.py exactly, including its quirks:
 * windows are (as_of - N months, as_of], i.e. timestamps >= as_of - N months + 1 day and
   < as_of + 1 day, with calendar-month arithmetic clamped to month end (as DuckDB intervals);
 * balances are read at `snap` = as_of if it is a month end, else the previous month end, over
-  month ends in (snap - 12 months, snap]; the 3-month balance window is `month_end > snap - 3
-  months` (clamped date arithmetic, see RESULTS.md);
+  month ends in (snap - 12 months, snap]; the 3-month balance window is month ends after
+  last_day(snap - 3 months);
 * a loan is open at as_of if open_date <= as_of and (close_date is null or close_date > as_of),
   outstanding from the annuity schedule with date_diff('month') = calendar-month difference;
-* `sum(...) FILTER (...)` over no rows is NULL (NaN here), count is 0; features with a `fill`
-  are coalesced after the per-source blocks are joined, derived features use the filled values.
+* `sum(...) FILTER (...)` over no rows is NULL (NaN here), count is 0; a share is
+  coalesce(numerator, 0) / nullif(denominator, 0); features with a `fill` are coalesced after the
+  per-source blocks are joined, derived features use the filled values.
 
 Run as a script to build one snapshot: `python bench/pandas_features.py STAGED_DIR AS_OF OUT.parquet`.
 """
@@ -51,6 +52,11 @@ def _last_day(ts: pd.Timestamp) -> pd.Timestamp:
 
 def _nullif0(s: pd.Series) -> pd.Series:
     return s.where(s != 0)
+
+
+def _share(num: pd.Series, den: pd.Series) -> pd.Series:
+    """`coalesce(num, 0) / nullif(den, 0)`: 0 when nothing matched the numerator, NULL without a denominator."""
+    return num.fillna(0) / _nullif0(den)
 
 
 def _read(staged_dir: Path, table: str, columns: list[str], filters=None) -> pd.DataFrame:
@@ -107,19 +113,19 @@ def balances_block(staged_dir: Path, ids: pd.Index, as_of: pd.Timestamp, snap: p
     l_aum = latest["aum"].reindex(out.index)
     a_aum = ago["aum"].reindex(out.index)
     out["aum_total"] = l_aum
-    out["aum_avg_3m"] = m[m["month_end"] > _months_back(snap, 3)].groupby("cid")["aum"].sum() / 3
+    out["aum_avg_3m"] = m[m["month_end"] > _last_day(_months_back(snap, 3))].groupby("cid")["aum"].sum() / 3
     out["aum_avg_12m"] = by["aum"].sum() / 12
     out["aum_growth_3m"] = l_aum / _nullif0(a_aum) - 1
     for p in NON_CARD:
-        out[f"share_{p}"] = latest[f"p_{p}"].reindex(out.index) / _nullif0(l_aum)
+        out[f"share_{p}"] = _share(latest[f"p_{p}"].reindex(out.index), l_aum)
     invest = latest[f"p_{INVESTMENT_PRODUCTS[0]}"].copy()
     for p in INVESTMENT_PRODUCTS[1:]:
         invest = invest + latest[f"p_{p}"]
-    out["investment_share"] = invest.reindex(out.index) / _nullif0(l_aum)
+    out["investment_share"] = _share(invest.reindex(out.index), l_aum)
     l_risky = (latest["p_mutual_fund"] + latest["p_equity"]).reindex(out.index)
     a_risky = (ago["p_mutual_fund"] + ago["p_equity"]).reindex(out.index)
-    out["risky_share"] = l_risky / _nullif0(l_aum)
-    out["risky_share_change_3m"] = l_risky / _nullif0(l_aum) - a_risky / _nullif0(a_aum)
+    out["risky_share"] = _share(l_risky, l_aum)
+    out["risky_share_change_3m"] = _share(l_risky, l_aum) - _share(a_risky, a_aum)
     out["n_products_held"] = latest["n_products"].reindex(out.index)
     out["months_with_balance_12m"] = (m["aum"] > 0).groupby(m["cid"]).sum()
     out["credit_card_balance"] = latest["p_credit_card"].reindex(out.index)
@@ -176,7 +182,7 @@ def transactions_block(staged_dir: Path, ids: pd.Index, as_of: pd.Timestamp) -> 
     for w in ("1m", "3m", "12m"):
         out[f"spend_{w}"] = tsum(w, SPEND_CATEGORIES, "debit")
     for c in SHARE_CATEGORIES:
-        out[f"spend_share_{c}_12m"] = tsum("12m", (c,)) / _nullif0(out["spend_12m"])
+        out[f"spend_share_{c}_12m"] = _share(tsum("12m", (c,)), out["spend_12m"])
     for c in ("childcare", "education", "medical", "travel"):
         out[f"spend_{c}_3m"] = tsum("3m", (c,))
     out["has_mortgage_payment_3m"] = (tcount("3m", ("mortgage_payment",)) > 0).astype(np.int32)
@@ -186,13 +192,13 @@ def transactions_block(staged_dir: Path, ids: pd.Index, as_of: pd.Timestamp) -> 
     out["days_since_last_txn"] = (as_of - last_day).dt.days
     months = pd.DataFrame({"cid": t["cid"].to_numpy(), "m": t["txn_ts"].to_numpy().astype("datetime64[M]")})
     out["active_months_12m"] = months.drop_duplicates().groupby("cid").size()
-    out["digital_txn_share_3m"] = ccount("3m", ("mobile", "online")) / _nullif0(out["txn_count_3m"])
-    out["branch_txn_share_12m"] = ccount("12m", ("branch", "atm")) / _nullif0(out["txn_count_12m"])
+    out["digital_txn_share_3m"] = _share(ccount("3m", ("mobile", "online")), out["txn_count_3m"])
+    out["branch_txn_share_12m"] = _share(ccount("12m", ("branch", "atm")), out["txn_count_12m"])
     out["invest_buy_count_3m"] = tcount("3m", ("investment_buy",))
     out["invest_sell_count_3m"] = tcount("3m", ("investment_sell",))
     out["invest_trade_count_12m"] = tcount("12m", ("investment_buy", "investment_sell"))
     out["invest_buy_amount_3m"] = tsum("3m", ("investment_buy",))
-    out["invest_sell_ratio_3m"] = tsum("3m", ("investment_sell",)) / _nullif0(tsum("3m", ("investment_buy", "investment_sell")))
+    out["invest_sell_ratio_3m"] = _share(tsum("3m", ("investment_sell",)), tsum("3m", ("investment_buy", "investment_sell")))
     return out
 
 
