@@ -104,8 +104,11 @@ def step_naive(work: Path, size: int, threads: int) -> dict:
     for tag in load_catalog().model_tags:
         model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(tag.name)}@champion")
         features = pd.read_parquet(work / f"n{size}" / "features.parquet")
-        names = [c.name for c in model.metadata.get_input_schema().inputs]
-        predictions = model.predict(features[names])
+        schema = model.metadata.get_input_schema().inputs
+        names = [c.name for c in schema]
+        # the signature wants doubles; integer counts must be cast, as any pyfunc user has to
+        X = features[names].astype({c.name: "float64" for c in schema if c.type.name == "double"})
+        predictions = model.predict(X)
         rows += len(predictions)
         del features, predictions
     return {"seconds": time.perf_counter() - started, "rows": rows}

@@ -293,3 +293,14 @@ def test_wide_table_without_its_id_column_is_a_named_error(tmp_path):
     tag = load_catalog_from({"tags": [entry]}, tmp_path).tags[0]
     with pytest.raises(TrainingDataError, match="has no id column 'customer_id'"):
         build_training_set(make_connection(tmp_path), tmp_path, tag, date(2027, 1, 1), tmp_path / "sets")
+
+
+def test_logged_signature_accepts_missing_values_and_integer_counts_as_doubles(first_model, risk_data):
+    model = mlflow.pyfunc.load_model(f"models:/{registered_model_name('risk_appetite')}/{first_model['result'].version}")
+    schema = model.metadata.get_input_schema()
+    assert all(not c.required for c in schema.inputs)
+    assert {c.name for c in schema.inputs if c.type.name == "string"} == set(risk_data.categorical)
+    X, _ = risk_data.part("test")
+    X = X.head(20).copy()
+    X.loc[X.index[0], [c.name for c in schema.inputs if c.type.name == "double"]] = np.nan  # a customer with no history
+    assert np.asarray(model.predict(X)).shape == (20, 5)

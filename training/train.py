@@ -13,7 +13,8 @@ import mlflow
 import numpy as np
 import optuna
 import pandas as pd
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema, TensorSpec
 from mlflow.tracking import MlflowClient
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
@@ -175,7 +176,7 @@ def train_tag(
             mlflow.log_artifacts(tmp, artifact_path="evaluation")
 
         example = X_test.head(5)  # features only: no customer ids or PII reach MLflow
-        signature = infer_signature(example, model.predict_proba(example))
+        signature = model_signature(data, n_classes)
         logged = mlflow.sklearn.log_model(
             model,
             name="model",
@@ -189,6 +190,14 @@ def train_tag(
         timings["logging"] = time.perf_counter() - started
         mlflow.log_metrics({f"seconds_{k}": v for k, v in timings.items()})
     return TrainResult(tag.name, parent.info.run_id, logged.model_uri, version, metrics, baseline_metrics, best_params, slice_values, timings)
+
+
+def model_signature(data: TrainingSet, n_classes: int) -> ModelSignature:
+    """Every feature optional (missing values are normal in bank data) and typed as in training:
+    text for categorical, double for numeric. Inferring it from a few example rows would mark columns
+    required and reject tomorrow's nulls."""
+    inputs = Schema([ColSpec("string" if n in data.categorical else "double", n, required=False) for n in data.feature_names])
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("float64"), (-1, n_classes))]))
 
 
 def _register(client: MlflowClient, tag: TagSpec, model_uri: str, run_id: str, data: TrainingSet, metrics: dict[str, float]) -> str:
