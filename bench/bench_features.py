@@ -262,7 +262,7 @@ def markdown(results: dict, months, seed, as_of) -> str:
             line = (f"- From raw (stage + DuckDB features): **{st['wall_median_s'] + d['wall_median_s']:.1f} s** (medians of all runs)")
             if st["quiet_median_s"] and d["quiet_median_s"]:
                 line += f", **{st['quiet_median_s'] + d['quiet_median_s']:.1f} s** (quiet runs)"
-            out.append(line + f"; peak RSS {max(st['peak_mb'], d['peak_mb']) / 1024:.2f} GB (staging).")
+            out.append(line + f"; peak RSS of the two steps {max(st['peak_mb'], d['peak_mb']) / 1024:.2f} GB.")
         if d and p and d.get("ok") and p.get("ok"):
             line = f"- pandas / DuckDB feature build: **{p['wall_median_s'] / d['wall_median_s']:.1f}× wall time** (medians of all runs)"
             if d["quiet_median_s"] and p["quiet_median_s"]:
