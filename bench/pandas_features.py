@@ -182,9 +182,9 @@ def transactions_block(staged_dir: Path, ids: pd.Index, as_of: pd.Timestamp) -> 
     for w in ("1m", "3m", "12m"):
         out[f"spend_{w}"] = tsum(w, SPEND_CATEGORIES, "debit")
     for c in SHARE_CATEGORIES:
-        out[f"spend_share_{c}_12m"] = _share(tsum("12m", (c,)), out["spend_12m"])
+        out[f"spend_share_{c}_12m"] = _share(tsum("12m", (c,), "debit"), out["spend_12m"])
     for c in ("childcare", "education", "medical", "travel"):
-        out[f"spend_{c}_3m"] = tsum("3m", (c,))
+        out[f"spend_{c}_3m"] = tsum("3m", (c,), "debit")
     out["has_mortgage_payment_3m"] = (tcount("3m", ("mortgage_payment",)) > 0).astype(np.int32)
     for w in ("1m", "3m", "12m"):
         out[f"txn_count_{w}"] = tcount(w)

@@ -57,7 +57,8 @@ _INVEST = "(" + " + ".join(f"p_{p}" for p in INVESTMENT_PRODUCTS) + ")"
 
 
 def _cat_sum(category: str, window: str) -> str:
-    return f"sum(amount) FILTER (WHERE {window} AND category = {sql_literal(category)})"
+    # debits only: a refund booked as a credit in a spending category is not spending
+    return f"sum(amount) FILTER (WHERE {window} AND direction = 'debit' AND category = {sql_literal(category)})"
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -113,7 +114,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature("txn_count_3m", "transactions", "count(*) FILTER (WHERE w3)", "Transactions over 3 months.", "3m", group="activity", fill=0),
     Feature("txn_count_12m", "transactions", "count(*)", "Transactions over 12 months.", "12m", group="activity", fill=0),
     Feature("days_since_last_txn", "transactions", "date_diff('day', max(txn_ts)::DATE, any_value(as_of))", "Days since the last transaction (empty if none in 12 months).", "12m", group="activity"),
-    Feature("active_months_12m", "transactions", "count(DISTINCT date_trunc('month', txn_ts))", "Months with at least one transaction in 12 months.", "12m", group="activity", fill=0),
+    # a bitmask of calendar months (unique within any 13-month window): count(DISTINCT ...) made
+    # DuckDB copy the whole joined transaction set first
+    Feature("active_months_12m", "transactions", "bit_count(bit_or(1::UBIGINT << ((year(txn_ts) * 12 + month(txn_ts)) % 64)::UBIGINT))", "Months with at least one transaction in 12 months.", "12m", group="activity", fill=0),
     Feature("digital_txn_share_3m", "transactions", _share("count(*) FILTER (WHERE w3 AND channel IN ('mobile', 'online'))", "count(*) FILTER (WHERE w3)"), "Share of transactions in mobile/online channels over 3 months.", "3m", group="digital"),
     Feature("branch_txn_share_12m", "transactions", _share("count(*) FILTER (WHERE channel IN ('branch', 'atm'))", "count(*)"), "Share of transactions at branches and ATMs over 12 months.", "12m", group="activity"),
     # ---- investment behaviour ----
