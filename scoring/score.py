@@ -138,7 +138,10 @@ def _model_batches(
 ) -> Iterator[pa.RecordBatch]:
     dataset = ds.dataset(path, format="parquet")
     numeric = [f for f in champion.features if f not in champion.categorical]
-    for batch in dataset.to_batches(columns=["customer_id", *champion.features], batch_size=batch_rows):
+    # no read-ahead: pyarrow's default buffers up to 16 batches, which made memory grow with the file
+    for batch in dataset.to_batches(
+        columns=["customer_id", *champion.features], batch_size=batch_rows, batch_readahead=0, fragment_readahead=0
+    ):
         frame = batch.to_pandas()
         X = frame[list(champion.features)].copy()
         X[numeric] = X[numeric].astype("float64")
