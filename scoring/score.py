@@ -20,7 +20,6 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -136,12 +135,10 @@ def _model_batches(
     path: Path, tag: TagSpec, champion: Champion, observed: pd.Series, explainer: ReasonExplainer | None,
     as_of: date, scored_at: datetime, batch_rows: int, top_reasons: int,
 ) -> Iterator[pa.RecordBatch]:
-    dataset = ds.dataset(path, format="parquet")
+    reader = pq.ParquetFile(path)
     numeric = [f for f in champion.features if f not in champion.categorical]
-    # no read-ahead: pyarrow's default buffers up to 16 batches, which made memory grow with the file
-    for batch in dataset.to_batches(
-        columns=["customer_id", *champion.features], batch_size=batch_rows, batch_readahead=0, fragment_readahead=0
-    ):
+    # row group by row group: a dataset scan reads ahead and its memory grew with the file
+    for batch in reader.iter_batches(batch_size=batch_rows, columns=["customer_id", *champion.features]):
         frame = batch.to_pandas()
         X = frame[list(champion.features)].copy()
         X[numeric] = X[numeric].astype("float64")
