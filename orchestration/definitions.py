@@ -3,12 +3,14 @@
 import dagster as dg
 
 from orchestration.feature_assets import build_customer_features_asset
-from orchestration.jobs import TRAIN_ALL_JOB, build_jobs, build_nightly_scoring_job
-from orchestration.schedules import build_schedules
+from orchestration.jobs import TRAIN_ALL_JOB, build_jobs, build_nightly_scoring_job, build_reevaluation_jobs
+from orchestration.monitoring_assets import build_tag_drift_asset
+from orchestration.schedules import build_refresh_schedules, build_schedules
+from orchestration.sensors import build_reevaluation_sensor
 from orchestration.scoring_assets import build_customer_tags_asset
 from orchestration.partitions import as_of_partitions
 from orchestration.raw_assets import RAW_ASSETS
-from orchestration.resources import MlflowResource, WarehouseResource
+from orchestration.resources import MlflowResource, MonitoringResource, WarehouseResource
 from orchestration.training_assets import build_all_training_assets
 from tagml.settings import Settings
 from training.catalog import load_catalog
@@ -20,19 +22,23 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     nightly = build_nightly_scoring_job(partitions)
     jobs = build_jobs(partitions, catalog)
     automation = build_schedules(settings, nightly, next(j for j in jobs if j.name == TRAIN_ALL_JOB))
+    reevaluation = build_reevaluation_jobs(partitions, catalog)
+    automation += [*build_refresh_schedules(settings, catalog), build_reevaluation_sensor(settings, catalog, reevaluation)]
     return dg.Definitions(
         assets=[
             *RAW_ASSETS,
             build_customer_features_asset(partitions),
             *build_all_training_assets(catalog),
             build_customer_tags_asset(partitions, catalog),
+            build_tag_drift_asset(partitions, catalog),
         ],
-        jobs=[*jobs, nightly],
+        jobs=[*jobs, nightly, *reevaluation],
         schedules=[a for a in automation if isinstance(a, dg.ScheduleDefinition)],
         sensors=[a for a in automation if isinstance(a, dg.SensorDefinition)],
         resources={
             "warehouse": WarehouseResource.from_settings(settings),
             "mlflow_store": MlflowResource.from_settings(settings),
+            "monitoring": MonitoringResource.from_settings(settings),
             "io_manager": dg.FilesystemIOManager(base_dir=str(settings.dagster_home / "storage")),
         },
     )

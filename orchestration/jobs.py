@@ -3,6 +3,7 @@
 import dagster as dg
 
 from orchestration.feature_assets import FEATURES_GROUP
+from orchestration.monitoring_assets import MONITORING_GROUP
 from orchestration.raw_assets import RAW_GROUP
 from orchestration.scoring_assets import SCORING_GROUP
 from orchestration.training_assets import TRAINING_GROUP, tag_model_key, training_set_key
@@ -18,12 +19,36 @@ def train_tag_job_name(tag: str) -> str:
     return f"train_{tag}_job"
 
 
+def reevaluate_job_name(tag: str) -> str:
+    return f"reevaluate_{tag}_job"
+
+
+def reevaluation_run_config(tag: str, as_of: str) -> dict:
+    """Train on the labels known on the drifted partition's date; the gate then compares on that data."""
+    config = {"config": {"train_as_of": as_of}}
+    return {"ops": {training_set_key(tag).to_python_identifier(): config, tag_model_key(tag).to_python_identifier(): config}}
+
+
+def build_reevaluation_jobs(partitions_def: dg.PartitionsDefinition, catalog: Catalog) -> list:
+    """Per model tag: retrain -> promotion gate -> re-score the partition (training assets are unpartitioned)."""
+    return [
+        dg.define_asset_job(
+            reevaluate_job_name(tag.name),
+            selection=dg.AssetSelection.assets(training_set_key(tag.name), tag_model_key(tag.name), "customer_tags"),
+            partitions_def=partitions_def,
+            description=f"Re-evaluate {tag.name} for one as_of: retrain on the labels known then, gate the challenger, re-score the partition.",
+            executor_def=dg.in_process_executor,
+        )
+        for tag in catalog.model_tags
+    ]
+
+
 def build_nightly_scoring_job(partitions_def: dg.PartitionsDefinition):
     return dg.define_asset_job(
         NIGHTLY_SCORING_JOB,
-        selection=dg.AssetSelection.groups(RAW_GROUP, FEATURES_GROUP, SCORING_GROUP),
+        selection=dg.AssetSelection.groups(RAW_GROUP, FEATURES_GROUP, SCORING_GROUP, MONITORING_GROUP),
         partitions_def=partitions_def,
-        description="Ingest raw data, build the as_of's features and score every customer's tags.",
+        description="Ingest raw data, build the as_of's features, score every customer's tags and measure each model tag's drift.",
         executor_def=dg.in_process_executor,
     )
 

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import Field
 
 from features.warehouse import connect, features_path, publish_views, staged_dir_of
+from monitoring.drift import DriftLocations
 from tagml.settings import Settings
 from training.tracking import connect_tracking
 
@@ -70,3 +71,18 @@ class MlflowResource(dg.ConfigurableResource):
 
     def client(self) -> MlflowClient:
         return connect_tracking(self.tracking_uri)
+
+
+class MonitoringResource(dg.ConfigurableResource):
+    """Where drift results and Evidently reports go, and how large the report's sample is."""
+
+    drift_dir: str = Field(description="Directory of the drift history (Parquet partitions) and cached references.")
+    reports_dir: str = Field(description="Evidently HTML reports, one per tag and as_of: <reports_dir>/<tag>/<as_of>.html.")
+    sample_rows: int = Field(default=5000, description="Rows per side in the Evidently report; PSI always uses every customer.")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "MonitoringResource":
+        return cls(drift_dir=str(settings.drift_dir), reports_dir=str(settings.reports_dir), sample_rows=settings.drift_sample_rows)
+
+    def locations(self, warehouse: WarehouseResource) -> DriftLocations:
+        return DriftLocations(Path(warehouse.warehouse_dir), warehouse.tag_store_dir, Path(self.drift_dir), Path(self.reports_dir))

@@ -5,8 +5,9 @@ from zoneinfo import ZoneInfo
 
 import dagster as dg
 
-from orchestration.jobs import NIGHTLY_SCORING_JOB, TRAIN_ALL_JOB
+from orchestration.jobs import NIGHTLY_SCORING_JOB, TRAIN_ALL_JOB, reevaluate_job_name, reevaluation_run_config
 from tagml.settings import Settings
+from training.catalog import Catalog
 
 
 def build_schedules(settings: Settings, nightly_job, train_all_job) -> list:
@@ -49,3 +50,36 @@ def build_schedules(settings: Settings, nightly_job, train_all_job) -> list:
         return dg.RunRequest(run_key=f"rescore-{context.dagster_run.run_id}", partition_key=as_of)
 
     return [nightly_scoring_schedule, weekly_retraining_schedule, rescore_after_training_sensor]
+
+
+# When each cadence of the catalog's `refresh` re-evaluates a tag (at settings.refresh_time).
+REFRESH_DAYS = {"daily": "* * *", "weekly": "* * 1", "monthly": "1 * *", "quarterly": "1 1,4,7,10 *"}
+
+
+def refresh_schedule_name(tag: str) -> str:
+    return f"refresh_{tag}_schedule"
+
+
+def build_refresh_schedules(settings: Settings, catalog: Catalog) -> list[dg.ScheduleDefinition]:
+    """One schedule per model tag, from its refresh cadence: re-evaluate (retrain -> gate -> re-score) yesterday."""
+    zone = ZoneInfo(settings.timezone)
+    hour, minute = (int(part) for part in settings.refresh_time.split(":"))
+
+    def build(tag: str, cadence: str) -> dg.ScheduleDefinition:
+        @dg.schedule(
+            name=refresh_schedule_name(tag),
+            job_name=reevaluate_job_name(tag),
+            cron_schedule=f"{minute} {hour} {REFRESH_DAYS[cadence]}",
+            execution_timezone=settings.timezone,
+            description=f"{tag} refresh ({cadence}, from the catalog): retrain on the labels known yesterday, gate, re-score yesterday.",
+        )
+        def refresh(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+            as_of = (context.scheduled_execution_time.astimezone(zone).date() - timedelta(days=1)).isoformat()
+            return dg.RunRequest(
+                run_key=f"refresh-{tag}-{as_of}", partition_key=as_of,
+                run_config=reevaluation_run_config(tag, as_of), tags={"tagml/trigger": "refresh", "tagml/tag": tag},
+            )
+
+        return refresh
+
+    return [build(tag.name, tag.refresh) for tag in catalog.model_tags]

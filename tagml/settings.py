@@ -26,12 +26,16 @@ class Settings:
     mlflow_artifact_dir: Path
     reports_dir: Path
     catalog_path: Path
+    drift_dir: Path
     threads: int = 2
     duckdb_memory_limit: str = "4GB"
     partitions_start: str = "2024-01-01"
     timezone: str = "Asia/Shanghai"
     scoring_cron: str = "0 2 * * *"
     retrain_cron: str = "0 3 * * 0"
+    drift_sample_rows: int = 5000
+    reevaluation_cooldown_days: int = 7
+    refresh_time: str = "04:30"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -57,12 +61,16 @@ class Settings:
             mlflow_artifact_dir=artifact_dir,
             reports_dir=path("TAGML_REPORTS_DIR", home / "reports"),
             catalog_path=path("TAGML_CATALOG", DEFAULT_CATALOG),
+            drift_dir=path("TAGML_DRIFT_DIR", warehouse_dir / "drift"),
             threads=int(env.get("TAGML_THREADS", "2")),
             duckdb_memory_limit=env.get("TAGML_DUCKDB_MEMORY_LIMIT", "4GB"),
             partitions_start=env.get("TAGML_PARTITIONS_START", "2024-01-01"),
             timezone=env.get("TAGML_TIMEZONE", "Asia/Shanghai"),
             scoring_cron=env.get("TAGML_SCORING_CRON", "0 2 * * *"),
             retrain_cron=env.get("TAGML_RETRAIN_CRON", "0 3 * * 0"),
+            drift_sample_rows=int(env.get("TAGML_DRIFT_SAMPLE_ROWS", "5000")),
+            reevaluation_cooldown_days=int(env.get("TAGML_REEVALUATION_COOLDOWN_DAYS", "7")),
+            refresh_time=env.get("TAGML_REFRESH_TIME", "04:30"),
         )
 
     def ensure_dirs(self) -> None:

@@ -81,3 +81,33 @@ def test_rescore_sensor_requests_one_scoring_run_per_training_run(tmp_path):
         requests.append(sensor(context))
     assert requests[0].run_key == requests[1].run_key == f"rescore-{run.run_id}"
     assert requests[0].partition_key is not None
+
+
+def test_drift_monitoring_is_generated_from_the_catalog(tmp_path):
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from orchestration.jobs import reevaluation_run_config
+    from training.catalog import load_catalog
+
+    env = {"TAGML_HOME": str(tmp_path), "TAGML_REFRESH_TIME": "05:15", "TAGML_REEVALUATION_COOLDOWN_DAYS": "3"}
+    settings = Settings.from_env(env)
+    assert settings.drift_dir == tmp_path / "warehouse" / "drift" and settings.reevaluation_cooldown_days == 3
+    loaded = build_definitions(settings)
+    model_tags = [t for t in load_catalog().model_tags]
+    graph = loaded.resolve_asset_graph()
+    checks = {k.name for k in graph.asset_check_keys if k.asset_key.to_user_string() == "tag_drift"}
+    assert checks == {f"{t.name}_drift" for t in model_tags}
+    nightly = loaded.resolve_job_def("nightly_scoring_job")
+    assert dg.AssetKey("tag_drift") in nightly.asset_layer.executable_asset_keys
+    sensor = loaded.resolve_sensor_def("reevaluate_on_drift_sensor")
+    assert {j.name for j in sensor.jobs} == {f"reevaluate_{t.name}_job" for t in model_tags}
+    crons = {"daily": "15 5 * * *", "weekly": "15 5 * * 1", "monthly": "15 5 1 * *", "quarterly": "15 5 1 1,4,7,10 *"}
+    for tag in model_tags:
+        schedule = loaded.resolve_schedule_def(f"refresh_{tag.name}_schedule")
+        assert schedule.cron_schedule == crons[tag.refresh] and schedule.job_name == f"reevaluate_{tag.name}_job"
+    moment = datetime(2026, 11, 30, 5, 15, tzinfo=ZoneInfo("Asia/Shanghai"))
+    context = dg.build_schedule_context(scheduled_execution_time=moment, repository_def=loaded.get_repository_def())
+    [request] = loaded.resolve_schedule_def("refresh_risk_appetite_schedule").evaluate_tick(context).run_requests
+    assert (request.run_key, request.partition_key) == ("refresh-risk_appetite-2026-11-29", "2026-11-29")
+    assert request.run_config == reevaluation_run_config("risk_appetite", "2026-11-29")

@@ -102,9 +102,14 @@ class PromotionSpec(_Strict):
 
 
 class DriftSpec(_Strict):
-    drifted_feature_share: float = Field(0.3, gt=0, le=1)
-    prediction_psi: float = Field(0.2, gt=0)
-    performance_drop: float = Field(0.05, ge=0)
+    """When a tag counts as drifted (monitoring/drift.py); any one of the three re-evaluates it."""
+
+    drifted_feature_share: float = Field(0.3, gt=0, le=1, description="share of the tag's features whose PSI exceeds feature_psi")
+    prediction_psi: float = Field(0.2, gt=0, description="PSI of the inferred class distribution against the reference")
+    performance_drop: float = Field(0.05, ge=0, description="realised promotion metric below the version's test metric by more than this")
+    feature_psi: float = Field(0.2, gt=0, description="a feature whose PSI exceeds this counts as drifted (0.1-0.25 is the conventional 'moderate' band)")
+    label_delay_days: int = Field(0, ge=0, description="labels that arrive this many days after the observation date: realised performance is measured on the partition this far back (0 = not monitored)")
+    critical_features: tuple[str, ...] = Field((), description="features whose drift alone (PSI > feature_psi) re-evaluates the tag, whatever the share")
 
 
 class RuleBand(_Strict):
@@ -152,6 +157,10 @@ class TagSpec(_Strict):
                 raise ValueError(f"features.include_groups: unknown groups {sorted(bad_groups)}; known: {list(FEATURE_GROUPS)}")
             if self.label.feature_source == "customer_features" and not self.features.resolve():
                 raise ValueError("features: the selection is empty")
+            # a critical feature the model does not use is simply not monitored; an unknown name is a typo
+            critical = set(self.drift.critical_features) - set(FEATURE_NAMES)
+            if critical and self.label.feature_source == "customer_features":
+                raise ValueError(f"drift.critical_features: unknown feature names {sorted(critical)}")
         else:
             if self.rule is None:
                 raise ValueError("a rule tag needs a 'rule' section")

@@ -1,0 +1,141 @@
+"""The drift history: three Parquet tables partitioned by as_of, queried with DuckDB.
+
+    <drift_dir>/drift_summary/as_of=YYYY-MM-DD/data.parquet      one row per tag: the decision and its numbers
+    <drift_dir>/drift_features/as_of=YYYY-MM-DD/data.parquet     one row per tag, slice and feature: PSI and flag
+    <drift_dir>/drift_predictions/as_of=YYYY-MM-DD/data.parquet  one row per tag, slice and class: shares, PSI
+
+Each file is replaced atomically; the summary is written last, so a reader that finds a tag in the
+summary finds its details too. Re-running a partition for some tags keeps the other tags' rows.
+"""
+
+from datetime import date, datetime
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from features.warehouse import quote, sql_literal, write_parquet_atomically
+
+SUMMARY, FEATURES, PREDICTIONS = "drift_summary", "drift_features", "drift_predictions"
+TABLES = (FEATURES, PREDICTIONS, SUMMARY)  # write order: the summary last
+PARTITION_FILE = "data.parquet"
+
+# Explicit column types: a column that is all NULL in one partition (no realised performance yet,
+# no report) must still union with the others.
+SCHEMAS: dict[str, dict[str, str]] = {
+    SUMMARY: {
+        "as_of": "DATE", "tag": "VARCHAR", "model_version": "VARCHAR", "producer": "VARCHAR",
+        "reference_as_of": "DATE", "reference_snapshot": "VARCHAR", "reference_population": "VARCHAR",
+        "reference_rows": "BIGINT", "current_rows": "BIGINT",
+        "n_features": "INTEGER", "drifted_features": "VARCHAR[]", "drifted_feature_share": "DOUBLE",
+        "feature_psi_threshold": "DOUBLE", "drifted_feature_share_threshold": "DOUBLE",
+        "critical_features_drifted": "VARCHAR[]", "feature_drift": "BOOLEAN",
+        "prediction_psi": "DOUBLE", "prediction_psi_threshold": "DOUBLE", "prediction_drift": "BOOLEAN",
+        "probability_psi": "DOUBLE", "max_slice_prediction_psi": "DOUBLE", "max_slice": "VARCHAR",
+        "performance_status": "VARCHAR", "performance_metric": "VARCHAR", "performance_partition": "DATE",
+        "performance_labels": "BIGINT", "performance_version": "VARCHAR", "realised_metric": "DOUBLE",
+        "expected_metric": "DOUBLE", "performance_drop": "DOUBLE", "performance_drop_threshold": "DOUBLE",
+        "performance_drift": "BOOLEAN", "performance_note": "VARCHAR",
+        "training_gap_share": "DOUBLE", "drifted": "BOOLEAN", "reasons": "VARCHAR[]",
+        "report_path": "VARCHAR", "report_sample_rows": "INTEGER", "evidently_drifted_share": "DOUBLE",
+        "evidently_drifted_columns": "INTEGER", "computed_at": "TIMESTAMPTZ", "seconds": "DOUBLE",
+    },
+    FEATURES: {
+        "as_of": "DATE", "tag": "VARCHAR", "model_version": "VARCHAR", "slice_column": "VARCHAR", "slice": "VARCHAR",
+        "feature": "VARCHAR", "kind": "VARCHAR", "psi": "DOUBLE", "threshold": "DOUBLE", "drifted": "BOOLEAN",
+        "reference_rows": "BIGINT", "current_rows": "BIGINT", "bins": "INTEGER",
+        "reference_missing_share": "DOUBLE", "current_missing_share": "DOUBLE",
+        "evidently_method": "VARCHAR", "evidently_value": "DOUBLE", "evidently_drifted": "BOOLEAN",
+    },
+    PREDICTIONS: {
+        "as_of": "DATE", "tag": "VARCHAR", "model_version": "VARCHAR", "slice_column": "VARCHAR", "slice": "VARCHAR",
+        "class": "VARCHAR", "reference_count": "BIGINT", "current_count": "BIGINT", "reference_share": "DOUBLE",
+        "current_share": "DOUBLE", "slice_psi": "DOUBLE", "reference_mean_probability": "DOUBLE",
+        "current_mean_probability": "DOUBLE", "probability_psi": "DOUBLE",
+    },
+}
+
+
+class DriftHistoryError(LookupError):
+    """The requested drift partition or tag is not in the history."""
+
+
+class DriftHistory:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, table: str, as_of: date) -> Path:
+        return self.root / table / f"as_of={as_of.isoformat()}" / PARTITION_FILE
+
+    def partitions(self) -> list[date]:
+        found = [p.parent.name.removeprefix("as_of=") for p in (self.root / SUMMARY).glob(f"as_of=*/{PARTITION_FILE}")]
+        return sorted(date.fromisoformat(d) for d in found)
+
+    def write(self, con: duckdb.DuckDBPyConnection, as_of: date, frames: dict[str, pd.DataFrame]) -> dict[str, Path]:
+        """Replace the partition's rows of the tags in `frames` (other tags' rows are kept)."""
+        written = {}
+        tags = sorted(set(frames[SUMMARY]["tag"]))
+        for table in TABLES:
+            target = self.path(table, as_of)
+            frame = frames[table].copy()
+            schema = SCHEMAS[table]
+            for column in schema:
+                if column not in frame:
+                    frame[column] = None
+            con.register("_drift_new", frame)
+            try:
+                sql = "SELECT " + ", ".join(f"{quote(c)}::{t} AS {quote(c)}" for c, t in schema.items()) + " FROM _drift_new"
+                if target.exists():
+                    keep = f"SELECT * FROM read_parquet({sql_literal(target)}) WHERE tag NOT IN ({', '.join(sql_literal(t) for t in tags)})"
+                    sql = f"{keep} UNION ALL BY NAME {sql}"
+                write_parquet_atomically(con, f"SELECT * FROM ({sql}) ORDER BY tag", target)
+            finally:
+                con.unregister("_drift_new")
+            written[table] = target
+        return written
+
+    def _read(self, table: str, as_of: date | None) -> str:
+        if as_of is None:
+            if not self.partitions():
+                raise DriftHistoryError(f"no drift results in {self.root} yet; materialize tag_drift (or run `tagml demo`) first")
+            return f"read_parquet({sql_literal(str(self.root / table / 'as_of=*' / PARTITION_FILE))}, union_by_name = true, hive_partitioning = false)"
+        path = self.path(table, as_of)
+        if not path.exists():
+            have = [d.isoformat() for d in self.partitions()][-5:]
+            raise DriftHistoryError(f"no drift results for as_of {as_of} (have: {have})")
+        return f"read_parquet({sql_literal(path)})"
+
+    def latest(self) -> date:
+        partitions = self.partitions()
+        if not partitions:
+            raise DriftHistoryError(f"no drift results in {self.root} yet; materialize tag_drift (or run `tagml demo`) first")
+        return partitions[-1]
+
+    def summary(self, con: duckdb.DuckDBPyConnection, as_of: date | None = None, tag: str | None = None) -> pd.DataFrame:
+        """Summary rows (all partitions when as_of is None), oldest first."""
+        where = "WHERE tag = ?" if tag else ""
+        frame = con.execute(f"SELECT * FROM {self._read(SUMMARY, as_of)} {where} ORDER BY as_of, tag", [tag] if tag else []).df()
+        if tag and frame.empty:
+            raise DriftHistoryError(f"no drift results for tag {tag!r}" + (f" on {as_of}" if as_of else ""))
+        return frame
+
+    def features(self, con: duckdb.DuckDBPyConnection, as_of: date, tag: str, slice_column: str = "(all)") -> pd.DataFrame:
+        """Per-feature PSI of one tag and partition, most drifted first."""
+        return con.execute(
+            f"SELECT * FROM {self._read(FEATURES, as_of)} WHERE tag = ? AND slice_column = ? ORDER BY psi DESC, feature",
+            [tag, slice_column],
+        ).df()
+
+    def predictions(self, con: duckdb.DuckDBPyConnection, as_of: date, tag: str) -> pd.DataFrame:
+        return con.execute(
+            f"SELECT * FROM {self._read(PREDICTIONS, as_of)} WHERE tag = ? ORDER BY slice_column, slice, class", [tag]
+        ).df()
+
+    def events_since(self, con: duckdb.DuckDBPyConnection, computed_after: datetime | None) -> pd.DataFrame:
+        """Summary rows computed after a moment (all when None): what a sensor has not seen yet."""
+        if not self.partitions():
+            return pd.DataFrame(columns=["as_of", "tag", "drifted", "reasons", "computed_at"])
+        where = f"WHERE computed_at > TIMESTAMPTZ {sql_literal(computed_after.isoformat())}" if computed_after else ""
+        return con.execute(
+            f"SELECT as_of, tag, drifted, reasons, computed_at FROM {self._read(SUMMARY, None)} {where} ORDER BY computed_at, as_of, tag"
+        ).df()

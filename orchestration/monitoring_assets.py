@@ -1,0 +1,119 @@
+"""tag_drift: per as_of, every model tag's feature, prediction and performance drift, with one
+non-blocking asset check per tag that turns red (ERROR) when the tag's catalog thresholds are crossed."""
+
+from contextlib import closing
+from datetime import date
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from monitoring.drift import DriftRun, compute_drift
+from monitoring.reference import DriftInputError
+from orchestration.resources import MlflowResource, MonitoringResource, WarehouseResource
+from training.catalog import Catalog
+
+MONITORING_GROUP = "monitoring"
+
+
+class DriftConfig(dg.Config):
+    tags: list[str] | None = Field(default=None, description="Model tags to monitor (default: every model tag of the catalog).")
+    sample_rows: int | None = Field(default=None, description="Rows per side in the Evidently report (default from TAGML_DRIFT_SAMPLE_ROWS).")
+    report: bool = Field(default=True, description="Write the Evidently HTML report (the PSI numbers are computed either way).")
+
+
+def drift_check_name(tag: str) -> str:
+    return f"{tag}_drift"
+
+
+def _summary_markdown(run: DriftRun) -> str:
+    frame = pd.DataFrame(
+        [
+            {
+                "tag": r.tag,
+                "model": r.summary["producer"],
+                "drifted": "DRIFTED" if r.drifted else "ok",
+                "drifted features": f"{r.summary['drifted_feature_share']:.0%} (> {r.summary['drifted_feature_share_threshold']:.0%})",
+                "class PSI": f"{r.summary['prediction_psi']:.4f} (> {r.summary['prediction_psi_threshold']})",
+                "realised": r.summary["performance_status"]
+                if r.summary["realised_metric"] is None
+                else f"{r.summary['performance_metric']} {r.summary['realised_metric']:.3f} vs {r.summary['expected_metric']:.3f}",
+                "worst slice": f"{r.summary['max_slice']} ({r.summary['max_slice_prediction_psi']:.4f})" if r.summary["max_slice"] else "",
+            }
+            for r in run.results
+        ]
+    )
+    return frame.to_markdown(index=False)
+
+
+def build_tag_drift_asset(partitions_def: dg.PartitionsDefinition, catalog: Catalog) -> dg.AssetsDefinition:
+    checks = [
+        dg.AssetCheckSpec(
+            drift_check_name(tag.name),
+            asset="tag_drift",
+            blocking=False,  # a drifted tag is news for its owner, not a reason to stop anything downstream
+            description=f"{tag.name}: drifted features <= {tag.drift.drifted_feature_share:.0%} (PSI > {tag.drift.feature_psi}), "
+            f"class PSI <= {tag.drift.prediction_psi}"
+            + (f", realised {tag.promotion.metric} drop <= {tag.drift.performance_drop}" if tag.drift.label_delay_days else ""),
+        )
+        for tag in catalog.model_tags
+    ]
+
+    @dg.asset(
+        name="tag_drift",
+        group_name=MONITORING_GROUP,
+        partitions_def=partitions_def,
+        deps=["customer_tags", "customer_features"],
+        check_specs=checks,
+        kinds={"evidently", "duckdb", "parquet"},
+        description="Per model tag: PSI of every feature and of the inferred classes against the population the scoring model was trained on, "
+        "realised performance of matured labels, an Evidently report; numbers in the drift history.",
+    )
+    def tag_drift(
+        context: dg.AssetExecutionContext,
+        config: DriftConfig,
+        warehouse: WarehouseResource,
+        mlflow_store: MlflowResource,
+        monitoring: MonitoringResource,
+    ):
+        as_of = date.fromisoformat(context.partition_key)
+        sample_rows = config.sample_rows or monitoring.sample_rows
+        with closing(warehouse.connect()) as con:
+            try:
+                run = compute_drift(
+                    con, mlflow_store.client(), catalog, as_of, monitoring.locations(warehouse), config.tags, sample_rows, config.report
+                )
+            except (DriftInputError, KeyError) as err:
+                raise dg.Failure(description=str(err)) from err
+        metadata: dict = {
+            "as_of": as_of.isoformat(),
+            "drifted_tags": dg.MetadataValue.json([r.tag for r in run.results if r.drifted]),
+            "summary": dg.MetadataValue.md(_summary_markdown(run)),
+            "history": dg.MetadataValue.path(str(run.paths["drift_summary"])),
+        }
+        for result in run.results:
+            if result.summary.get("report_path"):
+                metadata[f"report_{result.tag}"] = dg.MetadataValue.path(result.summary["report_path"])
+        yield dg.MaterializeResult(metadata=metadata)
+        for result in run.results:
+            s = result.summary
+            yield dg.AssetCheckResult(
+                check_name=drift_check_name(result.tag),
+                passed=not result.drifted,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description="; ".join(result.reasons) or "within the catalog's drift thresholds",
+                metadata={
+                    "model": s["producer"],
+                    "reference_as_of": s["reference_as_of"].isoformat(),
+                    "drifted_feature_share": round(s["drifted_feature_share"], 4),
+                    "drifted_feature_share_threshold": s["drifted_feature_share_threshold"],
+                    "drifted_features": dg.MetadataValue.json(s["drifted_features"][:20]),
+                    "prediction_psi": round(s["prediction_psi"], 5),
+                    "prediction_psi_threshold": s["prediction_psi_threshold"],
+                    "performance": s["performance_status"],
+                    **({"realised_metric": round(s["realised_metric"], 4)} if s["realised_metric"] is not None else {}),
+                    **({"report": dg.MetadataValue.path(s["report_path"])} if s.get("report_path") else {}),
+                },
+            )
+
+    return tag_drift
