@@ -1,0 +1,308 @@
+"""Feature drift of every customer x all 79 features: tagml's tag_drift computation vs Evidently's
+DataDriftPreset on the full data.
+
+Data: a synthetic bank with a market shock from 2026-10; reference = the features of 2026-09-30,
+current = those of 2026-10-31 (one month of change plus the shock), as tag_drift compares them.
+
+Steps, each in its own subprocess so that peak RSS is per step:
+  prepare         generate, stage, build both feature snapshots (once per size, reused)
+  tagml           what tag_drift does for the features: PSI of every feature over every customer,
+                  overall and per slice (value tier, region), in DuckDB; plus Evidently's preset on
+                  the fixed 5,000-row samples for the report (Evidently's import timed separately)
+  evidently_full  Evidently's DataDriftPreset on all rows of both snapshots, killed after --cap seconds
+
+The effect of sampling on detection is measured on the same data: per-feature verdicts of PSI on
+the samples vs PSI on everyone, and of Evidently on the samples vs Evidently on everyone (where the
+full run finishes).
+
+    .venv/bin/python bench/bench_drift.py --sizes 100000 1000000 --cap 600
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "out" / "drift"
+REFERENCE, CURRENT = date(2026, 9, 30), date(2026, 10, 31)
+SAMPLE_ROWS = 5000
+PSI_FLAG = 0.2
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def _paths(n: int) -> dict[str, Path]:
+    work = OUT / f"n{n}"
+    return {"work": work, "raw": work / "raw", "staged": work / "staged",
+            "reference": work / f"features_{REFERENCE}.parquet", "current": work / f"features_{CURRENT}.parquet"}
+
+
+def _kinds() -> dict[str, str]:
+    from features.customer_features import FEATURES
+
+    return {f.name: f.kind for f in FEATURES}
+
+
+def step_prepare(n: int, threads: int) -> dict:
+    from features.contract import RAW_TABLES
+    from features.customer_features import build_customer_features
+    from features.raw import validate_and_stage
+    from features.synthetic import BankConfig, generate_bank
+    from features.warehouse import connect
+
+    p = _paths(n)
+    started = time.perf_counter()
+    if not p["current"].exists():
+        generate_bank(BankConfig(customers=n, months=12, seed=42, drift="market_shock", drift_month="2026-10"), p["raw"])
+        con = connect(threads, "6GB")
+        con.execute(f"SET temp_directory = '{p['work'] / 'spill'}'")
+        for spec in RAW_TABLES:
+            validate_and_stage(con, spec, p["raw"], p["staged"])
+        for day, target in ((REFERENCE, p["reference"]), (CURRENT, p["current"])):
+            build_customer_features(con, p["staged"], day, target)
+    return {"seconds": time.perf_counter() - started}
+
+
+def _columns(kinds: dict[str, str]) -> tuple[list[str], list[str]]:
+    numeric = [c for c, k in kinds.items() if k != "categorical"]
+    categorical = [c for c, k in kinds.items() if k == "categorical"]
+    return numeric, categorical
+
+
+def step_tagml(n: int, threads: int) -> dict:
+    from features.warehouse import connect, write_parquet_atomically
+    from monitoring.psi import ALL, feature_psi
+    from monitoring.reference import sample_sql
+    from scoring.rules import rule_case_sql
+    from training.catalog import load_catalog
+
+    p = _paths(n)
+    kinds = _kinds()
+    con = connect(threads, "6GB")
+    slices = {"value_tier": rule_case_sql(load_catalog().get("value_tier")), "region": '"region"'}
+    t0 = time.perf_counter()
+    full = feature_psi(con, p["reference"], p["current"], kinds, slices)
+    psi_seconds = time.perf_counter() - t0
+    overall = full[full["slice_column"] == ALL].set_index("feature")["psi"]
+
+    # the report's fixed samples (features only), as tag_drift draws them
+    t0 = time.perf_counter()
+    samples = {}
+    for side in ("reference", "current"):
+        samples[side] = con.execute(sample_sql(p[side], list(kinds), SAMPLE_ROWS)).df()
+    sample_seconds = time.perf_counter() - t0
+    # PSI on the samples alone: what detection would be had PSI itself been sampled
+    for side, frame in samples.items():
+        con.register("_s", frame)
+        write_parquet_atomically(con, "SELECT * FROM _s", p["work"] / f"sample_{side}.parquet")
+        con.unregister("_s")
+    sampled = feature_psi(con, p["work"] / "sample_reference.parquet", p["work"] / "sample_current.parquet", kinds)
+    sampled_psi = sampled[sampled["slice_column"] == ALL].set_index("feature")["psi"]
+
+    t0 = time.perf_counter()
+    from evidently import DataDefinition, Dataset, Report  # noqa: F401  (timed: ~4 s)
+    from evidently.presets import DataDriftPreset  # noqa: F401
+    import_seconds = time.perf_counter() - t0
+
+    from monitoring.report import drift_report
+
+    numeric, categorical = _columns(kinds)
+    t0 = time.perf_counter()
+    summary = drift_report(samples["reference"], samples["current"], numeric, categorical, 0.3, p["work"] / "report_sample.html")
+    evidently_seconds = time.perf_counter() - t0
+    return {
+        "seconds": psi_seconds + sample_seconds + import_seconds + evidently_seconds,
+        "psi_seconds": psi_seconds,
+        "sample_seconds": sample_seconds,
+        "evidently_import_seconds": import_seconds,
+        "evidently_sample_seconds": evidently_seconds,
+        "psi_rows": int(full["current_rows"].max()),
+        "slices": int(full[["slice_column", "slice"]].drop_duplicates().shape[0]),
+        "psi": overall.to_dict(),
+        "psi_sample": sampled_psi.to_dict(),
+        "evidently_sample": {c: v.get("drifted") for c, v in summary.columns.items()},
+        "evidently_sample_share": summary.drifted_share,
+        "peak_gb": _peak_gb(),
+    }
+
+
+def step_evidently_full(n: int, threads: int) -> dict:
+    import pandas as pd
+
+    p = _paths(n)
+    kinds = _kinds()
+    t0 = time.perf_counter()
+    from monitoring.report import drift_report
+    from evidently import Report  # noqa: F401
+
+    import_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reference = pd.read_parquet(p["reference"], columns=list(kinds))
+    current = pd.read_parquet(p["current"], columns=list(kinds))
+    read_seconds = time.perf_counter() - t0
+    numeric, categorical = _columns(kinds)
+    t0 = time.perf_counter()
+    summary = drift_report(reference, current, numeric, categorical, 0.3, p["work"] / "report_full.html")
+    run_seconds = time.perf_counter() - t0
+    return {
+        "seconds": read_seconds + run_seconds + import_seconds,
+        "read_seconds": read_seconds,
+        "evidently_import_seconds": import_seconds,
+        "evidently_seconds": run_seconds,
+        "evidently_full": {c: v.get("drifted") for c, v in summary.columns.items()},
+        "evidently_full_share": summary.drifted_share,
+        "peak_gb": _peak_gb(),
+    }
+
+
+STEPS = {"prepare": step_prepare, "tagml": step_tagml, "evidently_full": step_evidently_full}
+
+
+def _child(step: str, n: int, threads: int, cap: float, mem_cap_gb: float = 12.0) -> dict:
+    """Run one step in a subprocess; past `cap` seconds or `mem_cap_gb` of RSS it is killed and reported as not finished
+    (the machine is shared: a step must not take all of its memory)."""
+    out = OUT / f"n{n}" / f"{step}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", step, "--n", str(n), "--threads", str(threads), "--out", str(out)])
+    peak_kb = 0
+    while proc.poll() is None:
+        if time.perf_counter() - started > cap:
+            proc.kill()
+            proc.wait()
+            return {"step": step, "n": n, "finished": False, "cap_seconds": cap, "peak_gb": peak_kb / 1024**2, "load_before": load}
+        try:  # the child's high-water mark, for a child that may never report it
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak_kb = max(peak_kb, int(line.split()[1]))
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        if peak_kb / 1024**2 > mem_cap_gb:
+            proc.kill()
+            proc.wait()
+            return {"step": step, "n": n, "finished": False, "cap_seconds": cap, "peak_gb": peak_kb / 1024**2, "load_before": load,
+                    "error": f"killed at the {mem_cap_gb:.0f} GB memory cap after {time.perf_counter() - started:.0f} s"}
+        time.sleep(0.5)
+    if proc.returncode != 0:
+        return {"step": step, "n": n, "finished": False, "error": f"exit code {proc.returncode}", "load_before": load}
+    result = json.loads(out.read_text())
+    return {"step": step, "n": n, "finished": True, "wall_seconds": time.perf_counter() - started, "load_before": load, "cap_seconds": cap, **result}
+
+
+def _agreement(a: dict, b: dict) -> tuple[int, int, list[str], list[str]]:
+    """(features compared, agreeing, flagged only by a, flagged only by b)."""
+    common = [f for f in a if f in b and a[f] is not None and b[f] is not None]
+    only_a = sorted(f for f in common if a[f] and not b[f])
+    only_b = sorted(f for f in common if b[f] and not a[f])
+    return len(common), len(common) - len(only_a) - len(only_b), only_a, only_b
+
+
+def render(results: list[dict]) -> str:
+    import duckdb
+    import evidently
+    import pandas
+
+    lines = [
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; duckdb {duckdb.__version__}, "
+        f"evidently {evidently.__version__}, pandas {pandas.__version__}. Command: `.venv/bin/python bench/bench_drift.py "
+        f"--sizes {' '.join(str(n) for n in sorted({r['n'] for r in results}))} --cap {max((r.get('cap_seconds', 0) for r in results if r['step'] == 'evidently_full'), default=0):.0f}`.",
+        "",
+        "| customers | path | wall s | peak RSS GB | notes |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    by = {(r["n"], r["step"]): r for r in results}
+    for n in sorted({r["n"] for r in results}):
+        t = by.get((n, "tagml"))
+        e = by.get((n, "evidently_full"))
+        if t and t["finished"]:
+            lines.append(
+                f"| {n:,} | tagml: PSI of 79 features, all customers, overall + value tier and region ({t['slices'] - 1} slices), DuckDB | {t['psi_seconds']:.1f} | | |"
+            )
+            lines.append(
+                f"| {n:,} | tagml: + Evidently preset on {SAMPLE_ROWS:,}-row samples (import {t['evidently_import_seconds']:.1f} s, run {t['evidently_sample_seconds']:.1f} s) "
+                f"| {t['seconds']:.1f} | {t['peak_gb']:.2f} | load before {t['load_before']:.1f} |"
+            )
+        if e:
+            if e["finished"]:
+                lines.append(
+                    f"| {n:,} | Evidently preset on all rows (read {e['read_seconds']:.1f} s, import {e['evidently_import_seconds']:.1f} s, run {e['evidently_seconds']:.1f} s) "
+                    f"| {e['seconds']:.1f} | {e['peak_gb']:.2f} | load before {e['load_before']:.1f} |"
+                )
+            else:
+                lines.append(f"| {n:,} | Evidently preset on all rows | did not finish in {e.get('cap_seconds', 0):.0f} s | ≥ {e.get('peak_gb', 0):.2f} | {e.get('error', 'killed at the cap')} |")
+    lines.append("")
+    for n in sorted({r["n"] for r in results}):
+        t, e = by.get((n, "tagml")), by.get((n, "evidently_full"))
+        if not (t and t["finished"]):
+            continue
+        full = {f: v > PSI_FLAG for f, v in t["psi"].items()}
+        sample = {f: v > PSI_FLAG for f, v in t["psi_sample"].items()}
+        total, agree, only_full, only_sample = _agreement(full, sample)
+        lines.append(
+            f"- {n:,}: PSI > {PSI_FLAG} on everyone flags {sum(full.values())} of {total} features; on the {SAMPLE_ROWS:,}-row samples "
+            f"{sum(sample.values())}; verdicts agree on {agree}/{total}"
+            + (f" (missed by the sample: {', '.join(only_full)}" if only_full else "")
+            + (f"; only on the sample: {', '.join(only_sample)}" if only_sample else "") + (")" if only_full or only_sample else "") + "."
+        )
+        if e and e["finished"]:
+            total, agree, only_full, only_sample = _agreement(e["evidently_full"], t["evidently_sample"])
+            lines.append(
+                f"- {n:,}: Evidently on everyone flags {sum(bool(v) for v in e['evidently_full'].values())} columns "
+                f"(share {e['evidently_full_share']:.2f}), on the samples {sum(bool(v) for v in t['evidently_sample'].values())} "
+                f"(share {t['evidently_sample_share']:.2f}); verdicts agree on {agree}/{total}"
+                + (f"; missed by the sample: {', '.join(only_full)}" if only_full else "")
+                + (f"; only on the sample: {', '.join(only_sample)}" if only_sample else "") + "."
+            )
+            lines.append(f"- {n:,}: Evidently on everyone / tagml = {e['seconds'] / t['seconds']:.1f}× the time, {e['peak_gb'] / t['peak_gb']:.1f}× the peak memory.")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cap", type=float, default=600, help="seconds before Evidently on the full data is killed")
+    parser.add_argument("--mem-cap-gb", type=float, default=12.0, help="RSS at which a step is killed (the machine is shared)")
+    parser.add_argument("--skip-full", action="store_true", help="do not run Evidently on the full data")
+    parser.add_argument("--render", help="print the markdown of a results JSON file")
+    parser.add_argument("--child")
+    parser.add_argument("--n", type=int)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.child:
+        Path(args.out).write_text(json.dumps(STEPS[args.child](args.n, args.threads), default=float))
+        return 0
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return 0
+    results = []
+    for n in args.sizes:
+        prepared = _child("prepare", n, args.threads, cap=3600)
+        print(f"n={n:,} prepare: {prepared.get('seconds', 0):.0f}s", flush=True)
+        for step in ("tagml", *(() if args.skip_full else ("evidently_full",))):
+            result = _child(step, n, args.threads, cap=args.cap if step == "evidently_full" else 3600, mem_cap_gb=args.mem_cap_gb)
+            results.append(result)
+            print(f"n={n:,} {step}: " + (f"{result['seconds']:.1f}s, peak {result['peak_gb']:.2f} GB" if result["finished"] else "did not finish"), flush=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = OUT / f"results-{stamp}.json"
+    path.write_text(json.dumps(results, indent=1, default=float))
+    print(f"\nresults: {path}\n")
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
