@@ -44,7 +44,7 @@ from monitoring.reference import (
     reference_population,
     reference_profile,
 )
-from monitoring.report import drift_report
+from monitoring.report import ReportJob, ReportSummary, run_reports
 from scoring.rules import rule_case_sql
 from scoring.store import TagStore
 from tagml.settings import Settings
@@ -91,6 +91,20 @@ class TagDrift:
     summary: dict[str, Any]
     features: pd.DataFrame
     predictions: pd.DataFrame
+    report_job: ReportJob | None = None
+
+    def attach_report(self, report: ReportSummary) -> None:
+        """Evidently's per-column statistic and verdict on the samples, next to the PSI of everyone."""
+        evidently = pd.DataFrame.from_dict(report.columns, orient="index")
+        overall = self.features["slice_column"] == ALL
+        for column, key, dtype in (("evidently_method", "method", object), ("evidently_value", "value", float), ("evidently_drifted", "drifted", object)):
+            self.features[column] = self.features["feature"].map(evidently.get(key, pd.Series(dtype=dtype))).where(overall)
+        self.summary.update(
+            report_path=str(report.path),
+            report_sample_rows=min(report.sample_rows),
+            evidently_drifted_share=report.drifted_share,
+            evidently_drifted_columns=report.drifted_columns,
+        )
 
     @property
     def tag(self) -> str:
@@ -232,7 +246,7 @@ def compute_tag_drift(
     # realised performance of the partition whose labels have matured
     perf = realised_performance(con, tag, as_of, store, locations.staged_dir, mm.version, registry_test_metric(client, tag))
 
-    report_info: dict[str, Any] = {}
+    job = None
     if report:
         numeric = [f for f in mm.features if mm.kinds[f] != "categorical"]
         categorical = [f for f in mm.features if mm.kinds[f] == "categorical"]
@@ -244,21 +258,11 @@ def compute_tag_drift(
             f"ORDER BY hash(f.customer_id, {sql_literal(SAMPLE_SALT)}), f.customer_id LIMIT {int(sample_rows)}",
             [tag.name],
         ).df()
-        summary = drift_report(
+        job = ReportJob(
             pd.read_parquet(profile.sample_path), current_sample, numeric, [*categorical, "prediction"],
             rules.drifted_feature_share, locations.report_path(tag.name, as_of),
-            metadata={"tag": tag.name, "as_of": as_of.isoformat(), "model": mm.producer, "reference_as_of": mm.train_as_of.isoformat()},
+            {"tag": tag.name, "as_of": as_of.isoformat(), "model": mm.producer, "reference_as_of": mm.train_as_of.isoformat()},
         )
-        evidently = pd.DataFrame.from_dict(summary.columns, orient="index")
-        feats["evidently_method"] = feats["feature"].map(evidently.get("method", pd.Series(dtype=object))).where(feats["slice_column"] == ALL)
-        feats["evidently_value"] = feats["feature"].map(evidently.get("value", pd.Series(dtype=float))).where(feats["slice_column"] == ALL)
-        feats["evidently_drifted"] = feats["feature"].map(evidently.get("drifted", pd.Series(dtype=object))).where(feats["slice_column"] == ALL)
-        report_info = {
-            "report_path": str(summary.path),
-            "report_sample_rows": min(summary.sample_rows),
-            "evidently_drifted_share": summary.drifted_share,
-            "evidently_drifted_columns": summary.drifted_columns,
-        }
 
     reasons: list[str] = []
     psi_of = overall.set_index("feature")["psi"]
@@ -314,12 +318,11 @@ def compute_tag_drift(
         "training_gap_share": profile.training_gap_share,
         "drifted": bool(feature_drift or prediction_drift or perf.drifted),
         "reasons": reasons,
-        **report_info,
         "computed_at": datetime.now(timezone.utc),
         "seconds": time.perf_counter() - started,
     }
     meta = {"as_of": as_of, "tag": tag.name, "model_version": mm.version}
-    return TagDrift(summary_row, feats.assign(**meta), predictions.assign(**meta))
+    return TagDrift(summary_row, feats.assign(**meta), predictions.assign(**meta), job)
 
 
 @dataclass
@@ -354,6 +357,10 @@ def compute_drift(
     if not model_tags:
         raise DriftInputError("the catalog has no model tags to monitor")
     results = [compute_tag_drift(con, client, catalog, tag, as_of, locations, sample_rows, report) for tag in model_tags]
+    jobs = [r for r in results if r.report_job is not None]
+    for result, summary in zip(jobs, run_reports([r.report_job for r in jobs])):
+        result.attach_report(summary)
+        result.report_job = None
     frames = {
         SUMMARY: pd.DataFrame([r.summary for r in results]),
         FEATURES: pd.concat([r.features for r in results], ignore_index=True),

@@ -3,6 +3,7 @@ non-blocking asset check per tag that turns red (ERROR) when the tag's catalog t
 
 from contextlib import closing
 from datetime import date
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -95,25 +96,58 @@ def build_tag_drift_asset(partitions_def: dg.PartitionsDefinition, catalog: Cata
             if result.summary.get("report_path"):
                 metadata[f"report_{result.tag}"] = dg.MetadataValue.path(result.summary["report_path"])
         yield dg.MaterializeResult(metadata=metadata)
-        for result in run.results:
-            s = result.summary
-            yield dg.AssetCheckResult(
-                check_name=drift_check_name(result.tag),
-                passed=not result.drifted,
-                severity=dg.AssetCheckSeverity.ERROR,
-                description="; ".join(result.reasons) or "within the catalog's drift thresholds",
-                metadata={
-                    "model": s["producer"],
-                    "reference_as_of": s["reference_as_of"].isoformat(),
-                    "drifted_feature_share": round(s["drifted_feature_share"], 4),
-                    "drifted_feature_share_threshold": s["drifted_feature_share_threshold"],
-                    "drifted_features": dg.MetadataValue.json(s["drifted_features"][:20]),
-                    "prediction_psi": round(s["prediction_psi"], 5),
-                    "prediction_psi_threshold": s["prediction_psi_threshold"],
-                    "performance": s["performance_status"],
-                    **({"realised_metric": round(s["realised_metric"], 4)} if s["realised_metric"] is not None else {}),
-                    **({"report": dg.MetadataValue.path(s["report_path"])} if s.get("report_path") else {}),
-                },
-            )
+        computed = {r.tag: r.summary for r in run.results}
+        stored = _stored_summaries(warehouse, monitoring, as_of, [t.name for t in catalog.model_tags if t.name not in computed])
+        for tag in catalog.model_tags:
+            yield _check_result(tag.name, computed.get(tag.name) or stored.get(tag.name), fresh=tag.name in computed)
 
     return tag_drift
+
+
+def _stored_summaries(warehouse: WarehouseResource, monitoring: MonitoringResource, as_of: date, tags: list[str]) -> dict[str, dict]:
+    """Summary rows already in the history for tags this run did not recompute (config.tags)."""
+    if not tags:
+        return {}
+    from monitoring.history import DriftHistory, DriftHistoryError
+
+    with closing(warehouse.connect()) as con:
+        try:
+            frame = DriftHistory(Path(monitoring.drift_dir)).summary(con, as_of)
+        except DriftHistoryError:
+            return {}
+    return {row["tag"]: row for row in frame.to_dict("records") if row["tag"] in tags}
+
+
+def _number(value) -> float | None:
+    return None if value is None or value != value else float(value)
+
+
+def _check_result(tag: str, summary: dict | None, fresh: bool) -> dg.AssetCheckResult:
+    """A drifted tag's check fails with ERROR severity (red); it never blocks anything downstream."""
+    if summary is None:
+        # a run for other tags, and nothing stored for this one: say so rather than claim a verdict
+        return dg.AssetCheckResult(
+            check_name=drift_check_name(tag), passed=True, severity=dg.AssetCheckSeverity.WARN,
+            description="not evaluated in this run (config.tags) and no stored result for this partition", metadata={"evaluated": False},
+        )
+    reasons = list(summary["reasons"])
+    realised = _number(summary.get("realised_metric"))
+    return dg.AssetCheckResult(
+        check_name=drift_check_name(tag),
+        passed=not bool(summary["drifted"]),
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=("; ".join(reasons) or "within the catalog's drift thresholds") + ("" if fresh else " (stored result, not recomputed in this run)"),
+        metadata={
+            "model": summary["producer"],
+            "reference_as_of": str(summary["reference_as_of"])[:10],
+            "drifted_feature_share": round(float(summary["drifted_feature_share"]), 4),
+            "drifted_feature_share_threshold": float(summary["drifted_feature_share_threshold"]),
+            "drifted_features": dg.MetadataValue.json([str(f) for f in list(summary["drifted_features"])[:20]]),
+            "critical_features_drifted": dg.MetadataValue.json([str(f) for f in list(summary["critical_features_drifted"])]),
+            "prediction_psi": round(float(summary["prediction_psi"]), 5),
+            "prediction_psi_threshold": float(summary["prediction_psi_threshold"]),
+            "performance": str(summary["performance_status"]),
+            **({"realised_metric": round(realised, 4)} if realised is not None else {}),
+            **({"report": dg.MetadataValue.path(summary["report_path"])} if isinstance(summary.get("report_path"), str) else {}),
+        },
+    )

@@ -202,3 +202,15 @@ def test_tagml_drift_prints_the_summary_and_the_report(loop, monkeypatch, capsys
     assert main(["drift", "--tag", "life_stage"]) == 0  # the newest partition, one tag in detail
     detail = capsys.readouterr().out
     assert "risk_appetite" not in detail and "by value_tier:" in detail and "top features" in detail
+
+
+def test_drift_of_one_tag_keeps_the_other_tags_results_and_checks(loop):
+    config = {"ops": {"tag_drift": {"config": {"tags": ["life_stage"], "report": False}}}}
+    run = loop["defs"].resolve_job_def(NIGHTLY_SCORING_JOB).execute_in_process(
+        instance=loop["instance"], partition_key=AFTER.isoformat(), asset_selection=[dg.AssetKey("tag_drift")], run_config=config
+    )
+    checks = {e.check_name: e for e in run.get_asset_check_evaluations()}
+    assert not checks["risk_appetite_drift"].passed and "stored result" in checks["risk_appetite_drift"].description
+    assert checks["life_stage_drift"].passed and "stored result" not in checks["life_stage_drift"].description
+    summary = _summary(loop, AFTER)
+    assert summary.loc["risk_appetite", "drifted"] and summary.loc["life_stage", "computed_at"] > summary.loc["risk_appetite", "computed_at"]
