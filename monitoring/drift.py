@@ -40,6 +40,7 @@ from monitoring.reference import (
     PROBABILITY_BINS,
     SAMPLE_SALT,
     DriftInputError,
+    ReferenceProfile,
     monitored_model,
     reference_population,
     reference_profile,
@@ -159,7 +160,10 @@ def _current_predictions(con: duckdb.DuckDBPyConnection, tags_path: Path, featur
     return counts, bins
 
 
-def _prediction_table(profile_counts: pd.DataFrame, current_counts: pd.DataFrame, profile, current_bins: pd.DataFrame, classes: tuple[str, ...]) -> pd.DataFrame:
+def _prediction_table(
+    profile_counts: pd.DataFrame, current_counts: pd.DataFrame, profile: ReferenceProfile, current_bins: pd.DataFrame, classes: tuple[str, ...]
+) -> pd.DataFrame:
+    """Per slice and class: reference and current counts and shares, the slice's class PSI; overall also probabilities."""
     ref = profile_counts.rename(columns={"class": "bin"})
     cur = current_counts.rename(columns={"class": "bin"})
     psi = psi_from_counts(ref, cur, ["slice_column", "slice"]).rename(columns={"psi": "slice_psi"})

@@ -32,7 +32,8 @@ def build_reevaluation_sensor(settings: Settings, catalog: Catalog, reevaluation
         cursor = Cursor.parse(context.cursor)
         with closing(connect(1, "512MB")) as con:
             rows = history.events_since(con, cursor.seen_through)
-        plan = plan_reevaluations(events_from_rows(rows.to_dict("records")), cursor, cooldown, model_tags)
+        events = events_from_rows(rows.to_dict("records"))
+        plan = plan_reevaluations(events, cursor, cooldown, model_tags)
         requests = [
             dg.RunRequest(
                 run_key=request.run_key,
@@ -47,6 +48,8 @@ def build_reevaluation_sensor(settings: Settings, catalog: Catalog, reevaluation
             context.log.info(f"drift not re-evaluated: {plan.describe_skips()}")
         if requests:
             return dg.SensorResult(run_requests=requests, cursor=plan.cursor.dumps())
-        return dg.SensorResult(skip_reason=plan.describe_skips() or "no new drift results", cursor=plan.cursor.dumps())
+        fresh = [e for e in events if cursor.seen_through is None or e.computed_at > cursor.seen_through]
+        quiet = f"{len(fresh)} new drift result(s), no tag drifted" if fresh else "no new drift results"
+        return dg.SensorResult(skip_reason=plan.describe_skips() or quiet, cursor=plan.cursor.dumps())
 
     return reevaluate_on_drift_sensor

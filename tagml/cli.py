@@ -343,10 +343,16 @@ def _print_drift_with(con, settings: Settings, as_of: date | None, tag: str | No
             predictions = history.predictions(con, as_of, row.tag)
             overall = predictions[predictions["slice_column"] == "(all)"]
             print("      classes:     " + ", ".join(f"{r['class']} {r.reference_share:.1%} -> {r.current_share:.1%}" for _, r in overall.iterrows()))
-            slices = predictions.drop_duplicates(["slice_column", "slice"])
-            slices = slices[slices["slice_column"] != "(all)"]
+            slices = predictions[predictions["slice_column"] != "(all)"].groupby(["slice_column", "slice"], sort=False).agg(
+                psi=("slice_psi", "first"), reference=("reference_count", "sum"), current=("current_count", "sum")
+            ).reset_index()
+            from monitoring.drift import MIN_SLICE_ROWS
+
             for column, rows in slices.groupby("slice_column", sort=False):
-                print(f"      by {column}: " + ", ".join(f"{r.slice} {r.slice_psi:.4f}" for r in rows.itertuples()))
+                print(f"      class PSI by {column}: " + ", ".join(
+                    f"{r.slice} {r.psi:.4f}" + (f" (n={int(min(r.reference, r.current))}, too small to flag)" if min(r.reference, r.current) < MIN_SLICE_ROWS else "")
+                    for r in rows.itertuples()
+                ))
             features = history.features(con, as_of, row.tag).head(10)
             print("      top features (PSI, Evidently on the sample):")
             for r in features.itertuples():

@@ -94,6 +94,7 @@ def test_before_the_shock_no_reevaluation_is_requested(loop):
     before = _summary(loop, BEFORE)
     assert not before["drifted"].any(), before[["drifted_feature_share", "prediction_psi", "reasons"]]
     assert loop["ticks"][BEFORE].run_requests == []
+    assert loop["ticks"][BEFORE].skip_message == "2 new drift result(s), no tag drifted"
     # one month of natural change is measured, not zero
     assert (before["reference_as_of"].dt.date == TRAINED).all() and (before["drifted_feature_share"] > 0).all()
 
@@ -201,7 +202,7 @@ def test_tagml_drift_prints_the_summary_and_the_report(loop, monkeypatch, capsys
     assert str(loop["settings"].reports_dir / "risk_appetite" / "2026-10-31.html") in out
     assert main(["drift", "--tag", "life_stage"]) == 0  # the newest partition, one tag in detail
     detail = capsys.readouterr().out
-    assert "risk_appetite" not in detail and "by value_tier:" in detail and "top features" in detail
+    assert "risk_appetite" not in detail and "class PSI by value_tier:" in detail and "top features" in detail
 
 
 def test_drift_of_one_tag_keeps_the_other_tags_results_and_checks(loop):
