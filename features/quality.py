@@ -28,8 +28,8 @@ def check_feature_snapshot(con: duckdb.DuckDBPyConnection, path: Path, staged_di
     snap = f"read_parquet({sql_literal(path)})"
     customers = f"read_parquet({sql_literal(staged_path(staged_dir, 'customers'))})"
     d = f"DATE {sql_literal(as_of)}"
-    rows, distinct = con.execute(f"SELECT count(*), count(DISTINCT customer_id) FROM {snap}").fetchone()
-    expected = con.execute(f"SELECT count(*) FROM {customers} WHERE onboarding_date <= {d}").fetchone()[0]
+    rows, distinct = con.execute(f"SELECT count(*), count(DISTINCT customer_id) FROM {snap}").fetchall()[0]
+    expected = con.execute(f"SELECT count(*) FROM {customers} WHERE onboarding_date <= {d}").fetchall()[0][0]
     columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {snap}").fetchall()]
     outcomes = [
         CheckOutcome(
@@ -48,7 +48,7 @@ def check_feature_snapshot(con: duckdb.DuckDBPyConnection, path: Path, staged_di
     ]
     present = [f for f in FEATURES if f.name in columns]
     null_sql = ", ".join(f"avg(({f.name} IS NULL)::DOUBLE)" for f in present)
-    rates = dict(zip((f.name for f in present), con.execute(f"SELECT {null_sql} FROM {snap}").fetchone())) if rows else {}
+    rates = dict(zip((f.name for f in present), con.execute(f"SELECT {null_sql} FROM {snap}").fetchall()[0])) if rows else {}
     filled_with_nulls = [f.name for f in present if f.fill is not None and rates.get(f.name)]
     all_null = [n for n, r in rates.items() if r is not None and r > MAX_NULL_RATE]
     outcomes.append(
@@ -65,7 +65,7 @@ def check_feature_snapshot(con: duckdb.DuckDBPyConnection, path: Path, staged_di
     )
     latest_txn = con.execute(
         f"SELECT max(txn_ts)::DATE FROM read_parquet({sql_literal(staged_path(staged_dir, 'transactions'))}) WHERE txn_ts < {d} + INTERVAL 1 DAY"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     lag = (as_of - latest_txn).days if latest_txn else None
     outcomes.append(
         CheckOutcome(

@@ -185,7 +185,7 @@ def validate_and_stage(
     if cast_checks:
         counts = con.execute(
             "SELECT " + ", ".join(f"count(*) FILTER (WHERE {bad})" for _, bad in cast_checks) + f" FROM {src}"
-        ).fetchone()
+        ).fetchall()[0]
         for (col, bad), n_bad in zip(cast_checks, counts):
             if not n_bad:
                 continue
@@ -200,7 +200,7 @@ def validate_and_stage(
 
     checks = _checks(spec, {c.name for c in spec.columns})
     counts_sql = ", ".join([f"count(*) FILTER (WHERE {pred})" for _, _, pred, _ in checks] + ["count(*)"])
-    counts = con.execute(f"SELECT {counts_sql} FROM {typed}").fetchone()
+    counts = con.execute(f"SELECT {counts_sql} FROM {typed}").fetchall()[0]
     total = int(counts[-1])
     if total == 0:
         raise _fail(spec, None, "non_empty", f"{location} has no rows")
@@ -213,7 +213,7 @@ def validate_and_stage(
     if spec.key:
         key = ", ".join(quote(k) for k in spec.key)
         dup_sql = f"SELECT {key}, count(*) AS n FROM {typed} GROUP BY ALL HAVING count(*) > 1"
-        n_dup = con.execute(f"SELECT count(*) FROM ({dup_sql})").fetchone()[0]
+        n_dup = con.execute(f"SELECT count(*) FROM ({dup_sql})").fetchall()[0][0]
         if n_dup:
             rows = con.execute(f"{dup_sql} LIMIT {MAX_EXAMPLES}").fetchall()
             examples = tuple(dict(zip([*spec.key, "copies"], r)) for r in rows)
@@ -226,7 +226,7 @@ def validate_and_stage(
         if not customers.exists():
             raise _fail(spec, "customer_id", "customers_staged_first", f"stage customers before {spec.name}")
         orphan = f"customer_id NOT IN (SELECT customer_id FROM read_parquet({sql_literal(customers)}))"
-        n_orphan = con.execute(f"SELECT count(*) FROM {typed} WHERE {orphan}").fetchone()[0]
+        n_orphan = con.execute(f"SELECT count(*) FROM {typed} WHERE {orphan}").fetchall()[0][0]
         if n_orphan:
             violations.append(
                 Violation(
