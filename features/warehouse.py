@@ -1,6 +1,7 @@
 """The embedded warehouse: DuckDB connections over Parquet files, and atomic Parquet writes."""
 
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -10,23 +11,57 @@ from pathlib import Path
 import duckdb
 
 PARQUET_OPTIONS = "FORMAT PARQUET, COMPRESSION ZSTD, ROW_GROUP_SIZE 122880"
+# DuckDB's own units (1000^i and 1024^i); anything else is refused before a connection is opened
+MEMORY_LIMIT = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+
+
+class WarehouseConfigError(ValueError):
+    """A connection setting (threads, memory limit) is not of the accepted form."""
 
 
 def connect(threads: int = 2, memory_limit: str = "4GB", database: str | Path = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with deliberate thread and memory limits (the machine is shared)."""
+    """A DuckDB connection with deliberate thread and memory limits (the machine is shared).
+
+    The limits usually come from the environment (TAGML_DUCKDB_MEMORY_LIMIT): they are checked
+    here, for every caller, and reach DuckDB as bound parameters, never as SQL text.
+    """
+    if not isinstance(memory_limit, str) or not MEMORY_LIMIT.match(memory_limit.strip()):
+        raise WarehouseConfigError(
+            f"DuckDB memory limit {memory_limit!r} (TAGML_DUCKDB_MEMORY_LIMIT) is not a size such as '4GB' or '512MiB'"
+            " (a number and one of B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
+    try:
+        threads = int(threads)
+    except (TypeError, ValueError):
+        threads = 0
+    if threads < 1:
+        raise WarehouseConfigError("DuckDB threads (TAGML_THREADS) must be a positive integer")
     con = duckdb.connect(str(database))
-    con.execute(f"SET threads = {int(threads)}")
-    con.execute(f"SET memory_limit = '{memory_limit}'")
-    con.execute("SET preserve_insertion_order = false")
+    try:
+        con.execute("SET threads = ?", [threads])
+        con.execute("SET memory_limit = ?", [memory_limit.strip()])
+        con.execute("SET preserve_insertion_order = false")
+    except BaseException:
+        con.close()
+        raise
     return con
 
 
 def quote(identifier: str) -> str:
+    """A DuckDB identifier: doubled double quotes inside double quotes."""
     return '"' + identifier.replace('"', '""') + '"'
 
 
 def sql_literal(value: object) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
+    """A DuckDB string literal for our own text (paths, constants): quotes doubled.
+
+    DuckDB string literals have no backslash escapes, so doubling `'` is the whole escaping; a NUL
+    cannot appear in a path or constant we write. Values from data or users go in as parameters.
+    """
+    text = str(value)
+    if "\x00" in text:
+        raise ValueError("a NUL character cannot appear in an SQL literal")
+    return "'" + text.replace("'", "''") + "'"
 
 
 def staged_dir_of(warehouse_dir: Path) -> Path:
