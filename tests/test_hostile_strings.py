@@ -12,8 +12,10 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from features.contract import RAW_TABLES, TABLES_BY_NAME
 from features.customer_features import build_customer_features
@@ -27,6 +29,7 @@ from features.warehouse import (
 )
 from monitoring.drift import slice_expressions
 from monitoring.psi import feature_psi
+from scoring.rules import rule_batches, rule_case_sql
 from scoring.score import score_partition
 from scoring.store import TagStore
 from training.catalog import Catalog, load_catalog
@@ -203,3 +206,23 @@ def test_rule_tags_score_hostile_customer_ids_unchanged(hostile_bank, tmp_path):
     ids = set(pd.read_parquet(hostile_bank["features"][AS_OF], columns=["customer_id"])["customer_id"])
     assert summary.rows == 2 * len(ids) and set(rows["customer_id"]) == ids
     assert set(looked_up["tag"]) == {"value_tier", "lifecycle_stage"} and set(looked_up["customer_id"]) == {some_id}
+
+
+def test_a_band_naming_hostile_values_matches_them_exactly(hostile_bank, tmp_path):
+    """A band's string literals survive the parse-and-regenerate step: quotes doubled, backslash kept."""
+    entry = load_catalog().get("value_tier").model_dump(mode="json")
+    entry["rule"]["bands"] = [{"label": "affluent", "when": "region IN ('Xi''an', '西安', 'a\\b', '\"; DROP TABLE x; --')"}]
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "tags": [entry]}, allow_unicode=True))
+    tag = load_catalog(path).get("value_tier")
+    features = _with_hostile_regions(hostile_bank["features"][AS_OF], tmp_path / "features.parquet", 2)
+    con = connect(1, "1GB")
+    try:
+        batches = list(rule_batches(con, features, tag, f"SELECT customer_id, {rule_case_sql(tag)} AS value FROM features", 1000))
+    finally:
+        con.close()
+    got = pa.Table.from_batches(batches).to_pandas().set_index("customer_id")["value"]
+    frame = pd.read_parquet(features).set_index("customer_id")
+    expected = frame["region"].isin(["Xi'an", "西安", "a\\b", '"; DROP TABLE x; --']).map({True: "affluent", False: "mass"})
+    pd.testing.assert_series_equal(got.sort_index(), expected.sort_index(), check_names=False)
+    assert 0 < (got == "affluent").sum() < len(got)
