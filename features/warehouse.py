@@ -1,5 +1,6 @@
 """The embedded warehouse: DuckDB connections over Parquet files, and atomic Parquet writes."""
 
+import glob
 import os
 import re
 import time
@@ -64,6 +65,19 @@ def sql_literal(value: object) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def glob_literal(directory: Path | str, pattern: str) -> str:
+    """A DuckDB string literal for files matching `pattern` under `directory`.
+
+    DuckDB expands `*`, `?` and `[...]` anywhere in a path, so the directory (a user's TAGML_HOME or
+    raw directory, say `/data/tags [prod]`) is escaped and only `pattern` is a pattern. Its glob
+    cannot match under a directory whose path has a backslash: refused with the directory named.
+    """
+    directory = str(directory)
+    if "\\" in directory:
+        raise WarehouseConfigError(f"DuckDB cannot read files by pattern under a directory with a backslash in its path: {directory}")
+    return sql_literal(glob.escape(directory.rstrip("/")) + "/" + pattern)
+
+
 def staged_dir_of(warehouse_dir: Path) -> Path:
     """Where validated raw tables (PII removed) live inside the warehouse."""
     return Path(warehouse_dir) / "raw"
@@ -125,10 +139,10 @@ def publish_views(duckdb_path: Path, warehouse_dir: Path) -> list[str]:
     Views are a convenience: if another process holds the file, they are left as they were.
     """
     warehouse_dir = Path(warehouse_dir)
-    views: list[tuple[str, str]] = [(f"raw_{p.stem}", str(p)) for p in sorted(staged_dir_of(warehouse_dir).glob("*.parquet"))]
+    views: list[tuple[str, str]] = [(f"raw_{p.stem}", sql_literal(p)) for p in sorted(staged_dir_of(warehouse_dir).glob("*.parquet"))]
     for name in ("customer_features", "customer_tags"):
         if any((warehouse_dir / name).glob("as_of=*/data.parquet")):
-            views.append((name if name == "customer_features" else "customer_tags_history", str(warehouse_dir / name / "as_of=*" / "data.parquet")))
+            views.append((name if name == "customer_features" else "customer_tags_history", glob_literal(warehouse_dir / name, "as_of=*/data.parquet")))
     duckdb_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         con = duckdb.connect(str(duckdb_path))
@@ -136,7 +150,7 @@ def publish_views(duckdb_path: Path, warehouse_dir: Path) -> list[str]:
         return []
     try:
         for name, path in views:
-            con.execute(f"CREATE OR REPLACE VIEW {quote(name)} AS SELECT * FROM read_parquet({sql_literal(path)}, hive_partitioning = false)")
+            con.execute(f"CREATE OR REPLACE VIEW {quote(name)} AS SELECT * FROM read_parquet({path}, hive_partitioning = false)")
         if any(n == "customer_tags_history" for n, _ in views):
             con.execute(
                 "CREATE OR REPLACE VIEW customer_tags_current AS SELECT * FROM customer_tags_history "

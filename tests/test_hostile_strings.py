@@ -24,6 +24,7 @@ from features.synthetic import BankConfig, generate_bank
 from features.warehouse import (
     WarehouseConfigError,
     connect,
+    glob_literal,
     sql_literal,
     write_parquet_atomically,
 )
@@ -193,19 +194,21 @@ def test_psi_and_slices_over_hostile_regions_and_ids(hostile_bank, tmp_path):
 def test_rule_tags_score_hostile_customer_ids_unchanged(hostile_bank, tmp_path):
     catalog = load_catalog()
     rules_only = Catalog(tags=catalog.rule_tags)
-    target = tmp_path / "tags" / f"as_of={AS_OF}" / "data.parquet"
+    store = TagStore(tmp_path / "tags [prod] 'x'")  # glob characters and a quote in the store's own path
+    target = store.partition_path(AS_OF)
     con = connect(1, "1GB")
     try:
         summary = score_partition(con, None, rules_only, hostile_bank["features"][AS_OF], hostile_bank["staged"], AS_OF, target)
-        store = TagStore(tmp_path / "tags")
         some_id = pd.read_parquet(hostile_bank["features"][AS_OF], columns=["customer_id"])["customer_id"].iloc[0]
         looked_up = store.customer_tags(con, some_id, AS_OF)
+        history = store.history(con, some_id)
     finally:
         con.close()
     rows = pd.read_parquet(target)
     ids = set(pd.read_parquet(hostile_bank["features"][AS_OF], columns=["customer_id"])["customer_id"])
     assert summary.rows == 2 * len(ids) and set(rows["customer_id"]) == ids
     assert set(looked_up["tag"]) == {"value_tier", "lifecycle_stage"} and set(looked_up["customer_id"]) == {some_id}
+    assert len(history) == 2 and set(history["as_of"].astype(str)) == {AS_OF.isoformat()}
 
 
 def test_a_band_naming_hostile_values_matches_them_exactly(hostile_bank, tmp_path):
@@ -226,3 +229,20 @@ def test_a_band_naming_hostile_values_matches_them_exactly(hostile_bank, tmp_pat
     expected = frame["region"].isin(["Xi'an", "西安", "a\\b", '"; DROP TABLE x; --']).map({True: "affluent", False: "mass"})
     pd.testing.assert_series_equal(got.sort_index(), expected.sort_index(), check_names=False)
     assert 0 < (got == "affluent").sum() < len(got)
+
+
+def test_patterns_read_only_under_the_directory_as_named(tmp_path):
+    """Glob characters in a directory's own name are literal; only the pattern part matches."""
+    for name in ("tags [prod]", "star*", "q?"):
+        root = tmp_path / name
+        for day in ("2026-01-31", "2026-02-28"):
+            (root / f"as_of={day}").mkdir(parents=True)
+            pd.DataFrame({"as_of": [day]}).to_parquet(root / f"as_of={day}" / "data.parquet")
+        with duckdb.connect() as con:
+            assert con.execute(f"SELECT count(*) FROM read_parquet({glob_literal(root, 'as_of=*/data.parquet')})").fetchall() == [(2,)]
+    (tmp_path / "stars").mkdir()  # `star*` must not also match a sibling `stars`
+    pd.DataFrame({"as_of": ["x"]}).to_parquet(tmp_path / "stars" / "data.parquet")
+    with duckdb.connect() as con:
+        assert con.execute(f"SELECT count(*) FROM read_parquet({glob_literal(tmp_path / 'star*', '*/data.parquet')})").fetchall() == [(2,)]
+    with pytest.raises(WarehouseConfigError, match="backslash"):
+        glob_literal(tmp_path / "a\\b", "*.parquet")
