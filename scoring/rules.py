@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlglot import exp
 
-from features.warehouse import connect, sql_literal
-from training.catalog import TagSpec, parse_rule_predicate, rule_predicate_sql
+from features.warehouse import MEMORY_LIMIT, connect, sql_literal
+from training.catalog import TagSpec, parse_rule_predicate
 
 
 class RuleInputError(ValueError):
@@ -26,7 +26,7 @@ class RuleInputError(ValueError):
 def rule_case_sql(tag: TagSpec) -> str:
     """`CASE WHEN <band 1> THEN 'label' ... ELSE default END`: the first matching band wins."""
     assert tag.rule is not None, f"{tag.name} is not a rule tag"
-    whens = " ".join(f"WHEN {rule_predicate_sql(band.when)} THEN {sql_literal(band.label)}" for band in tag.rule.bands)
+    whens = " ".join(f"WHEN {band.sql} THEN {sql_literal(band.label)}" for band in tag.rule.bands)
     return f"CASE {whens} ELSE {sql_literal(tag.rule.default)} END"
 
 
@@ -62,7 +62,11 @@ def sandboxed_connection(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Re
     stay readable.
     """
     threads, memory_limit = con.execute("SELECT current_setting('threads'), current_setting('memory_limit')").fetchall()[0]
-    sandbox = connect(int(threads), str(memory_limit))
+    if MEMORY_LIMIT.match(str(memory_limit)):
+        sandbox = connect(int(threads), str(memory_limit))
+    else:  # the caller has no limit (DuckDB prints it in PiB, a unit it does not accept): DuckDB's default
+        sandbox = duckdb.connect(":memory:")
+        sandbox.execute("SET threads = ?", [int(threads)])
     try:
         for name, table in tables.items():
             sandbox.register(name, table)

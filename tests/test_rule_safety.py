@@ -180,3 +180,15 @@ def test_safe_class_names_load(tmp_path):
 def test_an_empty_catalog_is_rejected_by_name(tmp_path):
     with pytest.raises(CatalogError, match=r"catalog: tags: .*no tags \(tags: \[\]\)"):
         _load(tmp_path, [])
+
+
+def test_a_caller_without_a_memory_limit_still_gets_a_sandbox():
+    with duckdb.connect() as unlimited:
+        unlimited.execute("SET memory_limit = '-1'")
+        sandbox = sandboxed_connection(unlimited, {"t": pa.table({"x": [1, 2]})})
+        try:
+            assert sandbox.execute("SELECT sum(x) FROM t").fetchall() == [(3,)]
+            with pytest.raises(duckdb.PermissionException):
+                sandbox.execute("SELECT * FROM read_text('/etc/hostname')")
+        finally:
+            sandbox.close()
