@@ -192,3 +192,10 @@ def test_a_caller_without_a_memory_limit_still_gets_a_sandbox():
                 sandbox.execute("SELECT * FROM read_text('/etc/hostname')")
         finally:
             sandbox.close()
+
+
+def test_an_unknown_label_source_is_rejected_by_name(tmp_path):
+    entry = SHIPPED.get("risk_appetite").model_dump(mode="json")
+    entry["label"]["sources"] = ["risk_questionnaire", "risk_questionaire"]
+    with pytest.raises(CatalogError, match=r"tag 'risk_appetite': label.sources: .*unknown label sources \['risk_questionaire'\]"):
+        _load(tmp_path, [entry])

@@ -26,6 +26,7 @@ from pydantic import (
 )
 from sqlglot import exp
 
+from features.contract import LABEL_SOURCES
 from features.customer_features import FEATURE_NAMES, FEATURES
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "tags" / "catalog.yaml"
@@ -186,6 +187,15 @@ class LabelSpec(_Strict):
     max_age_days: int | None = Field(None, ge=1, description="labels older than this (at training time) are ignored")
     observed_wins: bool = True  # at scoring: an observed label overrides the model's inference
     feature_source: Literal["customer_features"] | WideTableSource = "customer_features"
+
+    @field_validator("sources")
+    @classmethod
+    def _known_sources(cls, sources: tuple[str, ...]) -> tuple[str, ...]:
+        # the contract allows only these in tag_labels.source: any other name would silently match nothing
+        unknown = [s for s in sources if s not in LABEL_SOURCES]
+        if unknown:
+            raise ValueError(f"unknown label sources {unknown}; tag_labels.source is one of {list(LABEL_SOURCES)}")
+        return sources
 
 
 class SearchDimension(_Strict):
