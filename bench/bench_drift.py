@@ -59,14 +59,14 @@ def step_prepare(n: int, threads: int) -> dict:
     from features.customer_features import build_customer_features
     from features.raw import validate_and_stage
     from features.synthetic import BankConfig, generate_bank
-    from features.warehouse import connect
+    from features.warehouse import connect, sql_literal
 
     p = _paths(n)
     started = time.perf_counter()
     if not p["current"].exists():
         generate_bank(BankConfig(customers=n, months=12, seed=42, drift="market_shock", drift_month="2026-10"), p["raw"])
         con = connect(threads, "6GB")
-        con.execute(f"SET temp_directory = '{p['work'] / 'spill'}'")
+        con.execute(f"SET temp_directory = {sql_literal(p['work'] / 'spill')}")
         for spec in RAW_TABLES:
             validate_and_stage(con, spec, p["raw"], p["staged"])
         for day, target in ((REFERENCE, p["reference"]), (CURRENT, p["current"])):

@@ -77,8 +77,11 @@ def _read_source(con: duckdb.DuckDBPyConnection, spec: TableSpec, kind: str, loc
     view = f"src_{spec.name}_{kind}"  # a view over Parquet, a temporary table for CSV
     # skip = 0: the header is the first line. Left to the sniffer, a malformed last row can be taken
     # for the header, and its values (names, phone numbers) would be reported as column names.
+    # a directory of parts is listed here, not globbed by DuckDB: its glob reads '[', '*', '?' and
+    # '\\' in the directory's own path as pattern characters and then finds no files
+    parts = sorted(Path(location).parent.glob("*.parquet")) if kind == "parquet" and location.endswith("*.parquet") else [location]
     reader = (
-        f"read_parquet({sql_literal(location)})"
+        f"read_parquet([{', '.join(sql_literal(part) for part in parts)}])"
         if kind == "parquet"
         else f"read_csv({sql_literal(location)}, header = true, all_varchar = true, skip = 0)"
     )

@@ -1,6 +1,8 @@
 """The embedded warehouse: DuckDB connections over Parquet files, and atomic Parquet writes."""
 
+import glob
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -10,23 +12,70 @@ from pathlib import Path
 import duckdb
 
 PARQUET_OPTIONS = "FORMAT PARQUET, COMPRESSION ZSTD, ROW_GROUP_SIZE 122880"
+# DuckDB's own units (1000^i and 1024^i); anything else is refused before a connection is opened
+MEMORY_LIMIT = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+
+
+class WarehouseConfigError(ValueError):
+    """A connection setting (threads, memory limit) is not of the accepted form."""
 
 
 def connect(threads: int = 2, memory_limit: str = "4GB", database: str | Path = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with deliberate thread and memory limits (the machine is shared)."""
+    """A DuckDB connection with deliberate thread and memory limits (the machine is shared).
+
+    The limits usually come from the environment (TAGML_DUCKDB_MEMORY_LIMIT): they are checked
+    here, for every caller, and reach DuckDB as bound parameters, never as SQL text.
+    """
+    if not isinstance(memory_limit, str) or not MEMORY_LIMIT.match(memory_limit.strip()):
+        raise WarehouseConfigError(
+            f"DuckDB memory limit {memory_limit!r} (TAGML_DUCKDB_MEMORY_LIMIT) is not a size such as '4GB' or '512MiB'"
+            " (a number and one of B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
+    try:
+        threads = int(threads)
+    except (TypeError, ValueError):
+        threads = 0
+    if threads < 1:
+        raise WarehouseConfigError("DuckDB threads (TAGML_THREADS) must be a positive integer")
     con = duckdb.connect(str(database))
-    con.execute(f"SET threads = {int(threads)}")
-    con.execute(f"SET memory_limit = '{memory_limit}'")
-    con.execute("SET preserve_insertion_order = false")
+    try:
+        con.execute("SET threads = ?", [threads])
+        con.execute("SET memory_limit = ?", [memory_limit.strip()])
+        con.execute("SET preserve_insertion_order = false")
+    except BaseException:
+        con.close()
+        raise
     return con
 
 
 def quote(identifier: str) -> str:
+    """A DuckDB identifier: doubled double quotes inside double quotes."""
     return '"' + identifier.replace('"', '""') + '"'
 
 
 def sql_literal(value: object) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
+    """A DuckDB string literal for our own text (paths, constants): quotes doubled.
+
+    DuckDB string literals have no backslash escapes, so doubling `'` is the whole escaping; a NUL
+    cannot appear in a path or constant we write. Values from data or users go in as parameters.
+    """
+    text = str(value)
+    if "\x00" in text:
+        raise ValueError("a NUL character cannot appear in an SQL literal")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def glob_literal(directory: Path | str, pattern: str) -> str:
+    """A DuckDB string literal for files matching `pattern` under `directory`.
+
+    DuckDB expands `*`, `?` and `[...]` anywhere in a path, so the directory (a user's TAGML_HOME or
+    raw directory, say `/data/tags [prod]`) is escaped and only `pattern` is a pattern. Its glob
+    cannot match under a directory whose path has a backslash: refused with the directory named.
+    """
+    directory = str(directory)
+    if "\\" in directory:
+        raise WarehouseConfigError(f"DuckDB cannot read files by pattern under a directory with a backslash in its path: {directory}")
+    return sql_literal(glob.escape(directory.rstrip("/")) + "/" + pattern)
 
 
 def staged_dir_of(warehouse_dir: Path) -> Path:
@@ -90,10 +139,10 @@ def publish_views(duckdb_path: Path, warehouse_dir: Path) -> list[str]:
     Views are a convenience: if another process holds the file, they are left as they were.
     """
     warehouse_dir = Path(warehouse_dir)
-    views: list[tuple[str, str]] = [(f"raw_{p.stem}", str(p)) for p in sorted(staged_dir_of(warehouse_dir).glob("*.parquet"))]
+    views: list[tuple[str, str]] = [(f"raw_{p.stem}", sql_literal(p)) for p in sorted(staged_dir_of(warehouse_dir).glob("*.parquet"))]
     for name in ("customer_features", "customer_tags"):
         if any((warehouse_dir / name).glob("as_of=*/data.parquet")):
-            views.append((name if name == "customer_features" else "customer_tags_history", str(warehouse_dir / name / "as_of=*" / "data.parquet")))
+            views.append((name if name == "customer_features" else "customer_tags_history", glob_literal(warehouse_dir / name, "as_of=*/data.parquet")))
     duckdb_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         con = duckdb.connect(str(duckdb_path))
@@ -101,7 +150,7 @@ def publish_views(duckdb_path: Path, warehouse_dir: Path) -> list[str]:
         return []
     try:
         for name, path in views:
-            con.execute(f"CREATE OR REPLACE VIEW {quote(name)} AS SELECT * FROM read_parquet({sql_literal(path)}, hive_partitioning = false)")
+            con.execute(f"CREATE OR REPLACE VIEW {quote(name)} AS SELECT * FROM read_parquet({path}, hive_partitioning = false)")
         if any(n == "customer_tags_history" for n, _ in views):
             con.execute(
                 "CREATE OR REPLACE VIEW customer_tags_current AS SELECT * FROM customer_tags_history "

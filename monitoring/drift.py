@@ -46,7 +46,7 @@ from monitoring.reference import (
     reference_profile,
 )
 from monitoring.report import ReportJob, ReportSummary, run_reports
-from scoring.rules import rule_case_sql
+from scoring.rules import rule_case_sql, rule_columns
 from scoring.store import TagStore
 from tagml.settings import Settings
 from training.catalog import Catalog, TagSpec
@@ -121,12 +121,17 @@ class TagDrift:
 
 
 def slice_expressions(catalog: Catalog, columns: set[str]) -> dict[str, str]:
-    """SQL per slice over a feature snapshot: a rule tag's bands (value tier) or a feature column (region)."""
+    """SQL per slice over a feature snapshot: a rule tag's bands (value tier) or a feature column (region).
+
+    A rule's SQL is generated from its checked parse tree (scoring.rules); a slice whose columns the
+    snapshot lacks is left out, as a missing feature column is.
+    """
     out = {}
     for name in SLICE_SOURCES:
         rule = next((t for t in catalog.rule_tags if t.name == name), None)
         if rule is not None:
-            out[name] = rule_case_sql(rule)
+            if set(rule_columns(rule)) <= columns:
+                out[name] = rule_case_sql(rule)
         elif name in columns:
             out[name] = quote(name)
     return out

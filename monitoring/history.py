@@ -14,7 +14,12 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from features.warehouse import quote, sql_literal, write_parquet_atomically
+from features.warehouse import (
+    glob_literal,
+    quote,
+    sql_literal,
+    write_parquet_atomically,
+)
 
 SUMMARY, FEATURES, PREDICTIONS = "drift_summary", "drift_features", "drift_predictions"
 TABLES = (FEATURES, PREDICTIONS, SUMMARY)  # write order: the summary last
@@ -98,7 +103,7 @@ class DriftHistory:
         if as_of is None:
             if not self.partitions():
                 raise DriftHistoryError(f"no drift results in {self.root} yet; materialize tag_drift (or run `tagml demo`) first")
-            return f"read_parquet({sql_literal(str(self.root / table / 'as_of=*' / PARTITION_FILE))}, union_by_name = true, hive_partitioning = false)"
+            return f"read_parquet({glob_literal(self.root / table, 'as_of=*/' + PARTITION_FILE)}, union_by_name = true, hive_partitioning = false)"
         path = self.path(table, as_of)
         if not path.exists():
             have = [d.isoformat() for d in self.partitions()][-5:]

@@ -45,6 +45,14 @@ def parquet(path: Path | str) -> str:
     return f"read_parquet({sql_literal(str(path))})"
 
 
+def _number(value: float) -> str:
+    """A bin edge or point mass as an SQL numeric literal; only a finite float can become one."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"a bin edge must be finite, not {number}")
+    return repr(number)
+
+
 @dataclass(frozen=True)
 class Bins:
     """Numeric binning of one feature: an optional point-mass value with a bin of its own, then edges."""
@@ -93,12 +101,12 @@ def _bins_from(con: duckdb.DuckDBPyConnection, source: str, numeric: Sequence[st
     mode_of = {n: (modes[2 * i], modes[2 * i + 1]) for i, n in enumerate(numeric)}
     shares = con.execute(
         "SELECT " + ", ".join(
-            f"count(*) FILTER (WHERE {finite(n)} = {float(mode_of[n][0])!r})" if mode_of[n][0] is not None else "0" for n in numeric
+            f"count(*) FILTER (WHERE {finite(n)} = {_number(mode_of[n][0])})" if mode_of[n][0] is not None else "0" for n in numeric
         ) + f" FROM {source}"
     ).fetchall()[0]
     masses = {n: mode_of[n][0] if mode_of[n][1] and shares[i] / mode_of[n][1] >= MASS_SHARE else None for i, n in enumerate(numeric)}
     quantiles = ", ".join(
-        f"quantile_cont({finite(n)}, {list(DECILES)})" + (f" FILTER (WHERE {finite(n)} != {float(masses[n])!r})" if masses[n] is not None else "")
+        f"quantile_cont({finite(n)}, {list(DECILES)})" + (f" FILTER (WHERE {finite(n)} != {_number(masses[n])})" if masses[n] is not None else "")
         for n in numeric
     )
     row = con.execute(f"SELECT {quantiles} FROM {source}").fetchall()[0]
@@ -117,8 +125,8 @@ def _bin_expression(name: str, kind: str, bins: Mapping[str, Bins]) -> str:
     spec = bins.get(name, Bins(()))
     # bin k holds edge[k-1] < x <= edge[k]; DuckDB evaluates each WHEN only on the rows still
     # unmatched, which measured faster than a sum of comparisons or a nested binary search
-    mass = f"WHEN {value} = {spec.mass!r} THEN {MASS_BIN} " if spec.mass is not None else ""
-    whens = " ".join(f"WHEN {value} <= {edge!r} THEN {k}" for k, edge in enumerate(spec.edges))
+    mass = f"WHEN {value} = {_number(spec.mass)} THEN {MASS_BIN} " if spec.mass is not None else ""
+    whens = " ".join(f"WHEN {value} <= {_number(edge)} THEN {k}" for k, edge in enumerate(spec.edges))
     return f"CASE WHEN {column} IS NULL OR isnan({value}) THEN -1 {mass}{whens} ELSE {len(spec.edges)} END"
 
 
@@ -147,16 +155,18 @@ def bin_counts(
     those groups. This never materialises the rows x features long table, and grouping by an integer
     code costs a fraction of GROUPING SETS or grouping by the slice strings (measured at 1M rows).
     """
-    code, multiplier = [], 1
+    # the slice values come from the data (a region may be Xi'an): they are bound as parameters
+    code, params, multiplier = [], [], 1
     for name, expr in slices.items():
         known = values[name]
-        position = f"coalesce(list_position({known!r}, coalesce(({expr})::VARCHAR, {sql_literal(MISSING)})), 0)"
+        position = f"coalesce(list_position(?::VARCHAR[], coalesce(({expr})::VARCHAR, {sql_literal(MISSING)})), 0)"
         code.append(f"{position} * {multiplier}")
+        params.append(list(known))
         multiplier *= len(known) + 1
     code_sql = " + ".join(code) if code else "0"
     bins = ", ".join(f"{_bin_expression(n, k, edges)} AS {quote(n)}" for n, k in features.items())
     histograms = ", ".join(f"histogram({quote(n)})" for n in features)
-    wide = con.execute(f"SELECT _code, {histograms} FROM (SELECT ({code_sql})::INTEGER AS _code, {bins} FROM {parquet(path)}) GROUP BY _code").fetchall()
+    wide = con.execute(f"SELECT _code, {histograms} FROM (SELECT ({code_sql})::INTEGER AS _code, {bins} FROM {parquet(path)}) GROUP BY _code", params).fetchall()
     records = []
     for combo, *maps in wide:
         keys, rest = [], combo

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from features.warehouse import remove_stale_temporaries, sql_literal, staged_path
 from scoring.reasons import ReasonExplainer
-from scoring.rules import rule_case_sql, rule_version
+from scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
 from training.catalog import Catalog, TagSpec
 from training.dataset import label_conditions
 from training.registry import CHAMPION, load_model
@@ -194,14 +194,14 @@ def _rule_batches(con: duckdb.DuckDBPyConnection, path: Path, tag: TagSpec, as_o
         f"[]::VARCHAR[] AS reasons, 'rule' AS source, NULL::VARCHAR AS inferred_value, NULL::VARCHAR AS observed_value, "
         f"NULL::BOOLEAN AS observed_mismatch, {sql_literal(producer)} AS producer, NULL::VARCHAR AS model_version, "
         f"NULL::VARCHAR AS mlflow_run_id, TIMESTAMPTZ {sql_literal(scored_at.isoformat())} AS scored_at "
-        f"FROM read_parquet({sql_literal(path)})"
+        "FROM features"
     )
+    # on a sandboxed connection (no file access) over the snapshot's columns as Arrow batches
     try:
-        reader = con.sql(sql).to_arrow_reader(batch_rows)
-    except duckdb.Error as exc:
+        for batch in rule_batches(con, path, tag, sql, batch_rows):
+            yield batch.cast(TAG_ROW_SCHEMA) if batch.schema != TAG_ROW_SCHEMA else batch
+    except (duckdb.Error, RuleInputError) as exc:
         raise ScoringError(f"rule tag {tag.name!r}: its bands do not evaluate on {path}: {str(exc).splitlines()[0]}") from exc
-    for batch in reader:
-        yield batch.cast(TAG_ROW_SCHEMA) if batch.schema != TAG_ROW_SCHEMA else batch
 
 
 def score_partition(

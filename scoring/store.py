@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from features.warehouse import sql_literal, write_parquet_atomically
+from features.warehouse import glob_literal, sql_literal, write_parquet_atomically
 
 PARTITION_FILE = "data.parquet"
 
@@ -34,7 +34,7 @@ class TagStore:
     def _all(self) -> str:
         if not self.partitions():
             raise TagStoreError(f"the tag store at {self.root} has no partitions yet; run the scoring job first")
-        return f"read_parquet({sql_literal(str(self.root / 'as_of=*' / PARTITION_FILE))}, hive_partitioning = false)"
+        return f"read_parquet({glob_literal(self.root, 'as_of=*/' + PARTITION_FILE)}, hive_partitioning = false)"
 
     def _partition(self, as_of: date) -> str:
         path = self.partition_path(as_of)

@@ -12,7 +12,13 @@ import numpy as np
 import pandas as pd
 
 from features.customer_features import CATEGORICAL_FEATURES, spine_features_sql
-from features.warehouse import quote, sql_literal, staged_path, write_parquet_atomically
+from features.warehouse import (
+    glob_literal,
+    quote,
+    sql_literal,
+    staged_path,
+    write_parquet_atomically,
+)
 from training.catalog import TagSpec, WideTableSource
 
 LABEL_COLUMN = "label"
@@ -90,7 +96,7 @@ def _reader(path: str) -> str:
     if lower.endswith(".csv"):
         return f"read_csv({sql_literal(path)}, header = true)"
     if Path(path).is_dir():
-        return f"read_parquet({sql_literal(str(Path(path) / '*.parquet'))})"
+        return f"read_parquet({glob_literal(path, '*.parquet')})"
     return f"read_parquet({sql_literal(path)})"
 
 
