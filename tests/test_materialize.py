@@ -44,7 +44,11 @@ def test_raw_then_features_materialize_with_passing_checks(home):
     metadata = materialization.materialization.metadata
     assert metadata["rows"].value == customers.num_rows  # every demo customer is onboarded by the end
     evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert evaluations == {"row_count": True, "unique_customers": True, "schema": True, "null_rates": True, "freshness": True}
+    assert evaluations == {"row_count": True, "unique_customers": True, "schema": True, "null_rates": True, "unseen_categories": True, "freshness": True}
+    # aggregates only: not one customer id anywhere in the materialization's metadata
+    shown = " ".join(str(v.value) for v in metadata.values())
+    assert "preview" not in metadata and not [c for c in customers.column("customer_id").to_pylist() if c in shown]
+    assert "aum_total" in metadata["feature_summary"].value and "median" in metadata["feature_summary"].value
     table = pq.read_table(home.warehouse_dir / "customer_features" / f"as_of={AS_OF}" / "data.parquet")
     assert table.column_names == ["customer_id", "as_of", *FEATURE_NAMES]
     assert set(table.column("as_of").to_pylist()) == {date(2026, 10, 31)}

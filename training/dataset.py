@@ -13,6 +13,7 @@ import pandas as pd
 
 from features.customer_features import CATEGORICAL_FEATURES, spine_features_sql
 from features.files import check_parquet
+from features.raw import current_generation
 from features.warehouse import quote, sql_literal, staged_path, write_parquet_atomically
 from training.catalog import TagSpec, WideTableSource
 
@@ -164,6 +165,7 @@ def build_training_set(
     Features come from the computed customer features at each label's date, or from the bank's own
     wide table when the catalog says so (types inferred; PII-like column names never used).
     """
+    staged_dir = current_generation(staged_dir)  # labels and features from one delivery
     wide = isinstance(tag.label.feature_source, WideTableSource)
     if not wide or tag.label.feature_source.labels_path is None:
         _check_staged(staged_dir, ("tag_labels",) if wide else STAGED_INPUTS)
