@@ -22,7 +22,7 @@ class WarehouseResource(dg.ConfigurableResource):
     duckdb_path: str = Field(description="DuckDB file holding views over the warehouse's Parquet files.")
     threads: int = Field(default=2, description="DuckDB threads; keep at or below the cores you can use.")
     memory_limit: str = Field(default="4GB", description="DuckDB memory limit; larger work spills to disk.")
-    timezone: str = Field(default="Asia/Shanghai", description="The bank's timezone: a delivery's default date is today there.")
+    timezone: str = Field(default=Settings.timezone, description="The bank's timezone: a delivery's default date is today there.")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "WarehouseResource":

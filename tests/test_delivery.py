@@ -204,3 +204,21 @@ def test_ragged_csv_names_the_file_and_lines_not_missing_columns(con, staged_cop
     message = str(info.value)
     assert "customers.csv" in message and "lines 8" in message and "lines 22" in message
     assert "missing_column" not in message and "Name 7" not in message and "Name 20" not in message
+
+
+def test_states_a_crash_can_leave_are_recovered(con, bank, delivered, tmp_path):
+    """A writer killed mid-delivery leaves a `.building-*` directory (never read) or, while adopting
+    a plain directory, no link at all: the next delivery starts from the newest complete generation
+    and a failing one still changes nothing."""
+    before = tables_bytes(delivered)
+    generation = current_generation(delivered)
+    leftover = generations_dir(delivered) / ".building-00000000000000000001-deadbeef"
+    leftover.mkdir()
+    (leftover / "customers.parquet").write_bytes(b"half written")
+    delivered.unlink()  # the link is gone
+    raw = copy_raw(bank, tmp_path)
+    replace_table(con, raw, "loans", f"SELECT * REPLACE ('NaN'::DOUBLE AS principal) FROM {good(bank['raw'], 'loans')} LIMIT 5")
+    with pytest.raises(ContractError, match="finite"):
+        stage_delivery(con, raw, delivered, DELIVERY)
+    assert current_generation(delivered) == generation
+    assert tables_bytes(delivered) == before
