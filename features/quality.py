@@ -7,7 +7,7 @@ from typing import Any
 
 import duckdb
 
-from features.contract import CUSTOMERS
+from features.contract import CUSTOMERS, TABLES_BY_NAME
 from features.customer_features import (
     CATEGORICAL_FEATURES,
     FEATURE_NAMES,
@@ -40,20 +40,24 @@ def null_rates(con: duckdb.DuckDBPyConnection, relation: str, names: list[str]) 
     return {n: float(r) for n, r in zip(names, con.execute(f"SELECT {sql} FROM {relation}").fetchall()[0]) if r is not None}
 
 
+# the staged table each feature source reads (its contract event time bounds the history)
+SOURCE_TABLES = {"balances": "balances", "transactions": "transactions", "loans": "loans", "digital": "digital_events"}
+
+
 def features_without_history(con: duckdb.DuckDBPyConnection, staged_dir: Path, as_of: date) -> list[str]:
     """Features that are null for everyone at `as_of` because the staged source does not reach far
     enough back (`Feature.history_months`): early partitions of a bank new to tagml."""
-    needing = [f for f in FEATURES if f.history_months]
-    if not needing:
-        return []
     d = f"DATE {sql_literal(as_of)}"
+    # balances are month-end series read at the latest month end on or before as_of
     snap = f"CASE WHEN {d} = last_day({d}) THEN {d} ELSE last_day({d} - INTERVAL 1 MONTH) END"
-    # balances is the only source with history-bound features today; a month-end series
-    first = con.execute(f"SELECT min(month_end) FROM read_parquet({sql_literal(staged_path(staged_dir, 'balances'))})").fetchall()[0][0]
     out = []
-    for f in needing:
-        reaches = first is not None and con.execute(
-            f"SELECT DATE {sql_literal(first)} <= last_day({snap} - INTERVAL {int(f.history_months)} MONTH)"
+    for f in (f for f in FEATURES if f.history_months):
+        table = TABLES_BY_NAME[SOURCE_TABLES[f.source]]
+        back = f"{snap if table.name == 'balances' else d} - INTERVAL {int(f.history_months)} MONTH"
+        needed = f"last_day({back})" if table.name == "balances" else f"({back})::DATE"
+        reaches = con.execute(
+            f"SELECT coalesce(min({quote(table.event_time)})::DATE <= {needed}, false) "
+            f"FROM read_parquet({sql_literal(staged_path(staged_dir, table.name))})"
         ).fetchall()[0][0]
         if not reaches:
             out.append(f.name)

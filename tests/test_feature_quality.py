@@ -54,8 +54,8 @@ def test_early_as_of_passes_with_history_bound_features_not_yet_available(early_
     assert nulls.metadata["highest_null_rates"]["aum_growth_3m"] == 1.0
 
 
-def test_history_bound_feature_gone_empty_later_fails(early_bank, con, tmp_path):
-    later = date(2024, 6, 30)
+@pytest.mark.parametrize("later", [date(2024, 4, 30), date(2024, 6, 30)], ids=["first_month_with_history", "later"])
+def test_history_bound_feature_gone_empty_later_fails(later, early_bank, con, tmp_path):
     built = build_feature_snapshot(con, early_bank, later, tmp_path / "f.parquet")
     assert outcome(built.checks, "null_rates").metadata["not_yet_available"] == []
     broken = rewrite(con, built.path, tmp_path / "broken.parquet", "NULL::DOUBLE AS aum_growth_3m")
