@@ -106,6 +106,25 @@ def check_unseen_categories(con: duckdb.DuckDBPyConnection, relation: str, colum
     return CheckOutcome("unseen_categories", not counts, description, blocking=False, metadata={"unseen_rows": counts, "unseen_values": shown})
 
 
+def check_constant_features(con: duckdb.DuckDBPyConnection, relation: str, names: list[str]) -> CheckOutcome:
+    """Non-blocking: features with one value for every customer (e.g. AUM 0 for everyone when the
+    balances stopped arriving: counts and sums are filled with 0, so they never look null). A bank
+    may legitimately lack a source or a category, so this warns rather than blocks."""
+    constant: dict[str, Any] = {}
+    if names:
+        parts = ", ".join(f"min({quote(n)})::VARCHAR, max({quote(n)})::VARCHAR, count({quote(n)})" for n in names)
+        row = con.execute(f"SELECT {parts}, count(*) FROM {relation}").fetchall()[0]
+        if row[-1] > 1:
+            for i, name in enumerate(names):
+                lo, hi, n = row[3 * i : 3 * i + 3]
+                if n and lo == hi:
+                    constant[name] = lo[:30]  # the one value everybody has: an aggregate
+    description = "No feature has the same value for every customer."
+    if constant:
+        description += f" Constant: {', '.join(constant)}."
+    return CheckOutcome("constant_features", not constant, description, blocking=False, metadata={"constant_features": constant})
+
+
 def check_feature_snapshot(con: duckdb.DuckDBPyConnection, path: Path, staged_dir: Path, as_of: date) -> list[CheckOutcome]:
     """Row count, schema, uniqueness, null rates, unseen categories and freshness of one `customer_features` snapshot."""
     check_parquet(path, f"re-materialize the customer_features partition {as_of.isoformat()}")
@@ -135,6 +154,7 @@ def check_feature_snapshot(con: duckdb.DuckDBPyConnection, path: Path, staged_di
     rates = null_rates(con, snap, present) if rows else {}
     outcomes.append(check_null_rates(rates, features_without_history(con, staged_dir, as_of)))
     outcomes.append(check_unseen_categories(con, snap, columns))
+    outcomes.append(check_constant_features(con, snap, present))
     latest_txn = con.execute(
         f"SELECT max(txn_ts)::DATE FROM read_parquet({sql_literal(staged_path(staged_dir, 'transactions'))}) WHERE txn_ts < {d} + INTERVAL 1 DAY"
     ).fetchall()[0][0]

@@ -24,6 +24,7 @@ def build_customer_features_asset(partitions_def: dg.PartitionsDefinition) -> dg
         check_spec("customer_features", "schema", "Columns match the feature dictionary."),
         check_spec("customer_features", "null_rates", "Features declared never null have no nulls; no feature went (almost) all null, except those without enough history yet."),
         check_spec("customer_features", "unseen_categories", "Categorical features take only the contract's allowed values.", blocking=False),
+        check_spec("customer_features", "constant_features", "No feature has the same value for every customer.", blocking=False),
         check_spec("customer_features", "freshness", "Raw data reaches as_of (newest transaction at most 3 days old).", blocking=False),
     ]
 

@@ -127,3 +127,14 @@ def test_truncated_partition_is_named_with_the_partition_to_rebuild(bank, bank_f
         assert info.value.path == broken
         assert f"re-materialize the customer_features partition {MID_MONTH_END.isoformat()}" in str(info.value)
     assert open_feature_snapshot(bank_features[MID_MONTH_END], MID_MONTH_END) == bank_features[MID_MONTH_END]
+
+
+def test_a_feature_filled_with_zero_for_everyone_is_flagged(bank, bank_features, con, tmp_path):
+    """AUM 0 for every customer (balances that stopped arriving) is never null -- the fill value --
+    so the null check cannot see it; the constant-feature check names it."""
+    broken = rewrite(con, bank_features[MID_MONTH_END], tmp_path / "broken.parquet", "0.0::DOUBLE AS aum_total")
+    constant = outcome(check_feature_snapshot(con, broken, bank["staged"], MID_MONTH_END), "constant_features")
+    assert not constant.passed and not constant.blocking
+    assert constant.metadata["constant_features"] == {"aum_total": "0.0"}
+    clean = outcome(check_feature_snapshot(con, bank_features[MID_MONTH_END], bank["staged"], MID_MONTH_END), "constant_features")
+    assert clean.passed, clean.metadata
