@@ -27,6 +27,10 @@ class Column:
     allowed: tuple[str, ...] | None = None
     min: float | str | None = None
     max: float | str | None = None
+    # Dates and timestamps describe the past: a value after the delivery date is implausible (a
+    # transaction in 2099, a customer born in 2090). A column that may legitimately lie in the
+    # future (a contractual end date) says so here.
+    future_allowed: bool = False
 
     def __post_init__(self) -> None:
         if self.type not in SQL_TYPES:
@@ -35,6 +39,16 @@ class Column:
     @property
     def sql_type(self) -> str:
         return SQL_TYPES[self.type]
+
+    @property
+    def not_after_delivery(self) -> bool:
+        """Values must not be later than the delivery date."""
+        return self.type in ("date", "timestamp") and not self.future_allowed
+
+    @property
+    def finite(self) -> bool:
+        """NaN and +-inf are rejected (every double column)."""
+        return self.type == "double"
 
 
 @dataclass(frozen=True)
@@ -284,9 +298,15 @@ def contract_markdown() -> str:
         "# Raw data contract",
         "",
         "Generated from `features/contract.py` by `tagml contract`; do not edit by hand.",
-        "Each table is a Parquet file `<table>.parquet`, a directory `<table>/` of Parquet parts, "
+        ("Each table is a Parquet file `<table>.parquet`, a directory `<table>/` of Parquet parts, "
         "or a CSV file `<table>.csv` (header row) in the raw directory. Columns not listed are ignored. "
-        "PII columns are accepted, validated as text and dropped before anything downstream sees them.",
+        "PII columns are accepted, validated as text and dropped before anything downstream sees them."),
+        "",
+        ("A delivery is staged as one unit: every table is validated (including that each `customer_id` "
+        "exists in the *delivered* customers) before any staged table is replaced, and then all are "
+        "replaced together. Each delivery has a delivery date (by default today in the bank's timezone): "
+        "dates and timestamps after it are rejected, as are NaN and infinite numbers. A CSV row with more "
+        "or fewer fields than the header is reported by file and line number, never by its content."),
         "",
     ]
     for table in RAW_TABLES:
@@ -306,6 +326,10 @@ def contract_markdown() -> str:
                 rule.append(f">= {c.min}")
             if c.max is not None:
                 rule.append(f"<= {c.max}")
+            if c.not_after_delivery:
+                rule.append("<= delivery date")
+            if c.finite:
+                rule.append("finite")
             null = "optional column" if not c.required else ("yes" if c.nullable else "no")
             lines.append(
                 f"| `{c.name}` | {c.type} | {null} | {'PII' if c.pii else ''} | {'; '.join(rule)} | {c.description} |"

@@ -16,10 +16,16 @@ from pathlib import Path
 
 import duckdb
 
-from features.contract import INVESTMENT_PRODUCTS, PRODUCTS, SPEND_CATEGORIES
+from features.contract import CUSTOMERS, INVESTMENT_PRODUCTS, PRODUCTS, SPEND_CATEGORIES
+from features.raw import current_generation
 from features.warehouse import sql_literal, staged_path, write_parquet_atomically
 
 SOURCES = ("customer", "balances", "transactions", "loans", "digital", "derived")
+
+
+def _customer_columns(sql: str) -> list[str]:
+    """The customers columns (`c.<name>`) a demographic feature's SQL reads."""
+    return [c.name for c in CUSTOMERS.columns if f"c.{c.name}" in sql]
 
 
 @dataclass(frozen=True)
@@ -32,10 +38,35 @@ class Feature:
     kind: str = "numeric"  # numeric | categorical
     group: str = ""
     fill: float | None = None  # value when the customer has no rows in the source (counts, sums)
+    # Months of source history before as_of the feature needs: until the staged source reaches that
+    # far back it is null for everyone, legitimately (a bank's first months in tagml).
+    history_months: int = 0
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"feature {self.name}: unknown source {self.source}")
+
+    @property
+    def may_be_null(self) -> bool:
+        """Whether a null is a legitimate value (see `null_when`); if not, any null is a defect."""
+        if self.fill is not None:
+            return False
+        if self.source == "customer":
+            # demographics are null exactly where the contract lets the raw column be empty
+            return any(CUSTOMERS.column(c).nullable for c in _customer_columns(self.sql))
+        return True
+
+    @property
+    def null_when(self) -> str:
+        """When the feature is legitimately null, for the feature dictionary."""
+        if not self.may_be_null:
+            return "never" + (f" ({self.fill:g} without rows)" if self.fill is not None else "")
+        if self.source == "customer":
+            return "not recorded"
+        text = "no rows in the window, or a zero denominator"
+        if self.history_months:
+            text = f"always while the staged {self.source} do not reach {self.history_months} months before as_of; else " + text
+        return text
 
 
 def _latest(col: str) -> str:
@@ -77,7 +108,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("aum_total", "balances", _latest("aum"), "Assets under management at the latest month end (excl. credit card).", "month end", group="aum", fill=0.0),
     Feature("aum_avg_3m", "balances", "sum(aum) FILTER (WHERE month_end > last_day(snap - INTERVAL 3 MONTH)) / 3", "Average month-end AUM over 3 months.", "3m", group="aum", fill=0.0),
     Feature("aum_avg_12m", "balances", "sum(aum) / 12", "Average month-end AUM over 12 months.", "12m", group="aum", fill=0.0),
-    Feature("aum_growth_3m", "balances", f"{_latest('aum')} / nullif({_months_ago('aum', 3)}, 0) - 1", "Relative AUM change over 3 months.", "3m", group="aum"),
+    Feature("aum_growth_3m", "balances", f"{_latest('aum')} / nullif({_months_ago('aum', 3)}, 0) - 1", "Relative AUM change over 3 months.", "3m", group="aum", history_months=3),
     *(
         Feature(f"share_{p}", "balances", _share(_latest(f"p_{p}"), _latest("aum")), f"Share of AUM in {p.replace('_', ' ')}.", "month end", group="product_mix")
         for p in PRODUCTS
@@ -89,6 +120,7 @@ FEATURES: tuple[Feature, ...] = (
         "risky_share_change_3m", "balances",
         f"{_share(_latest(_RISKY), _latest('aum'))} - {_share(_months_ago(_RISKY, 3), _months_ago('aum', 3))}",
         "Change of the risky share over 3 months (de-risking after drawdowns is negative).", "3m", group="investment",
+        history_months=3,
     ),
     Feature("n_products_held", "balances", "max(n_products) FILTER (WHERE month_end = snap)", "Number of products held at the latest month end (incl. credit card).", "month end", group="product_mix", fill=0),
     Feature("months_with_balance_12m", "balances", "count(*) FILTER (WHERE aum > 0)", "Month ends with a positive AUM in 12 months.", "12m", group="activity", fill=0),
@@ -168,46 +200,47 @@ def features_sql(staged_dir: Path, spine_sql: str, first_as_of: date, last_as_of
     `first_as_of`/`last_as_of` bound the spine's dates so that Parquet scans skip rows that no
     as_of can use.
     """
+    # every table from one delivery, even if another is swapped in while the query is built or run
+    staged_dir = current_generation(staged_dir)
     src = {t: f"read_parquet({sql_literal(staged_path(staged_dir, t))})" for t in ("customers", "balances", "loans", "transactions", "digital_events")}
     lo = f"DATE {sql_literal(first_as_of)} - INTERVAL 12 MONTH"
     hi = f"DATE {sql_literal(last_as_of)} + INTERVAL 1 DAY"
     product_cols = ",\n      ".join(f"sum(balance) FILTER (WHERE product = {sql_literal(p)}) AS p_{p}" for p in PRODUCTS)
-    non_card = " + ".join(f"p_{p}" for p in PRODUCTS if p != "credit_card")
     customer_cols = ",\n    ".join(f"{f.sql} AS {f.name}" for f in FEATURES if f.source == "customer")
     ctes = [
-        f"spine AS (\n  SELECT DISTINCT customer_id, as_of::DATE AS as_of,\n"
+        (f"spine AS (\n  SELECT DISTINCT customer_id, as_of::DATE AS as_of,\n"
         f"    CASE WHEN as_of::DATE = last_day(as_of::DATE) THEN as_of::DATE ELSE last_day(as_of::DATE - INTERVAL 1 MONTH) END AS snap\n"
-        f"  FROM ({spine_sql})\n)",
+        f"  FROM ({spine_sql})\n)"),
         f"customer_features AS (\n  SELECT s.customer_id, s.as_of,\n    {customer_cols}\n  FROM spine s JOIN {src['customers']} c USING (customer_id)\n)",
         # one row per customer, as_of and month end, products pivoted to columns
-        f"bal_month AS (\n  SELECT s.customer_id, s.as_of, s.snap, b.month_end,\n      {product_cols},\n      count(*) AS n_products\n"
+        (f"bal_month AS (\n  SELECT s.customer_id, s.as_of, s.snap, b.month_end,\n      {product_cols},\n      count(*) AS n_products\n"
         f"  FROM spine s JOIN {src['balances']} b ON b.customer_id = s.customer_id\n"
         f"    AND b.month_end <= s.snap AND b.month_end > s.snap - INTERVAL 12 MONTH\n"
-        f"    AND b.month_end > {lo} AND b.month_end < {hi}\n  GROUP BY ALL\n)",
-        f"bal AS (\n  SELECT * REPLACE ({' , '.join(f'coalesce(p_{p}, 0) AS p_{p}' for p in PRODUCTS)}),\n"
-        f"    {' + '.join(f'coalesce(p_{p}, 0)' for p in PRODUCTS if p != 'credit_card')} AS aum\n  FROM bal_month\n)",
+        f"    AND b.month_end > {lo} AND b.month_end < {hi}\n  GROUP BY ALL\n)"),
+        (f"bal AS (\n  SELECT * REPLACE ({' , '.join(f'coalesce(p_{p}, 0) AS p_{p}' for p in PRODUCTS)}),\n"
+        f"    {' + '.join(f'coalesce(p_{p}, 0)' for p in PRODUCTS if p != 'credit_card')} AS aum\n  FROM bal_month\n)"),
         _block("balances", "bal"),
-        f"txn AS (\n  SELECT s.customer_id, s.as_of, t.txn_ts, t.amount, t.direction, t.category, t.channel,\n"
+        (f"txn AS (\n  SELECT s.customer_id, s.as_of, t.txn_ts, t.amount, t.direction, t.category, t.channel,\n"
         f"    t.txn_ts >= s.as_of - INTERVAL 1 MONTH + INTERVAL 1 DAY AS w1,\n"
         f"    t.txn_ts >= s.as_of - INTERVAL 3 MONTH + INTERVAL 1 DAY AS w3\n"
         f"  FROM spine s JOIN {src['transactions']} t ON t.customer_id = s.customer_id\n"
         f"    AND t.txn_ts < s.as_of + INTERVAL 1 DAY AND t.txn_ts >= s.as_of - INTERVAL 12 MONTH + INTERVAL 1 DAY\n"
-        f"    AND t.txn_ts >= {lo} AND t.txn_ts < {hi}\n)",
+        f"    AND t.txn_ts >= {lo} AND t.txn_ts < {hi}\n)"),
         _block("transactions", "txn"),
-        f"loan AS (\n  SELECT s.customer_id, s.as_of, l.loan_type, l.open_date, l.principal, l.monthly_payment,\n"
+        (f"loan AS (\n  SELECT s.customer_id, s.as_of, l.loan_type, l.open_date, l.principal, l.monthly_payment,\n"
         f"    CASE WHEN l.term_months IS NULL THEN NULL\n"
         f"         WHEN l.interest_rate = 0 THEN l.principal * greatest(l.term_months - date_diff('month', l.open_date, s.as_of), 0) / l.term_months\n"
         f"         ELSE l.monthly_payment * (1 - pow(1 + l.interest_rate / 12, -greatest(l.term_months - date_diff('month', l.open_date, s.as_of), 0))) / (l.interest_rate / 12)\n"
         f"    END AS outstanding\n"
         f"  FROM spine s JOIN {src['loans']} l ON l.customer_id = s.customer_id\n"
-        f"    AND l.open_date <= s.as_of AND (l.close_date IS NULL OR l.close_date > s.as_of)\n)",
+        f"    AND l.open_date <= s.as_of AND (l.close_date IS NULL OR l.close_date > s.as_of)\n)"),
         _block("loans", "loan"),
-        f"dig AS (\n  SELECT s.customer_id, s.as_of, e.event_ts, e.event_type,\n"
+        (f"dig AS (\n  SELECT s.customer_id, s.as_of, e.event_ts, e.event_type,\n"
         f"    e.event_ts >= s.as_of - INTERVAL 1 MONTH + INTERVAL 1 DAY AS w1,\n"
         f"    e.event_ts >= s.as_of - INTERVAL 3 MONTH + INTERVAL 1 DAY AS w3\n"
         f"  FROM spine s JOIN {src['digital_events']} e ON e.customer_id = s.customer_id\n"
         f"    AND e.event_ts < s.as_of + INTERVAL 1 DAY AND e.event_ts >= s.as_of - INTERVAL 12 MONTH + INTERVAL 1 DAY\n"
-        f"    AND e.event_ts >= {lo} AND e.event_ts < {hi}\n)",
+        f"    AND e.event_ts >= {lo} AND e.event_ts < {hi}\n)"),
         _block("digital", "dig"),
     ]
     joined_cols = []
@@ -261,7 +294,7 @@ def features_for_spine(con: duckdb.DuckDBPyConnection, staged_dir: Path, spine_s
 def feature_dictionary() -> list[dict[str, str]]:
     """Name, meaning, window, type and group of every feature (generated from `FEATURES`)."""
     return [
-        {"name": f.name, "group": f.group, "kind": f.kind, "window": f.window, "source": f.source, "description": f.description}
+        {"name": f.name, "group": f.group, "kind": f.kind, "window": f.window, "source": f.source, "null_when": f.null_when, "description": f.description}
         for f in FEATURES
     ]
 
@@ -273,8 +306,13 @@ def feature_dictionary_markdown() -> str:
         f"Generated from `features/customer_features.py` by `tagml features`; do not edit by hand. {len(FEATURES)} features,",
         "one row per customer and `as_of`; windows end on as_of (inclusive) and only use data dated on or before it.",
         "",
-        "| feature | group | type | window | source | meaning |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "`null when` says when a feature is legitimately empty; a null anywhere else fails the snapshot's quality check.",
+        "",
+        "| feature | group | type | window | source | null when | meaning |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| `{d['name']}` | {d['group']} | {d['kind']} | {d['window']} | {d['source']} | {d['description']} |" for d in feature_dictionary()]
+    lines += [
+        f"| `{d['name']}` | {d['group']} | {d['kind']} | {d['window']} | {d['source']} | {d['null_when']} | {d['description']} |"
+        for d in feature_dictionary()
+    ]
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 
 from features.customer_features import features_sql, snapshot_spine_sql
+from features.files import check_parquet
 from features.quality import CheckOutcome, check_feature_snapshot
 from features.warehouse import write_parquet_atomically
 
@@ -41,3 +42,11 @@ def build_feature_snapshot(con: duckdb.DuckDBPyConnection, staged_dir: Path, as_
     sql = features_sql(staged_dir, snapshot_spine_sql(staged_dir, as_of), as_of, as_of)
     rows = write_parquet_atomically(con, sql, target, validate=gate)
     return FeatureSnapshot(as_of, target, rows, outcomes)
+
+
+def open_feature_snapshot(path: Path, as_of: date) -> Path:
+    """The stored snapshot for `as_of`, checked readable: a truncated or missing partition raises
+    `CorruptFileError` naming the file and the partition to re-materialize, instead of a bare
+    Arrow/DuckDB error wherever it is read (scoring, drift, exports)."""
+    check_parquet(path, f"re-materialize the customer_features partition {as_of.isoformat()} (materialize the customer_features asset for that partition)")
+    return Path(path)

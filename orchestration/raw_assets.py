@@ -1,63 +1,88 @@
-"""One asset per raw contract table: validate, drop PII, stage as Parquet (all or nothing)."""
+"""The raw delivery: one multi-asset producing every raw_* asset, staged all together or not at all."""
 
 from contextlib import closing
+from datetime import date
 
 import dagster as dg
+from pydantic import Field
 
-from features.contract import RAW_TABLES, TableSpec
-from features.raw import ContractError, validate_and_stage
+from features.contract import RAW_TABLES
+from features.raw import ContractError, bank_today, stage_delivery
 from orchestration.checks import check_spec
 from orchestration.resources import WarehouseResource
 
 RAW_GROUP = "raw"
+CONTRACT_CHECK = "contract"
 
 
 def raw_asset_name(table: str) -> str:
     return f"raw_{table}"
 
 
-def _violations_markdown(err: ContractError) -> str:
-    lines = ["| column | rule | rows | detail | examples |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {v.column or ''} | {v.rule} | {v.n_rows} | {v.detail} | {list(v.examples)} |" for v in err.violations]
+class RawDeliveryConfig(dg.Config):
+    delivery_date: str | None = Field(
+        default=None,
+        description="Date the raw files were delivered (YYYY-MM-DD); no date in them may be later. Default: today in the bank's timezone.",
+    )
+
+
+def _violations_markdown(violations: list) -> str:
+    # Aggregates only: the example rows (customer keys, offending values) stay in the error message.
+    lines = ["| column | rule | rows | detail |", "| --- | --- | --- | --- |"]
+    lines += [f"| {v.column or ''} | {v.rule} | {v.n_rows} | {v.detail} |" for v in violations]
     return "\n".join(lines)
 
 
-def build_raw_asset(spec: TableSpec) -> dg.AssetsDefinition:
-    name = raw_asset_name(spec.name)
-    deps = [raw_asset_name("customers")] if spec.references_customers else []
-
-    @dg.asset(
-        name=name,
-        group_name=RAW_GROUP,
-        deps=deps,
-        description=f"{spec.description} Validated against the raw data contract; PII dropped.",
-        check_specs=[check_spec(name, "contract", "Every column, type, allowed value, key and rule of the contract holds.")],
-        kinds={"duckdb", "parquet"},
-    )
-    def _raw_asset(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
-        with closing(warehouse.connect()) as con:
-            try:
-                staged = validate_and_stage(con, spec, warehouse.raw_path, warehouse.staged_dir)
-            except ContractError as err:
+@dg.multi_asset(
+    name="raw_delivery",
+    group_name=RAW_GROUP,
+    specs=[
+        dg.AssetSpec(
+            raw_asset_name(spec.name),
+            description=f"{spec.description} Validated against the raw data contract; PII dropped.",
+            kinds={"duckdb", "parquet"},
+            group_name=RAW_GROUP,
+        )
+        for spec in RAW_TABLES
+    ],
+    check_specs=[
+        check_spec(raw_asset_name(spec.name), CONTRACT_CHECK, "Every column, type, allowed value, key and rule of the contract holds.")
+        for spec in RAW_TABLES
+    ],
+    description="Validate every raw contract table of the delivery and stage them together (all or nothing).",
+)
+def raw_delivery(context: dg.AssetExecutionContext, config: RawDeliveryConfig, warehouse: WarehouseResource):
+    delivery_date = date.fromisoformat(config.delivery_date) if config.delivery_date else bank_today(warehouse.timezone)
+    with closing(warehouse.connect()) as con:
+        try:
+            delivery = stage_delivery(con, warehouse.raw_path, warehouse.staged_dir, delivery_date)
+        except ContractError as err:
+            by_table: dict[str, list] = {}
+            for v in err.violations:
+                by_table.setdefault(v.table, []).append(v)
+            for table, violations in by_table.items():
                 yield dg.AssetCheckResult(
-                    check_name="contract",
+                    asset_key=raw_asset_name(table),
+                    check_name=CONTRACT_CHECK,
                     passed=False,
-                    metadata={"violations": dg.MetadataValue.md(_violations_markdown(err))},
+                    metadata={"violations": dg.MetadataValue.md(_violations_markdown(violations))},
                 )
-                raise dg.Failure(description=str(err)) from err
-        warehouse.publish_views()
+            raise dg.Failure(description=f"nothing was staged (the delivery of {delivery_date} is all or nothing): {err}") from err
+    warehouse.publish_views()
+    for name, staged in delivery.tables.items():
         yield dg.MaterializeResult(
+            asset_key=raw_asset_name(name),
             metadata={
                 "rows": staged.rows,
                 "path": dg.MetadataValue.path(str(staged.path)),
                 "source": staged.source,
+                "delivery_date": delivery_date.isoformat(),
+                "generation": delivery.generation.name,
                 "pii_columns_dropped": list(staged.dropped_pii),
                 "ignored_columns": list(staged.ignored_columns),
             },
-            check_results=[dg.AssetCheckResult(check_name="contract", passed=True, metadata={"rows": staged.rows})],
+            check_results=[dg.AssetCheckResult(asset_key=raw_asset_name(name), check_name=CONTRACT_CHECK, passed=True, metadata={"rows": staged.rows})],
         )
 
-    return _raw_asset
 
-
-RAW_ASSETS = [build_raw_asset(spec) for spec in RAW_TABLES]
+RAW_ASSETS = [raw_delivery]

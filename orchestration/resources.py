@@ -22,6 +22,7 @@ class WarehouseResource(dg.ConfigurableResource):
     duckdb_path: str = Field(description="DuckDB file holding views over the warehouse's Parquet files.")
     threads: int = Field(default=2, description="DuckDB threads; keep at or below the cores you can use.")
     memory_limit: str = Field(default="4GB", description="DuckDB memory limit; larger work spills to disk.")
+    timezone: str = Field(default=Settings.timezone, description="The bank's timezone: a delivery's default date is today there.")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "WarehouseResource":
@@ -31,6 +32,7 @@ class WarehouseResource(dg.ConfigurableResource):
             duckdb_path=str(settings.duckdb_path),
             threads=settings.threads,
             memory_limit=settings.duckdb_memory_limit,
+            timezone=settings.timezone,
         )
 
     def connect(self) -> duckdb.DuckDBPyConnection:

@@ -60,6 +60,7 @@ def build_training_assets(tag: TagSpec) -> list[dg.AssetsDefinition]:
                 "snapshot_path": dg.MetadataValue.path(str(data.snapshot_path)),
                 "features": len(data.feature_names),
                 "dropped_labels": data.dropped_labels,
+                "unknown_labels": data.unknown_labels,  # count per label value outside the classes
                 "class_balance": dg.MetadataValue.md(balance.to_markdown()),
             },
         )

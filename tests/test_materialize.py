@@ -44,7 +44,11 @@ def test_raw_then_features_materialize_with_passing_checks(home):
     metadata = materialization.materialization.metadata
     assert metadata["rows"].value == customers.num_rows  # every demo customer is onboarded by the end
     evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert evaluations == {"row_count": True, "unique_customers": True, "schema": True, "null_rates": True, "freshness": True}
+    assert evaluations == {"row_count": True, "unique_customers": True, "schema": True, "null_rates": True, "unseen_categories": True, "constant_features": True, "freshness": True}
+    # aggregates only: not one customer id anywhere in the materialization's metadata
+    shown = " ".join(str(v.value) for v in metadata.values())
+    assert "preview" not in metadata and not [c for c in customers.column("customer_id").to_pylist() if c in shown]
+    assert "aum_total" in metadata["feature_summary"].value and "median" in metadata["feature_summary"].value
     table = pq.read_table(home.warehouse_dir / "customer_features" / f"as_of={AS_OF}" / "data.parquet")
     assert table.column_names == ["customer_id", "as_of", *FEATURE_NAMES]
     assert set(table.column("as_of").to_pylist()) == {date(2026, 10, 31)}
@@ -63,8 +67,9 @@ def test_rerunning_a_partition_replaces_it(home):
 
 def test_contract_violation_fails_the_asset_and_keeps_the_staged_table(home, tmp_path):
     assert _run(home, RAW_INGEST_JOB).success
-    staged = home.warehouse_dir / "raw" / "customers.parquet"
-    before = staged.read_bytes()
+    staged_dir = home.warehouse_dir / "raw"
+    before = {p.name: p.read_bytes() for p in staged_dir.glob("*.parquet")}
+    assert len(before) == 6
     bad = tmp_path / "raw"
     shutil.copytree(home.raw_dir, bad)
     table = pq.read_table(bad / "customers" / "part-00000.parquet")
@@ -81,7 +86,8 @@ def test_contract_violation_fails_the_asset_and_keeps_the_staged_table(home, tmp
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "customers.region" in failure.event_specific_data.error.message
     assert "allowed_values" in failure.event_specific_data.error.message
-    assert staged.read_bytes() == before
+    # the delivery is one unit: no table was replaced, not only customers
+    assert {p.name: p.read_bytes() for p in staged_dir.glob("*.parquet")} == before
 
 
 def test_training_job_trains_registers_and_gates_one_tag(home):

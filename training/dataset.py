@@ -12,17 +12,18 @@ import numpy as np
 import pandas as pd
 
 from features.customer_features import CATEGORICAL_FEATURES, spine_features_sql
-from features.warehouse import (
-    glob_literal,
-    quote,
-    sql_literal,
-    staged_path,
-    write_parquet_atomically,
-)
+from features.files import check_parquet
+from features.raw import current_generation
+from features.warehouse import glob_literal, quote, sql_literal, staged_path, write_parquet_atomically
 from training.catalog import TagSpec, WideTableSource
 
 LABEL_COLUMN = "label"
 SPLIT_COLUMN = "split"
+# Labels whose value is not one of the tag's classes are left out of training and counted per value.
+# Beyond this share the label source and the catalog disagree (a renamed or added class, a
+# recoding) and a model trained on the rest would be silently biased: training fails instead.
+MAX_UNKNOWN_LABEL_SHARE = 0.05
+STAGED_INPUTS = ("customers", "balances", "loans", "transactions", "digital_events", "tag_labels")
 
 
 class TrainingDataError(ValueError):
@@ -39,10 +40,18 @@ class TrainingSet:
     snapshot_id: str
     dropped_labels: dict[str, int]
     feature_types: dict[str, str] = field(default_factory=dict)
+    # labels outside the tag's classes, count per label value (aggregates only)
+    unknown_labels: dict[str, int] = field(default_factory=dict)
 
     def part(self, split: str) -> tuple[pd.DataFrame, pd.Series]:
         rows = self.frame[self.frame[SPLIT_COLUMN] == split]
         return rows[list(self.feature_names)], rows[LABEL_COLUMN]
+
+
+def _check_staged(staged_dir: Path, tables: tuple[str, ...]) -> None:
+    """Every staged input is a readable Parquet file, or a `CorruptFileError` naming it."""
+    for table in tables:
+        check_parquet(staged_path(staged_dir, table), f"re-run the raw ingest (raw_ingest_job) to stage {table} again")
 
 
 def label_conditions(tag: TagSpec, as_of: date) -> list[str]:
@@ -67,8 +76,8 @@ def labels_sql(staged_dir: Path, tag: TagSpec, train_as_of: date) -> str:
 
 def _split(frame: pd.DataFrame, tag: TagSpec, seed: int) -> pd.Series:
     n = len(frame)
-    n_test = int(round(n * tag.split.test_fraction))
-    n_valid = int(round(n * tag.split.valid_fraction))
+    n_test = round(n * tag.split.test_fraction)
+    n_valid = round(n * tag.split.valid_fraction)
     if tag.split.method == "out_of_time":
         # train on the earliest labels, validate and test on later ones (ties broken by customer id)
         order = np.lexsort((frame["customer_id"].to_numpy(), frame["as_of"].to_numpy()))
@@ -156,13 +165,30 @@ def build_training_set(
     Features come from the computed customer features at each label's date, or from the bank's own
     wide table when the catalog says so (types inferred; PII-like column names never used).
     """
+    staged_dir = current_generation(staged_dir)  # labels and features from one delivery
     wide = isinstance(tag.label.feature_source, WideTableSource)
+    if not wide or tag.label.feature_source.labels_path is None:
+        _check_staged(staged_dir, ("tag_labels",) if wide else STAGED_INPUTS)
     labels = wide_table_labels_sql(tag, train_as_of, staged_dir) if wide else labels_sql(staged_dir, tag, train_as_of)
     in_classes = f"label IN ({', '.join(sql_literal(c) for c in tag.classes)})"
-    counts = dict(con.execute(f"SELECT {in_classes}, count(*) FROM ({labels}) GROUP BY 1").fetchall())
-    unknown = counts.get(False, 0)
-    if not counts.get(True):
-        raise TrainingDataError(f"tag {tag.name!r}: no usable labels known on {train_as_of} (tag={tag.label_tag!r}, sources={list(tag.label.sources)})")
+    by_value = con.execute(
+        f"SELECT coalesce({in_classes}, false), label, count(*) FROM ({labels}) GROUP BY ALL ORDER BY 3 DESC, 2"
+    ).fetchall()
+    known = sum(n for ok, _, n in by_value if ok)
+    unknown_labels = {("<null>" if value is None else str(value)[:40]): int(n) for ok, value, n in by_value if not ok}
+    unknown = sum(unknown_labels.values())
+    if not known:
+        detail = f"; {unknown} labels have values outside the classes {list(tag.classes)}: {dict(list(unknown_labels.items())[:5])}" if unknown else ""
+        raise TrainingDataError(
+            f"tag {tag.name!r}: no usable labels known on {train_as_of} (tag={tag.label_tag!r}, sources={list(tag.label.sources)}){detail}"
+        )
+    share = unknown / (known + unknown)
+    if share > MAX_UNKNOWN_LABEL_SHARE:
+        raise TrainingDataError(
+            f"tag {tag.name!r}: {unknown} of {known + unknown} labels ({share:.1%}) are not among the classes {list(tag.classes)} "
+            f"(more than {MAX_UNKNOWN_LABEL_SHARE:.0%}): {dict(list(unknown_labels.items())[:5])}. "
+            "Declare the classes in the catalog or correct the label source."
+        )
     # a customer labelled twice on one date keeps the last label
     dedup = (
         f"SELECT * FROM ({labels}) WHERE {in_classes} "
@@ -180,11 +206,16 @@ def build_training_set(
             f"FROM ({dedup}) l JOIN ({features}) f ON f.customer_id = l.customer_id AND f.as_of = l.as_of::DATE "
             f"ORDER BY l.as_of, l.customer_id"
         )
-    frame = con.execute(sql).df()
+    try:
+        frame = con.execute(sql).df()
+    except duckdb.Error:
+        # a data page damaged behind an intact footer: name the file if one is unreadable
+        _check_staged(staged_dir, STAGED_INPUTS if not wide else ())
+        raise
     numeric = [n for n in names if n not in categorical]
     # nullable integer columns (pandas.NA) become float with NaN, the models' missing value
     frame[numeric] = frame[numeric].astype("float64")
-    missing_features = counts[True] - len(frame)
+    missing_features = known - len(frame)
     present = frame[LABEL_COLUMN].value_counts()
     absent = [c for c in tag.classes if c not in present.index]
     if absent:
@@ -205,6 +236,7 @@ def build_training_set(
         snapshot_id=snapshot_id,
         dropped_labels={"unknown_class": int(unknown), "customer_not_found": int(missing_features)},
         feature_types=feature_types,
+        unknown_labels=unknown_labels,
     )
 
 
@@ -213,6 +245,7 @@ def load_training_set(path: Path, tag: TagSpec) -> TrainingSet:
     path = Path(path)
     if not path.exists():
         raise TrainingDataError(f"tag {tag.name!r}: training snapshot {path} does not exist")
+    check_parquet(path, f"re-materialize the {tag.name}/training_set asset (the snapshot is rebuilt from the staged tables)")
     frame = pd.read_parquet(path)
     names = tuple(c for c in frame.columns if c not in ("customer_id", "as_of", LABEL_COLUMN, SPLIT_COLUMN))
     categorical = tuple(n for n in names if not pd.api.types.is_numeric_dtype(frame[n]))
