@@ -68,17 +68,18 @@ def connect_tracking(tracking_uri: str, timeout_seconds: int = 10) -> MlflowClie
         # fail in seconds rather than after MLflow's default minutes of retries
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_seconds))
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
-            # MLflow creates a new SQLite store's schema on first use without a lock: two processes
-            # starting on a fresh store both ran CREATE TABLE and one died with "table latest_metrics
-            # already exists". The tracking and the registry stores each create it, so both go under one lock.
+            # MLflow creates (and migrates) a new SQLite store's schema when a client first opens it,
+            # without a lock: processes starting together on a fresh store died with "table ... already
+            # exists" or an alembic error. Opening the tracking and the registry store is serialised here.
             with FileLock(str(db) + ".schema.lock", timeout=120):
+                client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
                 client.search_experiments(max_results=1)
                 client.search_registered_models(max_results=1)
         else:
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             client.search_experiments(max_results=1)
     except Exception as exc:  # any transport or store error means the same thing to the caller
         raise TrackingUnavailableError(f"MLflow tracking store {tracking_uri!r} is unreachable: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc

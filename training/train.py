@@ -287,7 +287,7 @@ def _train(
 
         baseline_metrics: dict[str, float] = {}
         if tag.model.baseline:
-            with mlflow.start_run(experiment_id=experiment_id, run_name="baseline-logistic_regression", nested=True):
+            with mlflow.start_run(experiment_id=experiment_id, run_name="baseline-logistic_regression", nested=True, tags={**run_tags, **owner}):
                 baseline = build_pipeline("logistic_regression", {}, categorical, numeric, n_classes, seed, threads)
                 baseline.fit(X_train, y_train, model__sample_weight=weights)
                 baseline_metrics = core_metrics(y_test, baseline.predict_proba(X_test), n_classes)
