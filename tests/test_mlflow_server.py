@@ -224,7 +224,7 @@ def test_connect_tracking_keeps_mlflow_telemetry_off(server, tmp_path):
     for name, program in programs.items():
         home = tmp_path / name
         home.mkdir()
-        done = subprocess.run([sys.executable, "-c", program, server["url"]], env={**env, "HOME": str(home)}, capture_output=True, text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-c", program, server["url"]], env={**env, "HOME": str(home)}, capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
         written[name] = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
     assert ".config/mlflow/telemetry.json" in written["control"], "the control should show what MLflow writes"

@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from monitoring.reference import DriftInputError, monitored_model
@@ -72,7 +73,7 @@ def _version(client: MlflowClient, gate: str | None = "promoted", complete: bool
     registry operations tested with it never load one)."""
     try:
         client.get_registered_model(NAME)
-    except Exception:
+    except MlflowException:
         client.create_registered_model(NAME)
     tags = {REGISTRATION_TAG: "complete" if complete else "pending"}
     if complete:
