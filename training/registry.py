@@ -4,6 +4,7 @@ Every decision is recorded twice: as tags on the model version (`gate.*`) and in
 model's `champion_history` tag (JSON list), which is what `rollback` walks back through.
 """
 
+import getpass
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,6 +60,14 @@ class GateDecision:
     def summary(self) -> str:
         verdict = "PROMOTED" if self.promoted else "NOT promoted"
         return f"{self.tag} v{self.challenger_version} {verdict}: " + "; ".join(self.reasons)
+
+
+def os_user() -> str:
+    """Who is at the keyboard, for `by` of a manual promotion or rollback (recorded as given)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name in a bare container
+        return "unknown"
 
 
 def _now() -> str:

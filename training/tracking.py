@@ -39,7 +39,9 @@ def _disable_telemetry() -> None:
 
 def is_local_store(tracking_uri: str) -> bool:
     """A store on this machine's disk (SQLite or a file path), as opposed to a tracking server."""
-    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+    if tracking_uri.startswith(("sqlite:", "file:")):
+        return True
+    return "://" not in tracking_uri and tracking_uri.startswith(("/", ".", "~"))  # a bare directory path
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
