@@ -280,45 +280,68 @@ def test_a_trial_that_really_fails_stays_failed(risk, tmp_path):
     assert (trial.info.status, trial.data.tags["trial_state"]) == ("FAILED", "failed")
 
 
-KILL_AFTER_CREATE_VERSION = textwrap.dedent(
+TRAIN_AND_DIE = textwrap.dedent(
     """
     import os, signal, sys
     from mlflow.tracking import MlflowClient
+    import training.train
     from training.catalog import load_catalog
     from training.dataset import load_training_set
-    from training.train import train_tag
 
-    create = MlflowClient.create_model_version
+    def die():  # as an OOM killer or `kill -9` would
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    def create_then_die(self, *args, **kwargs):
-        version = create(self, *args, **kwargs)
-        os.kill(os.getpid(), signal.SIGKILL)  # as an OOM killer or `kill -9` would, right after the version exists
-        return version
+    uri, catalog, snapshot, artifacts, where = sys.argv[1:]
+    if where == "after_version":
+        create = MlflowClient.create_model_version
 
-    MlflowClient.create_model_version = create_then_die
-    uri, catalog, snapshot, artifacts = sys.argv[1:]
+        def create_then_die(self, *args, **kwargs):
+            create(self, *args, **kwargs)
+            die()
+
+        MlflowClient.create_model_version = create_then_die
+    else:  # inside the first Optuna trial, its nested run open
+        training.train.core_metrics = lambda *args, **kwargs: die()
     tag = load_catalog(catalog).get("risk_appetite")
-    train_tag(tag, load_training_set(snapshot, tag), uri, artifact_location=artifacts, threads=1)
+    training.train.train_tag(tag, load_training_set(snapshot, tag), uri, artifact_location=artifacts, threads=1)
     """
 )
 
 
-def test_a_training_killed_after_creating_its_version_leaves_nothing_promotable_and_the_next_one_cleans_up(risk, tmp_path):
+def _train_and_die(risk, tmp_path, where: str) -> tuple[str, MlflowClient, int]:
     uri, client = _store(tmp_path)
-    artifacts = str(tmp_path / "artifacts")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "PASSIVE"}
     child = subprocess.Popen(
-        [sys.executable, "-c", KILL_AFTER_CREATE_VERSION, uri, str(risk["catalog"]), str(risk["data"].snapshot_path), artifacts],
+        [sys.executable, "-c", TRAIN_AND_DIE, uri, str(risk["catalog"]), str(risk["data"].snapshot_path), str(tmp_path / "artifacts"), where],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     _, stderr = child.communicate(timeout=600)
     assert child.returncode == -9, stderr[-2000:]
+    return uri, client, child.pid
+
+
+def test_a_training_killed_inside_a_trial_leaves_runs_the_next_training_marks_killed(risk, tmp_path):
+    uri, client, pid = _train_and_die(risk, tmp_path, "in_trial")
+    experiment = client.get_experiment_by_name(f"tagml/{TAG}")
+    orphans = {r.info.run_name: r for r in _runs(client, experiment.experiment_id)}
+    assert set(orphans) == {f"{TAG}-train", "trial-0"}
+    assert {r.info.status for r in orphans.values()} == {"RUNNING"}
+    assert {r.data.tags["tagml.pid"] for r in orphans.values()} == {str(pid)}
+    assert not client.search_model_versions(f"name = '{NAME}'")
+    result = train_tag(risk["tag"], risk["data"], uri, artifact_location=str(tmp_path / "artifacts"), threads=1)
+    assert {client.get_run(r.info.run_id).info.status for r in orphans.values()} == {"KILLED"}
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_a_training_killed_after_creating_its_version_leaves_nothing_promotable_and_the_next_one_cleans_up(risk, tmp_path):
+    uri, client, pid = _train_and_die(risk, tmp_path, "after_version")
+    artifacts = str(tmp_path / "artifacts")
     [killed] = client.search_model_versions(f"name = '{NAME}'")
     assert killed.tags == {REGISTRATION_TAG: "pending"}  # created, then nothing: says so itself
     experiment = client.get_experiment_by_name(f"tagml/{TAG}")
     [orphan] = [r for r in _runs(client, experiment.experiment_id) if r.info.run_name == f"{TAG}-train"]
     assert orphan.info.status == "RUNNING"
-    assert orphan.data.tags["tagml.pid"] == str(child.pid)
+    assert orphan.data.tags["tagml.pid"] == str(pid)
 
     with pytest.raises(IncompleteRegistrationError, match=f"{NAME}/{killed.version}: its registration is 'pending', never completed"):
         promote(client, TAG, killed.version, by="ops")
