@@ -33,15 +33,14 @@ from typing import Any
 import duckdb
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from features.snapshot import build_feature_snapshot
 from features.warehouse import features_path, quote, sql_literal, write_parquet_atomically
 from monitoring.psi import MISSING, feature_psi, parquet
 from training.catalog import TagSpec
-from training.registry import load_model
-from training.train import registered_model_name
+from training.registry import get_version, load_model
+from training.train import registered_model_name, registration_problem
 
 UNKNOWN = "unknown"  # the tag store's value below a tag's min_confidence (scoring.score.UNKNOWN)
 PROBABILITY_BINS = 10  # fixed-width bins of each class probability
@@ -77,14 +76,14 @@ class MonitoredModel:
 def monitored_model(client: MlflowClient, tag: TagSpec, version: str) -> MonitoredModel:
     """Read a version's feature list, classes, training snapshot and test metric from the registry."""
     name = registered_model_name(tag.name)
-    try:
-        mv = client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        raise DriftInputError(f"tag {tag.name!r}: registered model {name!r} has no version {version}") from exc
+    # only "does not exist" is a missing version; other registry errors raise RegistryUnavailableError
+    mv = get_version(client, tag.name, str(version))
+    if mv is None:
+        raise DriftInputError(f"tag {tag.name!r}: registered model {name!r} has no version {version}")
     tags = mv.tags
-    missing = [k for k in ("data_snapshot", "feature_list", "classes") if k not in tags]
-    if missing:
-        raise DriftInputError(f"tag {tag.name!r}: {name}/{version} lacks the registry tags {missing}; it cannot be monitored")
+    problem = registration_problem(tags)
+    if problem:
+        raise DriftInputError(f"tag {tag.name!r}: {name}/{version}: {problem}; it cannot be monitored")
     snapshot = Path(tags["data_snapshot"])
     if not snapshot.exists():
         raise DriftInputError(

@@ -11,7 +11,7 @@ from pydantic import Field
 from features.warehouse import connect, features_path, publish_views, staged_dir_of
 from monitoring.drift import DriftLocations
 from tagml.settings import Settings
-from training.tracking import connect_tracking
+from training.tracking import DEFAULT_UI_URL, connect_tracking
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -65,7 +65,8 @@ class MlflowResource(dg.ConfigurableResource):
     """MLflow tracking store and model registry (SQLite file by default, a server at a bank)."""
 
     tracking_uri: str = Field(description="MLflow tracking/registry URI, e.g. sqlite:///... or https://mlflow.bank")
-    artifact_location: str | None = Field(default=None, description="Artifact root for new experiments (local dir by default).")
+    artifact_location: str | None = Field(default=None, description="Artifact root for new experiments of a local store (a server chooses its own).")
+    ui_url: str = Field(default=DEFAULT_UI_URL, description="MLflow UI linked from Dagster metadata when the store is local (a server links itself).")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "MlflowResource":

@@ -11,9 +11,15 @@ from features.warehouse import sql_literal
 from orchestration.raw_assets import raw_asset_name
 from orchestration.resources import MlflowResource, WarehouseResource
 from training.catalog import Catalog, TagSpec
-from training.dataset import LABEL_COLUMN, SPLIT_COLUMN, build_training_set, load_training_set
+from training.dataset import (
+    LABEL_COLUMN,
+    SPLIT_COLUMN,
+    build_training_set,
+    load_training_set,
+)
 from training.registry import apply_gate, evaluate_gate
-from training.train import train_tag
+from training.tracking import model_version_url, run_url, ui_base_url
+from training.train import registered_model_name, train_tag
 
 TRAINING_GROUP = "training"
 
@@ -92,15 +98,19 @@ def build_training_assets(tag: TagSpec) -> list[dg.AssetsDefinition]:
         result = train_tag(
             tag, data, mlflow_store.tracking_uri, artifact_location=mlflow_store.artifact_location,
             seed=config.seed, threads=warehouse.threads, trials=config.trials,
+            run_tags={"dagster_run_id": context.run.run_id},
         )
         client = mlflow_store.client()
         decision = apply_gate(client, evaluate_gate(client, tag, result.version, data))
         context.log.info(decision.summary())
+        ui = ui_base_url(mlflow_store.tracking_uri, mlflow_store.ui_url)
         yield dg.MaterializeResult(
             metadata={
                 "model_version": result.version,
                 "mlflow_run_id": result.run_id,
                 "model_uri": result.model_uri,
+                "mlflow_run": dg.MetadataValue.url(run_url(ui, result.experiment_id, result.run_id)),
+                "mlflow_model_version": dg.MetadataValue.url(model_version_url(ui, registered_model_name(tag.name), result.version)),
                 **{f"test_{k}": round(v, 4) for k, v in result.metrics.items() if not k.startswith(("precision_", "recall_", "support_"))},
                 **{f"baseline_{k}": round(v, 4) for k, v in result.baseline_metrics.items()},
                 "best_params": dg.MetadataValue.json(result.best_params),

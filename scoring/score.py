@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from features.warehouse import remove_stale_temporaries, sql_literal, staged_path
@@ -29,7 +28,13 @@ from scoring.reasons import ReasonExplainer
 from scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
 from training.catalog import Catalog, TagSpec
 from training.dataset import label_conditions
-from training.registry import CHAMPION, load_model
+from training.registry import (
+    CHAMPION,
+    IncompleteRegistrationError,
+    alias_version,
+    load_model,
+    require_complete,
+)
 from training.train import registered_model_name
 
 UNKNOWN = "unknown"
@@ -88,10 +93,14 @@ class ScoringSummary:
 def resolve_champion(client: MlflowClient, tag: TagSpec) -> Champion:
     """The champion of a model tag, with the feature list and classes recorded at registration."""
     name = registered_model_name(tag.name)
+    # only "does not exist" means no champion; any other registry error raises RegistryUnavailableError
+    version = alias_version(client, tag.name, CHAMPION)
+    if version is None:
+        raise ScoringError(f"tag {tag.name!r}: no '{CHAMPION}' alias on registered model {name!r}; train and promote a model first")
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as exc:
-        raise ScoringError(f"tag {tag.name!r}: no '{CHAMPION}' alias on registered model {name!r}; train and promote a model first") from exc
+        require_complete(version)
+    except IncompleteRegistrationError as exc:
+        raise ScoringError(f"tag {tag.name!r}: the champion {exc}") from exc
     features = tuple(json.loads(version.tags["feature_list"]))
     types = json.loads(version.tags.get("feature_types", "{}"))
     if not types:  # versions registered before feature types were recorded: read the signature

@@ -209,7 +209,7 @@ def test_worse_challenger_is_not_promoted_and_reason_is_recorded(first_model, ri
     assert str(client.get_model_version_by_alias(registered_model_name("risk_appetite"), "challenger").version) == result.version
 
     # a person overrides the gate, then rolls back: the previous champion returns, both recorded
-    promote(client, "risk_appetite", result.version, by="tester", reason="trial in production")
+    promote(client, "risk_appetite", result.version, by="tester", reason="trial in production", force=True)
     assert champion_version(client, "risk_appetite") == result.version
     restored = rollback(client, "risk_appetite", by="tester")
     assert restored == first_model["result"].version == champion_version(client, "risk_appetite")

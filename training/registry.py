@@ -4,21 +4,24 @@ Every decision is recorded twice: as tags on the model version (`gate.*`) and in
 model's `champion_history` tag (JSON list), which is what `rollback` walks back through.
 """
 
+import getpass
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from training.catalog import TagSpec
 from training.dataset import TrainingSet
 from training.evaluate import core_metrics, slice_metrics
-from training.train import registered_model_name
+from training.tracking import describe, is_missing
+from training.train import registered_model_name, registration_problem
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOWER_IS_BETTER = {"log_loss"}
@@ -26,6 +29,20 @@ LOWER_IS_BETTER = {"log_loss"}
 
 class RegistryError(RuntimeError):
     """The registry cannot do what was asked (named model, version or alias)."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry answered with an error other than "does not exist" (an outage, a 5xx, a permission):
+    nothing can be concluded about champions, so nothing is decided or moved."""
+
+
+class IncompleteRegistrationError(RegistryError):
+    """A model version whose registration never finished (its training was killed): it has no lineage
+    or feature list and is neither promotable, gateable nor scorable."""
+
+
+class GateOverrideRequiredError(RegistryError):
+    """A person asked to promote a version the promotion gate rejected without forcing it with a reason."""
 
 
 @dataclass
@@ -45,16 +62,61 @@ class GateDecision:
         return f"{self.tag} v{self.challenger_version} {verdict}: " + "; ".join(self.reasons)
 
 
+def os_user() -> str:
+    """Who is at the keyboard, for `by` of a manual promotion or rollback (recorded as given)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name in a bare container
+        return "unknown"
+
+
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _unavailable(what: str, exc: MlflowException) -> RegistryUnavailableError:
+    return RegistryUnavailableError(f"{what} failed ({describe(exc)}); the registry is not answering normally, so nothing was decided or changed")
+
+
+def alias_version(client: MlflowClient, tag: str, alias: str) -> ModelVersion | None:
+    """The version behind `alias` of the tag's registered model; None only when the model or the alias
+    does not exist. Any other registry error is raised by name: read as "no champion", a 503 would send
+    the gate down the first-model path and replace a better champion."""
+    name = registered_model_name(tag)
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if is_missing(exc):
+            return None
+        raise _unavailable(f"looking up the {alias!r} alias of registered model {name!r}", exc) from exc
+
+
+def get_version(client: MlflowClient, tag: str, version: str) -> ModelVersion | None:
+    """A version of the tag's registered model; None only when it does not exist (other errors raise by name)."""
+    name = registered_model_name(tag)
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if is_missing(exc):
+            return None
+        raise _unavailable(f"reading {name}/{version}", exc) from exc
+
+
+def require_complete(version: ModelVersion) -> ModelVersion:
+    """`version` itself, or IncompleteRegistrationError naming it when its registration never finished."""
+    problem = registration_problem(version.tags)
+    if problem:
+        raise IncompleteRegistrationError(
+            f"{version.name}/{version.version}: {problem}; its training was interrupted, so it cannot be gated, "
+            "promoted or scored (train the tag again)"
+        )
+    return version
 
 
 def champion_version(client: MlflowClient, tag: str) -> str | None:
     """The version behind the `champion` alias, or None when the tag has no champion yet."""
-    try:
-        return str(client.get_model_version_by_alias(registered_model_name(tag), CHAMPION).version)
-    except MlflowException:
-        return None
+    version = alias_version(client, tag, CHAMPION)
+    return str(version.version) if version is not None else None
 
 
 def load_model(tag: str, version: str) -> Any:
@@ -66,13 +128,43 @@ def _history(client: MlflowClient, tag: str) -> list[dict[str, Any]]:
     return json.loads(model.tags.get("champion_history", "[]"))
 
 
-def _set_champion(client: MlflowClient, tag: str, version: str, by: str, reason: str) -> None:
+def _action(entry: dict[str, Any]) -> str:
+    # entries written before actions were recorded: rollbacks are the ones whose reason says "(from vN)"
+    return entry.get("action") or ("rollback" if "(from v" in entry.get("reason", "") else "promote")
+
+
+def champion_stack(history: list[dict[str, Any]]) -> list[str]:
+    """The champions still to return to, oldest first: every promotion pushes, every rollback pops.
+    Replaying the record (rather than looking for "the last other version") is what keeps a second
+    rollback from re-promoting the version the first one rolled back from."""
+    stack: list[str] = []
+    for entry in history:
+        if _action(entry) == "rollback":
+            if stack:
+                stack.pop()
+            if not stack or stack[-1] != entry["version"]:  # an older record out of step: trust what it says
+                stack.append(entry["version"])
+        else:
+            stack.append(entry["version"])
+    return stack
+
+
+def _set_champion(
+    client: MlflowClient, tag: str, version: str, by: str, reason: str, action: str, override: bool = False, **extra: Any
+) -> None:
     name = registered_model_name(tag)
     history = _history(client, tag)
-    history.append({"version": str(version), "at": _now(), "by": by, "reason": reason})
+    entry: dict[str, Any] = {"version": str(version), "at": _now(), "by": by, "reason": reason, "action": action, **extra}
+    if override:
+        entry["override"] = True
+    history.append(entry)
     client.set_registered_model_alias(name, CHAMPION, str(version))
     client.set_registered_model_tag(name, "champion_history", json.dumps(history))
-    client.set_model_version_tag(name, str(version), "champion_since", history[-1]["at"])
+    client.set_model_version_tag(name, str(version), "champion_since", entry["at"])
+    client.set_model_version_tag(name, str(version), "champion_by", by)
+    if override:
+        for key, value in (("override", "true"), ("override.by", by), ("override.reason", reason), ("override.at", entry["at"])):
+            client.set_model_version_tag(name, str(version), key, value)
 
 
 def _better(metric: str, challenger: float, champion: float, margin: float) -> bool:
@@ -83,6 +175,10 @@ def _better(metric: str, challenger: float, champion: float, margin: float) -> b
 
 def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: TrainingSet) -> GateDecision:
     """Decide whether `challenger` should become champion, on the challenger's held-out test set."""
+    found = get_version(client, tag.name, challenger)
+    if found is None:
+        raise RegistryError(f"{registered_model_name(tag.name)} has no version {challenger} to evaluate")
+    require_complete(found)
     X_test, y_test = data.part("test")
     y = y_test.map({c: i for i, c in enumerate(tag.classes)}).to_numpy()
     n_classes, metric, rules = len(tag.classes), tag.promotion.metric, tag.promotion
@@ -142,30 +238,51 @@ def apply_gate(client: MlflowClient, decision: GateDecision) -> GateDecision:
     client.set_model_version_tag(name, v, "gate.at", _now())
     client.set_model_version_tag(name, v, "gate.checks", json.dumps(decision.checks, default=float)[:5000])
     if decision.promoted:
-        _set_champion(client, decision.tag, v, by="gate", reason="; ".join(decision.reasons))
+        _set_champion(client, decision.tag, v, by="gate", reason="; ".join(decision.reasons), action="gate")
     return decision
 
 
-def promote(client: MlflowClient, tag: str, version: str, by: str, reason: str = "manual promotion") -> None:
-    """Make `version` the champion by hand (recorded with who and why)."""
+def promote(client: MlflowClient, tag: str, version: str, by: str, reason: str | None = None, force: bool = False) -> bool:
+    """Make `version` the champion by hand, recorded with who and why; returns whether it overrode the gate.
+
+    A version the gate rejected needs `force` and a reason: it is then recorded as an override (in
+    champion_history and as `override*` version tags). A version whose registration never finished is
+    refused whatever the flags."""
     name = registered_model_name(tag)
-    try:
-        client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        raise RegistryError(f"{name} has no version {version}") from exc
-    _set_champion(client, tag, str(version), by=by, reason=reason)
+    found = get_version(client, tag, version)
+    if found is None:
+        raise RegistryError(f"{name} has no version {version}")
+    require_complete(found)
+    rejected = found.tags.get("gate.decision") == "rejected"
+    if force and not (reason and reason.strip()):
+        raise RegistryError(f"{name}/{version}: forcing a promotion needs a reason (who asked for it and why is recorded)")
+    if rejected and not force:
+        reasons = "; ".join(json.loads(found.tags.get("gate.reasons", "[]")))
+        raise GateOverrideRequiredError(
+            f"{name}/{version} was rejected by the promotion gate ({reasons}); to promote it anyway, force it "
+            "with a reason (tagml promote --force --reason ...): it is recorded as an override"
+        )
+    extra = {} if "gate.decision" in found.tags else {"gate": "not evaluated"}
+    _set_champion(client, tag, str(version), by=by, reason=(reason or "manual promotion").strip(),
+                  action="override" if rejected else "promote", override=rejected, **extra)
+    return rejected
 
 
 def rollback(client: MlflowClient, tag: str, by: str, reason: str = "rollback") -> str:
-    """Restore the champion that preceded the current one; returns the restored version."""
+    """Restore the champion that preceded the current one; returns the restored version. Repeated
+    rollbacks walk further back through the champions (a stack), never forward again."""
+    name = registered_model_name(tag)
     current = champion_version(client, tag)
     if current is None:
-        raise RegistryError(f"{registered_model_name(tag)} has no champion to roll back")
-    earlier = [h["version"] for h in _history(client, tag) if h["version"] != current]
-    if not earlier:
-        raise RegistryError(f"{registered_model_name(tag)}: v{current} is the only champion there has been; nothing to roll back to")
-    previous = earlier[-1]
-    _set_champion(client, tag, previous, by=by, reason=f"{reason} (from v{current})")
+        raise RegistryError(f"{name} has no champion to roll back")
+    stack = champion_stack(_history(client, tag))
+    # the alias may also have been moved outside tagml: then the last recorded champion is the one to restore
+    while stack and stack[-1] == current:
+        stack.pop()
+    if not stack:
+        raise RegistryError(f"{name}: v{current} is the first champion on record; nothing to roll back to")
+    previous = stack[-1]
+    _set_champion(client, tag, previous, by=by, reason=f"{reason} (from v{current})", action="rollback", **{"from": current})
     return previous
 
 
@@ -185,10 +302,8 @@ def leaderboard(client: MlflowClient, tag: TagSpec, limit: int = 20) -> pd.DataF
     name = registered_model_name(tag.name)
     versions = {v.run_id: v for v in client.search_model_versions(f"name = '{name}'")}
     champion = champion_version(client, tag.name)
-    try:
-        challenger = str(client.get_model_version_by_alias(name, CHALLENGER).version)
-    except MlflowException:
-        challenger = None
+    found = alias_version(client, tag.name, CHALLENGER)
+    challenger = str(found.version) if found is not None else None
     rows = []
     for run in runs:
         version = versions.get(run.info.run_id)
@@ -196,7 +311,7 @@ def leaderboard(client: MlflowClient, tag: TagSpec, limit: int = 20) -> pd.DataF
         rows.append(
             {
                 "run_id": run.info.run_id,
-                "started": datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                "started": datetime.fromtimestamp(run.info.start_time / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
                 "version": v,
                 "alias": ",".join(a for a, hit in ((CHAMPION, v == champion), (CHALLENGER, v == challenger)) if hit and v),
                 metric: run.data.metrics.get(f"test_{metric}"),

@@ -2,9 +2,13 @@
 refit and calibrated, evaluated on the held-out test set, logged and registered as the challenger."""
 
 import json
+import os
+import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,21 +17,51 @@ import mlflow
 import numpy as np
 import optuna
 import pandas as pd
+from filelock import FileLock, Timeout
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema, TensorSpec
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema, TensorSpec
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
-from sklearn.pipeline import Pipeline
 from sklearn.utils.class_weight import compute_sample_weight
 
 from training.catalog import TagSpec
 from training.dataset import TrainingSet
-from training.evaluate import core_metrics, per_class_metrics, plot_calibration, plot_confusion, plot_importance, slice_metrics
+from training.evaluate import (
+    core_metrics,
+    per_class_metrics,
+    plot_calibration,
+    plot_confusion,
+    plot_importance,
+    slice_metrics,
+)
 from training.models import build_pipeline
-from training.tracking import connect_tracking
+from training.tracking import connect_tracking, is_local_store, is_missing, sqlite_path
 
 PIP_REQUIREMENTS = ["scikit-learn>=1.6,<2", "xgboost>=3.0,<3.3", "pandas>=2.2,<3", "numpy>=2.0,<2.5"]
+
+# A version is created with registration=pending and gets registration=complete only after every other
+# tag is set: a training killed in between leaves a version that says so, and registry/scoring refuse it.
+REGISTRATION_TAG, REGISTRATION_PENDING, REGISTRATION_COMPLETE = "tagml.registration", "pending", "complete"
+REQUIRED_VERSION_TAGS = ("data_snapshot", "snapshot_id", "feature_list", "classes")
+# which process owns a run: a later training marks the runs of a process that is gone as KILLED
+OWNER_PID, OWNER_HOST = "tagml.pid", "tagml.host"
+
+
+class TrainingInProgressError(RuntimeError):
+    """Another training of the same tag holds the tag's training lock on this store; nothing was logged."""
+
+
+def registration_problem(tags: Mapping[str, str]) -> str | None:
+    """Why a version's registry tags are not a finished registration, or None when they are."""
+    state = tags.get(REGISTRATION_TAG)
+    if state not in (None, REGISTRATION_COMPLETE):
+        return f"its registration is {state!r}, never completed"
+    missing = [k for k in REQUIRED_VERSION_TAGS if k not in tags]
+    if missing:  # versions registered before the registration tag existed are judged by their content
+        return f"it lacks the registry tags {missing}"
+    return None
 
 
 def registered_model_name(tag: str) -> str:
@@ -52,6 +86,7 @@ class TrainResult:
     best_params: dict[str, Any]
     slice_metrics: dict[str, float]
     seconds: dict[str, float] = field(default_factory=dict)
+    experiment_id: str = ""
 
 
 def _encode(y: pd.Series, classes: tuple[str, ...]) -> np.ndarray:
@@ -77,13 +112,98 @@ def train_tag(
     seed: int = 0,
     threads: int = 1,
     trials: int | None = None,
+    run_tags: Mapping[str, str] | None = None,
+    lock_dir: Path | None = None,
+    lock_timeout_seconds: float = 0,
 ) -> TrainResult:
-    """Tune, fit, calibrate, evaluate, log and register a model for `tag`; the new version becomes `challenger`."""
+    """Tune, fit, calibrate, evaluate, log and register a model for `tag`; the new version becomes `challenger`.
+
+    `artifact_location` applies to local stores only (a server chooses its own artifact store).
+    `run_tags` (e.g. the Dagster run id) go on the MLflow runs and the model version. One training of a tag
+    runs at a time per store: a second one waits `lock_timeout_seconds`, then fails by name."""
     assert tag.model is not None
     client = connect_tracking(tracking_uri)
-    experiment_name = f"tagml/{tag.name}"
-    experiment = client.get_experiment_by_name(experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name, artifact_location=artifact_location)
+    with training_lock(tracking_uri, tag.name, lock_dir, lock_timeout_seconds):
+        experiment_id = _experiment(client, tag.name, artifact_location if is_local_store(tracking_uri) else None)
+        mark_stale_runs(client, experiment_id, local=is_local_store(tracking_uri))
+        return _train(client, tag, data, experiment_id, seed, threads, trials, dict(run_tags or {}))
+
+
+def training_lock_path(tracking_uri: str, tag: str, lock_dir: Path | None = None) -> Path:
+    """The lock file serialising trainings of `tag`: next to a SQLite store, else under `lock_dir` or the
+    temp dir (for a server this serialises the trainings started on this machine)."""
+    db = sqlite_path(tracking_uri)
+    if lock_dir is None:
+        lock_dir = db.parent if db is not None else Path(tempfile.gettempdir()) / "tagml-locks"
+    stem = db.name if db is not None else "".join(c if c.isalnum() else "_" for c in tracking_uri)
+    return Path(lock_dir) / f"{stem}.train-{tag}.lock"
+
+
+@contextmanager
+def training_lock(tracking_uri: str, tag: str, lock_dir: Path | None = None, timeout_seconds: float = 0) -> Iterator[Path]:
+    """Hold the tag's training lock (released by the OS if the holder is killed)."""
+    path = training_lock_path(tracking_uri, tag, lock_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=timeout_seconds)
+    except Timeout:
+        raise TrainingInProgressError(
+            f"another training of tag {tag!r} is running on this MLflow store (lock {path}); "
+            "wait for it to finish or stop it, then train again"
+        ) from None
+    try:
+        yield path
+    finally:
+        lock.release()
+
+
+def _experiment(client: MlflowClient, tag: str, artifact_location: str | None) -> str:
+    name = f"tagml/{tag}"
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=artifact_location)
+
+
+def _owner_tags() -> dict[str, str]:
+    return {OWNER_PID: str(os.getpid()), OWNER_HOST: socket.gethostname()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def mark_stale_runs(client: MlflowClient, experiment_id: str, local: bool) -> list[str]:
+    """Set KILLED the runs of the experiment left RUNNING by a process that is gone (SIGKILL, OOM, power).
+
+    Called while holding the tag's training lock, so no live training of this tag on this host owns a
+    RUNNING run. A run records its owner's pid and host: it is stale when the host is this one and the
+    pid is gone. Runs without owner tags (older ones) are stale only on a local store, where every
+    writer shares this lock."""
+    host, stale = socket.gethostname(), []
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    for run in runs:
+        pid, owner_host = run.data.tags.get(OWNER_PID), run.data.tags.get(OWNER_HOST)
+        if pid and owner_host:
+            if owner_host != host or (int(pid) != os.getpid() and _alive(int(pid))):
+                continue
+        elif not local:
+            continue
+        client.set_tag(run.info.run_id, "tagml.stale", "its process ended without closing it; marked KILLED by a later training")
+        client.set_terminated(run.info.run_id, "KILLED")
+        stale.append(run.info.run_id)
+    return stale
+
+
+def _train(
+    client: MlflowClient, tag: TagSpec, data: TrainingSet, experiment_id: str, seed: int, threads: int, trials: int | None, run_tags: dict[str, str]
+) -> TrainResult:
+    assert tag.model is not None
 
     classes, n_classes = tag.classes, len(tag.classes)
     categorical = list(data.categorical)
@@ -95,7 +215,8 @@ def train_tag(
     weights = compute_sample_weight("balanced", y_train) if tag.model.class_weight == "balanced" else None
     timings: dict[str, float] = {}
 
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{tag.name}-train") as parent:
+    owner = _owner_tags()
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{tag.name}-train", tags={**run_tags, **owner}) as parent:
         mlflow.set_tags({"tag": tag.name, "catalog_hash": tag.content_hash(), "code_version": code_version(), "data_snapshot": data.snapshot_id})
         mlflow.log_params({"family": tag.model.family, "train_rows": len(X_train), "valid_rows": len(X_valid), "test_rows": len(X_test), "n_features": len(data.feature_names), "seed": seed})
 
@@ -115,7 +236,10 @@ def train_tag(
                 metric = "mlogloss" if n_classes > 2 else "logloss"
                 model.set_params(callbacks=[XGBoostPruningCallback(trial, f"validation_0-{metric}")])
                 fit_kwargs.update(eval_set=[(Xt_valid, y_valid)], verbose=False)
-            with mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial.number}", nested=True):
+            # not a `with` block: it would end a pruned trial FAILED, and a pruned trial is a normal outcome
+            mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial.number}", nested=True, tags={**run_tags, **owner})
+            status, state = "FAILED", "failed"
+            try:
                 mlflow.log_params(params)
                 fit_started = time.perf_counter()
                 try:
@@ -125,7 +249,14 @@ def train_tag(
                     timings["model_fit"] = timings.get("model_fit", 0.0) + time.perf_counter() - fit_started
                 valid = core_metrics(y_valid, proba_valid, n_classes)
                 mlflow.log_metrics({f"valid_{k}": v for k, v in valid.items()})
-            return valid["log_loss"]
+                status, state = "FINISHED", "complete"
+                return valid["log_loss"]
+            except optuna.TrialPruned:
+                status, state = "FINISHED", "pruned"
+                raise
+            finally:
+                mlflow.set_tag("trial_state", state)
+                mlflow.end_run(status)
 
         sampler = optuna.samplers.TPESampler(seed=seed)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=20)
@@ -136,6 +267,7 @@ def train_tag(
         best_params = {**tag.model.params, **study.best_params}
         mlflow.log_params({f"best_{k}": v for k, v in best_params.items()})
         mlflow.log_metric("trials_completed", len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]))
+        mlflow.log_metric("trials_pruned", len([t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]))
 
         started = time.perf_counter()
         pipeline = build_pipeline(tag.model.family, best_params, categorical, numeric, n_classes, seed, threads)
@@ -155,7 +287,7 @@ def train_tag(
 
         baseline_metrics: dict[str, float] = {}
         if tag.model.baseline:
-            with mlflow.start_run(experiment_id=experiment_id, run_name="baseline-logistic_regression", nested=True):
+            with mlflow.start_run(experiment_id=experiment_id, run_name="baseline-logistic_regression", nested=True, tags={**run_tags, **owner}):
                 baseline = build_pipeline("logistic_regression", {}, categorical, numeric, n_classes, seed, threads)
                 baseline.fit(X_train, y_train, model__sample_weight=weights)
                 baseline_metrics = core_metrics(y_test, baseline.predict_proba(X_test), n_classes)
@@ -186,10 +318,10 @@ def train_tag(
             serialization_format="cloudpickle",
             pyfunc_predict_fn="predict_proba",
         )
-        version = _register(client, tag, logged.model_uri, parent.info.run_id, data, metrics)
+        version = _register(client, tag, logged.model_uri, logged.model_id, parent.info.run_id, data, metrics, run_tags)
         timings["logging"] = time.perf_counter() - started
         mlflow.log_metrics({f"seconds_{k}": v for k, v in timings.items()})
-    return TrainResult(tag.name, parent.info.run_id, logged.model_uri, version, metrics, baseline_metrics, best_params, slice_values, timings)
+    return TrainResult(tag.name, parent.info.run_id, logged.model_uri, version, metrics, baseline_metrics, best_params, slice_values, timings, experiment_id)
 
 
 def model_signature(data: TrainingSet, n_classes: int) -> ModelSignature:
@@ -200,12 +332,20 @@ def model_signature(data: TrainingSet, n_classes: int) -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("float64"), (-1, n_classes))]))
 
 
-def _register(client: MlflowClient, tag: TagSpec, model_uri: str, run_id: str, data: TrainingSet, metrics: dict[str, float]) -> str:
+def _register(
+    client: MlflowClient, tag: TagSpec, model_uri: str, model_id: str | None, run_id: str, data: TrainingSet, metrics: dict[str, float], run_tags: dict[str, str]
+) -> str:
     name = registered_model_name(tag.name)
-    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if not is_missing(exc):
+            raise
         client.create_registered_model(name, description=tag.description, tags={"owner": tag.owner, "sensitivity": tag.sensitivity})
-    version = client.create_model_version(name, model_uri, run_id=run_id).version
+    # a server accepts a `models:/m-...` source only with its model id (a SQLite store does not check)
+    version = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id, tags={REGISTRATION_TAG: REGISTRATION_PENDING}).version
     tags = {
+        **run_tags,
         "data_snapshot": str(data.snapshot_path),
         "snapshot_id": data.snapshot_id,
         "feature_list": json.dumps(list(data.feature_names)),
@@ -218,5 +358,6 @@ def _register(client: MlflowClient, tag: TagSpec, model_uri: str, run_id: str, d
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    client.set_model_version_tag(name, version, REGISTRATION_TAG, REGISTRATION_COMPLETE)  # last: everything above is in place
     client.set_registered_model_alias(name, "challenger", version)
     return str(version)
