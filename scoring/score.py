@@ -3,16 +3,15 @@
 The feature snapshot is streamed in batches (memory does not grow with the number of customers);
 model tags use their `champion` (resolved by alias when the run starts), rule tags their SQL bands.
 Every row records what produced it. All tags of a partition go to one temporary Parquet file that
-replaces the partition only when everything succeeded.
+replaces the partition only when everything succeeded and the file passed the coverage check.
 """
 
 import json
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import pyarrow.parquet as pq
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from features.warehouse import remove_stale_temporaries, sql_literal, staged_path
+from features.warehouse import locked_temporary, sql_literal, staged_path
 from scoring.reasons import ReasonExplainer
 from scoring.rules import rule_case_sql, rule_version
 from training.catalog import Catalog, TagSpec
@@ -61,6 +60,122 @@ class ScoringError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class TagCoverage:
+    """How one catalog tag covers the snapshot's customers in a scored file (counts only, no customer values)."""
+
+    tag: str
+    rows: int
+    customers_covered: int
+    duplicate_rows: int
+    rows_of_unknown_customers: int
+    invalid_values: int
+    invalid_examples: tuple[str, ...]
+
+    def problems(self, customers: int) -> list[str]:
+        out = []
+        if self.customers_covered < customers:
+            out.append(f"{customers - self.customers_covered:,} of {customers:,} customers have no {self.tag!r} row")
+        if self.duplicate_rows:
+            out.append(f"{self.duplicate_rows:,} duplicate {self.tag!r} rows")
+        if self.rows_of_unknown_customers:
+            out.append(f"{self.rows_of_unknown_customers:,} {self.tag!r} rows of customers not in the snapshot")
+        if self.invalid_values:
+            out.append(f"{self.invalid_values:,} {self.tag!r} rows with a value outside its classes (e.g. {list(self.invalid_examples)})")
+        return out
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """The coverage check of a scored file: every snapshot customer has every catalog tag exactly once,
+    with a value among the tag's classes (or `unknown` where the tag has a min_confidence)."""
+
+    customers: int
+    tags: tuple[TagCoverage, ...]
+    rows: int
+    rows_of_other_tags: int
+
+    @property
+    def expected_rows(self) -> int:
+        return self.customers * len(self.tags)
+
+    @property
+    def problems(self) -> list[str]:
+        out = [p for t in self.tags for p in t.problems(self.customers)]
+        if self.rows_of_other_tags:
+            out.append(f"{self.rows_of_other_tags:,} rows of tags not in the catalog")
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def metadata(self) -> dict[str, Any]:
+        """Aggregates for the asset check (no customer-level values)."""
+        return {
+            "customers": self.customers, "rows": self.rows, "expected_rows": self.expected_rows, "tags": len(self.tags),
+            "missing": sum(max(self.customers - t.customers_covered, 0) for t in self.tags),
+            "duplicates": sum(t.duplicate_rows for t in self.tags),
+            "invalid_values": sum(t.invalid_values for t in self.tags),
+            "rows_of_other_tags": self.rows_of_other_tags,
+        }
+
+
+class CoverageError(ScoringError):
+    """The scored file does not cover the snapshot; it was not published and the old partition stays."""
+
+    def __init__(self, as_of: date, coverage: Coverage):
+        self.coverage = coverage
+        problems = coverage.problems
+        super().__init__(
+            f"customer_tags {as_of}: coverage check failed, the partition was not replaced: " + "; ".join(problems[:8])
+            + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        )
+
+
+def allowed_values(tag: TagSpec) -> list[str]:
+    """The values a tag's rows may hold: its classes, and `unknown` where low confidence is stored as such."""
+    return [*tag.classes, *([UNKNOWN] if tag.kind == "model" and tag.min_confidence else [])]
+
+
+def check_coverage(con: duckdb.DuckDBPyConnection, tags_path: Path, features_path: Path, catalog: Catalog) -> Coverage:
+    """Validate a scored (not yet published) tag file against its feature snapshot, set-based in DuckDB."""
+    entries = ", ".join("(?, ?::VARCHAR[])" for _ in catalog.tags)
+    params: list[Any] = [str(features_path), str(tags_path)]
+    for tag in catalog.tags:
+        params += [tag.name, allowed_values(tag)]
+    rows = con.execute(
+        f"""
+        WITH f AS (SELECT DISTINCT customer_id::VARCHAR AS customer_id FROM read_parquet(?)),
+        t AS (SELECT customer_id, tag, value FROM read_parquet(?)),
+        e(tag, allowed) AS (VALUES {entries}),
+        j AS (SELECT e.tag, e.allowed, t.customer_id, t.value, f.customer_id IS NOT NULL AS known
+              FROM e LEFT JOIN t ON t.tag = e.tag LEFT JOIN f ON f.customer_id = t.customer_id)
+        SELECT tag,
+            count(customer_id) AS rows,
+            count(DISTINCT customer_id) FILTER (WHERE known) AS covered,
+            count(customer_id) - count(DISTINCT customer_id) AS duplicates,
+            count(customer_id) FILTER (WHERE NOT known) AS unknown_customers,
+            count(customer_id) FILTER (WHERE value IS NULL OR NOT list_contains(allowed, value)) AS invalid,
+            list(DISTINCT coalesce(value, 'NULL')) FILTER (WHERE customer_id IS NOT NULL AND (value IS NULL OR NOT list_contains(allowed, value))) AS examples
+        FROM j GROUP BY tag
+        """,
+        params,
+    ).fetchall()
+    by_tag = {r[0]: r for r in rows}
+    per_tag = tuple(
+        TagCoverage(t.name, int(by_tag[t.name][1]), int(by_tag[t.name][2]), int(by_tag[t.name][3]), int(by_tag[t.name][4]),
+                    int(by_tag[t.name][5]), tuple(sorted(by_tag[t.name][6] or [])[:5]))
+        for t in catalog.tags
+    )
+    customers = con.execute("SELECT count(DISTINCT customer_id) FROM read_parquet(?)", [str(features_path)]).fetchall()[0][0]
+    total, other = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE tag IS NULL OR NOT list_contains(?::VARCHAR[], tag)) FROM read_parquet(?)",
+        [[t.name for t in catalog.tags], str(tags_path)],
+    ).fetchall()[0]
+    return Coverage(int(customers), per_tag, int(total), int(other))
+
+
+@dataclass(frozen=True)
 class Champion:
     tag: str
     version: str
@@ -83,6 +198,7 @@ class ScoringSummary:
     customers: int
     seconds: float
     per_tag: dict[str, dict[str, Any]] = field(default_factory=dict)
+    coverage: Coverage | None = None
 
 
 def resolve_champion(client: MlflowClient, tag: TagSpec) -> Champion:
@@ -226,13 +342,10 @@ def score_partition(
     champions = {tag.name: resolve_champion(client, tag) for tag in catalog.model_tags}
     for champion in champions.values():
         _check_features(features_path, champion)
-    scored_at = datetime.now(timezone.utc).replace(microsecond=0)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    scored_at = datetime.now(UTC).replace(microsecond=0)
     per_tag: dict[str, dict[str, Any]] = {}
     rows = 0
-    try:
+    with locked_temporary(target) as tmp:
         with pq.ParquetWriter(tmp, TAG_ROW_SCHEMA, compression="zstd") as writer:
             for tag in catalog.rule_tags:
                 t0 = time.perf_counter()
@@ -249,8 +362,9 @@ def score_partition(
                     writer.write_batch(batch)
                     rows += batch.num_rows
                 per_tag[tag.name] = {"producer": champion.producer, "seconds": time.perf_counter() - t0}
+        # the blocking check runs on the file about to be published: readers never see a partition that fails it
+        coverage = check_coverage(con, tmp, features_path, catalog)
+        if not coverage.passed:
+            raise CoverageError(as_of, coverage)
         os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    customers = pq.read_metadata(features_path).num_rows
-    return ScoringSummary(as_of, target, rows, customers, time.perf_counter() - started, per_tag)
+    return ScoringSummary(as_of, target, rows, coverage.customers, time.perf_counter() - started, per_tag, coverage)
