@@ -351,3 +351,48 @@ def test_check_coverage_counts_missing_extra_and_unknown(world, tmp_path):
     first_tag = next(t for t in result.tags if t.tag == frame.iloc[0].tag)
     assert first_tag.rows_of_unknown_customers == 1
     assert not result.passed and f"{missing:,} of {customers:,} customers have no 'lifecycle_stage' row" in result.problems
+
+
+# ---- exports ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_an_export_into_the_tag_store_or_the_warehouse_is_refused(tmp_path, fmt):
+    warehouse = tmp_path / "warehouse"
+    store = TagStore(warehouse / "customer_tags", protected=[warehouse])
+    path = store.partition_path(date(2026, 10, 31))
+    path.parent.mkdir(parents=True)
+    pq.write_table(_rows(date(2026, 10, 31), {"A": "C1"}, "tagml-risk_appetite/1"), path)
+    con = make_connection(tmp_path)
+    fake = store.root / "as_of=2099-12-31" / "data.parquet"
+    with pytest.raises(TagStoreError, match=r"export output .*as_of=2099-12-31/data.parquet is inside .*customer_tags; exports go outside"):
+        store.export(con, date(2026, 10, 31), fmt, fake)
+    # also through a relative path that only resolves into the store, and anywhere in the warehouse
+    with pytest.raises(TagStoreError, match="is inside"):
+        store.export(con, date(2026, 10, 31), fmt, store.root / "x" / ".." / f"export.{fmt}")
+    with pytest.raises(TagStoreError, match=r"is inside .*warehouse;"):
+        store.export(con, date(2026, 10, 31), fmt, warehouse / f"export.{fmt}")
+    assert store.partitions() == [date(2026, 10, 31)] and not fake.parent.exists()
+    assert sorted(p.name for p in warehouse.iterdir()) == ["customer_tags"]
+
+
+def test_csv_export_defuses_spreadsheet_formulas(tmp_path):
+    import csv
+
+    store = TagStore(tmp_path / "tags")
+    as_of = date(2026, 10, 31)
+    hostile = {"=HYPERLINK(\"http://x\")": "C1", "+1+2": "C2", "-2+3": "C1", "@SUM(A1)": "C2", "\tTAB": "C1", "\rCR": "C2", "C-7": "C1"}
+    path = store.partition_path(as_of)
+    path.parent.mkdir(parents=True)
+    pq.write_table(_rows(as_of, hostile, "=cmd|' /C calc'!A0"), path)
+    out = tmp_path / "export.csv"
+    assert store.export(make_connection(tmp_path), as_of, "csv", out) == len(hostile)
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    ids = {r["customer_id"] for r in rows}
+    assert ids == {"'" + i if i[0] in "=+-@\t\r" else i for i in hostile}
+    assert "C-7" in ids  # only the first character matters
+    assert {r["producer"] for r in rows} == {"'=cmd|' /C calc'!A0"}
+    assert all(not cell or cell[0] not in "=+-@\t\r" for r in rows for cell in r.values())
+    assert {r["probability"] for r in rows} == {"0.6"}  # numbers are not text cells: left alone
+    assert rows[0]["probabilities"] == '{"C1":0.4,"C2":0.6}'
