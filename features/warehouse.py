@@ -134,15 +134,17 @@ def write_parquet_atomically(
     select_sql: str,
     target: Path,
     validate: Callable[[Path], None] | None = None,
+    params: list | None = None,
 ) -> int:
     """Write the query's rows to `target` so that readers see the old file or the new one, never half.
 
-    DuckDB writes to a locked temporary file beside the target (`locked_temporary`); `validate(tmp)` may inspect it and raise to
-    abort; `os.replace` then swaps it in (atomic on POSIX within one filesystem). On any error the
-    temporary file is removed and the target is untouched.
+    DuckDB writes to a locked temporary file beside the target (`locked_temporary`); `validate(tmp)`
+    may inspect it and raise to abort; `params` bind the query's `?` placeholders; `os.replace` then
+    swaps it in (atomic on POSIX within one filesystem). On any error the temporary file is removed
+    and the target is untouched.
     """
     with locked_temporary(target) as tmp:
-        con.execute(f"COPY ({select_sql}) TO {sql_literal(tmp)} ({PARQUET_OPTIONS})")
+        con.execute(f"COPY ({select_sql}) TO {sql_literal(tmp)} ({PARQUET_OPTIONS})", params or [])
         rows = con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(tmp)})").fetchall()[0][0]
         if validate is not None:
             validate(tmp)

@@ -291,3 +291,56 @@ def test_evidently_report_on_samples_is_saved_and_summarised(tmp_path):
     assert summary.columns["income"]["drifted"] is True and summary.columns["region"]["drifted"] is False
     assert summary.drifted_columns == 1 and summary.drifted_share == pytest.approx(1 / 3)
     assert summary.sample_rows == (2000, 2000)
+
+
+def _frames(day: date, tag: str, drifted: bool, psi: float) -> dict:
+    return {SUMMARY: pd.DataFrame([_summary(tag, day, drifted)]),
+            "drift_features": pd.DataFrame({"tag": [tag], "slice_column": ALL, "feature": ["x"], "psi": [psi]}),
+            "drift_predictions": pd.DataFrame({"tag": [tag], "class": ["k"], "slice_psi": [psi]})}
+
+
+def test_a_writer_killed_between_the_history_tables_leaves_the_previous_generation_whole(tmp_path, con):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    root = tmp_path / "drift"
+    day = date(2026, 10, 31)
+    history = DriftHistory(root)
+    history.write(con, day, _frames(day, "a", False, 0.01))
+    first = history.generation(day)
+    # the second run gets as far as the details, and dies before the summary commits them
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        import monitoring.history as history
+        from features.warehouse import connect
+        from tests.test_drift import _frames
+        from datetime import date
+        original = history.write_parquet_atomically
+        def write(con, sql, target, **kwargs):
+            if target.parent.parent.name == history.SUMMARY:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(con, sql, target, **kwargs)
+        history.write_parquet_atomically = write
+        history.DriftHistory(history.Path({str(root)!r})).write(connect(1, "512MB"), date(2026, 10, 31), _frames(date(2026, 10, 31), "a", True, 0.9))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == -signal.SIGKILL
+    assert len(list((root / "drift_features" / f"as_of={day}").glob("data-*.parquet"))) == 2  # the dead run's details exist...
+    # ...but readers see one generation: the summary's, with its own details
+    assert history.generation(day) == first
+    assert history.summary(con, day)["drifted"].tolist() == [False]
+    assert history.features(con, day, "a")["psi"].tolist() == [0.01]
+    assert history.predictions(con, day, "a")["slice_psi"].tolist() == [0.01]
+    assert set(history.features(con, day, "a")["generation"]) == {first}
+    # the next write commits a new generation and removes the dead one's files
+    history.write(con, day, _frames(day, "a", True, 0.5))
+    assert history.features(con, day, "a")["psi"].tolist() == [0.5] and history.summary(con, day)["drifted"].tolist() == [True]
+    names = {p.name for p in (root / "drift_features" / f"as_of={day}").iterdir()}
+    assert names == {f"data-{history.generation(day)}.parquet", f"data-{first}.parquet"}  # the previous one is kept for readers on it
