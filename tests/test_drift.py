@@ -343,3 +343,44 @@ def test_a_writer_killed_between_the_history_tables_leaves_the_previous_generati
     assert history.features(con, day, "a")["psi"].tolist() == [0.5] and history.summary(con, day)["drifted"].tolist() == [True]
     names = {p.name for p in (root / "drift_features" / f"as_of={day}").iterdir()}
     assert names == {f"data-{history.generation(day)}.parquet", f"data-{first}.parquet"}  # the previous one is kept for readers on it
+
+
+VERDICT = {
+    "drifted": True, "reasons": ["class PSI 0.412 > 0.2: C1 50.0% -> C1 80.0%"], "current_rows": 4000, "reference_rows": 3900,
+    "drifted_feature_share": 0.25, "feature_psi_threshold": 0.2, "drifted_feature_share_threshold": 0.3,
+    "prediction_psi": 0.412, "prediction_psi_threshold": 0.2, "performance_status": "not monitored",
+}
+IDENTITY = {"tag": "risk_appetite", "as_of": "2026-10-31", "model": "tagml-risk_appetite/3", "reference_as_of": "2026-08-31"}
+
+
+def test_a_column_gone_all_missing_is_named_not_a_crash_and_the_report_says_whose_verdict_counts(tmp_path):
+    from monitoring.report import drift_report
+
+    rng = np.random.default_rng(5)
+    n = 1500
+    ref = pd.DataFrame({"aum_total": rng.lognormal(10, 1, n), "income": rng.normal(0, 1, n), "prediction": rng.choice(["C1", "C2"], n)})
+    # the same population (Evidently: no drift) with a column that went all NULL
+    cur = ref.sample(frac=1, random_state=1).reset_index(drop=True).assign(aum_total=np.nan)
+    target = tmp_path / "risk_appetite" / "2026-10-31.html"
+    summary = drift_report(ref, cur, ["aum_total", "income"], ["prediction"], 0.3, target, IDENTITY, VERDICT)
+    assert summary.excluded == {"aum_total": "no values in the current sample"}
+    assert "aum_total" not in summary.columns and summary.columns["income"]["drifted"] is False
+    page = target.read_text()
+    header = page[page.index("<header id='tagml-verdict'"):page.index("</header>")]
+    assert page.index("<header id='tagml-verdict'") < page.index("<div id=\"root_")  # first thing in the body
+    for fact in ("risk_appetite", "2026-10-31", "tagml-risk_appetite/3", "2026-08-31"):
+        assert fact in header
+    assert "<title>tagml drift: risk_appetite 2026-10-31</title>" in page
+    # Evidently's sample says "no drift"; the header leads with tagml's decision and its numbers
+    assert "tagml's verdict: DRIFTED" in header and "class PSI 0.4120 (threshold 0.2)" in header
+    assert "PSI over the whole population (4,000 customers" in header and "not tagml's decision" in header
+    assert "aum_total (no values in the current sample)" in header and "C1 50.0% -&gt; C1 80.0%" in header
+
+
+def test_a_report_with_no_comparable_column_still_has_its_header(tmp_path):
+    from monitoring.report import drift_report
+
+    ref = pd.DataFrame({"aum_total": [1.0, 2.0, 3.0]})
+    summary = drift_report(ref, ref.assign(aum_total=np.nan), ["aum_total"], [], 0.3, tmp_path / "r.html", IDENTITY, {**VERDICT, "drifted": False, "reasons": []})
+    assert summary.columns == {} and summary.drifted_columns == 0
+    assert "tagml's verdict: no drift" in (tmp_path / "r.html").read_text()
