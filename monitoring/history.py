@@ -15,7 +15,7 @@ a partition for some tags keeps the other tags' rows (copied into the new genera
 """
 
 import uuid
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
 
 import duckdb
@@ -179,13 +179,4 @@ class DriftHistory:
     def predictions(self, con: duckdb.DuckDBPyConnection, as_of: date, tag: str) -> pd.DataFrame:
         return con.execute(
             f"SELECT * FROM {self._read(PREDICTIONS, as_of)} WHERE tag = ? ORDER BY slice_column, slice, class", [tag]
-        ).df()
-
-    def events_since(self, con: duckdb.DuckDBPyConnection, computed_after: datetime | None) -> pd.DataFrame:
-        """Summary rows computed after a moment (all when None): what a sensor has not seen yet."""
-        if not self.partitions():
-            return pd.DataFrame(columns=["as_of", "tag", "drifted", "reasons", "computed_at"])
-        where = f"WHERE computed_at > TIMESTAMPTZ {sql_literal(computed_after.isoformat())}" if computed_after else ""
-        return con.execute(
-            f"SELECT as_of, tag, drifted, reasons, computed_at FROM {self._read(SUMMARY, None)} {where} ORDER BY computed_at, as_of, tag"
         ).df()
