@@ -20,13 +20,14 @@ missing on one side) are left out of its part and named in the header; their PSI
 import html
 import multiprocessing
 import os
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from features.warehouse import locked_temporary
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,8 @@ def drift_report(
         frame[numeric] = frame[numeric].astype("float64")
         frame[categorical] = frame[categorical].astype("object")
     usable, excluded = evidently_columns(reference, current, columns)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.{uuid.uuid4().hex}.tmp.html")
-    try:
+    # a locked temporary: a report run killed mid-write leaves nothing the next run does not remove
+    with locked_temporary(target) as tmp:
         if usable:
             from evidently import (  # ~4 s to import: only where it is used
                 DataDefinition,
@@ -98,8 +98,6 @@ def drift_report(
             result = {}
         tmp.write_text(with_header(tmp.read_text(), metadata or {}, verdict, excluded, (len(reference), len(current))))
         os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     summary = summarise(result, target, (len(reference), len(current)))
     return ReportSummary(summary.path, summary.sample_rows, summary.drifted_columns, summary.drifted_share, summary.columns, excluded)
 

@@ -158,26 +158,28 @@ def test_a_feature_gone_all_null_is_a_big_drift_not_a_crash(loop, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # before the shock: both tags' partition was scored by the versions trained on 2026-08-31, whose
+    # reference population is another day (after the re-evaluation, risk_appetite's may be AFTER itself)
     settings = loop["settings"]
     warehouse = tmp_path / "warehouse"
     (warehouse / "customer_features").mkdir(parents=True)
     (warehouse / "raw").symlink_to(settings.warehouse_dir / "raw")
     for partition in (settings.warehouse_dir / "customer_features").iterdir():
-        if partition.name != f"as_of={AFTER}":
+        if partition.name != f"as_of={BEFORE}":
             (warehouse / "customer_features" / partition.name).symlink_to(partition)
-    table = pq.read_table(settings.warehouse_dir / "customer_features" / f"as_of={AFTER}" / "data.parquet")
+    table = pq.read_table(settings.warehouse_dir / "customer_features" / f"as_of={BEFORE}" / "data.parquet")
     column = table.schema.get_field_index("aum_total")
     table = table.set_column(column, "aum_total", pa.nulls(table.num_rows, table.schema.field(column).type))
-    (warehouse / "customer_features" / f"as_of={AFTER}").mkdir()
-    pq.write_table(table, warehouse / "customer_features" / f"as_of={AFTER}" / "data.parquet")
+    (warehouse / "customer_features" / f"as_of={BEFORE}").mkdir()
+    pq.write_table(table, warehouse / "customer_features" / f"as_of={BEFORE}" / "data.parquet")
     locations = DriftLocations(warehouse, settings.warehouse_dir / "customer_tags", tmp_path / "drift", tmp_path / "reports")
     with make_connection(tmp_path) as con:
-        run = compute_drift(con, loop["client"], load_catalog(settings.catalog_path), AFTER, locations, sample_rows=500)
+        run = compute_drift(con, loop["client"], load_catalog(settings.catalog_path), BEFORE, locations, sample_rows=500)
     for result in run.results:
         overall = result.features[result.features["slice_column"] == "(all)"].set_index("feature")
         assert overall.loc["aum_total", "psi"] > 1 and overall.loc["aum_total", "drifted"], result.tag
         assert overall.loc["aum_total", "evidently_method"] == "not run: no values in the current sample"
-        assert "aum_total (no values in the current sample)" in (tmp_path / "reports" / result.tag / f"{AFTER}.html").read_text()
+        assert "aum_total (no values in the current sample)" in (tmp_path / "reports" / result.tag / f"{BEFORE}.html").read_text()
 
 
 def test_reevaluation_retrains_gates_with_a_recorded_reason_and_rescores(loop):
