@@ -138,41 +138,39 @@ def allowed_values(tag: TagSpec) -> list[str]:
 
 
 def check_coverage(con: duckdb.DuckDBPyConnection, tags_path: Path, features_path: Path, catalog: Catalog) -> Coverage:
-    """Validate a scored (not yet published) tag file against its feature snapshot, set-based in DuckDB."""
-    entries = ", ".join("(?, ?::VARCHAR[])" for _ in catalog.tags)
-    params: list[Any] = [str(features_path), str(tags_path)]
+    """Validate a scored (not yet published) tag file against its feature snapshot, set-based in DuckDB.
+
+    Three small aggregations instead of one join of every row: per tag the rows and distinct
+    customers, per tag the rows of customers missing from the snapshot (an anti-join, empty when all
+    is well), and per tag and value the counts (values are checked against the classes here).
+    """
+    tags, features = str(tags_path), str(features_path)
+    counts = {t: (int(n), int(ids)) for t, n, ids in con.execute(
+        "SELECT tag, count(*), count(DISTINCT customer_id) FROM read_parquet(?) GROUP BY tag", [tags]
+    ).fetchall()}
+    strangers = {t: (int(n), int(ids)) for t, n, ids in con.execute(
+        "SELECT t.tag, count(*), count(DISTINCT t.customer_id) FROM read_parquet(?) t "
+        "ANTI JOIN read_parquet(?) f ON f.customer_id::VARCHAR = t.customer_id GROUP BY t.tag",
+        [tags, features],
+    ).fetchall()}
+    values: dict[str, dict[str | None, int]] = {}
+    for tag, value, n in con.execute("SELECT tag, value, count(*) FROM read_parquet(?) GROUP BY ALL", [tags]).fetchall():
+        values.setdefault(tag, {})[value] = int(n)
+    per_tag = []
     for tag in catalog.tags:
-        params += [tag.name, allowed_values(tag)]
-    rows = con.execute(
-        f"""
-        WITH f AS (SELECT DISTINCT customer_id::VARCHAR AS customer_id FROM read_parquet(?)),
-        t AS (SELECT customer_id, tag, value FROM read_parquet(?)),
-        e(tag, allowed) AS (VALUES {entries}),
-        j AS (SELECT e.tag, e.allowed, t.customer_id, t.value, f.customer_id IS NOT NULL AS known
-              FROM e LEFT JOIN t ON t.tag = e.tag LEFT JOIN f ON f.customer_id = t.customer_id)
-        SELECT tag,
-            count(customer_id) AS rows,
-            count(DISTINCT customer_id) FILTER (WHERE known) AS covered,
-            count(customer_id) - count(DISTINCT customer_id) AS duplicates,
-            count(customer_id) FILTER (WHERE NOT known) AS unknown_customers,
-            count(customer_id) FILTER (WHERE value IS NULL OR NOT list_contains(allowed, value)) AS invalid,
-            list(DISTINCT coalesce(value, 'NULL')) FILTER (WHERE customer_id IS NOT NULL AND (value IS NULL OR NOT list_contains(allowed, value))) AS examples
-        FROM j GROUP BY tag
-        """,
-        params,
-    ).fetchall()
-    by_tag = {r[0]: r for r in rows}
-    per_tag = tuple(
-        TagCoverage(t.name, int(by_tag[t.name][1]), int(by_tag[t.name][2]), int(by_tag[t.name][3]), int(by_tag[t.name][4]),
-                    int(by_tag[t.name][5]), tuple(sorted(by_tag[t.name][6] or [])[:5]))
-        for t in catalog.tags
-    )
-    customers = con.execute("SELECT count(DISTINCT customer_id) FROM read_parquet(?)", [str(features_path)]).fetchall()[0][0]
-    total, other = con.execute(
-        "SELECT count(*), count(*) FILTER (WHERE tag IS NULL OR NOT list_contains(?::VARCHAR[], tag)) FROM read_parquet(?)",
-        [[t.name for t in catalog.tags], str(tags_path)],
-    ).fetchall()[0]
-    return Coverage(int(customers), per_tag, int(total), int(other))
+        rows, ids = counts.get(tag.name, (0, 0))
+        unknown_rows, unknown_ids = strangers.get(tag.name, (0, 0))
+        allowed = set(allowed_values(tag))
+        invalid = {v: n for v, n in values.get(tag.name, {}).items() if v not in allowed}
+        per_tag.append(TagCoverage(
+            tag.name, rows, ids - unknown_ids, rows - ids, unknown_rows, sum(invalid.values()),
+            tuple(sorted("NULL" if v is None else v for v in invalid)[:5]),
+        ))
+    customers = con.execute("SELECT count(DISTINCT customer_id) FROM read_parquet(?)", [features]).fetchall()[0][0]
+    known = {t.name for t in catalog.tags}
+    total = sum(n for n, _ in counts.values())
+    other = sum(n for t, (n, _) in counts.items() if t not in known)
+    return Coverage(int(customers), tuple(per_tag), total, other)
 
 
 @dataclass(frozen=True)

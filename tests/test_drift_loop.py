@@ -175,11 +175,17 @@ def test_a_feature_gone_all_null_is_a_big_drift_not_a_crash(loop, tmp_path):
     locations = DriftLocations(warehouse, settings.warehouse_dir / "customer_tags", tmp_path / "drift", tmp_path / "reports")
     with make_connection(tmp_path) as con:
         run = compute_drift(con, loop["client"], load_catalog(settings.catalog_path), BEFORE, locations, sample_rows=500)
+    users = []  # every tag got its numbers and its report; those whose model reads aum_total see a big drift
     for result in run.results:
         overall = result.features[result.features["slice_column"] == "(all)"].set_index("feature")
-        assert overall.loc["aum_total", "psi"] > 1 and overall.loc["aum_total", "drifted"], result.tag
-        assert overall.loc["aum_total", "evidently_method"] == "not run: no values in the current sample"
-        assert "aum_total (no values in the current sample)" in (tmp_path / "reports" / result.tag / f"{BEFORE}.html").read_text()
+        page = (tmp_path / "reports" / result.tag / f"{BEFORE}.html").read_text()
+        assert "tagml's verdict" in page, result.tag
+        if "aum_total" in overall.index:
+            users.append(result.tag)
+            assert overall.loc["aum_total", "psi"] > 1 and overall.loc["aum_total", "drifted"], result.tag
+            assert overall.loc["aum_total", "evidently_method"] == "not run: no values in the current sample"
+            assert "aum_total (no values in the current sample)" in page
+    assert users
 
 
 def test_reevaluation_retrains_gates_with_a_recorded_reason_and_rescores(loop):
