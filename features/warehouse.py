@@ -1,11 +1,12 @@
 """The embedded warehouse: DuckDB connections over Parquet files, and atomic Parquet writes."""
 
+import fcntl
 import glob
 import os
 import re
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -92,18 +93,88 @@ def features_path(warehouse_dir: Path, as_of: date) -> Path:
     return Path(warehouse_dir) / "customer_features" / f"as_of={as_of.isoformat()}" / "data.parquet"
 
 
-STALE_TEMPORARY_SECONDS = 6 * 3600
+def _temporaries(target: Path) -> list[Path]:
+    """Temporary files of `target`, also those named only by a lock file (the writer died before creating it).
+
+    Names are matched exactly (`.<name>.<uuid hex>.tmp`): an engine's own scratch file beside ours is never touched.
+    """
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{32}}\.(tmp|lock)")
+    names = {m.group(0).removesuffix(".lock").removesuffix(".tmp") for p in target.parent.glob(f".{target.name}.*") if (m := pattern.fullmatch(p.name))}
+    return sorted(target.parent / f"{name}.tmp" for name in names)
 
 
-def remove_stale_temporaries(target: Path, older_than: float = STALE_TEMPORARY_SECONDS) -> None:
-    """Delete temporary files of `target` left by a killed writer (readers never look at them)."""
-    now = time.time()
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+def _lock_path(tmp: Path) -> Path:
+    return tmp.with_name(tmp.name.removesuffix(".tmp") + ".lock")
+
+
+def _try_lock(path: Path, create: bool) -> int | None:
+    """An fd holding an exclusive flock on `path` (the file the path names *now*), or None if held elsewhere or gone."""
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # a cleaner may have unlinked the lock file between our open and our flock: then we hold a
+        # lock nobody else can see, so it protects nothing
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+            raise FileNotFoundError(path)
+    except (BlockingIOError, FileNotFoundError):
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Delete the temporary files of `target` whose writer is dead, whatever their age.
+
+    Every writer holds an flock on a `.lock` file beside its temporary file until it has swapped
+    or removed it (`locked_temporary`); a lock we can take belongs to a writer that died (the kernel
+    releases flocks with the process), so its temporary file is garbage. A live concurrent writer of
+    the same partition keeps its lock and its file. Returns the removed temporary files.
+    """
+    removed = []
+    for tmp in _temporaries(target):
+        lock = _lock_path(tmp)
+        fd = _try_lock(lock, create=False)
+        if fd is None and lock.exists():
+            continue  # a live writer
+        # no lock file: its writer removes the temporary before the lock, so it is gone (or predates locks)
         try:
-            if now - stale.stat().st_mtime > older_than:
-                stale.unlink()
-        except FileNotFoundError:
-            pass
+            if tmp.exists():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+            if fd is not None:
+                lock.unlink(missing_ok=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
+@contextmanager
+def locked_temporary(target: Path) -> Iterator[Path]:
+    """A temporary path beside `target`, locked as in use while the block runs, and removed after.
+
+    Cleans up the temporaries of dead writers of the same target first. The caller writes the path
+    and `os.replace`s it onto the target; whatever is left at the path when the block ends is deleted.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
+    while True:
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        lock = _lock_path(tmp)
+        fd = _try_lock(lock, create=True)
+        if fd is not None:
+            break
+    try:
+        yield tmp
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)  # before the lock: a temporary without its lock file is always garbage
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 def write_parquet_atomically(
@@ -111,24 +182,21 @@ def write_parquet_atomically(
     select_sql: str,
     target: Path,
     validate: Callable[[Path], None] | None = None,
+    params: list | None = None,
 ) -> int:
     """Write the query's rows to `target` so that readers see the old file or the new one, never half.
 
-    DuckDB writes to a temporary file beside the target; `validate(tmp)` may inspect it and raise to
-    abort; `os.replace` then swaps it in (atomic on POSIX within one filesystem). On any error the
-    temporary file is removed and the target is untouched.
+    DuckDB writes to a locked temporary file beside the target (`locked_temporary`); `validate(tmp)`
+    may inspect it and raise to abort; `params` bind the query's `?` placeholders; `os.replace` then
+    swaps it in (atomic on POSIX within one filesystem). On any error the temporary file is removed
+    and the target is untouched.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        con.execute(f"COPY ({select_sql}) TO {sql_literal(tmp)} ({PARQUET_OPTIONS})")
+    with locked_temporary(target) as tmp:
+        con.execute(f"COPY ({select_sql}) TO {sql_literal(tmp)} ({PARQUET_OPTIONS})", params or [])
         rows = con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(tmp)})").fetchall()[0][0]
         if validate is not None:
             validate(tmp)
         os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return int(rows)
 
 

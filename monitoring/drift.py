@@ -22,7 +22,7 @@ sample is saved per tag and partition (monitoring/report.py).
 
 import time
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,11 @@ from scoring.store import TagStore
 from tagml.settings import Settings
 from training.catalog import Catalog, TagSpec
 
+# what the report's header shows of tagml's decision (the summary row's full-population numbers)
+VERDICT_KEYS = (
+    "drifted", "reasons", "current_rows", "reference_rows", "drifted_feature_share", "feature_psi_threshold",
+    "drifted_feature_share_threshold", "prediction_psi", "prediction_psi_threshold", "performance_status",
+)
 MIN_SLICE_ROWS = 100  # a slice smaller than this on either side is reported but never flagged
 SLICE_SOURCES = ("value_tier", "region")  # a rule tag of the catalog, or else a feature column
 
@@ -100,6 +105,8 @@ class TagDrift:
         overall = self.features["slice_column"] == ALL
         for column, key, dtype in (("evidently_method", "method", object), ("evidently_value", "value", float), ("evidently_drifted", "drifted", object)):
             self.features[column] = self.features["feature"].map(evidently.get(key, pd.Series(dtype=dtype))).where(overall)
+        left_out = self.features["feature"].map({c: f"not run: {why}" for c, why in report.excluded.items()})
+        self.features["evidently_method"] = self.features["evidently_method"].where(~(overall & left_out.notna()), left_out)
         self.summary.update(
             report_path=str(report.path),
             report_sample_rows=min(report.sample_rows),
@@ -255,24 +262,6 @@ def compute_tag_drift(
     # realised performance of the partition whose labels have matured
     perf = realised_performance(con, tag, as_of, store, locations.staged_dir, mm.version, registry_test_metric(client, tag))
 
-    job = None
-    if report:
-        numeric = [f for f in mm.features if mm.kinds[f] != "categorical"]
-        categorical = [f for f in mm.features if mm.kinds[f] == "categorical"]
-        cols = ", ".join(f"f.{quote(c)}" for c in mm.features)
-        # features and the inferred class only: the id orders the sample but is never selected
-        current_sample = con.execute(
-            f"SELECT {cols}, t.inferred_value AS prediction FROM {parquet(current)} f "
-            f"JOIN (SELECT customer_id, inferred_value FROM {parquet(tags_path)} WHERE tag = ?) t ON t.customer_id = f.customer_id "
-            f"ORDER BY hash(f.customer_id, {sql_literal(SAMPLE_SALT)}), f.customer_id LIMIT {int(sample_rows)}",
-            [tag.name],
-        ).df()
-        job = ReportJob(
-            pd.read_parquet(profile.sample_path), current_sample, numeric, [*categorical, "prediction"],
-            rules.drifted_feature_share, locations.report_path(tag.name, as_of),
-            {"tag": tag.name, "as_of": as_of.isoformat(), "model": mm.producer, "reference_as_of": mm.train_as_of.isoformat()},
-        )
-
     reasons: list[str] = []
     psi_of = overall.set_index("feature")["psi"]
     if share > rules.drifted_feature_share:
@@ -327,9 +316,28 @@ def compute_tag_drift(
         "training_gap_share": profile.training_gap_share,
         "drifted": bool(feature_drift or prediction_drift or perf.drifted),
         "reasons": reasons,
-        "computed_at": datetime.now(timezone.utc),
+        "computed_at": datetime.now(UTC),
         "seconds": time.perf_counter() - started,
     }
+    job = None
+    if report:
+        numeric = [f for f in mm.features if mm.kinds[f] != "categorical"]
+        categorical = [f for f in mm.features if mm.kinds[f] == "categorical"]
+        cols = ", ".join(f"f.{quote(c)}" for c in mm.features)
+        # features and the inferred class only: the id orders the sample but is never selected
+        current_sample = con.execute(
+            f"SELECT {cols}, t.inferred_value AS prediction FROM {parquet(current)} f "
+            f"JOIN (SELECT customer_id, inferred_value FROM {parquet(tags_path)} WHERE tag = ?) t ON t.customer_id = f.customer_id "
+            f"ORDER BY hash(f.customer_id, {sql_literal(SAMPLE_SALT)}), f.customer_id LIMIT {int(sample_rows)}",
+            [tag.name],
+        ).df()
+        job = ReportJob(
+            pd.read_parquet(profile.sample_path), current_sample, numeric, [*categorical, "prediction"],
+            rules.drifted_feature_share, locations.report_path(tag.name, as_of),
+            {"tag": tag.name, "as_of": as_of.isoformat(), "model": mm.producer, "reference_as_of": mm.train_as_of.isoformat()},
+            verdict={k: summary_row[k] for k in VERDICT_KEYS},
+        )
+
     meta = {"as_of": as_of, "tag": tag.name, "model_version": mm.version}
     return TagDrift(summary_row, feats.assign(**meta), predictions.assign(**meta), job)
 

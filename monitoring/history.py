@@ -4,15 +4,24 @@
     <drift_dir>/drift_features/as_of=YYYY-MM-DD/data.parquet     one row per tag, slice and feature: PSI and flag
     <drift_dir>/drift_predictions/as_of=YYYY-MM-DD/data.parquet  one row per tag, slice and class: shares, PSI
 
-Each file is replaced atomically; the summary is written last, so a reader that finds a tag in the
-summary finds its details too. Re-running a partition for some tags keeps the other tags' rows.
+The three tables of a partition are one *generation*: every write stamps a new generation id in
+all three, writes the details under new names (`drift_features/as_of=D/data-<generation>.parquet`,
+the same for predictions) and commits by replacing the summary last, atomically. The summary names
+its generation and readers take the details of exactly that generation, so a writer killed between
+the files leaves the previous generation whole (never the details of one run next to the summary of
+another). Writers of one partition take turns (a file lock); the generation before the current one
+is kept for readers still on it, older and orphaned ones are deleted by the next write. Re-running
+a partition for some tags keeps the other tags' rows (copied into the new generation).
 """
 
-from datetime import date, datetime
+import uuid
+from datetime import date
 from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow.parquet as pq
+from filelock import FileLock
 
 from features.warehouse import (
     glob_literal,
@@ -44,6 +53,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "training_gap_share": "DOUBLE", "drifted": "BOOLEAN", "reasons": "VARCHAR[]",
         "report_path": "VARCHAR", "report_sample_rows": "INTEGER", "evidently_drifted_share": "DOUBLE",
         "evidently_drifted_columns": "INTEGER", "computed_at": "TIMESTAMPTZ", "seconds": "DOUBLE",
+        "generation": "VARCHAR",
     },
     FEATURES: {
         "as_of": "DATE", "tag": "VARCHAR", "model_version": "VARCHAR", "slice_column": "VARCHAR", "slice": "VARCHAR",
@@ -51,12 +61,13 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "reference_rows": "BIGINT", "current_rows": "BIGINT", "bins": "INTEGER",
         "reference_missing_share": "DOUBLE", "current_missing_share": "DOUBLE",
         "evidently_method": "VARCHAR", "evidently_value": "DOUBLE", "evidently_drifted": "BOOLEAN",
+        "generation": "VARCHAR",
     },
     PREDICTIONS: {
         "as_of": "DATE", "tag": "VARCHAR", "model_version": "VARCHAR", "slice_column": "VARCHAR", "slice": "VARCHAR",
         "class": "VARCHAR", "reference_count": "BIGINT", "current_count": "BIGINT", "reference_share": "DOUBLE",
         "current_share": "DOUBLE", "slice_psi": "DOUBLE", "reference_mean_probability": "DOUBLE",
-        "current_mean_probability": "DOUBLE", "probability_psi": "DOUBLE",
+        "current_mean_probability": "DOUBLE", "probability_psi": "DOUBLE", "generation": "VARCHAR",
     },
 }
 
@@ -69,35 +80,74 @@ class DriftHistory:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def path(self, table: str, as_of: date) -> Path:
-        return self.root / table / f"as_of={as_of.isoformat()}" / PARTITION_FILE
+    def path(self, table: str, as_of: date, generation: str | None = None) -> Path:
+        """The summary file, or the details of `generation` (default: the one the summary names)."""
+        directory = self.root / table / f"as_of={as_of.isoformat()}"
+        if table == SUMMARY:
+            return directory / PARTITION_FILE
+        generation = generation if generation is not None else self.generation(as_of)
+        # histories written before generations had one unstamped file per table
+        return directory / (f"data-{generation}.parquet" if generation else PARTITION_FILE)
+
+    def generation(self, as_of: date) -> str | None:
+        """The generation the partition's summary commits (None: none yet, or written before generations)."""
+        summary = self.path(SUMMARY, as_of)
+        if not summary.exists() or "generation" not in pq.read_schema(summary).names:
+            return None
+        values = set(pq.read_table(summary, columns=["generation"]).column("generation").to_pylist())
+        if len(values) != 1:
+            raise DriftHistoryError(f"drift_summary of {as_of} at {summary} names generations {sorted(map(str, values))}, expected one")
+        return values.pop()
 
     def partitions(self) -> list[date]:
         found = [p.parent.name.removeprefix("as_of=") for p in (self.root / SUMMARY).glob(f"as_of=*/{PARTITION_FILE}")]
         return sorted(date.fromisoformat(d) for d in found)
 
     def write(self, con: duckdb.DuckDBPyConnection, as_of: date, frames: dict[str, pd.DataFrame]) -> dict[str, Path]:
-        """Replace the partition's rows of the tags in `frames` (other tags' rows are kept)."""
-        written = {}
-        tags = sorted(set(frames[SUMMARY]["tag"]))
-        for table in TABLES:
-            target = self.path(table, as_of)
-            frame = frames[table].copy()
-            schema = SCHEMAS[table]
-            for column in schema:
-                if column not in frame:
-                    frame[column] = None
-            con.register("_drift_new", frame)
-            try:
-                sql = "SELECT " + ", ".join(f"{quote(c)}::{t} AS {quote(c)}" for c, t in schema.items()) + " FROM _drift_new"
-                if target.exists():
-                    keep = f"SELECT * FROM read_parquet({sql_literal(target)}) WHERE tag NOT IN ({', '.join(sql_literal(t) for t in tags)})"
-                    sql = f"{keep} UNION ALL BY NAME {sql}"
-                write_parquet_atomically(con, f"SELECT * FROM ({sql}) ORDER BY tag", target)
-            finally:
-                con.unregister("_drift_new")
-            written[table] = target
+        """Replace the partition's rows of the tags in `frames` (other tags' rows are kept), as one new generation."""
+        lock_dir = self.root / ".locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock_dir / f"as_of={as_of.isoformat()}.lock")):
+            previous = self.generation(as_of)
+            generation = uuid.uuid4().hex
+            tags = sorted(set(frames[SUMMARY]["tag"]))
+            written = {}
+            for table in TABLES:  # the summary last: writing it commits the generation
+                target = self.path(table, as_of, generation)
+                old = self.path(table, as_of, previous)
+                frame = frames[table].copy()
+                schema = SCHEMAS[table]
+                for column in schema:
+                    if column not in frame:
+                        frame[column] = None
+                frame["generation"] = generation
+                con.register("_drift_new", frame)
+                try:
+                    sql = "SELECT " + ", ".join(f"{quote(c)}::{t} AS {quote(c)}" for c, t in schema.items()) + " FROM _drift_new"
+                    params: list = []
+                    if old.exists():
+                        # the other tags' rows move into the new generation (older files may lack newer columns)
+                        have = set(pq.read_schema(old).names)
+                        kept = ", ".join(
+                            f"{quote(c)}::{t} AS {quote(c)}" if c in have and c != "generation" else f"{'?' if c == 'generation' else 'NULL'}::{t} AS {quote(c)}"
+                            for c, t in schema.items()
+                        )
+                        sql = f"SELECT {kept} FROM read_parquet({sql_literal(old)}) WHERE NOT list_contains(?::VARCHAR[], tag) UNION ALL BY NAME {sql}"
+                        params = [generation, tags]
+                    write_parquet_atomically(con, f"SELECT * FROM ({sql}) ORDER BY tag", target, params=params)
+                finally:
+                    con.unregister("_drift_new")
+                written[table] = target
+            self._remove_generations(as_of, keep={generation, previous})
         return written
+
+    def _remove_generations(self, as_of: date, keep: set[str | None]) -> None:
+        """Details no summary names any more: older generations and those of killed writers."""
+        for table in (FEATURES, PREDICTIONS):
+            for path in (self.root / table / f"as_of={as_of.isoformat()}").glob("data*.parquet"):
+                name = path.stem.removeprefix("data").removeprefix("-") or None
+                if name not in keep:
+                    path.unlink(missing_ok=True)
 
     def _read(self, table: str, as_of: date | None) -> str:
         if as_of is None:
@@ -134,13 +184,4 @@ class DriftHistory:
     def predictions(self, con: duckdb.DuckDBPyConnection, as_of: date, tag: str) -> pd.DataFrame:
         return con.execute(
             f"SELECT * FROM {self._read(PREDICTIONS, as_of)} WHERE tag = ? ORDER BY slice_column, slice, class", [tag]
-        ).df()
-
-    def events_since(self, con: duckdb.DuckDBPyConnection, computed_after: datetime | None) -> pd.DataFrame:
-        """Summary rows computed after a moment (all when None): what a sensor has not seen yet."""
-        if not self.partitions():
-            return pd.DataFrame(columns=["as_of", "tag", "drifted", "reasons", "computed_at"])
-        where = f"WHERE computed_at > TIMESTAMPTZ {sql_literal(computed_after.isoformat())}" if computed_after else ""
-        return con.execute(
-            f"SELECT as_of, tag, drifted, reasons, computed_at FROM {self._read(SUMMARY, None)} {where} ORDER BY computed_at, as_of, tag"
         ).df()

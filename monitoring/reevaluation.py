@@ -3,10 +3,14 @@ drift results and a small cursor, so that the sensor wrapping it is trivially id
 
 Three guards make one drift event start one re-evaluation and never a loop:
 
-1. The cursor remembers up to which `computed_at` the drift history has been read; a second
+1. The cursor remembers up to which *position* the drift results have been read: the storage id of
+   the last `tag_drift` materialization in Dagster's event log. Positions are assigned when a result
+   is stored, so a partition computed earlier but stored later (two runs of a backfill) comes after
+   the cursor and is read, which a wall-clock `computed_at` cursor would drop for good. A second
    evaluation on the same results sees nothing new.
 2. Each request carries the run key `reevaluate-<tag>-<as_of>`; Dagster launches a run key once per
-   sensor, whatever happens to the cursor.
+   sensor, whatever happens to the cursor (a run executed in process by `tagml demo` carries the
+   same key and sensor tags, orchestration.sensors.in_process_run_tags, so it counts too).
 3. A per-tag cooldown, in *data* days (as_of), not wall-clock: after a re-evaluation of a tag for
    as_of D, drift of that tag at an as_of before D + cooldown is skipped (the retrained model's
    reference may still be mostly pre-drift, so the next days would otherwise flag it again), and
@@ -20,7 +24,7 @@ trigger it again.
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date
 from typing import Any
 
 
@@ -30,13 +34,16 @@ def run_key(tag: str, as_of: date) -> str:
 
 @dataclass(frozen=True)
 class DriftEvent:
-    """One drift summary row, as the planner needs it."""
+    """One tag's drift result for one as_of, as the planner needs it.
+
+    `position` orders results by when they were stored (Dagster's event storage id), not computed.
+    """
 
     tag: str
     as_of: date
     drifted: bool
     reasons: tuple[str, ...]
-    computed_at: datetime
+    position: int
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class Reevaluation:
 class Cursor:
     """What the sensor remembers between evaluations (serialised as JSON in Dagster's cursor)."""
 
-    seen_through: datetime | None = None
+    seen_through: int | None = None  # the position (storage id) of the last result read
     last_requested: dict[str, date] = field(default_factory=dict)
 
     @classmethod
@@ -64,14 +71,16 @@ class Cursor:
         raw = json.loads(text)
         seen = raw.get("seen_through")
         return cls(
-            seen_through=datetime.fromisoformat(seen) if seen else None,
+            # a cursor of the wall-clock era (an ISO time) restarts from the first result: run keys keep
+            # that from launching anything twice
+            seen_through=seen if isinstance(seen, int) else None,
             last_requested={t: date.fromisoformat(d) for t, d in raw.get("last_requested", {}).items()},
         )
 
     def dumps(self) -> str:
         return json.dumps(
             {
-                "seen_through": self.seen_through.isoformat() if self.seen_through else None,
+                "seen_through": self.seen_through,
                 "last_requested": {t: d.isoformat() for t, d in sorted(self.last_requested.items())},
             }
         )
@@ -94,10 +103,10 @@ def plan_reevaluations(events: Iterable[DriftEvent], cursor: Cursor, cooldown_da
     seen = cursor.seen_through
     requests: list[Reevaluation] = []
     skipped: list[tuple[str, date, str]] = []
-    for event in sorted(events, key=lambda e: (e.as_of, e.tag, e.computed_at)):
-        if cursor.seen_through is not None and event.computed_at <= cursor.seen_through:
+    for event in sorted(events, key=lambda e: (e.as_of, e.tag, e.position)):
+        if cursor.seen_through is not None and event.position <= cursor.seen_through:
             continue
-        seen = event.computed_at if seen is None or event.computed_at > seen else seen
+        seen = event.position if seen is None or event.position > seen else seen
         if not event.drifted:
             continue
         previous = last.get(event.tag)
@@ -115,14 +124,9 @@ def plan_reevaluations(events: Iterable[DriftEvent], cursor: Cursor, cooldown_da
     return Plan(requests, skipped, Cursor(seen_through=seen, last_requested=last))
 
 
-def events_from_rows(rows: Iterable[Mapping[str, Any]]) -> list[DriftEvent]:
-    """DriftEvents from drift_summary rows (as returned by DriftHistory.events_since)."""
-    out = []
-    for row in rows:
-        as_of = row["as_of"]
-        as_of = as_of.date() if isinstance(as_of, datetime) else as_of
-        computed = row["computed_at"]
-        computed = computed.to_pydatetime() if hasattr(computed, "to_pydatetime") else computed
-        reasons = row.get("reasons")
-        out.append(DriftEvent(row["tag"], as_of, bool(row["drifted"]), tuple(reasons) if reasons is not None else (), computed))
-    return out
+def events_from_result(position: int, as_of: date, by_tag: Mapping[str, Mapping[str, Any]]) -> list[DriftEvent]:
+    """DriftEvents of one stored drift result: per tag `{"drifted": bool, "reasons": [...]}`."""
+    return [
+        DriftEvent(tag, as_of, bool(result["drifted"]), tuple(str(r) for r in result.get("reasons") or ()), position)
+        for tag, result in sorted(by_tag.items())
+    ]

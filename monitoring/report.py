@@ -10,17 +10,24 @@ Effect of sampling on detection: with more than 1,000 rows Evidently uses distan
 (normed Wasserstein for numbers, Jensen-Shannon for categories, threshold 0.1) whose sampling error
 at 5,000 rows is around 0.01, so only features within about that distance of the threshold can flip;
 bench/RESULTS.md reports how often the sample's per-feature verdicts agree with the full data's.
+
+Each saved HTML opens with tagml's own header: which tag, as_of, model version and reference date it
+is about, and tagml's verdict with the full-population numbers it is decided on, so that Evidently's
+sample-based headline below it cannot be read as the decision. Columns Evidently cannot compute (all
+missing on one side) are left out of its part and named in the header; their PSI still counts.
 """
 
+import html
 import multiprocessing
 import os
-import uuid
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from features.warehouse import locked_temporary
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,24 @@ class ReportSummary:
     drifted_columns: int
     drifted_share: float
     columns: dict[str, dict[str, Any]]  # column -> {method, threshold, value, drifted}
+    excluded: dict[str, str] = field(default_factory=dict)  # column -> why Evidently did not see it
+
+
+def evidently_columns(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The columns Evidently can compare, and why each other one is left out.
+
+    Evidently raises ("An empty column ... was provided") for a column without a single value on
+    either side; such a column went all-missing, which the PSI of the whole population reports as a
+    large drift, so the report names it instead of crashing the run.
+    """
+    usable, excluded = [], {}
+    for column in columns:
+        empty = [side for side, frame in (("reference", reference), ("current", current)) if frame[column].notna().sum() == 0]
+        if empty:
+            excluded[column] = f"no values in the {' and '.join(empty)} sample"
+        else:
+            usable.append(column)
+    return usable, excluded
 
 
 def drift_report(
@@ -40,30 +65,87 @@ def drift_report(
     drift_share: float,
     target: Path,
     metadata: dict[str, str] | None = None,
+    verdict: dict[str, Any] | None = None,
 ) -> ReportSummary:
-    """Run Evidently's DataDriftPreset on the two samples and save its HTML at `target` (atomically)."""
-    from evidently import DataDefinition, Dataset, Report  # ~4 s to import: only where it is used
-    from evidently.presets import DataDriftPreset
-
+    """Run Evidently's DataDriftPreset on the two samples and save its HTML, headed by tagml's verdict, at `target` (atomically)."""
     columns = [*numeric, *categorical]
     reference, current = reference[columns].copy(), current[columns].copy()
     for frame in (reference, current):
         frame[numeric] = frame[numeric].astype("float64")
         frame[categorical] = frame[categorical].astype("object")
-    definition = DataDefinition(numerical_columns=numeric, categorical_columns=categorical)
-    report = Report([DataDriftPreset(drift_share=drift_share)], metadata=metadata or {}, include_tests=True)
-    snapshot = report.run(
-        current_data=Dataset.from_pandas(current, data_definition=definition),
-        reference_data=Dataset.from_pandas(reference, data_definition=definition),
-    )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.{uuid.uuid4().hex}.tmp.html")
-    try:
-        snapshot.save_html(str(tmp))
+    usable, excluded = evidently_columns(reference, current, columns)
+    # a locked temporary: a report run killed mid-write leaves nothing the next run does not remove
+    with locked_temporary(target) as tmp:
+        if usable:
+            from evidently import (  # ~4 s to import: only where it is used
+                DataDefinition,
+                Dataset,
+                Report,
+            )
+            from evidently.presets import DataDriftPreset
+
+            num, cat = [c for c in numeric if c in usable], [c for c in categorical if c in usable]
+            definition = DataDefinition(numerical_columns=num, categorical_columns=cat)
+            report = Report([DataDriftPreset(drift_share=drift_share)], metadata=metadata or {}, include_tests=True)
+            snapshot = report.run(
+                current_data=Dataset.from_pandas(current[usable], data_definition=definition),
+                reference_data=Dataset.from_pandas(reference[usable], data_definition=definition),
+            )
+            snapshot.save_html(str(tmp))
+            result = snapshot.dict()
+        else:
+            tmp.write_text("<html><head></head><body><p>No column has values on both sides: Evidently was not run.</p></body></html>")
+            result = {}
+        tmp.write_text(with_header(tmp.read_text(), metadata or {}, verdict, excluded, (len(reference), len(current))))
         os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return summarise(snapshot.dict(), target, (len(reference), len(current)))
+    summary = summarise(result, target, (len(reference), len(current)))
+    return ReportSummary(summary.path, summary.sample_rows, summary.drifted_columns, summary.drifted_share, summary.columns, excluded)
+
+
+def header_html(metadata: dict[str, str], verdict: dict[str, Any] | None, excluded: dict[str, str], sample_rows: tuple[int, int]) -> str:
+    """tagml's block at the top of a report: what the report is about and tagml's decision."""
+    e = html.escape
+    about = " | ".join(f"<b>{e(label)}</b> {e(str(metadata[key]))}" for key, label in (
+        ("tag", "tag"), ("as_of", "as_of"), ("model", "model version"), ("reference_as_of", "reference (training) date"),
+    ) if metadata.get(key))
+    parts = [f"<h2 style='margin:0 0 6px 0'>tagml drift report</h2><div>{about}</div>"]
+    if verdict is not None:
+        drifted = bool(verdict["drifted"])
+        colour = "#b00020" if drifted else "#1b5e20"
+        headline = "DRIFTED" if drifted else "no drift (within the catalog's thresholds)"
+        parts.append(
+            f"<p style='font-size:1.2em;color:{colour};margin:8px 0'><b>tagml's verdict: {e(headline)}</b></p>"
+            "<p style='margin:4px 0'>tagml decides on the PSI over the whole population "
+            f"({int(verdict['current_rows']):,} customers against {int(verdict['reference_rows']):,} in the reference): "
+            f"{verdict['drifted_feature_share']:.0%} of features with PSI &gt; {verdict['feature_psi_threshold']} "
+            f"(threshold {verdict['drifted_feature_share_threshold']:.0%}), class PSI {verdict['prediction_psi']:.4f} "
+            f"(threshold {verdict['prediction_psi_threshold']}), realised performance: {e(str(verdict['performance_status']))}.</p>"
+        )
+        reasons = list(verdict.get("reasons") or [])
+        if reasons:
+            parts.append("<ul style='margin:4px 0'>" + "".join(f"<li>{e(str(r))}</li>" for r in reasons) + "</ul>")
+    parts.append(
+        f"<p style='margin:4px 0;color:#555'>Below: Evidently's data-drift preset on a fixed sample of {sample_rows[0]:,} reference and "
+        f"{sample_rows[1]:,} current rows, with its own tests. Its dataset-level verdict is informative, not tagml's decision.</p>"
+    )
+    if excluded:
+        parts.append(
+            "<p style='margin:4px 0'>Not in Evidently's part (its PSI above still counts): "
+            + "; ".join(f"{e(c)} ({e(why)})" for c, why in sorted(excluded.items())) + "</p>"
+        )
+    return "<header id='tagml-verdict' style='font-family:sans-serif;padding:12px 16px;border-bottom:2px solid #ccc;background:#fafafa'>" + "".join(parts) + "</header>"
+
+
+def with_header(page: str, metadata: dict[str, str], verdict: dict[str, Any] | None, excluded: dict[str, str], sample_rows: tuple[int, int]) -> str:
+    """The saved page with tagml's header first in its body and a title naming the tag and as_of."""
+    title = html.escape(f"tagml drift: {metadata.get('tag', '')} {metadata.get('as_of', '')}".strip())
+    header = header_html(metadata, verdict, excluded, sample_rows)
+    page = page.replace("<head>", f"<head><title>{title}</title>", 1)
+    body = page.find("<body")
+    if body < 0:
+        return f"<html><head><title>{title}</title></head><body>{header}{page}</body></html>"
+    end = page.index(">", body) + 1
+    return page[:end] + header + page[end:]
 
 
 def summarise(result: dict[str, Any], path: Path, sample_rows: tuple[int, int]) -> ReportSummary:
@@ -95,10 +177,11 @@ class ReportJob:
     drift_share: float
     target: Path
     metadata: dict[str, str]
+    verdict: dict[str, Any] | None = None
 
 
 def _run(job: ReportJob) -> ReportSummary:
-    return drift_report(job.reference, job.current, job.numeric, job.categorical, job.drift_share, job.target, job.metadata)
+    return drift_report(job.reference, job.current, job.numeric, job.categorical, job.drift_share, job.target, job.metadata, job.verdict)
 
 
 def run_reports(jobs: list[ReportJob]) -> list[ReportSummary]:

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from orchestration.feature_assets import build_customer_features_asset
-from orchestration.jobs import TRAIN_ALL_JOB, build_jobs, build_nightly_scoring_job, build_reevaluation_jobs
+from orchestration.jobs import build_jobs, build_nightly_scoring_job, build_reevaluation_jobs
 from orchestration.monitoring_assets import build_tag_drift_asset
 from orchestration.schedules import build_refresh_schedules, build_schedules
 from orchestration.sensors import build_reevaluation_sensor
@@ -21,7 +21,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     catalog = load_catalog(settings.catalog_path)
     nightly = build_nightly_scoring_job(partitions)
     jobs = build_jobs(partitions, catalog)
-    automation = build_schedules(settings, nightly, next(j for j in jobs if j.name == TRAIN_ALL_JOB))
+    automation = build_schedules(settings)
     reevaluation = build_reevaluation_jobs(partitions, catalog)
     automation += [*build_refresh_schedules(settings, catalog), build_reevaluation_sensor(settings, catalog, reevaluation)]
     return dg.Definitions(

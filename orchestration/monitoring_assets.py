@@ -11,10 +11,17 @@ from pydantic import Field
 
 from monitoring.drift import DriftRun, compute_drift
 from monitoring.reference import DriftInputError
-from orchestration.resources import MlflowResource, MonitoringResource, WarehouseResource
+from orchestration.resources import (
+    MlflowResource,
+    MonitoringResource,
+    WarehouseResource,
+)
 from training.catalog import Catalog
 
 MONITORING_GROUP = "monitoring"
+# The per-tag verdicts of the tags computed in a run, in tag_drift's metadata: what the drift sensor
+# plans from (aggregates and reasons only, never customer values).
+DRIFT_BY_TAG = "drift_by_tag"
 
 
 class DriftConfig(dg.Config):
@@ -91,10 +98,13 @@ def build_tag_drift_asset(partitions_def: dg.PartitionsDefinition, catalog: Cata
             "drifted_tags": dg.MetadataValue.json([r.tag for r in run.results if r.drifted]),
             "summary": dg.MetadataValue.md(_summary_markdown(run)),
             "history": dg.MetadataValue.path(str(run.paths["drift_summary"])),
+            DRIFT_BY_TAG: dg.MetadataValue.json({r.tag: {"drifted": r.drifted, "reasons": r.reasons} for r in run.results}),
         }
         for result in run.results:
             if result.summary.get("report_path"):
                 metadata[f"report_{result.tag}"] = dg.MetadataValue.path(result.summary["report_path"])
+                # a link the UI opens (the report is a local file next to the warehouse)
+                metadata[f"report_{result.tag}_url"] = dg.MetadataValue.url(Path(result.summary["report_path"]).resolve().as_uri())
         yield dg.MaterializeResult(metadata=metadata)
         computed = {r.tag: r.summary for r in run.results}
         stored = _stored_summaries(warehouse, monitoring, as_of, [t.name for t in catalog.model_tags if t.name not in computed])
@@ -119,7 +129,7 @@ def _stored_summaries(warehouse: WarehouseResource, monitoring: MonitoringResour
 
 
 def _number(value) -> float | None:
-    return None if value is None or value != value else float(value)
+    return None if value is None or pd.isna(value) else float(value)
 
 
 def _check_result(tag: str, summary: dict | None, fresh: bool) -> dg.AssetCheckResult:
@@ -148,6 +158,9 @@ def _check_result(tag: str, summary: dict | None, fresh: bool) -> dg.AssetCheckR
             "prediction_psi_threshold": float(summary["prediction_psi_threshold"]),
             "performance": str(summary["performance_status"]),
             **({"realised_metric": round(realised, 4)} if realised is not None else {}),
-            **({"report": dg.MetadataValue.path(summary["report_path"])} if isinstance(summary.get("report_path"), str) else {}),
+            **(
+                {"report": dg.MetadataValue.path(summary["report_path"]), "report_url": dg.MetadataValue.url(Path(summary["report_path"]).resolve().as_uri())}
+                if isinstance(summary.get("report_path"), str) else {}
+            ),
         },
     )

@@ -1,16 +1,28 @@
-"""Schedules and sensors, named after what they start. Cron and timezone come from settings."""
+"""Schedules, named after what they start. Cron and timezone come from settings.
+
+Retraining has one mechanism: each model tag's `refresh` cadence in the catalog, a
+`refresh_<tag>_schedule` that runs `reevaluate_<tag>_job` (retrain -> gate -> re-score), next to the
+drift sensor that runs the same job on drift. There is no second, catalog-blind weekly retraining of
+every tag: it overlapped every refresh schedule and needed its own re-score sensor afterwards.
+`train_all_tags_job` stays for bootstrapping and manual runs; its new champions score from the next
+nightly run (or run a tag's re-evaluation job to re-score at once).
+"""
 
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import dagster as dg
 
-from orchestration.jobs import NIGHTLY_SCORING_JOB, TRAIN_ALL_JOB, reevaluate_job_name, reevaluation_run_config
+from orchestration.jobs import (
+    NIGHTLY_SCORING_JOB,
+    reevaluate_job_name,
+    reevaluation_run_config,
+)
 from tagml.settings import Settings
 from training.catalog import Catalog
 
 
-def build_schedules(settings: Settings, nightly_job, train_all_job) -> list:
+def build_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
     zone = ZoneInfo(settings.timezone)
 
     def yesterday(moment: datetime) -> str:
@@ -27,29 +39,7 @@ def build_schedules(settings: Settings, nightly_job, train_all_job) -> list:
         as_of = yesterday(context.scheduled_execution_time)
         return dg.RunRequest(run_key=f"score-{as_of}", partition_key=as_of)
 
-    @dg.schedule(
-        name="weekly_retraining_schedule",
-        job_name=TRAIN_ALL_JOB,
-        cron_schedule=settings.retrain_cron,
-        execution_timezone=settings.timezone,
-        description="Retrain every model tag and gate the challengers; rescore_after_training_sensor re-scores afterwards.",
-    )
-    def weekly_retraining_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-        return dg.RunRequest(run_key=f"retrain-{context.scheduled_execution_time.astimezone(zone).date().isoformat()}")
-
-    @dg.run_status_sensor(
-        name="rescore_after_training_sensor",
-        run_status=dg.DagsterRunStatus.SUCCESS,
-        monitored_jobs=[train_all_job],
-        request_job=nightly_job,
-        description="After a successful retraining run, re-score yesterday's partition with the (possibly new) champions.",
-    )
-    def rescore_after_training_sensor(context: dg.RunStatusSensorContext) -> dg.RunRequest:
-        as_of = yesterday(datetime.now(zone))
-        # one re-score per training run, however often the sensor is evaluated
-        return dg.RunRequest(run_key=f"rescore-{context.dagster_run.run_id}", partition_key=as_of)
-
-    return [nightly_scoring_schedule, weekly_retraining_schedule, rescore_after_training_sensor]
+    return [nightly_scoring_schedule]
 
 
 # When each cadence of the catalog's `refresh` re-evaluates a tag (at settings.refresh_time).

@@ -3,16 +3,15 @@
 The feature snapshot is streamed in batches (memory does not grow with the number of customers);
 model tags use their `champion` (resolved by alias when the run starts), rule tags their SQL bands.
 Every row records what produced it. All tags of a partition go to one temporary Parquet file that
-replaces the partition only when everything succeeded.
+replaces the partition only when everything succeeded and the file passed the coverage check.
 """
 
 import json
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from features.warehouse import remove_stale_temporaries, sql_literal, staged_path
+from features.warehouse import locked_temporary, sql_literal, staged_path
 from scoring.reasons import ReasonExplainer
 from scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
 from training.catalog import Catalog, TagSpec
@@ -66,6 +65,120 @@ class ScoringError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class TagCoverage:
+    """How one catalog tag covers the snapshot's customers in a scored file (counts only, no customer values)."""
+
+    tag: str
+    rows: int
+    customers_covered: int
+    duplicate_rows: int
+    rows_of_unknown_customers: int
+    invalid_values: int
+    invalid_examples: tuple[str, ...]
+
+    def problems(self, customers: int) -> list[str]:
+        out = []
+        if self.customers_covered < customers:
+            out.append(f"{customers - self.customers_covered:,} of {customers:,} customers have no {self.tag!r} row")
+        if self.duplicate_rows:
+            out.append(f"{self.duplicate_rows:,} duplicate {self.tag!r} rows")
+        if self.rows_of_unknown_customers:
+            out.append(f"{self.rows_of_unknown_customers:,} {self.tag!r} rows of customers not in the snapshot")
+        if self.invalid_values:
+            out.append(f"{self.invalid_values:,} {self.tag!r} rows with a value outside its classes (e.g. {list(self.invalid_examples)})")
+        return out
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """The coverage check of a scored file: every snapshot customer has every catalog tag exactly once,
+    with a value among the tag's classes (or `unknown` where the tag has a min_confidence)."""
+
+    customers: int
+    tags: tuple[TagCoverage, ...]
+    rows: int
+    rows_of_other_tags: int
+
+    @property
+    def expected_rows(self) -> int:
+        return self.customers * len(self.tags)
+
+    @property
+    def problems(self) -> list[str]:
+        out = [p for t in self.tags for p in t.problems(self.customers)]
+        if self.rows_of_other_tags:
+            out.append(f"{self.rows_of_other_tags:,} rows of tags not in the catalog")
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def metadata(self) -> dict[str, Any]:
+        """Aggregates for the asset check (no customer-level values)."""
+        return {
+            "customers": self.customers, "rows": self.rows, "expected_rows": self.expected_rows, "tags": len(self.tags),
+            "missing": sum(max(self.customers - t.customers_covered, 0) for t in self.tags),
+            "duplicates": sum(t.duplicate_rows for t in self.tags),
+            "invalid_values": sum(t.invalid_values for t in self.tags),
+            "rows_of_other_tags": self.rows_of_other_tags,
+        }
+
+
+class CoverageError(ScoringError):
+    """The scored file does not cover the snapshot; it was not published and the old partition stays."""
+
+    def __init__(self, as_of: date, coverage: Coverage):
+        self.coverage = coverage
+        problems = coverage.problems
+        super().__init__(
+            f"customer_tags {as_of}: coverage check failed, the partition was not replaced: " + "; ".join(problems[:8])
+            + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        )
+
+
+def allowed_values(tag: TagSpec) -> list[str]:
+    """The values a tag's rows may hold: its classes, and `unknown` where low confidence is stored as such."""
+    return [*tag.classes, *([UNKNOWN] if tag.kind == "model" and tag.min_confidence else [])]
+
+
+def check_coverage(con: duckdb.DuckDBPyConnection, tags_path: Path, features_path: Path, catalog: Catalog) -> Coverage:
+    """Validate a scored (not yet published) tag file against its feature snapshot, set-based in DuckDB.
+
+    Three small aggregations instead of one join of every row: per tag the rows and distinct
+    customers, per tag the rows of customers missing from the snapshot (an anti-join, empty when all
+    is well), and per tag and value the counts (values are checked against the classes here).
+    """
+    tags, features = str(tags_path), str(features_path)
+    counts = {t: (int(n), int(ids)) for t, n, ids in con.execute(
+        "SELECT tag, count(*), count(DISTINCT customer_id) FROM read_parquet(?) GROUP BY tag", [tags]
+    ).fetchall()}
+    strangers = {t: (int(n), int(ids)) for t, n, ids in con.execute(
+        "SELECT t.tag, count(*), count(DISTINCT t.customer_id) FROM read_parquet(?) t "
+        "ANTI JOIN read_parquet(?) f ON f.customer_id::VARCHAR = t.customer_id GROUP BY t.tag",
+        [tags, features],
+    ).fetchall()}
+    values: dict[str, dict[str | None, int]] = {}
+    for tag, value, n in con.execute("SELECT tag, value, count(*) FROM read_parquet(?) GROUP BY ALL", [tags]).fetchall():
+        values.setdefault(tag, {})[value] = int(n)
+    per_tag = []
+    for tag in catalog.tags:
+        rows, ids = counts.get(tag.name, (0, 0))
+        unknown_rows, unknown_ids = strangers.get(tag.name, (0, 0))
+        allowed = set(allowed_values(tag))
+        invalid = {v: n for v, n in values.get(tag.name, {}).items() if v not in allowed}
+        per_tag.append(TagCoverage(
+            tag.name, rows, ids - unknown_ids, rows - ids, unknown_rows, sum(invalid.values()),
+            tuple(sorted("NULL" if v is None else v for v in invalid)[:5]),
+        ))
+    customers = con.execute("SELECT count(DISTINCT customer_id) FROM read_parquet(?)", [features]).fetchall()[0][0]
+    known = {t.name for t in catalog.tags}
+    total = sum(n for n, _ in counts.values())
+    other = sum(n for t, (n, _) in counts.items() if t not in known)
+    return Coverage(int(customers), tuple(per_tag), total, other)
+
+
+@dataclass(frozen=True)
 class Champion:
     tag: str
     version: str
@@ -88,6 +201,7 @@ class ScoringSummary:
     customers: int
     seconds: float
     per_tag: dict[str, dict[str, Any]] = field(default_factory=dict)
+    coverage: Coverage | None = None
 
 
 def resolve_champion(client: MlflowClient, tag: TagSpec) -> Champion:
@@ -235,13 +349,10 @@ def score_partition(
     champions = {tag.name: resolve_champion(client, tag) for tag in catalog.model_tags}
     for champion in champions.values():
         _check_features(features_path, champion)
-    scored_at = datetime.now(timezone.utc).replace(microsecond=0)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    scored_at = datetime.now(UTC).replace(microsecond=0)
     per_tag: dict[str, dict[str, Any]] = {}
     rows = 0
-    try:
+    with locked_temporary(target) as tmp:
         with pq.ParquetWriter(tmp, TAG_ROW_SCHEMA, compression="zstd") as writer:
             for tag in catalog.rule_tags:
                 t0 = time.perf_counter()
@@ -258,8 +369,9 @@ def score_partition(
                     writer.write_batch(batch)
                     rows += batch.num_rows
                 per_tag[tag.name] = {"producer": champion.producer, "seconds": time.perf_counter() - t0}
+        # the blocking check runs on the file about to be published: readers never see a partition that fails it
+        coverage = check_coverage(con, tmp, features_path, catalog)
+        if not coverage.passed:
+            raise CoverageError(as_of, coverage)
         os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    customers = pq.read_metadata(features_path).num_rows
-    return ScoringSummary(as_of, target, rows, customers, time.perf_counter() - started, per_tag)
+    return ScoringSummary(as_of, target, rows, coverage.customers, time.perf_counter() - started, per_tag, coverage)

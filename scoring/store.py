@@ -5,15 +5,20 @@ partition on or before it) and which model or rule version produced them, change
 partitions and the transition matrix of a tag, and exports for downstream systems.
 """
 
+from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
 
 import duckdb
 import pandas as pd
 
-from features.warehouse import glob_literal, sql_literal, write_parquet_atomically
+from features.warehouse import glob_literal, locked_temporary, quote, sql_literal, write_parquet_atomically
 
 PARTITION_FILE = "data.parquet"
+
+# A CSV cell starting with one of these is a formula to Excel/LibreOffice/Sheets (CSV injection);
+# OWASP's advice is to prefix such cells with a single quote, which spreadsheets show as text.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
 class TagStoreError(LookupError):
@@ -21,8 +26,10 @@ class TagStoreError(LookupError):
 
 
 class TagStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, protected: Iterable[Path] = ()):
+        """`protected`: directories exports must never write into (the warehouse); the store itself always is."""
         self.root = Path(root)
+        self.protected = (self.root, *(Path(p) for p in protected))
 
     def partition_path(self, as_of: date) -> Path:
         return self.root / f"as_of={as_of.isoformat()}" / PARTITION_FILE
@@ -93,21 +100,37 @@ class TagStore:
         return counts.pivot(index="from_value", columns="to_value", values="customers").fillna(0).astype(int)
 
     def export(self, con: duckdb.DuckDBPyConnection, as_of: date, fmt: str, out: Path) -> int:
-        """Write one partition for downstream systems: Parquet as stored, or CSV with JSON-encoded maps and lists."""
-        source = self._partition(as_of)
+        """Write one partition for downstream systems: Parquet as stored, or CSV with JSON-encoded maps and lists.
+
+        The output may not lie inside the tag store or a protected directory: a file there would be read
+        as a partition (or overwrite one). In CSV, text cells starting with = + - @ tab or CR get a
+        leading `'` so that a spreadsheet shows them as text instead of evaluating them (OWASP, CSV injection).
+        """
+        if fmt not in ("parquet", "csv"):
+            raise ValueError(f"unknown export format {fmt!r}; use parquet or csv")
         out = Path(out)
+        resolved = out.resolve()
+        for directory in self.protected:
+            if resolved.is_relative_to(directory.resolve()):
+                raise TagStoreError(f"export output {out} is inside {directory}; exports go outside the warehouse and the tag store")
+        source = self._partition(as_of)
         if fmt == "parquet":
             return write_parquet_atomically(con, f"SELECT * FROM {source} ORDER BY customer_id, tag", out)
-        if fmt == "csv":
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")
-            con.execute(
-                f"COPY (SELECT * REPLACE (to_json(probabilities)::VARCHAR AS probabilities, to_json(reasons)::VARCHAR AS reasons) "
-                f"FROM {source} ORDER BY customer_id, tag) TO {sql_literal(tmp)} (FORMAT CSV, HEADER)"
-            )
+        columns = con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
+        prefixes = ", ".join(sql_literal(p) for p in FORMULA_PREFIXES)
+        cells = []
+        for name, kind, *_ in columns:
+            cell = quote(name)
+            if name in ("probabilities", "reasons"):
+                cell = f"to_json({cell})::VARCHAR"
+            elif kind != "VARCHAR":
+                cells.append(cell)
+                continue
+            cells.append(f"CASE WHEN left({cell}, 1) IN ({prefixes}) THEN {sql_literal(chr(39))} || {cell} ELSE {cell} END AS {quote(name)}")
+        with locked_temporary(out) as tmp:
+            con.execute(f"COPY (SELECT {', '.join(cells)} FROM {source} ORDER BY customer_id, tag) TO {sql_literal(tmp)} (FORMAT CSV, HEADER)")
             tmp.replace(out)
-            return con.execute(f"SELECT count(*) FROM {source}").fetchall()[0][0]
-        raise ValueError(f"unknown export format {fmt!r}; use parquet or csv")
+        return con.execute(f"SELECT count(*) FROM {source}").fetchall()[0][0]
 
     def distribution(self, con: duckdb.DuckDBPyConnection, as_of: date) -> pd.DataFrame:
         """Share of customers per value of each tag, with the observed share."""

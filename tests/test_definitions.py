@@ -52,35 +52,28 @@ def test_nightly_schedule_scores_yesterday_in_the_bank_timezone(tmp_path):
     [request] = schedule.evaluate_tick(context).run_requests
     assert request.partition_key == "2026-11-24" and request.run_key == "score-2026-11-24"
     assert loaded.resolve_job_def(schedule.job_name).partitions_def is not None
-    weekly = loaded.resolve_schedule_def("weekly_retraining_schedule")
-    assert weekly.job_name == "train_all_tags_job" and weekly.cron_schedule == "0 3 * * 0"
+
+
+def test_retraining_is_scheduled_once_from_the_catalog(tmp_path):
+    from orchestration.jobs import TRAIN_ALL_JOB
+    from training.catalog import load_catalog
+
+    loaded = build_definitions(Settings.from_env({"TAGML_HOME": str(tmp_path)}))
+    repository = loaded.get_repository_def()
+    by_job = {}
+    for schedule in repository.schedule_defs:
+        by_job.setdefault(schedule.job_name, []).append(schedule.name)
+    model_tags = [t.name for t in load_catalog().model_tags]
+    # one refresh schedule per model tag, and nothing else retrains: no weekly run of every tag on top
+    assert by_job == {"nightly_scoring_job": ["nightly_scoring_schedule"], **{f"reevaluate_{t}_job": [f"refresh_{t}_schedule"] for t in model_tags}}
+    assert not [s.name for s in repository.sensor_defs if TRAIN_ALL_JOB in {j.name for j in s.jobs}]
+    assert {s.name for s in repository.sensor_defs} == {"reevaluate_on_drift_sensor"}
 
 
 def test_cron_and_timezone_come_from_settings(tmp_path):
     env = {"TAGML_HOME": str(tmp_path), "TAGML_SCORING_CRON": "30 1 * * 1-5", "TAGML_TIMEZONE": "Asia/Hong_Kong"}
     schedule = build_definitions(Settings.from_env(env)).resolve_schedule_def("nightly_scoring_schedule")
     assert (schedule.cron_schedule, schedule.execution_timezone) == ("30 1 * * 1-5", "Asia/Hong_Kong")
-
-
-def test_rescore_sensor_requests_one_scoring_run_per_training_run(tmp_path):
-    from features.synthetic import BankConfig, generate_bank
-
-    settings = Settings.from_env({"TAGML_HOME": str(tmp_path)})
-    settings.ensure_dirs()
-    generate_bank(BankConfig(customers=300, months=3, seed=1), settings.raw_dir)
-    loaded = build_definitions(settings)
-    instance = dg.DagsterInstance.ephemeral()
-    # any finished run stands in for the training run: the daemon, not the sensor body, filters by job
-    run = loaded.resolve_job_def(RAW_INGEST_JOB).execute_in_process(instance=instance)
-    sensor = loaded.resolve_sensor_def("rescore_after_training_sensor")
-    requests = []
-    for _ in range(2):
-        context = dg.build_run_status_sensor_context(
-            sensor_name=sensor.name, dagster_event=run.get_run_success_event(), dagster_instance=instance, dagster_run=run.dagster_run
-        )
-        requests.append(sensor(context))
-    assert requests[0].run_key == requests[1].run_key == f"rescore-{run.run_id}"
-    assert requests[0].partition_key is not None
 
 
 def test_drift_monitoring_is_generated_from_the_catalog(tmp_path):

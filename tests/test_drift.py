@@ -1,7 +1,7 @@
 """Drift monitoring's pure parts on small hand-made data: PSI, the history, realised performance,
 the re-evaluation planner and the Evidently report summary."""
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,6 @@ from monitoring.psi import ALL, MISSING, distribution_psi, feature_psi
 from monitoring.reevaluation import Cursor, DriftEvent, plan_reevaluations, run_key
 from scoring.score import TAG_ROW_SCHEMA
 from scoring.store import TagStore
-from tests.conftest import make_connection
 from training.catalog import CatalogError, load_catalog
 
 
@@ -113,7 +112,7 @@ def test_distribution_psi():
 
 
 def _event(tag: str, day: str, drifted: bool = True, minute: int = 0) -> DriftEvent:
-    return DriftEvent(tag, date.fromisoformat(day), drifted, ("why",), datetime(2026, 11, 1, 0, minute, tzinfo=timezone.utc))
+    return DriftEvent(tag, date.fromisoformat(day), drifted, ("why",), 100 + minute)
 
 
 def test_one_drift_event_one_request_and_a_second_evaluation_requests_nothing():
@@ -143,6 +142,16 @@ def test_cooldown_in_data_days_and_no_backfill_triggers(later, requested, why):
         assert second.cursor.last_requested["risk"] == date(2026, 10, 31)
 
 
+def test_the_cursor_is_a_storage_position_and_an_old_wall_clock_cursor_restarts_safely():
+    first = plan_reevaluations([_event("risk", "2026-10-31", minute=7)], Cursor(), 7, ["risk"])
+    assert first.cursor.seen_through == 107 and Cursor.parse(first.cursor.dumps()).seen_through == 107
+    # stored after the cursor, whatever its as_of or when it was computed: read
+    later = plan_reevaluations([_event("life", "2026-10-30", minute=8)], first.cursor, 7, ["risk", "life"])
+    assert [r.tag for r in later.requests] == ["life"]
+    legacy = Cursor.parse('{"seen_through": "2026-11-01T00:07:00+00:00", "last_requested": {"risk": "2026-10-31"}}')
+    assert legacy.seen_through is None and legacy.last_requested == {"risk": date(2026, 10, 31)}
+
+
 def test_drift_of_a_tag_no_longer_in_the_catalog_is_skipped_by_name():
     plan = plan_reevaluations([_event("retired_tag", "2026-10-31")], Cursor(), 7, ["risk"])
     assert plan.requests == [] and "retired_tag@2026-10-31: not a model tag" in plan.describe_skips()
@@ -152,7 +161,7 @@ def test_drift_of_a_tag_no_longer_in_the_catalog_is_skipped_by_name():
 
 
 def _summary(tag: str, as_of: date, drifted: bool) -> dict:
-    return {"as_of": as_of, "tag": tag, "drifted": drifted, "reasons": ["r"] if drifted else [], "computed_at": datetime.now(timezone.utc),
+    return {"as_of": as_of, "tag": tag, "drifted": drifted, "reasons": ["r"] if drifted else [], "computed_at": datetime.now(UTC),
             "drifted_features": [], "prediction_psi": 0.01}
 
 
@@ -176,8 +185,6 @@ def test_history_rewrites_only_the_recomputed_tags_and_names_missing_partitions(
         history.summary(con, date(2026, 10, 30))
     with pytest.raises(DriftHistoryError, match="no drift results for tag 'c'"):
         history.summary(con, day, "c")
-    events = history.events_since(con, None)
-    assert len(events) == 2 and len(history.events_since(con, events["computed_at"].max().to_pydatetime())) == 0
 
 
 # ---- realised performance of a tag with delayed labels ---------------------------------------
@@ -215,7 +222,7 @@ def _write_partition(store: TagStore, as_of: date, ids, p_churn, version: str) -
             "probabilities": pa.array([[("retained", 1 - p), ("churned", p)] for p in p_churn], pa.map_(pa.string(), pa.float64())),
             "reasons": [[]] * n, "source": ["model"] * n, "inferred_value": ["churned" if p > 0.5 else "retained" for p in p_churn],
             "observed_value": [None] * n, "observed_mismatch": [None] * n, "producer": [f"tagml-churn_90d/{version}"] * n,
-            "model_version": [version] * n, "mlflow_run_id": ["run"] * n, "scored_at": [datetime(2026, 8, 1, tzinfo=timezone.utc)] * n,
+            "model_version": [version] * n, "mlflow_run_id": ["run"] * n, "scored_at": [datetime(2026, 8, 1, tzinfo=UTC)] * n,
         },
         schema=TAG_ROW_SCHEMA,
     )
@@ -291,3 +298,97 @@ def test_evidently_report_on_samples_is_saved_and_summarised(tmp_path):
     assert summary.columns["income"]["drifted"] is True and summary.columns["region"]["drifted"] is False
     assert summary.drifted_columns == 1 and summary.drifted_share == pytest.approx(1 / 3)
     assert summary.sample_rows == (2000, 2000)
+
+
+def _frames(day: date, tag: str, drifted: bool, psi: float) -> dict:
+    return {SUMMARY: pd.DataFrame([_summary(tag, day, drifted)]),
+            "drift_features": pd.DataFrame({"tag": [tag], "slice_column": ALL, "feature": ["x"], "psi": [psi]}),
+            "drift_predictions": pd.DataFrame({"tag": [tag], "class": ["k"], "slice_psi": [psi]})}
+
+
+def test_a_writer_killed_between_the_history_tables_leaves_the_previous_generation_whole(tmp_path, con):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    root = tmp_path / "drift"
+    day = date(2026, 10, 31)
+    history = DriftHistory(root)
+    history.write(con, day, _frames(day, "a", False, 0.01))
+    first = history.generation(day)
+    # the second run gets as far as the details, and dies before the summary commits them
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        import monitoring.history as history
+        from features.warehouse import connect
+        from tests.test_drift import _frames
+        from datetime import date
+        original = history.write_parquet_atomically
+        def write(con, sql, target, **kwargs):
+            if target.parent.parent.name == history.SUMMARY:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(con, sql, target, **kwargs)
+        history.write_parquet_atomically = write
+        history.DriftHistory(history.Path({str(root)!r})).write(connect(1, "512MB"), date(2026, 10, 31), _frames(date(2026, 10, 31), "a", True, 0.9))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], check=False, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == -signal.SIGKILL
+    assert len(list((root / "drift_features" / f"as_of={day}").glob("data-*.parquet"))) == 2  # the dead run's details exist...
+    # ...but readers see one generation: the summary's, with its own details
+    assert history.generation(day) == first
+    assert history.summary(con, day)["drifted"].tolist() == [False]
+    assert history.features(con, day, "a")["psi"].tolist() == [0.01]
+    assert history.predictions(con, day, "a")["slice_psi"].tolist() == [0.01]
+    assert set(history.features(con, day, "a")["generation"]) == {first}
+    # the next write commits a new generation and removes the dead one's files
+    history.write(con, day, _frames(day, "a", True, 0.5))
+    assert history.features(con, day, "a")["psi"].tolist() == [0.5] and history.summary(con, day)["drifted"].tolist() == [True]
+    names = {p.name for p in (root / "drift_features" / f"as_of={day}").iterdir()}
+    assert names == {f"data-{history.generation(day)}.parquet", f"data-{first}.parquet"}  # the previous one is kept for readers on it
+
+
+VERDICT = {
+    "drifted": True, "reasons": ["class PSI 0.412 > 0.2: C1 50.0% -> C1 80.0%"], "current_rows": 4000, "reference_rows": 3900,
+    "drifted_feature_share": 0.25, "feature_psi_threshold": 0.2, "drifted_feature_share_threshold": 0.3,
+    "prediction_psi": 0.412, "prediction_psi_threshold": 0.2, "performance_status": "not monitored",
+}
+IDENTITY = {"tag": "risk_appetite", "as_of": "2026-10-31", "model": "tagml-risk_appetite/3", "reference_as_of": "2026-08-31"}
+
+
+def test_a_column_gone_all_missing_is_named_not_a_crash_and_the_report_says_whose_verdict_counts(tmp_path):
+    from monitoring.report import drift_report
+
+    rng = np.random.default_rng(5)
+    n = 1500
+    ref = pd.DataFrame({"aum_total": rng.lognormal(10, 1, n), "income": rng.normal(0, 1, n), "prediction": rng.choice(["C1", "C2"], n)})
+    # the same population (Evidently: no drift) with a column that went all NULL
+    cur = ref.sample(frac=1, random_state=1).reset_index(drop=True).assign(aum_total=np.nan)
+    target = tmp_path / "risk_appetite" / "2026-10-31.html"
+    summary = drift_report(ref, cur, ["aum_total", "income"], ["prediction"], 0.3, target, IDENTITY, VERDICT)
+    assert summary.excluded == {"aum_total": "no values in the current sample"}
+    assert "aum_total" not in summary.columns and summary.columns["income"]["drifted"] is False
+    page = target.read_text()
+    header = page[page.index("<header id='tagml-verdict'"):page.index("</header>")]
+    assert page.index("<header id='tagml-verdict'") < page.index("<div id=\"root_")  # first thing in the body
+    for fact in ("risk_appetite", "2026-10-31", "tagml-risk_appetite/3", "2026-08-31"):
+        assert fact in header
+    assert "<title>tagml drift: risk_appetite 2026-10-31</title>" in page
+    # Evidently's sample says "no drift"; the header leads with tagml's decision and its numbers
+    assert "tagml's verdict: DRIFTED" in header and "class PSI 0.4120 (threshold 0.2)" in header
+    assert "PSI over the whole population (4,000 customers" in header and "not tagml's decision" in header
+    assert "aum_total (no values in the current sample)" in header and "C1 50.0% -&gt; C1 80.0%" in header
+
+
+def test_a_report_with_no_comparable_column_still_has_its_header(tmp_path):
+    from monitoring.report import drift_report
+
+    ref = pd.DataFrame({"aum_total": [1.0, 2.0, 3.0]})
+    summary = drift_report(ref, ref.assign(aum_total=np.nan), ["aum_total"], [], 0.3, tmp_path / "r.html", IDENTITY, {**VERDICT, "drifted": False, "reasons": []})
+    assert summary.columns == {} and summary.drifted_columns == 0
+    assert "tagml's verdict: no drift" in (tmp_path / "r.html").read_text()

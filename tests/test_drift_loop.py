@@ -15,8 +15,13 @@ from features.synthetic import BankConfig, generate_bank
 from monitoring.drift import DriftLocations, compute_drift
 from monitoring.reference import DriftInputError
 from orchestration.definitions import build_definitions
-from orchestration.jobs import NIGHTLY_SCORING_JOB, RAW_INGEST_JOB, TRAIN_ALL_JOB, reevaluation_run_config
-from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR
+from orchestration.jobs import (
+    NIGHTLY_SCORING_JOB,
+    RAW_INGEST_JOB,
+    TRAIN_ALL_JOB,
+    reevaluation_run_config,
+)
+from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags
 from tagml.settings import Settings
 from tests.conftest import make_connection
 from training.catalog import load_catalog
@@ -72,8 +77,10 @@ def loop(tmp_path_factory):
         recomputed = compute_drift(con, MlflowClient(settings.mlflow_tracking_uri), catalog, AFTER, locations, report=False)
     tags_before = pd.read_parquet(settings.warehouse_dir / "customer_tags" / f"as_of={AFTER}" / "data.parquet")
     [request] = ticks[AFTER].run_requests
+    # as `tagml demo` runs it: in process, with the tags the sensor daemon would give the run
     reevaluated = defs.resolve_job_def(request.job_name).execute_in_process(
-        instance=instance, partition_key=request.partition_key, run_config=request.run_config, tags=request.tags, raise_on_error=False
+        instance=instance, partition_key=request.partition_key, run_config=request.run_config, tags=in_process_run_tags(request),
+        raise_on_error=False,
     )
     return {
         "settings": settings, "defs": defs, "instance": instance, "trained": trained, "nightly": nightly, "ticks": ticks,
@@ -117,13 +124,68 @@ def test_after_the_shock_the_sensor_requests_the_affected_tag_only(loop):
     materialization = next(e for e in loop["nightly"][AFTER].get_asset_materialization_events() if e.asset_key.to_user_string() == "tag_drift")
     metadata = materialization.materialization.metadata
     assert metadata["drifted_tags"].value == ["risk_appetite"]
-    assert metadata["report_risk_appetite"].value == str(loop["settings"].reports_dir / "risk_appetite" / "2026-10-31.html")
+    report = loop["settings"].reports_dir / "risk_appetite" / "2026-10-31.html"
+    assert metadata["report_risk_appetite"].value == str(report)
+    assert metadata["report_risk_appetite_url"].value == report.resolve().as_uri() and report.exists()
+    assert checks["risk_appetite_drift"].metadata["report_url"].value == report.resolve().as_uri()
+    # what the sensor plans from: per tag the verdict and its reasons, no customer values
+    by_tag = metadata["drift_by_tag"].value
+    assert by_tag["risk_appetite"]["drifted"] is True and by_tag["life_stage"] == {"drifted": False, "reasons": []}
+    assert by_tag["risk_appetite"]["reasons"] == list(after.loc["risk_appetite", "reasons"])
+    # the report opens with tagml's verdict, which the HTML's Evidently part cannot contradict
+    header = report.read_text().split("<header id='tagml-verdict'", 1)[1].split("</header>", 1)[0]
+    version = after.loc["risk_appetite", "producer"]
+    assert "tagml's verdict: DRIFTED" in header and version in header and "2026-08-31" in header and "2026-10-31" in header
 
 
 def test_the_sensor_is_idempotent(loop):
     assert loop["repeat"].run_requests == []  # evaluated twice on the same drift: one run
     # even with the cursor lost, the request carries the same run key, which Dagster launches once
     assert [r.run_key for r in loop["reset"].run_requests] == ["reevaluate-risk_appetite-2026-10-31"]
+
+
+def test_the_demo_style_run_is_the_one_the_daemon_finds_for_the_run_key(loop):
+    from types import SimpleNamespace
+
+    from dagster._daemon.sensor import fetch_existing_runs
+
+    # the lost-cursor evaluation requests the same run key again; the daemon's check finds the in-process run
+    existing = fetch_existing_runs(loop["instance"], SimpleNamespace(name=REEVALUATE_ON_DRIFT_SENSOR), loop["reset"].run_requests)
+    assert {k: r.run_id for k, r in existing.items()} == {"reevaluate-risk_appetite-2026-10-31": loop["reevaluated"].run_id}
+
+
+def test_a_feature_gone_all_null_is_a_big_drift_not_a_crash(loop, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # before the shock: both tags' partition was scored by the versions trained on 2026-08-31, whose
+    # reference population is another day (after the re-evaluation, risk_appetite's may be AFTER itself)
+    settings = loop["settings"]
+    warehouse = tmp_path / "warehouse"
+    (warehouse / "customer_features").mkdir(parents=True)
+    (warehouse / "raw").symlink_to(settings.warehouse_dir / "raw")
+    for partition in (settings.warehouse_dir / "customer_features").iterdir():
+        if partition.name != f"as_of={BEFORE}":
+            (warehouse / "customer_features" / partition.name).symlink_to(partition)
+    table = pq.read_table(settings.warehouse_dir / "customer_features" / f"as_of={BEFORE}" / "data.parquet")
+    column = table.schema.get_field_index("aum_total")
+    table = table.set_column(column, "aum_total", pa.nulls(table.num_rows, table.schema.field(column).type))
+    (warehouse / "customer_features" / f"as_of={BEFORE}").mkdir()
+    pq.write_table(table, warehouse / "customer_features" / f"as_of={BEFORE}" / "data.parquet")
+    locations = DriftLocations(warehouse, settings.warehouse_dir / "customer_tags", tmp_path / "drift", tmp_path / "reports")
+    with make_connection(tmp_path) as con:
+        run = compute_drift(con, loop["client"], load_catalog(settings.catalog_path), BEFORE, locations, sample_rows=500)
+    users = []  # every tag got its numbers and its report; those whose model reads aum_total see a big drift
+    for result in run.results:
+        overall = result.features[result.features["slice_column"] == "(all)"].set_index("feature")
+        page = (tmp_path / "reports" / result.tag / f"{BEFORE}.html").read_text()
+        assert "tagml's verdict" in page, result.tag
+        if "aum_total" in overall.index:
+            users.append(result.tag)
+            assert overall.loc["aum_total", "psi"] > 1 and overall.loc["aum_total", "drifted"], result.tag
+            assert overall.loc["aum_total", "evidently_method"] == "not run: no values in the current sample"
+            assert "aum_total (no values in the current sample)" in page
+    assert users
 
 
 def test_reevaluation_retrains_gates_with_a_recorded_reason_and_rescores(loop):

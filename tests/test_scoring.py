@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,13 @@ import pytest
 import yaml
 
 from features.customer_features import build_customer_features
-from scoring.score import TAG_ROW_SCHEMA, ScoringError, score_partition
+from scoring.score import (
+    TAG_ROW_SCHEMA,
+    CoverageError,
+    ScoringError,
+    check_coverage,
+    score_partition,
+)
 from scoring.store import TagStore, TagStoreError
 from tests.conftest import WINDOW_END, make_connection
 from training.catalog import load_catalog
@@ -175,6 +181,10 @@ def test_a_scoring_run_killed_mid_write_leaves_the_previous_partition_intact(wor
     pd.testing.assert_frame_equal(pd.read_parquet(target), before)
     # readers of the store never see the half-written file
     assert TagStore(target.parent.parent).partitions() == [AS_OF]
+    assert list(target.parent.glob(".data.parquet.*.tmp")), "the killed writer's temporary file is left"
+    # the re-run of the partition removes the dead writer's temporary at once, not hours later
+    _score(world, target)
+    assert _no_temporaries(target.parent) and sorted(p.name for p in target.parent.iterdir()) == ["data.parquet"]
 
 
 # ---- the store's queries on a hand-made example ---------------------------------------------------
@@ -198,7 +208,7 @@ def _rows(as_of: date, values: dict[str, str], producer: str) -> pa.Table:
             "producer": [producer] * n,
             "model_version": [producer[-1]] * n,
             "mlflow_run_id": ["run" + producer[-1]] * n,
-            "scored_at": [datetime(2026, 1, 1, tzinfo=timezone.utc)] * n,
+            "scored_at": [datetime(2026, 1, 1, tzinfo=UTC)] * n,
         },
         schema=TAG_ROW_SCHEMA,
     )
@@ -252,17 +262,6 @@ def test_export_for_downstream_systems(hand_store, tmp_path, fmt):
         assert frame.probabilities.iloc[0] == '{"C1":0.4,"C2":0.6}'
 
 
-def test_stale_temporaries_of_killed_writers_are_cleaned_up_later(world, tmp_path):
-    target = tmp_path / "data.parquet"
-    stale = tmp_path / ".data.parquet.deadbeef.tmp"
-    fresh = tmp_path / ".data.parquet.cafe.tmp"
-    stale.write_bytes(b"half")
-    fresh.write_bytes(b"in progress elsewhere")
-    os.utime(stale, (time.time() - 7 * 3600,) * 2)
-    _score(world, target)
-    assert not stale.exists() and fresh.exists()
-
-
 def test_reason_contributions_equal_xgboosts_own_for_the_predicted_class(world):
     import xgboost as xgb
 
@@ -297,3 +296,103 @@ def test_low_confidence_inferences_are_stored_as_unknown(world, tmp_path):
     inferred = rows[rows.source == "model"]
     assert (inferred.value == "unknown").sum() == (top[inferred.index] < 0.6).sum() > 0
     assert (rows[rows.source == "observed"].value != "unknown").all()  # an observed label is never unknown
+
+
+# ---- the blocking coverage check runs on the file before it is published ---------------------------
+
+
+def _no_temporaries(directory: Path) -> bool:
+    return not [p.name for p in directory.iterdir() if p.name.startswith(".")]
+
+
+def test_a_partition_failing_coverage_is_never_published(world, tmp_path, staged_copy):
+    target = tmp_path / "tags" / f"as_of={AS_OF}" / "data.parquet"
+    _score(world, target)
+    before = pd.read_parquet(target)
+    # an observed label outside the tag's classes wins over the model and would be published as a value
+    labels = pd.read_parquet(staged_copy / "tag_labels.parquet")
+    tag = world["catalog"].get("risk_appetite")
+    labels.loc[labels["tag"] == tag.label_tag, "label"] = "C9"
+    labels.to_parquet(staged_copy / "tag_labels.parquet", index=False)
+    with pytest.raises(ScoringError, match=r"coverage check failed, the partition was not replaced: .*'risk_appetite' rows with a value outside its classes \(e\.g\. \['C9'\]\)"):
+        score_partition(world["con"], world["client"], world["catalog"], world["features"], staged_copy, AS_OF, target)
+    pd.testing.assert_frame_equal(pd.read_parquet(target), before)
+    assert _no_temporaries(target.parent)
+    # a customer twice in the snapshot: every tag has a duplicate row
+    doubled = tmp_path / "doubled.parquet"
+    table = pq.read_table(world["features"])
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), doubled)
+    with pytest.raises(CoverageError) as failure:
+        score_partition(world["con"], world["client"], world["catalog"], doubled, world["staged"], AS_OF, target)
+    assert failure.value.coverage.metadata()["duplicates"] == 3 and "1 duplicate 'value_tier' rows" in str(failure.value)
+    assert str(table.column("customer_id")[0]) not in str(failure.value)  # counts, never customer values
+    pd.testing.assert_frame_equal(pd.read_parquet(target), before)
+
+
+def test_check_coverage_counts_missing_extra_and_unknown(world, tmp_path):
+    good = tmp_path / "good.parquet"
+    _score(world, good)
+    table = pq.read_table(good)
+    con = world["con"]
+    coverage = check_coverage(con, good, world["features"], world["catalog"])
+    customers = pq.read_metadata(world["features"]).num_rows
+    assert coverage.passed and coverage.customers == customers and coverage.rows == coverage.expected_rows == 3 * customers
+    frame = table.to_pandas()
+    dropped = frame[~((frame.tag == "lifecycle_stage") & (frame.index % 100 == 0))]
+    stranger = frame.iloc[[0]].assign(customer_id="not-a-customer")
+    # 'unknown' is a value only for tags with a min_confidence
+    unknown = frame.iloc[[1]].assign(value="unknown")
+    broken = tmp_path / "broken.parquet"
+    pq.write_table(pa.Table.from_pandas(pd.concat([dropped, stranger, unknown]), schema=TAG_ROW_SCHEMA, preserve_index=False), broken)
+    result = check_coverage(con, broken, world["features"], world["catalog"])
+    lifecycle = next(t for t in result.tags if t.tag == "lifecycle_stage")
+    missing = int(((frame.tag == "lifecycle_stage") & (frame.index % 100 == 0)).sum())
+    assert lifecycle.customers_covered == customers - missing and lifecycle.rows == customers - missing
+    first_tag = next(t for t in result.tags if t.tag == frame.iloc[0].tag)
+    assert first_tag.rows_of_unknown_customers == 1
+    assert not result.passed and f"{missing:,} of {customers:,} customers have no 'lifecycle_stage' row" in result.problems
+
+
+# ---- exports ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_an_export_into_the_tag_store_or_the_warehouse_is_refused(tmp_path, fmt):
+    warehouse = tmp_path / "warehouse"
+    store = TagStore(warehouse / "customer_tags", protected=[warehouse])
+    path = store.partition_path(date(2026, 10, 31))
+    path.parent.mkdir(parents=True)
+    pq.write_table(_rows(date(2026, 10, 31), {"A": "C1"}, "tagml-risk_appetite/1"), path)
+    con = make_connection(tmp_path)
+    fake = store.root / "as_of=2099-12-31" / "data.parquet"
+    with pytest.raises(TagStoreError, match=r"export output .*as_of=2099-12-31/data.parquet is inside .*customer_tags; exports go outside"):
+        store.export(con, date(2026, 10, 31), fmt, fake)
+    # also through a relative path that only resolves into the store, and anywhere in the warehouse
+    with pytest.raises(TagStoreError, match="is inside"):
+        store.export(con, date(2026, 10, 31), fmt, store.root / "x" / ".." / f"export.{fmt}")
+    with pytest.raises(TagStoreError, match=r"is inside .*warehouse;"):
+        store.export(con, date(2026, 10, 31), fmt, warehouse / f"export.{fmt}")
+    assert store.partitions() == [date(2026, 10, 31)] and not fake.parent.exists()
+    assert sorted(p.name for p in warehouse.iterdir()) == ["customer_tags"]
+
+
+def test_csv_export_defuses_spreadsheet_formulas(tmp_path):
+    import csv
+
+    store = TagStore(tmp_path / "tags")
+    as_of = date(2026, 10, 31)
+    hostile = {"=HYPERLINK(\"http://x\")": "C1", "+1+2": "C2", "-2+3": "C1", "@SUM(A1)": "C2", "\tTAB": "C1", "\rCR": "C2", "C-7": "C1"}
+    path = store.partition_path(as_of)
+    path.parent.mkdir(parents=True)
+    pq.write_table(_rows(as_of, hostile, "=cmd|' /C calc'!A0"), path)
+    out = tmp_path / "export.csv"
+    assert store.export(make_connection(tmp_path), as_of, "csv", out) == len(hostile)
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    ids = {r["customer_id"] for r in rows}
+    assert ids == {"'" + i if i[0] in "=+-@\t\r" else i for i in hostile}
+    assert "C-7" in ids  # only the first character matters
+    assert {r["producer"] for r in rows} == {"'=cmd|' /C calc'!A0"}
+    assert all(not cell or cell[0] not in "=+-@\t\r" for r in rows for cell in r.values())
+    assert {r["probability"] for r in rows} == {"0.6"}  # numbers are not text cells: left alone
+    assert rows[0]["probabilities"] == '{"C1":0.4,"C2":0.6}'
