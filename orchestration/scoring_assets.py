@@ -55,6 +55,10 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
                 "customers": summary.customers,
                 "path": dg.MetadataValue.path(str(summary.path)),
                 "producers": dg.MetadataValue.json({t: v["producer"] for t, v in summary.per_tag.items()}),
+                # labels a source delivered outside the tag's classes: counted, never stored as values
+                "observed_labels_outside_classes": dg.MetadataValue.json(
+                    {t: v["observed_labels_outside_classes"] for t, v in summary.per_tag.items() if v.get("observed_labels_outside_classes")}
+                ),
                 "seconds": round(summary.seconds, 1),
                 "distribution": dg.MetadataValue.md(distribution.to_markdown(index=False)),
                 "changed_share_since_previous": dg.MetadataValue.json(changed),

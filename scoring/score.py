@@ -234,14 +234,33 @@ def resolve_champion(client: MlflowClient, tag: TagSpec) -> Champion:
     )
 
 
-def observed_labels(con: duckdb.DuckDBPyConnection, staged_dir: Path, tag: TagSpec, as_of: date) -> pd.Series:
-    """The newest observed label per customer known on `as_of` (within the tag's max label age)."""
-    where = label_conditions(tag, as_of)
+@dataclass(frozen=True)
+class ObservedLabels:
+    """Per customer, the newest observed label within the tag's classes known on as_of, and how many
+    customers had labels outside the classes (a source's data error: never stored as a tag value)."""
+
+    labels: pd.Series
+    outside_classes: dict[str, int]
+
+
+def observed_labels(con: duckdb.DuckDBPyConnection, staged_dir: Path, tag: TagSpec, as_of: date) -> ObservedLabels:
+    """The newest observed label per customer known on `as_of` (within the tag's max label age).
+
+    Labels outside the tag's classes are left out (counted per value): the customer then keeps the
+    model's inference, or an older label that is valid.
+    """
+    where = " AND ".join(label_conditions(tag, as_of))
+    source = f"read_parquet({sql_literal(staged_path(staged_dir, 'tag_labels'))})"
+    classes = list(tag.classes)
     rows = con.execute(
-        f"SELECT customer_id, arg_max(label, label_date) FROM read_parquet({sql_literal(staged_path(staged_dir, 'tag_labels'))}) "
-        f"WHERE {' AND '.join(where)} GROUP BY customer_id"
+        f"SELECT customer_id, arg_max(label, label_date) FROM {source} WHERE {where} AND list_contains(?, label) GROUP BY customer_id",
+        [classes],
     ).fetchall()
-    return pd.Series({cid: label for cid, label in rows}, dtype=object)
+    outside = con.execute(
+        f"SELECT label, count(DISTINCT customer_id) FROM {source} WHERE {where} AND NOT list_contains(?, label) GROUP BY label ORDER BY label",
+        [classes],
+    ).fetchall()
+    return ObservedLabels(pd.Series({cid: label for cid, label in rows}, dtype=object), {str(label): int(n) for label, n in outside})
 
 
 def _check_features(path: Path, champion: Champion) -> None:
@@ -365,10 +384,14 @@ def score_partition(
                 champion = champions[tag.name]
                 explainer = ReasonExplainer.for_model(con, champion.model, champion.features, champion.categorical, features_path) if with_reasons else None
                 observed = observed_labels(con, staged_dir, tag, as_of)
-                for batch in _model_batches(features_path, tag, champion, observed, explainer, as_of, scored_at, batch_rows, top_reasons):
+                for batch in _model_batches(features_path, tag, champion, observed.labels, explainer, as_of, scored_at, batch_rows, top_reasons):
                     writer.write_batch(batch)
                     rows += batch.num_rows
-                per_tag[tag.name] = {"producer": champion.producer, "seconds": time.perf_counter() - t0}
+                per_tag[tag.name] = {
+                    "producer": champion.producer,
+                    "seconds": time.perf_counter() - t0,
+                    "observed_labels_outside_classes": observed.outside_classes,
+                }
         # the blocking check runs on the file about to be published: readers never see a partition that fails it
         coverage = check_coverage(con, tmp, features_path, catalog)
         if not coverage.passed:

@@ -305,19 +305,29 @@ def _no_temporaries(directory: Path) -> bool:
     return not [p.name for p in directory.iterdir() if p.name.startswith(".")]
 
 
+def test_observed_labels_outside_the_classes_are_never_stored_and_are_counted(world, tmp_path, staged_copy):
+    """A source's label outside the tag's classes (C9 for C1-C5) is a data error: the customer keeps the
+    model's inference, and the count per value is reported; it never becomes a stored tag value."""
+    target = tmp_path / "tags" / f"as_of={AS_OF}" / "data.parquet"
+    labels = pd.read_parquet(staged_copy / "tag_labels.parquet")
+    tag = world["catalog"].get("risk_appetite")
+    mine = labels.index[labels["tag"] == tag.label_tag]
+    labels.loc[mine[: len(mine) // 2], "label"] = "C9"
+    labels.to_parquet(staged_copy / "tag_labels.parquet", index=False)
+    summary = score_partition(world["con"], world["client"], world["catalog"], world["features"], staged_copy, AS_OF, target)
+    stored = pd.read_parquet(target)
+    risk = stored[stored.tag == "risk_appetite"]
+    assert "C9" not in set(risk.value) and "C9" not in set(risk.observed_value.dropna())
+    assert set(risk.value) <= {*tag.classes, "unknown"}
+    outside = summary.per_tag["risk_appetite"]["observed_labels_outside_classes"]
+    assert set(outside) == {"C9"} and outside["C9"] > 0
+    assert (risk.source == "observed").sum() > 0  # the valid half of the labels still wins
+
+
 def test_a_partition_failing_coverage_is_never_published(world, tmp_path, staged_copy):
     target = tmp_path / "tags" / f"as_of={AS_OF}" / "data.parquet"
     _score(world, target)
     before = pd.read_parquet(target)
-    # an observed label outside the tag's classes wins over the model and would be published as a value
-    labels = pd.read_parquet(staged_copy / "tag_labels.parquet")
-    tag = world["catalog"].get("risk_appetite")
-    labels.loc[labels["tag"] == tag.label_tag, "label"] = "C9"
-    labels.to_parquet(staged_copy / "tag_labels.parquet", index=False)
-    with pytest.raises(ScoringError, match=r"coverage check failed, the partition was not replaced: .*'risk_appetite' rows with a value outside its classes \(e\.g\. \['C9'\]\)"):
-        score_partition(world["con"], world["client"], world["catalog"], world["features"], staged_copy, AS_OF, target)
-    pd.testing.assert_frame_equal(pd.read_parquet(target), before)
-    assert _no_temporaries(target.parent)
     # a customer twice in the snapshot: every tag has a duplicate row
     doubled = tmp_path / "doubled.parquet"
     table = pq.read_table(world["features"])
@@ -340,16 +350,19 @@ def test_check_coverage_counts_missing_extra_and_unknown(world, tmp_path):
     frame = table.to_pandas()
     dropped = frame[~((frame.tag == "lifecycle_stage") & (frame.index % 100 == 0))]
     stranger = frame.iloc[[0]].assign(customer_id="not-a-customer")
-    # 'unknown' is a value only for tags with a min_confidence
+    # 'unknown' is a value only for tags with a min_confidence; nothing outside the classes is a value
     unknown = frame.iloc[[1]].assign(value="unknown")
+    outside = frame[frame.tag == "risk_appetite"].iloc[[2]].assign(value="C9")
     broken = tmp_path / "broken.parquet"
-    pq.write_table(pa.Table.from_pandas(pd.concat([dropped, stranger, unknown]), schema=TAG_ROW_SCHEMA, preserve_index=False), broken)
+    pq.write_table(pa.Table.from_pandas(pd.concat([dropped, stranger, unknown, outside]), schema=TAG_ROW_SCHEMA, preserve_index=False), broken)
     result = check_coverage(con, broken, world["features"], world["catalog"])
     lifecycle = next(t for t in result.tags if t.tag == "lifecycle_stage")
     missing = int(((frame.tag == "lifecycle_stage") & (frame.index % 100 == 0)).sum())
     assert lifecycle.customers_covered == customers - missing and lifecycle.rows == customers - missing
     first_tag = next(t for t in result.tags if t.tag == frame.iloc[0].tag)
     assert first_tag.rows_of_unknown_customers == 1
+    risk = next(t for t in result.tags if t.tag == "risk_appetite")
+    assert risk.invalid_values == 1 and "'risk_appetite' rows with a value outside its classes (e.g. ['C9'])" in " ".join(result.problems)
     assert not result.passed and f"{missing:,} of {customers:,} customers have no 'lifecycle_stage' row" in result.problems
 
 
