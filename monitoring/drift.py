@@ -31,6 +31,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
+from features.files import CorruptFileError, check_parquet
+from features.snapshot import open_feature_snapshot
 from features.warehouse import features_path, quote, sql_literal, staged_dir_of
 from monitoring.history import FEATURES, PREDICTIONS, SUMMARY, DriftHistory
 from monitoring.performance import realised_performance, registry_test_metric
@@ -223,6 +225,11 @@ def compute_tag_drift(
     tags_path = store.partition_path(as_of)
     if not tags_path.exists():
         raise DriftInputError(f"no customer_tags partition for as_of {as_of} at {tags_path}; run the scoring job first")
+    try:
+        open_feature_snapshot(current, as_of)
+        check_parquet(tags_path, f"re-run the scoring job (customer_tags) for the partition {as_of.isoformat()}")
+    except CorruptFileError as err:
+        raise DriftInputError(str(err)) from err
     versions = con.execute(
         f"SELECT model_version, count(*) FROM {parquet(tags_path)} WHERE tag = ? GROUP BY 1 ORDER BY 2 DESC, 1", [tag.name]
     ).fetchall()

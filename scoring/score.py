@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
+from features.files import CorruptFileError
+from features.snapshot import open_feature_snapshot
 from features.warehouse import locked_temporary, sql_literal, staged_path
 from scoring.reasons import ReasonExplainer
 from scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
@@ -362,6 +364,10 @@ def score_partition(
     started = time.perf_counter()
     if not features_path.exists():
         raise ScoringError(f"no feature snapshot for as_of {as_of} at {features_path}; materialize customer_features first")
+    try:
+        open_feature_snapshot(features_path, as_of)
+    except CorruptFileError as err:
+        raise ScoringError(str(err)) from err
     if catalog.model_tags and client is None:
         raise ScoringError("model tags need an MLflow client to resolve their champions")
     # resolve everything first: a missing champion or mismatched features fails before anything is written

@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from features.files import CorruptFileError, check_parquet
 from features.warehouse import glob_literal, locked_temporary, quote, sql_literal, write_parquet_atomically
 
 PARTITION_FILE = "data.parquet"
@@ -47,6 +48,10 @@ class TagStore:
         path = self.partition_path(as_of)
         if not path.exists():
             raise TagStoreError(f"no tag partition for as_of {as_of} (have: {[d.isoformat() for d in self.partitions()][-5:]})")
+        try:
+            check_parquet(path, f"re-run the scoring job (customer_tags) for the partition {as_of.isoformat()}")
+        except CorruptFileError as err:
+            raise TagStoreError(str(err)) from err
         return f"read_parquet({sql_literal(path)})"
 
     def latest_on_or_before(self, as_of: date | None) -> date:

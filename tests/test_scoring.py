@@ -409,3 +409,20 @@ def test_csv_export_defuses_spreadsheet_formulas(tmp_path):
     assert all(not cell or cell[0] not in "=+-@\t\r" for r in rows for cell in r.values())
     assert {r["probability"] for r in rows} == {"0.6"}  # numbers are not text cells: left alone
     assert rows[0]["probabilities"] == '{"C1":0.4,"C2":0.6}'
+
+
+def test_truncated_feature_and_tag_partitions_are_named_with_the_repair(world, tmp_path):
+    """A truncated Parquet file is an error naming the file and the partition to rebuild, not a bare
+    ArrowInvalid / 'No magic bytes' traceback; the tag partition already stored is kept."""
+    store = TagStore(tmp_path / "tags")
+    target = store.partition_path(AS_OF)
+    _score(world, target)
+    before = target.read_bytes()
+    truncated = tmp_path / "features.parquet"
+    truncated.write_bytes(world["features"].read_bytes()[:2000])
+    with pytest.raises(ScoringError, match=rf"{truncated.name} is not a readable Parquet file .*re-materialize the customer_features partition {AS_OF}"):
+        score_partition(world["con"], world["client"], world["catalog"], truncated, world["staged"], AS_OF, target)
+    assert target.read_bytes() == before
+    target.write_bytes(before[: len(before) // 2])
+    with pytest.raises(TagStoreError, match=rf"is not a readable Parquet file .*re-run the scoring job \(customer_tags\) for the partition {AS_OF}"):
+        store.distribution(world["con"], AS_OF)
