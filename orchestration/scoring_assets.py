@@ -7,7 +7,7 @@ import dagster as dg
 
 from orchestration.resources import MlflowResource, WarehouseResource
 from orchestration.training_assets import tag_model_key
-from scoring.score import CoverageError, ScoringError, score_partition
+from scoring.score import CoverageError, ScoringError, score_partition, unstable_tags
 from scoring.store import TagStore
 from training.catalog import Catalog
 
@@ -25,7 +25,11 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
                 "coverage", asset="customer_tags", blocking=True,
                 description="Every customer of the snapshot has every catalog tag exactly once, with a value among the tag's classes "
                 "(or 'unknown' below its min_confidence). Checked on the scored file before it replaces the partition.",
-            )
+            ),
+            dg.AssetCheckSpec(
+                "stability", asset="customer_tags", blocking=False,
+                description="No tag changed value for more customers since the previous partition than its catalog's drift.max_changed_share.",
+            ),
         ],
         kinds={"parquet", "mlflow"},
         description="Every customer's rule and model tags for the as_of: value, class probabilities, reasons, observed vs inferred, and the model or rule version.",
@@ -48,6 +52,7 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
             distribution = store.distribution(con, as_of)
             previous = [d for d in store.partitions() if d < as_of]
             changed = store.changed_share(con, previous[-1], as_of) if previous else {}
+            unstable = unstable_tags(changed, catalog)
         warehouse.publish_views()
         yield dg.MaterializeResult(
             metadata={
@@ -65,7 +70,17 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
                 "previous_partition": previous[-1].isoformat() if previous else "none",
             },
             check_results=[
-                dg.AssetCheckResult(check_name="coverage", passed=summary.coverage.passed, metadata=summary.coverage.metadata())
+                dg.AssetCheckResult(check_name="coverage", passed=summary.coverage.passed, metadata=summary.coverage.metadata()),
+                dg.AssetCheckResult(
+                    check_name="stability",
+                    passed=not unstable,
+                    severity=dg.AssetCheckSeverity.WARN,
+                    description=(
+                        "; ".join(f"{tag}: {share:.1%} of customers changed value since {previous[-1]}" for tag, share in unstable.items())
+                        if unstable else ("no previous partition" if not previous else f"within each tag's max_changed_share since {previous[-1]}")
+                    ),
+                    metadata={"changed_share": dg.MetadataValue.json(changed), "unstable_tags": dg.MetadataValue.json(sorted(unstable))},
+                ),
             ],
         )
 

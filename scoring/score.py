@@ -144,6 +144,14 @@ def allowed_values(tag: TagSpec) -> list[str]:
     return [*tag.classes, *([UNKNOWN] if tag.kind == "model" and tag.min_confidence else [])]
 
 
+def unstable_tags(changed_share: dict[str, float], catalog: Catalog) -> dict[str, float]:
+    """Tags whose share of customers with a changed value since the previous partition exceeds the
+    tag's `drift.max_changed_share`: a tag store that moved this much overnight usually means an input
+    went wrong (a feature gone empty), not that the customers changed."""
+    known = {t.name: t for t in catalog.tags}
+    return {tag: share for tag, share in changed_share.items() if tag in known and share > known[tag].drift.max_changed_share}
+
+
 def check_coverage(con: duckdb.DuckDBPyConnection, tags_path: Path, features_path: Path, catalog: Catalog) -> Coverage:
     """Validate a scored (not yet published) tag file against its feature snapshot, set-based in DuckDB.
 

@@ -251,6 +251,11 @@ class DriftSpec(_Strict):
     feature_psi: float = Field(0.2, gt=0, description="a feature whose PSI exceeds this counts as drifted (0.1-0.25 is the conventional 'moderate' band)")
     label_delay_days: int = Field(0, ge=0, description="labels that arrive this many days after the observation date: realised performance is measured on the partition this far back (0 = not monitored)")
     critical_features: tuple[str, ...] = Field((), description="features whose drift alone (PSI > feature_psi) re-evaluates the tag, whatever the share")
+    max_changed_share: float = Field(
+        0.25, gt=0, le=1,
+        description="customer_tags' stability check warns when more than this share of customers changed value since the previous "
+        "partition (rule tags too: a feature gone empty moved 42% of value_tier while every other check passed)",
+    )
 
 
 class RuleBand(_Strict):
