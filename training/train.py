@@ -21,6 +21,7 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.pipeline import Pipeline
 from sklearn.utils.class_weight import compute_sample_weight
 
+from tagml.settings import home_relative
 from training.catalog import TagSpec
 from training.dataset import TrainingSet
 from training.evaluate import core_metrics, per_class_metrics, plot_calibration, plot_confusion, plot_importance, slice_metrics
@@ -206,7 +207,7 @@ def _register(client: MlflowClient, tag: TagSpec, model_uri: str, run_id: str, d
         client.create_registered_model(name, description=tag.description, tags={"owner": tag.owner, "sensitivity": tag.sensitivity})
     version = client.create_model_version(name, model_uri, run_id=run_id).version
     tags = {
-        "data_snapshot": str(data.snapshot_path),
+        "data_snapshot": home_relative(data.snapshot_path),
         "snapshot_id": data.snapshot_id,
         "feature_list": json.dumps(list(data.feature_names)),
         "feature_types": json.dumps(data.feature_types or {n: ("categorical" if n in data.categorical else "numeric") for n in data.feature_names}),
