@@ -119,12 +119,15 @@ def _root(
 # --- settings, output --------------------------------------------------------------------------
 
 
-def _settings(*, require_home: bool = False, create: bool = False) -> Settings:
+def _settings(*, require_home: bool = False, create: bool = False, writes: bool = False) -> Settings:
     """Settings from the environment (a bad value is a named error before anything runs); a moved
-    home is re-anchored; read commands refuse a missing home instead of starting an empty one."""
+    home is re-anchored; read commands refuse a missing home instead of starting an empty one, and
+    commands that write refuse a read-only one by name (not with SQLite's error halfway through)."""
     settings = Settings.from_env()
     if require_home:
         settings.require_home()
+    if writes or create:
+        settings.check_writable()
     if create:
         settings.ensure_dirs()
     moved = relocate_home(settings)
@@ -577,7 +580,7 @@ def promote_command(
     """Make a model version the champion of its tag (recorded with who and why)."""
     from training.registry import promote
 
-    settings = _settings(require_home=True)
+    settings = _settings(require_home=True, writes=True)
     _tag_spec(settings, tag, kind="model")
     if not version.isdigit():
         raise typer.BadParameter(f"{version!r} is not a model version number", param_hint="VERSION")
@@ -594,7 +597,7 @@ def rollback_command(
     """Restore the previous champion of a tag (recorded)."""
     from training.registry import rollback
 
-    settings = _settings(require_home=True)
+    settings = _settings(require_home=True, writes=True)
     _tag_spec(settings, tag, kind="model")
     restored = rollback(_client(settings), tag, by=by, reason=reason)
     print(f"{tag}: champion rolled back to v{restored}")

@@ -68,8 +68,11 @@ def relocate_home(settings: Settings) -> Relocation | None:
         return None
     manifest = read_manifest(settings)
     if manifest is None:
-        # a home from before manifests: adopt it where it is now
-        settings.check_writable()
+        # a home from before manifests: adopt it where it is now (a read-only one is only read)
+        try:
+            settings.check_writable()
+        except SettingsError:
+            return None
         write_manifest(settings)
         return None
     old = Path(manifest.get("path", ""))

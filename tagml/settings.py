@@ -97,8 +97,6 @@ def _cron_field_ok(text: str, low: int, high: int, names: dict[str, int]) -> boo
         bounds = [number(start)] + ([number(end)] if end else [])
         if any(b is None or not low <= b <= high for b in bounds):
             return False
-        if end and bounds[0] > bounds[1]:  # type: ignore[operator]
-            return False
     return True
 
 
