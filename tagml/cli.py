@@ -547,9 +547,9 @@ def leaderboard_command(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Training runs of a tag ranked by its promotion metric, with versions, aliases and gate decisions."""
+    settings = _settings(require_home=True)
     from training.registry import leaderboard
 
-    settings = _settings(require_home=True)
     spec = _tag_spec(settings, tag, kind="model")
     board = leaderboard(_client(settings), spec, limit=limit)
     if as_json:
@@ -578,9 +578,9 @@ def promote_command(
     force: Annotated[bool, typer.Option("--force", help="promote a version the gate rejected (give a --reason)")] = False,
 ) -> None:
     """Make a model version the champion of its tag (recorded with who and why)."""
+    settings = _settings(require_home=True, writes=True)
     from training.registry import promote
 
-    settings = _settings(require_home=True, writes=True)
     _tag_spec(settings, tag, kind="model")
     if not version.isdigit():
         raise typer.BadParameter(f"{version!r} is not a model version number", param_hint="VERSION")
@@ -595,9 +595,9 @@ def rollback_command(
     by: Annotated[str, typer.Option(help="who (recorded); default: the current user")] = _user(),
 ) -> None:
     """Restore the previous champion of a tag (recorded)."""
+    settings = _settings(require_home=True, writes=True)
     from training.registry import rollback
 
-    settings = _settings(require_home=True, writes=True)
     _tag_spec(settings, tag, kind="model")
     restored = rollback(_client(settings), tag, by=by, reason=reason)
     print(f"{tag}: champion rolled back to v{restored}")
