@@ -573,7 +573,7 @@ def leaderboard_command(
 def promote_command(
     tag: Annotated[str, typer.Argument(help="a model tag of the catalog")],
     version: Annotated[str, typer.Argument(help="the registered model version to make champion")],
-    reason: Annotated[str, typer.Option(help="why (recorded on the version and in the champion history)")] = "manual promotion",
+    reason: Annotated[str | None, typer.Option(help="why (recorded on the version and in the champion history); needed with --force")] = None,
     by: Annotated[str, typer.Option(help="who (recorded); default: the current user")] = _user(),
     force: Annotated[bool, typer.Option("--force", help="promote a version the gate rejected (give a --reason)")] = False,
 ) -> None:
@@ -584,8 +584,8 @@ def promote_command(
     _tag_spec(settings, tag, kind="model")
     if not version.isdigit():
         raise typer.BadParameter(f"{version!r} is not a model version number", param_hint="VERSION")
-    promote(_client(settings), tag, version, by=by, reason=reason, force=force)
-    print(f"{tag}: v{version} is now champion")
+    overrode = promote(_client(settings), tag, version, by=by, reason=reason, force=force)
+    print(f"{tag}: v{version} is now champion" + (" (overriding the gate's rejection, recorded)" if overrode else ""))
 
 
 @app.command("rollback")
