@@ -27,7 +27,7 @@ from orchestration.schedules import build_refresh_schedules, build_schedules
 from orchestration.scoring_assets import build_customer_tags_asset
 from orchestration.sensors import build_reevaluation_sensor
 from orchestration.training_assets import build_all_training_assets
-from tagml.runtime import relocate_home
+from tagml.runtime import keep_caches_in_home, relocate_home
 from tagml.settings import Settings
 from training.catalog import load_catalog
 
@@ -64,4 +64,5 @@ def build_definitions(settings: Settings) -> dg.Definitions:
 def defs() -> dg.Definitions:
     settings = Settings.from_env()  # a bad value fails the load with its variable named
     relocate_home(settings)  # a moved or copied home is re-anchored before anything runs in it
+    keep_caches_in_home(settings)
     return build_definitions(settings)

@@ -22,7 +22,7 @@ import typer
 
 from features.synthetic import DEFAULT_END_MONTH, DRIFT_SCENARIOS
 from tagml import __version__
-from tagml.runtime import configure_process, relocate_home
+from tagml.runtime import configure_process, keep_caches_in_home, relocate_home
 from tagml.settings import Settings
 
 DEMO_CUSTOMERS = 20_000
@@ -133,6 +133,7 @@ def _settings(*, require_home: bool = False, create: bool = False, writes: bool 
     moved = relocate_home(settings)
     if moved is not None:
         _note(moved.describe())
+    keep_caches_in_home(settings)
     return settings
 
 

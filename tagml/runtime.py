@@ -48,6 +48,14 @@ def configure_process() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def keep_caches_in_home(settings: Settings) -> None:
+    """Library caches live in the home, not under $HOME (matplotlib writes its font list on first use).
+
+    Called once settings are known (CLI commands, the Dagster load), before any plot is drawn."""
+    if settings.home.is_dir():
+        os.environ.setdefault("MPLCONFIGDIR", str(settings.home / "cache" / "matplotlib"))
+
+
 @dataclass(frozen=True)
 class Relocation:
     old: Path
