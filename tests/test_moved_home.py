@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -199,6 +201,13 @@ def test_lookups_on_the_moved_home_close_their_connections_and_name_what_is_miss
     for con in opened:
         with pytest.raises(duckdb.ConnectionException):
             con.execute("SELECT 1")  # closed
+
+    # `tagml drift | head`: the reader goes away; the command ends quietly with 141, no traceback
+    read, write = os.pipe()
+    os.close(read)
+    process = subprocess.run([sys.executable, "-m", "tagml.cli", "drift"], stdout=write, stderr=subprocess.PIPE, check=False, timeout=300)
+    os.close(write)
+    assert process.returncode == ExitCode.BROKEN_PIPE and b"Traceback" not in process.stderr, process.stderr
 
     code, _, err = _cli(capsys, "tags", "C999999999")
     assert code == ExitCode.NOT_FOUND and "C999999999" in err

@@ -47,6 +47,16 @@ def test_bad_values_fail_before_dagster_sees_them(tmp_path):
             build_definitions(Settings.from_env({"TAGML_HOME": str(tmp_path), **env}))
 
 
+def test_the_dagster_code_location_fails_its_load_by_name(tmp_path, monkeypatch):
+    from orchestration.definitions import defs
+
+    monkeypatch.setenv("TAGML_HOME", str(tmp_path))
+    monkeypatch.setenv("TAGML_TIMEZONE", "Asia/Atlantis")  # before: ZoneInfoNotFoundError from the partitions
+    with pytest.raises(SettingsError, match="TAGML_TIMEZONE='Asia/Atlantis' is invalid: expected an IANA time zone"):
+        defs()
+    assert not tmp_path.joinpath("home.json").exists()
+
+
 def test_good_values_and_the_defaults_are_unchanged(tmp_path):
     env = {
         "TAGML_HOME": str(tmp_path), "TAGML_THREADS": "3", "TAGML_DUCKDB_MEMORY_LIMIT": "512MB",
