@@ -217,3 +217,54 @@ def test_lookups_on_the_moved_home_close_their_connections_and_name_what_is_miss
     assert code == ExitCode.NOT_FOUND and "99" in err
     code, _, err = _cli(capsys, "drift", "--as-of", "2020-01-31")
     assert code == ExitCode.NOT_FOUND and "2020-01-31" in err
+
+
+def test_a_copied_home_is_re_anchored_and_the_original_is_untouched(tmp_path, monkeypatch):
+    """The rewrite on a real MLflow SQLite store and DuckDB file, without training: exact prefixes only,
+    in the copy only, and the manifest moves with it (a second look rewrites nothing)."""
+    import pandas as pd
+
+    from features.warehouse import publish_views, staged_dir_of
+    from tagml.runtime import MLFLOW_LOCATION_COLUMNS, relocate_home
+    from training.tracking import connect_tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    original = Settings.from_env({"TAGML_HOME": str(tmp_path / "home")})
+    original.ensure_dirs()
+    client = connect_tracking(original.mlflow_tracking_uri)
+    inside = client.create_experiment("inside", artifact_location=str(original.mlflow_artifact_dir))
+    # a sibling directory whose name starts with the home's: not part of the home
+    sibling = client.create_experiment("sibling", artifact_location=f"{original.home}2/artifacts")
+    run = client.create_run(inside)
+    staged = staged_dir_of(original.warehouse_dir)
+    staged.mkdir(parents=True)
+    pd.DataFrame({"customer_id": ["C1"]}).to_parquet(staged / "customers.parquet")
+    publish_views(original.duckdb_path, original.warehouse_dir)
+
+    copy = Settings.from_env({"TAGML_HOME": str(tmp_path / "copy")})
+    shutil.copytree(original.home, copy.home)
+    moved = relocate_home(copy)
+    assert moved is not None and moved.old == original.home and moved.new == copy.home
+    assert moved.mlflow_rows == 2 and moved.views == ["raw_customers"]  # experiment + run; the sibling stays
+    assert relocate_home(copy) is None  # the manifest now names the copy
+
+    def locations(settings: Settings) -> dict[str, str]:
+        with sqlite3.connect(settings.embedded_tracking_db) as con:
+            return {
+                f"{table}.{column}": value
+                for table, column in MLFLOW_LOCATION_COLUMNS
+                for (value,) in con.execute(f'SELECT "{column}" FROM "{table}"').fetchall()
+                if value and value.startswith("/")
+            }
+
+    assert relocate_home(original) is None  # the original is where it was
+    with sqlite3.connect(copy.embedded_tracking_db) as con:
+        rows = dict(con.execute("SELECT name, artifact_location FROM experiments").fetchall())
+        [(run_root,)] = con.execute("SELECT artifact_uri FROM runs WHERE run_uuid = ?", [run.info.run_id]).fetchall()
+    assert rows["inside"] == str(copy.mlflow_artifact_dir) and rows["sibling"] == f"{original.home}2/artifacts"
+    assert run_root.startswith(str(copy.mlflow_artifact_dir))
+    assert all(v.startswith(str(original.home)) for v in locations(original).values())  # untouched
+    with duckdb.connect(str(copy.duckdb_path), read_only=True) as con:
+        [(sql,)] = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'raw_customers'").fetchall()
+    assert str(staged_dir_of(copy.warehouse_dir)) in sql
+    assert sibling  # created, and left alone above
