@@ -256,8 +256,9 @@ class Settings(BaseSettings):
     def require_home(self) -> None:
         """For read commands: the home must exist (never silently start a new, empty one)."""
         if not self.home.is_dir():
+            source = f"TAGML_HOME={os.environ['TAGML_HOME']}" if "TAGML_HOME" in os.environ else f"TAGML_HOME not set: {DEFAULT_HOME} in the working directory"
             raise HomeNotFoundError(
-                f"no tagml home at {self.home} (TAGML_HOME={os.environ.get('TAGML_HOME', DEFAULT_HOME)!s}): "
+                f"no tagml home at {self.home} ({source}): "
                 "set TAGML_HOME to an existing home or create one with `tagml demo` / `tagml generate`"
             )
         db = self.embedded_tracking_db
