@@ -56,8 +56,8 @@ EXIT_CODES: dict[str, ExitCode] = {
     "features.raw.ContractError": ExitCode.CONFIG,
     "training.dataset.TrainingDataError": ExitCode.CONFIG,
     "features.snapshot.FeatureQualityError": ExitCode.CONFIG,
+    "scoring.score.ScoringError": ExitCode.NOT_FOUND,  # no champion, no feature snapshot
     "training.tracking.TrackingUnavailableError": ExitCode.UNAVAILABLE,
-    "scoring.score.ScoringError": ExitCode.UNAVAILABLE,
 }
 
 
