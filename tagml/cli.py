@@ -226,7 +226,7 @@ class ExportFormat(str, Enum):
 GENERATED_TABLES = ("customers", "balances", "loans", "transactions", "digital_events", "tag_labels")
 
 
-def _watch_generation(out: Path, parts: int, stop: threading.Event, advance: Callable[[int], None]) -> None:
+def _watch_generation(out: Path, stop: threading.Event, advance: Callable[[int], None]) -> None:
     """Follow the generator by the files it writes (one part per chunk and table)."""
     seen = 0
     while not stop.wait(0.2):
@@ -252,7 +252,7 @@ def _generate_with_progress(config: Any, out: Path) -> dict:
                   console=_console(stderr=True), transient=True) as progress:
         task = progress.add_task("generate", total=parts)
         stop = threading.Event()
-        watcher = threading.Thread(target=_watch_generation, args=(out, parts, stop, lambda n: progress.advance(task, n)), daemon=True)
+        watcher = threading.Thread(target=_watch_generation, args=(out, stop, lambda n: progress.advance(task, n)), daemon=True)
         watcher.start()
         try:
             summary = generate_bank(config, out)
