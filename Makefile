@@ -7,6 +7,10 @@ STAMP := $(VENV)/.tagml-installed
 .PHONY: install demo test ui mlflow-ui bench clean
 
 export OMP_WAIT_POLICY ?= PASSIVE
+# no telemetry from any target (tagml.runtime.configure_process sets the same for every entry point)
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= 1
+export DAGSTER_DISABLE_TELEMETRY ?= 1
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

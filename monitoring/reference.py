@@ -38,6 +38,7 @@ from mlflow.tracking import MlflowClient
 from features.snapshot import build_feature_snapshot
 from features.warehouse import features_path, quote, sql_literal, write_parquet_atomically
 from monitoring.psi import MISSING, feature_psi, parquet
+from tagml.settings import resolve_home_path
 from training.catalog import TagSpec
 from training.registry import get_version, load_model
 from training.train import registered_model_name, registration_problem
@@ -84,7 +85,7 @@ def monitored_model(client: MlflowClient, tag: TagSpec, version: str) -> Monitor
     problem = registration_problem(tags)
     if problem:
         raise DriftInputError(f"tag {tag.name!r}: {name}/{version}: {problem}; it cannot be monitored")
-    snapshot = Path(tags["data_snapshot"])
+    snapshot = resolve_home_path(tags["data_snapshot"])
     if not snapshot.exists():
         raise DriftInputError(
             f"tag {tag.name!r}: the training snapshot of {name}/{version} ({snapshot}) does not exist; "

@@ -1,17 +1,28 @@
 """The one Dagster entry point. The environment is read here, once, when definitions are built."""
 
+# Before anything imports mlflow (it starts its telemetry client at import): `dagster dev`, the
+# webserver, the daemon and run workers load this module, and none of them may phone home.
+from tagml.runtime import configure_process
+
+configure_process()
+
 import dagster as dg
 
 from orchestration.feature_assets import build_customer_features_asset
 from orchestration.jobs import build_jobs, build_nightly_scoring_job, build_reevaluation_jobs
 from orchestration.monitoring_assets import build_tag_drift_asset
-from orchestration.schedules import build_refresh_schedules, build_schedules
-from orchestration.sensors import build_reevaluation_sensor
-from orchestration.scoring_assets import build_customer_tags_asset
 from orchestration.partitions import as_of_partitions
 from orchestration.raw_assets import RAW_ASSETS
-from orchestration.resources import MlflowResource, MonitoringResource, WarehouseResource
+from orchestration.resources import (
+    MlflowResource,
+    MonitoringResource,
+    WarehouseResource,
+)
+from orchestration.schedules import build_refresh_schedules, build_schedules
+from orchestration.scoring_assets import build_customer_tags_asset
+from orchestration.sensors import build_reevaluation_sensor
 from orchestration.training_assets import build_all_training_assets
+from tagml.runtime import keep_caches_in_home, relocate_home
 from tagml.settings import Settings
 from training.catalog import load_catalog
 
@@ -46,4 +57,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return build_definitions(Settings.from_env())
+    settings = Settings.from_env()  # a bad value fails the load with its variable named
+    relocate_home(settings)  # a moved or copied home is re-anchored before anything runs in it
+    keep_caches_in_home(settings)
+    return build_definitions(settings)

@@ -10,6 +10,7 @@ from pydantic import Field
 from features.warehouse import sql_literal
 from orchestration.raw_assets import raw_asset_name
 from orchestration.resources import MlflowResource, WarehouseResource
+from tagml.settings import home_relative, resolve_home_path
 from training.catalog import Catalog, TagSpec
 from training.dataset import (
     LABEL_COLUMN,
@@ -58,7 +59,7 @@ def build_training_assets(tag: TagSpec) -> list[dg.AssetsDefinition]:
             data = build_training_set(con, warehouse.staged_dir, tag, train_as_of, warehouse.training_sets_dir, seed=config.seed)
         balance = data.frame.groupby([SPLIT_COLUMN, LABEL_COLUMN]).size().unstack(fill_value=0)
         return dg.Output(
-            str(data.snapshot_path),
+            home_relative(data.snapshot_path),
             metadata={
                 "rows": len(data.frame),
                 "train_as_of": train_as_of.isoformat(),
@@ -94,7 +95,7 @@ def build_training_assets(tag: TagSpec) -> list[dg.AssetsDefinition]:
         mlflow_store: MlflowResource,
         warehouse: WarehouseResource,
     ):
-        data = load_training_set(snapshot_path, tag)
+        data = load_training_set(resolve_home_path(snapshot_path), tag)
         result = train_tag(
             tag, data, mlflow_store.tracking_uri, artifact_location=mlflow_store.artifact_location,
             seed=config.seed, threads=warehouse.threads, trials=config.trials,

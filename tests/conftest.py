@@ -4,7 +4,6 @@ Everything is written under pytest's temporary directories; nothing touches the 
 Per-test corruption copies or rewrites single tables into the test's own `tmp_path`.
 """
 
-import os
 import shutil
 from datetime import date
 from pathlib import Path
@@ -12,11 +11,13 @@ from pathlib import Path
 import duckdb
 import pytest
 
-# As the Makefile and the CLI do: idle OpenMP threads spinning on a busy 2-core machine made one
-# xgboost training in a test take minutes instead of seconds (STACK.md). Set before xgboost loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# As the Makefile and the CLI do, before mlflow or xgboost load: telemetry off (mlflow starts its
+# client at import) and idle OpenMP threads that do not spin on a busy 2-core machine.
+from tagml.runtime import configure_process
 
-from features.contract import RAW_TABLES  # noqa: E402
+configure_process()
+
+from features.contract import RAW_TABLES
 from features.customer_features import build_customer_features
 from features.raw import validate_and_stage
 from features.synthetic import BankConfig, generate_bank

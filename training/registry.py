@@ -17,6 +17,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tagml.settings import resolve_home_path
 from training.catalog import TagSpec
 from training.dataset import TrainingSet
 from training.evaluate import core_metrics, slice_metrics
@@ -329,4 +330,4 @@ def lineage(client: MlflowClient, tag: str, version: str) -> dict[str, Any]:
     """What a model version came from: MLflow run, training snapshot, catalog hash, code, gate decision."""
     v = client.get_model_version(registered_model_name(tag), str(version))
     keys = ("snapshot_id", "data_snapshot", "catalog_hash", "code_version", "gate.decision", "champion_since")
-    return {"model": f"{registered_model_name(tag)}/{v.version}", "mlflow_run_id": v.run_id, **{k: v.tags.get(k) for k in keys}}
+    return {"model": f"{registered_model_name(tag)}/{v.version}", "mlflow_run_id": v.run_id, **{k: v.tags.get(k) for k in keys}, "data_snapshot": str(resolve_home_path(v.tags["data_snapshot"])) if "data_snapshot" in v.tags else None}

@@ -26,6 +26,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
 from sklearn.utils.class_weight import compute_sample_weight
 
+from tagml.settings import home_relative
 from training.catalog import TagSpec
 from training.dataset import TrainingSet
 from training.evaluate import (
@@ -346,7 +347,7 @@ def _register(
     version = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id, tags={REGISTRATION_TAG: REGISTRATION_PENDING}).version
     tags = {
         **run_tags,
-        "data_snapshot": str(data.snapshot_path),
+        "data_snapshot": home_relative(data.snapshot_path),
         "snapshot_id": data.snapshot_id,
         "feature_list": json.dumps(list(data.feature_names)),
         "feature_types": json.dumps(data.feature_types or {n: ("categorical" if n in data.categorical else "numeric") for n in data.feature_names}),
