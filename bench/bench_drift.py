@@ -26,7 +26,7 @@ import resource
 import subprocess
 import sys
 import time
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -143,8 +143,9 @@ def step_evidently_full(n: int, threads: int) -> dict:
     p = _paths(n)
     kinds = _kinds()
     t0 = time.perf_counter()
-    from monitoring.report import drift_report
     from evidently import Report  # noqa: F401
+
+    from monitoring.report import drift_report
 
     import_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -296,7 +297,7 @@ def main() -> int:
             result = _child(step, n, args.threads, cap=args.cap if step == "evidently_full" else 3600, mem_cap_gb=args.mem_cap_gb)
             results.append(result)
             print(f"n={n:,} {step}: " + (f"{result['seconds']:.1f}s, peak {result['peak_gb']:.2f} GB" if result["finished"] else "did not finish"), flush=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = OUT / f"results-{stamp}.json"
     path.write_text(json.dumps(results, indent=1, default=float))
     print(f"\nresults: {path}\n")

@@ -26,9 +26,8 @@ import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -335,7 +334,7 @@ def run_bench(args) -> None:
                 steps[step]["rows"] = runs[-1]["rows"]
     md = markdown(results, args.months, args.seed, args.as_of)
     print("\n" + md)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     meta = {"argv": sys.argv, "args": {k: str(v) for k, v in vars(args).items()}, "results": results, "markdown": md}
     target = args.json or args.workdir / f"results-{stamp}.json"
     Path(target).write_text(json.dumps(meta, indent=2, default=str))

@@ -20,16 +20,16 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
-from features.contract import RAW_TABLES  # noqa: E402
-from features.raw import validate_and_stage  # noqa: E402
-from features.synthetic import BankConfig, generate_bank  # noqa: E402
-from features.warehouse import connect  # noqa: E402
-from training.catalog import load_catalog  # noqa: E402
-from training.dataset import build_training_set  # noqa: E402
-from training.train import train_tag  # noqa: E402
+from features.contract import RAW_TABLES
+from features.raw import validate_and_stage
+from features.synthetic import BankConfig, generate_bank
+from features.warehouse import connect
+from training.catalog import load_catalog
+from training.dataset import build_training_set
+from training.train import train_tag
 
 TRAIN_AS_OF = date(2026, 10, 31)
 

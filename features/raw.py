@@ -28,12 +28,10 @@ from filelock import FileLock
 
 from features.contract import CUSTOMERS, RAW_TABLES, TableSpec
 from features.warehouse import quote, sql_literal, staged_path, write_parquet_atomically
-from tagml.settings import Settings
+from tagml.settings import DEFAULT_TIMEZONE
 
 MAX_EXAMPLES = 5
 MAX_LINES_REPORTED = 10
-# The bank's timezone when none is given: the settings' default, so there is one home for it.
-DEFAULT_TIMEZONE: str = Settings.timezone
 # The current generation and the one before it: a reader that resolved the old link just before a
 # swap can finish reading it.
 KEEP_GENERATIONS = 2

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from features.warehouse import connect, features_path, publish_views, staged_dir_of
 from monitoring.drift import DriftLocations
-from tagml.settings import Settings
+from tagml.settings import DEFAULT_TIMEZONE, Settings
 from training.tracking import DEFAULT_UI_URL, connect_tracking
 
 
@@ -22,7 +22,7 @@ class WarehouseResource(dg.ConfigurableResource):
     duckdb_path: str = Field(description="DuckDB file holding views over the warehouse's Parquet files.")
     threads: int = Field(default=2, description="DuckDB threads; keep at or below the cores you can use.")
     memory_limit: str = Field(default="4GB", description="DuckDB memory limit; larger work spills to disk.")
-    timezone: str = Field(default=Settings.timezone, description="The bank's timezone: a delivery's default date is today there.")
+    timezone: str = Field(default=DEFAULT_TIMEZONE, description="The bank's timezone: a delivery's default date is today there.")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "WarehouseResource":

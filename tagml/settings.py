@@ -67,6 +67,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "TAGML_REFRESH_TIME": ("refresh_time", "a time of day HH:MM"),
 }
 _WARNED: set[str] = set()
+DEFAULT_TIMEZONE = "Asia/Shanghai"  # the bank's timezone: partitions, schedules, a delivery's default date
 FIELD_VARIABLE = {field: var for var, (field, _) in VARIABLES.items()}
 
 MEMORY_LIMIT = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
@@ -129,7 +130,7 @@ class Settings(BaseSettings):
     threads: int = Field(default=2, ge=1, validation_alias="TAGML_THREADS")
     duckdb_memory_limit: str = Field(default="4GB", validation_alias="TAGML_DUCKDB_MEMORY_LIMIT")
     partitions_start: str = Field(default="2024-01-01", validation_alias="TAGML_PARTITIONS_START")
-    timezone: str = Field(default="Asia/Shanghai", validation_alias="TAGML_TIMEZONE")
+    timezone: str = Field(default=DEFAULT_TIMEZONE, validation_alias="TAGML_TIMEZONE")
     scoring_cron: str = Field(default="0 2 * * *", validation_alias="TAGML_SCORING_CRON")
     drift_sample_rows: int = Field(default=5000, ge=1, validation_alias="TAGML_DRIFT_SAMPLE_ROWS")
     reevaluation_cooldown_days: int = Field(

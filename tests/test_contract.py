@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import raw_glob
 
 from features.contract import (
     CUSTOMERS,
@@ -23,7 +24,6 @@ from features.contract import (
 )
 from features.raw import ContractError, validate_and_stage
 from features.warehouse import sql_literal
-from conftest import raw_glob
 
 # Every PII value planted in a bad row contains this marker; it must never reach an error message.
 SECRET = "SECRET"

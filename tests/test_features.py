@@ -7,8 +7,8 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
-
 from conftest import MID_MONTH_DAY, MID_MONTH_END
+
 from features.contract import CUSTOMERS, RAW_TABLES, TABLES_BY_NAME, contract_markdown
 from features.customer_features import (
     CATEGORICAL_FEATURES,

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import BANK, WINDOW_END, WINDOW_START, raw_glob, stage_all
+
 from features.contract import RAW_TABLES
 from features.synthetic import (
     CHURN_CLASSES,

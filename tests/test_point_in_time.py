@@ -13,8 +13,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import MID_MONTH_DAY, MID_MONTH_END, make_connection, raw_glob, stage_all
+
 from features.contract import CUSTOMERS, TABLES_BY_NAME
 from features.customer_features import FEATURE_NAMES, FEATURES, KEY_COLUMNS, build_customer_features, features_for_spine
 from features.raw import validate_and_stage

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.conftest import WINDOW_END, make_connection
 from training.catalog import CatalogError, load_catalog
 from training.dataset import SPLIT_COLUMN, TrainingDataError, build_training_set
 from training.registry import (
@@ -26,7 +27,6 @@ from training.registry import (
 )
 from training.tracking import TrackingUnavailableError, connect_tracking
 from training.train import registered_model_name, train_tag
-from tests.conftest import WINDOW_END, make_connection
 
 SHIPPED = load_catalog()
 
