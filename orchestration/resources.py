@@ -70,7 +70,7 @@ class MlflowResource(dg.ConfigurableResource):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "MlflowResource":
-        return cls(tracking_uri=settings.mlflow_tracking_uri, artifact_location=str(settings.mlflow_artifact_dir))
+        return cls(tracking_uri=settings.mlflow_tracking_uri, artifact_location=str(settings.mlflow_artifact_dir), ui_url=settings.mlflow_ui_url)
 
     def client(self) -> MlflowClient:
         return connect_tracking(self.tracking_uri)

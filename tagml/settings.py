@@ -54,6 +54,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "DAGSTER_HOME": ("dagster_home", "a directory path"),
     "MLFLOW_TRACKING_URI": ("mlflow_tracking_uri", "an MLflow tracking URI (sqlite:///... or http(s)://...)"),
     "TAGML_MLFLOW_ARTIFACTS": ("mlflow_artifact_dir", "a directory path"),
+    "TAGML_MLFLOW_UI_URL": ("mlflow_ui_url", "an http(s) URL such as http://127.0.0.1:5000"),
     "TAGML_REPORTS_DIR": ("reports_dir", "a directory path"),
     "TAGML_CATALOG": ("catalog_path", "a file path"),
     "TAGML_DRIFT_DIR": ("drift_dir", "a directory path"),
@@ -124,6 +125,8 @@ class Settings(BaseSettings):
     dagster_home: Path = Field(validation_alias="DAGSTER_HOME")
     mlflow_tracking_uri: str = Field(validation_alias="MLFLOW_TRACKING_URI")
     mlflow_artifact_dir: Path = Field(validation_alias="TAGML_MLFLOW_ARTIFACTS")
+    # where Dagster metadata links MLflow runs of the embedded store (`tagml mlflow-ui` serves it there)
+    mlflow_ui_url: str = Field(default="http://127.0.0.1:5000", pattern=r"^https?://\S+$", validation_alias="TAGML_MLFLOW_UI_URL")
     reports_dir: Path = Field(validation_alias="TAGML_REPORTS_DIR")
     catalog_path: Path = Field(validation_alias="TAGML_CATALOG")
     drift_dir: Path = Field(validation_alias="TAGML_DRIFT_DIR")
