@@ -26,6 +26,8 @@ from tagml.settings import Settings
 from tests.conftest import make_connection
 from training.catalog import load_catalog
 
+pytestmark = pytest.mark.slow  # a real Dagster loop on a 4,000-customer bank (~2 minutes)
+
 TRAINED, BEFORE, AFTER = date(2026, 8, 31), date(2026, 9, 30), date(2026, 10, 31)
 
 

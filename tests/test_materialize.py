@@ -132,6 +132,7 @@ def small_home(tmp_path_factory):
     return settings
 
 
+@pytest.mark.slow
 def test_nightly_scoring_job_needs_a_champion_then_tags_everyone(small_home):
     from orchestration.jobs import NIGHTLY_SCORING_JOB, train_tag_job_name
 

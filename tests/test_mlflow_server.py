@@ -37,7 +37,7 @@ from training.registry import (
 from training.tracking import connect_tracking
 from training.train import REGISTRATION_TAG, registered_model_name, train_tag
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 TAG = "risk_appetite"

@@ -4,7 +4,8 @@ under $HOME (mlflow's and dagster's telemetry would do both).
 
 The child process gets none of the telemetry switches from this test's environment: the CLI must
 set them itself. A sitecustomize.py on its PYTHONPATH installs an audit hook (inherited by forked
-children; spawned ones load it again) that records every non-loopback connect, sendto and lookup.
+children; spawned ones load it again) that records every non-loopback connect, sendto and lookup and
+makes it fail before anything is sent.
 """
 
 import os
@@ -52,6 +53,8 @@ def _hook(event, args):
     if not _loopback(host):
         with open(_LOG, "a") as log:
             log.write(f"pid {os.getpid()}: {event} {host!r}\\n")
+        # and stop it: the call fails before any packet (or DNS query) leaves this machine
+        raise OSError(f"network use blocked by the no-network test: {event} {host!r}")
 
 
 sys.addaudithook(_hook)
@@ -74,7 +77,7 @@ def test_the_demo_makes_no_network_call_and_writes_nothing_under_home(tmp_path):
         HOME=str(user_home), TAGML_HOME=str(tmp_path / "tagml_home"), TAGML_THREADS="1", NO_NETWORK_LOG=str(log),
         PYTHONPATH=os.pathsep.join([str(site), str(source)]),
     )
-    # the hook is live in the child: a lookup of a public name is recorded (and fails or not; either way)
+    # the hook is live in the child: a lookup of a public name is recorded and blocked (no query is sent)
     probe = subprocess.run([sys.executable, "-c", "import socket\ntry:\n socket.getaddrinfo('example.org', 443)\nexcept OSError:\n pass"],
                            check=False, env=env, capture_output=True, text=True, timeout=60)
     assert probe.returncode == 0, probe.stderr

@@ -253,6 +253,7 @@ def _runs(client: MlflowClient, experiment_id: str) -> list:
     return client.search_runs([experiment_id], max_results=1000)
 
 
+@pytest.mark.slow
 def test_pruned_trials_are_recorded_as_pruned_not_failed(risk, tmp_path):
     uri, client = _store(tmp_path)
     tag, _ = _tag(tmp_path, trials=8, search_space={
@@ -320,6 +321,7 @@ def _train_and_die(risk, tmp_path, where: str) -> tuple[str, MlflowClient, int]:
     return uri, client, child.pid
 
 
+@pytest.mark.slow
 def test_a_training_killed_inside_a_trial_leaves_runs_the_next_training_marks_killed(risk, tmp_path):
     uri, client, pid = _train_and_die(risk, tmp_path, "in_trial")
     experiment = client.get_experiment_by_name(f"tagml/{TAG}")
@@ -333,6 +335,7 @@ def test_a_training_killed_inside_a_trial_leaves_runs_the_next_training_marks_ki
     assert client.get_run(result.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_a_training_killed_after_creating_its_version_leaves_nothing_promotable_and_the_next_one_cleans_up(risk, tmp_path):
     uri, client, pid = _train_and_die(risk, tmp_path, "after_version")
     artifacts = str(tmp_path / "artifacts")
@@ -380,6 +383,7 @@ def test_a_second_training_of_a_tag_fails_by_name_while_one_is_running(risk, tmp
         holder.wait()
 
 
+@pytest.mark.slow
 def test_processes_opening_a_fresh_sqlite_store_together_all_succeed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     code = "import sys; from training.tracking import connect_tracking; connect_tracking(sys.argv[1]); print('ok')"

@@ -145,6 +145,7 @@ def test_features_not_matching_the_model_fail_clearly_and_write_nothing(world, t
     assert not target.exists()
 
 
+@pytest.mark.slow
 def test_a_scoring_run_killed_mid_write_leaves_the_previous_partition_intact(world, tmp_path):
     target = tmp_path / "tags" / f"as_of={AS_OF}" / "data.parquet"
     _score(world, target)
