@@ -217,9 +217,11 @@ def render(results: list[dict]) -> str:
     import pandas
 
     lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; duckdb {duckdb.__version__}, "
-        f"evidently {evidently.__version__}, pandas {pandas.__version__}. Command: `.venv/bin/python bench/bench_drift.py "
-        f"--sizes {' '.join(str(n) for n in sorted({r['n'] for r in results}))} --cap {max((r.get('cap_seconds', 0) for r in results if r['step'] == 'evidently_full'), default=0):.0f}`.",
+        (
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; duckdb {duckdb.__version__}, "
+            f"evidently {evidently.__version__}, pandas {pandas.__version__}. Command: `.venv/bin/python bench/bench_drift.py "
+            f"--sizes {' '.join(str(n) for n in sorted({r['n'] for r in results}))} --cap {max((r.get('cap_seconds', 0) for r in results if r['step'] == 'evidently_full'), default=0):.0f}`."
+        ),
         "",
         "| customers | path | wall s | peak RSS GB | notes |",
         "| --- | --- | --- | --- | --- |",

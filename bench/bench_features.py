@@ -131,7 +131,7 @@ def _proc_status_kb(pid: int, field: str) -> int:
 def _busy_cpu_s() -> float:
     with open("/proc/stat") as fh:
         parts = fh.readline().split()[1:]
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in parts[:8])
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in parts[:8])
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 

@@ -147,7 +147,7 @@ def test_categorical_values_are_allowed(features_at):
 
 
 def test_value_ranges(features_at):
-    as_of, df = features_at
+    _, df = features_at
     eps = 1e-9
     for name in SHARE_FEATURES:
         values = df[name].dropna()

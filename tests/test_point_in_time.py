@@ -108,7 +108,7 @@ def annuity_payment(principal: float, rate: float, term: int) -> float:
     return principal * i / (1 - (1 + i) ** -term)
 
 
-MORTGAGE = dict(principal=120_000.0, rate=0.06, term=120)
+MORTGAGE = {"principal": 120_000.0, "rate": 0.06, "term": 120}
 MORTGAGE_PAYMENT = round(annuity_payment(MORTGAGE["principal"], MORTGAGE["rate"], MORTGAGE["term"]), 2)
 
 
