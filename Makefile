@@ -7,7 +7,7 @@ STAMP := $(VENV)/.tagml-installed
 .PHONY: install demo test ui mlflow-ui bench clean
 
 export OMP_WAIT_POLICY ?= PASSIVE
-# no telemetry from any target (tagml.runtime.configure_process sets the same for every entry point)
+# no telemetry from any target (tagml.core.runtime.configure_process sets the same for every entry point)
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 export DAGSTER_DISABLE_TELEMETRY ?= 1

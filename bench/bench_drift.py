@@ -59,7 +59,7 @@ def step_prepare(n: int, threads: int) -> dict:
     from features.customer_features import build_customer_features
     from features.raw import validate_and_stage
     from features.synthetic import BankConfig, generate_bank
-    from features.warehouse import connect, sql_literal
+    from tagml.core.storage import connect, sql_literal
 
     p = _paths(n)
     started = time.perf_counter()
@@ -81,10 +81,10 @@ def _columns(kinds: dict[str, str]) -> tuple[list[str], list[str]]:
 
 
 def step_tagml(n: int, threads: int) -> dict:
-    from features.warehouse import connect, write_parquet_atomically
     from monitoring.psi import ALL, feature_psi
     from monitoring.reference import sample_sql
     from scoring.rules import rule_case_sql
+    from tagml.core.storage import connect, write_parquet_atomically
     from training.catalog import load_catalog
 
     p = _paths(n)

@@ -69,7 +69,7 @@ def step_generate(args) -> dict:
 def step_stage(args) -> dict:
     from features.contract import RAW_TABLES
     from features.raw import validate_and_stage
-    from features.warehouse import connect
+    from tagml.core.storage import connect
 
     d = bank_dir(args.workdir, args.size)
     con = connect(args.threads, args.memory_limit)
@@ -86,7 +86,7 @@ def step_stage(args) -> dict:
 
 def step_duckdb(args) -> dict:
     from features.customer_features import build_customer_features
-    from features.warehouse import connect
+    from tagml.core.storage import connect
 
     d = bank_dir(args.workdir, args.size)
     con = connect(args.threads, args.memory_limit)
@@ -386,7 +386,7 @@ def run_check(args) -> None:
     from features.customer_features import FEATURE_NAMES, build_customer_features
     from features.raw import validate_and_stage
     from features.synthetic import BankConfig, generate_bank
-    from features.warehouse import connect
+    from tagml.core.storage import connect
 
     d = bank_dir(args.workdir, args.check_size)
     if not (d / "raw" / "_truth" / "manifest.json").exists() or not args.reuse_raw:

@@ -36,7 +36,7 @@ def step_train(work: Path, threads: int) -> dict:
     from features.contract import RAW_TABLES
     from features.raw import validate_and_stage
     from features.synthetic import BankConfig, generate_bank
-    from features.warehouse import connect
+    from tagml.core.storage import connect
     from training.catalog import load_catalog
     from training.dataset import build_training_set
     from training.registry import promote
@@ -64,7 +64,7 @@ def step_setup(work: Path, size: int, threads: int) -> dict:
     from features.customer_features import build_customer_features
     from features.raw import validate_and_stage
     from features.synthetic import BankConfig, generate_bank
-    from features.warehouse import connect
+    from tagml.core.storage import connect
 
     bank = work / f"n{size}"
     generate_bank(BankConfig(customers=size, months=12, seed=9), bank / "raw")
@@ -76,8 +76,8 @@ def step_setup(work: Path, size: int, threads: int) -> dict:
 
 
 def step_score(work: Path, size: int, threads: int, reasons: bool, batch_rows: int) -> dict:
-    from features.warehouse import connect
     from scoring.score import score_partition
+    from tagml.core.storage import connect
     from training.catalog import load_catalog
     from training.tracking import connect_tracking
 

@@ -14,9 +14,9 @@ from features.customer_features import (
     FEATURES,
     KEY_COLUMNS,
 )
-from features.files import check_parquet
 from features.raw import current_generation
-from features.warehouse import quote, sql_literal, staged_path
+from tagml.core.files import check_parquet
+from tagml.core.storage import quote, sql_literal, staged_path
 
 MAX_NULL_RATE = 0.995
 MAX_DATA_LAG_DAYS = 3

@@ -27,8 +27,8 @@ import duckdb
 from filelock import FileLock
 
 from features.contract import CUSTOMERS, RAW_TABLES, TableSpec
-from features.warehouse import quote, sql_literal, staged_path, write_parquet_atomically
-from tagml.settings import DEFAULT_TIMEZONE
+from tagml.core.settings import DEFAULT_TIMEZONE
+from tagml.core.storage import quote, sql_literal, staged_path, write_parquet_atomically
 
 MAX_EXAMPLES = 5
 MAX_LINES_REPORTED = 10

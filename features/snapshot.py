@@ -8,9 +8,9 @@ from pathlib import Path
 import duckdb
 
 from features.customer_features import features_sql, snapshot_spine_sql
-from features.files import check_parquet
 from features.quality import CheckOutcome, check_feature_snapshot
-from features.warehouse import write_parquet_atomically
+from tagml.core.files import check_parquet
+from tagml.core.storage import write_parquet_atomically
 
 
 class FeatureQualityError(RuntimeError):

@@ -31,9 +31,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from features.files import CorruptFileError, check_parquet
 from features.snapshot import open_feature_snapshot
-from features.warehouse import features_path, quote, sql_literal, staged_dir_of
 from monitoring.history import FEATURES, PREDICTIONS, SUMMARY, DriftHistory
 from monitoring.performance import realised_performance, registry_test_metric
 from monitoring.psi import ALL, MISSING, parquet, psi_from_counts
@@ -50,7 +48,9 @@ from monitoring.reference import (
 from monitoring.report import ReportJob, ReportSummary, run_reports
 from scoring.rules import rule_case_sql, rule_columns
 from scoring.store import TagStore
-from tagml.settings import Settings
+from tagml.core.files import CorruptFileError, check_parquet
+from tagml.core.settings import Settings
+from tagml.core.storage import features_path, quote, sql_literal, staged_dir_of
 from training.catalog import Catalog, TagSpec
 
 # what the report's header shows of tagml's decision (the summary row's full-population numbers)

@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from filelock import FileLock
 
-from features.warehouse import (
+from tagml.core.storage import (
     glob_literal,
     quote,
     sql_literal,

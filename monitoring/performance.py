@@ -16,8 +16,8 @@ import duckdb
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from features.warehouse import sql_literal, staged_path
 from scoring.store import TagStore
+from tagml.core.storage import sql_literal, staged_path
 from training.catalog import TagSpec
 from training.dataset import label_conditions
 from training.evaluate import core_metrics

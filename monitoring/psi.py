@@ -28,7 +28,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from features.warehouse import quote, sql_literal
+from tagml.core.storage import quote, sql_literal
 
 DECILES = tuple(round(q / 10, 1) for q in range(1, 10))
 MISSING = "(missing)"

@@ -36,9 +36,9 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from features.snapshot import build_feature_snapshot
-from features.warehouse import features_path, quote, sql_literal, write_parquet_atomically
 from monitoring.psi import MISSING, feature_psi, parquet
-from tagml.settings import resolve_home_path
+from tagml.core.settings import resolve_home_path
+from tagml.core.storage import features_path, quote, sql_literal, write_parquet_atomically
 from training.catalog import TagSpec
 from training.registry import get_version, load_model
 from training.train import registered_model_name, registration_problem

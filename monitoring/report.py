@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from features.warehouse import locked_temporary
+from tagml.core.storage import locked_temporary
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 # Before anything imports mlflow (it starts its telemetry client at import): `dagster dev`, the
 # webserver, the daemon and run workers load this module, and none of them may phone home.
-from tagml.runtime import configure_process
+from tagml.core.runtime import configure_process
 
 configure_process()
 
@@ -22,8 +22,8 @@ from orchestration.schedules import build_refresh_schedules, build_schedules
 from orchestration.scoring_assets import build_customer_tags_asset
 from orchestration.sensors import build_reevaluation_sensor
 from orchestration.training_assets import build_all_training_assets
-from tagml.runtime import keep_caches_in_home, relocate_home
-from tagml.settings import Settings
+from tagml.core.runtime import keep_caches_in_home, relocate_home
+from tagml.core.settings import Settings
 from training.catalog import load_catalog
 
 

@@ -7,7 +7,7 @@ Training sets do not depend on partitions: they compute features at each label's
 
 import dagster as dg
 
-from tagml.settings import Settings
+from tagml.core.settings import Settings
 
 
 def as_of_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:

@@ -8,9 +8,9 @@ import duckdb
 from mlflow.tracking import MlflowClient
 from pydantic import Field
 
-from features.warehouse import connect, features_path, publish_views, staged_dir_of
 from monitoring.drift import DriftLocations
-from tagml.settings import DEFAULT_TIMEZONE, Settings
+from tagml.core.settings import DEFAULT_TIMEZONE, Settings
+from tagml.core.storage import connect, features_path, publish_views, staged_dir_of
 from training.tracking import DEFAULT_UI_URL, connect_tracking
 
 

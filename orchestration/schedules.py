@@ -18,7 +18,7 @@ from orchestration.jobs import (
     reevaluate_job_name,
     reevaluation_run_config,
 )
-from tagml.settings import Settings
+from tagml.core.settings import Settings
 from training.catalog import Catalog
 
 

@@ -15,7 +15,7 @@ import dagster as dg
 from monitoring.reevaluation import Cursor, events_from_result, plan_reevaluations
 from orchestration.jobs import reevaluate_job_name, reevaluation_run_config
 from orchestration.monitoring_assets import DRIFT_BY_TAG
-from tagml.settings import Settings
+from tagml.core.settings import Settings
 from training.catalog import Catalog
 
 REEVALUATE_ON_DRIFT_SENSOR = "reevaluate_on_drift_sensor"

@@ -7,10 +7,10 @@ from datetime import date
 import dagster as dg
 from pydantic import Field
 
-from features.warehouse import sql_literal
 from orchestration.raw_assets import raw_asset_name
 from orchestration.resources import MlflowResource, WarehouseResource
-from tagml.settings import home_relative, resolve_home_path
+from tagml.core.settings import home_relative, resolve_home_path
+from tagml.core.storage import sql_literal
 from training.catalog import Catalog, TagSpec
 from training.dataset import (
     LABEL_COLUMN,

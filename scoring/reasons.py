@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import sparse
 from sklearn.pipeline import Pipeline
 
-from features.warehouse import quote, sql_literal
+from tagml.core.storage import quote, sql_literal
 
 
 def unwrap_pipeline(model: Any) -> Pipeline | None:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlglot import exp
 
-from features.warehouse import MEMORY_LIMIT, connect, sql_literal
+from tagml.core.storage import MEMORY_LIMIT, connect, sql_literal
 from training.catalog import TagSpec, parse_rule_predicate
 
 

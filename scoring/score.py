@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from features.files import CorruptFileError
 from features.snapshot import open_feature_snapshot
-from features.warehouse import locked_temporary, sql_literal, staged_path
 from scoring.reasons import ReasonExplainer
 from scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
+from tagml.core.files import CorruptFileError
+from tagml.core.storage import locked_temporary, sql_literal, staged_path
 from training.catalog import Catalog, TagSpec
 from training.dataset import label_conditions
 from training.registry import (

@@ -12,8 +12,8 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from features.files import CorruptFileError, check_parquet
-from features.warehouse import glob_literal, locked_temporary, quote, sql_literal, write_parquet_atomically
+from tagml.core.files import CorruptFileError, check_parquet
+from tagml.core.storage import glob_literal, locked_temporary, quote, sql_literal, write_parquet_atomically
 
 PARTITION_FILE = "data.parquet"
 

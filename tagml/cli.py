@@ -22,8 +22,8 @@ import typer
 
 from features.synthetic import DEFAULT_END_MONTH, DRIFT_SCENARIOS
 from tagml import __version__
-from tagml.runtime import configure_process, keep_caches_in_home, relocate_home
-from tagml.settings import Settings
+from tagml.core.runtime import configure_process, keep_caches_in_home, relocate_home
+from tagml.core.settings import Settings
 
 DEMO_CUSTOMERS = 20_000
 
@@ -51,7 +51,7 @@ EXIT_CODES: dict[str, ExitCode] = {
     "monitoring.history.DriftHistoryError": ExitCode.NOT_FOUND,
     "training.registry.RegistryError": ExitCode.NOT_FOUND,
     "monitoring.reference.DriftInputError": ExitCode.NOT_FOUND,
-    "tagml.settings.SettingsError": ExitCode.CONFIG,
+    "tagml.core.settings.SettingsError": ExitCode.CONFIG,
     "training.catalog.CatalogError": ExitCode.CONFIG,
     "features.raw.ContractError": ExitCode.CONFIG,
     "training.dataset.TrainingDataError": ExitCode.CONFIG,
@@ -61,10 +61,10 @@ EXIT_CODES: dict[str, ExitCode] = {
     "training.registry.RegistryUnavailableError": ExitCode.UNAVAILABLE,
     "training.registry.GateOverrideRequiredError": ExitCode.USAGE,
     "training.train.TrainingInProgressError": ExitCode.UNAVAILABLE,
-    "features.warehouse.WarehouseConfigError": ExitCode.CONFIG,
+    "tagml.core.storage.WarehouseConfigError": ExitCode.CONFIG,
     "training.catalog.RuleSyntaxError": ExitCode.CONFIG,
     "scoring.rules.RuleInputError": ExitCode.CONFIG,
-    "features.files.CorruptFileError": ExitCode.CONFIG,
+    "tagml.core.files.CorruptFileError": ExitCode.CONFIG,
 }
 
 
@@ -204,7 +204,7 @@ def _tag_spec(settings: Settings, name: str, kind: str | None = None):
 
 
 def _connect(settings: Settings):
-    from features.warehouse import connect
+    from tagml.core.storage import connect
 
     return connect(settings.threads, settings.duckdb_memory_limit)
 
@@ -401,7 +401,7 @@ def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> b
 
     import pyarrow.parquet as pq
 
-    from features.warehouse import features_path
+    from tagml.core.storage import features_path
 
     path = features_path(settings.warehouse_dir, train_as_of)
     meta = pq.read_metadata(path)

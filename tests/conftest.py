@@ -13,7 +13,7 @@ import pytest
 
 # As the Makefile and the CLI do, before mlflow or xgboost load: telemetry off (mlflow starts its
 # client at import) and idle OpenMP threads that do not spin on a busy 2-core machine.
-from tagml.runtime import configure_process
+from tagml.core.runtime import configure_process
 
 configure_process()
 
@@ -21,7 +21,7 @@ from features.contract import RAW_TABLES
 from features.customer_features import build_customer_features
 from features.raw import validate_and_stage
 from features.synthetic import BankConfig, generate_bank
-from features.warehouse import connect, sql_literal
+from tagml.core.storage import connect, sql_literal
 
 # Small enough for the whole domain suite to run in well under a minute on two cores, large enough
 # for the marginal and causal checks to be far from their tolerances.

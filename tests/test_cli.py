@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tagml.cli import EXIT_CODES, ExitCode, main
-from tagml.settings import Settings
+from tagml.core.settings import Settings
 from training.catalog import load_catalog
 from training.tracking import connect_tracking
 

@@ -23,7 +23,7 @@ from features.contract import (
     TRANSACTIONS,
 )
 from features.raw import ContractError, validate_and_stage
-from features.warehouse import sql_literal
+from tagml.core.storage import sql_literal
 
 # Every PII value planted in a bad row contains this marker; it must never reach an error message.
 SECRET = "SECRET"

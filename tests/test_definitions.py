@@ -4,7 +4,7 @@ import dagster as dg
 
 from orchestration.definitions import build_definitions, defs
 from orchestration.jobs import CUSTOMER_FEATURES_JOB, RAW_INGEST_JOB
-from tagml.settings import Settings
+from tagml.core.settings import Settings
 
 
 def test_definitions_load_from_environment(tmp_path, monkeypatch):

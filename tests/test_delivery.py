@@ -16,7 +16,7 @@ from features.raw import (
     stage_delivery,
     validate_and_stage,
 )
-from features.warehouse import sql_literal, staged_path
+from tagml.core.storage import sql_literal, staged_path
 
 DELIVERY = date(2026, 11, 5)  # after the session bank's last month (2026-10)
 

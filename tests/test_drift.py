@@ -325,7 +325,7 @@ def test_a_writer_killed_between_the_history_tables_leaves_the_previous_generati
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
         import monitoring.history as history
-        from features.warehouse import connect
+        from tagml.core.storage import connect
         from tests.test_drift import _frames
         from datetime import date
         original = history.write_parquet_atomically

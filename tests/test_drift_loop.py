@@ -22,7 +22,7 @@ from orchestration.jobs import (
     reevaluation_run_config,
 )
 from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags
-from tagml.settings import Settings
+from tagml.core.settings import Settings
 from tests.conftest import make_connection
 from training.catalog import load_catalog
 

@@ -17,7 +17,7 @@ from orchestration.sensors import (
     SENSOR_NAME_TAG,
     in_process_run_tags,
 )
-from tagml.settings import Settings
+from tagml.core.settings import Settings
 
 VERDICTS = {
     # as_of: (computed_at, per-tag verdicts)

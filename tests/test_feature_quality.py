@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from conftest import MID_MONTH_END, make_connection
 
-from features.files import CorruptFileError
 from features.quality import check_feature_snapshot
 from features.raw import stage_delivery
 from features.snapshot import (
@@ -17,7 +16,8 @@ from features.snapshot import (
     open_feature_snapshot,
 )
 from features.synthetic import BankConfig, generate_bank
-from features.warehouse import sql_literal
+from tagml.core.files import CorruptFileError
+from tagml.core.storage import sql_literal
 
 EARLY_AS_OF = date(2024, 2, 28)
 

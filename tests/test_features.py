@@ -21,7 +21,7 @@ from features.customer_features import (
     features_sql,
     snapshot_spine_sql,
 )
-from features.warehouse import sql_literal
+from tagml.core.storage import sql_literal
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PII_COLUMNS = sorted({c.name for spec in RAW_TABLES for c in spec.columns if c.pii})

@@ -21,7 +21,7 @@ from features.synthetic import (
     BankConfig,
     generate_bank,
 )
-from features.warehouse import sql_literal
+from tagml.core.storage import sql_literal
 
 TABLES = [spec.name for spec in RAW_TABLES]
 CLASSES = {"risk_appetite": RISK_CLASSES, "life_stage": LIFE_STAGES, "churn_90d": CHURN_CLASSES}

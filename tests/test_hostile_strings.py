@@ -21,18 +21,18 @@ from features.contract import RAW_TABLES, TABLES_BY_NAME
 from features.customer_features import build_customer_features
 from features.raw import validate_and_stage
 from features.synthetic import BankConfig, generate_bank
-from features.warehouse import (
+from monitoring.drift import slice_expressions
+from monitoring.psi import feature_psi
+from scoring.rules import rule_batches, rule_case_sql
+from scoring.score import score_partition
+from scoring.store import TagStore
+from tagml.core.storage import (
     WarehouseConfigError,
     connect,
     glob_literal,
     sql_literal,
     write_parquet_atomically,
 )
-from monitoring.drift import slice_expressions
-from monitoring.psi import feature_psi
-from scoring.rules import rule_batches, rule_case_sql
-from scoring.score import score_partition
-from scoring.store import TagStore
 from training.catalog import Catalog, load_catalog
 
 STACKED = "1GB'; COPY (SELECT 42 AS x) TO '{target}' (FORMAT CSV); SET memory_limit = '2GB"

@@ -11,7 +11,7 @@ from features.customer_features import FEATURE_NAMES
 from features.synthetic import BankConfig, generate_bank
 from orchestration.definitions import build_definitions
 from orchestration.jobs import CUSTOMER_FEATURES_JOB, RAW_INGEST_JOB
-from tagml.settings import Settings
+from tagml.core.settings import Settings
 
 AS_OF = "2026-10-31"
 

@@ -33,7 +33,7 @@ from orchestration.jobs import (
 from orchestration.training_assets import tag_model_key
 from scoring.store import TagStore
 from tagml.cli import ExitCode, main
-from tagml.settings import Settings
+from tagml.core.settings import Settings
 from training.catalog import load_catalog
 
 TRAINED, FIRST, SECOND = date(2026, 8, 31), date(2026, 9, 30), date(2026, 10, 31)
@@ -224,8 +224,8 @@ def test_a_copied_home_is_re_anchored_and_the_original_is_untouched(tmp_path, mo
     in the copy only, and the manifest moves with it (a second look rewrites nothing)."""
     import pandas as pd
 
-    from features.warehouse import publish_views, staged_dir_of
-    from tagml.runtime import MLFLOW_LOCATION_COLUMNS, relocate_home
+    from tagml.core.runtime import MLFLOW_LOCATION_COLUMNS, relocate_home
+    from tagml.core.storage import publish_views, staged_dir_of
     from training.tracking import connect_tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

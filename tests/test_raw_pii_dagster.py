@@ -9,10 +9,10 @@ import pytest
 from conftest import raw_glob
 
 from features.contract import CUSTOMERS
-from features.warehouse import sql_literal
 from orchestration.definitions import build_definitions
 from orchestration.jobs import RAW_INGEST_JOB
-from tagml.settings import Settings
+from tagml.core.settings import Settings
+from tagml.core.storage import sql_literal
 
 MARKERS = {
     "full_name": "Zmarkername Qiu",

@@ -157,7 +157,7 @@ def test_a_scoring_run_killed_mid_write_leaves_the_previous_partition_intact(wor
         from pathlib import Path
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
         import scoring.score as score
-        from features.warehouse import connect
+        from tagml.core.storage import connect
         from training.catalog import load_catalog
         from training.tracking import connect_tracking
         original = score._model_batches

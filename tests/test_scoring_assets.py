@@ -8,11 +8,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.warehouse import features_path
 from orchestration.partitions import as_of_partitions
 from orchestration.resources import MlflowResource, WarehouseResource
 from orchestration.scoring_assets import build_customer_tags_asset
-from tagml.settings import Settings
+from tagml.core.settings import Settings
+from tagml.core.storage import features_path
 from tests.test_scoring import small_catalog
 from training.catalog import load_catalog
 

@@ -6,7 +6,7 @@ import warnings
 import pytest
 
 from orchestration.definitions import build_definitions
-from tagml.settings import (
+from tagml.core.settings import (
     HomeNotFoundError,
     Settings,
     SettingsError,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from features.warehouse import (
+from tagml.core.storage import (
     locked_temporary,
     remove_stale_temporaries,
     write_parquet_atomically,
@@ -28,7 +28,7 @@ def _writer(target: Path, ready: Path) -> subprocess.Popen:
         import sys, time
         from pathlib import Path
         sys.path.insert(0, {str(ROOT)!r})
-        from features.warehouse import locked_temporary
+        from tagml.core.storage import locked_temporary
         with locked_temporary(Path({str(target)!r})) as tmp:
             tmp.write_bytes(b"PAR1 half a file")
             Path({str(ready)!r}).write_text(tmp.name)

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from conftest import WINDOW_END
 
-from features.files import CorruptFileError
-from features.warehouse import sql_literal
+from tagml.core.files import CorruptFileError
+from tagml.core.storage import sql_literal
 from training.catalog import load_catalog
 from training.dataset import (
     MAX_UNKNOWN_LABEL_SHARE,

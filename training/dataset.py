@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 
 from features.customer_features import CATEGORICAL_FEATURES, spine_features_sql
-from features.files import check_parquet
 from features.raw import current_generation
-from features.warehouse import glob_literal, quote, sql_literal, staged_path, write_parquet_atomically
+from tagml.core.files import check_parquet
+from tagml.core.storage import glob_literal, quote, sql_literal, staged_path, write_parquet_atomically
 from training.catalog import TagSpec, WideTableSource
 
 LABEL_COLUMN = "label"

@@ -17,7 +17,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tagml.settings import resolve_home_path
+from tagml.core.settings import resolve_home_path
 from training.catalog import TagSpec
 from training.dataset import TrainingSet
 from training.evaluate import core_metrics, slice_metrics

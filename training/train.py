@@ -26,7 +26,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
 from sklearn.utils.class_weight import compute_sample_weight
 
-from tagml.settings import home_relative
+from tagml.core.settings import home_relative
 from training.catalog import TagSpec
 from training.dataset import TrainingSet
 from training.evaluate import (

@@ -17,7 +17,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from tagml.settings import Settings, SettingsError, read_manifest, write_manifest
+from tagml.core.settings import Settings, SettingsError, read_manifest, write_manifest
 
 TELEMETRY_OFF = {
     # mlflow: checked at import (client start) and per event; without it the first call resolves
@@ -141,7 +141,7 @@ def republish_views(settings: Settings) -> list[str]:
     """The warehouse's DuckDB views name Parquet paths; recreate them over the home's new place."""
     if not settings.duckdb_path.exists():
         return []
-    from features.warehouse import publish_views
+    from tagml.core.storage import publish_views
 
     return publish_views(settings.duckdb_path, settings.warehouse_dir)
 

@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = ".tagml"
-DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "tags" / "catalog.yaml"
+DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "tags" / "catalog.yaml"
 HOME_MANIFEST = "home.json"
 # Stored locations (registry tags) name their anchor instead of an absolute path, so that a moved
 # or copied home resolves them to where it is now.
