@@ -1,12 +1,12 @@
 """Data-quality checks of a feature snapshot, as plain results that orchestration turns into asset checks."""
 
-from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from features.checks import CheckOutcome, QualityCheck
 from features.contract import CUSTOMERS, TABLES_BY_NAME
 from features.customer_features import (
     CATEGORICAL_FEATURES,
@@ -22,14 +22,24 @@ MAX_NULL_RATE = 0.995
 MAX_DATA_LAG_DAYS = 3
 MAX_UNSEEN_VALUES_SHOWN = 5
 
-
-@dataclass(frozen=True)
-class CheckOutcome:
-    name: str
-    passed: bool
-    description: str
-    blocking: bool = True
-    metadata: dict[str, Any] = field(default_factory=dict)
+ROW_COUNT = QualityCheck("row_count", "One row per customer onboarded on or before as_of.")
+UNIQUE_CUSTOMERS = QualityCheck("unique_customers", "customer_id is unique.")
+SCHEMA = QualityCheck("schema", "Columns match the feature dictionary.")
+NULL_RATES = QualityCheck(
+    "null_rates",
+    f"Features that are never null have no nulls; no other feature is more than {MAX_NULL_RATE:.1%} null, except those without enough history yet.",
+)
+UNSEEN_CATEGORIES = QualityCheck(
+    "unseen_categories", "Categorical features take only the contract's allowed values (others are scored as unknown).", blocking=False
+)
+CONSTANT_FEATURES = QualityCheck("constant_features", "No feature has the same value for every customer.", blocking=False)
+FRESHNESS = QualityCheck(
+    "freshness",
+    f"The newest transaction on or before as_of is at most {MAX_DATA_LAG_DAYS} days old (the raw data is not stale).",
+    blocking=False,
+)
+# every check `check_feature_snapshot` runs, in the order it runs them
+FEATURE_CHECKS = (ROW_COUNT, UNIQUE_CUSTOMERS, SCHEMA, NULL_RATES, UNSEEN_CATEGORIES, CONSTANT_FEATURES, FRESHNESS)
 
 
 def null_rates(con: duckdb.DuckDBPyConnection, relation: str, names: list[str]) -> dict[str, float]:
@@ -71,13 +81,9 @@ def check_null_rates(rates: dict[str, float], exempt: list[str]) -> CheckOutcome
     nulls_where_never = sorted(n for n, r in rates.items() if r > 0 and not by_name[n].may_be_null)
     empty = sorted(n for n, r in rates.items() if r > MAX_NULL_RATE and by_name[n].may_be_null and n not in exempt)
     failed = nulls_where_never + empty
-    description = f"Features that are never null have no nulls; no other feature is more than {MAX_NULL_RATE:.1%} null."
-    if failed:
-        description += f" Failed: {', '.join(failed)}."
-    return CheckOutcome(
-        "null_rates",
+    return NULL_RATES.outcome(
         not failed,
-        description,
+        finding=f"Failed: {', '.join(failed)}." if failed else "",
         metadata={
             "never_null_features_with_nulls": nulls_where_never,
             "empty_features": empty,
@@ -100,10 +106,8 @@ def check_unseen_categories(con: duckdb.DuckDBPyConnection, relation: str, colum
             counts[name] = int(sum(n for _, n in rows))
             # category values, never customer-level: truncated so a free-text column cannot dump data
             shown[name] = [str(v)[:30] for v, _ in rows[:MAX_UNSEEN_VALUES_SHOWN]]
-    description = "Categorical features take only the contract's allowed values (others are scored as unknown)."
-    if counts:
-        description += f" Unseen values in: {', '.join(sorted(counts))}."
-    return CheckOutcome("unseen_categories", not counts, description, blocking=False, metadata={"unseen_rows": counts, "unseen_values": shown})
+    finding = f"Unseen values in: {', '.join(sorted(counts))}." if counts else ""
+    return UNSEEN_CATEGORIES.outcome(not counts, {"unseen_rows": counts, "unseen_values": shown}, finding)
 
 
 def check_constant_features(con: duckdb.DuckDBPyConnection, relation: str, names: list[str]) -> CheckOutcome:
@@ -119,10 +123,8 @@ def check_constant_features(con: duckdb.DuckDBPyConnection, relation: str, names
                 lo, hi, n = row[3 * i : 3 * i + 3]
                 if n and lo == hi:
                     constant[name] = lo[:30]  # the one value everybody has: an aggregate
-    description = "No feature has the same value for every customer."
-    if constant:
-        description += f" Constant: {', '.join(constant)}."
-    return CheckOutcome("constant_features", not constant, description, blocking=False, metadata={"constant_features": constant})
+    finding = f"Constant: {', '.join(constant)}." if constant else ""
+    return CONSTANT_FEATURES.outcome(not constant, {"constant_features": constant}, finding)
 
 
 def check_feature_snapshot(con: duckdb.DuckDBPyConnection, path: Path, staged_dir: Path, as_of: date) -> list[CheckOutcome]:
@@ -136,18 +138,11 @@ def check_feature_snapshot(con: duckdb.DuckDBPyConnection, path: Path, staged_di
     expected = con.execute(f"SELECT count(*) FROM {customers} WHERE onboarding_date <= {d}").fetchall()[0][0]
     columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {snap}").fetchall()]
     outcomes = [
-        CheckOutcome(
-            "row_count",
-            rows == expected and rows > 0,
-            "One row per customer onboarded on or before as_of.",
-            metadata={"rows": rows, "expected_rows": expected},
-        ),
-        CheckOutcome("unique_customers", distinct == rows, "customer_id is unique.", metadata={"duplicates": rows - distinct}),
-        CheckOutcome(
-            "schema",
+        ROW_COUNT.outcome(rows == expected and rows > 0, {"rows": rows, "expected_rows": expected}),
+        UNIQUE_CUSTOMERS.outcome(distinct == rows, {"duplicates": rows - distinct}),
+        SCHEMA.outcome(
             columns == [*KEY_COLUMNS, *FEATURE_NAMES],
-            "Columns match the feature dictionary.",
-            metadata={"missing": sorted(set(FEATURE_NAMES) - set(columns)), "unexpected": sorted(set(columns) - {*KEY_COLUMNS, *FEATURE_NAMES})},
+            {"missing": sorted(set(FEATURE_NAMES) - set(columns)), "unexpected": sorted(set(columns) - {*KEY_COLUMNS, *FEATURE_NAMES})},
         ),
     ]
     present = [f.name for f in FEATURES if f.name in columns]
@@ -159,15 +154,7 @@ def check_feature_snapshot(con: duckdb.DuckDBPyConnection, path: Path, staged_di
         f"SELECT max(txn_ts)::DATE FROM read_parquet({sql_literal(staged_path(staged_dir, 'transactions'))}) WHERE txn_ts < {d} + INTERVAL 1 DAY"
     ).fetchall()[0][0]
     lag = (as_of - latest_txn).days if latest_txn else None
-    outcomes.append(
-        CheckOutcome(
-            "freshness",
-            lag is not None and lag <= MAX_DATA_LAG_DAYS,
-            f"The newest transaction on or before as_of is at most {MAX_DATA_LAG_DAYS} days old (the raw data is not stale).",
-            blocking=False,
-            metadata={"latest_transaction_date": str(latest_txn), "lag_days": lag},
-        )
-    )
+    outcomes.append(FRESHNESS.outcome(lag is not None and lag <= MAX_DATA_LAG_DAYS, {"latest_transaction_date": str(latest_txn), "lag_days": lag}))
     return outcomes
 
 

@@ -2,11 +2,12 @@
 
 import dagster as dg
 
-from features.quality import CheckOutcome
+from features.quality import CheckOutcome, QualityCheck
 
 
-def check_spec(asset: str, name: str, description: str, blocking: bool = True) -> dg.AssetCheckSpec:
-    return dg.AssetCheckSpec(name, asset=asset, description=description, blocking=blocking)
+def check_spec(asset: str, check: QualityCheck) -> dg.AssetCheckSpec:
+    """The asset-check spec of a check the domain declares (name, description, blocking from one place)."""
+    return dg.AssetCheckSpec(check.name, asset=asset, description=check.description, blocking=check.blocking)
 
 
 def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:

@@ -7,7 +7,7 @@ import dagster as dg
 import pandas as pd
 
 from features.customer_features import FEATURES
-from features.quality import feature_summary
+from features.quality import FEATURE_CHECKS, feature_summary
 from features.snapshot import FeatureQualityError, build_feature_snapshot
 from orchestration.checks import check_result, check_spec
 from orchestration.raw_assets import raw_asset_name
@@ -18,22 +18,12 @@ FEATURE_SOURCES = ("customers", "balances", "loans", "transactions", "digital_ev
 
 
 def build_customer_features_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
-    checks = [
-        check_spec("customer_features", "row_count", "One row per customer onboarded on or before as_of."),
-        check_spec("customer_features", "unique_customers", "customer_id is unique."),
-        check_spec("customer_features", "schema", "Columns match the feature dictionary."),
-        check_spec("customer_features", "null_rates", "Features declared never null have no nulls; no feature went (almost) all null, except those without enough history yet."),
-        check_spec("customer_features", "unseen_categories", "Categorical features take only the contract's allowed values.", blocking=False),
-        check_spec("customer_features", "constant_features", "No feature has the same value for every customer.", blocking=False),
-        check_spec("customer_features", "freshness", "Raw data reaches as_of (newest transaction at most 3 days old).", blocking=False),
-    ]
-
     @dg.asset(
         name="customer_features",
         group_name=FEATURES_GROUP,
         partitions_def=partitions_def,
         deps=[raw_asset_name(t) for t in FEATURE_SOURCES],
-        check_specs=checks,
+        check_specs=[check_spec("customer_features", check) for check in FEATURE_CHECKS],
         kinds={"duckdb", "parquet"},
         description="Point-in-time customer features (one row per customer) as of the partition date.",
     )

@@ -7,12 +7,13 @@ import dagster as dg
 from pydantic import Field
 
 from features.contract import RAW_TABLES
+from features.quality import QualityCheck
 from features.raw import ContractError, bank_today, stage_delivery
 from orchestration.checks import check_spec
 from orchestration.resources import WarehouseResource
 
 RAW_GROUP = "raw"
-CONTRACT_CHECK = "contract"
+CONTRACT_CHECK = QualityCheck("contract", "Every column, type, allowed value, key and rule of the contract holds.")
 
 
 def raw_asset_name(table: str) -> str:
@@ -46,7 +47,7 @@ def _violations_markdown(violations: list) -> str:
         for spec in RAW_TABLES
     ],
     check_specs=[
-        check_spec(raw_asset_name(spec.name), CONTRACT_CHECK, "Every column, type, allowed value, key and rule of the contract holds.")
+        check_spec(raw_asset_name(spec.name), CONTRACT_CHECK)
         for spec in RAW_TABLES
     ],
     description="Validate every raw contract table of the delivery and stage them together (all or nothing).",
@@ -63,7 +64,7 @@ def raw_delivery(context: dg.AssetExecutionContext, config: RawDeliveryConfig, w
             for table, violations in by_table.items():
                 yield dg.AssetCheckResult(
                     asset_key=raw_asset_name(table),
-                    check_name=CONTRACT_CHECK,
+                    check_name=CONTRACT_CHECK.name,
                     passed=False,
                     metadata={"violations": dg.MetadataValue.md(_violations_markdown(violations))},
                 )
@@ -81,7 +82,7 @@ def raw_delivery(context: dg.AssetExecutionContext, config: RawDeliveryConfig, w
                 "pii_columns_dropped": list(staged.dropped_pii),
                 "ignored_columns": list(staged.ignored_columns),
             },
-            check_results=[dg.AssetCheckResult(asset_key=raw_asset_name(name), check_name=CONTRACT_CHECK, passed=True, metadata={"rows": staged.rows})],
+            check_results=[dg.AssetCheckResult(asset_key=raw_asset_name(name), check_name=CONTRACT_CHECK.name, passed=True, metadata={"rows": staged.rows})],
         )
 
 

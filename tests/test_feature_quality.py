@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import MID_MONTH_END, make_connection
 
-from features.quality import check_feature_snapshot
+from features.quality import MAX_DATA_LAG_DAYS, check_feature_snapshot
 from features.raw import stage_delivery
 from features.snapshot import (
     FeatureQualityError,
@@ -138,3 +138,23 @@ def test_a_feature_filled_with_zero_for_everyone_is_flagged(bank, bank_features,
     assert constant.metadata["constant_features"] == {"aum_total": "0.0"}
     clean = outcome(check_feature_snapshot(con, bank_features[MID_MONTH_END], bank["staged"], MID_MONTH_END), "constant_features")
     assert clean.passed, clean.metadata
+
+
+def test_every_check_the_domain_runs_has_an_asset_check_spec_and_vice_versa(bank, bank_features, con):
+    """The asset's check specs are built from the domain's declarations: the same names, blocking
+    flags and descriptions as the outcomes `check_feature_snapshot` produces. They were once written
+    out twice and had drifted apart (the freshness spec hard-coded the 3-day lag)."""
+    import dagster as dg
+
+    from features.quality import FEATURE_CHECKS
+    from orchestration.feature_assets import build_customer_features_asset
+
+    asset = build_customer_features_asset(dg.DailyPartitionsDefinition(start_date="2026-01-01"))
+    specs = {spec.name: spec for spec in asset.check_specs}
+    outcomes = check_feature_snapshot(con, bank_features[MID_MONTH_END], bank["staged"], MID_MONTH_END)
+    assert [o.name for o in outcomes] == [c.name for c in FEATURE_CHECKS]
+    assert set(specs) == {o.name for o in outcomes}
+    for o in outcomes:
+        assert specs[o.name].blocking == o.blocking, o.name
+        assert o.description.startswith(specs[o.name].description), o.name
+    assert str(MAX_DATA_LAG_DAYS) in specs["freshness"].description
