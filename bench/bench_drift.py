@@ -57,8 +57,8 @@ def _kinds() -> dict[str, str]:
 def step_prepare(n: int, threads: int) -> dict:
     from features.contract import RAW_TABLES
     from features.customer_features import build_customer_features
-    from features.raw import validate_and_stage
     from features.synthetic import BankConfig, generate_bank
+    from features.validation import validate_and_stage
     from tagml.core.storage import connect, sql_literal
 
     p = _paths(n)

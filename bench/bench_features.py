@@ -68,7 +68,7 @@ def step_generate(args) -> dict:
 
 def step_stage(args) -> dict:
     from features.contract import RAW_TABLES
-    from features.raw import validate_and_stage
+    from features.validation import validate_and_stage
     from tagml.core.storage import connect
 
     d = bank_dir(args.workdir, args.size)
@@ -384,8 +384,8 @@ def run_check(args) -> None:
 
     from features.contract import RAW_TABLES
     from features.customer_features import FEATURE_NAMES, build_customer_features
-    from features.raw import validate_and_stage
     from features.synthetic import BankConfig, generate_bank
+    from features.validation import validate_and_stage
     from tagml.core.storage import connect
 
     d = bank_dir(args.workdir, args.check_size)

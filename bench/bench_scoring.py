@@ -34,8 +34,8 @@ def _peak_gb() -> float:
 
 def step_train(work: Path, threads: int) -> dict:
     from features.contract import RAW_TABLES
-    from features.raw import validate_and_stage
     from features.synthetic import BankConfig, generate_bank
+    from features.validation import validate_and_stage
     from tagml.core.storage import connect
     from training.catalog import load_catalog
     from training.dataset import build_training_set
@@ -62,8 +62,8 @@ def step_train(work: Path, threads: int) -> dict:
 def step_setup(work: Path, size: int, threads: int) -> dict:
     from features.contract import RAW_TABLES
     from features.customer_features import build_customer_features
-    from features.raw import validate_and_stage
     from features.synthetic import BankConfig, generate_bank
+    from features.validation import validate_and_stage
     from tagml.core.storage import connect
 
     bank = work / f"n{size}"

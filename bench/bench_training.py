@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from features.contract import RAW_TABLES
-from features.raw import validate_and_stage
 from features.synthetic import BankConfig, generate_bank
+from features.validation import validate_and_stage
 from tagml.core.storage import connect
 from training.catalog import load_catalog
 from training.dataset import build_training_set

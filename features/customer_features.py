@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 
 from features.contract import CUSTOMERS, INVESTMENT_PRODUCTS, PRODUCTS, SPEND_CATEGORIES
-from features.raw import current_generation
+from features.delivery import current_generation
 from tagml.core.storage import sql_literal, staged_path, write_parquet_atomically
 
 SOURCES = ("customer", "balances", "transactions", "loans", "digital", "derived")

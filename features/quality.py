@@ -14,7 +14,7 @@ from features.customer_features import (
     FEATURES,
     KEY_COLUMNS,
 )
-from features.raw import current_generation
+from features.delivery import current_generation
 from tagml.core.files import check_parquet
 from tagml.core.storage import quote, sql_literal, staged_path
 

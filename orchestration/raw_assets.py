@@ -7,13 +7,12 @@ import dagster as dg
 from pydantic import Field
 
 from features.contract import RAW_TABLES
-from features.quality import QualityCheck
-from features.raw import ContractError, bank_today, stage_delivery
+from features.delivery import stage_delivery
+from features.raw import CONTRACT_CHECK, ContractError, bank_today
 from orchestration.checks import check_spec
 from orchestration.resources import WarehouseResource
 
 RAW_GROUP = "raw"
-CONTRACT_CHECK = QualityCheck("contract", "Every column, type, allowed value, key and rule of the contract holds.")
 
 
 def raw_asset_name(table: str) -> str:

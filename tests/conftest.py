@@ -19,8 +19,8 @@ configure_process()
 
 from features.contract import RAW_TABLES
 from features.customer_features import build_customer_features
-from features.raw import validate_and_stage
 from features.synthetic import BankConfig, generate_bank
+from features.validation import validate_and_stage
 from tagml.core.storage import connect, sql_literal
 
 # Small enough for the whole domain suite to run in well under a minute on two cores, large enough

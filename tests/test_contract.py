@@ -22,7 +22,8 @@ from features.contract import (
     TABLES_BY_NAME,
     TRANSACTIONS,
 )
-from features.raw import ContractError, validate_and_stage
+from features.raw import ContractError
+from features.validation import validate_and_stage
 from tagml.core.storage import sql_literal
 
 # Every PII value planted in a bad row contains this marker; it must never reach an error message.

@@ -9,13 +9,9 @@ import pytest
 from conftest import raw_glob
 
 from features.contract import CUSTOMERS, RAW_TABLES, TRANSACTIONS
-from features.raw import (
-    ContractError,
-    current_generation,
-    generations_dir,
-    stage_delivery,
-    validate_and_stage,
-)
+from features.delivery import current_generation, generations_dir, stage_delivery
+from features.raw import ContractError
+from features.validation import validate_and_stage
 from tagml.core.storage import sql_literal, staged_path
 
 DELIVERY = date(2026, 11, 5)  # after the session bank's last month (2026-10)

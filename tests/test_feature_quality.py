@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import MID_MONTH_END, make_connection
 
+from features.delivery import stage_delivery
 from features.quality import MAX_DATA_LAG_DAYS, check_feature_snapshot
-from features.raw import stage_delivery
 from features.snapshot import (
     FeatureQualityError,
     build_feature_snapshot,

@@ -19,8 +19,8 @@ import yaml
 
 from features.contract import RAW_TABLES, TABLES_BY_NAME
 from features.customer_features import build_customer_features
-from features.raw import validate_and_stage
 from features.synthetic import BankConfig, generate_bank
+from features.validation import validate_and_stage
 from monitoring.drift import slice_expressions
 from monitoring.psi import feature_psi
 from scoring.rules import rule_batches, rule_case_sql

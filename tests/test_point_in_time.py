@@ -17,7 +17,7 @@ from conftest import MID_MONTH_DAY, MID_MONTH_END, make_connection, raw_glob, st
 
 from features.contract import CUSTOMERS, TABLES_BY_NAME
 from features.customer_features import FEATURE_NAMES, FEATURES, KEY_COLUMNS, build_customer_features, features_for_spine
-from features.raw import validate_and_stage
+from features.validation import validate_and_stage
 from tagml.core.storage import sql_literal
 
 # How to keep only what was known on D, table by table.

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from features.customer_features import CATEGORICAL_FEATURES, spine_features_sql
-from features.raw import current_generation
+from features.delivery import current_generation
 from tagml.core.files import check_parquet
 from tagml.core.storage import glob_literal, quote, sql_literal, staged_path, write_parquet_atomically
 from training.catalog import TagSpec, WideTableSource
