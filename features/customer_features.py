@@ -194,6 +194,12 @@ def _block(source: str, relation: str) -> str:
     return f"{source}_features AS (\n  SELECT customer_id, as_of,\n" + ",\n".join(exprs) + f"\n  FROM {relation}\n  GROUP BY customer_id, as_of\n)"
 
 
+def balance_month_end_sql(day: str) -> str:
+    """The month end whose balances a feature reads on `day` (a DATE expression): the latest month
+    end on or before it. Balances are month-end series; the quality checks use the same rule."""
+    return f"CASE WHEN {day} = last_day({day}) THEN {day} ELSE last_day({day} - INTERVAL 1 MONTH) END"
+
+
 def features_sql(staged_dir: Path, spine_sql: str, first_as_of: date, last_as_of: date) -> str:
     """The SELECT computing every feature for each (customer_id, as_of) row of `spine_sql`.
 
@@ -203,46 +209,64 @@ def features_sql(staged_dir: Path, spine_sql: str, first_as_of: date, last_as_of
     # every table from one delivery, even if another is swapped in while the query is built or run
     staged_dir = current_generation(staged_dir)
     src = {t: f"read_parquet({sql_literal(staged_path(staged_dir, t))})" for t in ("customers", "balances", "loans", "transactions", "digital_events")}
-    lo = f"DATE {sql_literal(first_as_of)} - INTERVAL 12 MONTH"
-    hi = f"DATE {sql_literal(last_as_of)} + INTERVAL 1 DAY"
-    product_cols = ",\n      ".join(f"sum(balance) FILTER (WHERE product = {sql_literal(p)}) AS p_{p}" for p in PRODUCTS)
+    bounds = (f"DATE {sql_literal(first_as_of)} - INTERVAL 12 MONTH", f"DATE {sql_literal(last_as_of)} + INTERVAL 1 DAY")
     customer_cols = ",\n    ".join(f"{f.sql} AS {f.name}" for f in FEATURES if f.source == "customer")
     ctes = [
         (f"spine AS (\n  SELECT DISTINCT customer_id, as_of::DATE AS as_of,\n"
-        f"    CASE WHEN as_of::DATE = last_day(as_of::DATE) THEN as_of::DATE ELSE last_day(as_of::DATE - INTERVAL 1 MONTH) END AS snap\n"
+        f"    {balance_month_end_sql('as_of::DATE')} AS snap\n"
         f"  FROM ({spine_sql})\n)"),
         f"customer_features AS (\n  SELECT s.customer_id, s.as_of,\n    {customer_cols}\n  FROM spine s JOIN {src['customers']} c USING (customer_id)\n)",
-        # one row per customer, as_of and month end, products pivoted to columns
+        *_balance_ctes(src["balances"], *bounds),
+        _block("balances", "bal"),
+        _windowed_events_cte("txn", "t", src["transactions"], ("txn_ts", "amount", "direction", "category", "channel"), "txn_ts", *bounds),
+        _block("transactions", "txn"),
+        _loan_cte(src["loans"]),
+        _block("loans", "loan"),
+        _windowed_events_cte("dig", "e", src["digital_events"], ("event_ts", "event_type"), "event_ts", *bounds),
+        _block("digital", "dig"),
+    ]
+    return "WITH " + ",\n".join(ctes) + _joined_select()
+
+
+def _balance_ctes(balances: str, lo: str, hi: str) -> list[str]:
+    """One row per customer, as_of and month end (products pivoted to columns), then AUM."""
+    product_cols = ",\n      ".join(f"sum(balance) FILTER (WHERE product = {sql_literal(p)}) AS p_{p}" for p in PRODUCTS)
+    return [
         (f"bal_month AS (\n  SELECT s.customer_id, s.as_of, s.snap, b.month_end,\n      {product_cols},\n      count(*) AS n_products\n"
-        f"  FROM spine s JOIN {src['balances']} b ON b.customer_id = s.customer_id\n"
+        f"  FROM spine s JOIN {balances} b ON b.customer_id = s.customer_id\n"
         f"    AND b.month_end <= s.snap AND b.month_end > s.snap - INTERVAL 12 MONTH\n"
         f"    AND b.month_end > {lo} AND b.month_end < {hi}\n  GROUP BY ALL\n)"),
         (f"bal AS (\n  SELECT * REPLACE ({' , '.join(f'coalesce(p_{p}, 0) AS p_{p}' for p in PRODUCTS)}),\n"
         f"    {' + '.join(f'coalesce(p_{p}, 0)' for p in PRODUCTS if p != 'credit_card')} AS aum\n  FROM bal_month\n)"),
-        _block("balances", "bal"),
-        (f"txn AS (\n  SELECT s.customer_id, s.as_of, t.txn_ts, t.amount, t.direction, t.category, t.channel,\n"
-        f"    t.txn_ts >= s.as_of - INTERVAL 1 MONTH + INTERVAL 1 DAY AS w1,\n"
-        f"    t.txn_ts >= s.as_of - INTERVAL 3 MONTH + INTERVAL 1 DAY AS w3\n"
-        f"  FROM spine s JOIN {src['transactions']} t ON t.customer_id = s.customer_id\n"
-        f"    AND t.txn_ts < s.as_of + INTERVAL 1 DAY AND t.txn_ts >= s.as_of - INTERVAL 12 MONTH + INTERVAL 1 DAY\n"
-        f"    AND t.txn_ts >= {lo} AND t.txn_ts < {hi}\n)"),
-        _block("transactions", "txn"),
-        (f"loan AS (\n  SELECT s.customer_id, s.as_of, l.loan_type, l.open_date, l.principal, l.monthly_payment,\n"
+    ]
+
+
+def _windowed_events_cte(name: str, alias: str, relation: str, columns: tuple[str, ...], ts: str, lo: str, hi: str) -> str:
+    """The events of `relation` in the 12 months up to each as_of (inclusive), flagged `w1`/`w3` when
+    in the last 1 or 3 months; `lo`/`hi` let the Parquet scan skip what no as_of can use."""
+    t = f"{alias}.{ts}"
+    return (f"{name} AS (\n  SELECT s.customer_id, s.as_of, {', '.join(f'{alias}.{c}' for c in columns)},\n"
+        f"    {t} >= s.as_of - INTERVAL 1 MONTH + INTERVAL 1 DAY AS w1,\n"
+        f"    {t} >= s.as_of - INTERVAL 3 MONTH + INTERVAL 1 DAY AS w3\n"
+        f"  FROM spine s JOIN {relation} {alias} ON {alias}.customer_id = s.customer_id\n"
+        f"    AND {t} < s.as_of + INTERVAL 1 DAY AND {t} >= s.as_of - INTERVAL 12 MONTH + INTERVAL 1 DAY\n"
+        f"    AND {t} >= {lo} AND {t} < {hi}\n)")
+
+
+def _loan_cte(loans: str) -> str:
+    """Loans open at each as_of, with the principal outstanding on an annuity schedule."""
+    return (f"loan AS (\n  SELECT s.customer_id, s.as_of, l.loan_type, l.open_date, l.principal, l.monthly_payment,\n"
         f"    CASE WHEN l.term_months IS NULL THEN NULL\n"
         f"         WHEN l.interest_rate = 0 THEN l.principal * greatest(l.term_months - date_diff('month', l.open_date, s.as_of), 0) / l.term_months\n"
         f"         ELSE l.monthly_payment * (1 - pow(1 + l.interest_rate / 12, -greatest(l.term_months - date_diff('month', l.open_date, s.as_of), 0))) / (l.interest_rate / 12)\n"
         f"    END AS outstanding\n"
-        f"  FROM spine s JOIN {src['loans']} l ON l.customer_id = s.customer_id\n"
-        f"    AND l.open_date <= s.as_of AND (l.close_date IS NULL OR l.close_date > s.as_of)\n)"),
-        _block("loans", "loan"),
-        (f"dig AS (\n  SELECT s.customer_id, s.as_of, e.event_ts, e.event_type,\n"
-        f"    e.event_ts >= s.as_of - INTERVAL 1 MONTH + INTERVAL 1 DAY AS w1,\n"
-        f"    e.event_ts >= s.as_of - INTERVAL 3 MONTH + INTERVAL 1 DAY AS w3\n"
-        f"  FROM spine s JOIN {src['digital_events']} e ON e.customer_id = s.customer_id\n"
-        f"    AND e.event_ts < s.as_of + INTERVAL 1 DAY AND e.event_ts >= s.as_of - INTERVAL 12 MONTH + INTERVAL 1 DAY\n"
-        f"    AND e.event_ts >= {lo} AND e.event_ts < {hi}\n)"),
-        _block("digital", "dig"),
-    ]
+        f"  FROM spine s JOIN {loans} l ON l.customer_id = s.customer_id\n"
+        f"    AND l.open_date <= s.as_of AND (l.close_date IS NULL OR l.close_date > s.as_of)\n)")
+
+
+def _joined_select() -> str:
+    """Every source's features joined to the customers (a customer without rows gets each feature's
+    `fill`), the derived features on top, in dictionary order."""
     joined_cols = []
     for f in FEATURES:
         if f.source in ("customer", "derived"):
@@ -260,8 +284,7 @@ def features_sql(staged_dir: Path, spine_sql: str, first_as_of: date, last_as_of
     derived = ", ".join(f"{f.sql} AS {f.name}" for f in FEATURES if f.source == "derived")
     ordered = ", ".join(FEATURE_NAMES)
     return (
-        "WITH " + ",\n".join(ctes)
-        + f",\nbase AS (\n{base}\n),\nwith_derived AS (SELECT *, {derived} FROM base)\n"
+        f",\nbase AS (\n{base}\n),\nwith_derived AS (SELECT *, {derived} FROM base)\n"
         + f"SELECT customer_id, as_of, {ordered} FROM with_derived ORDER BY customer_id, as_of"
     )
 

@@ -13,6 +13,7 @@ from features.customer_features import (
     FEATURE_NAMES,
     FEATURES,
     KEY_COLUMNS,
+    balance_month_end_sql,
 )
 from features.delivery import current_generation
 from tagml.core.files import check_parquet
@@ -58,8 +59,7 @@ def features_without_history(con: duckdb.DuckDBPyConnection, staged_dir: Path, a
     """Features that are null for everyone at `as_of` because the staged source does not reach far
     enough back (`Feature.history_months`): early partitions of a bank new to tagml."""
     d = f"DATE {sql_literal(as_of)}"
-    # balances are month-end series read at the latest month end on or before as_of
-    snap = f"CASE WHEN {d} = last_day({d}) THEN {d} ELSE last_day({d} - INTERVAL 1 MONTH) END"
+    snap = balance_month_end_sql(d)
     out = []
     for f in (f for f in FEATURES if f.history_months):
         table = TABLES_BY_NAME[SOURCE_TABLES[f.source]]
@@ -136,7 +136,7 @@ def check_feature_snapshot(con: duckdb.DuckDBPyConnection, path: Path, staged_di
     d = f"DATE {sql_literal(as_of)}"
     rows, distinct = con.execute(f"SELECT count(*), count(DISTINCT customer_id) FROM {snap}").fetchall()[0]
     expected = con.execute(f"SELECT count(*) FROM {customers} WHERE onboarding_date <= {d}").fetchall()[0][0]
-    columns = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {snap}").fetchall()]
+    columns = _columns(con, snap)
     outcomes = [
         ROW_COUNT.outcome(rows == expected and rows > 0, {"rows": rows, "expected_rows": expected}),
         UNIQUE_CUSTOMERS.outcome(distinct == rows, {"duplicates": rows - distinct}),
@@ -162,7 +162,7 @@ def feature_summary(con: duckdb.DuckDBPyConnection, path: Path) -> list[dict[str
     """Per numeric feature: min, median, max and null share; per categorical: distinct values and
     null share. Aggregates only -- what orchestration may show instead of customer rows."""
     snap = f"read_parquet({sql_literal(path)})"
-    columns = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {snap}").fetchall()}
+    columns = set(_columns(con, snap))
     parts, layout = [], []
     for f in FEATURES:
         if f.name not in columns:
@@ -185,6 +185,10 @@ def feature_summary(con: duckdb.DuckDBPyConnection, path: Path) -> list[dict[str
             lo, med, hi, null = next(values), next(values), next(values), next(values)
             out.append({"feature": f.name, "min": _round(lo), "median": _round(med), "max": _round(hi), "null_share": round(null or 0.0, 4)})
     return out
+
+
+def _columns(con: duckdb.DuckDBPyConnection, relation: str) -> list[str]:
+    return [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()]
 
 
 def _round(value: float | None) -> float | None:

@@ -76,6 +76,12 @@ def contract_error(spec: TableSpec, column: str | None, rule: str, detail: str, 
     return ContractError([Violation(spec.name, column, rule, detail, **kw)])
 
 
+def _unreadable(spec: TableSpec, location: str, exc: duckdb.Error) -> ContractError:
+    # Only the first line of DuckDB's message: CSV errors go on to quote the offending row (PII).
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return contract_error(spec, None, "readable", f"cannot read {location}: {reason}")
+
+
 def _line_list(lines: list[int]) -> str:
     shown = ", ".join(str(n) for n in lines[:MAX_LINES_REPORTED])
     return shown + (f" and {len(lines) - MAX_LINES_REPORTED} more" if len(lines) > MAX_LINES_REPORTED else "")
@@ -130,9 +136,7 @@ def _read_csv(con: duckdb.DuckDBPyConnection, spec: TableSpec, location: str, vi
         con.execute(f"CREATE OR REPLACE TEMP TABLE {view} AS SELECT {select} FROM {reader}")
         bad = con.execute(f"SELECT error_type::VARCHAR, list(DISTINCT line ORDER BY line) FROM {rejects} GROUP BY 1 ORDER BY 1").fetchall()
     except duckdb.Error as exc:
-        # Only the first line of DuckDB's message: CSV errors go on to quote the offending row (PII).
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise contract_error(spec, None, "readable", f"cannot read {location}: {reason}") from exc
+        raise _unreadable(spec, location, exc) from exc
     if bad:
         violations = []
         for error_type, lines in bad:
@@ -164,8 +168,7 @@ def _read_source(con: duckdb.DuckDBPyConnection, spec: TableSpec, kind: str, loc
         con.execute(f"SELECT * FROM {view} LIMIT 1").fetchall()
         names = [row[0] for row in con.execute(f"DESCRIBE {view}").fetchall()]
     except duckdb.Error as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise contract_error(spec, None, "readable", f"cannot read {location}: {reason}") from exc
+        raise _unreadable(spec, location, exc) from exc
     return view, [n for n in names if n not in {c.name for c in spec.columns}]
 
 

@@ -158,3 +158,16 @@ def test_every_check_the_domain_runs_has_an_asset_check_spec_and_vice_versa(bank
         assert specs[o.name].blocking == o.blocking, o.name
         assert o.description.startswith(specs[o.name].description), o.name
     assert str(MAX_DATA_LAG_DAYS) in specs["freshness"].description
+
+
+def test_history_check_reads_balances_at_the_same_month_end_as_the_features(early_bank, con, tmp_path):
+    """2024-04-29 reads the balances of 2024-03-31 (the latest month end before it), so the 3-month
+    change needs 2023-12-31, which the bank does not have; the day after reads 2024-04-30 and has
+    its history. The quality check and the features must pick the same month end (one rule,
+    `balance_month_end_sql`), or the check blocks a sound partition or excuses an empty feature."""
+    for day, available in ((date(2024, 4, 29), False), (date(2024, 4, 30), True)):
+        snapshot = build_feature_snapshot(con, early_bank, day, tmp_path / f"{day}.parquet")
+        nulls = outcome(snapshot.checks, "null_rates")
+        all_null = nulls.metadata["highest_null_rates"].get("aum_growth_3m") == 1.0
+        assert nulls.passed, nulls.description
+        assert all_null is not available and ("aum_growth_3m" in nulls.metadata["not_yet_available"]) is not available, day
