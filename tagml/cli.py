@@ -298,13 +298,6 @@ def generate(
 # --- demo --------------------------------------------------------------------------------------
 
 
-def _dagster_instance(settings: Settings):
-    import dagster as dg
-
-    settings.ensure_dirs()
-    return dg.DagsterInstance.from_config(str(settings.dagster_home))
-
-
 @app.command("demo")
 def demo(
     customers: Annotated[int, typer.Option(min=100, help="customers in the demo bank")] = DEMO_CUSTOMERS,
@@ -319,110 +312,67 @@ def demo(
 
 
 def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> bool:
-    import logging
+    from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR
+    from orchestration.walkthrough import Walkthrough, plan_demo
 
-    import dagster as dg
-
-    from features.synthetic import BankConfig, month_ends
-    from orchestration.definitions import build_definitions
-    from orchestration.jobs import (
-        NIGHTLY_SCORING_JOB,
-        RAW_INGEST_JOB,
-        TRAIN_ALL_JOB,
-        reevaluation_run_config,
-    )
-    from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags
-    from training.catalog import load_catalog
-
-    logging.getLogger("mlflow").setLevel(logging.ERROR)  # keep the demo's output to what it did
     status = _console(stderr=True)
-    ends = month_ends(BankConfig().end_month, 12)
-    as_of: date = ends[-1].item()  # the newest month end: the drifted partition
-    train_as_of: date = ends[-2].item()  # a month earlier: models trained and a first partition scored
-    config = BankConfig(customers=customers, months=12, seed=seed, drift=drift, drift_month=f"{as_of:%Y-%m}" if drift else None)
+    plan = plan_demo(customers, seed, drift)
+    train_as_of, as_of = plan.train_as_of, plan.as_of
     scenario = f", {drift} from {as_of:%Y-%m}" if drift else ""
-    print(f"[1/6] generating a synthetic bank: {config.customers:,} customers x {config.months} months{scenario} -> {settings.raw_dir}", flush=True)
+    print(f"[1/6] generating a synthetic bank: {plan.bank.customers:,} customers x {plan.bank.months} months{scenario} -> {settings.raw_dir}", flush=True)
     started = time.perf_counter()
-    summary = _generate_with_progress(config, settings.raw_dir)
+    summary = _generate_with_progress(plan.bank, settings.raw_dir)
     print(f"      {summary['rows']} in {time.perf_counter() - started:.1f}s", flush=True)
-
-    defs = build_definitions(settings)
-    catalog = load_catalog(settings.catalog_path)
-    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    train_config = {"ops": {k: v for t in catalog.model_tags for k, v in reevaluation_run_config(t.name, train_as_of.isoformat())["ops"].items()}}
-    sensor = defs.resolve_sensor_def(REEVALUATE_ON_DRIFT_SENSOR)
-    with _dagster_instance(settings) as instance:
-        clock = time.perf_counter()
-
-        def took() -> str:
-            nonlocal clock
-            elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-            return f"{elapsed:.0f}s"
-
+    with Walkthrough.open(settings) as walk:
         print("[2/6] raw_ingest_job: validate the raw contract, drop PII, stage Parquet", flush=True)
         with status.status("raw_ingest_job running"):
-            defs.resolve_job_def(RAW_INGEST_JOB).execute_in_process(instance=instance, run_config=quiet)
-        print(f"      {took()}", flush=True)
+            ingested = walk.ingest()
+        print(f"      {ingested.seconds:.0f}s", flush=True)
         print(f"[3/6] train_all_tags_job on the labels known on {train_as_of}: training sets, Optuna + MLflow, registry, promotion gate", flush=True)
-        names = ", ".join(t.name for t in catalog.model_tags)
-        with status.status(f"training {len(catalog.model_tags)} model tags ({names}): Optuna trials logged to MLflow, then the gate"):
-            trained = defs.resolve_job_def(TRAIN_ALL_JOB).execute_in_process(
-                instance=instance, run_config={**quiet, **train_config}, raise_on_error=False
-            )
-        training_seconds = took()
-        print(f"      {training_seconds}", flush=True)
-        # the raw tables are already staged: each nightly run starts at the features
-        nightly_assets = [dg.AssetKey(name) for name in ("customer_features", "customer_tags", "tag_drift")]
-        scored, cursor, requested, reevaluated = {}, None, [], []
+        names = ", ".join(walk.model_tags)
+        with status.status(f"training {len(walk.model_tags)} model tags ({names}): Optuna trials logged to MLflow, then the gate"):
+            trained = walk.train(train_as_of)
+        print(f"      {trained.seconds:.0f}s", flush=True)
+        nightly = {}
         for step, day in ((4, train_as_of), (5, as_of)):
             print(f"[{step}/6] nightly_scoring_job for as_of={day}: features, rule + model tags from the champions, tag_drift", flush=True)
             with status.status(f"nightly_scoring_job for {day} running"):
-                scored[day] = defs.resolve_job_def(NIGHTLY_SCORING_JOB).execute_in_process(
-                    instance=instance, partition_key=day.isoformat(), run_config=quiet, raise_on_error=False, asset_selection=nightly_assets
-                )
-            tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=defs.get_repository_def()))
-            cursor = tick.cursor
-            requested += [(day, r) for r in tick.run_requests]
-            outcome = ", ".join(f"{r.job_name} (run key {r.run_key})" for r in tick.run_requests) or f"nothing ({tick.skip_message})"
-            print(f"      {took()}; then {REEVALUATE_ON_DRIFT_SENSOR} requests {outcome}", flush=True)
-        checks = [f"{e.check_name}={'ok' if e.passed else 'FAILED'}" for e in scored[train_as_of].get_asset_check_evaluations() if e.asset_key.to_user_string() == "customer_features"]
-        again = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=defs.get_repository_def()))
-        print(f"      the sensor evaluated again on the same drift requests {len(again.run_requests)} runs", flush=True)
+                nightly[day] = walk.score_nightly(day)
+            outcome = ", ".join(f"{r.job} (run key {r.run_key})" for r in nightly[day].requests) or f"nothing ({nightly[day].skip_message})"
+            print(f"      {nightly[day].seconds:.0f}s; then {REEVALUATE_ON_DRIFT_SENSOR} requests {outcome}", flush=True)
+        print(f"      the sensor evaluated again on the same drift requests {walk.sensor_again()} runs", flush=True)
         print("[6/6] the re-evaluation the sensor requested: retrain -> gate -> re-score", flush=True)
-        for _, request in requested:
-            started = time.perf_counter()
-            with status.status(f"{request.job_name} for {request.partition_key} running"):
-                run = defs.resolve_job_def(request.job_name).execute_in_process(
-                    instance=instance, partition_key=request.partition_key, run_config={**quiet, **request.run_config},
-                    tags=in_process_run_tags(request), raise_on_error=False,
-                )
-            reevaluated.append((request, run, time.perf_counter() - started))
-            print(f"      {took()}", flush=True)
+        reevaluated = []
+        for request in (r for day in (train_as_of, as_of) for r in nightly[day].requests):
+            with status.status(f"{request.job} for {request.partition_key} running"):
+                reevaluated.append(walk.reevaluate(request))
+            print(f"      {reevaluated[-1].run.seconds:.0f}s", flush=True)
+    _print_demo_results(settings, plan, trained, {day: n.run for day, n in nightly.items()}, reevaluated)
+    return trained.success and all(n.run.success for n in nightly.values()) and all(r.run.success for r in reevaluated)
 
-    import pyarrow.parquet as pq
 
-    from tagml.core.storage import features_path
+def _print_demo_results(settings: Settings, plan: Any, trained: Any, scored: dict[date, Any], reevaluated: list[Any]) -> None:
+    from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR
+    from orchestration.walkthrough import example_model_customer, feature_snapshot_shape
+    from scoring.store import TagStore
 
-    path = features_path(settings.warehouse_dir, train_as_of)
-    meta = pq.read_metadata(path)
+    train_as_of, as_of = plan.train_as_of, plan.as_of
+    path, rows, columns = feature_snapshot_shape(settings, train_as_of)
     print()
-    print(f"customer_features[{train_as_of}]: {meta.num_rows:,} customers x {meta.num_columns - 2} features -> {path}")
-    if checks:
-        print("checks: " + ", ".join(checks))
-    print(f"\nmodels ({training_seconds}):")
+    print(f"customer_features[{train_as_of}]: {rows:,} customers x {columns} features -> {path}")
+    if scored[train_as_of].checks:
+        print("checks: " + ", ".join(f"{name}={'ok' if passed else 'FAILED'}" for name, passed in scored[train_as_of].checks.items()))
+    print(f"\nmodels ({trained.seconds:.0f}s):")
     _print_models(trained)
     if not trained.success:
         print("  training job FAILED; see the Dagster UI for the step logs")
-    ok = trained.success and all(r.success for r in scored.values())
     if scored[as_of].success:
-        from scoring.store import TagStore
-
         store = TagStore(settings.warehouse_dir / "customer_tags")
         with closing(_connect(settings)) as con:
             for day in (train_as_of, as_of):
                 print(f"\ncustomer_tags[{day}] -> {store.partition_path(day)}")
-                for tag, rows in store.distribution(con, day).groupby("tag", sort=False):
-                    print(f"  {tag:<16} " + "  ".join(f"{r.value} {r.share:.1%}" for r in rows.itertuples()))
+                for tag, tag_rows in store.distribution(con, day).groupby("tag", sort=False):
+                    print(f"  {tag:<16} " + "  ".join(f"{r.value} {r.share:.1%}" for r in tag_rows.itertuples()))
             print(f"\n$ tagml drift --as-of {train_as_of}")
             _print_drift_with(con, settings, train_as_of, None, details=False, compact=True)
             print(f"\n$ tagml drift --as-of {as_of}")
@@ -430,24 +380,17 @@ def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> b
             print(f"\nre-evaluation ({REEVALUATE_ON_DRIFT_SENSOR}):")
             if not reevaluated:
                 print("  none requested")
-            for request, run, seconds in reevaluated:
-                ok = ok and run.success
-                print(f"  {request.job_name} for {request.partition_key} (run key {request.run_key}, {seconds:.0f}s): {'ok' if run.success else 'FAILED'}")
-                print(f"    because: {request.tags.get('tagml/drift_reasons', '')}")
+            for done in reevaluated:
+                request, run = done.request, done.run
+                print(f"  {request.job} for {request.partition_key} (run key {request.run_key}, {run.seconds:.0f}s): {'ok' if run.success else 'FAILED'}")
+                print(f"    because: {request.reasons}")
                 _print_models(run, indent="    ")
-                for event in run.get_asset_materialization_events():
-                    if event.asset_key.to_user_string() == "customer_tags":
-                        producers = {k: v.value for k, v in event.materialization.metadata.items()}.get("producers") or {}
-                        tag = request.tags.get("tagml/tag", "")
-                        print(f"    re-scored customer_tags[{request.partition_key}]: {tag} now by {producers.get(tag)}")
-            # the partition path is data: passed as a parameter, never pasted into the SQL
-            example = con.execute(
-                "SELECT customer_id FROM read_parquet(?) WHERE tag = 'risk_appetite' AND source = 'model' ORDER BY customer_id LIMIT 1",
-                [str(store.partition_path(as_of))],
-            ).fetchall()
+                if run.producers is not None:
+                    print(f"    re-scored customer_tags[{request.partition_key}]: {request.tag} now by {run.producers.get(request.tag)}")
+            example = example_model_customer(con, store.partition_path(as_of))
         if example:
-            print(f"\n$ tagml tags {example[0][0]}")
-            _print_tags(_customer_tags(settings, example[0][0], None, lineage=True))
+            print(f"\n$ tagml tags {example}")
+            _print_tags(_customer_tags(settings, example, None, lineage=True))
     else:
         print("  scoring job FAILED; see the Dagster UI for the step logs")
     print(f"\nstaged raw tables:  {settings.warehouse_dir / 'raw'}")
@@ -455,23 +398,17 @@ def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> b
     print(f"Dagster instance:   {settings.dagster_home}")
     print(f"MLflow:             {settings.mlflow_tracking_uri}")
     print("open the UIs with:  make ui (Dagster, http://127.0.0.1:3000)   make mlflow-ui (http://127.0.0.1:5000)")
-    return ok
 
 
 def _print_models(result: Any, indent: str = "  ") -> None:
-    """One line per trained model and one per promotion-gate decision of a Dagster run."""
-    for event in result.get_asset_materialization_events():
-        key = event.asset_key.path
-        if key[-1] != "tag_model":
-            continue
-        meta = {k: v.value for k, v in event.materialization.metadata.items()}
+    """One line per trained model and one per promotion-gate decision of a run."""
+    for m in result.models:
         print(
-            f"{indent}{key[0]:<14} v{meta['model_version']}  macro_f1={meta['test_macro_f1']:.3f}  accuracy={meta['test_accuracy']:.3f}"
-            f"  calibration_error={meta['test_calibration_error']:.3f}  (baseline macro_f1={meta.get('baseline_macro_f1', float('nan')):.3f})"
+            f"{indent}{m.tag:<14} v{m.version}  macro_f1={m.test_macro_f1:.3f}  accuracy={m.test_accuracy:.3f}"
+            f"  calibration_error={m.test_calibration_error:.3f}  (baseline macro_f1={m.baseline_macro_f1:.3f})"
         )
-    for evaluation in result.get_asset_check_evaluations():
-        if evaluation.check_name == "promotion_gate":
-            print(f"{indent}gate {evaluation.asset_key.path[0]:<14} {evaluation.description}")
+    for gate in result.gates:
+        print(f"{indent}gate {gate.tag:<14} {gate.description}")
 
 
 # --- UIs ---------------------------------------------------------------------------------------
