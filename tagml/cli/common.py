@@ -105,17 +105,3 @@ def tracking_client(settings: Settings):
 
 def fmt(value: object, spec: str = ".4f") -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def present(value: object) -> bool:
-    """Not None/NA/NaN and, for containers, not empty."""
-    import pandas as pd
-
-    if value is None or value is pd.NA:
-        return False
-    if isinstance(value, float):
-        return not math.isnan(value)
-    try:
-        return len(value) > 0  # type: ignore[arg-type]
-    except TypeError:
-        return True

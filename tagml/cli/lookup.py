@@ -1,5 +1,6 @@
 """The tag store: `tagml tags` (one customer) and `tagml export` (one partition)."""
 
+import functools
 from contextlib import closing
 from datetime import date
 from enum import Enum
@@ -10,7 +11,7 @@ import typer
 
 from tagml.cli import common
 from tagml.cli.app import app
-from tagml.cli.common import load_settings, parse_date, present, print_json, records, tracking_client
+from tagml.cli.common import load_settings, parse_date, print_json, tracking_client
 from tagml.core.settings import Settings
 
 
@@ -23,39 +24,32 @@ class ExportFormat(str, Enum):
 
 
 def customer_tags(settings: Settings, customer_id: str, as_of: date | None, lineage: bool) -> dict[str, Any]:
-    """One customer's tags as plain data (printed as text or JSON)."""
+    """One customer's tags as plain data (printed as text or JSON); MLflow is opened only for a model tag's lineage."""
+    from scoring.lookup import customer_tags as lookup
     from scoring.store import TagStore
     from training.registry import lineage as model_lineage
 
-    store = TagStore(settings.warehouse_dir / "customer_tags")
+    @functools.cache
+    def client() -> Any:
+        return tracking_client(settings)
+
+    def version_lineage(tag: str, version: str) -> dict[str, Any]:
+        return model_lineage(client(), tag, version)
+
     with closing(common.connect(settings)) as con:
-        frame = store.customer_tags(con, customer_id, as_of)
-    client = None
-    tags = []
-    for record, row in zip(records(frame), frame.itertuples()):
-        entry = {k: record.get(k) for k in ("tag", "value", "probability", "source", "producer", "model_version", "observed_value", "inferred_value", "observed_mismatch")}
-        entry["probabilities"] = dict(row.probabilities) if present(row.probabilities) else None
-        entry["reasons"] = list(row.reasons) if present(row.reasons) else []
-        if present(row.model_version) and lineage:
-            client = client or tracking_client(settings)
-            entry["lineage"] = model_lineage(client, row.tag, row.model_version)
-        tags.append(entry)
-    return {
-        "customer_id": customer_id,
-        "as_of": f"{frame['as_of'].iloc[0]:%Y-%m-%d}",
-        "scored_at": f"{frame['scored_at'].iloc[0]:%Y-%m-%d %H:%M}",
-        "tags": tags,
-    }
+        return lookup(con, TagStore(settings.warehouse_dir / "customer_tags"), customer_id, as_of, version_lineage if lineage else None)
 
 
 def print_tags(result: dict[str, Any]) -> None:
+    from scoring.lookup import is_present
+
     print(f"customer {result['customer_id']}, tags as of {result['as_of']} (scored {result['scored_at']} UTC)")
     for row in result["tags"]:
         line = f"  {row['tag']:<16} {row['value']:<16}"
-        if present(row["probability"]):
+        if is_present(row["probability"]):
             line += f" p={row['probability']:.2f}"
         line += f"  [{row['source']}"
-        if present(row["observed_value"]) and row["observed_mismatch"] is True:
+        if is_present(row["observed_value"]) and row["observed_mismatch"] is True:
             line += f"; model says {row['inferred_value']}, observed {row['observed_value']}"
         line += f"]  by {row['producer']}"
         print(line)
