@@ -23,9 +23,6 @@ DemoScenario = Enum("DemoScenario", {name: name for name in [*sorted(DRIFT_SCENA
 DEFAULT_DEMO_SCENARIO = DemoScenario("market_shock")
 
 
-# --- demo --------------------------------------------------------------------------------------
-
-
 @app.command("demo")
 def demo(
     customers: Annotated[int, typer.Option(min=100, help="customers in the demo bank")] = DEMO_CUSTOMERS,

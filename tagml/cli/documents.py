@@ -7,8 +7,6 @@ import typer
 
 from tagml.cli.app import app
 
-# --- documents ---------------------------------------------------------------------------------
-
 
 def _emit(text: str, out: Path | None) -> None:
     if out:

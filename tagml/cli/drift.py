@@ -14,7 +14,6 @@ from tagml.cli.errors import CommandFailed, ExitCode
 from tagml.core.settings import Settings
 
 
-# --- drift -------------------------------------------------------------------------------------
 def print_drift(con: Any, settings: Settings, as_of: date | None, tag: str | None, details: bool, compact: bool) -> list[str]:
     """Print the drift summary of one partition (default: the newest) per model tag; returns the drifted tags."""
     from monitoring.history import DriftHistory

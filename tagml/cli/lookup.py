@@ -20,9 +20,6 @@ class ExportFormat(str, Enum):
     csv = "csv"
 
 
-# --- the tag store -----------------------------------------------------------------------------
-
-
 def customer_tags(settings: Settings, customer_id: str, as_of: date | None, lineage: bool) -> dict[str, Any]:
     """One customer's tags as plain data (printed as text or JSON); MLflow is opened only for a model tag's lineage."""
     from scoring.lookup import customer_tags as lookup

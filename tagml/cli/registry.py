@@ -8,8 +8,6 @@ import typer
 from tagml.cli.app import app
 from tagml.cli.common import console, current_user, load_settings, print_json, records, tag_spec, tracking_client
 
-# --- the catalog and the registry ---------------------------------------------------------------
-
 
 @app.command("catalog")
 def catalog_command(

@@ -10,8 +10,6 @@ import typer
 from tagml.cli.app import app
 from tagml.cli.common import load_settings
 
-# --- UIs ---------------------------------------------------------------------------------------
-
 
 @app.command("ui")
 def ui(
