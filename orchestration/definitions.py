@@ -18,7 +18,7 @@ from orchestration.resources import (
     MonitoringResource,
     WarehouseResource,
 )
-from orchestration.schedules import build_refresh_schedules, build_schedules
+from orchestration.schedules import build_schedules
 from orchestration.scoring_assets import build_customer_tags_asset
 from orchestration.sensors import build_reevaluation_sensor
 from orchestration.training_assets import build_all_training_assets
@@ -28,13 +28,10 @@ from training.catalog import load_catalog
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:
+    """Every asset, job, schedule, sensor and resource, from one Settings (read by the caller)."""
     partitions = as_of_partitions(settings)
     catalog = load_catalog(settings.catalog_path)
-    nightly = build_nightly_scoring_job(partitions)
-    jobs = build_jobs(partitions, catalog)
-    automation = build_schedules(settings)
     reevaluation = build_reevaluation_jobs(partitions, catalog)
-    automation += [*build_refresh_schedules(settings, catalog), build_reevaluation_sensor(settings, catalog, reevaluation)]
     return dg.Definitions(
         assets=[
             *RAW_ASSETS,
@@ -43,9 +40,9 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             build_customer_tags_asset(partitions, catalog),
             build_tag_drift_asset(partitions, catalog),
         ],
-        jobs=[*jobs, nightly, *reevaluation],
-        schedules=[a for a in automation if isinstance(a, dg.ScheduleDefinition)],
-        sensors=[a for a in automation if isinstance(a, dg.SensorDefinition)],
+        jobs=[*build_jobs(partitions, catalog), build_nightly_scoring_job(partitions), *reevaluation],
+        schedules=build_schedules(settings, catalog),
+        sensors=[build_reevaluation_sensor(settings, catalog, reevaluation)],
         resources={
             "warehouse": WarehouseResource.from_settings(settings),
             "mlflow_store": MlflowResource.from_settings(settings),

@@ -29,58 +29,44 @@ def reevaluation_run_config(tag: str, as_of: str) -> dict:
     return {"ops": {training_set_key(tag).to_python_identifier(): config, tag_model_key(tag).to_python_identifier(): config}}
 
 
+def _in_process_job(name: str, selection: dg.AssetSelection, description: str, partitions_def: dg.PartitionsDefinition | None = None):
+    # In-process: each step would otherwise start a process (~4 s of imports) for sub-second work.
+    return dg.define_asset_job(name, selection=selection, partitions_def=partitions_def, description=description, executor_def=dg.in_process_executor)
+
+
 def build_reevaluation_jobs(partitions_def: dg.PartitionsDefinition, catalog: Catalog) -> list:
     """Per model tag: retrain -> promotion gate -> re-score the partition (training assets are unpartitioned)."""
     return [
-        dg.define_asset_job(
+        _in_process_job(
             reevaluate_job_name(tag.name),
-            selection=dg.AssetSelection.assets(training_set_key(tag.name), tag_model_key(tag.name), "customer_tags"),
-            partitions_def=partitions_def,
-            description=f"Re-evaluate {tag.name} for one as_of: retrain on the labels known then, gate the challenger, re-score the partition.",
-            executor_def=dg.in_process_executor,
+            dg.AssetSelection.assets(training_set_key(tag.name), tag_model_key(tag.name), "customer_tags"),
+            f"Re-evaluate {tag.name} for one as_of: retrain on the labels known then, gate the challenger, re-score the partition.",
+            partitions_def,
         )
         for tag in catalog.model_tags
     ]
 
 
 def build_nightly_scoring_job(partitions_def: dg.PartitionsDefinition):
-    return dg.define_asset_job(
+    return _in_process_job(
         NIGHTLY_SCORING_JOB,
-        selection=dg.AssetSelection.groups(RAW_GROUP, FEATURES_GROUP, SCORING_GROUP, MONITORING_GROUP),
-        partitions_def=partitions_def,
-        description="Ingest raw data, build the as_of's features, score every customer's tags and measure each model tag's drift.",
-        executor_def=dg.in_process_executor,
+        dg.AssetSelection.groups(RAW_GROUP, FEATURES_GROUP, SCORING_GROUP, MONITORING_GROUP),
+        "Ingest raw data, build the as_of's features, score every customer's tags and measure each model tag's drift.",
+        partitions_def,
     )
 
 
 def build_jobs(partitions_def: dg.PartitionsDefinition, catalog: Catalog) -> list:
-    # In-process: each step would otherwise start a process (~4 s of imports) for sub-second work.
+    """Ingest, features and training jobs, and one training job per model tag."""
     return [
-        dg.define_asset_job(
-            RAW_INGEST_JOB,
-            selection=dg.AssetSelection.groups(RAW_GROUP),
-            description="Validate and stage every raw contract table.",
-            executor_def=dg.in_process_executor,
-        ),
-        dg.define_asset_job(
-            CUSTOMER_FEATURES_JOB,
-            selection=dg.AssetSelection.groups(FEATURES_GROUP),
-            partitions_def=partitions_def,
-            description="Build the customer feature snapshot for one as_of.",
-            executor_def=dg.in_process_executor,
-        ),
-        dg.define_asset_job(
-            TRAIN_ALL_JOB,
-            selection=dg.AssetSelection.groups(TRAINING_GROUP),
-            description="Build training sets, train, register and gate every model tag.",
-            executor_def=dg.in_process_executor,
-        ),
+        _in_process_job(RAW_INGEST_JOB, dg.AssetSelection.groups(RAW_GROUP), "Validate and stage every raw contract table."),
+        _in_process_job(CUSTOMER_FEATURES_JOB, dg.AssetSelection.groups(FEATURES_GROUP), "Build the customer feature snapshot for one as_of.", partitions_def),
+        _in_process_job(TRAIN_ALL_JOB, dg.AssetSelection.groups(TRAINING_GROUP), "Build training sets, train, register and gate every model tag."),
         *(
-            dg.define_asset_job(
+            _in_process_job(
                 train_tag_job_name(tag.name),
-                selection=dg.AssetSelection.assets(training_set_key(tag.name), tag_model_key(tag.name)),
-                description=f"Retrain {tag.name}: training set, Optuna + MLflow, promotion gate.",
-                executor_def=dg.in_process_executor,
+                dg.AssetSelection.assets(training_set_key(tag.name), tag_model_key(tag.name)),
+                f"Retrain {tag.name}: training set, Optuna + MLflow, promotion gate.",
             )
             for tag in catalog.model_tags
         ),

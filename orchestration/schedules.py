@@ -22,11 +22,18 @@ from tagml.core.settings import Settings
 from training.catalog import Catalog
 
 
-def build_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
-    zone = ZoneInfo(settings.timezone)
+def _yesterday(moment: datetime, zone: ZoneInfo) -> str:
+    """The as_of a run at `moment` works on: the day before, in the bank's timezone."""
+    return (moment.astimezone(zone).date() - timedelta(days=1)).isoformat()
 
-    def yesterday(moment: datetime) -> str:
-        return (moment.astimezone(zone).date() - timedelta(days=1)).isoformat()
+
+def build_schedules(settings: Settings, catalog: Catalog) -> list[dg.ScheduleDefinition]:
+    """The nightly scoring schedule and one refresh schedule per model tag of the catalog."""
+    return [_nightly_scoring_schedule(settings), *(_refresh_schedule(settings, tag.name, tag.refresh) for tag in catalog.model_tags)]
+
+
+def _nightly_scoring_schedule(settings: Settings) -> dg.ScheduleDefinition:
+    zone = ZoneInfo(settings.timezone)
 
     @dg.schedule(
         name="nightly_scoring_schedule",
@@ -36,10 +43,10 @@ def build_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
         description="Ingest raw data, build yesterday's features and score every customer's tags.",
     )
     def nightly_scoring_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-        as_of = yesterday(context.scheduled_execution_time)
+        as_of = _yesterday(context.scheduled_execution_time, zone)
         return dg.RunRequest(run_key=f"score-{as_of}", partition_key=as_of)
 
-    return [nightly_scoring_schedule]
+    return nightly_scoring_schedule
 
 
 # When each cadence of the catalog's `refresh` re-evaluates a tag (at settings.refresh_time).
@@ -50,26 +57,23 @@ def refresh_schedule_name(tag: str) -> str:
     return f"refresh_{tag}_schedule"
 
 
-def build_refresh_schedules(settings: Settings, catalog: Catalog) -> list[dg.ScheduleDefinition]:
-    """One schedule per model tag, from its refresh cadence: re-evaluate (retrain -> gate -> re-score) yesterday."""
+def _refresh_schedule(settings: Settings, tag: str, cadence: str) -> dg.ScheduleDefinition:
+    """Re-evaluate (retrain -> gate -> re-score) yesterday, at the tag's refresh cadence."""
     zone = ZoneInfo(settings.timezone)
     hour, minute = (int(part) for part in settings.refresh_time.split(":"))
 
-    def build(tag: str, cadence: str) -> dg.ScheduleDefinition:
-        @dg.schedule(
-            name=refresh_schedule_name(tag),
-            job_name=reevaluate_job_name(tag),
-            cron_schedule=f"{minute} {hour} {REFRESH_DAYS[cadence]}",
-            execution_timezone=settings.timezone,
-            description=f"{tag} refresh ({cadence}, from the catalog): retrain on the labels known yesterday, gate, re-score yesterday.",
+    @dg.schedule(
+        name=refresh_schedule_name(tag),
+        job_name=reevaluate_job_name(tag),
+        cron_schedule=f"{minute} {hour} {REFRESH_DAYS[cadence]}",
+        execution_timezone=settings.timezone,
+        description=f"{tag} refresh ({cadence}, from the catalog): retrain on the labels known yesterday, gate, re-score yesterday.",
+    )
+    def refresh(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        as_of = _yesterday(context.scheduled_execution_time, zone)
+        return dg.RunRequest(
+            run_key=f"refresh-{tag}-{as_of}", partition_key=as_of,
+            run_config=reevaluation_run_config(tag, as_of), tags={"tagml/trigger": "refresh", "tagml/tag": tag},
         )
-        def refresh(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-            as_of = (context.scheduled_execution_time.astimezone(zone).date() - timedelta(days=1)).isoformat()
-            return dg.RunRequest(
-                run_key=f"refresh-{tag}-{as_of}", partition_key=as_of,
-                run_config=reevaluation_run_config(tag, as_of), tags={"tagml/trigger": "refresh", "tagml/tag": tag},
-            )
 
-        return refresh
-
-    return [build(tag.name, tag.refresh) for tag in catalog.model_tags]
+    return refresh

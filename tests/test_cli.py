@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tagml.cli import EXIT_CODES, ExitCode, main
+from tagml.cli import main
+from tagml.cli.errors import EXIT_CODES, ExitCode
 from tagml.core.settings import Settings
 from training.catalog import load_catalog
 from training.tracking import connect_tracking
@@ -230,3 +231,42 @@ def test_a_read_only_home_is_named_not_a_sqlite_error(tmp_path):
         for path in [base, *base.rglob("*")]:
             path.chmod(0o755)
         shutil.rmtree(base)
+
+
+def test_the_console_script_is_the_cli_main():
+    import tomllib
+
+    import tagml.cli
+
+    scripts = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts["tagml"].partition(":")
+    assert getattr(importlib.import_module(module), function) is tagml.cli.main
+
+
+def _tagml_imports(path: Path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
+    # `from tagml import cli` names the CLI as well
+    names |= {f"tagml.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "tagml" for a in n.names}
+    return names
+
+
+def test_nothing_below_the_cli_imports_it():
+    root = Path(__file__).resolve().parent.parent
+    below = [p for top in ("features", "training", "scoring", "monitoring", "orchestration", "tagml") for p in (root / top).rglob("*.py")]
+    below = [p for p in below if not p.is_relative_to(root / "tagml" / "cli")]
+    assert len(below) > 20
+    importers = [str(p.relative_to(root)) for p in below if any(n == "tagml.cli" or n.startswith("tagml.cli.") for n in _tagml_imports(p))]
+    assert importers == []
+
+
+def test_importing_tagml_is_light():
+    """`tagml` is the namespace every package will live under: importing it must not pull in the CLI or a framework."""
+    code = "import sys, tagml, tagml.core; print(' '.join(sorted(sys.modules)))"
+    modules = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=_env(Path("/nonexistent"))).stdout.split())
+    loaded = {m.split(".")[0] for m in modules}
+    assert "tagml.core" in modules and not any(m.startswith("tagml.cli") for m in modules)
+    assert not loaded & {"typer", "click", "rich", "dagster", "mlflow", "pandas", "duckdb", "evidently", "xgboost", "optuna", "pyarrow"}

@@ -104,3 +104,11 @@ def test_drift_monitoring_is_generated_from_the_catalog(tmp_path):
     [request] = loaded.resolve_schedule_def("refresh_risk_appetite_schedule").evaluate_tick(context).run_requests
     assert (request.run_key, request.partition_key) == ("refresh-risk_appetite-2026-11-29", "2026-11-29")
     assert request.run_config == reevaluation_run_config("risk_appetite", "2026-11-29")
+
+
+def test_every_job_runs_in_process(tmp_path):
+    # a step per process costs ~4 s of imports for sub-second work: no job may fall back to the multiprocess default
+    loaded = build_definitions(Settings.from_env({"TAGML_HOME": str(tmp_path)}))
+    jobs = [job for job in loaded.get_repository_def().get_all_jobs() if not job.name.startswith("__")]
+    assert len(jobs) >= 6
+    assert {job.name: job.executor_def.name for job in jobs} == {job.name: dg.in_process_executor.name for job in jobs}

@@ -32,7 +32,8 @@ from orchestration.jobs import (
 )
 from orchestration.training_assets import tag_model_key
 from scoring.store import TagStore
-from tagml.cli import ExitCode, main
+from tagml.cli import main
+from tagml.cli.errors import ExitCode
 from tagml.core.settings import Settings
 from training.catalog import load_catalog
 
@@ -180,17 +181,17 @@ def test_a_moved_home_works_where_it_is_now_and_writes_nothing_where_it_was(home
 
 
 def test_lookups_on_the_moved_home_close_their_connections_and_name_what_is_missing(homes, capsys, monkeypatch, tmp_path):
-    from tagml import cli
+    from tagml.cli import common as cli
 
     opened: list[duckdb.DuckDBPyConnection] = []
-    real = cli._connect
+    real = cli.connect
 
     def recording(settings):
         con = real(settings)
         opened.append(con)
         return con
 
-    monkeypatch.setattr(cli, "_connect", recording)
+    monkeypatch.setattr(cli, "connect", recording)
     settings = Settings.from_env()
     customer = _customer(settings, FIRST)
     assert _cli(capsys, "tags", customer, "--no-lineage")[0] == 0
