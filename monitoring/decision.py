@@ -97,6 +97,17 @@ def decide(measures: DriftMeasures, spec: DriftSpec) -> DriftDecision:
     )
 
 
+def describe_rules(spec: DriftSpec, metric: str) -> str:
+    """`decide`'s rules for one tag in a line: what keeps it out of drift (the tag_drift asset check's description)."""
+    rules = [f"drifted features <= {spec.drifted_feature_share:.0%} (PSI > {spec.feature_psi})"]
+    if spec.critical_features:
+        rules.append(f"no critical feature drifted ({', '.join(spec.critical_features)})")
+    rules.append(f"class PSI <= {spec.prediction_psi}")
+    if spec.label_delay_days:  # realised performance is measured only for delayed labels (monitoring/performance.py)
+        rules.append(f"realised {metric} drop <= {spec.performance_drop}")
+    return ", ".join(rules)
+
+
 def _shares(measures: DriftMeasures, column: str) -> str:
     """'c1 40.0%, c2 60.0%' in the tag's class order, then `unknown` (inference's abstention) if present."""
     rows = measures.class_shares.set_index("class")[column]

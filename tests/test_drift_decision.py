@@ -5,7 +5,7 @@ from datetime import date
 import pandas as pd
 import pytest
 
-from monitoring.decision import MIN_SLICE_ROWS, DriftMeasures, decide, feature_drifted
+from monitoring.decision import MIN_SLICE_ROWS, DriftMeasures, decide, describe_rules, feature_drifted
 from monitoring.performance import RealisedPerformance
 from monitoring.psi import MISSING
 from training.catalog import DriftSpec
@@ -117,3 +117,27 @@ def test_every_rule_at_once_gives_every_reason_in_order():
     spec = SPEC.model_copy(update={"critical_features": ("f0",)})
     decision = decide(_measures(_ten(4), prediction_psi=0.5, performance=perf), spec)
     assert decision.drifted and [r.split(" ")[0] for r in decision.reasons] == ["4/10", "critical", "class", "realised"]
+
+
+def test_the_rules_described_are_the_rules_decided():
+    assert describe_rules(SPEC, "log_loss") == "drifted features <= 30% (PSI > 0.2), class PSI <= 0.2"
+    delayed = SPEC.model_copy(update={"label_delay_days": 90, "critical_features": ("f0", "f1")})
+    assert describe_rules(delayed, "roc_auc") == (
+        "drifted features <= 30% (PSI > 0.2), no critical feature drifted (f0, f1), class PSI <= 0.2, realised roc_auc drop <= 0.05"
+    )
+
+
+def test_the_drift_check_of_a_tag_with_critical_features_names_them():
+    # the check's description once listed the share and class rules only, while one critical feature alone drifts the tag
+    import dagster as dg
+
+    from orchestration.monitoring_assets import build_tag_drift_asset, drift_check_name
+    from training.catalog import load_catalog
+
+    catalog = load_catalog()
+    asset = build_tag_drift_asset(dg.DailyPartitionsDefinition(start_date="2026-01-01"), catalog)
+    descriptions = {spec.name: spec.description for spec in asset.check_specs}
+    risk = catalog.get("risk_appetite")
+    assert risk.drift.critical_features
+    assert descriptions[drift_check_name("risk_appetite")] == f"risk_appetite: {describe_rules(risk.drift, risk.promotion.metric)}"
+    assert all(f in descriptions[drift_check_name("risk_appetite")] for f in risk.drift.critical_features)
