@@ -7,7 +7,7 @@ For each model tag, against the reference of the version that scored the partiti
   (monitoring/psi.py), overall and per slice (value tier by the catalog's rule, region). A feature
   is drifted when its PSI exceeds the tag's `drift.feature_psi` (default 0.2, the upper end of the
   conventional 0.1-0.25 "moderate shift" band); the tag is feature-drifted when the share of
-  drifted features exceeds `drift.drifted_feature_share`.
+  drifted features exceeds `drift.drifted_feature_share` or a critical feature drifted.
 * **prediction drift**: PSI of the inferred class distribution in the tag store (`inferred_value`,
   not the observed override) against the same version's predictions on the reference population.
   Comparing predictions with predictions (rather than with the training labels' distribution)
@@ -16,8 +16,12 @@ For each model tag, against the reference of the version that scored the partiti
   the PSI of the probability histogram.
 * **realised performance** for tags with delayed labels (monitoring/performance.py).
 
-The numbers go to the drift history (monitoring/history.py) and an Evidently report on a fixed
-sample is saved per tag and partition (monitoring/report.py).
+Per tag: **measure** (monitoring/measures.py: the numbers above, nothing decided) -> **decide**
+(monitoring/decision.py: a pure function of those numbers and the tag's catalog `drift:` spec; the
+place to change a drift rule) -> **record** (here: the summary row and the per-feature and
+per-class tables go to the drift history, monitoring/history.py, and an Evidently report on a fixed
+sample is saved per tag and partition, monitoring/report.py). Locations come from the caller
+(`DriftLocations`, built by orchestration's resources).
 """
 
 import time
