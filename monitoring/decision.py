@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from monitoring.performance import RealisedPerformance
-from training.catalog import DriftSpec
+from training.catalog import UNKNOWN, DriftSpec
 
 MIN_SLICE_ROWS = 100  # a slice smaller than this on either side is reported but never flagged
 REPORTED_FEATURES = 5  # drifted features named in the share reason, largest PSI first
@@ -111,4 +111,4 @@ def describe_rules(spec: DriftSpec, metric: str) -> str:
 def _shares(measures: DriftMeasures, column: str) -> str:
     """'c1 40.0%, c2 60.0%' in the tag's class order, then `unknown` (inference's abstention) if present."""
     rows = measures.class_shares.set_index("class")[column]
-    return ", ".join(f"{c} {rows.get(c, 0.0):.1%}" for c in [*measures.classes, "unknown"] if c in rows.index)
+    return ", ".join(f"{c} {rows.get(c, 0.0):.1%}" for c in [*measures.classes, UNKNOWN] if c in rows.index)
