@@ -195,7 +195,7 @@ def compute_tag_drift(
 def summary_row(inputs: TagInputs, measures: TagMeasures, decision: DriftDecision) -> dict[str, Any]:
     """The drift history's summary row of one tag: the decision, the numbers it was taken on and its thresholds."""
     mm, rules, perf = inputs.model, inputs.tag.drift, measures.performance
-    overall, predictions = measures.overall_features, measures.overall_predictions
+    overall = measures.overall_features
     worst = measures.worst_slice()
     return {
         "as_of": inputs.as_of,
@@ -214,10 +214,10 @@ def summary_row(inputs: TagInputs, measures: TagMeasures, decision: DriftDecisio
         "drifted_feature_share_threshold": rules.drifted_feature_share,
         "critical_features_drifted": decision.critical_features_drifted,
         "feature_drift": decision.feature_drift,
-        "prediction_psi": float(predictions["slice_psi"].iloc[0]),
+        "prediction_psi": measures.prediction_psi,
         "prediction_psi_threshold": rules.prediction_psi,
         "prediction_drift": decision.prediction_drift,
-        "probability_psi": float(predictions["probability_psi"].max()),
+        "probability_psi": float(measures.overall_predictions["probability_psi"].max()),
         "max_slice_prediction_psi": float(worst["slice_psi"]) if worst is not None else None,
         "max_slice": f"{worst['slice_column']}={worst['slice']}" if worst is not None else None,
         "performance_status": perf.status,

@@ -49,12 +49,16 @@ class TagMeasures:
     def overall_predictions(self) -> pd.DataFrame:
         return self.predictions[self.predictions["slice_column"] == ALL]
 
+    @property
+    def prediction_psi(self) -> float:
+        """The class PSI of the whole population (every overall row carries it)."""
+        return float(self.overall_predictions["slice_psi"].iloc[0])
+
     def for_decision(self) -> DriftMeasures:
-        overall = self.overall_predictions
         return DriftMeasures(
             features=self.overall_features[["feature", "psi", "reference_rows", "current_rows"]],
-            prediction_psi=float(overall["slice_psi"].iloc[0]),
-            class_shares=overall[["class", "reference_share", "current_share"]],
+            prediction_psi=self.prediction_psi,
+            class_shares=self.overall_predictions[["class", "reference_share", "current_share"]],
             classes=self.classes,
             performance=self.performance,
         )
