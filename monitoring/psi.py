@@ -130,12 +130,17 @@ def _bin_expression(name: str, kind: str, bins: Mapping[str, Bins]) -> str:
     return f"CASE WHEN {column} IS NULL OR isnan({value}) THEN -1 {mass}{whens} ELSE {len(spec.edges)} END"
 
 
+def slice_value_sql(expr: str) -> str:
+    """A slice expression's value as text, with a missing value in a bin of its own (the same on both sides)."""
+    return f"coalesce(({expr})::VARCHAR, {sql_literal(MISSING)})"
+
+
 def slice_values(con: duckdb.DuckDBPyConnection, paths: Sequence[Path | str], slices: Mapping[str, str]) -> dict[str, list[str]]:
     """The distinct values of each slice expression over all `paths` (a cheap pass over a few columns)."""
     values: dict[str, set[str]] = {name: set() for name in slices}
     for path in paths:
         for name, expr in slices.items():
-            rows = con.execute(f"SELECT DISTINCT coalesce(({expr})::VARCHAR, {sql_literal(MISSING)}) FROM {parquet(path)}").fetchall()
+            rows = con.execute(f"SELECT DISTINCT {slice_value_sql(expr)} FROM {parquet(path)}").fetchall()
             values[name].update(r[0] for r in rows)
     return {name: sorted(v) for name, v in values.items()}
 
@@ -159,7 +164,7 @@ def bin_counts(
     code, params, multiplier = [], [], 1
     for name, expr in slices.items():
         known = values[name]
-        position = f"coalesce(list_position(?::VARCHAR[], coalesce(({expr})::VARCHAR, {sql_literal(MISSING)})), 0)"
+        position = f"coalesce(list_position(?::VARCHAR[], {slice_value_sql(expr)}), 0)"
         code.append(f"{position} * {multiplier}")
         params.append(list(known))
         multiplier *= len(known) + 1
@@ -177,12 +182,16 @@ def bin_counts(
         for feature, histogram in zip(features, maps):
             for bin_value, n in (histogram or {}).items():
                 records.append((*keys, feature, MISSING if bin_value == -1 else ("mass" if bin_value == MASS_BIN else str(bin_value)), n))
-    finest = pd.DataFrame(records, columns=[*slices, "feature", "bin", "n"])
-    parts = [finest.groupby(["feature", "bin"], as_index=False)["n"].sum().assign(slice_column=ALL, slice=ALL)]
+    return rollup(pd.DataFrame(records, columns=[*slices, "feature", "bin", "n"]), list(slices), ["feature", "bin"])
+
+
+def rollup(finest: pd.DataFrame, slices: Sequence[str], keys: Sequence[str]) -> pd.DataFrame:
+    """Counts per (slice_column, slice, *keys) from counts per (each slice..., *keys, n): overall, then each slice on its own."""
+    parts = [finest.groupby(list(keys), as_index=False)["n"].sum().assign(slice_column=ALL, slice=ALL)]
     for name in slices:
-        part = finest.groupby([name, "feature", "bin"], as_index=False)["n"].sum().rename(columns={name: "slice"})
+        part = finest.groupby([name, *keys], as_index=False)["n"].sum().rename(columns={name: "slice"})
         parts.append(part.assign(slice_column=name))
-    return pd.concat(parts, ignore_index=True)[["slice_column", "slice", "feature", "bin", "n"]]
+    return pd.concat(parts, ignore_index=True)[["slice_column", "slice", *keys, "n"]]
 
 
 def psi_from_counts(reference: pd.DataFrame, current: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:

@@ -124,8 +124,13 @@ def plan_reevaluations(events: Iterable[DriftEvent], cursor: Cursor, cooldown_da
     return Plan(requests, skipped, Cursor(seen_through=seen, last_requested=last))
 
 
+def drift_verdict(drifted: bool, reasons: Iterable[str]) -> dict[str, Any]:
+    """One tag's verdict as a stored drift result carries it (JSON): what `events_from_result` reads back."""
+    return {"drifted": bool(drifted), "reasons": [str(r) for r in reasons]}
+
+
 def events_from_result(position: int, as_of: date, by_tag: Mapping[str, Mapping[str, Any]]) -> list[DriftEvent]:
-    """DriftEvents of one stored drift result: per tag `{"drifted": bool, "reasons": [...]}`."""
+    """DriftEvents of one stored drift result: per tag a `drift_verdict`."""
     return [
         DriftEvent(tag, as_of, bool(result["drifted"]), tuple(str(r) for r in result.get("reasons") or ()), position)
         for tag, result in sorted(by_tag.items())

@@ -29,6 +29,12 @@ import pandas as pd
 
 from tagml.core.storage import locked_temporary
 
+# what the header shows of tagml's decision: keys of the drift summary row (its full-population numbers)
+VERDICT_KEYS = (
+    "drifted", "reasons", "current_rows", "reference_rows", "drifted_feature_share", "feature_psi_threshold",
+    "drifted_feature_share_threshold", "prediction_psi", "prediction_psi_threshold", "performance_status",
+)
+
 
 @dataclass(frozen=True)
 class ReportSummary:

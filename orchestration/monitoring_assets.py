@@ -9,7 +9,9 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from monitoring.decision import describe_rules
 from monitoring.drift import DriftRun, compute_drift
+from monitoring.reevaluation import drift_verdict
 from monitoring.reference import DriftInputError
 from orchestration.resources import (
     MlflowResource,
@@ -60,9 +62,7 @@ def build_tag_drift_asset(partitions_def: dg.PartitionsDefinition, catalog: Cata
             drift_check_name(tag.name),
             asset="tag_drift",
             blocking=False,  # a drifted tag is news for its owner, not a reason to stop anything downstream
-            description=f"{tag.name}: drifted features <= {tag.drift.drifted_feature_share:.0%} (PSI > {tag.drift.feature_psi}), "
-            f"class PSI <= {tag.drift.prediction_psi}"
-            + (f", realised {tag.promotion.metric} drop <= {tag.drift.performance_drop}" if tag.drift.label_delay_days else ""),
+            description=f"{tag.name}: {describe_rules(tag.drift, tag.promotion.metric)}",
         )
         for tag in catalog.model_tags
     ]
@@ -98,7 +98,7 @@ def build_tag_drift_asset(partitions_def: dg.PartitionsDefinition, catalog: Cata
             "drifted_tags": dg.MetadataValue.json([r.tag for r in run.results if r.drifted]),
             "summary": dg.MetadataValue.md(_summary_markdown(run)),
             "history": dg.MetadataValue.path(str(run.paths["drift_summary"])),
-            DRIFT_BY_TAG: dg.MetadataValue.json({r.tag: {"drifted": r.drifted, "reasons": r.reasons} for r in run.results}),
+            DRIFT_BY_TAG: dg.MetadataValue.json({r.tag: drift_verdict(r.drifted, r.reasons) for r in run.results}),
         }
         for result in run.results:
             if result.summary.get("report_path"):
@@ -118,11 +118,11 @@ def _stored_summaries(warehouse: WarehouseResource, monitoring: MonitoringResour
     """Summary rows already in the history for tags this run did not recompute (config.tags)."""
     if not tags:
         return {}
-    from monitoring.history import DriftHistory, DriftHistoryError
+    from monitoring.history import DriftHistoryError
 
     with closing(warehouse.connect()) as con:
         try:
-            frame = DriftHistory(Path(monitoring.drift_dir)).summary(con, as_of)
+            frame = monitoring.locations(warehouse).history.summary(con, as_of)
         except DriftHistoryError:
             return {}
     return {row["tag"]: row for row in frame.to_dict("records") if row["tag"] in tags}

@@ -13,7 +13,7 @@ import yaml
 from monitoring.history import SUMMARY, DriftHistory, DriftHistoryError
 from monitoring.performance import realised_performance
 from monitoring.psi import ALL, MISSING, distribution_psi, feature_psi
-from monitoring.reevaluation import Cursor, DriftEvent, plan_reevaluations, run_key
+from monitoring.reevaluation import Cursor, DriftEvent, drift_verdict, events_from_result, plan_reevaluations, run_key
 from scoring.score import TAG_ROW_SCHEMA
 from scoring.store import TagStore
 from training.catalog import CatalogError, load_catalog
@@ -113,6 +113,14 @@ def test_distribution_psi():
 
 def _event(tag: str, day: str, drifted: bool = True, minute: int = 0) -> DriftEvent:
     return DriftEvent(tag, date.fromisoformat(day), drifted, ("why",), 100 + minute)
+
+
+def test_a_stored_verdict_reads_back_as_the_event_the_planner_decides_on():
+    import json
+
+    stored = json.loads(json.dumps({"risk": drift_verdict(True, ["class PSI 0.3 > 0.2"]), "life": drift_verdict(False, [])}))  # as Dagster's metadata
+    events = events_from_result(7, date(2026, 10, 31), stored)
+    assert events == [DriftEvent("life", date(2026, 10, 31), False, (), 7), DriftEvent("risk", date(2026, 10, 31), True, ("class PSI 0.3 > 0.2",), 7)]
 
 
 def test_one_drift_event_one_request_and_a_second_evaluation_requests_nothing():

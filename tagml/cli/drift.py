@@ -52,7 +52,7 @@ def print_drift(con: Any, settings: Settings, as_of: date | None, tag: str | Non
 
 
 def _print_drift_details(con: Any, history: Any, as_of: date, tag: str) -> None:
-    from monitoring.drift import MIN_SLICE_ROWS
+    from monitoring.decision import MIN_SLICE_ROWS
 
     predictions = history.predictions(con, as_of, tag)
     overall = predictions[predictions["slice_column"] == "(all)"]
