@@ -50,7 +50,7 @@ from scoring.rules import rule_case_sql, rule_columns
 from scoring.store import TagStore
 from tagml.core.files import CorruptFileError, check_parquet
 from tagml.core.settings import Settings
-from tagml.core.storage import features_path, quote, sql_literal, staged_dir_of
+from tagml.core.storage import WarehouseLayout, quote, sql_literal
 from training.catalog import Catalog, TagSpec
 
 # what the report's header shows of tagml's decision (the summary row's full-population numbers)
@@ -73,11 +73,11 @@ class DriftLocations:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "DriftLocations":
-        return cls(settings.warehouse_dir, settings.warehouse_dir / "customer_tags", settings.drift_dir, settings.reports_dir)
+        return cls(settings.warehouse_dir, WarehouseLayout(settings.warehouse_dir).customer_tags.root, settings.drift_dir, settings.reports_dir)
 
     @property
     def staged_dir(self) -> Path:
-        return staged_dir_of(self.warehouse_dir)
+        return WarehouseLayout(self.warehouse_dir).staged_dir
 
     @property
     def reference_dir(self) -> Path:
@@ -88,7 +88,7 @@ class DriftLocations:
         return DriftHistory(self.drift_dir)
 
     def features_path(self, as_of: date) -> Path:
-        return features_path(self.warehouse_dir, as_of)
+        return WarehouseLayout(self.warehouse_dir).customer_features.path(as_of)
 
     def report_path(self, tag: str, as_of: date) -> Path:
         return self.reports_dir / tag / f"{as_of.isoformat()}.html"

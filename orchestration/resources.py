@@ -10,7 +10,7 @@ from pydantic import Field
 
 from monitoring.drift import DriftLocations
 from tagml.core.settings import DEFAULT_TIMEZONE, Settings
-from tagml.core.storage import connect, features_path, publish_views, staged_dir_of
+from tagml.core.storage import WarehouseLayout, connect, publish_views
 from training.tracking import DEFAULT_UI_URL, connect_tracking
 
 
@@ -46,19 +46,23 @@ class WarehouseResource(dg.ConfigurableResource):
         return Path(self.raw_dir)
 
     @property
+    def layout(self) -> WarehouseLayout:
+        return WarehouseLayout(Path(self.warehouse_dir))
+
+    @property
     def staged_dir(self) -> Path:
-        return staged_dir_of(Path(self.warehouse_dir))
+        return self.layout.staged_dir
 
     def features_path(self, as_of: date) -> Path:
-        return features_path(Path(self.warehouse_dir), as_of)
+        return self.layout.customer_features.path(as_of)
 
     @property
     def tag_store_dir(self) -> Path:
-        return Path(self.warehouse_dir) / "customer_tags"
+        return self.layout.customer_tags.root
 
     @property
     def training_sets_dir(self) -> Path:
-        return Path(self.warehouse_dir) / "training_sets"
+        return self.layout.training_sets_dir
 
 
 class MlflowResource(dg.ConfigurableResource):

@@ -13,9 +13,7 @@ import duckdb
 import pandas as pd
 
 from tagml.core.files import CorruptFileError, check_parquet
-from tagml.core.storage import glob_literal, locked_temporary, quote, sql_literal, write_parquet_atomically
-
-PARTITION_FILE = "data.parquet"
+from tagml.core.storage import PartitionedTable, locked_temporary, quote, sql_literal, write_parquet_atomically
 
 # A CSV cell starting with one of these is a formula to Excel/LibreOffice/Sheets (CSV injection);
 # OWASP's advice is to prefix such cells with a single quote, which spreadsheets show as text.
@@ -30,19 +28,19 @@ class TagStore:
     def __init__(self, root: Path, protected: Iterable[Path] = ()):
         """`protected`: directories exports must never write into (the warehouse); the store itself always is."""
         self.root = Path(root)
+        self.table = PartitionedTable(self.root)
         self.protected = (self.root, *(Path(p) for p in protected))
 
     def partition_path(self, as_of: date) -> Path:
-        return self.root / f"as_of={as_of.isoformat()}" / PARTITION_FILE
+        return self.table.path(as_of)
 
     def partitions(self) -> list[date]:
-        found = [p.parent.name.removeprefix("as_of=") for p in self.root.glob(f"as_of=*/{PARTITION_FILE}")]
-        return sorted(date.fromisoformat(d) for d in found)
+        return self.table.partitions()
 
     def _all(self) -> str:
         if not self.partitions():
             raise TagStoreError(f"the tag store at {self.root} has no partitions yet; run the scoring job first")
-        return f"read_parquet({glob_literal(self.root, 'as_of=*/' + PARTITION_FILE)}, hive_partitioning = false)"
+        return self.table.read_all_sql()
 
     def _partition(self, as_of: date) -> str:
         path = self.partition_path(as_of)
@@ -52,7 +50,7 @@ class TagStore:
             check_parquet(path, f"re-run the scoring job (customer_tags) for the partition {as_of.isoformat()}")
         except CorruptFileError as err:
             raise TagStoreError(str(err)) from err
-        return f"read_parquet({sql_literal(path)})"
+        return self.table.read_sql(as_of)
 
     def latest_on_or_before(self, as_of: date | None) -> date:
         candidates = [d for d in self.partitions() if as_of is None or d <= as_of]

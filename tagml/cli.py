@@ -401,9 +401,9 @@ def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> b
 
     import pyarrow.parquet as pq
 
-    from tagml.core.storage import features_path
+    from tagml.core.storage import WarehouseLayout
 
-    path = features_path(settings.warehouse_dir, train_as_of)
+    path = WarehouseLayout(settings.warehouse_dir).customer_features.path(train_as_of)
     meta = pq.read_metadata(path)
     print()
     print(f"customer_features[{train_as_of}]: {meta.num_rows:,} customers x {meta.num_columns - 2} features -> {path}")
@@ -417,7 +417,7 @@ def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> b
     if scored[as_of].success:
         from scoring.store import TagStore
 
-        store = TagStore(settings.warehouse_dir / "customer_tags")
+        store = TagStore(WarehouseLayout(settings.warehouse_dir).customer_tags.root)
         with closing(_connect(settings)) as con:
             for day in (train_as_of, as_of):
                 print(f"\ncustomer_tags[{day}] -> {store.partition_path(day)}")
@@ -623,9 +623,10 @@ def _present(value: object) -> bool:
 def _customer_tags(settings: Settings, customer_id: str, as_of: date | None, lineage: bool) -> dict[str, Any]:
     """One customer's tags as plain data (printed as text or JSON)."""
     from scoring.store import TagStore
+    from tagml.core.storage import WarehouseLayout
     from training.registry import lineage as model_lineage
 
-    store = TagStore(settings.warehouse_dir / "customer_tags")
+    store = TagStore(WarehouseLayout(settings.warehouse_dir).customer_tags.root)
     with closing(_connect(settings)) as con:
         frame = store.customer_tags(con, customer_id, as_of)
     client = None
@@ -693,11 +694,12 @@ def export_command(
 ) -> None:
     """Write one tag partition for downstream systems (CRM, marketing)."""
     from scoring.store import TagStore
+    from tagml.core.storage import WarehouseLayout
 
     day = _date(as_of)
     settings = _settings(require_home=True)
     # an export inside the warehouse would be read back as data (a fake tag partition): refused by name
-    store = TagStore(settings.warehouse_dir / "customer_tags", protected=[settings.warehouse_dir])
+    store = TagStore(WarehouseLayout(settings.warehouse_dir).customer_tags.root, protected=[settings.warehouse_dir])
     partition = store.latest_on_or_before(day)
     with closing(_connect(settings)) as con:
         rows = store.export(con, partition, format.value, out)

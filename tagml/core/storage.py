@@ -1,4 +1,4 @@
-"""The embedded warehouse: DuckDB connections over Parquet files, and atomic Parquet writes."""
+"""The embedded warehouse: DuckDB connections over Parquet files, atomic writes, and where each table lives."""
 
 import fcntl
 import glob
@@ -7,14 +7,17 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import duckdb
 
 PARQUET_OPTIONS = "FORMAT PARQUET, COMPRESSION ZSTD, ROW_GROUP_SIZE 122880"
-# DuckDB's own units (1000^i and 1024^i); anything else is refused before a connection is opened
-MEMORY_LIMIT = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+# DuckDB's own units (1000^i and 1024^i), in any case as DuckDB reads them ('4gib' is 4 GiB); anything
+# else is refused before a connection is opened. Settings validate TAGML_DUCKDB_MEMORY_LIMIT with it too.
+MEMORY_LIMIT = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
+PARTITION_FILE = "data.parquet"
 
 
 class WarehouseConfigError(ValueError):
@@ -79,18 +82,65 @@ def glob_literal(directory: Path | str, pattern: str) -> str:
     return sql_literal(glob.escape(directory.rstrip("/")) + "/" + pattern)
 
 
-def staged_dir_of(warehouse_dir: Path) -> Path:
-    """Where validated raw tables (PII removed) live inside the warehouse."""
-    return Path(warehouse_dir) / "raw"
-
-
 def staged_path(staged_dir: Path, table: str) -> Path:
+    """The validated (PII removed) raw table `table` in the staged directory."""
     return staged_dir / f"{table}.parquet"
 
 
-def features_path(warehouse_dir: Path, as_of: date) -> Path:
-    """The customer_features snapshot for one as_of (hive-style partition directory)."""
-    return Path(warehouse_dir) / "customer_features" / f"as_of={as_of.isoformat()}" / "data.parquet"
+@dataclass(frozen=True)
+class PartitionedTable:
+    """A table stored as one Parquet file per as_of: `<root>/as_of=YYYY-MM-DD/data.parquet` (hive-style directories).
+
+    Readers never use hive partitioning: every file carries its own `as_of` column.
+    """
+
+    root: Path
+
+    def directory(self, as_of: date) -> Path:
+        return Path(self.root) / f"as_of={as_of.isoformat()}"
+
+    def path(self, as_of: date) -> Path:
+        return self.directory(as_of) / PARTITION_FILE
+
+    def files(self) -> list[Path]:
+        return sorted(Path(self.root).glob(f"as_of=*/{PARTITION_FILE}"))
+
+    def partitions(self) -> list[date]:
+        """The as_of dates that have a partition file, oldest first."""
+        return sorted(date.fromisoformat(p.parent.name.removeprefix("as_of=")) for p in self.files())
+
+    def read_all_sql(self, union_by_name: bool = False) -> str:
+        """A `read_parquet(...)` over every partition (union_by_name: partitions written with fewer columns)."""
+        options = ", union_by_name = true" if union_by_name else ""
+        return f"read_parquet({glob_literal(self.root, 'as_of=*/' + PARTITION_FILE)}{options}, hive_partitioning = false)"
+
+    def read_sql(self, as_of: date) -> str:
+        """A `read_parquet(...)` of one partition's file."""
+        return f"read_parquet({sql_literal(self.path(as_of))})"
+
+
+@dataclass(frozen=True)
+class WarehouseLayout:
+    """Where each table of the embedded warehouse lives under its directory (TAGML_WAREHOUSE_DIR)."""
+
+    root: Path
+
+    @property
+    def staged_dir(self) -> Path:
+        """Validated raw tables (PII removed), one Parquet file per contract table."""
+        return Path(self.root) / "raw"
+
+    @property
+    def customer_features(self) -> PartitionedTable:
+        return PartitionedTable(Path(self.root) / "customer_features")
+
+    @property
+    def customer_tags(self) -> PartitionedTable:
+        return PartitionedTable(Path(self.root) / "customer_tags")
+
+    @property
+    def training_sets_dir(self) -> Path:
+        return Path(self.root) / "training_sets"
 
 
 def _temporaries(target: Path) -> list[Path]:
@@ -206,19 +256,19 @@ def publish_views(duckdb_path: Path, warehouse_dir: Path) -> list[str]:
 
     Views are a convenience: if another process holds the file, they are left as they were.
     """
-    warehouse_dir = Path(warehouse_dir)
-    views: list[tuple[str, str]] = [(f"raw_{p.stem}", sql_literal(p)) for p in sorted(staged_dir_of(warehouse_dir).glob("*.parquet"))]
-    for name in ("customer_features", "customer_tags"):
-        if any((warehouse_dir / name).glob("as_of=*/data.parquet")):
-            views.append((name if name == "customer_features" else "customer_tags_history", glob_literal(warehouse_dir / name, "as_of=*/data.parquet")))
+    layout = WarehouseLayout(Path(warehouse_dir))
+    views: list[tuple[str, str]] = [(f"raw_{p.stem}", f"read_parquet({sql_literal(p)}, hive_partitioning = false)") for p in sorted(layout.staged_dir.glob("*.parquet"))]
+    for name, table in (("customer_features", layout.customer_features), ("customer_tags_history", layout.customer_tags)):
+        if table.files():
+            views.append((name, table.read_all_sql()))
     duckdb_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         con = duckdb.connect(str(duckdb_path))
     except duckdb.IOException:
         return []
     try:
-        for name, path in views:
-            con.execute(f"CREATE OR REPLACE VIEW {quote(name)} AS SELECT * FROM read_parquet({path}, hive_partitioning = false)")
+        for name, source in views:
+            con.execute(f"CREATE OR REPLACE VIEW {quote(name)} AS SELECT * FROM {source}")
         if any(n == "customer_tags_history" for n, _ in views):
             con.execute(
                 "CREATE OR REPLACE VIEW customer_tags_current AS SELECT * FROM customer_tags_history "
