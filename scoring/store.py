@@ -13,7 +13,7 @@ import duckdb
 import pandas as pd
 
 from tagml.core.files import CorruptFileError, check_parquet
-from tagml.core.storage import PartitionedTable, locked_temporary, quote, sql_literal, write_parquet_atomically
+from tagml.core.storage import PartitionedTable, atomic_replace, quote, sql_literal, write_parquet_atomically
 
 # A CSV cell starting with one of these is a formula to Excel/LibreOffice/Sheets (CSV injection);
 # OWASP's advice is to prefix such cells with a single quote, which spreadsheets show as text.
@@ -130,9 +130,8 @@ class TagStore:
                 cells.append(cell)
                 continue
             cells.append(f"CASE WHEN left({cell}, 1) IN ({prefixes}) THEN {sql_literal(chr(39))} || {cell} ELSE {cell} END AS {quote(name)}")
-        with locked_temporary(out) as tmp:
+        with atomic_replace(out) as tmp:
             con.execute(f"COPY (SELECT {', '.join(cells)} FROM {source} ORDER BY customer_id, tag) TO {sql_literal(tmp)} (FORMAT CSV, HEADER)")
-            tmp.replace(out)
         return con.execute(f"SELECT count(*) FROM {source}").fetchall()[0][0]
 
     def distribution(self, con: duckdb.DuckDBPyConnection, as_of: date) -> pd.DataFrame:

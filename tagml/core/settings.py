@@ -20,6 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tagml.core.storage import atomic_replace
+
 DEFAULT_HOME = ".tagml"
 DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "tags" / "catalog.yaml"
 HOME_MANIFEST = "home.json"
@@ -333,9 +335,8 @@ def resolve_home_path(stored: str) -> Path:
 def write_manifest(settings: Settings) -> None:
     """home.json records where the home was created, so a moved or copied home can be recognised."""
     payload = {"path": str(settings.home), "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    tmp = settings.manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, settings.manifest_path)
+    with atomic_replace(settings.manifest_path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def read_manifest(settings: Settings) -> dict[str, Any] | None:

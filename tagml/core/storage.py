@@ -206,8 +206,8 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
 def locked_temporary(target: Path) -> Iterator[Path]:
     """A temporary path beside `target`, locked as in use while the block runs, and removed after.
 
-    Cleans up the temporaries of dead writers of the same target first. The caller writes the path
-    and `os.replace`s it onto the target; whatever is left at the path when the block ends is deleted.
+    Cleans up the temporaries of dead writers of the same target first. Whatever is left at the
+    path when the block ends is deleted. Writers use `atomic_replace`, which also swaps it in.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
@@ -227,6 +227,19 @@ def locked_temporary(target: Path) -> Iterator[Path]:
             os.close(fd)
 
 
+@contextmanager
+def atomic_replace(target: Path) -> Iterator[Path]:
+    """A unique, locked temporary path beside `target` (`locked_temporary`) that replaces `target` when the block succeeds.
+
+    Readers see the old file or the new one, never half (`os.replace` is atomic on POSIX within one
+    filesystem). If the block raises, the target is untouched and the temporary is removed; a writer
+    killed mid-block leaves a temporary that the next writer of the same target removes.
+    """
+    with locked_temporary(target) as tmp:
+        yield tmp
+        os.replace(tmp, target)
+
+
 def write_parquet_atomically(
     con: duckdb.DuckDBPyConnection,
     select_sql: str,
@@ -236,17 +249,14 @@ def write_parquet_atomically(
 ) -> int:
     """Write the query's rows to `target` so that readers see the old file or the new one, never half.
 
-    DuckDB writes to a locked temporary file beside the target (`locked_temporary`); `validate(tmp)`
-    may inspect it and raise to abort; `params` bind the query's `?` placeholders; `os.replace` then
-    swaps it in (atomic on POSIX within one filesystem). On any error the temporary file is removed
-    and the target is untouched.
+    DuckDB writes to the temporary file of `atomic_replace`; `validate(tmp)` may inspect it and raise
+    to abort; `params` bind the query's `?` placeholders. On any error the target is untouched.
     """
-    with locked_temporary(target) as tmp:
+    with atomic_replace(target) as tmp:
         con.execute(f"COPY ({select_sql}) TO {sql_literal(tmp)} ({PARQUET_OPTIONS})", params or [])
         rows = con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(tmp)})").fetchall()[0][0]
         if validate is not None:
             validate(tmp)
-        os.replace(tmp, target)
     return int(rows)
 
 
