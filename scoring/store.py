@@ -13,7 +13,7 @@ import duckdb
 import pandas as pd
 
 from tagml.core.files import CorruptFileError, check_parquet
-from tagml.core.storage import PartitionedTable, atomic_replace, quote, sql_literal, write_parquet_atomically
+from tagml.core.storage import PartitionedTable, atomic_replace, create_views, quote, sql_literal, tag_store_views, write_parquet_atomically
 
 # A CSV cell starting with one of these is a formula to Excel/LibreOffice/Sheets (CSV injection);
 # OWASP's advice is to prefix such cells with a single quote, which spreadsheets show as text.
@@ -59,10 +59,9 @@ class TagStore:
         return candidates[-1]
 
     def register_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        """`customer_tags_history` (every partition) and `customer_tags_current` (the latest)."""
-        con.execute(f"CREATE OR REPLACE VIEW customer_tags_history AS SELECT * FROM {self._all()}")
-        latest = self.latest_on_or_before(None)
-        con.execute(f"CREATE OR REPLACE VIEW customer_tags_current AS SELECT * FROM {self._partition(latest)}")
+        """`customer_tags_history` (every partition) and `customer_tags_current` (the latest), as the warehouse's DuckDB file has them."""
+        self._partition(self.latest_on_or_before(None))  # no partitions, or a corrupt newest one: the store's own error
+        create_views(con, tag_store_views(self.table))
 
     def customer_tags(self, con: duckdb.DuckDBPyConnection, customer_id: str, as_of: date | None = None) -> pd.DataFrame:
         """A customer's tags in the latest partition on or before `as_of` (default: the newest)."""

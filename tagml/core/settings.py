@@ -9,7 +9,6 @@ variable (`SettingsError`) instead of surfacing later as a ValueError deep insid
 import difflib
 import json
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
@@ -20,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tagml.core.storage import atomic_replace
+from tagml.core.storage import MEMORY_LIMIT, atomic_replace
 
 DEFAULT_HOME = ".tagml"
 DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "tags" / "catalog.yaml"
@@ -73,7 +72,6 @@ _WARNED: set[str] = set()
 DEFAULT_TIMEZONE = "Asia/Shanghai"  # the bank's timezone: partitions, schedules, a delivery's default date
 FIELD_VARIABLE = {field: var for var, (field, _) in VARIABLES.items()}
 
-MEMORY_LIMIT = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 CRON_NAMES = (
     {},

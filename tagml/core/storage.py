@@ -260,6 +260,23 @@ def write_parquet_atomically(
     return int(rows)
 
 
+def tag_store_views(tags: PartitionedTable) -> dict[str, str]:
+    """The tag store's views, name -> query: the one definition for the warehouse's DuckDB file and a session.
+
+    `customer_tags_current` selects the newest as_of when it is read, so a view published before the
+    nightly partition was written still shows that partition.
+    """
+    return {
+        "customer_tags_history": f"SELECT * FROM {tags.read_all_sql()}",
+        "customer_tags_current": "SELECT * FROM customer_tags_history WHERE as_of = (SELECT max(as_of) FROM customer_tags_history)",
+    }
+
+
+def create_views(con: duckdb.DuckDBPyConnection, views: dict[str, str]) -> None:
+    for name, query in views.items():
+        con.execute(f"CREATE OR REPLACE VIEW {quote(name)} AS {query}")
+
+
 def publish_views(duckdb_path: Path, warehouse_dir: Path) -> list[str]:
     """(Re)create views in the warehouse's DuckDB file over everything stored as Parquet, so that
     `duckdb <file>` answers SQL over raw tables, features and tags without copying them.
@@ -267,23 +284,18 @@ def publish_views(duckdb_path: Path, warehouse_dir: Path) -> list[str]:
     Views are a convenience: if another process holds the file, they are left as they were.
     """
     layout = WarehouseLayout(Path(warehouse_dir))
-    views: list[tuple[str, str]] = [(f"raw_{p.stem}", f"read_parquet({sql_literal(p)}, hive_partitioning = false)") for p in sorted(layout.staged_dir.glob("*.parquet"))]
-    for name, table in (("customer_features", layout.customer_features), ("customer_tags_history", layout.customer_tags)):
-        if table.files():
-            views.append((name, table.read_all_sql()))
+    views = {f"raw_{p.stem}": f"SELECT * FROM read_parquet({sql_literal(p)}, hive_partitioning = false)" for p in sorted(layout.staged_dir.glob("*.parquet"))}
+    if layout.customer_features.files():
+        views["customer_features"] = f"SELECT * FROM {layout.customer_features.read_all_sql()}"
+    if layout.customer_tags.files():
+        views.update(tag_store_views(layout.customer_tags))
     duckdb_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         con = duckdb.connect(str(duckdb_path))
     except duckdb.IOException:
         return []
     try:
-        for name, source in views:
-            con.execute(f"CREATE OR REPLACE VIEW {quote(name)} AS SELECT * FROM {source}")
-        if any(n == "customer_tags_history" for n, _ in views):
-            con.execute(
-                "CREATE OR REPLACE VIEW customer_tags_current AS SELECT * FROM customer_tags_history "
-                "WHERE as_of = (SELECT max(as_of) FROM customer_tags_history)"
-            )
+        create_views(con, views)
     finally:
         con.close()
-    return [n for n, _ in views]
+    return list(views)
