@@ -47,7 +47,7 @@ from monitoring.reference import (
 )
 from monitoring.report import ReportJob, ReportSummary, run_reports
 from scoring.rules import rule_case_sql, rule_columns
-from scoring.store import TagStore
+from scoring.store import ParquetTagStore
 from tagml.core.files import CorruptFileError, check_parquet
 from tagml.core.settings import Settings
 from tagml.core.storage import WarehouseLayout, quote, sql_literal
@@ -218,7 +218,7 @@ def compute_tag_drift(
 ) -> TagDrift:
     """Drift of one model tag's partition against the reference of the version that scored it."""
     started = time.perf_counter()
-    store = TagStore(locations.tag_store_dir)
+    store = ParquetTagStore(locations.tag_store_dir)
     current = locations.features_path(as_of)
     if not current.exists():
         raise DriftInputError(f"no customer_features partition for as_of {as_of} at {current}; materialize customer_features first")

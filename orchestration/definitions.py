@@ -34,7 +34,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     jobs = build_jobs(partitions, catalog)
     automation = build_schedules(settings)
     reevaluation = build_reevaluation_jobs(partitions, catalog)
-    automation += [*build_refresh_schedules(settings, catalog), build_reevaluation_sensor(settings, catalog, reevaluation)]
+    automation += [*build_refresh_schedules(settings, catalog), build_reevaluation_sensor(catalog, reevaluation)]
     return dg.Definitions(
         assets=[
             *RAW_ASSETS,

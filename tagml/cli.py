@@ -331,7 +331,7 @@ def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> b
         TRAIN_ALL_JOB,
         reevaluation_run_config,
     )
-    from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags
+    from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags, sensor_context
     from training.catalog import load_catalog
 
     logging.getLogger("mlflow").setLevel(logging.ERROR)  # keep the demo's output to what it did
@@ -380,13 +380,13 @@ def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> b
                 scored[day] = defs.resolve_job_def(NIGHTLY_SCORING_JOB).execute_in_process(
                     instance=instance, partition_key=day.isoformat(), run_config=quiet, raise_on_error=False, asset_selection=nightly_assets
                 )
-            tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=defs.get_repository_def()))
+            tick = sensor.evaluate_tick(sensor_context(defs.get_repository_def(), instance, cursor))
             cursor = tick.cursor
             requested += [(day, r) for r in tick.run_requests]
             outcome = ", ".join(f"{r.job_name} (run key {r.run_key})" for r in tick.run_requests) or f"nothing ({tick.skip_message})"
             print(f"      {took()}; then {REEVALUATE_ON_DRIFT_SENSOR} requests {outcome}", flush=True)
         checks = [f"{e.check_name}={'ok' if e.passed else 'FAILED'}" for e in scored[train_as_of].get_asset_check_evaluations() if e.asset_key.to_user_string() == "customer_features"]
-        again = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=defs.get_repository_def()))
+        again = sensor.evaluate_tick(sensor_context(defs.get_repository_def(), instance, cursor))
         print(f"      the sensor evaluated again on the same drift requests {len(again.run_requests)} runs", flush=True)
         print("[6/6] the re-evaluation the sensor requested: retrain -> gate -> re-score", flush=True)
         for _, request in requested:
@@ -415,9 +415,9 @@ def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> b
         print("  training job FAILED; see the Dagster UI for the step logs")
     ok = trained.success and all(r.success for r in scored.values())
     if scored[as_of].success:
-        from scoring.store import TagStore
+        from scoring.store import ParquetTagStore
 
-        store = TagStore(WarehouseLayout(settings.warehouse_dir).customer_tags.root)
+        store = ParquetTagStore.in_warehouse(settings.warehouse_dir)
         with closing(_connect(settings)) as con:
             for day in (train_as_of, as_of):
                 print(f"\ncustomer_tags[{day}] -> {store.partition_path(day)}")
@@ -622,11 +622,10 @@ def _present(value: object) -> bool:
 
 def _customer_tags(settings: Settings, customer_id: str, as_of: date | None, lineage: bool) -> dict[str, Any]:
     """One customer's tags as plain data (printed as text or JSON)."""
-    from scoring.store import TagStore
-    from tagml.core.storage import WarehouseLayout
+    from scoring.store import ParquetTagStore
     from training.registry import lineage as model_lineage
 
-    store = TagStore(WarehouseLayout(settings.warehouse_dir).customer_tags.root)
+    store = ParquetTagStore.in_warehouse(settings.warehouse_dir)
     with closing(_connect(settings)) as con:
         frame = store.customer_tags(con, customer_id, as_of)
     client = None
@@ -693,13 +692,12 @@ def export_command(
     as_json: Annotated[bool, typer.Option("--json", help="print what was written as JSON")] = False,
 ) -> None:
     """Write one tag partition for downstream systems (CRM, marketing)."""
-    from scoring.store import TagStore
-    from tagml.core.storage import WarehouseLayout
+    from scoring.store import ParquetTagStore
 
     day = _date(as_of)
     settings = _settings(require_home=True)
     # an export inside the warehouse would be read back as data (a fake tag partition): refused by name
-    store = TagStore(WarehouseLayout(settings.warehouse_dir).customer_tags.root, protected=[settings.warehouse_dir])
+    store = ParquetTagStore.in_warehouse(settings.warehouse_dir)
     partition = store.latest_on_or_before(day)
     with closing(_connect(settings)) as con:
         rows = store.export(con, partition, format.value, out)

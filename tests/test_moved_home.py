@@ -31,7 +31,7 @@ from orchestration.jobs import (
     reevaluation_run_config,
 )
 from orchestration.training_assets import tag_model_key
-from scoring.store import TagStore
+from scoring.store import ParquetTagStore
 from tagml.cli import ExitCode, main
 from tagml.core.settings import Settings
 from training.catalog import load_catalog
@@ -105,7 +105,7 @@ def _customer(settings: Settings, day: date) -> str:
     with duckdb.connect() as con:
         [(customer,)] = con.execute(
             "SELECT min(customer_id) FROM read_parquet(?) WHERE tag = 'risk_appetite' AND source = 'model'",
-            [str(TagStore(settings.warehouse_dir / "customer_tags").partition_path(day))],
+            [str(ParquetTagStore(settings.warehouse_dir / "customer_tags").partition_path(day))],
         ).fetchall()
     return customer
 

@@ -5,7 +5,7 @@ from datetime import date
 import duckdb
 
 from monitoring.history import SUMMARY, DriftHistory
-from scoring.store import TagStore
+from scoring.store import ParquetTagStore
 from tagml.core.storage import PartitionedTable, WarehouseLayout, publish_views, write_parquet_atomically
 
 
@@ -32,7 +32,7 @@ def test_every_reader_of_a_warehouse_table_finds_it_where_the_layout_puts_it(tmp
     day = date(2025, 1, 31)
     _write(con, layout.customer_features, day, 4)
     _write(con, layout.customer_tags, day, 4)
-    assert TagStore(layout.customer_tags.root).partitions() == [day]
+    assert ParquetTagStore(layout.customer_tags.root).partitions() == [day]
     views = publish_views(tmp_path / "tagml.duckdb", layout.root)
     assert views == ["customer_features", "customer_tags_history", "customer_tags_current"]
     with duckdb.connect(str(tmp_path / "tagml.duckdb")) as db:
@@ -46,7 +46,7 @@ def test_the_warehouse_file_and_a_session_have_the_same_tag_views_and_both_follo
     con = duckdb.connect()
     _write(con, layout.customer_tags, date(2025, 1, 31), 2)
     publish_views(tmp_path / "tagml.duckdb", layout.root)
-    TagStore(layout.customer_tags.root).register_views(con)
+    ParquetTagStore(layout.customer_tags.root).register_views(con)
     _write(con, layout.customer_tags, date(2025, 2, 28), 3)  # the nightly partition, after the views were made
     definitions = "SELECT view_name, sql FROM duckdb_views() WHERE view_name LIKE 'customer_tags_%' ORDER BY 1"
     current = "SELECT max(as_of), count(*) FROM customer_tags_current"

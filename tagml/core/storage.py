@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Protocol
 
 import duckdb
 
@@ -299,3 +300,38 @@ def publish_views(duckdb_path: Path, warehouse_dir: Path) -> list[str]:
     finally:
         con.close()
     return list(views)
+
+
+class Warehouse(Protocol):
+    """The seam where a warehouse plugs in: where its tables live, a connection to query them, and views for analysts.
+
+    Domain code and Dagster assets take this interface; `EmbeddedWarehouse` (DuckDB over local Parquet)
+    is the zero-setup implementation, and a bank's engine is another class with the same methods.
+    """
+
+    @property
+    def layout(self) -> WarehouseLayout: ...
+
+    def connect(self) -> duckdb.DuckDBPyConnection: ...
+
+    def publish_views(self) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class EmbeddedWarehouse:
+    """DuckDB over the Parquet files under `root`, with views in the DuckDB file at `duckdb_path`."""
+
+    root: Path
+    duckdb_path: Path
+    threads: int = 2
+    memory_limit: str = "4GB"
+
+    @property
+    def layout(self) -> WarehouseLayout:
+        return WarehouseLayout(Path(self.root))
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        return connect(self.threads, self.memory_limit)
+
+    def publish_views(self) -> list[str]:
+        return publish_views(Path(self.duckdb_path), Path(self.root))
