@@ -44,9 +44,9 @@ from monitoring.psi import ALL, parquet
 from monitoring.reference import SAMPLE_SALT, DriftInputError, monitored_model, reference_population, reference_profile
 from monitoring.report import VERDICT_KEYS, ReportJob, ReportSummary, run_reports
 from scoring.rules import rule_case_sql, rule_columns
-from scoring.store import TagStore
+from scoring.store import ParquetTagStore, TagStore
 from tagml.core.files import CorruptFileError, check_parquet
-from tagml.core.storage import features_path, quote, sql_literal, staged_dir_of
+from tagml.core.storage import WarehouseLayout, quote, sql_literal
 from training.catalog import Catalog, TagSpec
 
 SLICE_SOURCES = ("value_tier", "region")  # a rule tag of the catalog, or else a feature column
@@ -63,7 +63,7 @@ class DriftLocations:
 
     @property
     def staged_dir(self) -> Path:
-        return staged_dir_of(self.warehouse_dir)
+        return WarehouseLayout(self.warehouse_dir).staged_dir
 
     @property
     def reference_dir(self) -> Path:
@@ -75,10 +75,10 @@ class DriftLocations:
 
     @property
     def tag_store(self) -> TagStore:
-        return TagStore(self.tag_store_dir)
+        return ParquetTagStore(self.tag_store_dir)
 
     def features_path(self, as_of: date) -> Path:
-        return features_path(self.warehouse_dir, as_of)
+        return WarehouseLayout(self.warehouse_dir).customer_features.path(as_of)
 
     def report_path(self, tag: str, as_of: date) -> Path:
         return self.reports_dir / tag / f"{as_of.isoformat()}.html"

@@ -23,16 +23,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 from filelock import FileLock
 
-from tagml.core.storage import (
-    glob_literal,
-    quote,
-    sql_literal,
-    write_parquet_atomically,
-)
+from tagml.core.storage import PARTITION_FILE, PartitionedTable, quote, sql_literal, write_parquet_atomically
 
 SUMMARY, FEATURES, PREDICTIONS = "drift_summary", "drift_features", "drift_predictions"
 TABLES = (FEATURES, PREDICTIONS, SUMMARY)  # write order: the summary last
-PARTITION_FILE = "data.parquet"
 
 # Explicit column types: a column that is all NULL in one partition (no realised performance yet,
 # no report) must still union with the others.
@@ -80,11 +74,15 @@ class DriftHistory:
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    def table(self, name: str) -> PartitionedTable:
+        """One of the three tables; the summary's partition files are `data.parquet`, the details' `data-<generation>.parquet`."""
+        return PartitionedTable(self.root / name)
+
     def path(self, table: str, as_of: date, generation: str | None = None) -> Path:
         """The summary file, or the details of `generation` (default: the one the summary names)."""
-        directory = self.root / table / f"as_of={as_of.isoformat()}"
         if table == SUMMARY:
-            return directory / PARTITION_FILE
+            return self.table(SUMMARY).path(as_of)
+        directory = self.table(table).directory(as_of)
         generation = generation if generation is not None else self.generation(as_of)
         # histories written before generations had one unstamped file per table
         return directory / (f"data-{generation}.parquet" if generation else PARTITION_FILE)
@@ -100,8 +98,7 @@ class DriftHistory:
         return values.pop()
 
     def partitions(self) -> list[date]:
-        found = [p.parent.name.removeprefix("as_of=") for p in (self.root / SUMMARY).glob(f"as_of=*/{PARTITION_FILE}")]
-        return sorted(date.fromisoformat(d) for d in found)
+        return self.table(SUMMARY).partitions()
 
     def write(self, con: duckdb.DuckDBPyConnection, as_of: date, frames: dict[str, pd.DataFrame]) -> dict[str, Path]:
         """Replace the partition's rows of the tags in `frames` (other tags' rows are kept), as one new generation."""
@@ -144,7 +141,7 @@ class DriftHistory:
     def _remove_generations(self, as_of: date, keep: set[str | None]) -> None:
         """Details no summary names any more: older generations and those of killed writers."""
         for table in (FEATURES, PREDICTIONS):
-            for path in (self.root / table / f"as_of={as_of.isoformat()}").glob("data*.parquet"):
+            for path in self.table(table).directory(as_of).glob("data*.parquet"):
                 name = path.stem.removeprefix("data").removeprefix("-") or None
                 if name not in keep:
                     path.unlink(missing_ok=True)
@@ -153,7 +150,7 @@ class DriftHistory:
         if as_of is None:
             if not self.partitions():
                 raise DriftHistoryError(f"no drift results in {self.root} yet; materialize tag_drift (or run `tagml demo`) first")
-            return f"read_parquet({glob_literal(self.root / table, 'as_of=*/' + PARTITION_FILE)}, union_by_name = true, hive_partitioning = false)"
+            return self.table(table).read_all_sql(union_by_name=True)
         path = self.path(table, as_of)
         if not path.exists():
             have = [d.isoformat() for d in self.partitions()][-5:]

@@ -71,7 +71,7 @@ def realised_performance(
         f"SELECT l.label, t.probabilities, t.model_version FROM "
         f"(SELECT customer_id, arg_max(label, known_date) AS label FROM read_parquet({sql_literal(staged_path(staged_dir, 'tag_labels'))}) "
         f"WHERE {where} GROUP BY customer_id) l "
-        f"JOIN read_parquet({sql_literal(store.partition_path(partition))}) t ON t.customer_id = l.customer_id AND t.tag = ?",
+        f"JOIN {store.read_sql(partition)} t ON t.customer_id = l.customer_id AND t.tag = ?",
         [tag.name],
     ).fetchall()
     if not rows:

@@ -22,9 +22,7 @@ of feature rows with predictions for the Evidently report (features only, never 
 """
 
 import json
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -38,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from features.snapshot import build_feature_snapshot
 from monitoring.psi import MISSING, feature_psi, parquet
 from tagml.core.settings import resolve_home_path
-from tagml.core.storage import features_path, quote, sql_literal, write_parquet_atomically
+from tagml.core.storage import PartitionedTable, WarehouseLayout, atomic_replace, quote, sql_literal, write_parquet_atomically
 from training.catalog import TagSpec
 from training.registry import get_version, load_model
 from training.train import registered_model_name, registration_problem
@@ -114,10 +112,10 @@ def monitored_model(client: MlflowClient, tag: TagSpec, version: str) -> Monitor
 
 def reference_population(con: duckdb.DuckDBPyConnection, model: MonitoredModel, warehouse_dir: Path, staged_dir: Path, cache_dir: Path) -> Path:
     """Every customer's features on the version's train_as_of: the stored partition, or built once into the cache."""
-    stored = features_path(warehouse_dir, model.train_as_of)
+    stored = WarehouseLayout(warehouse_dir).customer_features.path(model.train_as_of)
     if stored.exists():
         return stored
-    cached = cache_dir / "customer_features" / f"as_of={model.train_as_of.isoformat()}" / "data.parquet"
+    cached = PartitionedTable(cache_dir / "customer_features").path(model.train_as_of)
     if not cached.exists():
         # point in time: only raw rows dated on or before train_as_of are read, so this is the
         # population as it was on that day even if the raw tables have grown since
@@ -139,13 +137,8 @@ class ReferenceProfile:
 
 
 def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_replace(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=1, default=str))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def predict_frame(model: Any, frame: pd.DataFrame, mm: MonitoredModel, min_confidence: float) -> tuple[np.ndarray, np.ndarray]:

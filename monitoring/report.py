@@ -19,7 +19,6 @@ missing on one side) are left out of its part and named in the header; their PSI
 
 import html
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from tagml.core.storage import locked_temporary
+from tagml.core.storage import atomic_replace
 
 # what the header shows of tagml's decision: keys of the drift summary row (its full-population numbers)
 VERDICT_KEYS = (
@@ -81,7 +80,7 @@ def drift_report(
         frame[categorical] = frame[categorical].astype("object")
     usable, excluded = evidently_columns(reference, current, columns)
     # a locked temporary: a report run killed mid-write leaves nothing the next run does not remove
-    with locked_temporary(target) as tmp:
+    with atomic_replace(target) as tmp:
         if usable:
             from evidently import (  # ~4 s to import: only where it is used
                 DataDefinition,
@@ -103,7 +102,6 @@ def drift_report(
             tmp.write_text("<html><head></head><body><p>No column has values on both sides: Evidently was not run.</p></body></html>")
             result = {}
         tmp.write_text(with_header(tmp.read_text(), metadata or {}, verdict, excluded, (len(reference), len(current))))
-        os.replace(tmp, target)
     summary = summarise(result, target, (len(reference), len(current)))
     return ReportSummary(summary.path, summary.sample_rows, summary.drifted_columns, summary.drifted_share, summary.columns, excluded)
 

@@ -42,7 +42,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         ],
         jobs=[*build_jobs(partitions, catalog), build_nightly_scoring_job(partitions), *reevaluation],
         schedules=build_schedules(settings, catalog),
-        sensors=[build_reevaluation_sensor(settings, catalog, reevaluation)],
+        sensors=[build_reevaluation_sensor(catalog, reevaluation)],
         resources={
             "warehouse": WarehouseResource.from_settings(settings),
             "mlflow_store": MlflowResource.from_settings(settings),

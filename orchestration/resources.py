@@ -1,4 +1,10 @@
-"""Resources: the warehouse (DuckDB over Parquet) built from `Settings`."""
+"""Resources: the Dagster side of the seams, built from `Settings`.
+
+`WarehouseResource` vends the `Warehouse` (tagml.core.storage) and the `TagStore` (scoring.store);
+the embedded DuckDB/Parquet implementations by default. Another engine or store is another
+implementation returned here (a subclass of the resource overriding `warehouse()` / `tag_store()`),
+with no change to the assets that use them.
+"""
 
 from datetime import date
 from pathlib import Path
@@ -9,8 +15,9 @@ from mlflow.tracking import MlflowClient
 from pydantic import Field
 
 from monitoring.drift import DriftLocations
+from scoring.store import ParquetTagStore, TagStore
 from tagml.core.settings import DEFAULT_TIMEZONE, Settings
-from tagml.core.storage import connect, features_path, publish_views, staged_dir_of
+from tagml.core.storage import EmbeddedWarehouse, Warehouse, WarehouseLayout
 from training.tracking import DEFAULT_UI_URL, connect_tracking
 
 
@@ -35,30 +42,40 @@ class WarehouseResource(dg.ConfigurableResource):
             timezone=settings.timezone,
         )
 
+    def warehouse(self) -> Warehouse:
+        return EmbeddedWarehouse(Path(self.warehouse_dir), Path(self.duckdb_path), self.threads, self.memory_limit)
+
+    def tag_store(self) -> TagStore:
+        return ParquetTagStore.in_warehouse(Path(self.warehouse_dir))
+
     def connect(self) -> duckdb.DuckDBPyConnection:
-        return connect(self.threads, self.memory_limit)
+        return self.warehouse().connect()
 
     def publish_views(self) -> list[str]:
-        return publish_views(Path(self.duckdb_path), Path(self.warehouse_dir))
+        return self.warehouse().publish_views()
 
     @property
     def raw_path(self) -> Path:
         return Path(self.raw_dir)
 
     @property
+    def layout(self) -> WarehouseLayout:
+        return self.warehouse().layout
+
+    @property
     def staged_dir(self) -> Path:
-        return staged_dir_of(Path(self.warehouse_dir))
+        return self.layout.staged_dir
 
     def features_path(self, as_of: date) -> Path:
-        return features_path(Path(self.warehouse_dir), as_of)
+        return self.layout.customer_features.path(as_of)
 
     @property
     def tag_store_dir(self) -> Path:
-        return Path(self.warehouse_dir) / "customer_tags"
+        return self.layout.customer_tags.root
 
     @property
     def training_sets_dir(self) -> Path:
-        return Path(self.warehouse_dir) / "training_sets"
+        return self.layout.training_sets_dir
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -82,10 +99,16 @@ class MonitoringResource(dg.ConfigurableResource):
     drift_dir: str = Field(description="Directory of the drift history (Parquet partitions) and cached references.")
     reports_dir: str = Field(description="Evidently HTML reports, one per tag and as_of: <reports_dir>/<tag>/<as_of>.html.")
     sample_rows: int = Field(default=5000, description="Rows per side in the Evidently report; PSI always uses every customer.")
+    reevaluation_cooldown_days: int = Field(default=7, ge=0, description="Data days after a tag's drift re-evaluation before the sensor re-evaluates it again.")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "MonitoringResource":
-        return cls(drift_dir=str(settings.drift_dir), reports_dir=str(settings.reports_dir), sample_rows=settings.drift_sample_rows)
+        return cls(
+            drift_dir=str(settings.drift_dir),
+            reports_dir=str(settings.reports_dir),
+            sample_rows=settings.drift_sample_rows,
+            reevaluation_cooldown_days=settings.reevaluation_cooldown_days,
+        )
 
     def locations(self, warehouse: WarehouseResource) -> DriftLocations:
         return DriftLocations(Path(warehouse.warehouse_dir), warehouse.tag_store_dir, Path(self.drift_dir), Path(self.reports_dir))

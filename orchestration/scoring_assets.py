@@ -8,7 +8,6 @@ import dagster as dg
 from orchestration.resources import MlflowResource, WarehouseResource
 from orchestration.training_assets import tag_model_key
 from scoring.score import CoverageError, ScoringError, score_partition, unstable_tags
-from scoring.store import TagStore
 from training.catalog import Catalog
 
 SCORING_GROUP = "scoring"
@@ -36,13 +35,12 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
     )
     def customer_tags(context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow_store: MlflowResource):
         as_of = date.fromisoformat(context.partition_key)
-        store = TagStore(warehouse.tag_store_dir)
+        store = warehouse.tag_store()
         with closing(warehouse.connect()) as con:
             client = mlflow_store.client() if catalog.model_tags else None
             try:
-                summary = score_partition(
-                    con, client, catalog, warehouse.features_path(as_of), warehouse.staged_dir, as_of, store.partition_path(as_of)
-                )
+                with store.write_partition(as_of) as staged:
+                    summary = score_partition(con, client, catalog, warehouse.features_path(as_of), warehouse.staged_dir, as_of, staged)
             except CoverageError as err:
                 # the file that failed was never published; report what was validated, then fail the step
                 yield dg.AssetCheckResult(check_name="coverage", passed=False, metadata=err.coverage.metadata(), description=str(err))
@@ -58,7 +56,7 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
             metadata={
                 "rows": summary.rows,
                 "customers": summary.customers,
-                "path": dg.MetadataValue.path(str(summary.path)),
+                "path": dg.MetadataValue.path(store.location(as_of)),
                 "producers": dg.MetadataValue.json({t: v["producer"] for t, v in summary.per_tag.items()}),
                 # labels a source delivered outside the tag's classes: counted, never stored as values
                 "observed_labels_outside_classes": dg.MetadataValue.json(

@@ -15,7 +15,7 @@ import dagster as dg
 from monitoring.reevaluation import Cursor, events_from_result, plan_reevaluations
 from orchestration.jobs import reevaluate_job_name, reevaluation_run_config
 from orchestration.monitoring_assets import DRIFT_BY_TAG
-from tagml.core.settings import Settings
+from orchestration.resources import MonitoringResource
 from training.catalog import Catalog
 
 REEVALUATE_ON_DRIFT_SENSOR = "reevaluate_on_drift_sensor"
@@ -40,18 +40,24 @@ def in_process_run_tags(request: dg.RunRequest, sensor_name: str = REEVALUATE_ON
     return {**request.tags, RUN_KEY_TAG: request.run_key, SENSOR_NAME_TAG: sensor_name}
 
 
-def build_reevaluation_sensor(settings: Settings, catalog: Catalog, reevaluation_jobs: list) -> dg.SensorDefinition:
+def sensor_context(repository: dg.RepositoryDefinition, instance: dg.DagsterInstance, cursor: str | None = None) -> dg.SensorEvaluationContext:
+    """A context for evaluating a sensor in process (`tagml demo`, tests) with the code location's resources,
+    as the sensor daemon provides them (an in-process `evaluate_tick` is given none by default)."""
+    return dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=repository, resources=repository.get_top_level_resources())
+
+
+def build_reevaluation_sensor(catalog: Catalog, reevaluation_jobs: list) -> dg.SensorDefinition:
     model_tags = [t.name for t in catalog.model_tags]
-    cooldown = settings.reevaluation_cooldown_days
 
     @dg.sensor(
         name=REEVALUATE_ON_DRIFT_SENSOR,
         jobs=reevaluation_jobs,
         minimum_interval_seconds=60,
-        description=f"After tag_drift flags a model tag, retrain -> gate -> re-score that tag for the drifted as_of "
-        f"(once per tag and as_of; then a {cooldown}-day cooldown per tag).",
+        description="After tag_drift flags a model tag, retrain -> gate -> re-score that tag for the drifted as_of "
+        "(once per tag and as_of; then a cooldown per tag: the monitoring resource's reevaluation_cooldown_days, TAGML_REEVALUATION_COOLDOWN_DAYS).",
     )
-    def reevaluate_on_drift_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    def reevaluate_on_drift_sensor(context: dg.SensorEvaluationContext, monitoring: MonitoringResource) -> dg.SensorResult:
+        cooldown = monitoring.reevaluation_cooldown_days
         cursor = Cursor.parse(context.cursor)
         records = context.instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=TAG_DRIFT, after_storage_id=cursor.seen_through),

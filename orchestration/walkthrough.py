@@ -19,7 +19,7 @@ import dagster as dg
 from features.synthetic import BankConfig, month_ends
 from orchestration.definitions import build_definitions
 from orchestration.jobs import NIGHTLY_SCORING_JOB, RAW_INGEST_JOB, TRAIN_ALL_JOB, reevaluation_run_config
-from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags
+from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags, sensor_context
 from tagml.core.settings import Settings
 from training.catalog import load_catalog
 
@@ -171,8 +171,7 @@ class Walkthrough:
         return len(self._tick().run_requests)
 
     def _tick(self):
-        context = dg.build_sensor_context(instance=self.instance, cursor=self._cursor, repository_def=self.defs.get_repository_def())
-        return self._sensor.evaluate_tick(context)
+        return self._sensor.evaluate_tick(sensor_context(self.defs.get_repository_def(), self.instance, self._cursor))
 
     def reevaluate(self, request: SensorRequest) -> Reevaluation:
         """Run what the sensor requested (retrain -> gate -> re-score) with the tags the daemon would give it."""
@@ -199,9 +198,9 @@ def feature_snapshot_shape(settings: Settings, as_of: date) -> tuple[Any, int, i
     """(path, customers, features) of the customer_features partition of `as_of`."""
     import pyarrow.parquet as pq
 
-    from tagml.core.storage import features_path
+    from tagml.core.storage import WarehouseLayout
 
-    path = features_path(settings.warehouse_dir, as_of)
+    path = WarehouseLayout(settings.warehouse_dir).customer_features.path(as_of)
     meta = pq.read_metadata(path)
     return path, meta.num_rows, meta.num_columns - 2  # customer_id and as_of are not features
 

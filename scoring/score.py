@@ -7,7 +7,6 @@ replaces the partition only when everything succeeded and the file passed the co
 """
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from features.snapshot import open_feature_snapshot
 from scoring.reasons import ReasonExplainer
 from scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
 from tagml.core.files import CorruptFileError
-from tagml.core.storage import locked_temporary, sql_literal, staged_path
+from tagml.core.storage import atomic_replace, sql_literal, staged_path
 from training.catalog import Catalog, TagSpec
 from training.dataset import label_conditions
 from training.registry import (
@@ -385,7 +384,7 @@ def score_partition(
     scored_at = datetime.now(UTC).replace(microsecond=0)
     per_tag: dict[str, dict[str, Any]] = {}
     rows = 0
-    with locked_temporary(target) as tmp:
+    with atomic_replace(target) as tmp:
         with pq.ParquetWriter(tmp, TAG_ROW_SCHEMA, compression="zstd") as writer:
             for tag in catalog.rule_tags:
                 t0 = time.perf_counter()
@@ -410,5 +409,4 @@ def score_partition(
         coverage = check_coverage(con, tmp, features_path, catalog)
         if not coverage.passed:
             raise CoverageError(as_of, coverage)
-        os.replace(tmp, target)
     return ScoringSummary(as_of, target, rows, coverage.customers, time.perf_counter() - started, per_tag, coverage)

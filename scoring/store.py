@@ -1,4 +1,4 @@
-"""The tag store: one Parquet file per as_of partition, read through DuckDB.
+"""The tag store: the `TagStore` interface, and `ParquetTagStore`, one Parquet file per as_of partition read through DuckDB.
 
 Queries: the current tags (latest partition), what a customer's tags were on a date (latest
 partition on or before it) and which model or rule version produced them, changes between two
@@ -6,16 +6,16 @@ partitions and the transition matrix of a tag, and exports for downstream system
 """
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from datetime import date
 from pathlib import Path
+from typing import Protocol
 
 import duckdb
 import pandas as pd
 
 from tagml.core.files import CorruptFileError, check_parquet
-from tagml.core.storage import glob_literal, locked_temporary, quote, sql_literal, write_parquet_atomically
-
-PARTITION_FILE = "data.parquet"
+from tagml.core.storage import PartitionedTable, WarehouseLayout, atomic_replace, create_views, quote, sql_literal, tag_store_views, write_parquet_atomically
 
 # A CSV cell starting with one of these is a formula to Excel/LibreOffice/Sheets (CSV injection);
 # OWASP's advice is to prefix such cells with a single quote, which spreadsheets show as text.
@@ -26,23 +26,77 @@ class TagStoreError(LookupError):
     """The requested partition or customer is not in the tag store."""
 
 
-class TagStore:
+class TagStore(Protocol):
+    """The seam where a tag store plugs in (the embedded `ParquetTagStore`; a bank's database or online store later).
+
+    A partition is written atomically: the scorer writes the rows as Parquet to the path `write_partition`
+    yields, and the store publishes them when the block succeeds (readers see the old partition or
+    the new one). Queries take the caller's DuckDB connection.
+    """
+
+    def partitions(self) -> list[date]: ...
+
+    def latest_on_or_before(self, as_of: date | None) -> date: ...
+
+    def write_partition(self, as_of: date) -> AbstractContextManager[Path]: ...
+
+    def location(self, as_of: date) -> str: ...
+
+    def read_sql(self, as_of: date) -> str: ...
+
+    def register_views(self, con: duckdb.DuckDBPyConnection) -> None: ...
+
+    def customer_tags(self, con: duckdb.DuckDBPyConnection, customer_id: str, as_of: date | None = None) -> pd.DataFrame: ...
+
+    def history(self, con: duckdb.DuckDBPyConnection, customer_id: str, tag: str | None = None) -> pd.DataFrame: ...
+
+    def changes(self, con: duckdb.DuckDBPyConnection, tag: str, before: date, after: date) -> pd.DataFrame: ...
+
+    def transition_matrix(self, con: duckdb.DuckDBPyConnection, tag: str, before: date, after: date) -> pd.DataFrame: ...
+
+    def export(self, con: duckdb.DuckDBPyConnection, as_of: date, fmt: str, out: Path) -> int: ...
+
+    def distribution(self, con: duckdb.DuckDBPyConnection, as_of: date) -> pd.DataFrame: ...
+
+    def changed_share(self, con: duckdb.DuckDBPyConnection, before: date, after: date) -> dict[str, float]: ...
+
+
+class ParquetTagStore:
+    """The embedded tag store: `<root>/as_of=YYYY-MM-DD/data.parquet` (a `PartitionedTable`)."""
+
     def __init__(self, root: Path, protected: Iterable[Path] = ()):
         """`protected`: directories exports must never write into (the warehouse); the store itself always is."""
         self.root = Path(root)
+        self.table = PartitionedTable(self.root)
         self.protected = (self.root, *(Path(p) for p in protected))
 
+    @classmethod
+    def in_warehouse(cls, warehouse_dir: Path) -> "ParquetTagStore":
+        """The warehouse's tag store; exports may not write into the warehouse (a file there would be read back as data)."""
+        return cls(WarehouseLayout(Path(warehouse_dir)).customer_tags.root, protected=[Path(warehouse_dir)])
+
     def partition_path(self, as_of: date) -> Path:
-        return self.root / f"as_of={as_of.isoformat()}" / PARTITION_FILE
+        return self.table.path(as_of)
 
     def partitions(self) -> list[date]:
-        found = [p.parent.name.removeprefix("as_of=") for p in self.root.glob(f"as_of=*/{PARTITION_FILE}")]
-        return sorted(date.fromisoformat(d) for d in found)
+        return self.table.partitions()
+
+    def write_partition(self, as_of: date) -> AbstractContextManager[Path]:
+        """The partition's file is swapped in by `atomic_replace` when the block succeeds."""
+        return atomic_replace(self.partition_path(as_of))
+
+    def location(self, as_of: date) -> str:
+        """Where the partition is published, for metadata and messages."""
+        return str(self.partition_path(as_of))
 
     def _all(self) -> str:
         if not self.partitions():
             raise TagStoreError(f"the tag store at {self.root} has no partitions yet; run the scoring job first")
-        return f"read_parquet({glob_literal(self.root, 'as_of=*/' + PARTITION_FILE)}, hive_partitioning = false)"
+        return self.table.read_all_sql()
+
+    def read_sql(self, as_of: date) -> str:
+        """A relation over one partition, checked readable (a missing or corrupt one raises TagStoreError)."""
+        return self._partition(as_of)
 
     def _partition(self, as_of: date) -> str:
         path = self.partition_path(as_of)
@@ -52,7 +106,7 @@ class TagStore:
             check_parquet(path, f"re-run the scoring job (customer_tags) for the partition {as_of.isoformat()}")
         except CorruptFileError as err:
             raise TagStoreError(str(err)) from err
-        return f"read_parquet({sql_literal(path)})"
+        return self.table.read_sql(as_of)
 
     def latest_on_or_before(self, as_of: date | None) -> date:
         candidates = [d for d in self.partitions() if as_of is None or d <= as_of]
@@ -61,10 +115,9 @@ class TagStore:
         return candidates[-1]
 
     def register_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        """`customer_tags_history` (every partition) and `customer_tags_current` (the latest)."""
-        con.execute(f"CREATE OR REPLACE VIEW customer_tags_history AS SELECT * FROM {self._all()}")
-        latest = self.latest_on_or_before(None)
-        con.execute(f"CREATE OR REPLACE VIEW customer_tags_current AS SELECT * FROM {self._partition(latest)}")
+        """`customer_tags_history` (every partition) and `customer_tags_current` (the latest), as the warehouse's DuckDB file has them."""
+        self._partition(self.latest_on_or_before(None))  # no partitions, or a corrupt newest one: the store's own error
+        create_views(con, tag_store_views(self.table))
 
     def customer_tags(self, con: duckdb.DuckDBPyConnection, customer_id: str, as_of: date | None = None) -> pd.DataFrame:
         """A customer's tags in the latest partition on or before `as_of` (default: the newest)."""
@@ -132,9 +185,8 @@ class TagStore:
                 cells.append(cell)
                 continue
             cells.append(f"CASE WHEN left({cell}, 1) IN ({prefixes}) THEN {sql_literal(chr(39))} || {cell} ELSE {cell} END AS {quote(name)}")
-        with locked_temporary(out) as tmp:
+        with atomic_replace(out) as tmp:
             con.execute(f"COPY (SELECT {', '.join(cells)} FROM {source} ORDER BY customer_id, tag) TO {sql_literal(tmp)} (FORMAT CSV, HEADER)")
-            tmp.replace(out)
         return con.execute(f"SELECT count(*) FROM {source}").fetchall()[0][0]
 
     def distribution(self, con: duckdb.DuckDBPyConnection, as_of: date) -> pd.DataFrame:

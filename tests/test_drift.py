@@ -15,7 +15,7 @@ from monitoring.performance import realised_performance
 from monitoring.psi import ALL, MISSING, distribution_psi, feature_psi
 from monitoring.reevaluation import Cursor, DriftEvent, drift_verdict, events_from_result, plan_reevaluations, run_key
 from scoring.score import TAG_ROW_SCHEMA
-from scoring.store import TagStore
+from scoring.store import ParquetTagStore
 from training.catalog import CatalogError, load_catalog
 
 
@@ -218,10 +218,10 @@ def churn_world(tmp_path):
             "source": "observed_outcome",
         }
     ).to_parquet(staged / "tag_labels.parquet", index=False)
-    return {"tag": tag, "ids": ids, "churned": churned, "staged": staged, "store": TagStore(tmp_path / "tags")}
+    return {"tag": tag, "ids": ids, "churned": churned, "staged": staged, "store": ParquetTagStore(tmp_path / "tags")}
 
 
-def _write_partition(store: TagStore, as_of: date, ids, p_churn, version: str) -> None:
+def _write_partition(store: ParquetTagStore, as_of: date, ids, p_churn, version: str) -> None:
     n = len(ids)
     table = pa.table(
         {

@@ -21,7 +21,7 @@ from orchestration.jobs import (
     TRAIN_ALL_JOB,
     reevaluation_run_config,
 )
-from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags
+from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags, sensor_context
 from tagml.core.settings import Settings
 from tests.conftest import make_connection
 from training.catalog import load_catalog
@@ -58,7 +58,7 @@ def loop(tmp_path_factory):
     sensor = defs.resolve_sensor_def(REEVALUATE_ON_DRIFT_SENSOR)
 
     def tick(cursor):
-        return sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=repository))
+        return sensor.evaluate_tick(sensor_context(repository, instance, cursor))
 
     assert defs.resolve_job_def(RAW_INGEST_JOB).execute_in_process(instance=instance).success
     train_config = {"ops": {k: v for t in catalog.model_tags for k, v in reevaluation_run_config(t.name, TRAINED.isoformat())["ops"].items()}}

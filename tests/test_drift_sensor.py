@@ -11,11 +11,13 @@ from dagster._daemon.sensor import fetch_existing_runs
 from orchestration.definitions import build_definitions
 from orchestration.monitoring_assets import DRIFT_BY_TAG
 from orchestration.partitions import as_of_partitions
+from orchestration.resources import MonitoringResource
 from orchestration.sensors import (
     REEVALUATE_ON_DRIFT_SENSOR,
     RUN_KEY_TAG,
     SENSOR_NAME_TAG,
     in_process_run_tags,
+    sensor_context,
 )
 from tagml.core.settings import Settings
 
@@ -47,7 +49,7 @@ def test_results_stored_out_of_computation_order_are_all_read(tmp_path):
     asset = _stand_in_tag_drift(settings)
 
     def tick(cursor):
-        return sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=defs.get_repository_def()))
+        return sensor.evaluate_tick(sensor_context(defs.get_repository_def(), instance, cursor))
 
     # the later-computed partition is stored first, the sensor runs, then the earlier-computed one arrives
     assert dg.materialize([asset], instance=instance, partition_key="2026-10-31").success
@@ -73,7 +75,7 @@ def test_an_in_process_run_with_the_sensor_tags_is_found_by_the_daemons_run_key_
     sensor = defs.resolve_sensor_def(REEVALUATE_ON_DRIFT_SENSOR)
     instance = dg.DagsterInstance.ephemeral()
     assert dg.materialize([_stand_in_tag_drift(settings)], instance=instance, partition_key="2026-10-31").success
-    [request] = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, repository_def=defs.get_repository_def())).run_requests
+    [request] = sensor.evaluate_tick(sensor_context(defs.get_repository_def(), instance)).run_requests
     tags = in_process_run_tags(request)
     assert tags[RUN_KEY_TAG] == request.run_key and tags[SENSOR_NAME_TAG] == REEVALUATE_ON_DRIFT_SENSOR
     # the names the daemon looks for
@@ -86,7 +88,27 @@ def test_an_in_process_run_with_the_sensor_tags_is_found_by_the_daemons_run_key_
     # what `tagml demo` does with the request (any job; the daemon's check looks at the tags only)
     dg.materialize([_stand_in_tag_drift(settings)], instance=instance, partition_key="2026-10-30", tags=tags)
     # a lost cursor: the same request again, and the daemon would skip it as already launched
-    requests = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, repository_def=defs.get_repository_def())).run_requests
+    requests = sensor.evaluate_tick(sensor_context(defs.get_repository_def(), instance)).run_requests
     [again] = [r for r in requests if r.run_key == request.run_key]
     existing = fetch_existing_runs(instance, remote, [again])
     assert list(existing) == [request.run_key] and existing[request.run_key].status == dg.DagsterRunStatus.SUCCESS
+
+
+def test_the_cooldown_comes_from_the_monitoring_resource(tmp_path):
+    settings = Settings.from_env({"TAGML_HOME": str(tmp_path / "home")})  # TAGML_REEVALUATION_COOLDOWN_DAYS: 7 by default
+    defs = build_definitions(settings)
+    repository = defs.get_repository_def()
+    sensor = defs.resolve_sensor_def(REEVALUATE_ON_DRIFT_SENSOR)
+    instance = dg.DagsterInstance.ephemeral()
+
+    @dg.asset(name="tag_drift", partitions_def=as_of_partitions(settings))
+    def tag_drift(context: dg.AssetExecutionContext) -> dg.MaterializeResult:  # life_stage drifts on two days running
+        return dg.MaterializeResult(metadata={DRIFT_BY_TAG: dg.MetadataValue.json({"life_stage": {"drifted": True, "reasons": ["class PSI 0.31 > 0.2"]}})})
+
+    for day in ("2026-10-30", "2026-10-31"):
+        assert dg.materialize([tag_drift], instance=instance, partition_key=day).success
+    default = sensor.evaluate_tick(sensor_context(repository, instance))
+    assert [r.partition_key for r in default.run_requests] == ["2026-10-30"]  # the second falls in the 7-day cooldown
+    no_cooldown = MonitoringResource(**{**MonitoringResource.from_settings(settings).model_dump(), "reevaluation_cooldown_days": 0})
+    context = dg.build_sensor_context(instance=instance, repository_def=repository, resources={**repository.get_top_level_resources(), "monitoring": no_cooldown})
+    assert [r.partition_key for r in sensor.evaluate_tick(context).run_requests] == ["2026-10-30", "2026-10-31"]

@@ -25,7 +25,7 @@ from monitoring.drift import slice_expressions
 from monitoring.psi import feature_psi
 from scoring.rules import rule_batches, rule_case_sql
 from scoring.score import score_partition
-from scoring.store import TagStore
+from scoring.store import ParquetTagStore
 from tagml.core.storage import (
     WarehouseConfigError,
     connect,
@@ -194,7 +194,7 @@ def test_psi_and_slices_over_hostile_regions_and_ids(hostile_bank, tmp_path):
 def test_rule_tags_score_hostile_customer_ids_unchanged(hostile_bank, tmp_path):
     catalog = load_catalog()
     rules_only = Catalog(tags=catalog.rule_tags)
-    store = TagStore(tmp_path / "tags [prod] 'x'")  # glob characters and a quote in the store's own path
+    store = ParquetTagStore(tmp_path / "tags [prod] 'x'")  # glob characters and a quote in the store's own path
     target = store.partition_path(AS_OF)
     con = connect(1, "1GB")
     try:

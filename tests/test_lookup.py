@@ -7,7 +7,7 @@ import duckdb
 import pytest
 
 from scoring.lookup import customer_tags, is_present
-from scoring.store import TagStore, TagStoreError
+from scoring.store import ParquetTagStore, TagStore, TagStoreError
 from tagml.core.storage import sql_literal
 
 AS_OF = date(2026, 9, 30)
@@ -15,7 +15,7 @@ AS_OF = date(2026, 9, 30)
 
 @pytest.fixture
 def store(tmp_path) -> TagStore:
-    store = TagStore(tmp_path / "customer_tags")
+    store = ParquetTagStore(tmp_path / "customer_tags")
     path = store.partition_path(AS_OF)
     path.parent.mkdir(parents=True)
     with duckdb.connect() as con:

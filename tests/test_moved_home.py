@@ -31,7 +31,7 @@ from orchestration.jobs import (
     reevaluation_run_config,
 )
 from orchestration.training_assets import tag_model_key
-from scoring.store import TagStore
+from scoring.store import ParquetTagStore
 from tagml.cli import main
 from tagml.cli.errors import ExitCode
 from tagml.core.settings import Settings
@@ -106,7 +106,7 @@ def _customer(settings: Settings, day: date) -> str:
     with duckdb.connect() as con:
         [(customer,)] = con.execute(
             "SELECT min(customer_id) FROM read_parquet(?) WHERE tag = 'risk_appetite' AND source = 'model'",
-            [str(TagStore(settings.warehouse_dir / "customer_tags").partition_path(day))],
+            [str(ParquetTagStore(settings.warehouse_dir / "customer_tags").partition_path(day))],
         ).fetchall()
     return customer
 
@@ -226,7 +226,7 @@ def test_a_copied_home_is_re_anchored_and_the_original_is_untouched(tmp_path, mo
     import pandas as pd
 
     from tagml.core.runtime import MLFLOW_LOCATION_COLUMNS, relocate_home
-    from tagml.core.storage import publish_views, staged_dir_of
+    from tagml.core.storage import WarehouseLayout, publish_views
     from training.tracking import connect_tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -237,7 +237,7 @@ def test_a_copied_home_is_re_anchored_and_the_original_is_untouched(tmp_path, mo
     # a sibling directory whose name starts with the home's: not part of the home
     sibling = client.create_experiment("sibling", artifact_location=f"{original.home}2/artifacts")
     run = client.create_run(inside)
-    staged = staged_dir_of(original.warehouse_dir)
+    staged = WarehouseLayout(original.warehouse_dir).staged_dir
     staged.mkdir(parents=True)
     pd.DataFrame({"customer_id": ["C1"]}).to_parquet(staged / "customers.parquet")
     publish_views(original.duckdb_path, original.warehouse_dir)
@@ -267,5 +267,5 @@ def test_a_copied_home_is_re_anchored_and_the_original_is_untouched(tmp_path, mo
     assert all(v.startswith(str(original.home)) for v in locations(original).values())  # untouched
     with duckdb.connect(str(copy.duckdb_path), read_only=True) as con:
         [(sql,)] = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'raw_customers'").fetchall()
-    assert str(staged_dir_of(copy.warehouse_dir)) in sql
+    assert str(WarehouseLayout(copy.warehouse_dir).staged_dir) in sql
     assert sibling  # created, and left alone above

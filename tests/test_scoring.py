@@ -24,7 +24,7 @@ from scoring.score import (
     check_coverage,
     score_partition,
 )
-from scoring.store import TagStore, TagStoreError
+from scoring.store import ParquetTagStore, TagStoreError
 from tests.conftest import WINDOW_END, make_connection
 from training.catalog import load_catalog
 from training.dataset import build_training_set
@@ -115,7 +115,7 @@ def test_scoring_follows_the_champion_alias(world, tmp_path):
 
 
 def test_rerunning_a_partition_leaves_exactly_one_copy(world, tmp_path):
-    store = TagStore(tmp_path / "tags")
+    store = ParquetTagStore(tmp_path / "tags")
     for _ in range(2):
         _score(world, store.partition_path(AS_OF))
     assert [p.name for p in store.partition_path(AS_OF).parent.iterdir()] == ["data.parquet"]
@@ -181,7 +181,7 @@ def test_a_scoring_run_killed_mid_write_leaves_the_previous_partition_intact(wor
     proc.wait()
     pd.testing.assert_frame_equal(pd.read_parquet(target), before)
     # readers of the store never see the half-written file
-    assert TagStore(target.parent.parent).partitions() == [AS_OF]
+    assert ParquetTagStore(target.parent.parent).partitions() == [AS_OF]
     assert list(target.parent.glob(".data.parquet.*.tmp")), "the killed writer's temporary file is left"
     # the re-run of the partition removes the dead writer's temporary at once, not hours later
     _score(world, target)
@@ -217,7 +217,7 @@ def _rows(as_of: date, values: dict[str, str], producer: str) -> pa.Table:
 
 @pytest.fixture
 def hand_store(tmp_path):
-    store = TagStore(tmp_path / "tags")
+    store = ParquetTagStore(tmp_path / "tags")
     for as_of, values, producer in (
         (date(2026, 9, 30), {"A": "C1", "B": "C2", "C": "C2"}, "tagml-risk_appetite/1"),
         (date(2026, 10, 31), {"A": "C2", "B": "C2", "C": "C1", "D": "C1"}, "tagml-risk_appetite/2"),
@@ -373,7 +373,7 @@ def test_check_coverage_counts_missing_extra_and_unknown(world, tmp_path):
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
 def test_an_export_into_the_tag_store_or_the_warehouse_is_refused(tmp_path, fmt):
     warehouse = tmp_path / "warehouse"
-    store = TagStore(warehouse / "customer_tags", protected=[warehouse])
+    store = ParquetTagStore(warehouse / "customer_tags", protected=[warehouse])
     path = store.partition_path(date(2026, 10, 31))
     path.parent.mkdir(parents=True)
     pq.write_table(_rows(date(2026, 10, 31), {"A": "C1"}, "tagml-risk_appetite/1"), path)
@@ -393,7 +393,7 @@ def test_an_export_into_the_tag_store_or_the_warehouse_is_refused(tmp_path, fmt)
 def test_csv_export_defuses_spreadsheet_formulas(tmp_path):
     import csv
 
-    store = TagStore(tmp_path / "tags")
+    store = ParquetTagStore(tmp_path / "tags")
     as_of = date(2026, 10, 31)
     hostile = {"=HYPERLINK(\"http://x\")": "C1", "+1+2": "C2", "-2+3": "C1", "@SUM(A1)": "C2", "\tTAB": "C1", "\rCR": "C2", "C-7": "C1"}
     path = store.partition_path(as_of)
@@ -415,7 +415,7 @@ def test_csv_export_defuses_spreadsheet_formulas(tmp_path):
 def test_truncated_feature_and_tag_partitions_are_named_with_the_repair(world, tmp_path):
     """A truncated Parquet file is an error naming the file and the partition to rebuild, not a bare
     ArrowInvalid / 'No magic bytes' traceback; the tag partition already stored is kept."""
-    store = TagStore(tmp_path / "tags")
+    store = ParquetTagStore(tmp_path / "tags")
     target = store.partition_path(AS_OF)
     _score(world, target)
     before = target.read_bytes()

@@ -12,7 +12,7 @@ from orchestration.partitions import as_of_partitions
 from orchestration.resources import MlflowResource, WarehouseResource
 from orchestration.scoring_assets import build_customer_tags_asset
 from tagml.core.settings import Settings
-from tagml.core.storage import features_path
+from tagml.core.storage import WarehouseLayout
 from tests.test_scoring import small_catalog
 from training.catalog import load_catalog
 
@@ -24,7 +24,7 @@ def test_failing_coverage_is_reported_from_the_validated_file_and_publishes_noth
     catalog = load_catalog(small_catalog(tmp_path, include=("value_tier", "lifecycle_stage")))  # rule tags: no registry needed
     asset = build_customer_tags_asset(as_of_partitions(settings), catalog)
     resources = {"warehouse": WarehouseResource.from_settings(settings), "mlflow_store": MlflowResource.from_settings(settings)}
-    snapshot = features_path(settings.warehouse_dir, AS_OF)
+    snapshot = WarehouseLayout(settings.warehouse_dir).customer_features.path(AS_OF)
     snapshot.parent.mkdir(parents=True)
     good = pq.read_table(bank_features[AS_OF])
     pq.write_table(good, snapshot)
@@ -60,7 +60,7 @@ def test_a_feature_gone_empty_is_caught_by_the_stability_check(bank_features, tm
     instance = dg.DagsterInstance.ephemeral()
     results = {}
     for day, table in ((date(2026, 6, 29), good), (AS_OF, good.set_column(good.schema.get_field_index("aum_total"), "aum_total", pa.nulls(good.num_rows, pa.float64())))):
-        snapshot = features_path(settings.warehouse_dir, day)
+        snapshot = WarehouseLayout(settings.warehouse_dir).customer_features.path(day)
         snapshot.parent.mkdir(parents=True)
         pq.write_table(table, snapshot)
         results[day] = dg.materialize([asset], resources=resources, partition_key=day.isoformat(), instance=instance)

@@ -7,12 +7,14 @@ import pytest
 
 from orchestration.definitions import build_definitions
 from tagml.core.settings import (
+    DEFAULT_CATALOG,
     HomeNotFoundError,
     Settings,
     SettingsError,
     UnknownSettingWarning,
     valid_cron,
 )
+from tagml.core.storage import WarehouseConfigError, connect
 
 
 @pytest.mark.parametrize(
@@ -70,6 +72,25 @@ def test_good_values_and_the_defaults_are_unchanged(tmp_path):
     assert defaults.drift_dir == tmp_path / "warehouse" / "drift" and defaults.duckdb_path == tmp_path / "warehouse" / "tagml.duckdb"
     for size in ("4GB", "1.5GiB", "800 MB", "64kb"):
         assert Settings.from_env({"TAGML_DUCKDB_MEMORY_LIMIT": size}).duckdb_memory_limit == size.replace(" ", "")
+
+
+def test_every_memory_limit_the_settings_accept_opens_a_connection_with_that_limit(tmp_path):
+    # the two checks once differed in case: '1.5gib' passed the settings and was refused by connect
+    for size in ("4gb", "1.5gib", "800 mb", "512MiB", " 2 GB "):
+        limit = Settings.from_env({"TAGML_HOME": str(tmp_path), "TAGML_DUCKDB_MEMORY_LIMIT": size}).duckdb_memory_limit
+        with connect(1, limit) as con:
+            assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] != ""
+    for size in ("lots", "4", "4 PB", "4GiBs"):
+        with pytest.raises(SettingsError, match="TAGML_DUCKDB_MEMORY_LIMIT"):
+            Settings.from_env({"TAGML_HOME": str(tmp_path), "TAGML_DUCKDB_MEMORY_LIMIT": size})
+        with pytest.raises(WarehouseConfigError, match="TAGML_DUCKDB_MEMORY_LIMIT"):
+            connect(1, size)
+
+
+def test_the_default_catalog_is_the_one_the_catalog_loader_reads():
+    from training.catalog import load_catalog
+
+    assert DEFAULT_CATALOG.is_file() and load_catalog.__defaults__ == (DEFAULT_CATALOG,)
 
 
 def test_cron_validation_agrees_with_dagster():

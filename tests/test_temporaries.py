@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
+from tagml.core.settings import Settings, write_manifest
 from tagml.core.storage import (
+    atomic_replace,
     locked_temporary,
     remove_stale_temporaries,
     write_parquet_atomically,
@@ -80,3 +83,60 @@ def test_a_lock_file_without_its_temporary_and_a_temporary_without_a_lock_are_re
         assert remove_stale_temporaries(target) == []  # our own lock is held: kept
         assert tmp.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [foreign.name]
+
+
+def _temporaries_of(target: Path) -> list[str]:
+    return sorted(p.name for p in target.parent.glob(f".{target.name}.*"))
+
+
+def test_two_writers_of_one_target_never_share_a_temporary_and_a_dead_ones_write_never_lands(tmp_path):
+    target = tmp_path / "home.json"
+    target.write_text("old")
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            sys.path.insert(0, {str(ROOT)!r})
+            from tagml.core.storage import atomic_replace
+            with atomic_replace(Path({str(target)!r})) as tmp:
+                tmp.write_text("the other writer's half")
+                Path({str(ready)!r}).write_text(tmp.name)
+                time.sleep(600)
+            """)],
+        start_new_session=True,
+    )
+    try:
+        theirs = _wait(ready)
+        with atomic_replace(target) as ours:
+            assert ours.name != theirs and (tmp_path / theirs).exists()
+            ours.write_text("new")
+        assert target.read_text() == "new"
+        assert (tmp_path / theirs).read_text() == "the other writer's half"  # a live writer's temporary is left alone
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert target.read_text() == "new"  # the killed writer never replaced it
+    with atomic_replace(target) as again:
+        again.write_text("newer")
+    assert target.read_text() == "newer" and _temporaries_of(target) == []
+
+
+def test_a_failed_write_leaves_the_old_target_and_no_temporary(tmp_path):
+    target = tmp_path / "report.html"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="failed half way"), atomic_replace(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("failed half way")
+    assert target.read_text() == "old" and _temporaries_of(target) == []
+
+
+def test_the_home_manifest_is_written_like_every_other_target_live_writers_kept_dead_ones_cleaned(tmp_path):
+    settings = Settings.from_env({"TAGML_HOME": str(tmp_path)})
+    dead = settings.manifest_path.with_name(f".{settings.manifest_path.name}.{'0' * 32}.tmp")
+    with locked_temporary(settings.manifest_path) as live:
+        live.write_text("{}")
+        dead.write_text("{")  # a writer killed mid-write, its lock released with the process
+        write_manifest(settings)
+        assert live.read_text() == "{}" and not dead.exists()
+    assert '"path"' in settings.manifest_path.read_text() and _temporaries_of(settings.manifest_path) == []

@@ -28,8 +28,8 @@ from sqlglot import exp
 
 from features.contract import LABEL_SOURCES
 from features.customer_features import FEATURE_NAMES, FEATURES
+from tagml.core.settings import DEFAULT_CATALOG
 
-DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "tags" / "catalog.yaml"
 FEATURE_GROUPS = tuple(sorted({f.group for f in FEATURES}))
 # Class names become MLflow metric names, file names and tag-store values: a safe, portable alphabet.
 CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

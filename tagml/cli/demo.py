@@ -79,7 +79,7 @@ def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> b
 def _print_demo_results(settings: Settings, plan: Any, trained: Any, scored: dict[date, Any], reevaluated: list[Any]) -> None:
     from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR
     from orchestration.walkthrough import example_model_customer, feature_snapshot_shape
-    from scoring.store import TagStore
+    from scoring.store import ParquetTagStore
 
     # the printers of `tagml drift` and `tagml tags`, imported here so that `tagml --help` lists the commands in their order
     from tagml.cli.drift import print_drift
@@ -96,7 +96,7 @@ def _print_demo_results(settings: Settings, plan: Any, trained: Any, scored: dic
     if not trained.success:
         print("  training job FAILED; see the Dagster UI for the step logs")
     if scored[as_of].success:
-        store = TagStore(settings.warehouse_dir / "customer_tags")
+        store = ParquetTagStore.in_warehouse(settings.warehouse_dir)
         with closing(common.connect(settings)) as con:
             for day in (train_as_of, as_of):
                 print(f"\ncustomer_tags[{day}] -> {store.partition_path(day)}")

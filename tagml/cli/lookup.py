@@ -23,7 +23,7 @@ class ExportFormat(str, Enum):
 def customer_tags(settings: Settings, customer_id: str, as_of: date | None, lineage: bool) -> dict[str, Any]:
     """One customer's tags as plain data (printed as text or JSON); MLflow is opened only for a model tag's lineage."""
     from scoring.lookup import customer_tags as lookup
-    from scoring.store import TagStore
+    from scoring.store import ParquetTagStore
     from training.registry import lineage as model_lineage
 
     @functools.cache
@@ -34,7 +34,7 @@ def customer_tags(settings: Settings, customer_id: str, as_of: date | None, line
         return model_lineage(client(), tag, version)
 
     with closing(common.connect(settings)) as con:
-        return lookup(con, TagStore(settings.warehouse_dir / "customer_tags"), customer_id, as_of, version_lineage if lineage else None)
+        return lookup(con, ParquetTagStore.in_warehouse(settings.warehouse_dir), customer_id, as_of, version_lineage if lineage else None)
 
 
 def print_tags(result: dict[str, Any]) -> None:
@@ -85,12 +85,12 @@ def export_command(
     as_json: Annotated[bool, typer.Option("--json", help="print what was written as JSON")] = False,
 ) -> None:
     """Write one tag partition for downstream systems (CRM, marketing)."""
-    from scoring.store import TagStore
+    from scoring.store import ParquetTagStore
 
     day = parse_date(as_of)
     settings = load_settings(require_home=True)
     # an export inside the warehouse would be read back as data (a fake tag partition): refused by name
-    store = TagStore(settings.warehouse_dir / "customer_tags", protected=[settings.warehouse_dir])
+    store = ParquetTagStore.in_warehouse(settings.warehouse_dir)
     partition = store.latest_on_or_before(day)
     with closing(common.connect(settings)) as con:
         rows = store.export(con, partition, format.value, out)

@@ -9,7 +9,6 @@ variable (`SettingsError`) instead of surfacing later as a ValueError deep insid
 import difflib
 import json
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
@@ -19,6 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tagml.core.storage import MEMORY_LIMIT, atomic_replace
 
 DEFAULT_HOME = ".tagml"
 DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "tags" / "catalog.yaml"
@@ -71,7 +72,6 @@ _WARNED: set[str] = set()
 DEFAULT_TIMEZONE = "Asia/Shanghai"  # the bank's timezone: partitions, schedules, a delivery's default date
 FIELD_VARIABLE = {field: var for var, (field, _) in VARIABLES.items()}
 
-MEMORY_LIMIT = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 CRON_NAMES = (
     {},
@@ -333,9 +333,8 @@ def resolve_home_path(stored: str) -> Path:
 def write_manifest(settings: Settings) -> None:
     """home.json records where the home was created, so a moved or copied home can be recognised."""
     payload = {"path": str(settings.home), "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    tmp = settings.manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, settings.manifest_path)
+    with atomic_replace(settings.manifest_path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def read_manifest(settings: Settings) -> dict[str, Any] | None:

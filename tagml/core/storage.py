@@ -1,4 +1,4 @@
-"""The embedded warehouse: DuckDB connections over Parquet files, and atomic Parquet writes."""
+"""The embedded warehouse: DuckDB connections over Parquet files, atomic writes, and where each table lives."""
 
 import fcntl
 import glob
@@ -7,14 +7,18 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Protocol
 
 import duckdb
 
 PARQUET_OPTIONS = "FORMAT PARQUET, COMPRESSION ZSTD, ROW_GROUP_SIZE 122880"
-# DuckDB's own units (1000^i and 1024^i); anything else is refused before a connection is opened
-MEMORY_LIMIT = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+# DuckDB's own units (1000^i and 1024^i), in any case as DuckDB reads them ('4gib' is 4 GiB); anything
+# else is refused before a connection is opened. Settings validate TAGML_DUCKDB_MEMORY_LIMIT with it too.
+MEMORY_LIMIT = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
+PARTITION_FILE = "data.parquet"
 
 
 class WarehouseConfigError(ValueError):
@@ -79,18 +83,65 @@ def glob_literal(directory: Path | str, pattern: str) -> str:
     return sql_literal(glob.escape(directory.rstrip("/")) + "/" + pattern)
 
 
-def staged_dir_of(warehouse_dir: Path) -> Path:
-    """Where validated raw tables (PII removed) live inside the warehouse."""
-    return Path(warehouse_dir) / "raw"
-
-
 def staged_path(staged_dir: Path, table: str) -> Path:
+    """The validated (PII removed) raw table `table` in the staged directory."""
     return staged_dir / f"{table}.parquet"
 
 
-def features_path(warehouse_dir: Path, as_of: date) -> Path:
-    """The customer_features snapshot for one as_of (hive-style partition directory)."""
-    return Path(warehouse_dir) / "customer_features" / f"as_of={as_of.isoformat()}" / "data.parquet"
+@dataclass(frozen=True)
+class PartitionedTable:
+    """A table stored as one Parquet file per as_of: `<root>/as_of=YYYY-MM-DD/data.parquet` (hive-style directories).
+
+    Readers never use hive partitioning: every file carries its own `as_of` column.
+    """
+
+    root: Path
+
+    def directory(self, as_of: date) -> Path:
+        return Path(self.root) / f"as_of={as_of.isoformat()}"
+
+    def path(self, as_of: date) -> Path:
+        return self.directory(as_of) / PARTITION_FILE
+
+    def files(self) -> list[Path]:
+        return sorted(Path(self.root).glob(f"as_of=*/{PARTITION_FILE}"))
+
+    def partitions(self) -> list[date]:
+        """The as_of dates that have a partition file, oldest first."""
+        return sorted(date.fromisoformat(p.parent.name.removeprefix("as_of=")) for p in self.files())
+
+    def read_all_sql(self, union_by_name: bool = False) -> str:
+        """A `read_parquet(...)` over every partition (union_by_name: partitions written with fewer columns)."""
+        options = ", union_by_name = true" if union_by_name else ""
+        return f"read_parquet({glob_literal(self.root, 'as_of=*/' + PARTITION_FILE)}{options}, hive_partitioning = false)"
+
+    def read_sql(self, as_of: date) -> str:
+        """A `read_parquet(...)` of one partition's file."""
+        return f"read_parquet({sql_literal(self.path(as_of))})"
+
+
+@dataclass(frozen=True)
+class WarehouseLayout:
+    """Where each table of the embedded warehouse lives under its directory (TAGML_WAREHOUSE_DIR)."""
+
+    root: Path
+
+    @property
+    def staged_dir(self) -> Path:
+        """Validated raw tables (PII removed), one Parquet file per contract table."""
+        return Path(self.root) / "raw"
+
+    @property
+    def customer_features(self) -> PartitionedTable:
+        return PartitionedTable(Path(self.root) / "customer_features")
+
+    @property
+    def customer_tags(self) -> PartitionedTable:
+        return PartitionedTable(Path(self.root) / "customer_tags")
+
+    @property
+    def training_sets_dir(self) -> Path:
+        return Path(self.root) / "training_sets"
 
 
 def _temporaries(target: Path) -> list[Path]:
@@ -156,8 +207,8 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
 def locked_temporary(target: Path) -> Iterator[Path]:
     """A temporary path beside `target`, locked as in use while the block runs, and removed after.
 
-    Cleans up the temporaries of dead writers of the same target first. The caller writes the path
-    and `os.replace`s it onto the target; whatever is left at the path when the block ends is deleted.
+    Cleans up the temporaries of dead writers of the same target first. Whatever is left at the
+    path when the block ends is deleted. Writers use `atomic_replace`, which also swaps it in.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
@@ -177,6 +228,19 @@ def locked_temporary(target: Path) -> Iterator[Path]:
             os.close(fd)
 
 
+@contextmanager
+def atomic_replace(target: Path) -> Iterator[Path]:
+    """A unique, locked temporary path beside `target` (`locked_temporary`) that replaces `target` when the block succeeds.
+
+    Readers see the old file or the new one, never half (`os.replace` is atomic on POSIX within one
+    filesystem). If the block raises, the target is untouched and the temporary is removed; a writer
+    killed mid-block leaves a temporary that the next writer of the same target removes.
+    """
+    with locked_temporary(target) as tmp:
+        yield tmp
+        os.replace(tmp, target)
+
+
 def write_parquet_atomically(
     con: duckdb.DuckDBPyConnection,
     select_sql: str,
@@ -186,18 +250,32 @@ def write_parquet_atomically(
 ) -> int:
     """Write the query's rows to `target` so that readers see the old file or the new one, never half.
 
-    DuckDB writes to a locked temporary file beside the target (`locked_temporary`); `validate(tmp)`
-    may inspect it and raise to abort; `params` bind the query's `?` placeholders; `os.replace` then
-    swaps it in (atomic on POSIX within one filesystem). On any error the temporary file is removed
-    and the target is untouched.
+    DuckDB writes to the temporary file of `atomic_replace`; `validate(tmp)` may inspect it and raise
+    to abort; `params` bind the query's `?` placeholders. On any error the target is untouched.
     """
-    with locked_temporary(target) as tmp:
+    with atomic_replace(target) as tmp:
         con.execute(f"COPY ({select_sql}) TO {sql_literal(tmp)} ({PARQUET_OPTIONS})", params or [])
         rows = con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(tmp)})").fetchall()[0][0]
         if validate is not None:
             validate(tmp)
-        os.replace(tmp, target)
     return int(rows)
+
+
+def tag_store_views(tags: PartitionedTable) -> dict[str, str]:
+    """The tag store's views, name -> query: the one definition for the warehouse's DuckDB file and a session.
+
+    `customer_tags_current` selects the newest as_of when it is read, so a view published before the
+    nightly partition was written still shows that partition.
+    """
+    return {
+        "customer_tags_history": f"SELECT * FROM {tags.read_all_sql()}",
+        "customer_tags_current": "SELECT * FROM customer_tags_history WHERE as_of = (SELECT max(as_of) FROM customer_tags_history)",
+    }
+
+
+def create_views(con: duckdb.DuckDBPyConnection, views: dict[str, str]) -> None:
+    for name, query in views.items():
+        con.execute(f"CREATE OR REPLACE VIEW {quote(name)} AS {query}")
 
 
 def publish_views(duckdb_path: Path, warehouse_dir: Path) -> list[str]:
@@ -206,24 +284,54 @@ def publish_views(duckdb_path: Path, warehouse_dir: Path) -> list[str]:
 
     Views are a convenience: if another process holds the file, they are left as they were.
     """
-    warehouse_dir = Path(warehouse_dir)
-    views: list[tuple[str, str]] = [(f"raw_{p.stem}", sql_literal(p)) for p in sorted(staged_dir_of(warehouse_dir).glob("*.parquet"))]
-    for name in ("customer_features", "customer_tags"):
-        if any((warehouse_dir / name).glob("as_of=*/data.parquet")):
-            views.append((name if name == "customer_features" else "customer_tags_history", glob_literal(warehouse_dir / name, "as_of=*/data.parquet")))
+    layout = WarehouseLayout(Path(warehouse_dir))
+    views = {f"raw_{p.stem}": f"SELECT * FROM read_parquet({sql_literal(p)}, hive_partitioning = false)" for p in sorted(layout.staged_dir.glob("*.parquet"))}
+    if layout.customer_features.files():
+        views["customer_features"] = f"SELECT * FROM {layout.customer_features.read_all_sql()}"
+    if layout.customer_tags.files():
+        views.update(tag_store_views(layout.customer_tags))
     duckdb_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         con = duckdb.connect(str(duckdb_path))
     except duckdb.IOException:
         return []
     try:
-        for name, path in views:
-            con.execute(f"CREATE OR REPLACE VIEW {quote(name)} AS SELECT * FROM read_parquet({path}, hive_partitioning = false)")
-        if any(n == "customer_tags_history" for n, _ in views):
-            con.execute(
-                "CREATE OR REPLACE VIEW customer_tags_current AS SELECT * FROM customer_tags_history "
-                "WHERE as_of = (SELECT max(as_of) FROM customer_tags_history)"
-            )
+        create_views(con, views)
     finally:
         con.close()
-    return [n for n, _ in views]
+    return list(views)
+
+
+class Warehouse(Protocol):
+    """The seam where a warehouse plugs in: where its tables live, a connection to query them, and views for analysts.
+
+    Domain code and Dagster assets take this interface; `EmbeddedWarehouse` (DuckDB over local Parquet)
+    is the zero-setup implementation, and a bank's engine is another class with the same methods.
+    """
+
+    @property
+    def layout(self) -> WarehouseLayout: ...
+
+    def connect(self) -> duckdb.DuckDBPyConnection: ...
+
+    def publish_views(self) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class EmbeddedWarehouse:
+    """DuckDB over the Parquet files under `root`, with views in the DuckDB file at `duckdb_path`."""
+
+    root: Path
+    duckdb_path: Path
+    threads: int = 2
+    memory_limit: str = "4GB"
+
+    @property
+    def layout(self) -> WarehouseLayout:
+        return WarehouseLayout(Path(self.root))
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        return connect(self.threads, self.memory_limit)
+
+    def publish_views(self) -> list[str]:
+        return publish_views(Path(self.duckdb_path), Path(self.root))
