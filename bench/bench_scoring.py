@@ -96,7 +96,7 @@ def step_naive(work: Path, size: int, threads: int) -> dict:
     import pandas as pd
 
     from training.catalog import load_catalog
-    from training.train import registered_model_name
+    from training.versions import registered_model_name
 
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     started = time.perf_counter()

@@ -20,7 +20,8 @@ from training.dataset import (
 )
 from training.registry import apply_gate, evaluate_gate
 from training.tracking import model_version_url, run_url, ui_base_url
-from training.train import registered_model_name, train_tag
+from training.train import train_tag
+from training.versions import registered_model_name
 
 TRAINING_GROUP = "training"
 

@@ -35,7 +35,8 @@ from training.registry import (
     rollback,
 )
 from training.tracking import connect_tracking
-from training.train import REGISTRATION_TAG, registered_model_name, train_tag
+from training.train import train_tag
+from training.versions import REGISTRATION_TAG, registered_model_name
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

@@ -37,13 +37,8 @@ from training.registry import (
     rollback,
 )
 from training.tracking import connect_tracking
-from training.train import (
-    REGISTRATION_TAG,
-    TrainingInProgressError,
-    registered_model_name,
-    train_tag,
-    training_lock_path,
-)
+from training.train import TrainingInProgressError, train_tag, training_lock_path
+from training.versions import REGISTRATION_TAG, registered_model_name
 
 REPO = Path(__file__).resolve().parent.parent
 TAG = "risk_appetite"

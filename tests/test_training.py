@@ -26,7 +26,8 @@ from training.registry import (
     rollback,
 )
 from training.tracking import TrackingUnavailableError, connect_tracking
-from training.train import registered_model_name, train_tag
+from training.train import train_tag
+from training.versions import registered_model_name
 
 SHIPPED = load_catalog()
 

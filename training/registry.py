@@ -22,7 +22,7 @@ from training.catalog import TagSpec
 from training.dataset import TrainingSet
 from training.evaluate import core_metrics, slice_metrics
 from training.tracking import describe, is_missing
-from training.train import registered_model_name, registration_problem
+from training.versions import ModelVersionInfo, parse_version, registered_model_name, registration_problem
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOWER_IS_BETTER = {"log_loss"}
@@ -114,6 +114,16 @@ def require_complete(version: ModelVersion) -> ModelVersion:
     return version
 
 
+def version_info(client: MlflowClient, tag: str, mv: ModelVersion) -> ModelVersionInfo:
+    """`mv` as scoring and monitoring use it. Versions registered before feature types were recorded get
+    them from the model's signature (text inputs are categorical), so every reader sees the same kinds."""
+    info = parse_version(tag, mv)
+    if info.problem is None and info.recorded_kinds is None:
+        inputs = load_model_metadata(client, tag, info.version).signature.inputs
+        info = info.with_kinds({col.name: ("categorical" if col.type.name == "string" else "numeric") for col in inputs.inputs})
+    return info
+
+
 def champion_version(client: MlflowClient, tag: str) -> str | None:
     """The version behind the `champion` alias, or None when the tag has no champion yet."""
     version = alias_version(client, tag, CHAMPION)
@@ -122,6 +132,11 @@ def champion_version(client: MlflowClient, tag: str) -> str | None:
 
 def load_model(tag: str, version: str) -> Any:
     return mlflow.sklearn.load_model(f"models:/{registered_model_name(tag)}/{version}")
+
+
+def load_model_metadata(client: MlflowClient, tag: str, version: str) -> Any:
+    """The MLmodel metadata (signature, flavors) of a version."""
+    return mlflow.models.get_model_info(f"models:/{registered_model_name(tag)}/{version}")
 
 
 def _history(client: MlflowClient, tag: str) -> list[dict[str, Any]]:

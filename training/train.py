@@ -39,34 +39,16 @@ from training.evaluate import (
 )
 from training.models import build_pipeline
 from training.tracking import connect_tracking, is_local_store, is_missing, sqlite_path
+from training.versions import REGISTRATION_COMPLETE, REGISTRATION_PENDING, REGISTRATION_TAG, registered_model_name
 
 PIP_REQUIREMENTS = ["scikit-learn>=1.6,<2", "xgboost>=3.0,<3.3", "pandas>=2.2,<3", "numpy>=2.0,<2.5"]
 
-# A version is created with registration=pending and gets registration=complete only after every other
-# tag is set: a training killed in between leaves a version that says so, and registry/scoring refuse it.
-REGISTRATION_TAG, REGISTRATION_PENDING, REGISTRATION_COMPLETE = "tagml.registration", "pending", "complete"
-REQUIRED_VERSION_TAGS = ("data_snapshot", "snapshot_id", "feature_list", "classes")
 # which process owns a run: a later training marks the runs of a process that is gone as KILLED
 OWNER_PID, OWNER_HOST = "tagml.pid", "tagml.host"
 
 
 class TrainingInProgressError(RuntimeError):
     """Another training of the same tag holds the tag's training lock on this store; nothing was logged."""
-
-
-def registration_problem(tags: Mapping[str, str]) -> str | None:
-    """Why a version's registry tags are not a finished registration, or None when they are."""
-    state = tags.get(REGISTRATION_TAG)
-    if state not in (None, REGISTRATION_COMPLETE):
-        return f"its registration is {state!r}, never completed"
-    missing = [k for k in REQUIRED_VERSION_TAGS if k not in tags]
-    if missing:  # versions registered before the registration tag existed are judged by their content
-        return f"it lacks the registry tags {missing}"
-    return None
-
-
-def registered_model_name(tag: str) -> str:
-    return f"tagml-{tag}"
 
 
 def code_version() -> str:
