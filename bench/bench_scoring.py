@@ -53,7 +53,7 @@ def step_train(work: Path, threads: int) -> dict:
     versions = {}
     for tag in load_catalog().model_tags:
         data = build_training_set(con, bank / "staged", tag, AS_OF, bank / "sets")
-        result = train_tag(tag, data, uri, artifact_location=str(work / "artifacts"), threads=threads, trials=3)
+        result = train_tag(tag, data, client, artifact_location=str(work / "artifacts"), threads=threads, trials=3)
         promote(client, tag.name, result.version, by="bench", reason="scoring benchmark")
         versions[tag.name] = result.version
     return {"versions": versions}

@@ -117,6 +117,7 @@ def sample_sql(path: Path | str, columns: list[str], rows: int) -> str:
 
 def reference_profile(
     con: duckdb.DuckDBPyConnection,
+    client: MlflowClient,
     mm: ModelVersionInfo,
     tag: TagSpec,
     population: Path,
@@ -143,7 +144,7 @@ def reference_profile(
                 sample_path=sample_path,
             )
 
-    model = load_model(tag.name, mm.version)
+    model = load_model(client, tag.name, mm.version)
     slice_cols = ", ".join(f"coalesce(({expr})::VARCHAR, {sql_literal(MISSING)}) AS {quote('_slice_' + name)}" for name, expr in slices.items())
     select = ", ".join(quote(f) for f in mm.features)
     # a cursor of its own: the stream must not be interrupted by (or interrupt) other queries on `con`

@@ -97,12 +97,12 @@ def build_training_assets(tag: TagSpec) -> list[dg.AssetsDefinition]:
         warehouse: WarehouseResource,
     ):
         data = load_training_set(resolve_home_path(snapshot_path), tag)
+        client = mlflow_store.client()
         result = train_tag(
-            tag, data, mlflow_store.tracking_uri, artifact_location=mlflow_store.artifact_location,
+            tag, data, client, artifact_location=mlflow_store.artifact_location,
             seed=config.seed, threads=warehouse.threads, trials=config.trials,
             run_tags={"dagster_run_id": context.run.run_id},
         )
-        client = mlflow_store.client()
         decision = apply_gate(client, evaluate_gate(client, tag, result.version, data))
         context.log.info(decision.summary())
         ui = ui_base_url(mlflow_store.tracking_uri, mlflow_store.ui_url)

@@ -210,7 +210,7 @@ def resolve_champion(client: MlflowClient, tag: TagSpec) -> Champion:
     except IncompleteRegistrationError as exc:
         raise ScoringError(f"tag {tag.name!r}: the champion {exc}") from exc
     info = version_info(client, tag.name, version)
-    return Champion(info, load_model(tag.name, info.version))
+    return Champion(info, load_model(client, tag.name, info.version))
 
 
 @dataclass(frozen=True)

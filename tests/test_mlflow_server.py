@@ -166,7 +166,7 @@ def test_train_gate_promote_rollback_and_score_against_a_real_server(server, wor
     tag, data = world["tag"], world["data"]
     local_artifacts = tmp_path / "local-artifacts"
 
-    first = train_tag(tag, data, server["url"], artifact_location=str(local_artifacts), seed=0, threads=1, lock_dir=tmp_path)
+    first = train_tag(tag, data, client, artifact_location=str(local_artifacts), seed=0, threads=1, lock_dir=tmp_path)
     experiment = client.get_experiment(first.experiment_id)
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server chose it
     assert not local_artifacts.exists()  # the local path is for local stores only
@@ -176,7 +176,7 @@ def test_train_gate_promote_rollback_and_score_against_a_real_server(server, wor
     assert apply_gate(client, evaluate_gate(client, tag, first.version, data)).promoted
     assert champion_version(client, TAG) == first.version
 
-    second = train_tag(tag, data, server["url"], seed=1, threads=1, lock_dir=tmp_path)
+    second = train_tag(tag, data, client, seed=1, threads=1, lock_dir=tmp_path)
     # a 503 on the alias lookup is an outage, not "no champion": the gate must not judge v2 a first model
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), type("Outage", (_AliasOutage,), {"upstream": server["url"]}))
     threading.Thread(target=proxy.serve_forever, daemon=True).start()

@@ -62,7 +62,7 @@ def world(bank, tmp_path_factory):
     build_customer_features(con, bank["staged"], AS_OF, features)
     tag = catalog.get("risk_appetite")
     data = build_training_set(con, bank["staged"], tag, AS_OF, tmp / "sets")
-    first = train_tag(tag, data, uri, artifact_location=str(tmp / "artifacts"), seed=0, threads=1)
+    first = train_tag(tag, data, client, artifact_location=str(tmp / "artifacts"), seed=0, threads=1)
     apply_gate(client, evaluate_gate(client, tag, first.version, data))
     assert champion_version(client, "risk_appetite") == first.version
     return {"tmp": tmp, "catalog": catalog, "uri": uri, "client": client, "con": con, "features": features, "data": data, "first": first, "staged": bank["staged"]}
@@ -103,7 +103,7 @@ def test_every_customer_gets_every_tag_with_what_produced_it(world, tmp_path):
 
 def test_scoring_follows_the_champion_alias(world, tmp_path):
     tag = world["catalog"].get("risk_appetite")
-    second = train_tag(tag, world["data"], world["uri"], artifact_location=str(world["tmp"] / "artifacts"), seed=1, threads=1)
+    second = train_tag(tag, world["data"], world["client"], artifact_location=str(world["tmp"] / "artifacts"), seed=1, threads=1)
     target = tmp_path / "data.parquet"
     _score(world, target)
     assert set(pd.read_parquet(target, filters=[("tag", "=", "risk_appetite")]).model_version) == {world["first"].version}
@@ -447,7 +447,7 @@ def test_scoring_and_the_reference_profile_infer_identical_values(world, tmp_pat
     score_partition(world["con"], world["client"], load_catalog(path), world["features"], world["staged"], AS_OF, target, with_reasons=False)
     scored = pd.read_parquet(target)
     version = monitored_model(world["client"], tag, world["first"].version)
-    profile = reference_profile(world["con"], version, tag, world["features"], {}, tmp_path / "reference", sample_rows=50)
+    profile = reference_profile(world["con"], world["client"], version, tag, world["features"], {}, tmp_path / "reference", sample_rows=50)
     overall = profile.class_counts[profile.class_counts.slice_column == "(all)"].set_index("class").n.sort_index()
     stored = scored.inferred_value.value_counts().sort_index()
     assert "unknown" in stored.index

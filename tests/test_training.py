@@ -22,6 +22,8 @@ from training.registry import (
     champion_version,
     evaluate_gate,
     leaderboard,
+    load_model,
+    model_files,
     promote,
     rollback,
 )
@@ -151,7 +153,7 @@ def test_training_set_without_labels_is_a_named_error(bank, tmp_path):
 @pytest.fixture(scope="module")
 def first_model(risk_data, store):
     tag = _tag()
-    result = train_tag(tag, risk_data, store["uri"], artifact_location=store["artifacts"], seed=0, threads=1)
+    result = train_tag(tag, risk_data, store["client"], artifact_location=store["artifacts"], seed=0, threads=1)
     decision = apply_gate(store["client"], evaluate_gate(store["client"], tag, result.version, risk_data))
     return {"tag": tag, "result": result, "decision": decision}
 
@@ -177,11 +179,14 @@ def test_champion_loads_by_alias_and_scores_raw_input_with_unseen_category(first
     X = X.head(50).copy()
     X["region"] = "atlantis"  # never seen in training
     X["education"] = None
-    model = mlflow.sklearn.load_model(f"models:/{registered_model_name('risk_appetite')}@{CHAMPION}")
+    client = store["client"]
+    version = str(client.get_model_version_by_alias(registered_model_name("risk_appetite"), CHAMPION).version)
+    model = load_model(client, "risk_appetite", version)
     proba = model.predict_proba(X)
     assert proba.shape == (50, 5)
     assert np.allclose(proba.sum(axis=1), 1)
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{registered_model_name('risk_appetite')}@{CHAMPION}")
+    with model_files(client, "risk_appetite", version) as path:
+        pyfunc = mlflow.pyfunc.load_model(str(path))
     assert np.allclose(np.asarray(pyfunc.predict(X)), proba)
 
 
@@ -200,7 +205,7 @@ def test_worse_challenger_is_not_promoted_and_reason_is_recorded(first_model, ri
     from training.dataset import TrainingSet
 
     worse_data = TrainingSet(**{**risk_data.__dict__, "feature_names": ("region", "city_tier"), "categorical": ("region",)})
-    result = train_tag(worse_tag, worse_data, store["uri"], artifact_location=store["artifacts"], threads=1)
+    result = train_tag(worse_tag, worse_data, store["client"], artifact_location=store["artifacts"], threads=1)
     decision = apply_gate(client, evaluate_gate(client, first_model["tag"], result.version, risk_data))
     assert not decision.promoted
     assert champion_version(client, "risk_appetite") == first_model["result"].version
@@ -224,7 +229,7 @@ def test_worse_challenger_is_not_promoted_and_reason_is_recorded(first_model, ri
 
 
 def test_same_seed_and_data_give_the_same_metrics(risk_data, store, first_model):
-    again = train_tag(first_model["tag"], risk_data, store["uri"], artifact_location=store["artifacts"], seed=0, threads=1)
+    again = train_tag(first_model["tag"], risk_data, store["client"], artifact_location=store["artifacts"], seed=0, threads=1)
     assert again.metrics == pytest.approx(first_model["result"].metrics, rel=1e-9)
     assert again.best_params == first_model["result"].best_params
 
@@ -273,12 +278,12 @@ def test_wide_table_source_infers_types_drops_pii_and_scores_unseen_categories(t
     con = make_connection(tmp_path)
     data = build_training_set(con, tmp_path, tag, date(2027, 1, 1), tmp_path / "sets")
     assert data.feature_types == {"segment": "categorical", "monthly_spend": "numeric"}  # name is PII-like, date unsupported
-    result = train_tag(tag, data, store["uri"], artifact_location=store["artifacts"], threads=1)
+    result = train_tag(tag, data, store["client"], artifact_location=store["artifacts"], threads=1)
     assert result.metrics["accuracy"] > 0.8
     client = store["client"]
     version = client.get_model_version(registered_model_name("big_spender"), result.version)
     assert json.loads(version.tags["feature_types"]) == data.feature_types
-    model = mlflow.sklearn.load_model(f"models:/{registered_model_name('big_spender')}/{result.version}")
+    model = load_model(client, "big_spender", result.version)
     unseen = pd.DataFrame({"segment": ["platinum", None], "monthly_spend": [5000.0, 10.0]})
     assert model.predict_proba(unseen).shape == (2, 2)
 
@@ -296,8 +301,9 @@ def test_wide_table_without_its_id_column_is_a_named_error(tmp_path):
         build_training_set(make_connection(tmp_path), tmp_path, tag, date(2027, 1, 1), tmp_path / "sets")
 
 
-def test_logged_signature_accepts_missing_values_and_integer_counts_as_doubles(first_model, risk_data):
-    model = mlflow.pyfunc.load_model(f"models:/{registered_model_name('risk_appetite')}/{first_model['result'].version}")
+def test_logged_signature_accepts_missing_values_and_integer_counts_as_doubles(first_model, risk_data, store):
+    with model_files(store["client"], "risk_appetite", first_model["result"].version) as path:
+        model = mlflow.pyfunc.load_model(str(path))
     schema = model.metadata.get_input_schema()
     assert all(not c.required for c in schema.inputs)
     assert {c.name for c in schema.inputs if c.type.name == "string"} == set(risk_data.categorical)

@@ -6,8 +6,12 @@ model's `champion_history` tag (JSON list), which is what `rollback` walks back 
 
 import getpass
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -15,13 +19,15 @@ import numpy as np
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
 
 from tagml.core.settings import resolve_home_path
 from training.catalog import TagSpec
 from training.dataset import TrainingSet
 from training.evaluate import core_metrics, slice_metrics
-from training.tracking import describe, is_missing
+from training.tracking import describe, download_artifacts, is_missing
 from training.versions import ModelVersionInfo, parse_version, registered_model_name, registration_problem
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -130,13 +136,25 @@ def champion_version(client: MlflowClient, tag: str) -> str | None:
     return str(version.version) if version is not None else None
 
 
-def load_model(tag: str, version: str) -> Any:
-    return mlflow.sklearn.load_model(f"models:/{registered_model_name(tag)}/{version}")
+@contextmanager
+def model_files(client: MlflowClient, tag: str, version: str) -> Iterator[Path]:
+    """A local copy of a version's model directory (MLmodel and files), downloaded through `client`'s
+    stores (never the process-global registry URI), removed when the block ends."""
+    uri = client.get_model_version_download_uri(registered_model_name(tag), str(version))
+    with tempfile.TemporaryDirectory(prefix="tagml-model-") as tmp:
+        yield Path(download_artifacts(client, uri, tmp))
 
 
-def load_model_metadata(client: MlflowClient, tag: str, version: str) -> Any:
+def load_model(client: MlflowClient, tag: str, version: str) -> Any:
+    """The version's sklearn model, loaded from a copy downloaded through `client`."""
+    with model_files(client, tag, version) as path:
+        return mlflow.sklearn.load_model(str(path))
+
+
+def load_model_metadata(client: MlflowClient, tag: str, version: str) -> Model:
     """The MLmodel metadata (signature, flavors) of a version."""
-    return mlflow.models.get_model_info(f"models:/{registered_model_name(tag)}/{version}")
+    with model_files(client, tag, version) as path:
+        return Model.load(str(path / MLMODEL_FILE_NAME))
 
 
 def _history(client: MlflowClient, tag: str) -> list[dict[str, Any]]:
@@ -198,7 +216,7 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
     X_test, y_test = data.part("test")
     y = y_test.map({c: i for i, c in enumerate(tag.classes)}).to_numpy()
     n_classes, metric, rules = len(tag.classes), tag.promotion.metric, tag.promotion
-    proba = load_model(tag.name, challenger).predict_proba(X_test)
+    proba = load_model(client, tag.name, challenger).predict_proba(X_test)
     scores = core_metrics(y, proba, n_classes)
     slices = slice_metrics(X_test, y, proba, metric, n_classes)
     predicted = set(np.unique(proba.argmax(axis=1)))
@@ -225,7 +243,7 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
         passed = False
         reasons.append(f"v{challenger} is already the champion")
     else:
-        champion_proba = load_model(tag.name, current).predict_proba(X_test)
+        champion_proba = load_model(client, tag.name, current).predict_proba(X_test)
         champion_score = core_metrics(y, champion_proba, n_classes)[metric]
         verdict = "beats" if _better(metric, scores[metric], champion_score, rules.margin) else "does not beat"
         passed = passed and verdict == "beats"

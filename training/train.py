@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import optuna
 import pandas as pd
@@ -38,7 +37,7 @@ from training.evaluate import (
     slice_metrics,
 )
 from training.models import build_pipeline
-from training.tracking import connect_tracking, is_local_store, is_missing, sqlite_path
+from training.tracking import create_run, is_local_store, is_missing, log_metrics, log_params, log_sklearn_model, set_tags, sqlite_path, tracked_run
 from training.versions import REGISTRATION_COMPLETE, REGISTRATION_PENDING, REGISTRATION_TAG, registered_model_name
 
 PIP_REQUIREMENTS = ["scikit-learn>=1.6,<2", "xgboost>=3.0,<3.3", "pandas>=2.2,<3", "numpy>=2.0,<2.5"]
@@ -90,7 +89,7 @@ def _suggest(trial: optuna.Trial, tag: TagSpec) -> dict[str, Any]:
 def train_tag(
     tag: TagSpec,
     data: TrainingSet,
-    tracking_uri: str,
+    client: MlflowClient,
     artifact_location: str | None = None,
     seed: int = 0,
     threads: int = 1,
@@ -105,7 +104,7 @@ def train_tag(
     `run_tags` (e.g. the Dagster run id) go on the MLflow runs and the model version. One training of a tag
     runs at a time per store: a second one waits `lock_timeout_seconds`, then fails by name."""
     assert tag.model is not None
-    client = connect_tracking(tracking_uri)
+    tracking_uri = client.tracking_uri
     with training_lock(tracking_uri, tag.name, lock_dir, lock_timeout_seconds):
         experiment_id = _experiment(client, tag.name, artifact_location if is_local_store(tracking_uri) else None)
         mark_stale_runs(client, experiment_id, local=is_local_store(tracking_uri))
@@ -199,9 +198,9 @@ def _train(
     timings: dict[str, float] = {}
 
     owner = _owner_tags()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{tag.name}-train", tags={**run_tags, **owner}) as parent:
-        mlflow.set_tags({"tag": tag.name, "catalog_hash": tag.content_hash(), "code_version": code_version(), "data_snapshot": data.snapshot_id})
-        mlflow.log_params({"family": tag.model.family, "train_rows": len(X_train), "valid_rows": len(X_valid), "test_rows": len(X_test), "n_features": len(data.feature_names), "seed": seed})
+    with tracked_run(client, experiment_id, f"{tag.name}-train", {**run_tags, **owner}) as parent_id:
+        set_tags(client, parent_id, {"tag": tag.name, "catalog_hash": tag.content_hash(), "code_version": code_version(), "data_snapshot": data.snapshot_id})
+        log_params(client, parent_id, {"family": tag.model.family, "train_rows": len(X_train), "valid_rows": len(X_valid), "test_rows": len(X_test), "n_features": len(data.feature_names), "seed": seed})
 
         started = time.perf_counter()
         # preprocessing does not depend on the tuned parameters: fit it once for every trial
@@ -220,10 +219,10 @@ def _train(
                 model.set_params(callbacks=[XGBoostPruningCallback(trial, f"validation_0-{metric}")])
                 fit_kwargs.update(eval_set=[(Xt_valid, y_valid)], verbose=False)
             # not a `with` block: it would end a pruned trial FAILED, and a pruned trial is a normal outcome
-            mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial.number}", nested=True, tags={**run_tags, **owner})
+            trial_id = create_run(client, experiment_id, f"trial-{trial.number}", {**run_tags, **owner}, parent_run_id=parent_id)
             status, state = "FAILED", "failed"
             try:
-                mlflow.log_params(params)
+                log_params(client, trial_id, params)
                 fit_started = time.perf_counter()
                 try:
                     model.fit(Xt_train, y_train, **fit_kwargs)
@@ -231,26 +230,28 @@ def _train(
                 finally:
                     timings["model_fit"] = timings.get("model_fit", 0.0) + time.perf_counter() - fit_started
                 valid = core_metrics(y_valid, proba_valid, n_classes)
-                mlflow.log_metrics({f"valid_{k}": v for k, v in valid.items()})
+                log_metrics(client, trial_id, {f"valid_{k}": v for k, v in valid.items()})
                 status, state = "FINISHED", "complete"
                 return valid["log_loss"]
             except optuna.TrialPruned:
                 status, state = "FINISHED", "pruned"
                 raise
             finally:
-                mlflow.set_tag("trial_state", state)
-                mlflow.end_run(status)
+                set_tags(client, trial_id, {"trial_state": state})
+                client.set_terminated(trial_id, status)
 
         sampler = optuna.samplers.TPESampler(seed=seed)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=20)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner, study_name=f"{tag.name}-{parent.info.run_id}")
+        study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner, study_name=f"{tag.name}-{parent_id}")
         study.optimize(objective, n_trials=trials or tag.model.trials, timeout=tag.model.timeout_seconds)
         timings["tuning"] = time.perf_counter() - started
         best_params = {**tag.model.params, **study.best_params}
-        mlflow.log_params({f"best_{k}": v for k, v in best_params.items()})
-        mlflow.log_metric("trials_completed", len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]))
-        mlflow.log_metric("trials_pruned", len([t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]))
+        log_params(client, parent_id, {f"best_{k}": v for k, v in best_params.items()})
+        log_metrics(client, parent_id, {
+            "trials_completed": len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]),
+            "trials_pruned": len([t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]),
+        })
 
         started = time.perf_counter()
         pipeline = build_pipeline(tag.model.family, best_params, categorical, numeric, n_classes, seed, threads)
@@ -265,17 +266,17 @@ def _train(
         metrics = {**core_metrics(y_test, proba, n_classes), **per_class_metrics(y_test, proba, classes)}
         slice_values = slice_metrics(X_test, y_test, proba, tag.promotion.metric, n_classes)
         metrics["min_slice_" + tag.promotion.metric] = min(slice_values.values()) if slice_values else float("nan")
-        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-        mlflow.log_metrics({f"slice_{k.replace('=', '_').replace('<', 'lt').replace('+', 'plus')}": v for k, v in slice_values.items()})
+        log_metrics(client, parent_id, {f"test_{k}": v for k, v in metrics.items()})
+        log_metrics(client, parent_id, {f"slice_{k.replace('=', '_').replace('<', 'lt').replace('+', 'plus')}": v for k, v in slice_values.items()})
 
         baseline_metrics: dict[str, float] = {}
         if tag.model.baseline:
-            with mlflow.start_run(experiment_id=experiment_id, run_name="baseline-logistic_regression", nested=True, tags={**run_tags, **owner}):
+            with tracked_run(client, experiment_id, "baseline-logistic_regression", {**run_tags, **owner}, parent_run_id=parent_id) as baseline_id:
                 baseline = build_pipeline("logistic_regression", {}, categorical, numeric, n_classes, seed, threads)
                 baseline.fit(X_train, y_train, model__sample_weight=weights)
                 baseline_metrics = core_metrics(y_test, baseline.predict_proba(X_test), n_classes)
-                mlflow.log_metrics({f"test_{k}": v for k, v in baseline_metrics.items()})
-            mlflow.log_metrics({f"baseline_test_{k}": v for k, v in baseline_metrics.items()})
+                log_metrics(client, baseline_id, {f"test_{k}": v for k, v in baseline_metrics.items()})
+            log_metrics(client, parent_id, {f"baseline_test_{k}": v for k, v in baseline_metrics.items()})
 
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
@@ -288,23 +289,25 @@ def _train(
                 plot_importance(names, np.asarray(importance), tmp_path / "feature_importance.png")
             (tmp_path / "features.json").write_text(json.dumps({"features": list(data.feature_names), "categorical": categorical, "classes": list(classes)}))
             (tmp_path / "slice_metrics.json").write_text(json.dumps(slice_values, indent=2))
-            mlflow.log_artifacts(tmp, artifact_path="evaluation")
+            client.log_artifacts(parent_id, tmp, artifact_path="evaluation")
 
         example = X_test.head(5)  # features only: no customer ids or PII reach MLflow
         signature = model_signature(data, n_classes)
-        logged = mlflow.sklearn.log_model(
+        logged = log_sklearn_model(
+            client,
+            experiment_id,
+            parent_id,
             model,
-            name="model",
             signature=signature,
             input_example=example,
             pip_requirements=PIP_REQUIREMENTS,
             serialization_format="cloudpickle",
             pyfunc_predict_fn="predict_proba",
         )
-        version = _register(client, tag, logged.model_uri, logged.model_id, parent.info.run_id, data, metrics, run_tags)
+        version = _register(client, tag, logged.artifact_location, logged.model_id, parent_id, data, metrics, run_tags)
         timings["logging"] = time.perf_counter() - started
-        mlflow.log_metrics({f"seconds_{k}": v for k, v in timings.items()})
-    return TrainResult(tag.name, parent.info.run_id, logged.model_uri, version, metrics, baseline_metrics, best_params, slice_values, timings, experiment_id)
+        log_metrics(client, parent_id, {f"seconds_{k}": v for k, v in timings.items()})
+    return TrainResult(tag.name, parent_id, logged.model_uri, version, metrics, baseline_metrics, best_params, slice_values, timings, experiment_id)
 
 
 def model_signature(data: TrainingSet, n_classes: int) -> ModelSignature:
@@ -316,7 +319,7 @@ def model_signature(data: TrainingSet, n_classes: int) -> ModelSignature:
 
 
 def _register(
-    client: MlflowClient, tag: TagSpec, model_uri: str, model_id: str | None, run_id: str, data: TrainingSet, metrics: dict[str, float], run_tags: dict[str, str]
+    client: MlflowClient, tag: TagSpec, source: str, model_id: str, run_id: str, data: TrainingSet, metrics: dict[str, float], run_tags: dict[str, str]
 ) -> str:
     name = registered_model_name(tag.name)
     try:
@@ -325,8 +328,10 @@ def _register(
         if not is_missing(exc):
             raise
         client.create_registered_model(name, description=tag.description, tags={"owner": tag.owner, "sensitivity": tag.sensitivity})
-    # a server accepts a `models:/m-...` source only with its model id (a SQLite store does not check)
-    version = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id, tags={REGISTRATION_TAG: REGISTRATION_PENDING}).version
+    # the source is the logged model's own artifact location with its model id: a server checks the two
+    # belong together, and a `models:/m-...` source would make a SQLite store resolve it through
+    # MLflow's process-global tracking URI
+    version = client.create_model_version(name, source, run_id=run_id, model_id=model_id, tags={REGISTRATION_TAG: REGISTRATION_PENDING}).version
     tags = {
         **run_tags,
         "data_snapshot": home_relative(data.snapshot_path),
