@@ -26,7 +26,7 @@ from scoring.score import (
     score_partition,
 )
 from scoring.store import TagStore, TagStoreError
-from tests.conftest import WINDOW_END, make_connection
+from tests.conftest import WINDOW_END, make_connection, shipped_slices
 from training.catalog import load_catalog
 from training.dataset import build_training_set
 from training.registry import apply_gate, champion_version, evaluate_gate, promote
@@ -62,8 +62,8 @@ def world(bank, tmp_path_factory):
     build_customer_features(con, bank["staged"], AS_OF, features)
     tag = catalog.get("risk_appetite")
     data = build_training_set(con, bank["staged"], tag, AS_OF, tmp / "sets")
-    first = train_tag(tag, data, client, artifact_location=str(tmp / "artifacts"), seed=0, threads=1)
-    apply_gate(client, evaluate_gate(client, tag, first.version, data))
+    first = train_tag(tag, data, client, shipped_slices(data), artifact_location=str(tmp / "artifacts"), seed=0, threads=1)
+    apply_gate(client, evaluate_gate(client, tag, first.version, data, shipped_slices(data)))
     assert champion_version(client, "risk_appetite") == first.version
     return {"tmp": tmp, "catalog": catalog, "uri": uri, "client": client, "con": con, "features": features, "data": data, "first": first, "staged": bank["staged"]}
 
@@ -103,7 +103,7 @@ def test_every_customer_gets_every_tag_with_what_produced_it(world, tmp_path):
 
 def test_scoring_follows_the_champion_alias(world, tmp_path):
     tag = world["catalog"].get("risk_appetite")
-    second = train_tag(tag, world["data"], world["client"], artifact_location=str(world["tmp"] / "artifacts"), seed=1, threads=1)
+    second = train_tag(tag, world["data"], world["client"], shipped_slices(world["data"]), artifact_location=str(world["tmp"] / "artifacts"), seed=1, threads=1)
     target = tmp_path / "data.parquet"
     _score(world, target)
     assert set(pd.read_parquet(target, filters=[("tag", "=", "risk_appetite")]).model_version) == {world["first"].version}

@@ -7,7 +7,7 @@ model's `champion_history` tag (JSON list), which is what `rollback` walks back 
 import getpass
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from tagml.core.settings import resolve_home_path
 from training.catalog import TagSpec
 from training.dataset import TrainingSet
-from training.evaluate import core_metrics, slice_metrics
+from training.evaluate import core_metrics, evaluation_slices, slice_metrics
 from training.tracking import describe, download_artifacts, is_missing
 from training.versions import ModelVersionInfo, parse_version, registered_model_name, registration_problem
 
@@ -207,8 +207,10 @@ def _better(metric: str, challenger: float, champion: float, margin: float) -> b
     return challenger >= champion + margin
 
 
-def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: TrainingSet) -> GateDecision:
-    """Decide whether `challenger` should become champion, on the challenger's held-out test set."""
+def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: TrainingSet, slices: Mapping[str, str]) -> GateDecision:
+    """Decide whether `challenger` should become champion, on the challenger's held-out test set.
+    `slices`: the catalog's slices as drift defines them (monitoring.drift.slice_expressions), whose
+    values must each keep the promotion metric above the catalog's slice floor."""
     found = get_version(client, tag.name, challenger)
     if found is None:
         raise RegistryError(f"{registered_model_name(tag.name)} has no version {challenger} to evaluate")
@@ -218,7 +220,7 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
     n_classes, metric, rules = len(tag.classes), tag.promotion.metric, tag.promotion
     proba = load_model(client, tag.name, challenger).predict_proba(X_test)
     scores = core_metrics(y, proba, n_classes)
-    slices = slice_metrics(X_test, y, proba, metric, n_classes)
+    slice_scores = slice_metrics(X_test, y, proba, metric, n_classes, evaluation_slices(slices, data.feature_names))
     predicted = set(np.unique(proba.argmax(axis=1)))
     never = [c for k, c in enumerate(tag.classes) if k not in predicted]
     reasons: list[str] = []
@@ -231,7 +233,7 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
         reasons.append(
             f"calibration error {scores['calibration_error_debiased']:.4f} (debiased; raw {scores['calibration_error']:.4f}) > {rules.max_calibration_error}"
         )
-    low_slices = {k: round(v, 4) for k, v in slices.items() if v < rules.slice_floor}
+    low_slices = {k: round(v, 4) for k, v in slice_scores.items() if v < rules.slice_floor}
     if low_slices:
         passed = False
         reasons.append(f"slices below the {metric} floor {rules.slice_floor}: {low_slices}")
@@ -259,7 +261,7 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
         metric=metric,
         challenger_metric=scores[metric],
         champion_metric=champion_score,
-        checks={"metrics": scores, "slices": slices, "never_predicted": never},
+        checks={"metrics": scores, "slices": slice_scores, "never_predicted": never},
     )
 
 
