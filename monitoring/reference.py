@@ -115,36 +115,11 @@ def sample_sql(path: Path | str, columns: list[str], rows: int) -> str:
     return f"SELECT {cols} FROM {parquet(path)} ORDER BY hash(customer_id, {sql_literal(SAMPLE_SALT)}), customer_id LIMIT {int(rows)}"
 
 
-def reference_profile(
-    con: duckdb.DuckDBPyConnection,
-    client: MlflowClient,
-    mm: ModelVersionInfo,
-    tag: TagSpec,
-    population: Path,
-    slices: dict[str, str],
-    cache_dir: Path,
-    sample_rows: int,
-    batch_rows: int = 100_000,
-) -> ReferenceProfile:
-    """Profile (or read the cached profile of) a version's predictions on its reference population."""
-    folder = cache_dir / tag.name / f"v{mm.version}"
-    meta_path, sample_path = folder / "profile.json", folder / "sample.parquet"
-    key = {"profile_version": PROFILE_VERSION, "population": str(population), "slices": slices, "sample_rows": sample_rows,
-           "min_confidence": tag.min_confidence, "feature_psi": tag.drift.feature_psi}
-    if meta_path.exists() and sample_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") == key:
-            return ReferenceProfile(
-                population_path=population,
-                rows=meta["rows"],
-                class_counts=pd.DataFrame(meta["class_counts"]),
-                probability_bins=pd.DataFrame(meta["probability_bins"]),
-                probability_sums=meta["probability_sums"],
-                training_gap_share=meta["training_gap_share"],
-                sample_path=sample_path,
-            )
-
-    model = load_model(client, tag.name, mm.version)
+def _profile_predictions(
+    con: duckdb.DuckDBPyConnection, model: Any, mm: ModelVersionInfo, tag: TagSpec, population: Path, slices: dict[str, str], batch_rows: int
+) -> tuple[int, pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    """(rows, class counts overall and per slice, probability bins, probability sums) of the version's
+    predictions on every row of the population, streamed in batches."""
     slice_cols = ", ".join(f"coalesce(({expr})::VARCHAR, {sql_literal(MISSING)}) AS {quote('_slice_' + name)}" for name, expr in slices.items())
     select = ", ".join(quote(f) for f in mm.features)
     # a cursor of its own: the stream must not be interrupted by (or interrupt) other queries on `con`
@@ -176,6 +151,40 @@ def reference_profile(
         [(cls, b, int(bins[k, b])) for k, cls in enumerate(mm.classes) for b in range(PROBABILITY_BINS)], columns=["class", "bin", "n"]
     )
     probability_sums = {cls: float(sums[k]) for k, cls in enumerate(mm.classes)}
+    return rows, class_counts, probability_bins, probability_sums
+
+
+def reference_profile(
+    con: duckdb.DuckDBPyConnection,
+    client: MlflowClient,
+    mm: ModelVersionInfo,
+    tag: TagSpec,
+    population: Path,
+    slices: dict[str, str],
+    cache_dir: Path,
+    sample_rows: int,
+    batch_rows: int = 100_000,
+) -> ReferenceProfile:
+    """Profile (or read the cached profile of) a version's predictions on its reference population."""
+    folder = cache_dir / tag.name / f"v{mm.version}"
+    meta_path, sample_path = folder / "profile.json", folder / "sample.parquet"
+    key = {"profile_version": PROFILE_VERSION, "population": str(population), "slices": slices, "sample_rows": sample_rows,
+           "min_confidence": tag.min_confidence, "feature_psi": tag.drift.feature_psi}
+    if meta_path.exists() and sample_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") == key:
+            return ReferenceProfile(
+                population_path=population,
+                rows=meta["rows"],
+                class_counts=pd.DataFrame(meta["class_counts"]),
+                probability_bins=pd.DataFrame(meta["probability_bins"]),
+                probability_sums=meta["probability_sums"],
+                training_gap_share=meta["training_gap_share"],
+                sample_path=sample_path,
+            )
+
+    model = load_model(client, tag.name, mm.version)
+    rows, class_counts, probability_bins, probability_sums = _profile_predictions(con, model, mm, tag, population, slices, batch_rows)
 
     # the labelled training snapshot against the population of its date: the selection gap
     gap = feature_psi(con, mm.snapshot_path, population, mm.kinds)
