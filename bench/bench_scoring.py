@@ -36,6 +36,7 @@ def step_train(work: Path, threads: int) -> dict:
     from features.contract import RAW_TABLES
     from features.synthetic import BankConfig, generate_bank
     from features.validation import validate_and_stage
+    from monitoring.drift import slice_expressions
     from tagml.core.storage import connect
     from training.catalog import load_catalog
     from training.dataset import build_training_set
@@ -53,7 +54,7 @@ def step_train(work: Path, threads: int) -> dict:
     versions = {}
     for tag in load_catalog().model_tags:
         data = build_training_set(con, bank / "staged", tag, AS_OF, bank / "sets")
-        result = train_tag(tag, data, uri, artifact_location=str(work / "artifacts"), threads=threads, trials=3)
+        result = train_tag(tag, data, client, slice_expressions(load_catalog(), set(data.feature_names)), artifact_location=str(work / "artifacts"), threads=threads, trials=3)
         promote(client, tag.name, result.version, by="bench", reason="scoring benchmark")
         versions[tag.name] = result.version
     return {"versions": versions}
@@ -96,7 +97,7 @@ def step_naive(work: Path, size: int, threads: int) -> dict:
     import pandas as pd
 
     from training.catalog import load_catalog
-    from training.train import registered_model_name
+    from training.versions import registered_model_name
 
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     started = time.perf_counter()

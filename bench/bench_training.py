@@ -26,9 +26,11 @@ import pandas as pd
 from features.contract import RAW_TABLES
 from features.synthetic import BankConfig, generate_bank
 from features.validation import validate_and_stage
+from monitoring.drift import slice_expressions
 from tagml.core.storage import connect
 from training.catalog import load_catalog
 from training.dataset import build_training_set
+from training.tracking import connect_tracking
 from training.train import train_tag
 
 TRAIN_AS_OF = date(2026, 10, 31)
@@ -75,7 +77,7 @@ def main() -> None:
         data = build_training_set(con, staged, tag, TRAIN_AS_OF, work / "training_sets", seed=0)
         t_set = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = train_tag(tag, data, uri, artifact_location=str((work / "artifacts").resolve()), threads=args.threads, trials=args.trials)
+        result = train_tag(tag, data, connect_tracking(uri), slice_expressions(catalog, set(data.feature_names)), artifact_location=str((work / "artifacts").resolve()), threads=args.threads, trials=args.trials)
         t_train = time.perf_counter() - t0
         test = data.frame[data.frame["split"] == "test"]
         best = bayes_accuracy(raw, tag.name, test)

@@ -163,7 +163,7 @@ def tag_inputs(
         raise DriftInputError(f"tag {tag.name!r}: the features of {as_of} lack {missing[:10]} that {mm.producer} uses")
     slices = slice_expressions(catalog, columns)
     population = reference_population(con, mm, locations.warehouse_dir, locations.staged_dir, locations.reference_dir)
-    profile = reference_profile(con, mm, tag, population, slices, locations.reference_dir, sample_rows)
+    profile = reference_profile(con, client, mm, tag, population, slices, locations.reference_dir, sample_rows)
     return TagInputs(tag, as_of, mm, current, tags_path, slices, population, profile)
 
 

@@ -22,7 +22,7 @@ from training.catalog import TagSpec
 from training.dataset import label_conditions
 from training.evaluate import core_metrics
 from training.registry import LOWER_IS_BETTER
-from training.train import registered_model_name
+from training.versions import parse_version, registered_model_name
 
 MIN_LABELS = 50  # below this the realised metric is reported but never flags drift
 
@@ -110,7 +110,7 @@ def registry_test_metric(client: MlflowClient, tag: TagSpec) -> Callable[[str], 
     """The promotion metric each version recorded on its test set at registration (tag test_<metric>)."""
 
     def lookup(version: str) -> float | None:
-        value = client.get_model_version(registered_model_name(tag.name), version).tags.get(f"test_{tag.promotion.metric}")
-        return float(value) if value is not None else None
+        mv = client.get_model_version(registered_model_name(tag.name), version)
+        return parse_version(tag.name, mv).test_metrics.get(tag.promotion.metric)
 
     return lookup

@@ -22,9 +22,7 @@ of feature rows with predictions for the Evidently report (features only, never 
 """
 
 import json
-import re
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -35,82 +33,45 @@ from mlflow.tracking import MlflowClient
 
 from features.snapshot import build_feature_snapshot
 from monitoring.psi import MISSING, feature_psi, parquet
-from tagml.core.settings import resolve_home_path
 from tagml.core.storage import PartitionedTable, WarehouseLayout, atomic_replace, quote, sql_literal, write_parquet_atomically
 from training.catalog import TagSpec
-from training.registry import get_version, load_model
-from training.train import registered_model_name, registration_problem
+from training.inference import infer, model_input
+from training.registry import get_version, load_model, version_info
+from training.versions import ModelVersionInfo, registered_model_name
 
-UNKNOWN = "unknown"  # the tag store's value below a tag's min_confidence (scoring.score.UNKNOWN)
 PROBABILITY_BINS = 10  # fixed-width bins of each class probability
 SAMPLE_SALT = "tagml-drift-sample"  # the Evidently sample is the rows with the smallest hash(id, salt)
 PROFILE_VERSION = 1  # bump when the cached profile's content changes
-SNAPSHOT_ID = re.compile(r"^(?P<tag>[a-z][a-z0-9_]*)-(?P<as_of>\d{4}-\d{2}-\d{2})-[0-9a-f]+$")
 
 
 class DriftInputError(ValueError):
     """Drift cannot be computed from what is stored (named tag, version, partition or file); nothing was written."""
 
 
-@dataclass(frozen=True)
-class MonitoredModel:
-    """A registered model version as drift monitoring needs it (from its registry tags)."""
-
-    tag: str
-    version: str
-    run_id: str
-    features: tuple[str, ...]
-    kinds: dict[str, str]  # feature -> numeric | categorical
-    classes: tuple[str, ...]
-    snapshot_path: Path
-    train_as_of: date
-    metric: str
-    test_metric: float | None
-
-    @property
-    def producer(self) -> str:
-        return f"{registered_model_name(self.tag)}/{self.version}"
-
-
-def monitored_model(client: MlflowClient, tag: TagSpec, version: str) -> MonitoredModel:
-    """Read a version's feature list, classes, training snapshot and test metric from the registry."""
+def monitored_model(client: MlflowClient, tag: TagSpec, version: str) -> ModelVersionInfo:
+    """A registered version with what drift needs of it: a finished registration, its training snapshot
+    on disk and the training date read from the snapshot's name."""
     name = registered_model_name(tag.name)
     # only "does not exist" is a missing version; other registry errors raise RegistryUnavailableError
     mv = get_version(client, tag.name, str(version))
     if mv is None:
         raise DriftInputError(f"tag {tag.name!r}: registered model {name!r} has no version {version}")
-    tags = mv.tags
-    problem = registration_problem(tags)
-    if problem:
-        raise DriftInputError(f"tag {tag.name!r}: {name}/{version}: {problem}; it cannot be monitored")
-    snapshot = resolve_home_path(tags["data_snapshot"])
+    info = version_info(client, tag.name, mv)
+    if info.problem:
+        raise DriftInputError(f"tag {tag.name!r}: {name}/{version}: {info.problem}; it cannot be monitored")
+    snapshot = info.snapshot_path
+    assert snapshot is not None  # a finished registration has its data_snapshot
     if not snapshot.exists():
         raise DriftInputError(
             f"tag {tag.name!r}: the training snapshot of {name}/{version} ({snapshot}) does not exist; "
             "drift has no reference (restore the snapshot or retrain the tag)"
         )
-    match = SNAPSHOT_ID.match(snapshot.stem)
-    if not match:
+    if info.train_as_of is None:
         raise DriftInputError(f"tag {tag.name!r}: cannot read the training date from snapshot name {snapshot.name!r}")
-    features = tuple(json.loads(tags["feature_list"]))
-    types = json.loads(tags.get("feature_types", "{}"))
-    metric = tags.get("promotion_metric", tag.promotion.metric)
-    test = tags.get(f"test_{metric}")
-    return MonitoredModel(
-        tag=tag.name,
-        version=str(mv.version),
-        run_id=mv.run_id,
-        features=features,
-        kinds={f: types.get(f, "numeric") for f in features},
-        classes=tuple(json.loads(tags["classes"])),
-        snapshot_path=snapshot,
-        train_as_of=date.fromisoformat(match["as_of"]),
-        metric=metric,
-        test_metric=float(test) if test is not None else None,
-    )
+    return info
 
 
-def reference_population(con: duckdb.DuckDBPyConnection, model: MonitoredModel, warehouse_dir: Path, staged_dir: Path, cache_dir: Path) -> Path:
+def reference_population(con: duckdb.DuckDBPyConnection, model: ModelVersionInfo, warehouse_dir: Path, staged_dir: Path, cache_dir: Path) -> Path:
     """Every customer's features on the version's train_as_of: the stored partition, or built once into the cache."""
     stored = WarehouseLayout(warehouse_dir).customer_features.path(model.train_as_of)
     if stored.exists():
@@ -141,28 +102,55 @@ def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(payload, indent=1, default=str))
 
 
-def predict_frame(model: Any, frame: pd.DataFrame, mm: MonitoredModel, min_confidence: float) -> tuple[np.ndarray, np.ndarray]:
-    """(inferred class per row, probability matrix), as scoring infers a tag (below min_confidence: unknown)."""
-    X = frame[list(mm.features)].copy()
-    numeric = [f for f in mm.features if mm.kinds[f] != "categorical"]
-    X[numeric] = X[numeric].astype("float64")
-    proba = model.predict_proba(X)
-    top = proba.argmax(axis=1)
-    inferred = np.array(mm.classes, dtype=object)[top]
-    if min_confidence:
-        inferred = np.where(proba[np.arange(len(top)), top] < min_confidence, UNKNOWN, inferred)
-    return inferred, proba
-
-
 def sample_sql(path: Path | str, columns: list[str], rows: int) -> str:
     """A fixed sample: the `rows` customers with the smallest salted hash (same rows every run)."""
     cols = ", ".join(quote(c) for c in columns)
     return f"SELECT {cols} FROM {parquet(path)} ORDER BY hash(customer_id, {sql_literal(SAMPLE_SALT)}), customer_id LIMIT {int(rows)}"
 
 
+def _profile_predictions(
+    con: duckdb.DuckDBPyConnection, model: Any, mm: ModelVersionInfo, tag: TagSpec, population: Path, slices: dict[str, str], batch_rows: int
+) -> tuple[int, pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    """(rows, class counts overall and per slice, probability bins, probability sums) of the version's
+    predictions on every row of the population, streamed in batches."""
+    slice_cols = ", ".join(f"coalesce(({expr})::VARCHAR, {sql_literal(MISSING)}) AS {quote('_slice_' + name)}" for name, expr in slices.items())
+    select = ", ".join(quote(f) for f in mm.features)
+    # a cursor of its own: the stream must not be interrupted by (or interrupt) other queries on `con`
+    stream = con.cursor()
+    reader = stream.sql(f"SELECT {slice_cols + ', ' if slice_cols else ''}{select} FROM {parquet(population)}").to_arrow_reader(batch_rows)
+    counts: dict[tuple[str, str, str], int] = {}
+    bins = np.zeros((len(mm.classes), PROBABILITY_BINS), dtype=np.int64)
+    sums = np.zeros(len(mm.classes))
+    rows = 0
+    for batch in reader:
+        frame = batch.to_pandas()
+        inference = infer(model, model_input(frame, mm), mm, tag.min_confidence)
+        inferred, proba = inference.values, inference.proba
+        rows += len(frame)
+        sums += proba.sum(axis=0)
+        which = np.minimum((proba * PROBABILITY_BINS).astype(int), PROBABILITY_BINS - 1)
+        for k in range(len(mm.classes)):
+            bins[k] += np.bincount(which[:, k], minlength=PROBABILITY_BINS)
+        groups = [("(all)", pd.Series("(all)", index=frame.index))] + [(name, frame[f"_slice_{name}"]) for name in slices]
+        for column, values in groups:
+            tally = pd.DataFrame({"slice": values.to_numpy(), "class": inferred}).value_counts()
+            for (slice_value, cls), n in tally.items():
+                counts[(column, slice_value, cls)] = counts.get((column, slice_value, cls), 0) + int(n)
+    stream.close()
+    if rows == 0:
+        raise DriftInputError(f"tag {tag.name!r}: the reference population {population} has no rows")
+    class_counts = pd.DataFrame([(c, s, k, n) for (c, s, k), n in counts.items()], columns=["slice_column", "slice", "class", "n"])
+    probability_bins = pd.DataFrame(
+        [(cls, b, int(bins[k, b])) for k, cls in enumerate(mm.classes) for b in range(PROBABILITY_BINS)], columns=["class", "bin", "n"]
+    )
+    probability_sums = {cls: float(sums[k]) for k, cls in enumerate(mm.classes)}
+    return rows, class_counts, probability_bins, probability_sums
+
+
 def reference_profile(
     con: duckdb.DuckDBPyConnection,
-    mm: MonitoredModel,
+    client: MlflowClient,
+    mm: ModelVersionInfo,
     tag: TagSpec,
     population: Path,
     slices: dict[str, str],
@@ -188,44 +176,15 @@ def reference_profile(
                 sample_path=sample_path,
             )
 
-    model = load_model(tag.name, mm.version)
-    slice_cols = ", ".join(f"coalesce(({expr})::VARCHAR, {sql_literal(MISSING)}) AS {quote('_slice_' + name)}" for name, expr in slices.items())
-    select = ", ".join(quote(f) for f in mm.features)
-    # a cursor of its own: the stream must not be interrupted by (or interrupt) other queries on `con`
-    stream = con.cursor()
-    reader = stream.sql(f"SELECT {slice_cols + ', ' if slice_cols else ''}{select} FROM {parquet(population)}").to_arrow_reader(batch_rows)
-    counts: dict[tuple[str, str, str], int] = {}
-    bins = np.zeros((len(mm.classes), PROBABILITY_BINS), dtype=np.int64)
-    sums = np.zeros(len(mm.classes))
-    rows = 0
-    for batch in reader:
-        frame = batch.to_pandas()
-        inferred, proba = predict_frame(model, frame, mm, tag.min_confidence)
-        rows += len(frame)
-        sums += proba.sum(axis=0)
-        which = np.minimum((proba * PROBABILITY_BINS).astype(int), PROBABILITY_BINS - 1)
-        for k in range(len(mm.classes)):
-            bins[k] += np.bincount(which[:, k], minlength=PROBABILITY_BINS)
-        groups = [("(all)", pd.Series("(all)", index=frame.index))] + [(name, frame[f"_slice_{name}"]) for name in slices]
-        for column, values in groups:
-            tally = pd.DataFrame({"slice": values.to_numpy(), "class": inferred}).value_counts()
-            for (slice_value, cls), n in tally.items():
-                counts[(column, slice_value, cls)] = counts.get((column, slice_value, cls), 0) + int(n)
-    stream.close()
-    if rows == 0:
-        raise DriftInputError(f"tag {tag.name!r}: the reference population {population} has no rows")
-    class_counts = pd.DataFrame([(c, s, k, n) for (c, s, k), n in counts.items()], columns=["slice_column", "slice", "class", "n"])
-    probability_bins = pd.DataFrame(
-        [(cls, b, int(bins[k, b])) for k, cls in enumerate(mm.classes) for b in range(PROBABILITY_BINS)], columns=["class", "bin", "n"]
-    )
-    probability_sums = {cls: float(sums[k]) for k, cls in enumerate(mm.classes)}
+    model = load_model(client, tag.name, mm.version)
+    rows, class_counts, probability_bins, probability_sums = _profile_predictions(con, model, mm, tag, population, slices, batch_rows)
 
     # the labelled training snapshot against the population of its date: the selection gap
     gap = feature_psi(con, mm.snapshot_path, population, mm.kinds)
     training_gap_share = float((gap["psi"] > tag.drift.feature_psi).mean())
 
     sample = con.execute(sample_sql(population, list(mm.features), sample_rows)).df()
-    sample["prediction"] = predict_frame(model, sample, mm, tag.min_confidence)[0]
+    sample["prediction"] = infer(model, model_input(sample, mm), mm, tag.min_confidence).values
     con.register("_reference_sample", sample)
     try:
         write_parquet_atomically(con, "SELECT * FROM _reference_sample", sample_path)

@@ -7,6 +7,7 @@ from datetime import date
 import dagster as dg
 from pydantic import Field
 
+from monitoring.drift import slice_expressions
 from orchestration.raw_assets import raw_asset_name
 from orchestration.resources import MlflowResource, WarehouseResource
 from tagml.core.settings import home_relative, resolve_home_path
@@ -20,7 +21,8 @@ from training.dataset import (
 )
 from training.registry import apply_gate, evaluate_gate
 from training.tracking import model_version_url, run_url, ui_base_url
-from training.train import registered_model_name, train_tag
+from training.train import train_tag
+from training.versions import registered_model_name
 
 TRAINING_GROUP = "training"
 
@@ -45,7 +47,7 @@ def _default_train_as_of(warehouse: WarehouseResource) -> date:
         return con.execute(f"SELECT max(known_date) FROM read_parquet({sql_literal(path)})").fetchall()[0][0]
 
 
-def build_training_assets(tag: TagSpec) -> list[dg.AssetsDefinition]:
+def build_training_assets(tag: TagSpec, catalog: Catalog) -> list[dg.AssetsDefinition]:
     @dg.asset(
         key=training_set_key(tag.name),
         group_name=TRAINING_GROUP,
@@ -96,13 +98,15 @@ def build_training_assets(tag: TagSpec) -> list[dg.AssetsDefinition]:
         warehouse: WarehouseResource,
     ):
         data = load_training_set(resolve_home_path(snapshot_path), tag)
+        client = mlflow_store.client()
+        # the gate and drift judge the same segments: the catalog's slices as drift defines them
+        slices = slice_expressions(catalog, set(data.feature_names))
         result = train_tag(
-            tag, data, mlflow_store.tracking_uri, artifact_location=mlflow_store.artifact_location,
+            tag, data, client, slices, artifact_location=mlflow_store.artifact_location,
             seed=config.seed, threads=warehouse.threads, trials=config.trials,
             run_tags={"dagster_run_id": context.run.run_id},
         )
-        client = mlflow_store.client()
-        decision = apply_gate(client, evaluate_gate(client, tag, result.version, data))
+        decision = apply_gate(client, evaluate_gate(client, tag, result.version, data, slices))
         context.log.info(decision.summary())
         ui = ui_base_url(mlflow_store.tracking_uri, mlflow_store.ui_url)
         yield dg.MaterializeResult(
@@ -140,4 +144,4 @@ def build_training_assets(tag: TagSpec) -> list[dg.AssetsDefinition]:
 
 
 def build_all_training_assets(catalog: Catalog) -> list[dg.AssetsDefinition]:
-    return [asset for tag in catalog.model_tags for asset in build_training_assets(tag)]
+    return [asset for tag in catalog.model_tags for asset in build_training_assets(tag, catalog)]

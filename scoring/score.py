@@ -6,7 +6,6 @@ Every row records what produced it. All tags of a partition go to one temporary 
 replaces the partition only when everything succeeded and the file passed the coverage check.
 """
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,18 +25,12 @@ from scoring.reasons import ReasonExplainer
 from scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
 from tagml.core.files import CorruptFileError
 from tagml.core.storage import atomic_replace, sql_literal, staged_path
-from training.catalog import Catalog, TagSpec
+from training.catalog import UNKNOWN, Catalog, TagSpec
 from training.dataset import label_conditions
-from training.registry import (
-    CHAMPION,
-    IncompleteRegistrationError,
-    alias_version,
-    load_model,
-    require_complete,
-)
-from training.train import registered_model_name
+from training.inference import infer, model_input
+from training.registry import CHAMPION, IncompleteRegistrationError, alias_version, load_model, require_complete, version_info
+from training.versions import ModelVersionInfo, registered_model_name
 
-UNKNOWN = "unknown"
 DEFAULT_BATCH_ROWS = 100_000
 
 TAG_ROW_SCHEMA = pa.schema(
@@ -189,17 +182,8 @@ def check_coverage(con: duckdb.DuckDBPyConnection, tags_path: Path, features_pat
 
 @dataclass(frozen=True)
 class Champion:
-    tag: str
-    version: str
-    run_id: str
-    features: tuple[str, ...]
-    categorical: tuple[str, ...]
-    classes: tuple[str, ...]
+    info: ModelVersionInfo  # the version behind the alias, as registered
     model: Any
-
-    @property
-    def producer(self) -> str:
-        return f"{registered_model_name(self.tag)}/{self.version}"
 
 
 @dataclass
@@ -224,23 +208,8 @@ def resolve_champion(client: MlflowClient, tag: TagSpec) -> Champion:
         require_complete(version)
     except IncompleteRegistrationError as exc:
         raise ScoringError(f"tag {tag.name!r}: the champion {exc}") from exc
-    features = tuple(json.loads(version.tags["feature_list"]))
-    types = json.loads(version.tags.get("feature_types", "{}"))
-    if not types:  # versions registered before feature types were recorded: read the signature
-        import mlflow
-
-        schema = mlflow.models.get_model_info(f"models:/{name}/{version.version}").signature.inputs
-        types = {col.name: ("categorical" if col.type.name == "string" else "numeric") for col in schema.inputs}
-    categorical = tuple(f for f in features if types.get(f) == "categorical")
-    return Champion(
-        tag=tag.name,
-        version=str(version.version),
-        run_id=version.run_id,
-        features=features,
-        categorical=categorical,
-        classes=tuple(json.loads(version.tags["classes"])),
-        model=load_model(tag.name, str(version.version)),
-    )
+    info = version_info(client, tag.name, version)
+    return Champion(info, load_model(client, tag.name, info.version))
 
 
 @dataclass(frozen=True)
@@ -274,11 +243,11 @@ def observed_labels(con: duckdb.DuckDBPyConnection, staged_dir: Path, tag: TagSp
 
 def _check_features(path: Path, champion: Champion) -> None:
     available = set(pq.read_schema(path).names)
-    missing = [f for f in champion.features if f not in available]
+    missing = [f for f in champion.info.features if f not in available]
     if missing:
         raise ScoringError(
-            f"tag {champion.tag!r}: feature table {path} lacks {len(missing)} column(s) the champion "
-            f"{champion.producer} was trained on: {missing[:10]}"
+            f"tag {champion.info.tag!r}: feature table {path} lacks {len(missing)} column(s) the champion "
+            f"{champion.info.producer} was trained on: {missing[:10]}"
         )
 
 
@@ -287,19 +256,14 @@ def _model_batches(
     as_of: date, scored_at: datetime, batch_rows: int, top_reasons: int,
 ) -> Iterator[pa.RecordBatch]:
     reader = pq.ParquetFile(path)
-    numeric = [f for f in champion.features if f not in champion.categorical]
+    info = champion.info
+    classes = np.array(info.classes, dtype=object)
     # row group by row group: a dataset scan reads ahead and its memory grew with the file
-    for batch in reader.iter_batches(batch_size=batch_rows, columns=["customer_id", *champion.features]):
+    for batch in reader.iter_batches(batch_size=batch_rows, columns=["customer_id", *info.features]):
         frame = batch.to_pandas()
-        X = frame[list(champion.features)].copy()
-        X[numeric] = X[numeric].astype("float64")
-        proba = champion.model.predict_proba(X)
-        top = proba.argmax(axis=1)
-        classes = np.array(champion.classes, dtype=object)
-        inferred = classes[top]
-        confidence = proba[np.arange(len(top)), top]
-        if tag.min_confidence:
-            inferred = np.where(confidence < tag.min_confidence, UNKNOWN, inferred)
+        X = model_input(frame, info)
+        inference = infer(champion.model, X, info, tag.min_confidence)
+        proba, top, confidence, inferred = inference.proba, inference.top, inference.confidence, inference.values
         seen = observed.reindex(frame["customer_id"]).to_numpy()
         has_observed = pd.notna(seen)
         seen = np.where(has_observed, seen, None)
@@ -307,7 +271,7 @@ def _model_batches(
         value = np.where(has_observed & observed_wins, seen, inferred)
         source = np.where(has_observed & observed_wins, "observed", "model")
         mismatch = np.where(has_observed, seen != inferred, None)
-        value_index = {c: k for k, c in enumerate(champion.classes)}
+        value_index = {c: k for k, c in enumerate(info.classes)}
         prob_of_value = np.array([proba[i, value_index[v]] if v in value_index else confidence[i] for i, v in enumerate(value)])
         reasons = explainer.reasons(X, top, top_reasons) if explainer else [[] for _ in range(len(frame))]
         n = len(frame)
@@ -328,9 +292,9 @@ def _model_batches(
                 pa.array(inferred, pa.string()),
                 pa.array(seen, pa.string()),
                 pa.array(mismatch, pa.bool_()),
-                pa.array([champion.producer] * n, pa.string()),
-                pa.array([champion.version] * n, pa.string()),
-                pa.array([champion.run_id] * n, pa.string()),
+                pa.array([info.producer] * n, pa.string()),
+                pa.array([info.version] * n, pa.string()),
+                pa.array([info.run_id] * n, pa.string()),
                 pa.array([scored_at] * n, pa.timestamp("s", tz="UTC")),
             ],
             schema=TAG_ROW_SCHEMA,
@@ -395,13 +359,13 @@ def score_partition(
             for tag in catalog.model_tags:
                 t0 = time.perf_counter()
                 champion = champions[tag.name]
-                explainer = ReasonExplainer.for_model(con, champion.model, champion.features, champion.categorical, features_path) if with_reasons else None
+                explainer = ReasonExplainer.for_model(con, champion.model, champion.info.features, champion.info.categorical, features_path) if with_reasons else None
                 observed = observed_labels(con, staged_dir, tag, as_of)
                 for batch in _model_batches(features_path, tag, champion, observed.labels, explainer, as_of, scored_at, batch_rows, top_reasons):
                     writer.write_batch(batch)
                     rows += batch.num_rows
                 per_tag[tag.name] = {
-                    "producer": champion.producer,
+                    "producer": champion.info.producer,
                     "seconds": time.perf_counter() - t0,
                     "observed_labels_outside_classes": observed.outside_classes,
                 }

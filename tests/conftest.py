@@ -97,3 +97,11 @@ def staged_copy(bank, tmp_path) -> Path:
     target = tmp_path / "staged"
     shutil.copytree(bank["staged"], target)
     return target
+
+
+def shipped_slices(data) -> dict[str, str]:
+    """The evaluation slices training gets in production, from the shipped catalog (drift's definition)."""
+    from monitoring.drift import slice_expressions
+    from training.catalog import load_catalog
+
+    return slice_expressions(load_catalog(), set(data.feature_names))

@@ -22,7 +22,7 @@ import yaml
 
 from features.customer_features import build_customer_features
 from scoring.score import score_partition
-from tests.conftest import WINDOW_END, make_connection
+from tests.conftest import WINDOW_END, make_connection, shipped_slices
 from training.catalog import load_catalog
 from training.dataset import build_training_set
 from training.registry import (
@@ -35,7 +35,8 @@ from training.registry import (
     rollback,
 )
 from training.tracking import connect_tracking
-from training.train import REGISTRATION_TAG, registered_model_name, train_tag
+from training.train import train_tag
+from training.versions import REGISTRATION_TAG, registered_model_name
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -165,17 +166,17 @@ def test_train_gate_promote_rollback_and_score_against_a_real_server(server, wor
     tag, data = world["tag"], world["data"]
     local_artifacts = tmp_path / "local-artifacts"
 
-    first = train_tag(tag, data, server["url"], artifact_location=str(local_artifacts), seed=0, threads=1, lock_dir=tmp_path)
+    first = train_tag(tag, data, client, shipped_slices(data), artifact_location=str(local_artifacts), seed=0, threads=1, lock_dir=tmp_path)
     experiment = client.get_experiment(first.experiment_id)
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server chose it
     assert not local_artifacts.exists()  # the local path is for local stores only
     assert any((server["root"] / "served").rglob("MLmodel"))
     version = client.get_model_version(NAME, first.version)
     assert version.tags[REGISTRATION_TAG] == "complete" and version.run_id == first.run_id
-    assert apply_gate(client, evaluate_gate(client, tag, first.version, data)).promoted
+    assert apply_gate(client, evaluate_gate(client, tag, first.version, data, shipped_slices(data))).promoted
     assert champion_version(client, TAG) == first.version
 
-    second = train_tag(tag, data, server["url"], seed=1, threads=1, lock_dir=tmp_path)
+    second = train_tag(tag, data, client, shipped_slices(data), seed=1, threads=1, lock_dir=tmp_path)
     # a 503 on the alias lookup is an outage, not "no champion": the gate must not judge v2 a first model
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), type("Outage", (_AliasOutage,), {"upstream": server["url"]}))
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
@@ -186,7 +187,7 @@ def test_train_gate_promote_rollback_and_score_against_a_real_server(server, wor
     try:
         assert flaky.get_model_version(NAME, second.version).version == second.version  # the rest of the proxy works
         with pytest.raises(RegistryUnavailableError, match=f"looking up the 'champion' alias of registered model '{NAME}' failed"):
-            evaluate_gate(flaky, tag, second.version, data)
+            evaluate_gate(flaky, tag, second.version, data, shipped_slices(data))
     finally:
         proxy.shutdown()
         proxy.server_close()
@@ -194,7 +195,7 @@ def test_train_gate_promote_rollback_and_score_against_a_real_server(server, wor
     assert champion_version(client, TAG) == first.version
     assert "gate.decision" not in client.get_model_version(NAME, second.version).tags
 
-    decision = apply_gate(client, evaluate_gate(client, tag, second.version, data))
+    decision = apply_gate(client, evaluate_gate(client, tag, second.version, data, shipped_slices(data)))
     assert decision.champion_version == first.version  # compared against the champion this time
     if not decision.promoted:
         promote(client, TAG, second.version, by="tester", reason="server tier", force=True)

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from monitoring.reference import DriftInputError, monitored_model
 from scoring.score import ScoringError, resolve_champion
-from tests.conftest import WINDOW_END, make_connection
+from tests.conftest import WINDOW_END, make_connection, shipped_slices
 from training.catalog import load_catalog
 from training.dataset import build_training_set
 from training.registry import (
@@ -37,13 +37,8 @@ from training.registry import (
     rollback,
 )
 from training.tracking import connect_tracking
-from training.train import (
-    REGISTRATION_TAG,
-    TrainingInProgressError,
-    registered_model_name,
-    train_tag,
-    training_lock_path,
-)
+from training.train import TrainingInProgressError, train_tag, training_lock_path
+from training.versions import REGISTRATION_TAG, registered_model_name
 
 REPO = Path(__file__).resolve().parent.parent
 TAG = "risk_appetite"
@@ -219,7 +214,7 @@ def test_a_503_is_a_named_error_in_gate_promote_rollback_scoring_and_drift(unava
     with pytest.raises(RegistryUnavailableError, match=f"reading {NAME}/3 {unavailable}"):
         promote(client, TAG, "3", by="ops")
     with pytest.raises(RegistryUnavailableError, match=unavailable):
-        evaluate_gate(client, tag, "3", data=None)  # type: ignore[arg-type]  (fails before the data is read)
+        evaluate_gate(client, tag, "3", data=None, slices={})  # type: ignore[arg-type]  (fails before the data is read)
     with pytest.raises(RegistryUnavailableError, match=unavailable):  # was: "no 'champion' alias ... train and promote"
         resolve_champion(client, tag)
     with pytest.raises(RegistryUnavailableError, match=unavailable):  # was: "has no version 3"
@@ -254,14 +249,46 @@ def _runs(client: MlflowClient, experiment_id: str) -> list:
 
 
 @pytest.mark.slow
+def test_two_stores_in_one_process_never_see_each_other_and_the_fluent_default_is_untouched(risk, tmp_path, monkeypatch):
+    """Every run, model and load goes through the caller's client: a decoy set as MLflow's process-wide
+    tracking URI (as another library in the process might) receives nothing, and is still the default after."""
+    import mlflow
+
+    from training.registry import load_model
+
+    decoy = f"sqlite:///{tmp_path / 'decoy.db'}"
+    before = mlflow.get_tracking_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(decoy)
+    try:
+        (a_uri, a), (b_uri, b) = _store(tmp_path / "a"), _store(tmp_path / "b")
+        trained = {uri: train_tag(risk["tag"], risk["data"], client, shipped_slices(risk["data"]), artifact_location=str(tmp_path / name / "artifacts"), seed=0, threads=1)
+                   for uri, client, name in ((a_uri, a, "a"), (b_uri, b, "b"))}
+        for uri, client, other in ((a_uri, a, b_uri), (b_uri, b, a_uri)):
+            result = trained[uri]
+            runs = {r.info.run_id for r in _runs(client, result.experiment_id)}
+            assert result.run_id in runs and trained[other].run_id not in runs
+            [version] = client.search_model_versions(f"name = '{NAME}'")
+            assert version.run_id == result.run_id
+            assert Path(client.get_model_version_download_uri(NAME, version.version)).is_relative_to(Path(uri.removeprefix("sqlite:///")).parent)
+            assert load_model(client, TAG, version.version).predict_proba(risk["data"].part("test")[0].head(3)).shape == (3, len(risk["tag"].classes))
+        assert mlflow.get_tracking_uri() == decoy  # tagml never set it
+        decoy_client = MlflowClient(tracking_uri=decoy, registry_uri=decoy)
+        assert [e.name for e in decoy_client.search_experiments()] == ["Default"] and not decoy_client.search_registered_models()
+    finally:
+        mlflow.set_tracking_uri(before)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.mark.slow
 def test_pruned_trials_are_recorded_as_pruned_not_failed(risk, tmp_path):
-    uri, client = _store(tmp_path)
+    _uri, client = _store(tmp_path)
     tag, _ = _tag(tmp_path, trials=8, search_space={
         "n_estimators": {"low": 60, "high": 120, "integer": True},
         "learning_rate": {"low": 0.005, "high": 0.5, "log": True},
         "max_depth": {"low": 1, "high": 6, "integer": True},
     })
-    result = train_tag(tag, risk["data"], uri, artifact_location=str(tmp_path / "artifacts"), seed=0, threads=1)
+    result = train_tag(tag, risk["data"], client, shipped_slices(risk["data"]), artifact_location=str(tmp_path / "artifacts"), seed=0, threads=1)
     parent = client.get_run(result.run_id)
     trials = [r for r in _runs(client, result.experiment_id) if r.info.run_name.startswith("trial-")]
     pruned = [r for r in trials if r.data.tags.get("trial_state") == "pruned"]
@@ -272,10 +299,10 @@ def test_pruned_trials_are_recorded_as_pruned_not_failed(risk, tmp_path):
 
 
 def test_a_trial_that_really_fails_stays_failed(risk, tmp_path):
-    uri, client = _store(tmp_path)
+    _uri, client = _store(tmp_path)
     tag, _ = _tag(tmp_path, trials=1, params={"max_bin": 1})  # xgboost refuses max_bin < 2
     with pytest.raises(Exception, match="max_bin"):
-        train_tag(tag, risk["data"], uri, artifact_location=str(tmp_path / "artifacts"), seed=0, threads=1)
+        train_tag(tag, risk["data"], client, shipped_slices(risk["data"]), artifact_location=str(tmp_path / "artifacts"), seed=0, threads=1)
     experiment = client.get_experiment_by_name(f"tagml/{TAG}")
     [trial] = [r for r in _runs(client, experiment.experiment_id) if r.info.run_name.startswith("trial-")]
     assert (trial.info.status, trial.data.tags["trial_state"]) == ("FAILED", "failed")
@@ -288,6 +315,7 @@ TRAIN_AND_DIE = textwrap.dedent(
     import training.train
     from training.catalog import load_catalog
     from training.dataset import load_training_set
+    from training.tracking import connect_tracking
 
     def die():  # as an OOM killer or `kill -9` would
         os.kill(os.getpid(), signal.SIGKILL)
@@ -304,7 +332,7 @@ TRAIN_AND_DIE = textwrap.dedent(
     else:  # inside the first Optuna trial, its nested run open
         training.train.core_metrics = lambda *args, **kwargs: die()
     tag = load_catalog(catalog).get("risk_appetite")
-    training.train.train_tag(tag, load_training_set(snapshot, tag), uri, artifact_location=artifacts, threads=1)
+    training.train.train_tag(tag, load_training_set(snapshot, tag), connect_tracking(uri), {}, artifact_location=artifacts, threads=1)
     """
 )
 
@@ -323,21 +351,21 @@ def _train_and_die(risk, tmp_path, where: str) -> tuple[str, MlflowClient, int]:
 
 @pytest.mark.slow
 def test_a_training_killed_inside_a_trial_leaves_runs_the_next_training_marks_killed(risk, tmp_path):
-    uri, client, pid = _train_and_die(risk, tmp_path, "in_trial")
+    _uri, client, pid = _train_and_die(risk, tmp_path, "in_trial")
     experiment = client.get_experiment_by_name(f"tagml/{TAG}")
     orphans = {r.info.run_name: r for r in _runs(client, experiment.experiment_id)}
     assert set(orphans) == {f"{TAG}-train", "trial-0"}
     assert {r.info.status for r in orphans.values()} == {"RUNNING"}
     assert {r.data.tags["tagml.pid"] for r in orphans.values()} == {str(pid)}
     assert not client.search_model_versions(f"name = '{NAME}'")
-    result = train_tag(risk["tag"], risk["data"], uri, artifact_location=str(tmp_path / "artifacts"), threads=1)
+    result = train_tag(risk["tag"], risk["data"], client, shipped_slices(risk["data"]), artifact_location=str(tmp_path / "artifacts"), threads=1)
     assert {client.get_run(r.info.run_id).info.status for r in orphans.values()} == {"KILLED"}
     assert client.get_run(result.run_id).info.status == "FINISHED"
 
 
 @pytest.mark.slow
 def test_a_training_killed_after_creating_its_version_leaves_nothing_promotable_and_the_next_one_cleans_up(risk, tmp_path):
-    uri, client, pid = _train_and_die(risk, tmp_path, "after_version")
+    _uri, client, pid = _train_and_die(risk, tmp_path, "after_version")
     artifacts = str(tmp_path / "artifacts")
     [killed] = client.search_model_versions(f"name = '{NAME}'")
     assert killed.tags == {REGISTRATION_TAG: "pending"}  # created, then nothing: says so itself
@@ -349,18 +377,18 @@ def test_a_training_killed_after_creating_its_version_leaves_nothing_promotable_
     with pytest.raises(IncompleteRegistrationError, match=f"{NAME}/{killed.version}: its registration is 'pending', never completed"):
         promote(client, TAG, killed.version, by="ops")
     with pytest.raises(IncompleteRegistrationError):
-        evaluate_gate(client, risk["tag"], killed.version, risk["data"])
+        evaluate_gate(client, risk["tag"], killed.version, risk["data"], shipped_slices(risk["data"]))
     assert alias_version(client, TAG, "challenger") is None
 
     # the next training (the killed one's lock was released with its process) marks the orphan KILLED
-    result = train_tag(risk["tag"], risk["data"], uri, artifact_location=artifacts, threads=1)
+    result = train_tag(risk["tag"], risk["data"], client, shipped_slices(risk["data"]), artifact_location=artifacts, threads=1)
     orphan = client.get_run(orphan.info.run_id)
     assert orphan.info.status == "KILLED"
     assert "marked KILLED by a later training" in orphan.data.tags["tagml.stale"]
     assert client.get_run(result.run_id).info.status == "FINISHED"
     assert str(alias_version(client, TAG, "challenger").version) == result.version
     assert client.get_model_version(NAME, result.version).tags[REGISTRATION_TAG] == "complete"
-    decision = apply_gate(client, evaluate_gate(client, risk["tag"], result.version, risk["data"]))
+    decision = apply_gate(client, evaluate_gate(client, risk["tag"], result.version, risk["data"], shipped_slices(risk["data"])))
     assert decision.promoted and champion_version(client, TAG) == result.version
 
 
@@ -375,7 +403,7 @@ def test_a_second_training_of_a_tag_fails_by_name_while_one_is_running(risk, tmp
         assert holder.stdout.readline().strip() == "held"
         started = time.perf_counter()
         with pytest.raises(TrainingInProgressError, match=f"another training of tag '{TAG}' is running on this MLflow store \\(lock {lock}\\)"):
-            train_tag(risk["tag"], risk["data"], uri, artifact_location=str(tmp_path / "artifacts"), threads=1, lock_timeout_seconds=1)
+            train_tag(risk["tag"], risk["data"], client, shipped_slices(risk["data"]), artifact_location=str(tmp_path / "artifacts"), threads=1, lock_timeout_seconds=1)
         assert time.perf_counter() - started < 30
         assert client.get_experiment_by_name(f"tagml/{TAG}") is None  # nothing logged
     finally:
@@ -403,7 +431,7 @@ def test_tag_model_asset_records_the_dagster_run_id_and_links_to_mlflow(bank, tm
     from orchestration.resources import MlflowResource, WarehouseResource
     from orchestration.training_assets import build_training_assets
 
-    tag, _ = _tag(tmp_path, trials=1)
+    tag, catalog_path = _tag(tmp_path, trials=1)
     warehouse_dir = tmp_path / "warehouse"
     shutil.copytree(bank["staged"], warehouse_dir / "raw")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -411,7 +439,7 @@ def test_tag_model_asset_records_the_dagster_run_id_and_links_to_mlflow(bank, tm
         "warehouse": WarehouseResource(raw_dir=str(tmp_path / "raw"), warehouse_dir=str(warehouse_dir), duckdb_path=str(tmp_path / "w.duckdb"), threads=1, memory_limit="1GB"),
         "mlflow_store": MlflowResource(tracking_uri=uri, artifact_location=str(tmp_path / "artifacts"), ui_url="http://mlflow.example:5000/"),
     }
-    result = dg.materialize(build_training_assets(tag), resources=resources, instance=dg.DagsterInstance.ephemeral())
+    result = dg.materialize(build_training_assets(tag, load_catalog(catalog_path)), resources=resources, instance=dg.DagsterInstance.ephemeral())
     assert result.success
     metadata = result.asset_materializations_for_node("risk_appetite__tag_model")[0].metadata
     run_id, version = metadata["mlflow_run_id"].value, metadata["model_version"].value

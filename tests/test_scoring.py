@@ -1,5 +1,6 @@
 """Batch scoring and the tag store with real stores: DuckDB/Parquet features, an MLflow SQLite registry."""
 
+import json
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from scoring.score import (
     score_partition,
 )
 from scoring.store import ParquetTagStore, TagStoreError
-from tests.conftest import WINDOW_END, make_connection
+from tests.conftest import WINDOW_END, make_connection, shipped_slices
 from training.catalog import load_catalog
 from training.dataset import build_training_set
 from training.registry import apply_gate, champion_version, evaluate_gate, promote
@@ -61,8 +62,8 @@ def world(bank, tmp_path_factory):
     build_customer_features(con, bank["staged"], AS_OF, features)
     tag = catalog.get("risk_appetite")
     data = build_training_set(con, bank["staged"], tag, AS_OF, tmp / "sets")
-    first = train_tag(tag, data, uri, artifact_location=str(tmp / "artifacts"), seed=0, threads=1)
-    apply_gate(client, evaluate_gate(client, tag, first.version, data))
+    first = train_tag(tag, data, client, shipped_slices(data), artifact_location=str(tmp / "artifacts"), seed=0, threads=1)
+    apply_gate(client, evaluate_gate(client, tag, first.version, data, shipped_slices(data)))
     assert champion_version(client, "risk_appetite") == first.version
     return {"tmp": tmp, "catalog": catalog, "uri": uri, "client": client, "con": con, "features": features, "data": data, "first": first, "staged": bank["staged"]}
 
@@ -102,7 +103,7 @@ def test_every_customer_gets_every_tag_with_what_produced_it(world, tmp_path):
 
 def test_scoring_follows_the_champion_alias(world, tmp_path):
     tag = world["catalog"].get("risk_appetite")
-    second = train_tag(tag, world["data"], world["uri"], artifact_location=str(world["tmp"] / "artifacts"), seed=1, threads=1)
+    second = train_tag(tag, world["data"], world["client"], shipped_slices(world["data"]), artifact_location=str(world["tmp"] / "artifacts"), seed=1, threads=1)
     target = tmp_path / "data.parquet"
     _score(world, target)
     assert set(pd.read_parquet(target, filters=[("tag", "=", "risk_appetite")]).model_version) == {world["first"].version}
@@ -271,10 +272,10 @@ def test_reason_contributions_equal_xgboosts_own_for_the_predicted_class(world):
 
     champion = resolve_champion(world["client"], world["catalog"].get("risk_appetite"))
     frame = pd.read_parquet(world["features"]).head(500)
-    X = frame[list(champion.features)].copy()
-    numeric = [f for f in champion.features if f not in champion.categorical]
+    X = frame[list(champion.info.features)].copy()
+    numeric = [f for f in champion.info.features if f not in champion.info.categorical]
     X[numeric] = X[numeric].astype("float64")
-    explainer = ReasonExplainer.for_model(world["con"], champion.model, champion.features, champion.categorical, world["features"])
+    explainer = ReasonExplainer.for_model(world["con"], champion.model, champion.info.features, champion.info.categorical, world["features"])
     predicted = champion.model.predict_proba(X).argmax(axis=1)
     ours = explainer.contributions(X, predicted)
     matrix = xgb.DMatrix(np.asarray(explainer.prepare.transform(X), dtype=np.float32), missing=np.nan)
@@ -427,3 +428,56 @@ def test_truncated_feature_and_tag_partitions_are_named_with_the_repair(world, t
     target.write_bytes(before[: len(before) // 2])
     with pytest.raises(TagStoreError, match=rf"is not a readable Parquet file .*re-run the scoring job \(customer_tags\) for the partition {AS_OF}"):
         store.distribution(world["con"], AS_OF)
+
+
+# ---- one version record, one inference: scoring and monitoring agree ---------------------------------
+
+
+def test_scoring_and_the_reference_profile_infer_identical_values(world, tmp_path):
+    """Drift's "PSI is 0 on the reference" needs the tag store and the reference profile to infer alike,
+    `unknown` below min_confidence included: score the snapshot, profile the same rows, compare."""
+    from monitoring.reference import monitored_model, reference_profile
+
+    entry = world["catalog"].get("risk_appetite").model_dump(mode="json")
+    entry["min_confidence"] = 0.6
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"tags": [entry]}))
+    tag = load_catalog(path).get("risk_appetite")
+    target = tmp_path / "data.parquet"
+    score_partition(world["con"], world["client"], load_catalog(path), world["features"], world["staged"], AS_OF, target, with_reasons=False)
+    scored = pd.read_parquet(target)
+    version = monitored_model(world["client"], tag, world["first"].version)
+    profile = reference_profile(world["con"], world["client"], version, tag, world["features"], {}, tmp_path / "reference", sample_rows=50)
+    overall = profile.class_counts[profile.class_counts.slice_column == "(all)"].set_index("class").n.sort_index()
+    stored = scored.inferred_value.value_counts().sort_index()
+    assert "unknown" in stored.index
+    assert overall.to_dict() == stored.to_dict()
+    sums = {c: sum(dict(m)[c] for m in scored.probabilities) for c in version.classes}
+    assert sums == pytest.approx(profile.probability_sums, rel=1e-9)
+
+
+def test_a_version_without_recorded_feature_types_reads_the_same_kinds_everywhere(world):
+    """Versions registered before feature types were recorded: scoring read the kinds from the signature,
+    monitoring took every feature as numeric. Both now read the one version record."""
+    from monitoring.reference import monitored_model
+    from scoring.score import resolve_champion
+    from training.versions import registered_model_name
+
+    client, tag = world["client"], world["catalog"].get("risk_appetite")
+    name, version = registered_model_name(tag.name), world["first"].version
+    recorded = client.get_model_version(name, version).tags["feature_types"]
+    client.delete_model_version_tag(name, version, "feature_types")
+    try:
+        scoring_kinds = resolve_champion(client, tag).info.kinds
+        monitoring_kinds = monitored_model(client, tag, version).kinds
+    finally:
+        client.set_model_version_tag(name, version, "feature_types", recorded)
+    assert scoring_kinds == monitoring_kinds == {f: k for f, k in json.loads(recorded).items() if f in scoring_kinds}
+    assert "marital_status" in scoring_kinds and scoring_kinds["marital_status"] == "categorical"
+
+
+def test_scoring_and_monitoring_do_not_import_the_trainer():
+    """Naming a model or reading a version must not pull in Optuna and the calibration code."""
+    code = "import sys, scoring.score, monitoring.reference, monitoring.drift; print(sorted(m for m in ('optuna', 'training.train') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert out.stdout.strip() == "[]"

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import WINDOW_END, make_connection
+from tests.conftest import WINDOW_END, make_connection, shipped_slices
 from training.catalog import CatalogError, load_catalog
 from training.dataset import SPLIT_COLUMN, TrainingDataError, build_training_set
 from training.registry import (
@@ -22,11 +22,14 @@ from training.registry import (
     champion_version,
     evaluate_gate,
     leaderboard,
+    load_model,
+    model_files,
     promote,
     rollback,
 )
 from training.tracking import TrackingUnavailableError, connect_tracking
-from training.train import registered_model_name, train_tag
+from training.train import train_tag
+from training.versions import registered_model_name
 
 SHIPPED = load_catalog()
 
@@ -150,8 +153,8 @@ def test_training_set_without_labels_is_a_named_error(bank, tmp_path):
 @pytest.fixture(scope="module")
 def first_model(risk_data, store):
     tag = _tag()
-    result = train_tag(tag, risk_data, store["uri"], artifact_location=store["artifacts"], seed=0, threads=1)
-    decision = apply_gate(store["client"], evaluate_gate(store["client"], tag, result.version, risk_data))
+    result = train_tag(tag, risk_data, store["client"], shipped_slices(risk_data), artifact_location=store["artifacts"], seed=0, threads=1)
+    decision = apply_gate(store["client"], evaluate_gate(store["client"], tag, result.version, risk_data, shipped_slices(risk_data)))
     return {"tag": tag, "result": result, "decision": decision}
 
 
@@ -169,6 +172,10 @@ def test_first_model_becomes_champion_and_records_lineage(first_model, store, ri
     assert {"evaluation/confusion_matrix.png", "evaluation/calibration_curve.png", "evaluation/feature_importance.png"} <= artifacts
     nested = client.search_runs([client.get_run(result.run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
     assert len([r for r in nested if r.info.run_name.startswith("trial-")]) == 2
+    # the catalog's value tiers, as drift slices them; the gate judged the very slices training logged
+    tiers = {k.split("=", 1)[1] for k in result.slice_metrics if k.startswith("value_tier=")}
+    assert tiers and tiers <= set(load_catalog().get("value_tier").classes)
+    assert set(first_model["decision"].checks["slices"]) == set(result.slice_metrics)
 
 
 def test_champion_loads_by_alias_and_scores_raw_input_with_unseen_category(first_model, risk_data, store):
@@ -176,11 +183,14 @@ def test_champion_loads_by_alias_and_scores_raw_input_with_unseen_category(first
     X = X.head(50).copy()
     X["region"] = "atlantis"  # never seen in training
     X["education"] = None
-    model = mlflow.sklearn.load_model(f"models:/{registered_model_name('risk_appetite')}@{CHAMPION}")
+    client = store["client"]
+    version = str(client.get_model_version_by_alias(registered_model_name("risk_appetite"), CHAMPION).version)
+    model = load_model(client, "risk_appetite", version)
     proba = model.predict_proba(X)
     assert proba.shape == (50, 5)
     assert np.allclose(proba.sum(axis=1), 1)
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{registered_model_name('risk_appetite')}@{CHAMPION}")
+    with model_files(client, "risk_appetite", version) as path:
+        pyfunc = mlflow.pyfunc.load_model(str(path))
     assert np.allclose(np.asarray(pyfunc.predict(X)), proba)
 
 
@@ -199,8 +209,8 @@ def test_worse_challenger_is_not_promoted_and_reason_is_recorded(first_model, ri
     from training.dataset import TrainingSet
 
     worse_data = TrainingSet(**{**risk_data.__dict__, "feature_names": ("region", "city_tier"), "categorical": ("region",)})
-    result = train_tag(worse_tag, worse_data, store["uri"], artifact_location=store["artifacts"], threads=1)
-    decision = apply_gate(client, evaluate_gate(client, first_model["tag"], result.version, risk_data))
+    result = train_tag(worse_tag, worse_data, store["client"], shipped_slices(worse_data), artifact_location=store["artifacts"], threads=1)
+    decision = apply_gate(client, evaluate_gate(client, first_model["tag"], result.version, risk_data, shipped_slices(risk_data)))
     assert not decision.promoted
     assert champion_version(client, "risk_appetite") == first_model["result"].version
     reasons = json.loads(client.get_model_version(registered_model_name("risk_appetite"), result.version).tags["gate.reasons"])
@@ -223,7 +233,7 @@ def test_worse_challenger_is_not_promoted_and_reason_is_recorded(first_model, ri
 
 
 def test_same_seed_and_data_give_the_same_metrics(risk_data, store, first_model):
-    again = train_tag(first_model["tag"], risk_data, store["uri"], artifact_location=store["artifacts"], seed=0, threads=1)
+    again = train_tag(first_model["tag"], risk_data, store["client"], shipped_slices(risk_data), artifact_location=store["artifacts"], seed=0, threads=1)
     assert again.metrics == pytest.approx(first_model["result"].metrics, rel=1e-9)
     assert again.best_params == first_model["result"].best_params
 
@@ -272,12 +282,12 @@ def test_wide_table_source_infers_types_drops_pii_and_scores_unseen_categories(t
     con = make_connection(tmp_path)
     data = build_training_set(con, tmp_path, tag, date(2027, 1, 1), tmp_path / "sets")
     assert data.feature_types == {"segment": "categorical", "monthly_spend": "numeric"}  # name is PII-like, date unsupported
-    result = train_tag(tag, data, store["uri"], artifact_location=store["artifacts"], threads=1)
+    result = train_tag(tag, data, store["client"], shipped_slices(data), artifact_location=store["artifacts"], threads=1)
     assert result.metrics["accuracy"] > 0.8
     client = store["client"]
     version = client.get_model_version(registered_model_name("big_spender"), result.version)
     assert json.loads(version.tags["feature_types"]) == data.feature_types
-    model = mlflow.sklearn.load_model(f"models:/{registered_model_name('big_spender')}/{result.version}")
+    model = load_model(client, "big_spender", result.version)
     unseen = pd.DataFrame({"segment": ["platinum", None], "monthly_spend": [5000.0, 10.0]})
     assert model.predict_proba(unseen).shape == (2, 2)
 
@@ -295,8 +305,9 @@ def test_wide_table_without_its_id_column_is_a_named_error(tmp_path):
         build_training_set(make_connection(tmp_path), tmp_path, tag, date(2027, 1, 1), tmp_path / "sets")
 
 
-def test_logged_signature_accepts_missing_values_and_integer_counts_as_doubles(first_model, risk_data):
-    model = mlflow.pyfunc.load_model(f"models:/{registered_model_name('risk_appetite')}/{first_model['result'].version}")
+def test_logged_signature_accepts_missing_values_and_integer_counts_as_doubles(first_model, risk_data, store):
+    with model_files(store["client"], "risk_appetite", first_model["result"].version) as path:
+        model = mlflow.pyfunc.load_model(str(path))
     schema = model.metadata.get_input_schema()
     assert all(not c.required for c in schema.inputs)
     assert {c.name for c in schema.inputs if c.type.name == "string"} == set(risk_data.categorical)
@@ -304,3 +315,31 @@ def test_logged_signature_accepts_missing_values_and_integer_counts_as_doubles(f
     X = X.head(20).copy()
     X.loc[X.index[0], [c.name for c in schema.inputs if c.type.name == "double"]] = np.nan  # a customer with no history
     assert np.asarray(model.predict(X)).shape == (20, 5)
+
+
+def test_evaluation_slices_are_the_catalogs_value_tiers_as_drift_and_scoring_see_them(tmp_path):
+    """Evaluation had its own 3 value-tier bands (mass/affluent/hnw) while the catalog's rule, which scores
+    the tag and slices drift, has 4: the gate judged segments no one else knew."""
+    from monitoring.drift import slice_expressions
+    from scoring.rules import rule_batches, rule_case_sql
+    from training.evaluate import evaluation_slices, slices
+
+    catalog = load_catalog()
+    frame = pd.DataFrame({
+        "customer_id": [f"C{i}" for i in range(6)],
+        "age": [25.0, 30.0, 44.0, 59.0, 60.0, None],
+        "region": ["north", None, "east", "east", "south", "north"],
+        "aum_total": [0.0, 49_999.0, 50_000.0, 2_000_000.0, 7_000_000.0, None],
+    }, index=[10, 11, 12, 13, 14, 15])
+    columns = ["age", "region", "aum_total"]
+    values = slices(frame, evaluation_slices(slice_expressions(catalog, set(columns)), columns))
+    assert set(values) == {"age_band", "region", "value_tier"}
+    tier = catalog.get("value_tier")
+    assert set(values["value_tier"]) == set(tier.classes)  # all four tiers, no label outside the catalog's classes
+    frame.to_parquet(tmp_path / "features.parquet")
+    scored = pd.concat(b.to_pandas() for b in rule_batches(
+        make_connection(tmp_path), tmp_path / "features.parquet", tier, f"SELECT customer_id, {rule_case_sql(tier)} AS value FROM features", 100))
+    assert values["value_tier"].tolist() == scored.set_index("customer_id").loc[frame.customer_id, "value"].tolist()
+    assert list(values["value_tier"].index) == list(frame.index)
+    assert values["age_band"].tolist() == ["<30", "30-44", "30-44", "45-59", "60+", "missing"]
+    assert values["region"].tolist() == ["north", "missing", "east", "east", "south", "north"]

@@ -1,9 +1,10 @@
 """Held-out evaluation: overall, per class, calibration, per slice, and the plots logged to MLflow."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 from sklearn.metrics import (
@@ -16,8 +17,14 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-AGE_BANDS = (0, 30, 45, 60, 200)
-VALUE_TIER_BANDS = (-np.inf, 50_000, 1_000_000, np.inf)
+from tagml.core.storage import quote, sql_literal
+
+# evaluation's own slice (drift does not slice by age); bands [0, 30), [30, 45), [45, 60), [60, 200)
+AGE_BAND_SQL = (
+    "CASE WHEN age >= 0 AND age < 30 THEN '<30' WHEN age >= 30 AND age < 45 THEN '30-44' "
+    "WHEN age >= 45 AND age < 60 THEN '45-59' WHEN age >= 60 AND age < 200 THEN '60+' END"
+)
+MISSING_SLICE = "missing"  # the slice of rows whose slice value is NULL (an MLflow metric name: no brackets)
 
 
 def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 10) -> float:
@@ -84,16 +91,27 @@ def per_class_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str]) 
     return out
 
 
-def slices(frame: pd.DataFrame) -> dict[str, pd.Series]:
-    """Slice definitions available in this frame: age band, region, value tier."""
-    out = {}
-    if "age" in frame:
-        out["age_band"] = pd.cut(frame["age"], AGE_BANDS, right=False, labels=["<30", "30-44", "45-59", "60+"]).astype(str)
-    if "region" in frame:
-        out["region"] = frame["region"].fillna("missing").astype(str)
-    if "aum_total" in frame:
-        out["value_tier"] = pd.cut(frame["aum_total"], VALUE_TIER_BANDS, labels=["mass", "affluent", "hnw"]).astype(str)
-    return out
+def evaluation_slices(catalog_slices: Mapping[str, str], columns: Sequence[str]) -> dict[str, str]:
+    """SQL per slice over feature columns: the age band where there is an age, and the catalog's slices as
+    drift defines them (monitoring.drift.slice_expressions: the value_tier rule's bands, region), so the
+    promotion gate and drift judge the same segments."""
+    return {**({"age_band": AGE_BAND_SQL} if "age" in columns else {}), **catalog_slices}
+
+
+def slices(frame: pd.DataFrame, expressions: Mapping[str, str]) -> dict[str, pd.Series]:
+    """Each slice's value per row of `frame` (`expressions` from `evaluation_slices`: catalog SQL from its
+    checked parse tree), evaluated by DuckDB over the frame alone with external access off."""
+    if not expressions:
+        return {}
+    con = duckdb.connect(":memory:", config={"threads": 1})
+    try:
+        con.register("frame", frame.reset_index(drop=True).assign(_row=np.arange(len(frame))))
+        con.execute("SET enable_external_access = false")
+        cols = ", ".join(f"coalesce(({expr})::VARCHAR, {sql_literal(MISSING_SLICE)}) AS {quote(name)}" for name, expr in expressions.items())
+        values = con.execute(f"SELECT {cols} FROM frame ORDER BY _row").df()
+    finally:
+        con.close()
+    return {name: values[name].set_axis(frame.index) for name in expressions}
 
 
 def _slice_score(y: np.ndarray, proba: np.ndarray, metric: str, n_classes: int) -> float:
@@ -103,10 +121,12 @@ def _slice_score(y: np.ndarray, proba: np.ndarray, metric: str, n_classes: int) 
     return core_metrics(y, proba, n_classes)[metric]
 
 
-def slice_metrics(frame: pd.DataFrame, y: np.ndarray, proba: np.ndarray, metric: str, n_classes: int, min_rows: int = 30) -> dict[str, float]:
+def slice_metrics(
+    frame: pd.DataFrame, y: np.ndarray, proba: np.ndarray, metric: str, n_classes: int, expressions: Mapping[str, str], min_rows: int = 30
+) -> dict[str, float]:
     """The promotion metric per slice value (slices with fewer than `min_rows` rows are skipped)."""
     out = {}
-    for name, values in slices(frame).items():
+    for name, values in slices(frame, expressions).items():
         for value in sorted(values.unique()):
             mask = (values == value).to_numpy()
             if mask.sum() >= min_rows:

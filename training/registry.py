@@ -6,8 +6,12 @@ model's `champion_history` tag (JSON list), which is what `rollback` walks back 
 
 import getpass
 import json
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -15,14 +19,16 @@ import numpy as np
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
 
 from tagml.core.settings import resolve_home_path
 from training.catalog import TagSpec
 from training.dataset import TrainingSet
-from training.evaluate import core_metrics, slice_metrics
-from training.tracking import describe, is_missing
-from training.train import registered_model_name, registration_problem
+from training.evaluate import core_metrics, evaluation_slices, slice_metrics
+from training.tracking import describe, download_artifacts, is_missing
+from training.versions import ModelVersionInfo, parse_version, registered_model_name, registration_problem
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOWER_IS_BETTER = {"log_loss"}
@@ -114,14 +120,41 @@ def require_complete(version: ModelVersion) -> ModelVersion:
     return version
 
 
+def version_info(client: MlflowClient, tag: str, mv: ModelVersion) -> ModelVersionInfo:
+    """`mv` as scoring and monitoring use it. Versions registered before feature types were recorded get
+    them from the model's signature (text inputs are categorical), so every reader sees the same kinds."""
+    info = parse_version(tag, mv)
+    if info.problem is None and info.recorded_kinds is None:
+        inputs = load_model_metadata(client, tag, info.version).signature.inputs
+        info = info.with_kinds({col.name: ("categorical" if col.type.name == "string" else "numeric") for col in inputs.inputs})
+    return info
+
+
 def champion_version(client: MlflowClient, tag: str) -> str | None:
     """The version behind the `champion` alias, or None when the tag has no champion yet."""
     version = alias_version(client, tag, CHAMPION)
     return str(version.version) if version is not None else None
 
 
-def load_model(tag: str, version: str) -> Any:
-    return mlflow.sklearn.load_model(f"models:/{registered_model_name(tag)}/{version}")
+@contextmanager
+def model_files(client: MlflowClient, tag: str, version: str) -> Iterator[Path]:
+    """A local copy of a version's model directory (MLmodel and files), downloaded through `client`'s
+    stores (never the process-global registry URI), removed when the block ends."""
+    uri = client.get_model_version_download_uri(registered_model_name(tag), str(version))
+    with tempfile.TemporaryDirectory(prefix="tagml-model-") as tmp:
+        yield Path(download_artifacts(client, uri, tmp))
+
+
+def load_model(client: MlflowClient, tag: str, version: str) -> Any:
+    """The version's sklearn model, loaded from a copy downloaded through `client`."""
+    with model_files(client, tag, version) as path:
+        return mlflow.sklearn.load_model(str(path))
+
+
+def load_model_metadata(client: MlflowClient, tag: str, version: str) -> Model:
+    """The MLmodel metadata (signature, flavors) of a version."""
+    with model_files(client, tag, version) as path:
+        return Model.load(str(path / MLMODEL_FILE_NAME))
 
 
 def _history(client: MlflowClient, tag: str) -> list[dict[str, Any]]:
@@ -174,8 +207,10 @@ def _better(metric: str, challenger: float, champion: float, margin: float) -> b
     return challenger >= champion + margin
 
 
-def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: TrainingSet) -> GateDecision:
-    """Decide whether `challenger` should become champion, on the challenger's held-out test set."""
+def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: TrainingSet, slices: Mapping[str, str]) -> GateDecision:
+    """Decide whether `challenger` should become champion, on the challenger's held-out test set.
+    `slices`: the catalog's slices as drift defines them (monitoring.drift.slice_expressions), whose
+    values must each keep the promotion metric above the catalog's slice floor."""
     found = get_version(client, tag.name, challenger)
     if found is None:
         raise RegistryError(f"{registered_model_name(tag.name)} has no version {challenger} to evaluate")
@@ -183,9 +218,9 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
     X_test, y_test = data.part("test")
     y = y_test.map({c: i for i, c in enumerate(tag.classes)}).to_numpy()
     n_classes, metric, rules = len(tag.classes), tag.promotion.metric, tag.promotion
-    proba = load_model(tag.name, challenger).predict_proba(X_test)
+    proba = load_model(client, tag.name, challenger).predict_proba(X_test)
     scores = core_metrics(y, proba, n_classes)
-    slices = slice_metrics(X_test, y, proba, metric, n_classes)
+    slice_scores = slice_metrics(X_test, y, proba, metric, n_classes, evaluation_slices(slices, data.feature_names))
     predicted = set(np.unique(proba.argmax(axis=1)))
     never = [c for k, c in enumerate(tag.classes) if k not in predicted]
     reasons: list[str] = []
@@ -198,7 +233,7 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
         reasons.append(
             f"calibration error {scores['calibration_error_debiased']:.4f} (debiased; raw {scores['calibration_error']:.4f}) > {rules.max_calibration_error}"
         )
-    low_slices = {k: round(v, 4) for k, v in slices.items() if v < rules.slice_floor}
+    low_slices = {k: round(v, 4) for k, v in slice_scores.items() if v < rules.slice_floor}
     if low_slices:
         passed = False
         reasons.append(f"slices below the {metric} floor {rules.slice_floor}: {low_slices}")
@@ -210,7 +245,7 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
         passed = False
         reasons.append(f"v{challenger} is already the champion")
     else:
-        champion_proba = load_model(tag.name, current).predict_proba(X_test)
+        champion_proba = load_model(client, tag.name, current).predict_proba(X_test)
         champion_score = core_metrics(y, champion_proba, n_classes)[metric]
         verdict = "beats" if _better(metric, scores[metric], champion_score, rules.margin) else "does not beat"
         passed = passed and verdict == "beats"
@@ -226,7 +261,7 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
         metric=metric,
         challenger_metric=scores[metric],
         champion_metric=champion_score,
-        checks={"metrics": scores, "slices": slices, "never_predicted": never},
+        checks={"metrics": scores, "slices": slice_scores, "never_predicted": never},
     )
 
 

@@ -2,8 +2,6 @@
 refit and calibrated, evaluated on the held-out test set, logged and registered as the challenger."""
 
 import json
-import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -13,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import optuna
 import pandas as pd
@@ -31,6 +28,7 @@ from training.catalog import TagSpec
 from training.dataset import TrainingSet
 from training.evaluate import (
     core_metrics,
+    evaluation_slices,
     per_class_metrics,
     plot_calibration,
     plot_confusion,
@@ -38,35 +36,23 @@ from training.evaluate import (
     slice_metrics,
 )
 from training.models import build_pipeline
-from training.tracking import connect_tracking, is_local_store, is_missing, sqlite_path
+from training.stale_runs import mark_stale_runs, owner_tags
+from training.tracking import (
+    LoggedSklearnModel,
+    create_run,
+    is_local_store,
+    is_missing,
+    log_metrics,
+    log_params,
+    log_sklearn_model,
+    set_tags,
+    sqlite_path,
+    tracked_run,
+)
+from training.versions import REGISTRATION_COMPLETE, REGISTRATION_PENDING, REGISTRATION_TAG, registered_model_name
 
 PIP_REQUIREMENTS = ["scikit-learn>=1.6,<2", "xgboost>=3.0,<3.3", "pandas>=2.2,<3", "numpy>=2.0,<2.5"]
 
-# A version is created with registration=pending and gets registration=complete only after every other
-# tag is set: a training killed in between leaves a version that says so, and registry/scoring refuse it.
-REGISTRATION_TAG, REGISTRATION_PENDING, REGISTRATION_COMPLETE = "tagml.registration", "pending", "complete"
-REQUIRED_VERSION_TAGS = ("data_snapshot", "snapshot_id", "feature_list", "classes")
-# which process owns a run: a later training marks the runs of a process that is gone as KILLED
-OWNER_PID, OWNER_HOST = "tagml.pid", "tagml.host"
-
-
-class TrainingInProgressError(RuntimeError):
-    """Another training of the same tag holds the tag's training lock on this store; nothing was logged."""
-
-
-def registration_problem(tags: Mapping[str, str]) -> str | None:
-    """Why a version's registry tags are not a finished registration, or None when they are."""
-    state = tags.get(REGISTRATION_TAG)
-    if state not in (None, REGISTRATION_COMPLETE):
-        return f"its registration is {state!r}, never completed"
-    missing = [k for k in REQUIRED_VERSION_TAGS if k not in tags]
-    if missing:  # versions registered before the registration tag existed are judged by their content
-        return f"it lacks the registry tags {missing}"
-    return None
-
-
-def registered_model_name(tag: str) -> str:
-    return f"tagml-{tag}"
 
 
 def code_version() -> str:
@@ -108,7 +94,8 @@ def _suggest(trial: optuna.Trial, tag: TagSpec) -> dict[str, Any]:
 def train_tag(
     tag: TagSpec,
     data: TrainingSet,
-    tracking_uri: str,
+    client: MlflowClient,
+    slices: Mapping[str, str],
     artifact_location: str | None = None,
     seed: int = 0,
     threads: int = 1,
@@ -119,15 +106,21 @@ def train_tag(
 ) -> TrainResult:
     """Tune, fit, calibrate, evaluate, log and register a model for `tag`; the new version becomes `challenger`.
 
+    `slices` are the catalog's slices as drift defines them (monitoring.drift.slice_expressions over the
+    training set's features): the test metric is also measured per slice value and logged.
     `artifact_location` applies to local stores only (a server chooses its own artifact store).
     `run_tags` (e.g. the Dagster run id) go on the MLflow runs and the model version. One training of a tag
     runs at a time per store: a second one waits `lock_timeout_seconds`, then fails by name."""
     assert tag.model is not None
-    client = connect_tracking(tracking_uri)
+    tracking_uri = client.tracking_uri
     with training_lock(tracking_uri, tag.name, lock_dir, lock_timeout_seconds):
         experiment_id = _experiment(client, tag.name, artifact_location if is_local_store(tracking_uri) else None)
         mark_stale_runs(client, experiment_id, local=is_local_store(tracking_uri))
-        return _train(client, tag, data, experiment_id, seed, threads, trials, dict(run_tags or {}))
+        return _train(client, tag, data, slices, experiment_id, seed, threads, trials, dict(run_tags or {}))
+
+
+class TrainingInProgressError(RuntimeError):
+    """Another training of the same tag holds the tag's training lock on this store; nothing was logged."""
 
 
 def training_lock_path(tracking_uri: str, tag: str, lock_dir: Path | None = None) -> Path:
@@ -165,164 +158,190 @@ def _experiment(client: MlflowClient, tag: str, artifact_location: str | None) -
     return experiment.experiment_id if experiment else client.create_experiment(name, artifact_location=artifact_location)
 
 
-def _owner_tags() -> dict[str, str]:
-    return {OWNER_PID: str(os.getpid()), OWNER_HOST: socket.gethostname()}
+@dataclass
+class _Fitting:
+    """What every step of one training shares: the data split and encoded, and the MLflow run it logs to."""
 
+    client: MlflowClient
+    tag: TagSpec
+    data: TrainingSet
+    slices: dict[str, str]  # SQL per evaluation slice (training.evaluate.evaluation_slices)
+    experiment_id: str
+    parent_id: str
+    run_tags: dict[str, str]  # the caller's (e.g. the Dagster run id): on every run and on the version
+    seed: int
+    threads: int
+    timings: dict[str, float] = field(default_factory=dict)
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+    def __post_init__(self) -> None:
+        assert self.tag.model is not None
+        # which process owns the runs: a later training marks the runs of a process that is gone KILLED
+        self.tags_on_runs = {**self.run_tags, **owner_tags()}
+        classes = self.tag.classes
+        self.categorical = list(self.data.categorical)
+        self.numeric = [n for n in self.data.feature_names if n not in self.data.categorical]
+        (self.X_train, y_train), (self.X_valid, y_valid), (self.X_test, y_test) = (self.data.part(p) for p in ("train", "valid", "test"))
+        self.y_train, self.y_valid, self.y_test = (_encode(y, classes) for y in (y_train, y_valid, y_test))
+        self.weights = compute_sample_weight("balanced", self.y_train) if self.tag.model.class_weight == "balanced" else None
 
+    @property
+    def n_classes(self) -> int:
+        return len(self.tag.classes)
 
-def mark_stale_runs(client: MlflowClient, experiment_id: str, local: bool) -> list[str]:
-    """Set KILLED the runs of the experiment left RUNNING by a process that is gone (SIGKILL, OOM, power).
+    def pipeline(self, family: str, params: dict[str, Any]) -> Any:
+        return build_pipeline(family, params, self.categorical, self.numeric, self.n_classes, self.seed, self.threads)
 
-    Called while holding the tag's training lock, so no live training of this tag on this host owns a
-    RUNNING run. A run records its owner's pid and host: it is stale when the host is this one and the
-    pid is gone. Runs without owner tags (older ones) are stale only on a local store, where every
-    writer shares this lock."""
-    host, stale = socket.gethostname(), []
-    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
-    for run in runs:
-        pid, owner_host = run.data.tags.get(OWNER_PID), run.data.tags.get(OWNER_HOST)
-        if pid and owner_host:
-            if owner_host != host or (int(pid) != os.getpid() and _alive(int(pid))):
-                continue
-        elif not local:
-            continue
-        client.set_tag(run.info.run_id, "tagml.stale", "its process ended without closing it; marked KILLED by a later training")
-        client.set_terminated(run.info.run_id, "KILLED")
-        stale.append(run.info.run_id)
-    return stale
+    def add_time(self, key: str, started: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - started
 
 
 def _train(
-    client: MlflowClient, tag: TagSpec, data: TrainingSet, experiment_id: str, seed: int, threads: int, trials: int | None, run_tags: dict[str, str]
+    client: MlflowClient, tag: TagSpec, data: TrainingSet, slices: Mapping[str, str], experiment_id: str, seed: int, threads: int, trials: int | None, run_tags: dict[str, str]
 ) -> TrainResult:
     assert tag.model is not None
-
-    classes, n_classes = tag.classes, len(tag.classes)
-    categorical = list(data.categorical)
-    numeric = [n for n in data.feature_names if n not in data.categorical]
-    X_train, y_train = data.part("train")
-    X_valid, y_valid = data.part("valid")
-    X_test, y_test = data.part("test")
-    y_train, y_valid, y_test = (_encode(y, classes) for y in (y_train, y_valid, y_test))
-    weights = compute_sample_weight("balanced", y_train) if tag.model.class_weight == "balanced" else None
-    timings: dict[str, float] = {}
-
-    owner = _owner_tags()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{tag.name}-train", tags={**run_tags, **owner}) as parent:
-        mlflow.set_tags({"tag": tag.name, "catalog_hash": tag.content_hash(), "code_version": code_version(), "data_snapshot": data.snapshot_id})
-        mlflow.log_params({"family": tag.model.family, "train_rows": len(X_train), "valid_rows": len(X_valid), "test_rows": len(X_test), "n_features": len(data.feature_names), "seed": seed})
-
+    with tracked_run(client, experiment_id, f"{tag.name}-train", {**run_tags, **owner_tags()}) as parent_id:
+        fit = _Fitting(client, tag, data, evaluation_slices(slices, data.feature_names), experiment_id, parent_id, run_tags, seed, threads)
+        set_tags(client, parent_id, {"tag": tag.name, "catalog_hash": tag.content_hash(), "code_version": code_version(), "data_snapshot": data.snapshot_id})
+        log_params(client, parent_id, {"family": tag.model.family, "train_rows": len(fit.X_train), "valid_rows": len(fit.X_valid),
+                                       "test_rows": len(fit.X_test), "n_features": len(data.feature_names), "seed": seed})
+        best_params = tune(fit, trials or tag.model.trials)
+        pipeline, model = fit_and_calibrate(fit, best_params)
+        proba, metrics, slice_values = evaluate(fit, model)
+        baseline_metrics = _baseline(fit) if tag.model.baseline else {}
         started = time.perf_counter()
-        # preprocessing does not depend on the tuned parameters: fit it once for every trial
-        base = build_pipeline(tag.model.family, tag.model.params, categorical, numeric, n_classes, seed, threads)
-        prepare = base.named_steps["prepare"].fit(X_train)
-        Xt_train, Xt_valid = prepare.transform(X_train), prepare.transform(X_valid)
+        _log_evaluation(fit, pipeline, proba, slice_values)
+        logged, version = register(fit, model, metrics)
+        fit.add_time("logging", started)
+        log_metrics(client, parent_id, {f"seconds_{k}": v for k, v in fit.timings.items()})
+    return TrainResult(tag.name, parent_id, logged.model_uri, version, metrics, baseline_metrics, best_params, slice_values, fit.timings, experiment_id)
 
-        def objective(trial: optuna.Trial) -> float:
-            params = _suggest(trial, tag)
-            model = build_pipeline(tag.model.family, params, categorical, numeric, n_classes, seed, threads).named_steps["model"]
-            fit_kwargs: dict[str, Any] = {"sample_weight": weights}
-            if tag.model.family == "xgboost":
-                from optuna_integration import XGBoostPruningCallback
 
-                metric = "mlogloss" if n_classes > 2 else "logloss"
-                model.set_params(callbacks=[XGBoostPruningCallback(trial, f"validation_0-{metric}")])
-                fit_kwargs.update(eval_set=[(Xt_valid, y_valid)], verbose=False)
-            # not a `with` block: it would end a pruned trial FAILED, and a pruned trial is a normal outcome
-            mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial.number}", nested=True, tags={**run_tags, **owner})
-            status, state = "FAILED", "failed"
+def tune(fit: _Fitting, trials: int) -> dict[str, Any]:
+    """An Optuna study minimising validation log loss, one nested run per trial; the best parameters."""
+    tag = fit.tag
+    assert tag.model is not None
+    started = time.perf_counter()
+    # preprocessing does not depend on the tuned parameters: fit it once for every trial
+    prepare = fit.pipeline(tag.model.family, tag.model.params).named_steps["prepare"].fit(fit.X_train)
+    Xt_train, Xt_valid = prepare.transform(fit.X_train), prepare.transform(fit.X_valid)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = _suggest(trial, tag)
+        model = fit.pipeline(tag.model.family, params).named_steps["model"]
+        fit_kwargs: dict[str, Any] = {"sample_weight": fit.weights}
+        if tag.model.family == "xgboost":
+            from optuna_integration import XGBoostPruningCallback
+
+            metric = "mlogloss" if fit.n_classes > 2 else "logloss"
+            model.set_params(callbacks=[XGBoostPruningCallback(trial, f"validation_0-{metric}")])
+            fit_kwargs.update(eval_set=[(Xt_valid, fit.y_valid)], verbose=False)
+        # not a `with` block: it would end a pruned trial FAILED, and a pruned trial is a normal outcome
+        trial_id = create_run(fit.client, fit.experiment_id, f"trial-{trial.number}", fit.tags_on_runs, parent_run_id=fit.parent_id)
+        status, state = "FAILED", "failed"
+        try:
+            log_params(fit.client, trial_id, params)
+            fit_started = time.perf_counter()
             try:
-                mlflow.log_params(params)
-                fit_started = time.perf_counter()
-                try:
-                    model.fit(Xt_train, y_train, **fit_kwargs)
-                    proba_valid = model.predict_proba(Xt_valid)
-                finally:
-                    timings["model_fit"] = timings.get("model_fit", 0.0) + time.perf_counter() - fit_started
-                valid = core_metrics(y_valid, proba_valid, n_classes)
-                mlflow.log_metrics({f"valid_{k}": v for k, v in valid.items()})
-                status, state = "FINISHED", "complete"
-                return valid["log_loss"]
-            except optuna.TrialPruned:
-                status, state = "FINISHED", "pruned"
-                raise
+                model.fit(Xt_train, fit.y_train, **fit_kwargs)
+                proba_valid = model.predict_proba(Xt_valid)
             finally:
-                mlflow.set_tag("trial_state", state)
-                mlflow.end_run(status)
+                fit.add_time("model_fit", fit_started)
+            valid = core_metrics(fit.y_valid, proba_valid, fit.n_classes)
+            log_metrics(fit.client, trial_id, {f"valid_{k}": v for k, v in valid.items()})
+            status, state = "FINISHED", "complete"
+            return valid["log_loss"]
+        except optuna.TrialPruned:
+            status, state = "FINISHED", "pruned"
+            raise
+        finally:
+            set_tags(fit.client, trial_id, {"trial_state": state})
+            fit.client.set_terminated(trial_id, status)
 
-        sampler = optuna.samplers.TPESampler(seed=seed)
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=20)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner, study_name=f"{tag.name}-{parent.info.run_id}")
-        study.optimize(objective, n_trials=trials or tag.model.trials, timeout=tag.model.timeout_seconds)
-        timings["tuning"] = time.perf_counter() - started
-        best_params = {**tag.model.params, **study.best_params}
-        mlflow.log_params({f"best_{k}": v for k, v in best_params.items()})
-        mlflow.log_metric("trials_completed", len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]))
-        mlflow.log_metric("trials_pruned", len([t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]))
+    sampler = optuna.samplers.TPESampler(seed=fit.seed)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=20)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner, study_name=f"{tag.name}-{fit.parent_id}")
+    study.optimize(objective, n_trials=trials, timeout=tag.model.timeout_seconds)
+    fit.timings["tuning"] = time.perf_counter() - started
+    best_params = {**tag.model.params, **study.best_params}
+    log_params(fit.client, fit.parent_id, {f"best_{k}": v for k, v in best_params.items()})
+    log_metrics(fit.client, fit.parent_id, {
+        "trials_completed": len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]),
+        "trials_pruned": len([t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]),
+    })
+    return best_params
 
-        started = time.perf_counter()
-        pipeline = build_pipeline(tag.model.family, best_params, categorical, numeric, n_classes, seed, threads)
-        fit_started = time.perf_counter()
-        pipeline.fit(X_train, y_train, model__sample_weight=weights)
-        timings["model_fit"] = timings.get("model_fit", 0.0) + time.perf_counter() - fit_started
-        model: Any = pipeline
-        if tag.model.calibration != "none":
-            model = CalibratedClassifierCV(FrozenEstimator(pipeline), method=tag.model.calibration).fit(X_valid, y_valid)
-        timings["refit"] = time.perf_counter() - started
-        proba = model.predict_proba(X_test)
-        metrics = {**core_metrics(y_test, proba, n_classes), **per_class_metrics(y_test, proba, classes)}
-        slice_values = slice_metrics(X_test, y_test, proba, tag.promotion.metric, n_classes)
-        metrics["min_slice_" + tag.promotion.metric] = min(slice_values.values()) if slice_values else float("nan")
-        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-        mlflow.log_metrics({f"slice_{k.replace('=', '_').replace('<', 'lt').replace('+', 'plus')}": v for k, v in slice_values.items()})
 
-        baseline_metrics: dict[str, float] = {}
-        if tag.model.baseline:
-            with mlflow.start_run(experiment_id=experiment_id, run_name="baseline-logistic_regression", nested=True, tags={**run_tags, **owner}):
-                baseline = build_pipeline("logistic_regression", {}, categorical, numeric, n_classes, seed, threads)
-                baseline.fit(X_train, y_train, model__sample_weight=weights)
-                baseline_metrics = core_metrics(y_test, baseline.predict_proba(X_test), n_classes)
-                mlflow.log_metrics({f"test_{k}": v for k, v in baseline_metrics.items()})
-            mlflow.log_metrics({f"baseline_test_{k}": v for k, v in baseline_metrics.items()})
+def fit_and_calibrate(fit: _Fitting, best_params: dict[str, Any]) -> tuple[Any, Any]:
+    """(the pipeline refit on the training part with the best parameters, the model to register: the
+    pipeline calibrated on the validation part unless the catalog says `calibration: none`)."""
+    assert fit.tag.model is not None
+    started = time.perf_counter()
+    pipeline = fit.pipeline(fit.tag.model.family, best_params)
+    fit_started = time.perf_counter()
+    pipeline.fit(fit.X_train, fit.y_train, model__sample_weight=fit.weights)
+    fit.add_time("model_fit", fit_started)
+    model: Any = pipeline
+    if fit.tag.model.calibration != "none":
+        model = CalibratedClassifierCV(FrozenEstimator(pipeline), method=fit.tag.model.calibration).fit(fit.X_valid, fit.y_valid)
+    fit.timings["refit"] = time.perf_counter() - started
+    return pipeline, model
 
-        started = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp_path = Path(tmp)
-            plot_confusion(y_test, proba, classes, tmp_path / "confusion_matrix.png")
-            plot_calibration(y_test, proba, tmp_path / "calibration_curve.png")
-            names = list(pipeline.named_steps["prepare"].get_feature_names_out())
-            importance = getattr(pipeline.named_steps["model"], "feature_importances_", None)
-            if importance is not None:
-                plot_importance(names, np.asarray(importance), tmp_path / "feature_importance.png")
-            (tmp_path / "features.json").write_text(json.dumps({"features": list(data.feature_names), "categorical": categorical, "classes": list(classes)}))
-            (tmp_path / "slice_metrics.json").write_text(json.dumps(slice_values, indent=2))
-            mlflow.log_artifacts(tmp, artifact_path="evaluation")
 
-        example = X_test.head(5)  # features only: no customer ids or PII reach MLflow
-        signature = model_signature(data, n_classes)
-        logged = mlflow.sklearn.log_model(
-            model,
-            name="model",
-            signature=signature,
-            input_example=example,
-            pip_requirements=PIP_REQUIREMENTS,
-            serialization_format="cloudpickle",
-            pyfunc_predict_fn="predict_proba",
-        )
-        version = _register(client, tag, logged.model_uri, logged.model_id, parent.info.run_id, data, metrics, run_tags)
-        timings["logging"] = time.perf_counter() - started
-        mlflow.log_metrics({f"seconds_{k}": v for k, v in timings.items()})
-    return TrainResult(tag.name, parent.info.run_id, logged.model_uri, version, metrics, baseline_metrics, best_params, slice_values, timings, experiment_id)
+def evaluate(fit: _Fitting, model: Any) -> tuple[np.ndarray, dict[str, float], dict[str, float]]:
+    """(test probabilities, test metrics, slice metrics) of `model`, logged on the training run."""
+    metric = fit.tag.promotion.metric
+    proba = model.predict_proba(fit.X_test)
+    metrics = {**core_metrics(fit.y_test, proba, fit.n_classes), **per_class_metrics(fit.y_test, proba, fit.tag.classes)}
+    slice_values = slice_metrics(fit.X_test, fit.y_test, proba, metric, fit.n_classes, fit.slices)
+    metrics["min_slice_" + metric] = min(slice_values.values()) if slice_values else float("nan")
+    log_metrics(fit.client, fit.parent_id, {f"test_{k}": v for k, v in metrics.items()})
+    log_metrics(fit.client, fit.parent_id, {f"slice_{k.replace('=', '_').replace('<', 'lt').replace('+', 'plus')}": v for k, v in slice_values.items()})
+    return proba, metrics, slice_values
+
+
+def _baseline(fit: _Fitting) -> dict[str, float]:
+    """A plain logistic regression on the same split, for comparison (its own nested run)."""
+    with tracked_run(fit.client, fit.experiment_id, "baseline-logistic_regression", fit.tags_on_runs, parent_run_id=fit.parent_id) as baseline_id:
+        baseline = fit.pipeline("logistic_regression", {})
+        baseline.fit(fit.X_train, fit.y_train, model__sample_weight=fit.weights)
+        metrics = core_metrics(fit.y_test, baseline.predict_proba(fit.X_test), fit.n_classes)
+        log_metrics(fit.client, baseline_id, {f"test_{k}": v for k, v in metrics.items()})
+    log_metrics(fit.client, fit.parent_id, {f"baseline_test_{k}": v for k, v in metrics.items()})
+    return metrics
+
+
+def _log_evaluation(fit: _Fitting, pipeline: Any, proba: np.ndarray, slice_values: dict[str, float]) -> None:
+    """Plots, the feature list and slice metrics as the run's `evaluation/` artifacts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        plot_confusion(fit.y_test, proba, fit.tag.classes, tmp_path / "confusion_matrix.png")
+        plot_calibration(fit.y_test, proba, tmp_path / "calibration_curve.png")
+        names = list(pipeline.named_steps["prepare"].get_feature_names_out())
+        importance = getattr(pipeline.named_steps["model"], "feature_importances_", None)
+        if importance is not None:
+            plot_importance(names, np.asarray(importance), tmp_path / "feature_importance.png")
+        features = {"features": list(fit.data.feature_names), "categorical": fit.categorical, "classes": list(fit.tag.classes)}
+        (tmp_path / "features.json").write_text(json.dumps(features))
+        (tmp_path / "slice_metrics.json").write_text(json.dumps(slice_values, indent=2))
+        fit.client.log_artifacts(fit.parent_id, tmp, artifact_path="evaluation")
+
+
+def register(fit: _Fitting, model: Any, metrics: dict[str, float]) -> tuple[LoggedSklearnModel, str]:
+    """Log `model` on the training run and register it as the tag's new challenger version."""
+    logged = log_sklearn_model(
+        fit.client,
+        fit.experiment_id,
+        fit.parent_id,
+        model,
+        signature=model_signature(fit.data, fit.n_classes),
+        input_example=fit.X_test.head(5),  # features only: no customer ids or PII reach MLflow
+        pip_requirements=PIP_REQUIREMENTS,
+        serialization_format="cloudpickle",
+        pyfunc_predict_fn="predict_proba",
+    )
+    version = _register(fit.client, fit.tag, logged.artifact_location, logged.model_id, fit.parent_id, fit.data, metrics, fit.run_tags)
+    return logged, version
 
 
 def model_signature(data: TrainingSet, n_classes: int) -> ModelSignature:
@@ -334,7 +353,7 @@ def model_signature(data: TrainingSet, n_classes: int) -> ModelSignature:
 
 
 def _register(
-    client: MlflowClient, tag: TagSpec, model_uri: str, model_id: str | None, run_id: str, data: TrainingSet, metrics: dict[str, float], run_tags: dict[str, str]
+    client: MlflowClient, tag: TagSpec, source: str, model_id: str, run_id: str, data: TrainingSet, metrics: dict[str, float], run_tags: dict[str, str]
 ) -> str:
     name = registered_model_name(tag.name)
     try:
@@ -343,8 +362,10 @@ def _register(
         if not is_missing(exc):
             raise
         client.create_registered_model(name, description=tag.description, tags={"owner": tag.owner, "sensitivity": tag.sensitivity})
-    # a server accepts a `models:/m-...` source only with its model id (a SQLite store does not check)
-    version = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id, tags={REGISTRATION_TAG: REGISTRATION_PENDING}).version
+    # the source is the logged model's own artifact location with its model id: a server checks the two
+    # belong together, and a `models:/m-...` source would make a SQLite store resolve it through
+    # MLflow's process-global tracking URI
+    version = client.create_model_version(name, source, run_id=run_id, model_id=model_id, tags={REGISTRATION_TAG: REGISTRATION_PENDING}).version
     tags = {
         **run_tags,
         "data_snapshot": home_relative(data.snapshot_path),
