@@ -15,9 +15,10 @@ import pandas as pd
 from monitoring.decision import DriftMeasures, large_enough
 from monitoring.performance import RealisedPerformance
 from monitoring.psi import ALL, MISSING, feature_psi, parquet, psi_from_counts, rollup, slice_value_sql
-from monitoring.reference import PROBABILITY_BINS, MonitoredModel, ReferenceProfile
+from monitoring.reference import PROBABILITY_BINS, ReferenceProfile
 from tagml.core.storage import quote, sql_literal
 from training.catalog import TagSpec
+from training.versions import ModelVersionInfo
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class TagInputs:
 
     tag: TagSpec
     as_of: date
-    model: MonitoredModel
+    model: ModelVersionInfo
     features_path: Path  # the as_of's customer_features partition
     tags_path: Path  # the as_of's customer_tags partition
     slices: dict[str, str]  # slice name -> SQL over a feature snapshot
