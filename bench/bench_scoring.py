@@ -36,7 +36,7 @@ def step_train(work: Path, threads: int) -> dict:
     from features.contract import RAW_TABLES
     from features.synthetic import BankConfig, generate_bank
     from features.validation import validate_and_stage
-    from monitoring.drift import slice_expressions
+    from scoring.rules import slice_expressions
     from tagml.core.storage import connect
     from training.catalog import load_catalog
     from training.dataset import build_training_set

@@ -43,13 +43,11 @@ from monitoring.performance import realised_performance, registry_test_metric
 from monitoring.psi import ALL, parquet
 from monitoring.reference import SAMPLE_SALT, DriftInputError, monitored_model, reference_population, reference_profile
 from monitoring.report import VERDICT_KEYS, ReportJob, ReportSummary, run_reports
-from scoring.rules import rule_case_sql, rule_columns
+from scoring.rules import slice_expressions
 from scoring.store import ParquetTagStore, TagStore
 from tagml.core.files import CorruptFileError, check_parquet
 from tagml.core.storage import WarehouseLayout, quote, sql_literal
 from training.catalog import Catalog, TagSpec
-
-SLICE_SOURCES = ("value_tier", "region")  # a rule tag of the catalog, or else a feature column
 
 
 @dataclass(frozen=True)
@@ -117,23 +115,6 @@ class TagDrift:
     @property
     def reasons(self) -> list[str]:
         return list(self.summary["reasons"])
-
-
-def slice_expressions(catalog: Catalog, columns: set[str]) -> dict[str, str]:
-    """SQL per slice over a feature snapshot: a rule tag's bands (value tier) or a feature column (region).
-
-    A rule's SQL is generated from its checked parse tree (scoring.rules); a slice whose columns the
-    snapshot lacks is left out, as a missing feature column is.
-    """
-    out = {}
-    for name in SLICE_SOURCES:
-        rule = next((t for t in catalog.rule_tags if t.name == name), None)
-        if rule is not None:
-            if set(rule_columns(rule)) <= columns:
-                out[name] = rule_case_sql(rule)
-        elif name in columns:
-            out[name] = quote(name)
-    return out
 
 
 def tag_inputs(

@@ -7,9 +7,9 @@ from datetime import date
 import dagster as dg
 from pydantic import Field
 
-from monitoring.drift import slice_expressions
 from orchestration.raw_assets import raw_asset_name
 from orchestration.resources import MlflowResource, WarehouseResource
+from scoring.rules import slice_expressions
 from tagml.core.settings import home_relative, resolve_home_path
 from tagml.core.storage import sql_literal
 from training.catalog import Catalog, TagSpec

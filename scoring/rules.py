@@ -15,13 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlglot import exp
 
-from tagml.core.storage import MEMORY_LIMIT, connect, sql_literal
-from training.catalog import TagSpec, parse_rule_predicate
+from tagml.core.storage import MEMORY_LIMIT, connect, quote, sql_literal
+from training.catalog import Catalog, TagSpec, parse_rule_predicate
 
 
 class RuleInputError(ValueError):
     """The feature snapshot lacks a column a rule reads."""
 
+
+SLICE_SOURCES = ("value_tier", "region")  # a rule tag of the catalog, or else a feature column
 
 def rule_case_sql(tag: TagSpec) -> str:
     """`CASE WHEN <band 1> THEN 'label' ... ELSE default END`: the first matching band wins."""
@@ -85,3 +87,20 @@ def rule_batches(con: duckdb.DuckDBPyConnection, path: Path, tag: TagSpec, selec
         yield from sandbox.sql(select_sql).to_arrow_reader(batch_rows)
     finally:
         sandbox.close()
+
+
+def slice_expressions(catalog: Catalog, columns: set[str]) -> dict[str, str]:
+    """SQL per slice over a feature snapshot: a rule tag's bands (value tier) or a feature column (region).
+
+    A rule's SQL is generated from its checked parse tree; a slice whose columns the
+    snapshot lacks is left out, as a missing feature column is.
+    """
+    out = {}
+    for name in SLICE_SOURCES:
+        rule = next((t for t in catalog.rule_tags if t.name == name), None)
+        if rule is not None:
+            if set(rule_columns(rule)) <= columns:
+                out[name] = rule_case_sql(rule)
+        elif name in columns:
+            out[name] = quote(name)
+    return out

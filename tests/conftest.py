@@ -101,7 +101,30 @@ def staged_copy(bank, tmp_path) -> Path:
 
 def shipped_slices(data) -> dict[str, str]:
     """The evaluation slices training gets in production, from the shipped catalog (drift's definition)."""
-    from monitoring.drift import slice_expressions
+    from scoring.rules import slice_expressions
     from training.catalog import load_catalog
 
     return slice_expressions(load_catalog(), set(data.feature_names))
+
+
+def write_test_catalog(path: Path, names: tuple[str, ...], trials: int = 1, model: dict | None = None, **promotion) -> Path:
+    """A catalog of shipped tags for a test, written to `path`.
+
+    Model tags get `trials` quick Optuna trials (60 s at most) and a lenient gate (calibration error up
+    to 0.5, no slice floor), because these tests are about the pipeline, not model quality; `model` and
+    `promotion` override single fields (e.g. margin=0.01).
+    """
+    import yaml
+
+    from training.catalog import load_catalog
+
+    shipped = load_catalog()
+    entries = []
+    for name in names:
+        entry = shipped.get(name).model_dump(mode="json")
+        if entry["kind"] == "model":
+            entry["model"].update({"trials": trials, "timeout_seconds": 60, **(model or {})})
+            entry["promotion"].update({"max_calibration_error": 0.5, "slice_floor": 0.0, **promotion})
+        entries.append(entry)
+    path.write_text(yaml.safe_dump({"version": 1, "tags": entries}))
+    return path

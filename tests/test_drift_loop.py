@@ -8,7 +8,6 @@ from datetime import date
 import dagster as dg
 import pandas as pd
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from features.synthetic import BankConfig, generate_bank
@@ -23,7 +22,7 @@ from orchestration.jobs import (
 )
 from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags, sensor_context
 from tagml.core.settings import Settings
-from tests.conftest import make_connection
+from tests.conftest import make_connection, write_test_catalog
 from training.catalog import load_catalog
 
 pytestmark = pytest.mark.slow  # a real Dagster loop on a 4,000-customer bank (~2 minutes)
@@ -31,23 +30,10 @@ pytestmark = pytest.mark.slow  # a real Dagster loop on a 4,000-customer bank (~
 TRAINED, BEFORE, AFTER = date(2026, 8, 31), date(2026, 9, 30), date(2026, 10, 31)
 
 
-def _catalog(path) -> None:
-    """risk_appetite and life_stage with the shipped drift thresholds, one trial each; value_tier for the slices."""
-    shipped = load_catalog()
-    entries = []
-    for name in ("risk_appetite", "life_stage", "value_tier"):
-        entry = shipped.get(name).model_dump(mode="json")
-        if entry["kind"] == "model":
-            entry["model"].update(trials=1, timeout_seconds=60)
-            entry["promotion"].update(max_calibration_error=0.5, slice_floor=0.0)
-        entries.append(entry)
-    path.write_text(yaml.safe_dump({"version": 1, "tags": entries}))
-
-
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     root = tmp_path_factory.mktemp("drift_loop")
-    _catalog(root / "catalog.yaml")
+    write_test_catalog(root / "catalog.yaml", ("risk_appetite", "life_stage", "value_tier"))
     settings = Settings.from_env({"TAGML_HOME": str(root / "home"), "TAGML_CATALOG": str(root / "catalog.yaml"), "TAGML_DRIFT_SAMPLE_ROWS": "1500", "TAGML_THREADS": "1"})
     settings.ensure_dirs()
     generate_bank(BankConfig(customers=4000, months=12, seed=11, drift="market_shock", drift_month="2026-10"), settings.raw_dir)

@@ -21,9 +21,8 @@ from features.contract import RAW_TABLES, TABLES_BY_NAME
 from features.customer_features import build_customer_features
 from features.synthetic import BankConfig, generate_bank
 from features.validation import validate_and_stage
-from monitoring.drift import slice_expressions
 from monitoring.psi import feature_psi
-from scoring.rules import rule_batches, rule_case_sql
+from scoring.rules import rule_batches, rule_case_sql, slice_expressions
 from scoring.score import score_partition
 from scoring.store import ParquetTagStore
 from tagml.core.storage import (

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from features.customer_features import build_customer_features
 from scoring.score import score_partition
-from tests.conftest import WINDOW_END, make_connection, shipped_slices
+from tests.conftest import WINDOW_END, make_connection, shipped_slices, write_test_catalog
 from training.catalog import load_catalog
 from training.dataset import build_training_set
 from training.registry import (
@@ -109,11 +108,7 @@ def _stop(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def world(bank, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server_world")
-    entry = load_catalog().get(TAG).model_dump(mode="json")
-    entry["model"].update(trials=2, timeout_seconds=60)
-    entry["promotion"].update(max_calibration_error=0.5, slice_floor=0.0, margin=0.01)
-    (tmp / "catalog.yaml").write_text(yaml.safe_dump({"version": 1, "tags": [entry]}))
-    catalog = load_catalog(tmp / "catalog.yaml")
+    catalog = load_catalog(write_test_catalog(tmp / "catalog.yaml", (TAG,), trials=2, margin=0.01))
     con = make_connection(tmp)
     data = build_training_set(con, bank["staged"], catalog.get(TAG), WINDOW_END, tmp / "sets", seed=0)
     features = tmp / "features" / f"as_of={WINDOW_END}" / "data.parquet"

@@ -21,7 +21,6 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 import pytest
-import yaml
 
 from features.synthetic import BankConfig, generate_bank
 from orchestration.jobs import (
@@ -35,25 +34,12 @@ from scoring.store import ParquetTagStore
 from tagml.cli import main
 from tagml.cli.errors import ExitCode
 from tagml.core.settings import Settings
-from training.catalog import load_catalog
+from tests.conftest import write_test_catalog
 
 TRAINED, FIRST, SECOND = date(2026, 8, 31), date(2026, 9, 30), date(2026, 10, 31)
 NO_REPORT = {"ops": {"tag_drift": {"config": {"report": False}}}}
 
 pytestmark = pytest.mark.slow
-
-
-def _catalog(path: Path) -> None:
-    shipped = load_catalog()
-    entries = []
-    for name in ("risk_appetite", "value_tier"):
-        entry = shipped.get(name).model_dump(mode="json")
-        if entry["kind"] == "model":
-            entry["model"].update(trials=1, timeout_seconds=60)
-            # the test is about locations, not model quality: the first model must become champion
-            entry["promotion"].update(max_calibration_error=1.0, slice_floor=0.0, require_all_classes_predicted=False)
-        entries.append(entry)
-    path.write_text(yaml.safe_dump({"version": 1, "tags": entries}))
 
 
 def _nightly(defs: dg.Definitions, instance: dg.DagsterInstance, day: date) -> dg.ExecuteInProcessResult:
@@ -69,7 +55,8 @@ def homes(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("moved_home")
     old, new = root / "laptop" / "home", root / "server" / "home"
-    _catalog(root / "catalog.yaml")
+    # the test is about locations, not model quality: the first model must become champion
+    write_test_catalog(root / "catalog.yaml", ("risk_appetite", "value_tier"), max_calibration_error=1.0, require_all_classes_predicted=False)
     with pytest.MonkeyPatch.context() as env:
         for name in list(os.environ):
             if name.startswith("TAGML_") or name in ("MLFLOW_TRACKING_URI", "DAGSTER_HOME"):

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from monitoring.reference import DriftInputError, monitored_model
 from scoring.score import ScoringError, resolve_champion
-from tests.conftest import WINDOW_END, make_connection, shipped_slices
+from tests.conftest import WINDOW_END, make_connection, shipped_slices, write_test_catalog
 from training.catalog import load_catalog
 from training.dataset import build_training_set
 from training.registry import (
@@ -45,16 +44,8 @@ TAG = "risk_appetite"
 NAME = registered_model_name(TAG)
 
 
-def _catalog_entry(**model) -> dict:
-    entry = load_catalog().get(TAG).model_dump(mode="json")
-    entry["model"].update({"trials": 2, "timeout_seconds": 60, **model})
-    entry["promotion"].update(max_calibration_error=0.5, slice_floor=0.0, margin=0.01)
-    return entry
-
-
 def _tag(tmp: Path, **model):
-    path = tmp / "catalog.yaml"
-    path.write_text(yaml.safe_dump({"version": 1, "tags": [_catalog_entry(**model)]}))
+    path = write_test_catalog(tmp / "catalog.yaml", (TAG,), trials=2, model=model, margin=0.01)
     return load_catalog(path).get(TAG), path
 
 

@@ -26,7 +26,7 @@ from scoring.score import (
     score_partition,
 )
 from scoring.store import ParquetTagStore, TagStoreError
-from tests.conftest import WINDOW_END, make_connection, shipped_slices
+from tests.conftest import WINDOW_END, make_connection, shipped_slices, write_test_catalog
 from training.catalog import load_catalog
 from training.dataset import build_training_set
 from training.registry import apply_gate, champion_version, evaluate_gate, promote
@@ -37,17 +37,7 @@ AS_OF = WINDOW_END
 
 
 def small_catalog(tmp: Path, include=("risk_appetite", "value_tier", "lifecycle_stage")) -> Path:
-    shipped = load_catalog()
-    entries = []
-    for name in include:
-        entry = shipped.get(name).model_dump(mode="json")
-        if entry["kind"] == "model":
-            entry["model"].update(trials=1, timeout_seconds=60)
-            entry["promotion"].update(max_calibration_error=0.5, slice_floor=0.0)
-        entries.append(entry)
-    path = tmp / "catalog.yaml"
-    path.write_text(yaml.safe_dump({"version": 1, "tags": entries}))
-    return path
+    return write_test_catalog(tmp / "catalog.yaml", include)
 
 
 @pytest.fixture(scope="module")

@@ -320,8 +320,7 @@ def test_logged_signature_accepts_missing_values_and_integer_counts_as_doubles(f
 def test_evaluation_slices_are_the_catalogs_value_tiers_as_drift_and_scoring_see_them(tmp_path):
     """Evaluation had its own 3 value-tier bands (mass/affluent/hnw) while the catalog's rule, which scores
     the tag and slices drift, has 4: the gate judged segments no one else knew."""
-    from monitoring.drift import slice_expressions
-    from scoring.rules import rule_batches, rule_case_sql
+    from scoring.rules import rule_batches, rule_case_sql, slice_expressions
     from training.evaluate import evaluation_slices, slices
 
     catalog = load_catalog()

@@ -209,7 +209,7 @@ def _better(metric: str, challenger: float, champion: float, margin: float) -> b
 
 def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: TrainingSet, slices: Mapping[str, str]) -> GateDecision:
     """Decide whether `challenger` should become champion, on the challenger's held-out test set.
-    `slices`: the catalog's slices as drift defines them (monitoring.drift.slice_expressions), whose
+    `slices`: the catalog's slices as drift defines them (scoring.rules.slice_expressions), whose
     values must each keep the promotion metric above the catalog's slice floor."""
     found = get_version(client, tag.name, challenger)
     if found is None:

@@ -106,7 +106,7 @@ def train_tag(
 ) -> TrainResult:
     """Tune, fit, calibrate, evaluate, log and register a model for `tag`; the new version becomes `challenger`.
 
-    `slices` are the catalog's slices as drift defines them (monitoring.drift.slice_expressions over the
+    `slices` are the catalog's slices as drift defines them (scoring.rules.slice_expressions over the
     training set's features): the test metric is also measured per slice value and logged.
     `artifact_location` applies to local stores only (a server chooses its own artifact store).
     `run_tags` (e.g. the Dagster run id) go on the MLflow runs and the model version. One training of a tag
