@@ -49,16 +49,17 @@ def _paths(n: int) -> dict[str, Path]:
 
 
 def _kinds() -> dict[str, str]:
-    from features.customer_features import FEATURES
+    from tagml.features.customer_features import FEATURES
 
     return {f.name: f.kind for f in FEATURES}
 
 
 def step_prepare(n: int, threads: int) -> dict:
-    from features.contract import RAW_TABLES
-    from features.customer_features import build_customer_features
-    from features.synthetic import BankConfig, generate_bank
-    from features.validation import validate_and_stage
+    from tagml.features.contract import RAW_TABLES
+    from tagml.features.customer_features import build_customer_features
+    from tagml.features.synthetic import BankConfig, generate_bank
+    from tagml.features.validation import validate_and_stage
+
     from tagml.core.storage import connect, sql_literal
 
     p = _paths(n)
@@ -81,11 +82,12 @@ def _columns(kinds: dict[str, str]) -> tuple[list[str], list[str]]:
 
 
 def step_tagml(n: int, threads: int) -> dict:
-    from monitoring.psi import ALL, feature_psi
-    from monitoring.reference import sample_sql
-    from scoring.rules import rule_case_sql
+    from tagml.monitoring.psi import ALL, feature_psi
+    from tagml.monitoring.reference import sample_sql
+    from tagml.scoring.rules import rule_case_sql
+    from tagml.training.catalog import load_catalog
+
     from tagml.core.storage import connect, write_parquet_atomically
-    from training.catalog import load_catalog
 
     p = _paths(n)
     kinds = _kinds()
@@ -115,7 +117,7 @@ def step_tagml(n: int, threads: int) -> dict:
     from evidently.presets import DataDriftPreset  # noqa: F401
     import_seconds = time.perf_counter() - t0
 
-    from monitoring.report import drift_report
+    from tagml.monitoring.report import drift_report
 
     numeric, categorical = _columns(kinds)
     t0 = time.perf_counter()
@@ -144,8 +146,7 @@ def step_evidently_full(n: int, threads: int) -> dict:
     kinds = _kinds()
     t0 = time.perf_counter()
     from evidently import Report  # noqa: F401
-
-    from monitoring.report import drift_report
+    from tagml.monitoring.report import drift_report
 
     import_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()

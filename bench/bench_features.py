@@ -59,7 +59,7 @@ def bank_dir(workdir: Path, customers: int) -> Path:
 
 
 def step_generate(args) -> dict:
-    from features.synthetic import BankConfig, generate_bank
+    from tagml.features.synthetic import BankConfig, generate_bank
 
     timer = Timer()
     summary = generate_bank(BankConfig(customers=args.size, months=args.months, seed=args.seed), bank_dir(args.workdir, args.size) / "raw")
@@ -67,8 +67,9 @@ def step_generate(args) -> dict:
 
 
 def step_stage(args) -> dict:
-    from features.contract import RAW_TABLES
-    from features.validation import validate_and_stage
+    from tagml.features.contract import RAW_TABLES
+    from tagml.features.validation import validate_and_stage
+
     from tagml.core.storage import connect
 
     d = bank_dir(args.workdir, args.size)
@@ -85,7 +86,8 @@ def step_stage(args) -> dict:
 
 
 def step_duckdb(args) -> dict:
-    from features.customer_features import build_customer_features
+    from tagml.features.customer_features import build_customer_features
+
     from tagml.core.storage import connect
 
     d = bank_dir(args.workdir, args.size)
@@ -347,8 +349,7 @@ def run_bench(args) -> None:
 def compare(duck, pand, rtol: float, atol: float) -> list[tuple[str, int, str]]:
     """Per-feature mismatches: (feature, n_rows, example)."""
     import numpy as np
-
-    from features.customer_features import CATEGORICAL_FEATURES, FEATURE_NAMES
+    from tagml.features.customer_features import CATEGORICAL_FEATURES, FEATURE_NAMES
 
     problems = []
     if len(duck) != len(pand) or not (duck["customer_id"].to_numpy() == pand["customer_id"].to_numpy()).all():
@@ -381,11 +382,11 @@ def run_check(args) -> None:
 
     sys.path.insert(0, str(HERE))
     from pandas_features import build_pandas_features
+    from tagml.features.contract import RAW_TABLES
+    from tagml.features.customer_features import FEATURE_NAMES, build_customer_features
+    from tagml.features.synthetic import BankConfig, generate_bank
+    from tagml.features.validation import validate_and_stage
 
-    from features.contract import RAW_TABLES
-    from features.customer_features import FEATURE_NAMES, build_customer_features
-    from features.synthetic import BankConfig, generate_bank
-    from features.validation import validate_and_stage
     from tagml.core.storage import connect
 
     d = bank_dir(args.workdir, args.check_size)

@@ -33,16 +33,17 @@ def _peak_gb() -> float:
 
 
 def step_train(work: Path, threads: int) -> dict:
-    from features.contract import RAW_TABLES
-    from features.synthetic import BankConfig, generate_bank
-    from features.validation import validate_and_stage
-    from scoring.rules import slice_expressions
+    from tagml.features.contract import RAW_TABLES
+    from tagml.features.synthetic import BankConfig, generate_bank
+    from tagml.features.validation import validate_and_stage
+    from tagml.scoring.rules import slice_expressions
+    from tagml.training.catalog import load_catalog
+    from tagml.training.dataset import build_training_set
+    from tagml.training.registry import promote
+    from tagml.training.tracking import connect_tracking
+    from tagml.training.train import train_tag
+
     from tagml.core.storage import connect
-    from training.catalog import load_catalog
-    from training.dataset import build_training_set
-    from training.registry import promote
-    from training.tracking import connect_tracking
-    from training.train import train_tag
 
     bank = work / "train_bank"
     generate_bank(BankConfig(customers=TRAIN_CUSTOMERS, months=12, seed=5), bank / "raw")
@@ -61,10 +62,11 @@ def step_train(work: Path, threads: int) -> dict:
 
 
 def step_setup(work: Path, size: int, threads: int) -> dict:
-    from features.contract import RAW_TABLES
-    from features.customer_features import build_customer_features
-    from features.synthetic import BankConfig, generate_bank
-    from features.validation import validate_and_stage
+    from tagml.features.contract import RAW_TABLES
+    from tagml.features.customer_features import build_customer_features
+    from tagml.features.synthetic import BankConfig, generate_bank
+    from tagml.features.validation import validate_and_stage
+
     from tagml.core.storage import connect
 
     bank = work / f"n{size}"
@@ -77,10 +79,11 @@ def step_setup(work: Path, size: int, threads: int) -> dict:
 
 
 def step_score(work: Path, size: int, threads: int, reasons: bool, batch_rows: int) -> dict:
-    from scoring.score import score_partition
+    from tagml.scoring.score import score_partition
+    from tagml.training.catalog import load_catalog
+    from tagml.training.tracking import connect_tracking
+
     from tagml.core.storage import connect
-    from training.catalog import load_catalog
-    from training.tracking import connect_tracking
 
     bank = work / f"n{size}"
     con = connect(threads, "2GB")
@@ -95,9 +98,8 @@ def step_score(work: Path, size: int, threads: int, reasons: bool, batch_rows: i
 def step_naive(work: Path, size: int, threads: int) -> dict:
     import mlflow
     import pandas as pd
-
-    from training.catalog import load_catalog
-    from training.versions import registered_model_name
+    from tagml.training.catalog import load_catalog
+    from tagml.training.versions import registered_model_name
 
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     started = time.perf_counter()

@@ -22,16 +22,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pandas as pd
+from tagml.features.contract import RAW_TABLES
+from tagml.features.synthetic import BankConfig, generate_bank
+from tagml.features.validation import validate_and_stage
+from tagml.scoring.rules import slice_expressions
+from tagml.training.catalog import load_catalog
+from tagml.training.dataset import build_training_set
+from tagml.training.tracking import connect_tracking
+from tagml.training.train import train_tag
 
-from features.contract import RAW_TABLES
-from features.synthetic import BankConfig, generate_bank
-from features.validation import validate_and_stage
-from scoring.rules import slice_expressions
 from tagml.core.storage import connect
-from training.catalog import load_catalog
-from training.dataset import build_training_set
-from training.tracking import connect_tracking
-from training.train import train_tag
 
 TRAIN_AS_OF = date(2026, 10, 31)
 

@@ -15,9 +15,9 @@ from datetime import date
 from pathlib import Path
 
 import duckdb
+from tagml.features.contract import CUSTOMERS, INVESTMENT_PRODUCTS, PRODUCTS, SPEND_CATEGORIES
+from tagml.features.delivery import current_generation
 
-from features.contract import CUSTOMERS, INVESTMENT_PRODUCTS, PRODUCTS, SPEND_CATEGORIES
-from features.delivery import current_generation
 from tagml.core.storage import sql_literal, staged_path, write_parquet_atomically
 
 SOURCES = ("customer", "balances", "transactions", "loans", "digital", "derived")

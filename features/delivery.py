@@ -17,10 +17,10 @@ from pathlib import Path
 
 import duckdb
 from filelock import FileLock
+from tagml.features.contract import CUSTOMERS, RAW_TABLES
+from tagml.features.raw import ContractError, Violation, bank_today
+from tagml.features.validation import StagedTable, validate_table, write_staged
 
-from features.contract import CUSTOMERS, RAW_TABLES
-from features.raw import ContractError, Violation, bank_today
-from features.validation import StagedTable, validate_table, write_staged
 from tagml.core.settings import DEFAULT_TIMEZONE
 from tagml.core.storage import sql_literal, staged_path
 

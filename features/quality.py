@@ -5,17 +5,17 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-
-from features.checks import CheckOutcome, QualityCheck
-from features.contract import CUSTOMERS, TABLES_BY_NAME
-from features.customer_features import (
+from tagml.features.checks import CheckOutcome, QualityCheck
+from tagml.features.contract import CUSTOMERS, TABLES_BY_NAME
+from tagml.features.customer_features import (
     CATEGORICAL_FEATURES,
     FEATURE_NAMES,
     FEATURES,
     KEY_COLUMNS,
     balance_month_end_sql,
 )
-from features.delivery import current_generation
+from tagml.features.delivery import current_generation
+
 from tagml.core.files import check_parquet
 from tagml.core.storage import quote, sql_literal, staged_path
 

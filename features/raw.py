@@ -2,8 +2,8 @@
 
 A table is found as `<t>.parquet`, `<t>/*.parquet` or `<t>.csv` in the raw directory; a CSV is
 parsed in full with columns given by position, so no text from the file is ever part of the SQL.
-Validation against the contract is `features.validation`; staging a whole delivery all or nothing
-is `features.delivery`.
+Validation against the contract is `tagml.features.validation`; staging a whole delivery all or nothing
+is `tagml.features.delivery`.
 """
 
 import csv
@@ -14,9 +14,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import duckdb
+from tagml.features.checks import QualityCheck
+from tagml.features.contract import TableSpec
 
-from features.checks import QualityCheck
-from features.contract import TableSpec
 from tagml.core.settings import DEFAULT_TIMEZONE
 from tagml.core.storage import quote, sql_literal
 

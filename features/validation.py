@@ -3,7 +3,7 @@
 Validation is set-based SQL in DuckDB so that tens of millions of transactions are checked without
 loading them into pandas. The steps, each raising a `ContractError` naming the table, column, rule
 and example rows (keys and the offending non-PII value) before anything is written: read the source
-(`features.raw`), cast every column to its contract type, then the plausibility rules (row rules,
+(`tagml.features.raw`), cast every column to its contract type, then the plausibility rules (row rules,
 unique key, known customers).
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+from tagml.features.contract import CUSTOMERS, TableSpec
+from tagml.features.raw import ContractError, Violation, bank_today, contract_error, find_source, open_source
 
-from features.contract import CUSTOMERS, TableSpec
-from features.raw import ContractError, Violation, bank_today, contract_error, find_source, open_source
 from tagml.core.storage import quote, sql_literal, staged_path, write_parquet_atomically
 
 MAX_EXAMPLES = 5

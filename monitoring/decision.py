@@ -1,6 +1,6 @@
 """Whether a tag drifted: a pure function of the measures (monitoring/drift.py) and the tag's drift spec.
 
-The rules, each reading the catalog's `drift:` entry of the tag (training.catalog.DriftSpec):
+The rules, each reading the catalog's `drift:` entry of the tag (tagml.training.catalog.DriftSpec):
 
 * a **feature** (overall or in a slice) is drifted when its PSI exceeds `feature_psi` and both sides
   hold at least MIN_SLICE_ROWS rows (a smaller slice is reported but never flagged);
@@ -18,9 +18,8 @@ No data is read here, so each rule is tested on hand-made numbers (tests/test_dr
 from dataclasses import dataclass
 
 import pandas as pd
-
-from monitoring.performance import RealisedPerformance
-from training.catalog import UNKNOWN, DriftSpec
+from tagml.monitoring.performance import RealisedPerformance
+from tagml.training.catalog import UNKNOWN, DriftSpec
 
 MIN_SLICE_ROWS = 100  # a slice smaller than this on either side is reported but never flagged
 REPORTED_FEATURES = 5  # drifted features named in the share reason, largest PSI first

@@ -34,20 +34,20 @@ import duckdb
 import pandas as pd
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
+from tagml.features.snapshot import open_feature_snapshot
+from tagml.monitoring.decision import DriftDecision, decide, feature_drifted
+from tagml.monitoring.history import FEATURES, PREDICTIONS, SUMMARY, DriftHistory
+from tagml.monitoring.measures import TagInputs, TagMeasures, measure_tag
+from tagml.monitoring.performance import realised_performance, registry_test_metric
+from tagml.monitoring.psi import ALL, parquet
+from tagml.monitoring.reference import SAMPLE_SALT, DriftInputError, monitored_model, reference_population, reference_profile
+from tagml.monitoring.report import VERDICT_KEYS, ReportJob, ReportSummary, run_reports
+from tagml.scoring.rules import slice_expressions
+from tagml.scoring.store import ParquetTagStore, TagStore
+from tagml.training.catalog import Catalog, TagSpec
 
-from features.snapshot import open_feature_snapshot
-from monitoring.decision import DriftDecision, decide, feature_drifted
-from monitoring.history import FEATURES, PREDICTIONS, SUMMARY, DriftHistory
-from monitoring.measures import TagInputs, TagMeasures, measure_tag
-from monitoring.performance import realised_performance, registry_test_metric
-from monitoring.psi import ALL, parquet
-from monitoring.reference import SAMPLE_SALT, DriftInputError, monitored_model, reference_population, reference_profile
-from monitoring.report import VERDICT_KEYS, ReportJob, ReportSummary, run_reports
-from scoring.rules import slice_expressions
-from scoring.store import ParquetTagStore, TagStore
 from tagml.core.files import CorruptFileError, check_parquet
 from tagml.core.storage import WarehouseLayout, quote, sql_literal
-from training.catalog import Catalog, TagSpec
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ Three guards make one drift event start one re-evaluation and never a loop:
    evaluation on the same results sees nothing new.
 2. Each request carries the run key `reevaluate-<tag>-<as_of>`; Dagster launches a run key once per
    sensor, whatever happens to the cursor (a run executed in process by `tagml demo` carries the
-   same key and sensor tags, orchestration.sensors.in_process_run_tags, so it counts too).
+   same key and sensor tags, tagml.orchestration.sensors.in_process_run_tags, so it counts too).
 3. A per-tag cooldown, in *data* days (as_of), not wall-clock: after a re-evaluation of a tag for
    as_of D, drift of that tag at an as_of before D + cooldown is skipped (the retrained model's
    reference may still be mostly pre-drift, so the next days would otherwise flag it again), and

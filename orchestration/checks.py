@@ -1,8 +1,7 @@
 """Turning domain check outcomes into Dagster asset-check results."""
 
 import dagster as dg
-
-from features.quality import CheckOutcome, QualityCheck
+from tagml.features.quality import CheckOutcome, QualityCheck
 
 
 def check_spec(asset: str, check: QualityCheck) -> dg.AssetCheckSpec:

@@ -7,24 +7,24 @@ from tagml.core.runtime import configure_process
 configure_process()
 
 import dagster as dg
-
-from orchestration.feature_assets import build_customer_features_asset
-from orchestration.jobs import build_jobs, build_nightly_scoring_job, build_reevaluation_jobs
-from orchestration.monitoring_assets import build_tag_drift_asset
-from orchestration.partitions import as_of_partitions
-from orchestration.raw_assets import RAW_ASSETS
-from orchestration.resources import (
+from tagml.orchestration.feature_assets import build_customer_features_asset
+from tagml.orchestration.jobs import build_jobs, build_nightly_scoring_job, build_reevaluation_jobs
+from tagml.orchestration.monitoring_assets import build_tag_drift_asset
+from tagml.orchestration.partitions import as_of_partitions
+from tagml.orchestration.raw_assets import RAW_ASSETS
+from tagml.orchestration.resources import (
     MlflowResource,
     MonitoringResource,
     WarehouseResource,
 )
-from orchestration.schedules import build_schedules
-from orchestration.scoring_assets import build_customer_tags_asset
-from orchestration.sensors import build_reevaluation_sensor
-from orchestration.training_assets import build_all_training_assets
+from tagml.orchestration.schedules import build_schedules
+from tagml.orchestration.scoring_assets import build_customer_tags_asset
+from tagml.orchestration.sensors import build_reevaluation_sensor
+from tagml.orchestration.training_assets import build_all_training_assets
+from tagml.training.catalog import load_catalog
+
 from tagml.core.runtime import keep_caches_in_home, relocate_home
 from tagml.core.settings import Settings
-from training.catalog import load_catalog
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:

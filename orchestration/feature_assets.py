@@ -5,13 +5,12 @@ from datetime import date
 
 import dagster as dg
 import pandas as pd
-
-from features.customer_features import FEATURES
-from features.quality import FEATURE_CHECKS, feature_summary
-from features.snapshot import FeatureQualityError, build_feature_snapshot
-from orchestration.checks import check_result, check_spec
-from orchestration.raw_assets import raw_asset_name
-from orchestration.resources import WarehouseResource
+from tagml.features.customer_features import FEATURES
+from tagml.features.quality import FEATURE_CHECKS, feature_summary
+from tagml.features.snapshot import FeatureQualityError, build_feature_snapshot
+from tagml.orchestration.checks import check_result, check_spec
+from tagml.orchestration.raw_assets import raw_asset_name
+from tagml.orchestration.resources import WarehouseResource
 
 FEATURES_GROUP = "features"
 FEATURE_SOURCES = ("customers", "balances", "loans", "transactions", "digital_events")

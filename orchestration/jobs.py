@@ -1,13 +1,12 @@
 """Jobs, selected by asset group."""
 
 import dagster as dg
-
-from orchestration.feature_assets import FEATURES_GROUP
-from orchestration.monitoring_assets import MONITORING_GROUP
-from orchestration.raw_assets import RAW_GROUP
-from orchestration.scoring_assets import SCORING_GROUP
-from orchestration.training_assets import TRAINING_GROUP, tag_model_key, training_set_key
-from training.catalog import Catalog
+from tagml.orchestration.feature_assets import FEATURES_GROUP
+from tagml.orchestration.monitoring_assets import MONITORING_GROUP
+from tagml.orchestration.raw_assets import RAW_GROUP
+from tagml.orchestration.scoring_assets import SCORING_GROUP
+from tagml.orchestration.training_assets import TRAINING_GROUP, tag_model_key, training_set_key
+from tagml.training.catalog import Catalog
 
 RAW_INGEST_JOB = "raw_ingest_job"
 CUSTOMER_FEATURES_JOB = "customer_features_job"

@@ -8,17 +8,16 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 from pydantic import Field
-
-from monitoring.decision import describe_rules
-from monitoring.drift import DriftRun, compute_drift
-from monitoring.reevaluation import drift_verdict
-from monitoring.reference import DriftInputError
-from orchestration.resources import (
+from tagml.monitoring.decision import describe_rules
+from tagml.monitoring.drift import DriftRun, compute_drift
+from tagml.monitoring.reevaluation import drift_verdict
+from tagml.monitoring.reference import DriftInputError
+from tagml.orchestration.resources import (
     MlflowResource,
     MonitoringResource,
     WarehouseResource,
 )
-from training.catalog import Catalog
+from tagml.training.catalog import Catalog
 
 MONITORING_GROUP = "monitoring"
 # The per-tag verdicts of the tags computed in a run, in tag_drift's metadata: what the drift sensor
@@ -118,7 +117,7 @@ def _stored_summaries(warehouse: WarehouseResource, monitoring: MonitoringResour
     """Summary rows already in the history for tags this run did not recompute (config.tags)."""
     if not tags:
         return {}
-    from monitoring.history import DriftHistoryError
+    from tagml.monitoring.history import DriftHistoryError
 
     with closing(warehouse.connect()) as con:
         try:

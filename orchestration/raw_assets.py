@@ -5,12 +5,11 @@ from datetime import date
 
 import dagster as dg
 from pydantic import Field
-
-from features.contract import RAW_TABLES
-from features.delivery import stage_delivery
-from features.raw import CONTRACT_CHECK, ContractError, bank_today
-from orchestration.checks import check_spec
-from orchestration.resources import WarehouseResource
+from tagml.features.contract import RAW_TABLES
+from tagml.features.delivery import stage_delivery
+from tagml.features.raw import CONTRACT_CHECK, ContractError, bank_today
+from tagml.orchestration.checks import check_spec
+from tagml.orchestration.resources import WarehouseResource
 
 RAW_GROUP = "raw"
 

@@ -1,6 +1,6 @@
 """Resources: the Dagster side of the seams, built from `Settings`.
 
-`WarehouseResource` vends the `Warehouse` (tagml.core.storage) and the `TagStore` (scoring.store);
+`WarehouseResource` vends the `Warehouse` (tagml.core.storage) and the `TagStore` (tagml.scoring.store);
 the embedded DuckDB/Parquet implementations by default. Another engine or store is another
 implementation returned here (a subclass of the resource overriding `warehouse()` / `tag_store()`),
 with no change to the assets that use them.
@@ -13,12 +13,12 @@ import dagster as dg
 import duckdb
 from mlflow.tracking import MlflowClient
 from pydantic import Field
+from tagml.monitoring.drift import DriftLocations
+from tagml.scoring.store import ParquetTagStore, TagStore
+from tagml.training.tracking import DEFAULT_UI_URL, connect_tracking
 
-from monitoring.drift import DriftLocations
-from scoring.store import ParquetTagStore, TagStore
 from tagml.core.settings import DEFAULT_TIMEZONE, Settings
 from tagml.core.storage import EmbeddedWarehouse, Warehouse, WarehouseLayout
-from training.tracking import DEFAULT_UI_URL, connect_tracking
 
 
 class WarehouseResource(dg.ConfigurableResource):

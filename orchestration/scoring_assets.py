@@ -4,11 +4,10 @@ from contextlib import closing
 from datetime import date
 
 import dagster as dg
-
-from orchestration.resources import MlflowResource, WarehouseResource
-from orchestration.training_assets import tag_model_key
-from scoring.score import CoverageError, ScoringError, score_partition, unstable_tags
-from training.catalog import Catalog
+from tagml.orchestration.resources import MlflowResource, WarehouseResource
+from tagml.orchestration.training_assets import tag_model_key
+from tagml.scoring.score import CoverageError, ScoringError, score_partition, unstable_tags
+from tagml.training.catalog import Catalog
 
 SCORING_GROUP = "scoring"
 

@@ -1,6 +1,6 @@
 """reevaluate_on_drift_sensor: reads `tag_drift` materializations from Dagster's event log and
 launches `reevaluate_<tag>_job` for exactly the tags whose catalog thresholds were crossed. The
-decision is monitoring.reevaluation's (storage-id cursor, run key `reevaluate-<tag>-<as_of>`,
+decision is tagml.monitoring.reevaluation's (storage-id cursor, run key `reevaluate-<tag>-<as_of>`,
 per-tag cooldown in data days); this is the Dagster wrapper.
 
 Each materialization carries its per-tag verdicts in its metadata (`drift_by_tag`, aggregates only),
@@ -11,12 +11,11 @@ one stored after the cursor is never skipped because it was computed earlier.
 from datetime import date
 
 import dagster as dg
-
-from monitoring.reevaluation import Cursor, events_from_result, plan_reevaluations
-from orchestration.jobs import reevaluate_job_name, reevaluation_run_config
-from orchestration.monitoring_assets import DRIFT_BY_TAG
-from orchestration.resources import MonitoringResource
-from training.catalog import Catalog
+from tagml.monitoring.reevaluation import Cursor, events_from_result, plan_reevaluations
+from tagml.orchestration.jobs import reevaluate_job_name, reevaluation_run_config
+from tagml.orchestration.monitoring_assets import DRIFT_BY_TAG
+from tagml.orchestration.resources import MonitoringResource
+from tagml.training.catalog import Catalog
 
 REEVALUATE_ON_DRIFT_SENSOR = "reevaluate_on_drift_sensor"
 TAG_DRIFT = dg.AssetKey("tag_drift")

@@ -6,23 +6,23 @@ from datetime import date
 
 import dagster as dg
 from pydantic import Field
-
-from orchestration.raw_assets import raw_asset_name
-from orchestration.resources import MlflowResource, WarehouseResource
-from scoring.rules import slice_expressions
-from tagml.core.settings import home_relative, resolve_home_path
-from tagml.core.storage import sql_literal
-from training.catalog import Catalog, TagSpec
-from training.dataset import (
+from tagml.orchestration.raw_assets import raw_asset_name
+from tagml.orchestration.resources import MlflowResource, WarehouseResource
+from tagml.scoring.rules import slice_expressions
+from tagml.training.catalog import Catalog, TagSpec
+from tagml.training.dataset import (
     LABEL_COLUMN,
     SPLIT_COLUMN,
     build_training_set,
     load_training_set,
 )
-from training.registry import apply_gate, evaluate_gate
-from training.tracking import model_version_url, run_url, ui_base_url
-from training.train import train_tag
-from training.versions import registered_model_name
+from tagml.training.registry import apply_gate, evaluate_gate
+from tagml.training.tracking import model_version_url, run_url, ui_base_url
+from tagml.training.train import train_tag
+from tagml.training.versions import registered_model_name
+
+from tagml.core.settings import home_relative, resolve_home_path
+from tagml.core.storage import sql_literal
 
 TRAINING_GROUP = "training"
 

@@ -8,8 +8,7 @@ from datetime import date
 from typing import Any
 
 import duckdb
-
-from scoring.store import TagStore
+from tagml.scoring.store import TagStore
 
 # what each tag row of the lookup carries, besides its probabilities, reasons and lineage
 TAG_FIELDS = ("tag", "value", "probability", "source", "producer", "model_version", "observed_value", "inferred_value", "observed_mismatch")

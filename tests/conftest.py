@@ -17,10 +17,11 @@ from tagml.core.runtime import configure_process
 
 configure_process()
 
-from features.contract import RAW_TABLES
-from features.customer_features import build_customer_features
-from features.synthetic import BankConfig, generate_bank
-from features.validation import validate_and_stage
+from tagml.features.contract import RAW_TABLES
+from tagml.features.customer_features import build_customer_features
+from tagml.features.synthetic import BankConfig, generate_bank
+from tagml.features.validation import validate_and_stage
+
 from tagml.core.storage import connect, sql_literal
 
 # Small enough for the whole domain suite to run in well under a minute on two cores, large enough
@@ -101,8 +102,8 @@ def staged_copy(bank, tmp_path) -> Path:
 
 def shipped_slices(data) -> dict[str, str]:
     """The evaluation slices training gets in production, from the shipped catalog (drift's definition)."""
-    from scoring.rules import slice_expressions
-    from training.catalog import load_catalog
+    from tagml.scoring.rules import slice_expressions
+    from tagml.training.catalog import load_catalog
 
     return slice_expressions(load_catalog(), set(data.feature_names))
 
@@ -115,8 +116,7 @@ def write_test_catalog(path: Path, names: tuple[str, ...], trials: int = 1, mode
     `promotion` override single fields (e.g. margin=0.01).
     """
     import yaml
-
-    from training.catalog import load_catalog
+    from tagml.training.catalog import load_catalog
 
     shipped = load_catalog()
     entries = []

@@ -13,8 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import raw_glob
-
-from features.contract import (
+from tagml.features.contract import (
     CUSTOMERS,
     DIGITAL_EVENTS,
     LOANS,
@@ -22,8 +21,9 @@ from features.contract import (
     TABLES_BY_NAME,
     TRANSACTIONS,
 )
-from features.raw import ContractError
-from features.validation import validate_and_stage
+from tagml.features.raw import ContractError
+from tagml.features.validation import validate_and_stage
+
 from tagml.core.storage import sql_literal
 
 # Every PII value planted in a bad row contains this marker; it must never reach an error message.

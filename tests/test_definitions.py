@@ -1,9 +1,9 @@
 """The code location loads as Dagster would load it, with settings taken from the environment."""
 
 import dagster as dg
+from tagml.orchestration.definitions import build_definitions, defs
+from tagml.orchestration.jobs import CUSTOMER_FEATURES_JOB, RAW_INGEST_JOB
 
-from orchestration.definitions import build_definitions, defs
-from orchestration.jobs import CUSTOMER_FEATURES_JOB, RAW_INGEST_JOB
 from tagml.core.settings import Settings
 
 
@@ -55,8 +55,8 @@ def test_nightly_schedule_scores_yesterday_in_the_bank_timezone(tmp_path):
 
 
 def test_retraining_is_scheduled_once_from_the_catalog(tmp_path):
-    from orchestration.jobs import TRAIN_ALL_JOB
-    from training.catalog import load_catalog
+    from tagml.orchestration.jobs import TRAIN_ALL_JOB
+    from tagml.training.catalog import load_catalog
 
     loaded = build_definitions(Settings.from_env({"TAGML_HOME": str(tmp_path)}))
     repository = loaded.get_repository_def()
@@ -80,8 +80,8 @@ def test_drift_monitoring_is_generated_from_the_catalog(tmp_path):
     from datetime import datetime
     from zoneinfo import ZoneInfo
 
-    from orchestration.jobs import reevaluation_run_config
-    from training.catalog import load_catalog
+    from tagml.orchestration.jobs import reevaluation_run_config
+    from tagml.training.catalog import load_catalog
 
     env = {"TAGML_HOME": str(tmp_path), "TAGML_REFRESH_TIME": "05:15", "TAGML_REEVALUATION_COOLDOWN_DAYS": "3"}
     settings = Settings.from_env(env)

@@ -9,14 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-from monitoring.history import SUMMARY, DriftHistory, DriftHistoryError
-from monitoring.performance import realised_performance
-from monitoring.psi import ALL, MISSING, distribution_psi, feature_psi
-from monitoring.reevaluation import Cursor, DriftEvent, drift_verdict, events_from_result, plan_reevaluations, run_key
-from scoring.score import TAG_ROW_SCHEMA
-from scoring.store import ParquetTagStore
-from training.catalog import CatalogError, load_catalog
+from tagml.monitoring.history import SUMMARY, DriftHistory, DriftHistoryError
+from tagml.monitoring.performance import realised_performance
+from tagml.monitoring.psi import ALL, MISSING, distribution_psi, feature_psi
+from tagml.monitoring.reevaluation import Cursor, DriftEvent, drift_verdict, events_from_result, plan_reevaluations, run_key
+from tagml.scoring.score import TAG_ROW_SCHEMA
+from tagml.scoring.store import ParquetTagStore
+from tagml.training.catalog import CatalogError, load_catalog
 
 
 def _parquet(tmp_path, name: str, frame: pd.DataFrame):
@@ -294,7 +293,7 @@ def test_critical_features_must_be_known_features(tmp_path):
 
 
 def test_evidently_report_on_samples_is_saved_and_summarised(tmp_path):
-    from monitoring.report import drift_report
+    from tagml.monitoring.report import drift_report
 
     rng = np.random.default_rng(4)
     ref = pd.DataFrame({"income": rng.normal(0, 1, 2000), "region": rng.choice(["e", "w"], 2000), "prediction": rng.choice(["C1", "C2"], 2000)})
@@ -332,7 +331,7 @@ def test_a_writer_killed_between_the_history_tables_leaves_the_previous_generati
         f"""
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-        import monitoring.history as history
+        import tagml.monitoring.history as history
         from tagml.core.storage import connect
         from tests.test_drift import _frames
         from datetime import date
@@ -370,7 +369,7 @@ IDENTITY = {"tag": "risk_appetite", "as_of": "2026-10-31", "model": "tagml-risk_
 
 
 def test_a_column_gone_all_missing_is_named_not_a_crash_and_the_report_says_whose_verdict_counts(tmp_path):
-    from monitoring.report import drift_report
+    from tagml.monitoring.report import drift_report
 
     rng = np.random.default_rng(5)
     n = 1500
@@ -394,7 +393,7 @@ def test_a_column_gone_all_missing_is_named_not_a_crash_and_the_report_says_whos
 
 
 def test_a_report_with_no_comparable_column_still_has_its_header(tmp_path):
-    from monitoring.report import drift_report
+    from tagml.monitoring.report import drift_report
 
     ref = pd.DataFrame({"aum_total": [1.0, 2.0, 3.0]})
     summary = drift_report(ref, ref.assign(aum_total=np.nan), ["aum_total"], [], 0.3, tmp_path / "r.html", IDENTITY, {**VERDICT, "drifted": False, "reasons": []})

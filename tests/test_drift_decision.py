@@ -4,11 +4,10 @@ from datetime import date
 
 import pandas as pd
 import pytest
-
-from monitoring.decision import MIN_SLICE_ROWS, DriftMeasures, decide, describe_rules, feature_drifted
-from monitoring.performance import RealisedPerformance
-from monitoring.psi import MISSING
-from training.catalog import DriftSpec
+from tagml.monitoring.decision import MIN_SLICE_ROWS, DriftMeasures, decide, describe_rules, feature_drifted
+from tagml.monitoring.performance import RealisedPerformance
+from tagml.monitoring.psi import MISSING
+from tagml.training.catalog import DriftSpec
 
 SPEC = DriftSpec(feature_psi=0.2, drifted_feature_share=0.3, prediction_psi=0.2, performance_drop=0.05)
 NOT_MONITORED = RealisedPerformance("not monitored", "log_loss")
@@ -130,9 +129,8 @@ def test_the_rules_described_are_the_rules_decided():
 def test_the_drift_check_of_a_tag_with_critical_features_names_them():
     # the check's description once listed the share and class rules only, while one critical feature alone drifts the tag
     import dagster as dg
-
-    from orchestration.monitoring_assets import build_tag_drift_asset, drift_check_name
-    from training.catalog import load_catalog
+    from tagml.orchestration.monitoring_assets import build_tag_drift_asset, drift_check_name
+    from tagml.training.catalog import load_catalog
 
     catalog = load_catalog()
     asset = build_tag_drift_asset(dg.DailyPartitionsDefinition(start_date="2026-01-01"), catalog)

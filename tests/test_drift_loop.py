@@ -9,21 +9,21 @@ import dagster as dg
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-
-from features.synthetic import BankConfig, generate_bank
-from monitoring.drift import DriftLocations, compute_drift
-from monitoring.reference import DriftInputError
-from orchestration.definitions import build_definitions
-from orchestration.jobs import (
+from tagml.features.synthetic import BankConfig, generate_bank
+from tagml.monitoring.drift import DriftLocations, compute_drift
+from tagml.monitoring.reference import DriftInputError
+from tagml.orchestration.definitions import build_definitions
+from tagml.orchestration.jobs import (
     NIGHTLY_SCORING_JOB,
     RAW_INGEST_JOB,
     TRAIN_ALL_JOB,
     reevaluation_run_config,
 )
-from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags, sensor_context
+from tagml.orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags, sensor_context
+from tagml.training.catalog import load_catalog
+
 from tagml.core.settings import Settings
 from tests.conftest import make_connection, write_test_catalog
-from training.catalog import load_catalog
 
 pytestmark = pytest.mark.slow  # a real Dagster loop on a 4,000-customer bank (~2 minutes)
 
@@ -78,7 +78,7 @@ def loop(tmp_path_factory):
 
 
 def _summary(loop, day: date) -> pd.DataFrame:
-    from monitoring.history import DriftHistory
+    from tagml.monitoring.history import DriftHistory
 
     with make_connection(loop["settings"].home) as con:
         return DriftHistory(loop["settings"].drift_dir).summary(con, day).set_index("tag")

@@ -7,18 +7,18 @@ from types import SimpleNamespace
 
 import dagster as dg
 from dagster._daemon.sensor import fetch_existing_runs
-
-from orchestration.definitions import build_definitions
-from orchestration.monitoring_assets import DRIFT_BY_TAG
-from orchestration.partitions import as_of_partitions
-from orchestration.resources import MonitoringResource
-from orchestration.sensors import (
+from tagml.orchestration.definitions import build_definitions
+from tagml.orchestration.monitoring_assets import DRIFT_BY_TAG
+from tagml.orchestration.partitions import as_of_partitions
+from tagml.orchestration.resources import MonitoringResource
+from tagml.orchestration.sensors import (
     REEVALUATE_ON_DRIFT_SENSOR,
     RUN_KEY_TAG,
     SENSOR_NAME_TAG,
     in_process_run_tags,
     sensor_context,
 )
+
 from tagml.core.settings import Settings
 
 VERDICTS = {

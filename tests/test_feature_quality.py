@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 from conftest import MID_MONTH_END, make_connection
-
-from features.delivery import stage_delivery
-from features.quality import MAX_DATA_LAG_DAYS, check_feature_snapshot
-from features.snapshot import (
+from tagml.features.delivery import stage_delivery
+from tagml.features.quality import MAX_DATA_LAG_DAYS, check_feature_snapshot
+from tagml.features.snapshot import (
     FeatureQualityError,
     build_feature_snapshot,
     open_feature_snapshot,
 )
-from features.synthetic import BankConfig, generate_bank
+from tagml.features.synthetic import BankConfig, generate_bank
+
 from tagml.core.files import CorruptFileError
 from tagml.core.storage import sql_literal
 
@@ -145,9 +145,8 @@ def test_every_check_the_domain_runs_has_an_asset_check_spec_and_vice_versa(bank
     flags and descriptions as the outcomes `check_feature_snapshot` produces. They were once written
     out twice and had drifted apart (the freshness spec hard-coded the 3-day lag)."""
     import dagster as dg
-
-    from features.quality import FEATURE_CHECKS
-    from orchestration.feature_assets import build_customer_features_asset
+    from tagml.features.quality import FEATURE_CHECKS
+    from tagml.orchestration.feature_assets import build_customer_features_asset
 
     asset = build_customer_features_asset(dg.DailyPartitionsDefinition(start_date="2026-01-01"))
     specs = {spec.name: spec for spec in asset.check_specs}

@@ -8,9 +8,8 @@ import duckdb
 import pandas as pd
 import pytest
 from conftest import MID_MONTH_DAY, MID_MONTH_END
-
-from features.contract import CUSTOMERS, RAW_TABLES, TABLES_BY_NAME, contract_markdown
-from features.customer_features import (
+from tagml.features.contract import CUSTOMERS, RAW_TABLES, TABLES_BY_NAME, contract_markdown
+from tagml.features.customer_features import (
     CATEGORICAL_FEATURES,
     FEATURE_NAMES,
     FEATURES,
@@ -21,6 +20,7 @@ from features.customer_features import (
     features_sql,
     snapshot_spine_sql,
 )
+
 from tagml.core.storage import sql_literal
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -13,17 +13,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tagml.features.synthetic.generate as generate_module
 from conftest import BANK, WINDOW_END, WINDOW_START, raw_glob, stage_all
-
-import features.synthetic.generate as generate_module
-from features.contract import RAW_TABLES
-from features.synthetic import (
+from tagml.features.contract import RAW_TABLES
+from tagml.features.synthetic import (
     CHURN_CLASSES,
     LIFE_STAGES,
     RISK_CLASSES,
     BankConfig,
     generate_bank,
 )
+
 from tagml.core.storage import sql_literal
 
 TABLES = [spec.name for spec in RAW_TABLES]

@@ -16,15 +16,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from tagml.features.contract import RAW_TABLES, TABLES_BY_NAME
+from tagml.features.customer_features import build_customer_features
+from tagml.features.synthetic import BankConfig, generate_bank
+from tagml.features.validation import validate_and_stage
+from tagml.monitoring.psi import feature_psi
+from tagml.scoring.rules import rule_batches, rule_case_sql, slice_expressions
+from tagml.scoring.score import score_partition
+from tagml.scoring.store import ParquetTagStore
+from tagml.training.catalog import Catalog, load_catalog
 
-from features.contract import RAW_TABLES, TABLES_BY_NAME
-from features.customer_features import build_customer_features
-from features.synthetic import BankConfig, generate_bank
-from features.validation import validate_and_stage
-from monitoring.psi import feature_psi
-from scoring.rules import rule_batches, rule_case_sql, slice_expressions
-from scoring.score import score_partition
-from scoring.store import ParquetTagStore
 from tagml.core.storage import (
     WarehouseConfigError,
     connect,
@@ -32,7 +33,6 @@ from tagml.core.storage import (
     sql_literal,
     write_parquet_atomically,
 )
-from training.catalog import Catalog, load_catalog
 
 STACKED = "1GB'; COPY (SELECT 42 AS x) TO '{target}' (FORMAT CSV); SET memory_limit = '2GB"
 

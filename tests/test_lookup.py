@@ -1,13 +1,13 @@
-"""One customer's tags as plain data (scoring.lookup), over a real tag partition in Parquet."""
+"""One customer's tags as plain data (tagml.scoring.lookup), over a real tag partition in Parquet."""
 
 import math
 from datetime import date
 
 import duckdb
 import pytest
+from tagml.scoring.lookup import customer_tags, is_present
+from tagml.scoring.store import ParquetTagStore, TagStore, TagStoreError
 
-from scoring.lookup import customer_tags, is_present
-from scoring.store import ParquetTagStore, TagStore, TagStoreError
 from tagml.core.storage import sql_literal
 
 AS_OF = date(2026, 9, 30)

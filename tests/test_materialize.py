@@ -6,11 +6,11 @@ from datetime import date
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
+from tagml.features.customer_features import FEATURE_NAMES
+from tagml.features.synthetic import BankConfig, generate_bank
+from tagml.orchestration.definitions import build_definitions
+from tagml.orchestration.jobs import CUSTOMER_FEATURES_JOB, RAW_INGEST_JOB
 
-from features.customer_features import FEATURE_NAMES
-from features.synthetic import BankConfig, generate_bank
-from orchestration.definitions import build_definitions
-from orchestration.jobs import CUSTOMER_FEATURES_JOB, RAW_INGEST_JOB
 from tagml.core.settings import Settings
 
 AS_OF = "2026-10-31"
@@ -92,8 +92,7 @@ def test_contract_violation_fails_the_asset_and_keeps_the_staged_table(home, tmp
 
 def test_training_job_trains_registers_and_gates_one_tag(home):
     from mlflow.tracking import MlflowClient
-
-    from orchestration.jobs import train_tag_job_name
+    from tagml.orchestration.jobs import train_tag_job_name
 
     assert _run(home, RAW_INGEST_JOB).success
     config = {"trials": 1, "seed": 0}
@@ -116,8 +115,7 @@ def test_training_job_trains_registers_and_gates_one_tag(home):
 @pytest.fixture(scope="module")
 def small_home(tmp_path_factory):
     import yaml
-
-    from training.catalog import load_catalog
+    from tagml.training.catalog import load_catalog
 
     root = tmp_path_factory.mktemp("small_home")
     shipped = load_catalog()
@@ -134,7 +132,7 @@ def small_home(tmp_path_factory):
 
 @pytest.mark.slow
 def test_nightly_scoring_job_needs_a_champion_then_tags_everyone(small_home):
-    from orchestration.jobs import NIGHTLY_SCORING_JOB, train_tag_job_name
+    from tagml.orchestration.jobs import NIGHTLY_SCORING_JOB, train_tag_job_name
 
     failed = _run(small_home, NIGHTLY_SCORING_JOB, partition_key=AS_OF)
     assert not failed.success

@@ -18,13 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from features.customer_features import build_customer_features
-from scoring.score import score_partition
-from tests.conftest import WINDOW_END, make_connection, shipped_slices, write_test_catalog
-from training.catalog import load_catalog
-from training.dataset import build_training_set
-from training.registry import (
+from tagml.features.customer_features import build_customer_features
+from tagml.scoring.score import score_partition
+from tagml.training.catalog import load_catalog
+from tagml.training.dataset import build_training_set
+from tagml.training.registry import (
     RegistryUnavailableError,
     alias_version,
     apply_gate,
@@ -33,9 +31,11 @@ from training.registry import (
     promote,
     rollback,
 )
-from training.tracking import connect_tracking
-from training.train import train_tag
-from training.versions import REGISTRATION_TAG, registered_model_name
+from tagml.training.tracking import connect_tracking
+from tagml.training.train import train_tag
+from tagml.training.versions import REGISTRATION_TAG, registered_model_name
+
+from tests.conftest import WINDOW_END, make_connection, shipped_slices, write_test_catalog
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -213,7 +213,7 @@ def test_connect_tracking_keeps_mlflow_telemetry_off(server, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in TELEMETRY_SWITCHES} | {"PYTHONPATH": str(REPO)}
     use = "client.search_experiments(max_results=1); client.search_registered_models(max_results=1)"
     programs = {
-        "tagml": f"import sys\nfrom training.tracking import connect_tracking\nclient = connect_tracking(sys.argv[1])\n{use}",
+        "tagml": f"import sys\nfrom tagml.training.tracking import connect_tracking\nclient = connect_tracking(sys.argv[1])\n{use}",
         "control": f"import sys, mlflow\nclient = mlflow.MlflowClient(sys.argv[1], registry_uri=sys.argv[1])\n{use}",
     }
     written = {}

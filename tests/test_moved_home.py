@@ -21,16 +21,16 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 import pytest
-
-from features.synthetic import BankConfig, generate_bank
-from orchestration.jobs import (
+from tagml.features.synthetic import BankConfig, generate_bank
+from tagml.orchestration.jobs import (
     NIGHTLY_SCORING_JOB,
     RAW_INGEST_JOB,
     TRAIN_ALL_JOB,
     reevaluation_run_config,
 )
-from orchestration.training_assets import tag_model_key
-from scoring.store import ParquetTagStore
+from tagml.orchestration.training_assets import tag_model_key
+from tagml.scoring.store import ParquetTagStore
+
 from tagml.cli import main
 from tagml.cli.errors import ExitCode
 from tagml.core.settings import Settings
@@ -51,7 +51,7 @@ def _nightly(defs: dg.Definitions, instance: dg.DagsterInstance, day: date) -> d
 
 @pytest.fixture(scope="module")
 def homes(tmp_path_factory):
-    from orchestration.definitions import build_definitions
+    from tagml.orchestration.definitions import build_definitions
 
     root = tmp_path_factory.mktemp("moved_home")
     old, new = root / "laptop" / "home", root / "server" / "home"
@@ -99,7 +99,7 @@ def _customer(settings: Settings, day: date) -> str:
 
 
 def test_a_moved_home_works_where_it_is_now_and_writes_nothing_where_it_was(homes, capsys):
-    from orchestration.definitions import defs as load_definitions
+    from tagml.orchestration.definitions import defs as load_definitions
 
     old, new = homes["old"], homes["new"]
     settings = Settings.from_env()
@@ -211,10 +211,10 @@ def test_a_copied_home_is_re_anchored_and_the_original_is_untouched(tmp_path, mo
     """The rewrite on a real MLflow SQLite store and DuckDB file, without training: exact prefixes only,
     in the copy only, and the manifest moves with it (a second look rewrites nothing)."""
     import pandas as pd
+    from tagml.training.tracking import connect_tracking
 
     from tagml.core.runtime import MLFLOW_LOCATION_COLUMNS, relocate_home
     from tagml.core.storage import WarehouseLayout, publish_views
-    from training.tracking import connect_tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     original = Settings.from_env({"TAGML_HOME": str(tmp_path / "home")})

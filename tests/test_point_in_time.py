@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import MID_MONTH_DAY, MID_MONTH_END, make_connection, raw_glob, stage_all
+from tagml.features.contract import CUSTOMERS, TABLES_BY_NAME
+from tagml.features.customer_features import FEATURE_NAMES, FEATURES, KEY_COLUMNS, build_customer_features, features_for_spine
+from tagml.features.validation import validate_and_stage
 
-from features.contract import CUSTOMERS, TABLES_BY_NAME
-from features.customer_features import FEATURE_NAMES, FEATURES, KEY_COLUMNS, build_customer_features, features_for_spine
-from features.validation import validate_and_stage
 from tagml.core.storage import sql_literal
 
 # How to keep only what was known on D, table by table.

@@ -16,13 +16,11 @@ import dagster as dg
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-
-from monitoring.reference import DriftInputError, monitored_model
-from scoring.score import ScoringError, resolve_champion
-from tests.conftest import WINDOW_END, make_connection, shipped_slices, write_test_catalog
-from training.catalog import load_catalog
-from training.dataset import build_training_set
-from training.registry import (
+from tagml.monitoring.reference import DriftInputError, monitored_model
+from tagml.scoring.score import ScoringError, resolve_champion
+from tagml.training.catalog import load_catalog
+from tagml.training.dataset import build_training_set
+from tagml.training.registry import (
     CHAMPION,
     GateOverrideRequiredError,
     IncompleteRegistrationError,
@@ -35,9 +33,11 @@ from training.registry import (
     promote,
     rollback,
 )
-from training.tracking import connect_tracking
-from training.train import TrainingInProgressError, train_tag, training_lock_path
-from training.versions import REGISTRATION_TAG, registered_model_name
+from tagml.training.tracking import connect_tracking
+from tagml.training.train import TrainingInProgressError, train_tag, training_lock_path
+from tagml.training.versions import REGISTRATION_TAG, registered_model_name
+
+from tests.conftest import WINDOW_END, make_connection, shipped_slices, write_test_catalog
 
 REPO = Path(__file__).resolve().parent.parent
 TAG = "risk_appetite"
@@ -244,8 +244,7 @@ def test_two_stores_in_one_process_never_see_each_other_and_the_fluent_default_i
     """Every run, model and load goes through the caller's client: a decoy set as MLflow's process-wide
     tracking URI (as another library in the process might) receives nothing, and is still the default after."""
     import mlflow
-
-    from training.registry import load_model
+    from tagml.training.registry import load_model
 
     decoy = f"sqlite:///{tmp_path / 'decoy.db'}"
     before = mlflow.get_tracking_uri()
@@ -303,10 +302,10 @@ TRAIN_AND_DIE = textwrap.dedent(
     """
     import os, signal, sys
     from mlflow.tracking import MlflowClient
-    import training.train
-    from training.catalog import load_catalog
-    from training.dataset import load_training_set
-    from training.tracking import connect_tracking
+    import tagml.training.train
+    from tagml.training.catalog import load_catalog
+    from tagml.training.dataset import load_training_set
+    from tagml.training.tracking import connect_tracking
 
     def die():  # as an OOM killer or `kill -9` would
         os.kill(os.getpid(), signal.SIGKILL)
@@ -321,9 +320,9 @@ TRAIN_AND_DIE = textwrap.dedent(
 
         MlflowClient.create_model_version = create_then_die
     else:  # inside the first Optuna trial, its nested run open
-        training.train.core_metrics = lambda *args, **kwargs: die()
+        tagml.training.train.core_metrics = lambda *args, **kwargs: die()
     tag = load_catalog(catalog).get("risk_appetite")
-    training.train.train_tag(tag, load_training_set(snapshot, tag), connect_tracking(uri), {}, artifact_location=artifacts, threads=1)
+    tagml.training.train.train_tag(tag, load_training_set(snapshot, tag), connect_tracking(uri), {}, artifact_location=artifacts, threads=1)
     """
 )
 
@@ -405,7 +404,7 @@ def test_a_second_training_of_a_tag_fails_by_name_while_one_is_running(risk, tmp
 @pytest.mark.slow
 def test_processes_opening_a_fresh_sqlite_store_together_all_succeed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
-    code = "import sys; from training.tracking import connect_tracking; connect_tracking(sys.argv[1]); print('ok')"
+    code = "import sys; from tagml.training.tracking import connect_tracking; connect_tracking(sys.argv[1]); print('ok')"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     children = [subprocess.Popen([sys.executable, "-c", code, uri], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outcomes = [child.communicate(timeout=300) for child in children]
@@ -419,8 +418,8 @@ def test_processes_opening_a_fresh_sqlite_store_together_all_succeed(tmp_path):
 def test_tag_model_asset_records_the_dagster_run_id_and_links_to_mlflow(bank, tmp_path):
     import shutil
 
-    from orchestration.resources import MlflowResource, WarehouseResource
-    from orchestration.training_assets import build_training_assets
+    from tagml.orchestration.resources import MlflowResource, WarehouseResource
+    from tagml.orchestration.training_assets import build_training_assets
 
     tag, catalog_path = _tag(tmp_path, trials=1)
     warehouse_dir = tmp_path / "warehouse"

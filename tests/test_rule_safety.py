@@ -11,17 +11,17 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import yaml
-
-from features.customer_features import FEATURE_NAMES
-from scoring.rules import (
+from tagml.features.customer_features import FEATURE_NAMES
+from tagml.scoring.rules import (
     rule_batches,
     rule_case_sql,
     rule_columns,
     sandboxed_connection,
 )
-from scoring.score import ScoringError, score_partition
+from tagml.scoring.score import ScoringError, score_partition
+from tagml.training.catalog import CatalogError, load_catalog
+
 from tests.conftest import MID_MONTH_END, make_connection
-from training.catalog import CatalogError, load_catalog
 
 SHIPPED = load_catalog()
 HOSTILE = "length((SELECT content FROM read_text('/etc/hostname')))>0"

@@ -16,22 +16,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-from features.customer_features import build_customer_features
-from scoring.score import (
+from tagml.features.customer_features import build_customer_features
+from tagml.scoring.score import (
     TAG_ROW_SCHEMA,
     CoverageError,
     ScoringError,
     check_coverage,
     score_partition,
 )
-from scoring.store import ParquetTagStore, TagStoreError
+from tagml.scoring.store import ParquetTagStore, TagStoreError
+from tagml.training.catalog import load_catalog
+from tagml.training.dataset import build_training_set
+from tagml.training.registry import apply_gate, champion_version, evaluate_gate, promote
+from tagml.training.tracking import connect_tracking
+from tagml.training.train import train_tag
+
 from tests.conftest import WINDOW_END, make_connection, shipped_slices, write_test_catalog
-from training.catalog import load_catalog
-from training.dataset import build_training_set
-from training.registry import apply_gate, champion_version, evaluate_gate, promote
-from training.tracking import connect_tracking
-from training.train import train_tag
 
 AS_OF = WINDOW_END
 
@@ -147,10 +147,10 @@ def test_a_scoring_run_killed_mid_write_leaves_the_previous_partition_intact(wor
         from datetime import date
         from pathlib import Path
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-        import scoring.score as score
+        import tagml.scoring.score as score
         from tagml.core.storage import connect
-        from training.catalog import load_catalog
-        from training.tracking import connect_tracking
+        from tagml.training.catalog import load_catalog
+        from tagml.training.tracking import connect_tracking
         original = score._model_batches
         def slow(*args, **kwargs):
             for batch in original(*args, **kwargs):
@@ -256,9 +256,8 @@ def test_export_for_downstream_systems(hand_store, tmp_path, fmt):
 
 def test_reason_contributions_equal_xgboosts_own_for_the_predicted_class(world):
     import xgboost as xgb
-
-    from scoring.reasons import ReasonExplainer
-    from scoring.score import resolve_champion
+    from tagml.scoring.reasons import ReasonExplainer
+    from tagml.scoring.score import resolve_champion
 
     champion = resolve_champion(world["client"], world["catalog"].get("risk_appetite"))
     frame = pd.read_parquet(world["features"]).head(500)
@@ -426,7 +425,7 @@ def test_truncated_feature_and_tag_partitions_are_named_with_the_repair(world, t
 def test_scoring_and_the_reference_profile_infer_identical_values(world, tmp_path):
     """Drift's "PSI is 0 on the reference" needs the tag store and the reference profile to infer alike,
     `unknown` below min_confidence included: score the snapshot, profile the same rows, compare."""
-    from monitoring.reference import monitored_model, reference_profile
+    from tagml.monitoring.reference import monitored_model, reference_profile
 
     entry = world["catalog"].get("risk_appetite").model_dump(mode="json")
     entry["min_confidence"] = 0.6
@@ -449,9 +448,9 @@ def test_scoring_and_the_reference_profile_infer_identical_values(world, tmp_pat
 def test_a_version_without_recorded_feature_types_reads_the_same_kinds_everywhere(world):
     """Versions registered before feature types were recorded: scoring read the kinds from the signature,
     monitoring took every feature as numeric. Both now read the one version record."""
-    from monitoring.reference import monitored_model
-    from scoring.score import resolve_champion
-    from training.versions import registered_model_name
+    from tagml.monitoring.reference import monitored_model
+    from tagml.scoring.score import resolve_champion
+    from tagml.training.versions import registered_model_name
 
     client, tag = world["client"], world["catalog"].get("risk_appetite")
     name, version = registered_model_name(tag.name), world["first"].version
@@ -468,6 +467,6 @@ def test_a_version_without_recorded_feature_types_reads_the_same_kinds_everywher
 
 def test_scoring_and_monitoring_do_not_import_the_trainer():
     """Naming a model or reading a version must not pull in Optuna and the calibration code."""
-    code = "import sys, scoring.score, monitoring.reference, monitoring.drift; print(sorted(m for m in ('optuna', 'training.train') if m in sys.modules))"
+    code = "import sys, tagml.scoring.score, tagml.monitoring.reference, tagml.monitoring.drift; print(sorted(m for m in ('optuna', 'tagml.training.train') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert out.stdout.strip() == "[]"

@@ -4,8 +4,8 @@ unknown TAGML_* variables are warned about; stored locations survive a moved hom
 import warnings
 
 import pytest
+from tagml.orchestration.definitions import build_definitions
 
-from orchestration.definitions import build_definitions
 from tagml.core.settings import (
     DEFAULT_CATALOG,
     HomeNotFoundError,
@@ -50,7 +50,7 @@ def test_bad_values_fail_before_dagster_sees_them(tmp_path):
 
 
 def test_the_dagster_code_location_fails_its_load_by_name(tmp_path, monkeypatch):
-    from orchestration.definitions import defs
+    from tagml.orchestration.definitions import defs
 
     monkeypatch.setenv("TAGML_HOME", str(tmp_path))
     monkeypatch.setenv("TAGML_TIMEZONE", "Asia/Atlantis")  # before: ZoneInfoNotFoundError from the partitions
@@ -88,7 +88,7 @@ def test_every_memory_limit_the_settings_accept_opens_a_connection_with_that_lim
 
 
 def test_the_default_catalog_is_the_one_the_catalog_loader_reads():
-    from training.catalog import load_catalog
+    from tagml.training.catalog import load_catalog
 
     assert DEFAULT_CATALOG.is_file() and load_catalog.__defaults__ == (DEFAULT_CATALOG,)
 

@@ -3,9 +3,9 @@
 from datetime import date
 
 import duckdb
+from tagml.monitoring.history import SUMMARY, DriftHistory
+from tagml.scoring.store import ParquetTagStore
 
-from monitoring.history import SUMMARY, DriftHistory
-from scoring.store import ParquetTagStore
 from tagml.core.storage import PartitionedTable, WarehouseLayout, publish_views, write_parquet_atomically
 
 

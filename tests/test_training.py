@@ -11,11 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
-from tests.conftest import WINDOW_END, make_connection, shipped_slices
-from training.catalog import CatalogError, load_catalog
-from training.dataset import SPLIT_COLUMN, TrainingDataError, build_training_set
-from training.registry import (
+from tagml.training.catalog import CatalogError, load_catalog
+from tagml.training.dataset import SPLIT_COLUMN, TrainingDataError, build_training_set
+from tagml.training.registry import (
     CHAMPION,
     RegistryError,
     apply_gate,
@@ -27,9 +25,11 @@ from training.registry import (
     promote,
     rollback,
 )
-from training.tracking import TrackingUnavailableError, connect_tracking
-from training.train import train_tag
-from training.versions import registered_model_name
+from tagml.training.tracking import TrackingUnavailableError, connect_tracking
+from tagml.training.train import train_tag
+from tagml.training.versions import registered_model_name
+
+from tests.conftest import WINDOW_END, make_connection, shipped_slices
 
 SHIPPED = load_catalog()
 
@@ -206,7 +206,7 @@ def test_no_customer_ids_or_pii_reach_mlflow_artifacts(first_model, risk_data, s
 def test_worse_challenger_is_not_promoted_and_reason_is_recorded(first_model, risk_data, store):
     client = store["client"]
     worse_tag = _tag(features={"include": ["region", "city_tier"]}, model__search_space={"n_estimators": {"low": 2, "high": 3, "integer": True}})
-    from training.dataset import TrainingSet
+    from tagml.training.dataset import TrainingSet
 
     worse_data = TrainingSet(**{**risk_data.__dict__, "feature_names": ("region", "city_tier"), "categorical": ("region",)})
     result = train_tag(worse_tag, worse_data, store["client"], shipped_slices(worse_data), artifact_location=store["artifacts"], threads=1)
@@ -320,8 +320,8 @@ def test_logged_signature_accepts_missing_values_and_integer_counts_as_doubles(f
 def test_evaluation_slices_are_the_catalogs_value_tiers_as_drift_and_scoring_see_them(tmp_path):
     """Evaluation had its own 3 value-tier bands (mass/affluent/hnw) while the catalog's rule, which scores
     the tag and slices drift, has 4: the gate judged segments no one else knew."""
-    from scoring.rules import rule_batches, rule_case_sql, slice_expressions
-    from training.evaluate import evaluation_slices, slices
+    from tagml.scoring.rules import rule_batches, rule_case_sql, slice_expressions
+    from tagml.training.evaluate import evaluation_slices, slices
 
     catalog = load_catalog()
     frame = pd.DataFrame({

@@ -25,9 +25,9 @@ from pydantic import (
     model_validator,
 )
 from sqlglot import exp
+from tagml.features.contract import LABEL_SOURCES
+from tagml.features.customer_features import FEATURE_NAMES, FEATURES
 
-from features.contract import LABEL_SOURCES
-from features.customer_features import FEATURE_NAMES, FEATURES
 from tagml.core.settings import DEFAULT_CATALOG
 
 FEATURE_GROUPS = tuple(sorted({f.group for f in FEATURES}))

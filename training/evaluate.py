@@ -93,7 +93,7 @@ def per_class_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str]) 
 
 def evaluation_slices(catalog_slices: Mapping[str, str], columns: Sequence[str]) -> dict[str, str]:
     """SQL per slice over feature columns: the age band where there is an age, and the catalog's slices as
-    drift defines them (scoring.rules.slice_expressions: the value_tier rule's bands, region), so the
+    drift defines them (tagml.scoring.rules.slice_expressions: the value_tier rule's bands, region), so the
     promotion gate and drift judge the same segments."""
     return {**({"age_band": AGE_BAND_SQL} if "age" in columns else {}), **catalog_slices}
 

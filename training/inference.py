@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from training.catalog import UNKNOWN
-from training.versions import ModelVersionInfo
+from tagml.training.catalog import UNKNOWN
+from tagml.training.versions import ModelVersionInfo
 
 
 @dataclass(frozen=True)

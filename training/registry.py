@@ -22,13 +22,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
+from tagml.training.catalog import TagSpec
+from tagml.training.dataset import TrainingSet
+from tagml.training.evaluate import core_metrics, evaluation_slices, slice_metrics
+from tagml.training.tracking import describe, download_artifacts, is_missing
+from tagml.training.versions import ModelVersionInfo, parse_version, registered_model_name, registration_problem
 
 from tagml.core.settings import resolve_home_path
-from training.catalog import TagSpec
-from training.dataset import TrainingSet
-from training.evaluate import core_metrics, evaluation_slices, slice_metrics
-from training.tracking import describe, download_artifacts, is_missing
-from training.versions import ModelVersionInfo, parse_version, registered_model_name, registration_problem
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOWER_IS_BETTER = {"log_loss"}
@@ -209,7 +209,7 @@ def _better(metric: str, challenger: float, champion: float, margin: float) -> b
 
 def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: TrainingSet, slices: Mapping[str, str]) -> GateDecision:
     """Decide whether `challenger` should become champion, on the challenger's held-out test set.
-    `slices`: the catalog's slices as drift defines them (scoring.rules.slice_expressions), whose
+    `slices`: the catalog's slices as drift defines them (tagml.scoring.rules.slice_expressions), whose
     values must each keep the promotion metric above the catalog's slice floor."""
     found = get_version(client, tag.name, challenger)
     if found is None:

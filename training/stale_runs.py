@@ -1,7 +1,7 @@
 """The runs a killed training left RUNNING.
 
 A training tags its runs with its pid and host; the next training of the tag (holding the tag's
-training lock, training.train) marks the runs of a process that is gone KILLED.
+training lock, tagml.training.train) marks the runs of a process that is gone KILLED.
 """
 
 import os

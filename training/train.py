@@ -22,11 +22,9 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
 from sklearn.utils.class_weight import compute_sample_weight
-
-from tagml.core.settings import home_relative
-from training.catalog import TagSpec
-from training.dataset import TrainingSet
-from training.evaluate import (
+from tagml.training.catalog import TagSpec
+from tagml.training.dataset import TrainingSet
+from tagml.training.evaluate import (
     core_metrics,
     evaluation_slices,
     per_class_metrics,
@@ -35,9 +33,9 @@ from training.evaluate import (
     plot_importance,
     slice_metrics,
 )
-from training.models import build_pipeline
-from training.stale_runs import mark_stale_runs, owner_tags
-from training.tracking import (
+from tagml.training.models import build_pipeline
+from tagml.training.stale_runs import mark_stale_runs, owner_tags
+from tagml.training.tracking import (
     LoggedSklearnModel,
     create_run,
     is_local_store,
@@ -49,7 +47,9 @@ from training.tracking import (
     sqlite_path,
     tracked_run,
 )
-from training.versions import REGISTRATION_COMPLETE, REGISTRATION_PENDING, REGISTRATION_TAG, registered_model_name
+from tagml.training.versions import REGISTRATION_COMPLETE, REGISTRATION_PENDING, REGISTRATION_TAG, registered_model_name
+
+from tagml.core.settings import home_relative
 
 PIP_REQUIREMENTS = ["scikit-learn>=1.6,<2", "xgboost>=3.0,<3.3", "pandas>=2.2,<3", "numpy>=2.0,<2.5"]
 
@@ -106,7 +106,7 @@ def train_tag(
 ) -> TrainResult:
     """Tune, fit, calibrate, evaluate, log and register a model for `tag`; the new version becomes `challenger`.
 
-    `slices` are the catalog's slices as drift defines them (scoring.rules.slice_expressions over the
+    `slices` are the catalog's slices as drift defines them (tagml.scoring.rules.slice_expressions over the
     training set's features): the test metric is also measured per slice value and logged.
     `artifact_location` applies to local stores only (a server chooses its own artifact store).
     `run_tags` (e.g. the Dagster run id) go on the MLflow runs and the model version. One training of a tag
@@ -165,7 +165,7 @@ class _Fitting:
     client: MlflowClient
     tag: TagSpec
     data: TrainingSet
-    slices: dict[str, str]  # SQL per evaluation slice (training.evaluate.evaluation_slices)
+    slices: dict[str, str]  # SQL per evaluation slice (tagml.training.evaluate.evaluation_slices)
     experiment_id: str
     parent_id: str
     run_tags: dict[str, str]  # the caller's (e.g. the Dagster run id): on every run and on the version

@@ -19,7 +19,7 @@ from tagml.core.settings import resolve_home_path
 # tag is set: a training killed in between leaves a version that says so, and registry/scoring refuse it.
 REGISTRATION_TAG, REGISTRATION_PENDING, REGISTRATION_COMPLETE = "tagml.registration", "pending", "complete"
 REQUIRED_VERSION_TAGS = ("data_snapshot", "snapshot_id", "feature_list", "classes")
-# a training snapshot is named <tag>-<train_as_of>-<hash>.parquet (training.dataset)
+# a training snapshot is named <tag>-<train_as_of>-<hash>.parquet (tagml.training.dataset)
 SNAPSHOT_NAME = re.compile(r"^(?P<tag>[a-z][a-z0-9_]*)-(?P<as_of>\d{4}-\d{2}-\d{2})-[0-9a-f]+$")
 
 

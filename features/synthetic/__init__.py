@@ -21,7 +21,7 @@ Generation is vectorised per chunk of customers, each chunk seeded from (seed, c
 written straight to Parquet parts, so memory is bounded by the chunk size.
 """
 
-from features.synthetic.config import (
+from tagml.features.synthetic.config import (
     CHUNK_SIZE,
     CHURN_CLASSES,
     DEFAULT_END_MONTH,
@@ -31,6 +31,6 @@ from features.synthetic.config import (
     BankConfig,
     month_ends,
 )
-from features.synthetic.generate import generate_bank
+from tagml.features.synthetic.generate import generate_bank
 
 __all__ = ["CHUNK_SIZE", "CHURN_CLASSES", "DEFAULT_END_MONTH", "DRIFT_SCENARIOS", "LIFE_STAGES", "RISK_CLASSES", "BankConfig", "generate_bank", "month_ends"]

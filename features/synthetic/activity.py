@@ -3,11 +3,10 @@ trading that reacts to the market) and digital events (logins, product views, tr
 
 import numpy as np
 import pyarrow as pa
-
-from features.contract import DIGITAL_EVENT_TYPES, TXN_CATEGORIES
-from features.synthetic.config import days, ids
-from features.synthetic.customers import Chunk
-from features.synthetic.holdings import LoanRows
+from tagml.features.contract import DIGITAL_EVENT_TYPES, TXN_CATEGORIES
+from tagml.features.synthetic.config import days, ids
+from tagml.features.synthetic.customers import Chunk
+from tagml.features.synthetic.holdings import LoanRows
 
 FIXED_PAYMENTS = ("salary", "pension", "mortgage_payment", "loan_payment")
 CREDITS = ("salary", "pension", "transfer_in", "investment_sell")

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from features.synthetic.activity import digital_events_table, transactions_table
-from features.synthetic.config import CHUNK_SIZE, DRIFT_SCENARIOS, BankConfig, drift_month_index
-from features.synthetic.customers import Chunk, customers_table
-from features.synthetic.holdings import balances_table, loans_table
-from features.synthetic.labels import labels_table
+from tagml.features.synthetic.activity import digital_events_table, transactions_table
+from tagml.features.synthetic.config import CHUNK_SIZE, DRIFT_SCENARIOS, BankConfig, drift_month_index
+from tagml.features.synthetic.customers import Chunk, customers_table
+from tagml.features.synthetic.holdings import balances_table, loans_table
+from tagml.features.synthetic.labels import labels_table
 
 
 def generate_bank(config: BankConfig, out: Path) -> dict:

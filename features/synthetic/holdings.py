@@ -5,10 +5,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-
-from features.contract import PRODUCTS
-from features.synthetic.config import ids, market_index, sigmoid
-from features.synthetic.customers import Chunk
+from tagml.features.contract import PRODUCTS
+from tagml.features.synthetic.config import ids, market_index, sigmoid
+from tagml.features.synthetic.customers import Chunk
 
 MAX_BUY_THE_DIP = 0.15  # log of the largest extra risky allocation an aggressive customer buys after a fall
 

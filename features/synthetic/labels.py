@@ -4,9 +4,8 @@ KYC / relationship-manager life stage and churn in the next three months."""
 
 import numpy as np
 import pyarrow as pa
-
-from features.synthetic.config import CHURN_CLASSES, CHURN_HORIZON_MONTHS, LIFE_STAGES, RISK_CLASSES, days, life_stage_of, sigmoid
-from features.synthetic.customers import Chunk
+from tagml.features.synthetic.config import CHURN_CLASSES, CHURN_HORIZON_MONTHS, LIFE_STAGES, RISK_CLASSES, days, life_stage_of, sigmoid
+from tagml.features.synthetic.customers import Chunk
 
 RISK_CUTPOINTS = np.array([-1.3, -0.45, 0.45, 1.3])
 RISK_LABEL_SCALE = 0.4  # questionnaires are noisy self-reports

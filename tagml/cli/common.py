@@ -78,7 +78,7 @@ def current_user() -> str:
 
 
 def tag_spec(settings: Settings, name: str, kind: str | None = None):
-    from training.catalog import load_catalog
+    from tagml.training.catalog import load_catalog
 
     catalog = load_catalog(settings.catalog_path)
     try:
@@ -98,7 +98,7 @@ def connect(settings: Settings):
 
 
 def tracking_client(settings: Settings):
-    from training.tracking import connect_tracking
+    from tagml.training.tracking import connect_tracking
 
     return connect_tracking(settings.mlflow_tracking_uri)
 

@@ -1,4 +1,4 @@
-"""`tagml demo`: prints the walkthrough that orchestration.walkthrough runs (generate, ingest, train,
+"""`tagml demo`: prints the walkthrough that tagml.orchestration.walkthrough runs (generate, ingest, train,
 nightly scoring twice, drift, re-evaluation)."""
 
 import time
@@ -9,13 +9,13 @@ from typing import Annotated, Any
 
 import typer
 
-from features.synthetic import DRIFT_SCENARIOS
 from tagml.cli import common
 from tagml.cli.app import app
 from tagml.cli.common import console, load_settings
 from tagml.cli.errors import CommandFailed, ExitCode
 from tagml.cli.generate import DEMO_CUSTOMERS, generate_with_progress
 from tagml.core.settings import Settings
+from tagml.features.synthetic import DRIFT_SCENARIOS
 
 # the generator's scenarios, or none (imported here: Typer needs them to parse)
 DemoScenario = Enum("DemoScenario", {name: name for name in [*sorted(DRIFT_SCENARIOS), "none"]}, type=str)  # type: ignore[misc]
@@ -37,8 +37,8 @@ def demo(
 
 
 def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> bool:
-    from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR
-    from orchestration.walkthrough import Walkthrough, plan_demo
+    from tagml.orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR
+    from tagml.orchestration.walkthrough import Walkthrough, plan_demo
 
     status = console(stderr=True)
     plan = plan_demo(customers, seed, drift)
@@ -77,13 +77,12 @@ def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> b
 
 
 def _print_demo_results(settings: Settings, plan: Any, trained: Any, scored: dict[date, Any], reevaluated: list[Any]) -> None:
-    from orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR
-    from orchestration.walkthrough import example_model_customer, feature_snapshot_shape
-    from scoring.store import ParquetTagStore
-
     # the printers of `tagml drift` and `tagml tags`, imported here so that `tagml --help` lists the commands in their order
     from tagml.cli.drift import print_drift
     from tagml.cli.lookup import customer_tags, print_tags
+    from tagml.orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR
+    from tagml.orchestration.walkthrough import example_model_customer, feature_snapshot_shape
+    from tagml.scoring.store import ParquetTagStore
 
     train_as_of, as_of = plan.train_as_of, plan.as_of
     path, rows, columns = feature_snapshot_shape(settings, train_as_of)

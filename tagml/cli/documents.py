@@ -18,7 +18,7 @@ def _emit(text: str, out: Path | None) -> None:
 @app.command("contract")
 def contract_command(out: Annotated[Path | None, typer.Option(help="write to this file instead of stdout")] = None) -> None:
     """Print the raw data contract as markdown."""
-    from features.contract import contract_markdown
+    from tagml.features.contract import contract_markdown
 
     _emit(contract_markdown(), out)
 
@@ -26,6 +26,6 @@ def contract_command(out: Annotated[Path | None, typer.Option(help="write to thi
 @app.command("features")
 def features_command(out: Annotated[Path | None, typer.Option(help="write to this file instead of stdout")] = None) -> None:
     """Print the feature dictionary as markdown."""
-    from features.customer_features import feature_dictionary_markdown
+    from tagml.features.customer_features import feature_dictionary_markdown
 
     _emit(feature_dictionary_markdown(), out)

@@ -16,7 +16,7 @@ from tagml.core.settings import Settings
 
 def print_drift(con: Any, settings: Settings, as_of: date | None, tag: str | None, details: bool, compact: bool) -> list[str]:
     """Print the drift summary of one partition (default: the newest) per model tag; returns the drifted tags."""
-    from monitoring.history import DriftHistory
+    from tagml.monitoring.history import DriftHistory
 
     history = DriftHistory(settings.drift_dir)
     as_of = as_of or history.latest()
@@ -52,7 +52,7 @@ def print_drift(con: Any, settings: Settings, as_of: date | None, tag: str | Non
 
 
 def _print_drift_details(con: Any, history: Any, as_of: date, tag: str) -> None:
-    from monitoring.decision import MIN_SLICE_ROWS
+    from tagml.monitoring.decision import MIN_SLICE_ROWS
 
     predictions = history.predictions(con, as_of, tag)
     overall = predictions[predictions["slice_column"] == "(all)"]
@@ -73,7 +73,7 @@ def _print_drift_details(con: Any, history: Any, as_of: date, tag: str) -> None:
 
 
 def _drift_json(con: Any, settings: Settings, as_of: date | None, tag: str | None) -> dict[str, Any]:
-    from monitoring.history import DriftHistory
+    from tagml.monitoring.history import DriftHistory
 
     history = DriftHistory(settings.drift_dir)
     as_of = as_of or history.latest()

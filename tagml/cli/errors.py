@@ -22,23 +22,23 @@ class ExitCode(IntEnum):
 # "module.Class" so that no domain package (mlflow, dagster...) is imported just to compare.
 EXIT_CODES: dict[str, ExitCode] = {
     "tagml.cli.errors.NotFoundError": ExitCode.NOT_FOUND,
-    "scoring.store.TagStoreError": ExitCode.NOT_FOUND,
-    "monitoring.history.DriftHistoryError": ExitCode.NOT_FOUND,
-    "training.registry.RegistryError": ExitCode.NOT_FOUND,
-    "monitoring.reference.DriftInputError": ExitCode.NOT_FOUND,
+    "tagml.scoring.store.TagStoreError": ExitCode.NOT_FOUND,
+    "tagml.monitoring.history.DriftHistoryError": ExitCode.NOT_FOUND,
+    "tagml.training.registry.RegistryError": ExitCode.NOT_FOUND,
+    "tagml.monitoring.reference.DriftInputError": ExitCode.NOT_FOUND,
     "tagml.core.settings.SettingsError": ExitCode.CONFIG,
-    "training.catalog.CatalogError": ExitCode.CONFIG,
-    "features.raw.ContractError": ExitCode.CONFIG,
-    "training.dataset.TrainingDataError": ExitCode.CONFIG,
-    "features.snapshot.FeatureQualityError": ExitCode.CONFIG,
-    "scoring.score.ScoringError": ExitCode.NOT_FOUND,  # no champion, no feature snapshot
-    "training.tracking.TrackingUnavailableError": ExitCode.UNAVAILABLE,
-    "training.registry.RegistryUnavailableError": ExitCode.UNAVAILABLE,
-    "training.registry.GateOverrideRequiredError": ExitCode.USAGE,
-    "training.train.TrainingInProgressError": ExitCode.UNAVAILABLE,
+    "tagml.training.catalog.CatalogError": ExitCode.CONFIG,
+    "tagml.features.raw.ContractError": ExitCode.CONFIG,
+    "tagml.training.dataset.TrainingDataError": ExitCode.CONFIG,
+    "tagml.features.snapshot.FeatureQualityError": ExitCode.CONFIG,
+    "tagml.scoring.score.ScoringError": ExitCode.NOT_FOUND,  # no champion, no feature snapshot
+    "tagml.training.tracking.TrackingUnavailableError": ExitCode.UNAVAILABLE,
+    "tagml.training.registry.RegistryUnavailableError": ExitCode.UNAVAILABLE,
+    "tagml.training.registry.GateOverrideRequiredError": ExitCode.USAGE,
+    "tagml.training.train.TrainingInProgressError": ExitCode.UNAVAILABLE,
     "tagml.core.storage.WarehouseConfigError": ExitCode.CONFIG,
-    "training.catalog.RuleSyntaxError": ExitCode.CONFIG,
-    "scoring.rules.RuleInputError": ExitCode.CONFIG,
+    "tagml.training.catalog.RuleSyntaxError": ExitCode.CONFIG,
+    "tagml.scoring.rules.RuleInputError": ExitCode.CONFIG,
     "tagml.core.files.CorruptFileError": ExitCode.CONFIG,
 }
 

@@ -9,9 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
-from features.synthetic import DEFAULT_END_MONTH, DRIFT_SCENARIOS
 from tagml.cli.app import app
 from tagml.cli.common import console, is_month, load_settings, print_json
+from tagml.features.synthetic import DEFAULT_END_MONTH, DRIFT_SCENARIOS
 
 DEMO_CUSTOMERS = 20_000
 
@@ -42,7 +42,7 @@ def generate_with_progress(config: Any, out: Path) -> dict:
         TimeElapsedColumn,
     )
 
-    from features.synthetic import CHUNK_SIZE, generate_bank
+    from tagml.features.synthetic import CHUNK_SIZE, generate_bank
 
     parts = len(GENERATED_TABLES) * max(1, -(-config.customers // CHUNK_SIZE))
     with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("table files"), TimeElapsedColumn(),
@@ -71,7 +71,7 @@ def generate(
     out: Annotated[Path | None, typer.Option(help="output directory (default: $TAGML_HOME/raw)")] = None,
 ) -> None:
     """Write a synthetic bank in the raw data contract."""
-    from features.synthetic import BankConfig
+    from tagml.features.synthetic import BankConfig
 
     for value, option in ((end_month, "--end-month"), (drift_month, "--drift-month")):
         if value is not None and not is_month(value):

@@ -22,9 +22,9 @@ class ExportFormat(str, Enum):
 
 def customer_tags(settings: Settings, customer_id: str, as_of: date | None, lineage: bool) -> dict[str, Any]:
     """One customer's tags as plain data (printed as text or JSON); MLflow is opened only for a model tag's lineage."""
-    from scoring.lookup import customer_tags as lookup
-    from scoring.store import ParquetTagStore
-    from training.registry import lineage as model_lineage
+    from tagml.scoring.lookup import customer_tags as lookup
+    from tagml.scoring.store import ParquetTagStore
+    from tagml.training.registry import lineage as model_lineage
 
     @functools.cache
     def client() -> Any:
@@ -38,7 +38,7 @@ def customer_tags(settings: Settings, customer_id: str, as_of: date | None, line
 
 
 def print_tags(result: dict[str, Any]) -> None:
-    from scoring.lookup import is_present
+    from tagml.scoring.lookup import is_present
 
     print(f"customer {result['customer_id']}, tags as of {result['as_of']} (scored {result['scored_at']} UTC)")
     for row in result["tags"]:
@@ -85,7 +85,7 @@ def export_command(
     as_json: Annotated[bool, typer.Option("--json", help="print what was written as JSON")] = False,
 ) -> None:
     """Write one tag partition for downstream systems (CRM, marketing)."""
-    from scoring.store import ParquetTagStore
+    from tagml.scoring.store import ParquetTagStore
 
     day = parse_date(as_of)
     settings = load_settings(require_home=True)

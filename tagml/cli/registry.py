@@ -14,7 +14,7 @@ def catalog_command(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """The resolved tag catalog: each tag's kind, classes, features, owner and sensitivity."""
-    from training.catalog import load_catalog
+    from tagml.training.catalog import load_catalog
 
     settings = load_settings()
     catalog = load_catalog(settings.catalog_path)
@@ -50,7 +50,7 @@ def leaderboard_command(
 ) -> None:
     """Training runs of a tag ranked by its promotion metric, with versions, aliases and gate decisions."""
     settings = load_settings(require_home=True)
-    from training.registry import leaderboard
+    from tagml.training.registry import leaderboard
 
     spec = tag_spec(settings, tag, kind="model")
     board = leaderboard(tracking_client(settings), spec, limit=limit)
@@ -81,7 +81,7 @@ def promote_command(
 ) -> None:
     """Make a model version the champion of its tag (recorded with who and why)."""
     settings = load_settings(require_home=True, writes=True)
-    from training.registry import promote
+    from tagml.training.registry import promote
 
     tag_spec(settings, tag, kind="model")
     if not version.isdigit():
@@ -98,7 +98,7 @@ def rollback_command(
 ) -> None:
     """Restore the previous champion of a tag (recorded)."""
     settings = load_settings(require_home=True, writes=True)
-    from training.registry import rollback
+    from tagml.training.registry import rollback
 
     tag_spec(settings, tag, kind="model")
     restored = rollback(tracking_client(settings), tag, by=by, reason=reason)

@@ -2,7 +2,6 @@
 
 import os
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,8 +18,8 @@ def ui(
     """Start the Dagster UI (dagster dev) on this TAGML_HOME."""
     settings = load_settings(create=True)
     env = {**os.environ, "DAGSTER_HOME": str(settings.dagster_home), "TAGML_HOME": str(settings.home)}
-    workspace = Path(__file__).resolve().parents[2] / "workspace.yaml"  # the source tree: tagml/cli/uis.py
-    command = [sys.executable, "-m", "dagster", "dev", "-w", str(workspace), "-h", host, "-p", str(port)]
+    # the installed module (as workspace.yaml names it), so that a wheel install needs no source tree
+    command = [sys.executable, "-m", "dagster", "dev", "-m", "tagml.orchestration.definitions", "-a", "defs", "-h", host, "-p", str(port)]
     os.execvpe(command[0], command, env)
 
 

@@ -12,6 +12,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,7 +23,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from tagml.core.storage import MEMORY_LIMIT, atomic_replace
 
 DEFAULT_HOME = ".tagml"
-DEFAULT_CATALOG = Path(__file__).resolve().parents[2] / "tags" / "catalog.yaml"
+# the catalog shipped as package data (tags/catalog.yaml in the source tree)
+DEFAULT_CATALOG = Path(str(files("tagml.tags").joinpath("catalog.yaml")))
 HOME_MANIFEST = "home.json"
 # Stored locations (registry tags) name their anchor instead of an absolute path, so that a moved
 # or copied home resolves them to where it is now.
