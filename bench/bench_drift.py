@@ -44,8 +44,13 @@ def _peak_gb() -> float:
 
 def _paths(n: int) -> dict[str, Path]:
     work = OUT / f"n{n}"
-    return {"work": work, "raw": work / "raw", "staged": work / "staged",
-            "reference": work / f"features_{REFERENCE}.parquet", "current": work / f"features_{CURRENT}.parquet"}
+    return {
+        "work": work,
+        "raw": work / "raw",
+        "staged": work / "staged",
+        "reference": work / f"features_{REFERENCE}.parquet",
+        "current": work / f"features_{CURRENT}.parquet",
+    }
 
 
 def _kinds() -> dict[str, str]:
@@ -115,6 +120,7 @@ def step_tagml(n: int, threads: int) -> dict:
     t0 = time.perf_counter()
     from evidently import DataDefinition, Dataset, Report  # noqa: F401  (timed: ~4 s)
     from evidently.presets import DataDriftPreset  # noqa: F401
+
     import_seconds = time.perf_counter() - t0
 
     from tagml.monitoring.report import drift_report
@@ -195,8 +201,15 @@ def _child(step: str, n: int, threads: int, cap: float, mem_cap_gb: float = 12.0
         if peak_kb / 1024**2 > mem_cap_gb:
             proc.kill()
             proc.wait()
-            return {"step": step, "n": n, "finished": False, "cap_seconds": cap, "peak_gb": peak_kb / 1024**2, "load_before": load,
-                    "error": f"killed at the {mem_cap_gb:.0f} GB memory cap after {time.perf_counter() - started:.0f} s"}
+            return {
+                "step": step,
+                "n": n,
+                "finished": False,
+                "cap_seconds": cap,
+                "peak_gb": peak_kb / 1024**2,
+                "load_before": load,
+                "error": f"killed at the {mem_cap_gb:.0f} GB memory cap after {time.perf_counter() - started:.0f} s",
+            }
         time.sleep(0.5)
     if proc.returncode != 0:
         return {"step": step, "n": n, "finished": False, "error": f"exit code {proc.returncode}", "load_before": load}
@@ -246,7 +259,9 @@ def render(results: list[dict]) -> str:
                     f"| {e['seconds']:.1f} | {e['peak_gb']:.2f} | load before {e['load_before']:.1f} |"
                 )
             else:
-                lines.append(f"| {n:,} | Evidently preset on all rows | did not finish in {e.get('cap_seconds', 0):.0f} s | ≥ {e.get('peak_gb', 0):.2f} | {e.get('error', 'killed at the cap')} |")
+                lines.append(
+                    f"| {n:,} | Evidently preset on all rows | did not finish in {e.get('cap_seconds', 0):.0f} s | ≥ {e.get('peak_gb', 0):.2f} | {e.get('error', 'killed at the cap')} |"
+                )
     lines.append("")
     for n in sorted({r["n"] for r in results}):
         t, e = by.get((n, "tagml")), by.get((n, "evidently_full"))
@@ -259,7 +274,9 @@ def render(results: list[dict]) -> str:
             f"- {n:,}: PSI > {PSI_FLAG} on everyone flags {sum(full.values())} of {total} features; on the {SAMPLE_ROWS:,}-row samples "
             f"{sum(sample.values())}; verdicts agree on {agree}/{total}"
             + (f" (missed by the sample: {', '.join(only_full)}" if only_full else "")
-            + (f"; only on the sample: {', '.join(only_sample)}" if only_sample else "") + (")" if only_full or only_sample else "") + "."
+            + (f"; only on the sample: {', '.join(only_sample)}" if only_sample else "")
+            + (")" if only_full or only_sample else "")
+            + "."
         )
         if e and e["finished"]:
             total, agree, only_full, only_sample = _agreement(e["evidently_full"], t["evidently_sample"])
@@ -268,9 +285,12 @@ def render(results: list[dict]) -> str:
                 f"(share {e['evidently_full_share']:.2f}), on the samples {sum(bool(v) for v in t['evidently_sample'].values())} "
                 f"(share {t['evidently_sample_share']:.2f}); verdicts agree on {agree}/{total}"
                 + (f"; missed by the sample: {', '.join(only_full)}" if only_full else "")
-                + (f"; only on the sample: {', '.join(only_sample)}" if only_sample else "") + "."
+                + (f"; only on the sample: {', '.join(only_sample)}" if only_sample else "")
+                + "."
             )
-            lines.append(f"- {n:,}: Evidently on everyone / tagml = {e['seconds'] / t['seconds']:.1f}× the time, {e['peak_gb'] / t['peak_gb']:.1f}× the peak memory.")
+            lines.append(
+                f"- {n:,}: Evidently on everyone / tagml = {e['seconds'] / t['seconds']:.1f}× the time, {e['peak_gb'] / t['peak_gb']:.1f}× the peak memory."
+            )
     return "\n".join(lines)
 
 

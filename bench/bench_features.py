@@ -156,9 +156,24 @@ def launch(step: str, args, size: int) -> dict:
     """Run one step in a fresh interpreter; return its measurements (or why it did not finish)."""
     busy_before = wait_for_idle(args)
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "_step", step,
-        "--size", str(size), "--workdir", str(args.workdir), "--seed", str(args.seed), "--months", str(args.months),
-        "--as-of", args.as_of, "--threads", str(args.threads), "--memory-limit", args.memory_limit,
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_step",
+        step,
+        "--size",
+        str(size),
+        "--workdir",
+        str(args.workdir),
+        "--seed",
+        str(args.seed),
+        "--months",
+        str(args.months),
+        "--as-of",
+        args.as_of,
+        "--threads",
+        str(args.threads),
+        "--memory-limit",
+        args.memory_limit,
     ]
     cap_kb = int(args.mem_cap_gb * 1024 * 1024)
     log = bank_dir(args.workdir, size) / f"{step}.log"
@@ -185,15 +200,20 @@ def launch(step: str, args, size: int) -> dict:
     process_s = time.perf_counter() - t0
     rusage = resource.getrusage(resource.RUSAGE_CHILDREN)  # cumulative; only used for the CPU delta below
     busy = _busy_cpu_s() - busy0
-    result: dict = {"step": step, "size": size, "process_s": round(process_s, 2), "polled_peak_mb": round(peak_kb / 1024, 1),
-                    "busy_before_pct": round(busy_before, 1)}
+    result: dict = {
+        "step": step,
+        "size": size,
+        "process_s": round(process_s, 2),
+        "polled_peak_mb": round(peak_kb / 1024, 1),
+        "busy_before_pct": round(busy_before, 1),
+    }
     text = log.read_text()
     lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
     if killed or proc.returncode != 0 or not lines:
         result["error"] = killed or f"exit code {proc.returncode}: {text.strip().splitlines()[-1] if text.strip() else ''}"
         result["peak_mb"] = result["polled_peak_mb"]
     else:
-        result.update(json.loads(lines[-1][len("RESULT "):]))
+        result.update(json.loads(lines[-1][len("RESULT ") :]))
         result["peak_mb"] = round(max(result.pop("maxrss_mb"), result["polled_peak_mb"]), 1)
         result["wall_s"] = round(result["wall_s"], 2)
     own_cpu = rusage.ru_utime + rusage.ru_stime - launch.cpu_seen  # type: ignore[attr-defined]
@@ -234,15 +254,21 @@ def summarise(runs: list[dict]) -> dict:
 
 def markdown(results: dict, months, seed, as_of) -> str:
     out = []
-    labels = {"generate": "generate raw (numpy/pyarrow)", "stage": "validate + stage all raw tables (DuckDB)",
-              "duckdb": "features, DuckDB", "pandas": "features, pandas"}
+    labels = {
+        "generate": "generate raw (numpy/pyarrow)",
+        "stage": "validate + stage all raw tables (DuckDB)",
+        "duckdb": "features, DuckDB",
+        "pandas": "features, pandas",
+    }
     for size, steps in results.items():
         raw_rows = steps.get("generate", {}).get("rows")
         out.append(f"### {int(size):,} customers × {months} months (seed {seed}, as_of {as_of})\n")
         if isinstance(raw_rows, dict):
             out.append("Raw rows: " + ", ".join(f"{k} {v:,}" for k, v in raw_rows.items()) + "\n")
-        out.append(f"| step | wall s: median (min–max), all runs | wall s: quiet runs (others < {QUIET_PCT}% CPU) "
-                   "| CPU s (median) | runs | peak RSS | others' CPU, worst run | output rows |")
+        out.append(
+            f"| step | wall s: median (min–max), all runs | wall s: quiet runs (others < {QUIET_PCT}% CPU) "
+            "| CPU s (median) | runs | peak RSS | others' CPU, worst run | output rows |"
+        )
         out.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for step in STEPS:
             s = steps.get(step)
@@ -252,15 +278,17 @@ def markdown(results: dict, months, seed, as_of) -> str:
             rows = f"{sum(rows.values()):,}" if isinstance(rows, dict) else (f"{rows:,}" if rows else "")
             if s["ok"]:
                 note = f" ({s['ok']}/{s['runs']} finished: {'; '.join(s['errors'])})" if s["errors"] else ""
-                out.append(f"| {labels[step]} | {_fmt_s(s['wall_s'])}{note} | {_fmt_s(s['quiet_wall_s'])} "
-                           f"| {statistics.median(s['cpu_s']):.1f} | {s['ok']} | {s['peak_mb'] / 1024:.2f} GB "
-                           f"| {s['other_cpu_pct']:.0f}% | {rows} |")
+                out.append(
+                    f"| {labels[step]} | {_fmt_s(s['wall_s'])}{note} | {_fmt_s(s['quiet_wall_s'])} "
+                    f"| {statistics.median(s['cpu_s']):.1f} | {s['ok']} | {s['peak_mb'] / 1024:.2f} GB "
+                    f"| {s['other_cpu_pct']:.0f}% | {rows} |"
+                )
             else:
                 out.append(f"| {labels[step]} | did not finish: {s['errors'][0]} | | | 0 | ≥{s['peak_mb'] / 1024:.2f} GB | | |")
         d, p, st = steps.get("duckdb"), steps.get("pandas"), steps.get("stage")
         out.append("")
         if st and d and st.get("ok") and d.get("ok"):
-            line = (f"- From raw (stage + DuckDB features): **{st['wall_median_s'] + d['wall_median_s']:.1f} s** (medians of all runs)")
+            line = f"- From raw (stage + DuckDB features): **{st['wall_median_s'] + d['wall_median_s']:.1f} s** (medians of all runs)"
             if st["quiet_median_s"] and d["quiet_median_s"]:
                 line += f", **{st['quiet_median_s'] + d['quiet_median_s']:.1f} s** (quiet runs)"
             out.append(line + f"; peak RSS of the two steps {max(st['peak_mb'], d['peak_mb']) / 1024:.2f} GB.")
@@ -268,8 +296,7 @@ def markdown(results: dict, months, seed, as_of) -> str:
             line = f"- pandas / DuckDB feature build: **{p['wall_median_s'] / d['wall_median_s']:.1f}× wall time** (medians of all runs)"
             if d["quiet_median_s"] and p["quiet_median_s"]:
                 line += f", **{p['quiet_median_s'] / d['quiet_median_s']:.1f}×** (quiet runs)"
-            line += (f", {statistics.median(p['cpu_s']) / statistics.median(d['cpu_s']):.1f}× CPU time, "
-                     f"**{p['peak_mb'] / d['peak_mb']:.1f}× peak RSS**.")
+            line += f", {statistics.median(p['cpu_s']) / statistics.median(d['cpu_s']):.1f}× CPU time, **{p['peak_mb'] / d['peak_mb']:.1f}× peak RSS**."
             out.append(line)
         elif d and p and d.get("ok"):
             out.append(f"- pandas did not finish within the cap; DuckDB took {d['wall_median_s']:.1f} s at {d['peak_mb'] / 1024:.2f} GB.")
@@ -404,8 +431,7 @@ def run_check(args) -> None:
         duck = pd.read_parquet(target)
         pand = build_pandas_features(d / "staged", as_of)
         problems = compare(duck, pand, args.rtol, args.atol)
-        print(f"as_of {as_of}: {len(duck):,} rows, {len(FEATURE_NAMES)} features, "
-              f"{len(problems)} mismatching (rtol {args.rtol:g}, atol {args.atol:g})")
+        print(f"as_of {as_of}: {len(duck):,} rows, {len(FEATURE_NAMES)} features, {len(problems)} mismatching (rtol {args.rtol:g}, atol {args.atol:g})")
         for name, n, example in problems:
             print(f"  MISMATCH {name}: {n} rows, e.g. {example}")
         failed |= bool(problems)
@@ -427,15 +453,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="runs of stage / duckdb / pandas per size (generate runs once)")
     p.add_argument("--timeout", type=float, default=1200, help="kill a step after this many seconds")
     p.add_argument("--mem-cap-gb", type=float, default=20, help="kill a step whose resident memory exceeds this")
-    p.add_argument("--wait-idle", type=float, default=0, metavar="PCT",
-                   help="before each step, wait until the machine's CPUs are at most PCT%% busy (shared machine); 0: do not wait")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="PCT",
+        help="before each step, wait until the machine's CPUs are at most PCT%% busy (shared machine); 0: do not wait",
+    )
     p.add_argument("--wait-idle-max", type=float, default=600, help="give up waiting for an idle machine after this many seconds")
     p.add_argument("--reuse-raw", action="store_true", help="do not regenerate raw data that already exists (generate is then not timed)")
     p.add_argument("--skip", nargs="*", default=[], choices=["stage", "duckdb", "pandas"], help="steps not to run (their inputs must exist)")
     p.add_argument("--json", type=Path, help="where to write the results (default: WORKDIR/results-<time>.json)")
-    p.add_argument("--render", nargs="+", metavar="RESULTS_JSON[:STEP,...]",
-                   help="print the markdown report for these results files, pooling runs of the same step "
-                        "(FILE:stage,duckdb takes only those steps from FILE)")
+    p.add_argument(
+        "--render",
+        nargs="+",
+        metavar="RESULTS_JSON[:STEP,...]",
+        help="print the markdown report for these results files, pooling runs of the same step (FILE:stage,duckdb takes only those steps from FILE)",
+    )
     p.add_argument("--check", action="store_true", help="assert pandas == DuckDB feature by feature instead of timing")
     p.add_argument("--check-size", type=int, default=20_000)
     p.add_argument("--check-as-of", nargs="*", help="as_of dates to compare (default: --as-of)")

@@ -55,7 +55,9 @@ def step_train(work: Path, threads: int) -> dict:
     versions = {}
     for tag in load_catalog().model_tags:
         data = build_training_set(con, bank / "staged", tag, AS_OF, bank / "sets")
-        result = train_tag(tag, data, client, slice_expressions(load_catalog(), set(data.feature_names)), artifact_location=str(work / "artifacts"), threads=threads, trials=3)
+        result = train_tag(
+            tag, data, client, slice_expressions(load_catalog(), set(data.feature_names)), artifact_location=str(work / "artifacts"), threads=threads, trials=3
+        )
         promote(client, tag.name, result.version, by="bench", reason="scoring benchmark")
         versions[tag.name] = result.version
     return {"versions": versions}
@@ -89,8 +91,15 @@ def step_score(work: Path, size: int, threads: int, reasons: bool, batch_rows: i
     con = connect(threads, "2GB")
     started = time.perf_counter()
     summary = score_partition(
-        con, connect_tracking(f"sqlite:///{work / 'mlflow.db'}"), load_catalog(), bank / "features.parquet", bank / "staged", AS_OF,
-        bank / ("tags.parquet" if reasons else "tags_plain.parquet"), batch_rows=batch_rows, with_reasons=reasons,
+        con,
+        connect_tracking(f"sqlite:///{work / 'mlflow.db'}"),
+        load_catalog(),
+        bank / "features.parquet",
+        bank / "staged",
+        AS_OF,
+        bank / ("tags.parquet" if reasons else "tags_plain.parquet"),
+        batch_rows=batch_rows,
+        with_reasons=reasons,
     )
     return {"seconds": time.perf_counter() - started, "rows": summary.rows, "per_tag_seconds": {k: round(v["seconds"], 1) for k, v in summary.per_tag.items()}}
 
@@ -153,7 +162,11 @@ def main() -> None:
     print("| customers | path | wall s | customers/s | peak RSS GB |")
     print("| --- | --- | --- | --- | --- |")
     for size, entry in results["sizes"].items():
-        for name, label in (("tagml", "tagml scorer, all tags + reasons"), ("plain", "tagml scorer, no reasons"), ("naive", "naive pyfunc predict, model tags only")):
+        for name, label in (
+            ("tagml", "tagml scorer, all tags + reasons"),
+            ("plain", "tagml scorer, no reasons"),
+            ("naive", "naive pyfunc predict, model tags only"),
+        ):
             r = entry[name]
             print(f"| {size:,} | {label} | {r['seconds']:.1f} | {size / r['seconds']:,.0f} | {r['peak_rss_gb']:.2f} |")
 

@@ -77,7 +77,15 @@ def main() -> None:
         data = build_training_set(con, staged, tag, TRAIN_AS_OF, work / "training_sets", seed=0)
         t_set = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = train_tag(tag, data, connect_tracking(uri), slice_expressions(catalog, set(data.feature_names)), artifact_location=str((work / "artifacts").resolve()), threads=args.threads, trials=args.trials)
+        result = train_tag(
+            tag,
+            data,
+            connect_tracking(uri),
+            slice_expressions(catalog, set(data.feature_names)),
+            artifact_location=str((work / "artifacts").resolve()),
+            threads=args.threads,
+            trials=args.trials,
+        )
         t_train = time.perf_counter() - t0
         test = data.frame[data.frame["split"] == "test"]
         best = bayes_accuracy(raw, tag.name, test)

@@ -33,8 +33,17 @@ from tagml.features.customer_features import FEATURE_NAMES, FEATURES
 
 NON_CARD = tuple(p for p in PRODUCTS if p != "credit_card")
 SHARE_CATEGORIES = (
-    "groceries", "dining", "shopping", "luxury", "travel", "entertainment",
-    "rent", "childcare", "education", "medical", "insurance_premium",
+    "groceries",
+    "dining",
+    "shopping",
+    "luxury",
+    "travel",
+    "entertainment",
+    "rent",
+    "childcare",
+    "education",
+    "medical",
+    "insurance_premium",
 )
 FILLS = {f.name: f.fill for f in FEATURES if f.fill is not None}
 DAY = pd.Timedelta(days=1)
@@ -86,9 +95,15 @@ def customer_block(customers: pd.DataFrame, as_of: pd.Timestamp) -> pd.DataFrame
 def balances_block(staged_dir: Path, ids: pd.Index, as_of: pd.Timestamp, snap: pd.Timestamp) -> pd.DataFrame:
     lo12 = _months_back(snap, 12)
     b = _read(
-        staged_dir, "balances", ["customer_id", "month_end", "product", "balance"],
-        filters=[("month_end", "<=", snap.date()), ("month_end", ">", lo12.date()),
-                 ("month_end", ">", _months_back(as_of, 12).date()), ("month_end", "<", (as_of + DAY).date())],
+        staged_dir,
+        "balances",
+        ["customer_id", "month_end", "product", "balance"],
+        filters=[
+            ("month_end", "<=", snap.date()),
+            ("month_end", ">", lo12.date()),
+            ("month_end", ">", _months_back(as_of, 12).date()),
+            ("month_end", "<", (as_of + DAY).date()),
+        ],
     )
     b["cid"] = _codes(ids, b.pop("customer_id"))
     b = b[b["cid"] >= 0]
@@ -134,7 +149,9 @@ def balances_block(staged_dir: Path, ids: pd.Index, as_of: pd.Timestamp, snap: p
 def transactions_block(staged_dir: Path, ids: pd.Index, as_of: pd.Timestamp) -> pd.DataFrame:
     lo, hi = _months_back(as_of, 12) + DAY, as_of + DAY
     t = _read(
-        staged_dir, "transactions", ["customer_id", "txn_ts", "amount", "direction", "category", "channel"],
+        staged_dir,
+        "transactions",
+        ["customer_id", "txn_ts", "amount", "direction", "category", "channel"],
         filters=[("txn_ts", ">=", lo), ("txn_ts", "<", hi)],
     )
     t["cid"] = _codes(ids, t.pop("customer_id"))
@@ -235,8 +252,7 @@ def loans_block(staged_dir: Path, ids: pd.Index, as_of: pd.Timestamp) -> pd.Data
 
 def digital_block(staged_dir: Path, ids: pd.Index, as_of: pd.Timestamp) -> pd.DataFrame:
     lo, hi = _months_back(as_of, 12) + DAY, as_of + DAY
-    e = _read(staged_dir, "digital_events", ["customer_id", "event_ts", "event_type"],
-              filters=[("event_ts", ">=", lo), ("event_ts", "<", hi)])
+    e = _read(staged_dir, "digital_events", ["customer_id", "event_ts", "event_type"], filters=[("event_ts", ">=", lo), ("event_ts", "<", hi)])
     e["cid"] = _codes(ids, e.pop("customer_id"))
     e = e[e["cid"] >= 0]
     e["bucket"] = _window_bucket(e["event_ts"], _months_back(as_of, 1) + DAY, _months_back(as_of, 3) + DAY)

@@ -200,8 +200,7 @@ CUSTOMERS = TableSpec(
 
 BALANCES = TableSpec(
     name="balances",
-    description="Month-end balance of each product a customer holds (long format; products "
-    "not held have no row). Investment products are at market value.",
+    description="Month-end balance of each product a customer holds (long format; products not held have no row). Investment products are at market value.",
     key=("customer_id", "month_end", "product"),
     event_time="month_end",
     columns=(
@@ -210,9 +209,7 @@ BALANCES = TableSpec(
         Column("product", "string", "Product line.", allowed=PRODUCTS),
         Column("balance", "double", "Balance in CNY (credit_card: amount owed).", min=0),
     ),
-    rules=(
-        RowRule("is_month_end", "month_end", "month_end = last_day(month_end)", "month_end must be the last day of a month."),
-    ),
+    rules=(RowRule("is_month_end", "month_end", "month_end = last_day(month_end)", "month_end must be the last day of a month."),),
 )
 
 LOANS = TableSpec(
@@ -231,9 +228,7 @@ LOANS = TableSpec(
         Column("interest_rate", "double", "Annual interest rate as a fraction.", min=0, max=0.5),
         Column("monthly_payment", "double", "Scheduled monthly payment, CNY.", min=0),
     ),
-    rules=(
-        RowRule("closed_after_open", "close_date", "close_date IS NULL OR close_date >= open_date", "close_date must not precede open_date."),
-    ),
+    rules=(RowRule("closed_after_open", "close_date", "close_date IS NULL OR close_date >= open_date", "close_date must not precede open_date."),),
 )
 
 TRANSACTIONS = TableSpec(
@@ -267,8 +262,7 @@ DIGITAL_EVENTS = TableSpec(
 
 TAG_LABELS = TableSpec(
     name="tag_labels",
-    description="Observed tag values for some customers: risk questionnaires, KYC and "
-    "relationship-manager records, observed outcomes such as churn.",
+    description="Observed tag values for some customers: risk questionnaires, KYC and relationship-manager records, observed outcomes such as churn.",
     key=("customer_id", "tag", "label_date"),
     event_time="known_date",
     columns=(
@@ -283,9 +277,7 @@ TAG_LABELS = TableSpec(
         ),
         Column("source", "string", "Where the label comes from.", allowed=LABEL_SOURCES),
     ),
-    rules=(
-        RowRule("known_after_label_date", "known_date", "known_date >= label_date", "A label cannot be known before the date it describes."),
-    ),
+    rules=(RowRule("known_after_label_date", "known_date", "known_date >= label_date", "A label cannot be known before the date it describes."),),
 )
 
 RAW_TABLES: tuple[TableSpec, ...] = (CUSTOMERS, BALANCES, LOANS, TRANSACTIONS, DIGITAL_EVENTS, TAG_LABELS)
@@ -298,15 +290,19 @@ def contract_markdown() -> str:
         "# Raw data contract",
         "",
         "Generated from `features/contract.py` by `tagml contract`; do not edit by hand.",
-        ("Each table is a Parquet file `<table>.parquet`, a directory `<table>/` of Parquet parts, "
-        "or a CSV file `<table>.csv` (header row) in the raw directory. Columns not listed are ignored. "
-        "PII columns are accepted, validated as text and dropped before anything downstream sees them."),
+        (
+            "Each table is a Parquet file `<table>.parquet`, a directory `<table>/` of Parquet parts, "
+            "or a CSV file `<table>.csv` (header row) in the raw directory. Columns not listed are ignored. "
+            "PII columns are accepted, validated as text and dropped before anything downstream sees them."
+        ),
         "",
-        ("A delivery is staged as one unit: every table is validated (including that each `customer_id` "
-        "exists in the *delivered* customers) before any staged table is replaced, and then all are "
-        "replaced together. Each delivery has a delivery date (by default today in the bank's timezone): "
-        "dates and timestamps after it are rejected, as are NaN and infinite numbers. A CSV row with more "
-        "or fewer fields than the header is reported by file and line number, never by its content."),
+        (
+            "A delivery is staged as one unit: every table is validated (including that each `customer_id` "
+            "exists in the *delivered* customers) before any staged table is replaced, and then all are "
+            "replaced together. Each delivery has a delivery date (by default today in the bank's timezone): "
+            "dates and timestamps after it are rejected, as are NaN and infinite numbers. A CSV row with more "
+            "or fewer fields than the header is reported by file and line number, never by its content."
+        ),
         "",
     ]
     for table in RAW_TABLES:
@@ -331,9 +327,7 @@ def contract_markdown() -> str:
             if c.finite:
                 rule.append("finite")
             null = "optional column" if not c.required else ("yes" if c.nullable else "no")
-            lines.append(
-                f"| `{c.name}` | {c.type} | {null} | {'PII' if c.pii else ''} | {'; '.join(rule)} | {c.description} |"
-            )
+            lines.append(f"| `{c.name}` | {c.type} | {null} | {'PII' if c.pii else ''} | {'; '.join(rule)} | {c.description} |")
         for r in table.rules:
             lines.append(f"\nRule `{r.name}`: {r.description} (`{r.sql}`)")
         lines.append("")

@@ -105,82 +105,325 @@ FEATURES: tuple[Feature, ...] = (
     Feature("acquisition_channel", "customer", "c.acquisition_channel", "How the customer was acquired.", "static", "categorical", "tenure"),
     Feature("tenure_months", "customer", "date_diff('day', c.onboarding_date, s.as_of) / 30.44", "Months since onboarding.", "as_of", group="tenure"),
     # ---- assets under management and product mix (balances) ----
-    Feature("aum_total", "balances", _latest("aum"), "Assets under management at the latest month end (excl. credit card).", "month end", group="aum", fill=0.0),
-    Feature("aum_avg_3m", "balances", "sum(aum) FILTER (WHERE month_end > last_day(snap - INTERVAL 3 MONTH)) / 3", "Average month-end AUM over 3 months.", "3m", group="aum", fill=0.0),
+    Feature(
+        "aum_total", "balances", _latest("aum"), "Assets under management at the latest month end (excl. credit card).", "month end", group="aum", fill=0.0
+    ),
+    Feature(
+        "aum_avg_3m",
+        "balances",
+        "sum(aum) FILTER (WHERE month_end > last_day(snap - INTERVAL 3 MONTH)) / 3",
+        "Average month-end AUM over 3 months.",
+        "3m",
+        group="aum",
+        fill=0.0,
+    ),
     Feature("aum_avg_12m", "balances", "sum(aum) / 12", "Average month-end AUM over 12 months.", "12m", group="aum", fill=0.0),
-    Feature("aum_growth_3m", "balances", f"{_latest('aum')} / nullif({_months_ago('aum', 3)}, 0) - 1", "Relative AUM change over 3 months.", "3m", group="aum", history_months=3),
+    Feature(
+        "aum_growth_3m",
+        "balances",
+        f"{_latest('aum')} / nullif({_months_ago('aum', 3)}, 0) - 1",
+        "Relative AUM change over 3 months.",
+        "3m",
+        group="aum",
+        history_months=3,
+    ),
     *(
-        Feature(f"share_{p}", "balances", _share(_latest(f"p_{p}"), _latest("aum")), f"Share of AUM in {p.replace('_', ' ')}.", "month end", group="product_mix")
+        Feature(
+            f"share_{p}", "balances", _share(_latest(f"p_{p}"), _latest("aum")), f"Share of AUM in {p.replace('_', ' ')}.", "month end", group="product_mix"
+        )
         for p in PRODUCTS
         if p != "credit_card"
     ),
-    Feature("investment_share", "balances", _share(_latest(_INVEST), _latest("aum")), "Share of AUM in wealth, fund, equity and bond products.", "month end", group="product_mix"),
+    Feature(
+        "investment_share",
+        "balances",
+        _share(_latest(_INVEST), _latest("aum")),
+        "Share of AUM in wealth, fund, equity and bond products.",
+        "month end",
+        group="product_mix",
+    ),
     Feature("risky_share", "balances", _share(_latest(_RISKY), _latest("aum")), "Share of AUM in mutual funds and equity.", "month end", group="investment"),
     Feature(
-        "risky_share_change_3m", "balances",
+        "risky_share_change_3m",
+        "balances",
         f"{_share(_latest(_RISKY), _latest('aum'))} - {_share(_months_ago(_RISKY, 3), _months_ago('aum', 3))}",
-        "Change of the risky share over 3 months (de-risking after drawdowns is negative).", "3m", group="investment",
+        "Change of the risky share over 3 months (de-risking after drawdowns is negative).",
+        "3m",
+        group="investment",
         history_months=3,
     ),
-    Feature("n_products_held", "balances", "max(n_products) FILTER (WHERE month_end = snap)", "Number of products held at the latest month end (incl. credit card).", "month end", group="product_mix", fill=0),
-    Feature("months_with_balance_12m", "balances", "count(*) FILTER (WHERE aum > 0)", "Month ends with a positive AUM in 12 months.", "12m", group="activity", fill=0),
-    Feature("credit_card_balance", "balances", _latest("p_credit_card"), "Credit card amount owed at the latest month end.", "month end", group="credit", fill=0.0),
+    Feature(
+        "n_products_held",
+        "balances",
+        "max(n_products) FILTER (WHERE month_end = snap)",
+        "Number of products held at the latest month end (incl. credit card).",
+        "month end",
+        group="product_mix",
+        fill=0,
+    ),
+    Feature(
+        "months_with_balance_12m",
+        "balances",
+        "count(*) FILTER (WHERE aum > 0)",
+        "Month ends with a positive AUM in 12 months.",
+        "12m",
+        group="activity",
+        fill=0,
+    ),
+    Feature(
+        "credit_card_balance", "balances", _latest("p_credit_card"), "Credit card amount owed at the latest month end.", "month end", group="credit", fill=0.0
+    ),
     # ---- income and cash flow (transactions) ----
-    Feature("salary_income_3m", "transactions", "sum(amount) FILTER (WHERE w3 AND category IN ('salary', 'pension')) / 3", "Monthly salary and pension credited, 3-month average.", "3m", group="income", fill=0.0),
-    Feature("inflow_3m", "transactions", "sum(amount) FILTER (WHERE w3 AND direction = 'credit') / 3", "Monthly money in, 3-month average.", "3m", group="income", fill=0.0),
-    Feature("outflow_3m", "transactions", "sum(amount) FILTER (WHERE w3 AND direction = 'debit') / 3", "Monthly money out, 3-month average.", "3m", group="income", fill=0.0),
-    Feature("spend_1m", "transactions", f"sum(amount) FILTER (WHERE w1 AND {_SPEND})", "Consumer spending in the last month.", "1m", group="spending", fill=0.0),
+    Feature(
+        "salary_income_3m",
+        "transactions",
+        "sum(amount) FILTER (WHERE w3 AND category IN ('salary', 'pension')) / 3",
+        "Monthly salary and pension credited, 3-month average.",
+        "3m",
+        group="income",
+        fill=0.0,
+    ),
+    Feature(
+        "inflow_3m",
+        "transactions",
+        "sum(amount) FILTER (WHERE w3 AND direction = 'credit') / 3",
+        "Monthly money in, 3-month average.",
+        "3m",
+        group="income",
+        fill=0.0,
+    ),
+    Feature(
+        "outflow_3m",
+        "transactions",
+        "sum(amount) FILTER (WHERE w3 AND direction = 'debit') / 3",
+        "Monthly money out, 3-month average.",
+        "3m",
+        group="income",
+        fill=0.0,
+    ),
+    Feature(
+        "spend_1m", "transactions", f"sum(amount) FILTER (WHERE w1 AND {_SPEND})", "Consumer spending in the last month.", "1m", group="spending", fill=0.0
+    ),
     Feature("spend_3m", "transactions", f"sum(amount) FILTER (WHERE w3 AND {_SPEND})", "Consumer spending over 3 months.", "3m", group="spending", fill=0.0),
     Feature("spend_12m", "transactions", f"sum(amount) FILTER (WHERE {_SPEND})", "Consumer spending over 12 months.", "12m", group="spending", fill=0.0),
     *(
-        Feature(f"spend_share_{c}_12m", "transactions", _share(_cat_sum(c, "true"), f"sum(amount) FILTER (WHERE {_SPEND})"), f"Share of 12-month spending on {c.replace('_', ' ')}.", "12m", group="spending")
+        Feature(
+            f"spend_share_{c}_12m",
+            "transactions",
+            _share(_cat_sum(c, "true"), f"sum(amount) FILTER (WHERE {_SPEND})"),
+            f"Share of 12-month spending on {c.replace('_', ' ')}.",
+            "12m",
+            group="spending",
+        )
         for c in ("groceries", "dining", "shopping", "luxury", "travel", "entertainment", "rent", "childcare", "education", "medical", "insurance_premium")
     ),
     *(
         Feature(f"spend_{c}_3m", "transactions", _cat_sum(c, "w3"), f"Spending on {c} over 3 months.", "3m", group="spending", fill=0.0)
         for c in ("childcare", "education", "medical", "travel")
     ),
-    Feature("has_mortgage_payment_3m", "transactions", "(count(*) FILTER (WHERE w3 AND category = 'mortgage_payment') > 0)::INT", "Paid a mortgage instalment in 3 months.", "3m", group="credit", fill=0),
+    Feature(
+        "has_mortgage_payment_3m",
+        "transactions",
+        "(count(*) FILTER (WHERE w3 AND category = 'mortgage_payment') > 0)::INT",
+        "Paid a mortgage instalment in 3 months.",
+        "3m",
+        group="credit",
+        fill=0,
+    ),
     # ---- recency and frequency ----
     Feature("txn_count_1m", "transactions", "count(*) FILTER (WHERE w1)", "Transactions in the last month.", "1m", group="activity", fill=0),
     Feature("txn_count_3m", "transactions", "count(*) FILTER (WHERE w3)", "Transactions over 3 months.", "3m", group="activity", fill=0),
     Feature("txn_count_12m", "transactions", "count(*)", "Transactions over 12 months.", "12m", group="activity", fill=0),
-    Feature("days_since_last_txn", "transactions", "date_diff('day', max(txn_ts)::DATE, any_value(as_of))", "Days since the last transaction (empty if none in 12 months).", "12m", group="activity"),
+    Feature(
+        "days_since_last_txn",
+        "transactions",
+        "date_diff('day', max(txn_ts)::DATE, any_value(as_of))",
+        "Days since the last transaction (empty if none in 12 months).",
+        "12m",
+        group="activity",
+    ),
     # a bitmask of calendar months (unique within any 13-month window): count(DISTINCT ...) made
     # DuckDB copy the whole joined transaction set first
-    Feature("active_months_12m", "transactions", "bit_count(bit_or(1::UBIGINT << ((year(txn_ts) * 12 + month(txn_ts)) % 64)::UBIGINT))", "Months with at least one transaction in 12 months.", "12m", group="activity", fill=0),
-    Feature("digital_txn_share_3m", "transactions", _share("count(*) FILTER (WHERE w3 AND channel IN ('mobile', 'online'))", "count(*) FILTER (WHERE w3)"), "Share of transactions in mobile/online channels over 3 months.", "3m", group="digital"),
-    Feature("branch_txn_share_12m", "transactions", _share("count(*) FILTER (WHERE channel IN ('branch', 'atm'))", "count(*)"), "Share of transactions at branches and ATMs over 12 months.", "12m", group="activity"),
-    # ---- investment behaviour ----
-    Feature("invest_buy_count_3m", "transactions", "count(*) FILTER (WHERE w3 AND category = 'investment_buy')", "Investment purchases over 3 months.", "3m", group="investment", fill=0),
-    Feature("invest_sell_count_3m", "transactions", "count(*) FILTER (WHERE w3 AND category = 'investment_sell')", "Investment redemptions over 3 months.", "3m", group="investment", fill=0),
-    Feature("invest_trade_count_12m", "transactions", "count(*) FILTER (WHERE category IN ('investment_buy', 'investment_sell'))", "Investment trades over 12 months.", "12m", group="investment", fill=0),
-    Feature("invest_buy_amount_3m", "transactions", "sum(amount) FILTER (WHERE w3 AND category = 'investment_buy')", "Amount invested over 3 months.", "3m", group="investment", fill=0.0),
     Feature(
-        "invest_sell_ratio_3m", "transactions",
-        _share("sum(amount) FILTER (WHERE w3 AND category = 'investment_sell')", "sum(amount) FILTER (WHERE w3 AND category IN ('investment_buy', 'investment_sell'))"),
-        "Redemptions as a share of traded amount over 3 months.", "3m", group="investment",
+        "active_months_12m",
+        "transactions",
+        "bit_count(bit_or(1::UBIGINT << ((year(txn_ts) * 12 + month(txn_ts)) % 64)::UBIGINT))",
+        "Months with at least one transaction in 12 months.",
+        "12m",
+        group="activity",
+        fill=0,
+    ),
+    Feature(
+        "digital_txn_share_3m",
+        "transactions",
+        _share("count(*) FILTER (WHERE w3 AND channel IN ('mobile', 'online'))", "count(*) FILTER (WHERE w3)"),
+        "Share of transactions in mobile/online channels over 3 months.",
+        "3m",
+        group="digital",
+    ),
+    Feature(
+        "branch_txn_share_12m",
+        "transactions",
+        _share("count(*) FILTER (WHERE channel IN ('branch', 'atm'))", "count(*)"),
+        "Share of transactions at branches and ATMs over 12 months.",
+        "12m",
+        group="activity",
+    ),
+    # ---- investment behaviour ----
+    Feature(
+        "invest_buy_count_3m",
+        "transactions",
+        "count(*) FILTER (WHERE w3 AND category = 'investment_buy')",
+        "Investment purchases over 3 months.",
+        "3m",
+        group="investment",
+        fill=0,
+    ),
+    Feature(
+        "invest_sell_count_3m",
+        "transactions",
+        "count(*) FILTER (WHERE w3 AND category = 'investment_sell')",
+        "Investment redemptions over 3 months.",
+        "3m",
+        group="investment",
+        fill=0,
+    ),
+    Feature(
+        "invest_trade_count_12m",
+        "transactions",
+        "count(*) FILTER (WHERE category IN ('investment_buy', 'investment_sell'))",
+        "Investment trades over 12 months.",
+        "12m",
+        group="investment",
+        fill=0,
+    ),
+    Feature(
+        "invest_buy_amount_3m",
+        "transactions",
+        "sum(amount) FILTER (WHERE w3 AND category = 'investment_buy')",
+        "Amount invested over 3 months.",
+        "3m",
+        group="investment",
+        fill=0.0,
+    ),
+    Feature(
+        "invest_sell_ratio_3m",
+        "transactions",
+        _share(
+            "sum(amount) FILTER (WHERE w3 AND category = 'investment_sell')",
+            "sum(amount) FILTER (WHERE w3 AND category IN ('investment_buy', 'investment_sell'))",
+        ),
+        "Redemptions as a share of traded amount over 3 months.",
+        "3m",
+        group="investment",
     ),
     # ---- loans and credit ----
-    Feature("n_active_loans", "loans", "count(*) FILTER (WHERE loan_type <> 'credit_card')", "Open loans (excl. credit cards) at as_of.", "as_of", group="credit", fill=0),
+    Feature(
+        "n_active_loans",
+        "loans",
+        "count(*) FILTER (WHERE loan_type <> 'credit_card')",
+        "Open loans (excl. credit cards) at as_of.",
+        "as_of",
+        group="credit",
+        fill=0,
+    ),
     Feature("has_mortgage", "loans", "(count(*) FILTER (WHERE loan_type = 'mortgage') > 0)::INT", "Has an open mortgage.", "as_of", group="credit", fill=0),
-    Feature("loan_outstanding", "loans", "sum(outstanding) FILTER (WHERE loan_type <> 'credit_card')", "Outstanding loan principal (annuity schedule).", "as_of", group="credit", fill=0.0),
-    Feature("monthly_debt_payment", "loans", "sum(monthly_payment) FILTER (WHERE loan_type <> 'credit_card')", "Scheduled monthly loan payments.", "as_of", group="credit", fill=0.0),
+    Feature(
+        "loan_outstanding",
+        "loans",
+        "sum(outstanding) FILTER (WHERE loan_type <> 'credit_card')",
+        "Outstanding loan principal (annuity schedule).",
+        "as_of",
+        group="credit",
+        fill=0.0,
+    ),
+    Feature(
+        "monthly_debt_payment",
+        "loans",
+        "sum(monthly_payment) FILTER (WHERE loan_type <> 'credit_card')",
+        "Scheduled monthly loan payments.",
+        "as_of",
+        group="credit",
+        fill=0.0,
+    ),
     Feature("credit_limit", "loans", "sum(principal) FILTER (WHERE loan_type = 'credit_card')", "Total credit card limit.", "as_of", group="credit", fill=0.0),
-    Feature("months_since_last_loan", "loans", "date_diff('day', max(open_date), any_value(as_of)) / 30.44", "Months since the newest open loan or card.", "as_of", group="credit"),
+    Feature(
+        "months_since_last_loan",
+        "loans",
+        "date_diff('day', max(open_date), any_value(as_of)) / 30.44",
+        "Months since the newest open loan or card.",
+        "as_of",
+        group="credit",
+    ),
     # ---- digital engagement ----
     Feature("logins_1m", "digital", "count(*) FILTER (WHERE w1 AND event_type = 'login')", "App/web logins in the last month.", "1m", group="digital", fill=0),
     Feature("logins_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type = 'login')", "App/web logins over 3 months.", "3m", group="digital", fill=0),
-    Feature("fund_equity_views_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type IN ('view_fund', 'view_equity'))", "Fund and equity page views over 3 months.", "3m", group="investment", fill=0),
-    Feature("deposit_views_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type = 'view_deposit')", "Deposit product page views over 3 months.", "3m", group="digital", fill=0),
-    Feature("app_trades_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type = 'trade')", "Trades placed in the app over 3 months.", "3m", group="investment", fill=0),
-    Feature("loan_insurance_views_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type IN ('view_loan', 'view_insurance'))", "Loan and insurance page views over 3 months.", "3m", group="digital", fill=0),
-    Feature("support_chats_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type = 'support_chat')", "Support chats over 3 months.", "3m", group="digital", fill=0),
-    Feature("days_since_last_login", "digital", "date_diff('day', max(event_ts) FILTER (WHERE event_type = 'login')::DATE, any_value(as_of))", "Days since the last login (empty if none in 12 months).", "12m", group="digital"),
+    Feature(
+        "fund_equity_views_3m",
+        "digital",
+        "count(*) FILTER (WHERE w3 AND event_type IN ('view_fund', 'view_equity'))",
+        "Fund and equity page views over 3 months.",
+        "3m",
+        group="investment",
+        fill=0,
+    ),
+    Feature(
+        "deposit_views_3m",
+        "digital",
+        "count(*) FILTER (WHERE w3 AND event_type = 'view_deposit')",
+        "Deposit product page views over 3 months.",
+        "3m",
+        group="digital",
+        fill=0,
+    ),
+    Feature(
+        "app_trades_3m",
+        "digital",
+        "count(*) FILTER (WHERE w3 AND event_type = 'trade')",
+        "Trades placed in the app over 3 months.",
+        "3m",
+        group="investment",
+        fill=0,
+    ),
+    Feature(
+        "loan_insurance_views_3m",
+        "digital",
+        "count(*) FILTER (WHERE w3 AND event_type IN ('view_loan', 'view_insurance'))",
+        "Loan and insurance page views over 3 months.",
+        "3m",
+        group="digital",
+        fill=0,
+    ),
+    Feature(
+        "support_chats_3m",
+        "digital",
+        "count(*) FILTER (WHERE w3 AND event_type = 'support_chat')",
+        "Support chats over 3 months.",
+        "3m",
+        group="digital",
+        fill=0,
+    ),
+    Feature(
+        "days_since_last_login",
+        "digital",
+        "date_diff('day', max(event_ts) FILTER (WHERE event_type = 'login')::DATE, any_value(as_of))",
+        "Days since the last login (empty if none in 12 months).",
+        "12m",
+        group="digital",
+    ),
     # ---- derived from the features above ----
-    Feature("debt_to_income", "derived", "monthly_debt_payment / nullif(salary_income_3m, 0)", "Scheduled loan payments over salary income.", "3m", group="credit"),
+    Feature(
+        "debt_to_income", "derived", "monthly_debt_payment / nullif(salary_income_3m, 0)", "Scheduled loan payments over salary income.", "3m", group="credit"
+    ),
     Feature("card_utilisation", "derived", "credit_card_balance / nullif(credit_limit, 0)", "Credit card balance over limit.", "month end", group="credit"),
-    Feature("txn_trend_1m_vs_3m", "derived", "txn_count_1m / nullif(txn_count_3m / 3.0, 0)", "Last month's transactions relative to the 3-month average (falling engagement < 1).", "1m/3m", group="activity"),
+    Feature(
+        "txn_trend_1m_vs_3m",
+        "derived",
+        "txn_count_1m / nullif(txn_count_3m / 3.0, 0)",
+        "Last month's transactions relative to the 3-month average (falling engagement < 1).",
+        "1m/3m",
+        group="activity",
+    ),
     Feature("spend_to_income_3m", "derived", "(spend_3m / 3) / nullif(inflow_3m, 0)", "Monthly spending over monthly inflow.", "3m", group="spending"),
 )
 
@@ -212,9 +455,7 @@ def features_sql(staged_dir: Path, spine_sql: str, first_as_of: date, last_as_of
     bounds = (f"DATE {sql_literal(first_as_of)} - INTERVAL 12 MONTH", f"DATE {sql_literal(last_as_of)} + INTERVAL 1 DAY")
     customer_cols = ",\n    ".join(f"{f.sql} AS {f.name}" for f in FEATURES if f.source == "customer")
     ctes = [
-        (f"spine AS (\n  SELECT DISTINCT customer_id, as_of::DATE AS as_of,\n"
-        f"    {balance_month_end_sql('as_of::DATE')} AS snap\n"
-        f"  FROM ({spine_sql})\n)"),
+        (f"spine AS (\n  SELECT DISTINCT customer_id, as_of::DATE AS as_of,\n    {balance_month_end_sql('as_of::DATE')} AS snap\n  FROM ({spine_sql})\n)"),
         f"customer_features AS (\n  SELECT s.customer_id, s.as_of,\n    {customer_cols}\n  FROM spine s JOIN {src['customers']} c USING (customer_id)\n)",
         *_balance_ctes(src["balances"], *bounds),
         _block("balances", "bal"),
@@ -232,12 +473,16 @@ def _balance_ctes(balances: str, lo: str, hi: str) -> list[str]:
     """One row per customer, as_of and month end (products pivoted to columns), then AUM."""
     product_cols = ",\n      ".join(f"sum(balance) FILTER (WHERE product = {sql_literal(p)}) AS p_{p}" for p in PRODUCTS)
     return [
-        (f"bal_month AS (\n  SELECT s.customer_id, s.as_of, s.snap, b.month_end,\n      {product_cols},\n      count(*) AS n_products\n"
-        f"  FROM spine s JOIN {balances} b ON b.customer_id = s.customer_id\n"
-        f"    AND b.month_end <= s.snap AND b.month_end > s.snap - INTERVAL 12 MONTH\n"
-        f"    AND b.month_end > {lo} AND b.month_end < {hi}\n  GROUP BY ALL\n)"),
-        (f"bal AS (\n  SELECT * REPLACE ({' , '.join(f'coalesce(p_{p}, 0) AS p_{p}' for p in PRODUCTS)}),\n"
-        f"    {' + '.join(f'coalesce(p_{p}, 0)' for p in PRODUCTS if p != 'credit_card')} AS aum\n  FROM bal_month\n)"),
+        (
+            f"bal_month AS (\n  SELECT s.customer_id, s.as_of, s.snap, b.month_end,\n      {product_cols},\n      count(*) AS n_products\n"
+            f"  FROM spine s JOIN {balances} b ON b.customer_id = s.customer_id\n"
+            f"    AND b.month_end <= s.snap AND b.month_end > s.snap - INTERVAL 12 MONTH\n"
+            f"    AND b.month_end > {lo} AND b.month_end < {hi}\n  GROUP BY ALL\n)"
+        ),
+        (
+            f"bal AS (\n  SELECT * REPLACE ({' , '.join(f'coalesce(p_{p}, 0) AS p_{p}' for p in PRODUCTS)}),\n"
+            f"    {' + '.join(f'coalesce(p_{p}, 0)' for p in PRODUCTS if p != 'credit_card')} AS aum\n  FROM bal_month\n)"
+        ),
     ]
 
 
@@ -245,23 +490,27 @@ def _windowed_events_cte(name: str, alias: str, relation: str, columns: tuple[st
     """The events of `relation` in the 12 months up to each as_of (inclusive), flagged `w1`/`w3` when
     in the last 1 or 3 months; `lo`/`hi` let the Parquet scan skip what no as_of can use."""
     t = f"{alias}.{ts}"
-    return (f"{name} AS (\n  SELECT s.customer_id, s.as_of, {', '.join(f'{alias}.{c}' for c in columns)},\n"
+    return (
+        f"{name} AS (\n  SELECT s.customer_id, s.as_of, {', '.join(f'{alias}.{c}' for c in columns)},\n"
         f"    {t} >= s.as_of - INTERVAL 1 MONTH + INTERVAL 1 DAY AS w1,\n"
         f"    {t} >= s.as_of - INTERVAL 3 MONTH + INTERVAL 1 DAY AS w3\n"
         f"  FROM spine s JOIN {relation} {alias} ON {alias}.customer_id = s.customer_id\n"
         f"    AND {t} < s.as_of + INTERVAL 1 DAY AND {t} >= s.as_of - INTERVAL 12 MONTH + INTERVAL 1 DAY\n"
-        f"    AND {t} >= {lo} AND {t} < {hi}\n)")
+        f"    AND {t} >= {lo} AND {t} < {hi}\n)"
+    )
 
 
 def _loan_cte(loans: str) -> str:
     """Loans open at each as_of, with the principal outstanding on an annuity schedule."""
-    return (f"loan AS (\n  SELECT s.customer_id, s.as_of, l.loan_type, l.open_date, l.principal, l.monthly_payment,\n"
+    return (
+        f"loan AS (\n  SELECT s.customer_id, s.as_of, l.loan_type, l.open_date, l.principal, l.monthly_payment,\n"
         f"    CASE WHEN l.term_months IS NULL THEN NULL\n"
         f"         WHEN l.interest_rate = 0 THEN l.principal * greatest(l.term_months - date_diff('month', l.open_date, s.as_of), 0) / l.term_months\n"
         f"         ELSE l.monthly_payment * (1 - pow(1 + l.interest_rate / 12, -greatest(l.term_months - date_diff('month', l.open_date, s.as_of), 0))) / (l.interest_rate / 12)\n"
         f"    END AS outstanding\n"
         f"  FROM spine s JOIN {loans} l ON l.customer_id = s.customer_id\n"
-        f"    AND l.open_date <= s.as_of AND (l.close_date IS NULL OR l.close_date > s.as_of)\n)")
+        f"    AND l.open_date <= s.as_of AND (l.close_date IS NULL OR l.close_date > s.as_of)\n)"
+    )
 
 
 def _joined_select() -> str:
@@ -273,14 +522,9 @@ def _joined_select() -> str:
             continue
         col = f"{f.source}_features.{f.name}"
         joined_cols.append(f"coalesce({col}, {f.fill}) AS {f.name}" if f.fill is not None else f"{col} AS {f.name}")
-    joins = "\n".join(
-        f"LEFT JOIN {s}_features USING (customer_id, as_of)" for s in ("balances", "transactions", "loans", "digital")
-    )
+    joins = "\n".join(f"LEFT JOIN {s}_features USING (customer_id, as_of)" for s in ("balances", "transactions", "loans", "digital"))
     customer_names = ", ".join(f.name for f in FEATURES if f.source == "customer")
-    base = (
-        f"SELECT customer_id, as_of, {customer_names},\n  " + ",\n  ".join(joined_cols)
-        + f"\nFROM customer_features\n{joins}"
-    )
+    base = f"SELECT customer_id, as_of, {customer_names},\n  " + ",\n  ".join(joined_cols) + f"\nFROM customer_features\n{joins}"
     derived = ", ".join(f"{f.sql} AS {f.name}" for f in FEATURES if f.source == "derived")
     ordered = ", ".join(FEATURE_NAMES)
     return (
@@ -335,7 +579,6 @@ def feature_dictionary_markdown() -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [
-        f"| `{d['name']}` | {d['group']} | {d['kind']} | {d['window']} | {d['source']} | {d['null_when']} | {d['description']} |"
-        for d in feature_dictionary()
+        f"| `{d['name']}` | {d['group']} | {d['kind']} | {d['window']} | {d['source']} | {d['null_when']} | {d['description']} |" for d in feature_dictionary()
     ]
     return "\n".join(lines) + "\n"

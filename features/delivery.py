@@ -165,9 +165,7 @@ def _stage_into(con: duckdb.DuckDBPyConnection, raw_dir: Path, building: Path, d
             customers = f"read_parquet({sql_literal(tables[spec.name].path)})"
     if CUSTOMERS.name not in tables and violations:
         checked = ", ".join(s.name for s in RAW_TABLES if s.references_customers)
-        violations.append(
-            Violation(CUSTOMERS.name, None, "known_customer_not_checked", f"customers are invalid, so {checked} were not checked against them")
-        )
+        violations.append(Violation(CUSTOMERS.name, None, "known_customer_not_checked", f"customers are invalid, so {checked} were not checked against them"))
     if violations:
         raise ContractError(violations)
     return tables

@@ -66,8 +66,7 @@ def features_without_history(con: duckdb.DuckDBPyConnection, staged_dir: Path, a
         back = f"{snap if table.name == 'balances' else d} - INTERVAL {int(f.history_months)} MONTH"
         needed = f"last_day({back})" if table.name == "balances" else f"({back})::DATE"
         reaches = con.execute(
-            f"SELECT coalesce(min({quote(table.event_time)})::DATE <= {needed}, false) "
-            f"FROM read_parquet({sql_literal(staged_path(staged_dir, table.name))})"
+            f"SELECT coalesce(min({quote(table.event_time)})::DATE <= {needed}, false) FROM read_parquet({sql_literal(staged_path(staged_dir, table.name))})"
         ).fetchall()[0][0]
         if not reaches:
             out.append(f.name)

@@ -124,9 +124,7 @@ def _cast_to_contract(con: duckdb.DuckDBPyConnection, spec: TableSpec, src: str,
         try:
             con.execute(f"SELECT {expr} FROM {src} LIMIT 0")
         except duckdb.Error:
-            violations.append(
-                Violation(spec.name, col.name, "type", f"source type {present[col.name]} cannot be read as {col.type}")
-            )
+            violations.append(Violation(spec.name, col.name, "type", f"source type {present[col.name]} cannot be read as {col.type}"))
             continue
         select_parts.append(f"{expr} AS {quote(col.name)}")
         bad = f"{quote(col.name)} IS NOT NULL AND {expr} IS NULL"
@@ -136,9 +134,7 @@ def _cast_to_contract(con: duckdb.DuckDBPyConnection, spec: TableSpec, src: str,
     if violations:
         raise ContractError(violations)
     if cast_checks:
-        counts = con.execute(
-            "SELECT " + ", ".join(f"count(*) FILTER (WHERE {bad})" for _, bad in cast_checks) + f" FROM {src}"
-        ).fetchall()[0]
+        counts = con.execute("SELECT " + ", ".join(f"count(*) FILTER (WHERE {bad})" for _, bad in cast_checks) + f" FROM {src}").fetchall()[0]
         for (col, bad), n_bad in zip(cast_checks, counts):
             if not n_bad:
                 continue
@@ -163,9 +159,7 @@ def _row_rule_violations(con: duckdb.DuckDBPyConnection, spec: TableSpec, typed:
     violations = []
     for (column, rule, predicate, description), n_bad in zip(checks, counts[:-1]):
         if n_bad:
-            violations.append(
-                Violation(spec.name, column, rule, description, int(n_bad), _example_rows(con, spec, typed, predicate, column))
-            )
+            violations.append(Violation(spec.name, column, rule, description, int(n_bad), _example_rows(con, spec, typed, predicate, column)))
     return violations
 
 

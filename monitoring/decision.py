@@ -73,7 +73,9 @@ def decide(measures: DriftMeasures, spec: DriftSpec) -> DriftDecision:
     reasons: list[str] = []
     if share > spec.drifted_feature_share:
         top = ", ".join(f"{f} {psi_of[f]:.2f}" for f in drifted_features[:REPORTED_FEATURES])
-        reasons.append(f"{len(drifted_features)}/{len(features)} features ({share:.0%}) have PSI > {spec.feature_psi}, above {spec.drifted_feature_share:.0%}: {top}")
+        reasons.append(
+            f"{len(drifted_features)}/{len(features)} features ({share:.0%}) have PSI > {spec.feature_psi}, above {spec.drifted_feature_share:.0%}: {top}"
+        )
     if critical:
         reasons.append("critical feature(s) drifted: " + ", ".join(f"{f} PSI {psi_of[f]:.2f}" for f in critical) + f" (> {spec.feature_psi})")
     if prediction_drift:

@@ -132,9 +132,7 @@ def tag_inputs(
         check_parquet(tags_path, f"re-run the scoring job (customer_tags) for the partition {as_of.isoformat()}")
     except CorruptFileError as err:
         raise DriftInputError(str(err)) from err
-    versions = con.execute(
-        f"SELECT model_version, count(*) FROM {parquet(tags_path)} WHERE tag = ? GROUP BY 1 ORDER BY 2 DESC, 1", [tag.name]
-    ).fetchall()
+    versions = con.execute(f"SELECT model_version, count(*) FROM {parquet(tags_path)} WHERE tag = ? GROUP BY 1 ORDER BY 2 DESC, 1", [tag.name]).fetchall()
     if not versions or versions[0][0] is None:
         raise DriftInputError(f"tag {tag.name!r} has no model-scored rows in the customer_tags partition of {as_of}")
     mm = monitored_model(client, tag, versions[0][0])
@@ -233,8 +231,12 @@ def _report_job(con: duckdb.DuckDBPyConnection, inputs: TagInputs, summary: dict
         [tag.name],
     ).df()
     return ReportJob(
-        pd.read_parquet(inputs.profile.sample_path), current_sample, numeric, [*categorical, "prediction"],
-        tag.drift.drifted_feature_share, target,
+        pd.read_parquet(inputs.profile.sample_path),
+        current_sample,
+        numeric,
+        [*categorical, "prediction"],
+        tag.drift.drifted_feature_share,
+        target,
         {"tag": tag.name, "as_of": inputs.as_of.isoformat(), "model": mm.producer, "reference_as_of": mm.train_as_of.isoformat()},
         verdict={k: summary[k] for k in VERDICT_KEYS},
     )

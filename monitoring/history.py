@@ -32,36 +32,87 @@ TABLES = (FEATURES, PREDICTIONS, SUMMARY)  # write order: the summary last
 # no report) must still union with the others.
 SCHEMAS: dict[str, dict[str, str]] = {
     SUMMARY: {
-        "as_of": "DATE", "tag": "VARCHAR", "model_version": "VARCHAR", "producer": "VARCHAR",
-        "reference_as_of": "DATE", "reference_snapshot": "VARCHAR", "reference_population": "VARCHAR",
-        "reference_rows": "BIGINT", "current_rows": "BIGINT",
-        "n_features": "INTEGER", "drifted_features": "VARCHAR[]", "drifted_feature_share": "DOUBLE",
-        "feature_psi_threshold": "DOUBLE", "drifted_feature_share_threshold": "DOUBLE",
-        "critical_features_drifted": "VARCHAR[]", "feature_drift": "BOOLEAN",
-        "prediction_psi": "DOUBLE", "prediction_psi_threshold": "DOUBLE", "prediction_drift": "BOOLEAN",
-        "probability_psi": "DOUBLE", "max_slice_prediction_psi": "DOUBLE", "max_slice": "VARCHAR",
-        "performance_status": "VARCHAR", "performance_metric": "VARCHAR", "performance_partition": "DATE",
-        "performance_labels": "BIGINT", "performance_version": "VARCHAR", "realised_metric": "DOUBLE",
-        "expected_metric": "DOUBLE", "performance_drop": "DOUBLE", "performance_drop_threshold": "DOUBLE",
-        "performance_drift": "BOOLEAN", "performance_note": "VARCHAR",
-        "training_gap_share": "DOUBLE", "drifted": "BOOLEAN", "reasons": "VARCHAR[]",
-        "report_path": "VARCHAR", "report_sample_rows": "INTEGER", "evidently_drifted_share": "DOUBLE",
-        "evidently_drifted_columns": "INTEGER", "computed_at": "TIMESTAMPTZ", "seconds": "DOUBLE",
+        "as_of": "DATE",
+        "tag": "VARCHAR",
+        "model_version": "VARCHAR",
+        "producer": "VARCHAR",
+        "reference_as_of": "DATE",
+        "reference_snapshot": "VARCHAR",
+        "reference_population": "VARCHAR",
+        "reference_rows": "BIGINT",
+        "current_rows": "BIGINT",
+        "n_features": "INTEGER",
+        "drifted_features": "VARCHAR[]",
+        "drifted_feature_share": "DOUBLE",
+        "feature_psi_threshold": "DOUBLE",
+        "drifted_feature_share_threshold": "DOUBLE",
+        "critical_features_drifted": "VARCHAR[]",
+        "feature_drift": "BOOLEAN",
+        "prediction_psi": "DOUBLE",
+        "prediction_psi_threshold": "DOUBLE",
+        "prediction_drift": "BOOLEAN",
+        "probability_psi": "DOUBLE",
+        "max_slice_prediction_psi": "DOUBLE",
+        "max_slice": "VARCHAR",
+        "performance_status": "VARCHAR",
+        "performance_metric": "VARCHAR",
+        "performance_partition": "DATE",
+        "performance_labels": "BIGINT",
+        "performance_version": "VARCHAR",
+        "realised_metric": "DOUBLE",
+        "expected_metric": "DOUBLE",
+        "performance_drop": "DOUBLE",
+        "performance_drop_threshold": "DOUBLE",
+        "performance_drift": "BOOLEAN",
+        "performance_note": "VARCHAR",
+        "training_gap_share": "DOUBLE",
+        "drifted": "BOOLEAN",
+        "reasons": "VARCHAR[]",
+        "report_path": "VARCHAR",
+        "report_sample_rows": "INTEGER",
+        "evidently_drifted_share": "DOUBLE",
+        "evidently_drifted_columns": "INTEGER",
+        "computed_at": "TIMESTAMPTZ",
+        "seconds": "DOUBLE",
         "generation": "VARCHAR",
     },
     FEATURES: {
-        "as_of": "DATE", "tag": "VARCHAR", "model_version": "VARCHAR", "slice_column": "VARCHAR", "slice": "VARCHAR",
-        "feature": "VARCHAR", "kind": "VARCHAR", "psi": "DOUBLE", "threshold": "DOUBLE", "drifted": "BOOLEAN",
-        "reference_rows": "BIGINT", "current_rows": "BIGINT", "bins": "INTEGER",
-        "reference_missing_share": "DOUBLE", "current_missing_share": "DOUBLE",
-        "evidently_method": "VARCHAR", "evidently_value": "DOUBLE", "evidently_drifted": "BOOLEAN",
+        "as_of": "DATE",
+        "tag": "VARCHAR",
+        "model_version": "VARCHAR",
+        "slice_column": "VARCHAR",
+        "slice": "VARCHAR",
+        "feature": "VARCHAR",
+        "kind": "VARCHAR",
+        "psi": "DOUBLE",
+        "threshold": "DOUBLE",
+        "drifted": "BOOLEAN",
+        "reference_rows": "BIGINT",
+        "current_rows": "BIGINT",
+        "bins": "INTEGER",
+        "reference_missing_share": "DOUBLE",
+        "current_missing_share": "DOUBLE",
+        "evidently_method": "VARCHAR",
+        "evidently_value": "DOUBLE",
+        "evidently_drifted": "BOOLEAN",
         "generation": "VARCHAR",
     },
     PREDICTIONS: {
-        "as_of": "DATE", "tag": "VARCHAR", "model_version": "VARCHAR", "slice_column": "VARCHAR", "slice": "VARCHAR",
-        "class": "VARCHAR", "reference_count": "BIGINT", "current_count": "BIGINT", "reference_share": "DOUBLE",
-        "current_share": "DOUBLE", "slice_psi": "DOUBLE", "reference_mean_probability": "DOUBLE",
-        "current_mean_probability": "DOUBLE", "probability_psi": "DOUBLE", "generation": "VARCHAR",
+        "as_of": "DATE",
+        "tag": "VARCHAR",
+        "model_version": "VARCHAR",
+        "slice_column": "VARCHAR",
+        "slice": "VARCHAR",
+        "class": "VARCHAR",
+        "reference_count": "BIGINT",
+        "current_count": "BIGINT",
+        "reference_share": "DOUBLE",
+        "current_share": "DOUBLE",
+        "slice_psi": "DOUBLE",
+        "reference_mean_probability": "DOUBLE",
+        "current_mean_probability": "DOUBLE",
+        "probability_psi": "DOUBLE",
+        "generation": "VARCHAR",
     },
 }
 
@@ -126,7 +177,9 @@ class DriftHistory:
                         # the other tags' rows move into the new generation (older files may lack newer columns)
                         have = set(pq.read_schema(old).names)
                         kept = ", ".join(
-                            f"{quote(c)}::{t} AS {quote(c)}" if c in have and c != "generation" else f"{'?' if c == 'generation' else 'NULL'}::{t} AS {quote(c)}"
+                            f"{quote(c)}::{t} AS {quote(c)}"
+                            if c in have and c != "generation"
+                            else f"{'?' if c == 'generation' else 'NULL'}::{t} AS {quote(c)}"
                             for c, t in schema.items()
                         )
                         sql = f"SELECT {kept} FROM read_parquet({sql_literal(old)}) WHERE NOT list_contains(?::VARCHAR[], tag) UNION ALL BY NAME {sql}"
@@ -179,6 +232,4 @@ class DriftHistory:
         ).df()
 
     def predictions(self, con: duckdb.DuckDBPyConnection, as_of: date, tag: str) -> pd.DataFrame:
-        return con.execute(
-            f"SELECT * FROM {self._read(PREDICTIONS, as_of)} WHERE tag = ? ORDER BY slice_column, slice, class", [tag]
-        ).df()
+        return con.execute(f"SELECT * FROM {self._read(PREDICTIONS, as_of)} WHERE tag = ? ORDER BY slice_column, slice, class", [tag]).df()

@@ -80,7 +80,9 @@ def measure_tag(con: duckdb.DuckDBPyConnection, inputs: TagInputs, performance: 
     return TagMeasures(features, predictions, performance, mm.classes)
 
 
-def _current_predictions(con: duckdb.DuckDBPyConnection, tags_path: Path, features: Path, tag: str, slices: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _current_predictions(
+    con: duckdb.DuckDBPyConnection, tags_path: Path, features: Path, tag: str, slices: dict[str, str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(class counts per slice, probability bins per class) of one tag in a tag-store partition."""
     slice_cols = "".join(f"{slice_value_sql(expr)} AS {quote(name)}, " for name, expr in slices.items())
     finest = con.execute(

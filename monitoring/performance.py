@@ -76,7 +76,9 @@ def realised_performance(
     ).fetchall()
     if not rows:
         return RealisedPerformance(
-            "no matured labels", metric, partition=partition,
+            "no matured labels",
+            metric,
+            partition=partition,
             note=f"no {tag.label_tag} labels dated {partition} known by {as_of}",
         )
     versions = sorted({r[2] for r in rows if r[2] is not None})
@@ -89,7 +91,12 @@ def realised_performance(
     expected = expected_metric(version) if version is not None else None
     if len(kept) < MIN_LABELS or len(np.unique(y)) < 2:
         return RealisedPerformance(
-            "too few labels", metric, partition=partition, labels=len(kept), version=version, expected=expected,
+            "too few labels",
+            metric,
+            partition=partition,
+            labels=len(kept),
+            version=version,
+            expected=expected,
             note=f"{len(kept)} matured labels ({len(np.unique(y))} classes); at least {MIN_LABELS} of two classes are needed",
         )
     realised = core_metrics(y, proba, len(classes))[metric]
@@ -101,8 +108,16 @@ def realised_performance(
         # current champion because its predecessor aged badly would retrain for nothing
         drifted, note = False, f"measured on v{version}, since replaced by v{current_version}"
     return RealisedPerformance(
-        "measured", metric, partition=partition, labels=len(kept), version=version,
-        realised=float(realised), expected=expected, drop=None if drop is None else float(drop), drifted=drifted, note=note,
+        "measured",
+        metric,
+        partition=partition,
+        labels=len(kept),
+        version=version,
+        realised=float(realised),
+        expected=expected,
+        drop=None if drop is None else float(drop),
+        drifted=drifted,
+        note=note,
     )
 
 

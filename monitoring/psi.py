@@ -95,14 +95,12 @@ def _bins_from(con: duckdb.DuckDBPyConnection, source: str, numeric: Sequence[st
     def finite(n: str) -> str:
         return f"CASE WHEN isfinite({quote(n)}::DOUBLE) THEN {quote(n)}::DOUBLE END"
 
-    modes = con.execute(
-        "SELECT " + ", ".join(f"mode({finite(n)}), count({finite(n)})" for n in numeric) + f" FROM {source}"
-    ).fetchall()[0]
+    modes = con.execute("SELECT " + ", ".join(f"mode({finite(n)}), count({finite(n)})" for n in numeric) + f" FROM {source}").fetchall()[0]
     mode_of = {n: (modes[2 * i], modes[2 * i + 1]) for i, n in enumerate(numeric)}
     shares = con.execute(
-        "SELECT " + ", ".join(
-            f"count(*) FILTER (WHERE {finite(n)} = {_number(mode_of[n][0])})" if mode_of[n][0] is not None else "0" for n in numeric
-        ) + f" FROM {source}"
+        "SELECT "
+        + ", ".join(f"count(*) FILTER (WHERE {finite(n)} = {_number(mode_of[n][0])})" if mode_of[n][0] is not None else "0" for n in numeric)
+        + f" FROM {source}"
     ).fetchall()[0]
     masses = {n: mode_of[n][0] if mode_of[n][1] and shares[i] / mode_of[n][1] >= MASS_SHARE else None for i, n in enumerate(numeric)}
     quantiles = ", ".join(
@@ -171,7 +169,9 @@ def bin_counts(
     code_sql = " + ".join(code) if code else "0"
     bins = ", ".join(f"{_bin_expression(n, k, edges)} AS {quote(n)}" for n, k in features.items())
     histograms = ", ".join(f"histogram({quote(n)})" for n in features)
-    wide = con.execute(f"SELECT _code, {histograms} FROM (SELECT ({code_sql})::INTEGER AS _code, {bins} FROM {parquet(path)}) GROUP BY _code", params).fetchall()
+    wide = con.execute(
+        f"SELECT _code, {histograms} FROM (SELECT ({code_sql})::INTEGER AS _code, {bins} FROM {parquet(path)}) GROUP BY _code", params
+    ).fetchall()
     records = []
     for combo, *maps in wide:
         keys, rest = [], combo
@@ -204,8 +204,12 @@ def psi_from_counts(reference: pd.DataFrame, current: pd.DataFrame, keys: Sequen
     merged["missing_ref"] = np.where(merged["bin"] == MISSING, merged["n_ref"], 0)
     merged["missing_cur"] = np.where(merged["bin"] == MISSING, merged["n_cur"], 0)
     out = merged.groupby(list(keys), as_index=False).agg(
-        psi=("term", "sum"), reference_rows=("n_ref", "sum"), current_rows=("n_cur", "sum"),
-        bins=("bin", "count"), missing_ref=("missing_ref", "sum"), missing_cur=("missing_cur", "sum"),
+        psi=("term", "sum"),
+        reference_rows=("n_ref", "sum"),
+        current_rows=("n_cur", "sum"),
+        bins=("bin", "count"),
+        missing_ref=("missing_ref", "sum"),
+        missing_cur=("missing_cur", "sum"),
     )
     out["reference_missing_share"] = out["missing_ref"] / out["reference_rows"].where(out["reference_rows"] > 0)
     out["current_missing_share"] = out["missing_cur"] / out["current_rows"].where(out["current_rows"] > 0)

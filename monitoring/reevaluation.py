@@ -132,6 +132,5 @@ def drift_verdict(drifted: bool, reasons: Iterable[str]) -> dict[str, Any]:
 def events_from_result(position: int, as_of: date, by_tag: Mapping[str, Mapping[str, Any]]) -> list[DriftEvent]:
     """DriftEvents of one stored drift result: per tag a `drift_verdict`."""
     return [
-        DriftEvent(tag, as_of, bool(result["drifted"]), tuple(str(r) for r in result.get("reasons") or ()), position)
-        for tag, result in sorted(by_tag.items())
+        DriftEvent(tag, as_of, bool(result["drifted"]), tuple(str(r) for r in result.get("reasons") or ()), position) for tag, result in sorted(by_tag.items())
     ]

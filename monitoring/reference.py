@@ -161,8 +161,14 @@ def reference_profile(
     """Profile (or read the cached profile of) a version's predictions on its reference population."""
     folder = cache_dir / tag.name / f"v{mm.version}"
     meta_path, sample_path = folder / "profile.json", folder / "sample.parquet"
-    key = {"profile_version": PROFILE_VERSION, "population": str(population), "slices": slices, "sample_rows": sample_rows,
-           "min_confidence": tag.min_confidence, "feature_psi": tag.drift.feature_psi}
+    key = {
+        "profile_version": PROFILE_VERSION,
+        "population": str(population),
+        "slices": slices,
+        "sample_rows": sample_rows,
+        "min_confidence": tag.min_confidence,
+        "feature_psi": tag.drift.feature_psi,
+    }
     if meta_path.exists() and sample_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key:

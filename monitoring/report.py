@@ -30,8 +30,16 @@ from tagml.core.storage import atomic_replace
 
 # what the header shows of tagml's decision: keys of the drift summary row (its full-population numbers)
 VERDICT_KEYS = (
-    "drifted", "reasons", "current_rows", "reference_rows", "drifted_feature_share", "feature_psi_threshold",
-    "drifted_feature_share_threshold", "prediction_psi", "prediction_psi_threshold", "performance_status",
+    "drifted",
+    "reasons",
+    "current_rows",
+    "reference_rows",
+    "drifted_feature_share",
+    "feature_psi_threshold",
+    "drifted_feature_share_threshold",
+    "prediction_psi",
+    "prediction_psi_threshold",
+    "performance_status",
 )
 
 
@@ -109,9 +117,16 @@ def drift_report(
 def header_html(metadata: dict[str, str], verdict: dict[str, Any] | None, excluded: dict[str, str], sample_rows: tuple[int, int]) -> str:
     """tagml's block at the top of a report: what the report is about and tagml's decision."""
     e = html.escape
-    about = " | ".join(f"<b>{e(label)}</b> {e(str(metadata[key]))}" for key, label in (
-        ("tag", "tag"), ("as_of", "as_of"), ("model", "model version"), ("reference_as_of", "reference (training) date"),
-    ) if metadata.get(key))
+    about = " | ".join(
+        f"<b>{e(label)}</b> {e(str(metadata[key]))}"
+        for key, label in (
+            ("tag", "tag"),
+            ("as_of", "as_of"),
+            ("model", "model version"),
+            ("reference_as_of", "reference (training) date"),
+        )
+        if metadata.get(key)
+    )
     parts = [f"<h2 style='margin:0 0 6px 0'>tagml drift report</h2><div>{about}</div>"]
     if verdict is not None:
         drifted = bool(verdict["drifted"])
@@ -135,9 +150,14 @@ def header_html(metadata: dict[str, str], verdict: dict[str, Any] | None, exclud
     if excluded:
         parts.append(
             "<p style='margin:4px 0'>Not in Evidently's part (its PSI above still counts): "
-            + "; ".join(f"{e(c)} ({e(why)})" for c, why in sorted(excluded.items())) + "</p>"
+            + "; ".join(f"{e(c)} ({e(why)})" for c, why in sorted(excluded.items()))
+            + "</p>"
         )
-    return "<header id='tagml-verdict' style='font-family:sans-serif;padding:12px 16px;border-bottom:2px solid #ccc;background:#fafafa'>" + "".join(parts) + "</header>"
+    return (
+        "<header id='tagml-verdict' style='font-family:sans-serif;padding:12px 16px;border-bottom:2px solid #ccc;background:#fafafa'>"
+        + "".join(parts)
+        + "</header>"
+    )
 
 
 def with_header(page: str, metadata: dict[str, str], verdict: dict[str, Any] | None, excluded: dict[str, str], sample_rows: tuple[int, int]) -> str:

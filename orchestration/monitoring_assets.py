@@ -87,9 +87,7 @@ def build_tag_drift_asset(partitions_def: dg.PartitionsDefinition, catalog: Cata
         sample_rows = config.sample_rows or monitoring.sample_rows
         with closing(warehouse.connect()) as con:
             try:
-                run = compute_drift(
-                    con, mlflow_store.client(), catalog, as_of, monitoring.locations(warehouse), config.tags, sample_rows, config.report
-                )
+                run = compute_drift(con, mlflow_store.client(), catalog, as_of, monitoring.locations(warehouse), config.tags, sample_rows, config.report)
             except (DriftInputError, KeyError) as err:
                 raise dg.Failure(description=str(err)) from err
         metadata: dict = {
@@ -136,8 +134,11 @@ def _check_result(tag: str, summary: dict | None, fresh: bool) -> dg.AssetCheckR
     if summary is None:
         # a run for other tags, and nothing stored for this one: say so rather than claim a verdict
         return dg.AssetCheckResult(
-            check_name=drift_check_name(tag), passed=True, severity=dg.AssetCheckSeverity.WARN,
-            description="not evaluated in this run (config.tags) and no stored result for this partition", metadata={"evaluated": False},
+            check_name=drift_check_name(tag),
+            passed=True,
+            severity=dg.AssetCheckSeverity.WARN,
+            description="not evaluated in this run (config.tags) and no stored result for this partition",
+            metadata={"evaluated": False},
         )
     reasons = list(summary["reasons"])
     realised = _number(summary.get("realised_metric"))
@@ -159,7 +160,8 @@ def _check_result(tag: str, summary: dict | None, fresh: bool) -> dg.AssetCheckR
             **({"realised_metric": round(realised, 4)} if realised is not None else {}),
             **(
                 {"report": dg.MetadataValue.path(summary["report_path"]), "report_url": dg.MetadataValue.url(Path(summary["report_path"]).resolve().as_uri())}
-                if isinstance(summary.get("report_path"), str) else {}
+                if isinstance(summary.get("report_path"), str)
+                else {}
             ),
         },
     )

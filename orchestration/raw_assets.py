@@ -44,10 +44,7 @@ def _violations_markdown(violations: list) -> str:
         )
         for spec in RAW_TABLES
     ],
-    check_specs=[
-        check_spec(raw_asset_name(spec.name), CONTRACT_CHECK)
-        for spec in RAW_TABLES
-    ],
+    check_specs=[check_spec(raw_asset_name(spec.name), CONTRACT_CHECK) for spec in RAW_TABLES],
     description="Validate every raw contract table of the delivery and stage them together (all or nothing).",
 )
 def raw_delivery(context: dg.AssetExecutionContext, config: RawDeliveryConfig, warehouse: WarehouseResource):

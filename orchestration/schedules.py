@@ -72,8 +72,10 @@ def _refresh_schedule(settings: Settings, tag: str, cadence: str) -> dg.Schedule
     def refresh(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         as_of = _yesterday(context.scheduled_execution_time, zone)
         return dg.RunRequest(
-            run_key=f"refresh-{tag}-{as_of}", partition_key=as_of,
-            run_config=reevaluation_run_config(tag, as_of), tags={"tagml/trigger": "refresh", "tagml/tag": tag},
+            run_key=f"refresh-{tag}-{as_of}",
+            partition_key=as_of,
+            run_config=reevaluation_run_config(tag, as_of),
+            tags={"tagml/trigger": "refresh", "tagml/tag": tag},
         )
 
     return refresh

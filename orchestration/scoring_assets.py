@@ -20,12 +20,16 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
         deps=["customer_features", *(tag_model_key(t.name) for t in catalog.model_tags)],
         check_specs=[
             dg.AssetCheckSpec(
-                "coverage", asset="customer_tags", blocking=True,
+                "coverage",
+                asset="customer_tags",
+                blocking=True,
                 description="Every customer of the snapshot has every catalog tag exactly once, with a value among the tag's classes "
                 "(or 'unknown' below its min_confidence). Checked on the scored file before it replaces the partition.",
             ),
             dg.AssetCheckSpec(
-                "stability", asset="customer_tags", blocking=False,
+                "stability",
+                asset="customer_tags",
+                blocking=False,
                 description="No tag changed value for more customers since the previous partition than its catalog's drift.max_changed_share.",
             ),
         ],
@@ -74,7 +78,8 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
                     severity=dg.AssetCheckSeverity.WARN,
                     description=(
                         "; ".join(f"{tag}: {share:.1%} of customers changed value since {previous[-1]}" for tag, share in unstable.items())
-                        if unstable else ("no previous partition" if not previous else f"within each tag's max_changed_share since {previous[-1]}")
+                        if unstable
+                        else ("no previous partition" if not previous else f"within each tag's max_changed_share since {previous[-1]}")
                     ),
                     metadata={"changed_share": dg.MetadataValue.json(changed), "unstable_tags": dg.MetadataValue.json(sorted(unstable))},
                 ),

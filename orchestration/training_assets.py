@@ -102,8 +102,14 @@ def build_training_assets(tag: TagSpec, catalog: Catalog) -> list[dg.AssetsDefin
         # the gate and drift judge the same segments: the catalog's slices as drift defines them
         slices = slice_expressions(catalog, set(data.feature_names))
         result = train_tag(
-            tag, data, client, slices, artifact_location=mlflow_store.artifact_location,
-            seed=config.seed, threads=warehouse.threads, trials=config.trials,
+            tag,
+            data,
+            client,
+            slices,
+            artifact_location=mlflow_store.artifact_location,
+            seed=config.seed,
+            threads=warehouse.threads,
+            trials=config.trials,
             run_tags={"dagster_run_id": context.run.run_id},
         )
         decision = apply_gate(client, evaluate_gate(client, tag, result.version, data, slices))

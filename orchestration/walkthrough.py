@@ -104,13 +104,25 @@ def _run_result(job: str, result: dg.ExecuteInProcessResult, seconds: float) -> 
     for event in result.get_asset_materialization_events():
         key, meta = event.asset_key.path, {k: v.value for k, v in event.materialization.metadata.items()}
         if key[-1] == "tag_model":
-            models.append(TrainedModel(key[0], str(meta["model_version"]), meta["test_macro_f1"], meta["test_accuracy"],
-                                       meta["test_calibration_error"], meta.get("baseline_macro_f1", float("nan"))))
+            models.append(
+                TrainedModel(
+                    key[0],
+                    str(meta["model_version"]),
+                    meta["test_macro_f1"],
+                    meta["test_accuracy"],
+                    meta["test_calibration_error"],
+                    meta.get("baseline_macro_f1", float("nan")),
+                )
+            )
         elif key == ["customer_tags"]:
             producers = dict(meta.get("producers") or {})
     evaluations = result.get_asset_check_evaluations()
     return RunResult(
-        job=job, success=result.success, seconds=seconds, models=models, producers=producers,
+        job=job,
+        success=result.success,
+        seconds=seconds,
+        models=models,
+        producers=producers,
         gates=[GateDecision(e.asset_key.path[0], e.description or "") for e in evaluations if e.check_name == "promotion_gate"],
         checks={e.check_name: e.passed for e in evaluations if e.asset_key.to_user_string() == "customer_features"},
     )
@@ -181,8 +193,13 @@ class Walkthrough:
 
 
 def _request(request: dg.RunRequest) -> SensorRequest:
-    return SensorRequest(job=request.job_name or "", partition_key=request.partition_key or "", run_key=request.run_key or "",
-                         tag=request.tags.get("tagml/tag", ""), reasons=request.tags.get("tagml/drift_reasons", ""))
+    return SensorRequest(
+        job=request.job_name or "",
+        partition_key=request.partition_key or "",
+        run_key=request.run_key or "",
+        tag=request.tags.get("tagml/tag", ""),
+        reasons=request.tags.get("tagml/drift_reasons", ""),
+    )
 
 
 def example_model_customer(con: Any, tags_partition: Any, tag: str = "risk_appetite") -> str | None:
@@ -203,4 +220,3 @@ def feature_snapshot_shape(settings: Settings, as_of: date) -> tuple[Any, int, i
     path = WarehouseLayout(settings.warehouse_dir).customer_features.path(as_of)
     meta = pq.read_metadata(path)
     return path, meta.num_rows, meta.num_columns - 2  # customer_id and as_of are not features
-

@@ -30,8 +30,9 @@ def is_present(value: object) -> bool:
         return True
 
 
-def customer_tags(con: duckdb.DuckDBPyConnection, store: TagStore, customer_id: str, as_of: date | None = None,
-                  lineage: Lineage | None = None) -> dict[str, Any]:
+def customer_tags(
+    con: duckdb.DuckDBPyConnection, store: TagStore, customer_id: str, as_of: date | None = None, lineage: Lineage | None = None
+) -> dict[str, Any]:
     """The customer's tags in the partition of `as_of` (default: the newest), JSON-ready; `lineage`
     is asked once per model-tag row (None: no lineage)."""
     frame = store.customer_tags(con, customer_id, as_of)

@@ -130,9 +130,7 @@ class ReasonExplainer:
                         cols.append(feature)
                         vals.append(delta)
             self.class_trees.append(trees)
-            self.leaf_contributions.append(
-                sparse.csr_matrix((vals, (rows, cols)), shape=(trees.size * self.trees.width, len(self.names)))
-            )
+            self.leaf_contributions.append(sparse.csr_matrix((vals, (rows, cols)), shape=(trees.size * self.trees.width, len(self.names))))
 
     @classmethod
     def for_model(

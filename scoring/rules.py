@@ -25,6 +25,7 @@ class RuleInputError(ValueError):
 
 SLICE_SOURCES = ("value_tier", "region")  # a rule tag of the catalog, or else a feature column
 
+
 def rule_case_sql(tag: TagSpec) -> str:
     """`CASE WHEN <band 1> THEN 'label' ... ELSE default END`: the first matching band wins."""
     assert tag.rule is not None, f"{tag.name} is not a rule tag"

@@ -111,7 +111,10 @@ class Coverage:
     def metadata(self) -> dict[str, Any]:
         """Aggregates for the asset check (no customer-level values)."""
         return {
-            "customers": self.customers, "rows": self.rows, "expected_rows": self.expected_rows, "tags": len(self.tags),
+            "customers": self.customers,
+            "rows": self.rows,
+            "expected_rows": self.expected_rows,
+            "tags": len(self.tags),
             "missing": sum(max(self.customers - t.customers_covered, 0) for t in self.tags),
             "duplicates": sum(t.duplicate_rows for t in self.tags),
             "invalid_values": sum(t.invalid_values for t in self.tags),
@@ -126,7 +129,8 @@ class CoverageError(ScoringError):
         self.coverage = coverage
         problems = coverage.problems
         super().__init__(
-            f"customer_tags {as_of}: coverage check failed, the partition was not replaced: " + "; ".join(problems[:8])
+            f"customer_tags {as_of}: coverage check failed, the partition was not replaced: "
+            + "; ".join(problems[:8])
             + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         )
 
@@ -152,14 +156,18 @@ def check_coverage(con: duckdb.DuckDBPyConnection, tags_path: Path, features_pat
     is well), and per tag and value the counts (values are checked against the classes here).
     """
     tags, features = str(tags_path), str(features_path)
-    counts = {t: (int(n), int(ids)) for t, n, ids in con.execute(
-        "SELECT tag, count(*), count(DISTINCT customer_id) FROM read_parquet(?) GROUP BY tag", [tags]
-    ).fetchall()}
-    strangers = {t: (int(n), int(ids)) for t, n, ids in con.execute(
-        "SELECT t.tag, count(*), count(DISTINCT t.customer_id) FROM read_parquet(?) t "
-        "ANTI JOIN read_parquet(?) f ON f.customer_id::VARCHAR = t.customer_id GROUP BY t.tag",
-        [tags, features],
-    ).fetchall()}
+    counts = {
+        t: (int(n), int(ids))
+        for t, n, ids in con.execute("SELECT tag, count(*), count(DISTINCT customer_id) FROM read_parquet(?) GROUP BY tag", [tags]).fetchall()
+    }
+    strangers = {
+        t: (int(n), int(ids))
+        for t, n, ids in con.execute(
+            "SELECT t.tag, count(*), count(DISTINCT t.customer_id) FROM read_parquet(?) t "
+            "ANTI JOIN read_parquet(?) f ON f.customer_id::VARCHAR = t.customer_id GROUP BY t.tag",
+            [tags, features],
+        ).fetchall()
+    }
     values: dict[str, dict[str | None, int]] = {}
     for tag, value, n in con.execute("SELECT tag, value, count(*) FROM read_parquet(?) GROUP BY ALL", [tags]).fetchall():
         values.setdefault(tag, {})[value] = int(n)
@@ -169,10 +177,17 @@ def check_coverage(con: duckdb.DuckDBPyConnection, tags_path: Path, features_pat
         unknown_rows, unknown_ids = strangers.get(tag.name, (0, 0))
         allowed = set(allowed_values(tag))
         invalid = {v: n for v, n in values.get(tag.name, {}).items() if v not in allowed}
-        per_tag.append(TagCoverage(
-            tag.name, rows, ids - unknown_ids, rows - ids, unknown_rows, sum(invalid.values()),
-            tuple(sorted("NULL" if v is None else v for v in invalid)[:5]),
-        ))
+        per_tag.append(
+            TagCoverage(
+                tag.name,
+                rows,
+                ids - unknown_ids,
+                rows - ids,
+                unknown_rows,
+                sum(invalid.values()),
+                tuple(sorted("NULL" if v is None else v for v in invalid)[:5]),
+            )
+        )
     customers = con.execute("SELECT count(DISTINCT customer_id) FROM read_parquet(?)", [features]).fetchall()[0][0]
     known = {t.name for t in catalog.tags}
     total = sum(n for n, _ in counts.values())
@@ -252,8 +267,15 @@ def _check_features(path: Path, champion: Champion) -> None:
 
 
 def _model_batches(
-    path: Path, tag: TagSpec, champion: Champion, observed: pd.Series, explainer: ReasonExplainer | None,
-    as_of: date, scored_at: datetime, batch_rows: int, top_reasons: int,
+    path: Path,
+    tag: TagSpec,
+    champion: Champion,
+    observed: pd.Series,
+    explainer: ReasonExplainer | None,
+    as_of: date,
+    scored_at: datetime,
+    batch_rows: int,
+    top_reasons: int,
 ) -> Iterator[pa.RecordBatch]:
     reader = pq.ParquetFile(path)
     info = champion.info
@@ -359,7 +381,9 @@ def score_partition(
             for tag in catalog.model_tags:
                 t0 = time.perf_counter()
                 champion = champions[tag.name]
-                explainer = ReasonExplainer.for_model(con, champion.model, champion.info.features, champion.info.categorical, features_path) if with_reasons else None
+                explainer = (
+                    ReasonExplainer.for_model(con, champion.model, champion.info.features, champion.info.categorical, features_path) if with_reasons else None
+                )
                 observed = observed_labels(con, staged_dir, tag, as_of)
                 for batch in _model_batches(features_path, tag, champion, observed.labels, explainer, as_of, scored_at, batch_rows, top_reasons):
                     writer.write_batch(batch)

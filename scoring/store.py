@@ -122,9 +122,7 @@ class ParquetTagStore:
     def customer_tags(self, con: duckdb.DuckDBPyConnection, customer_id: str, as_of: date | None = None) -> pd.DataFrame:
         """A customer's tags in the latest partition on or before `as_of` (default: the newest)."""
         partition = self.latest_on_or_before(as_of)
-        frame = con.execute(
-            f"SELECT * FROM {self._partition(partition)} WHERE customer_id = ? ORDER BY tag", [customer_id]
-        ).df()
+        frame = con.execute(f"SELECT * FROM {self._partition(partition)} WHERE customer_id = ? ORDER BY tag", [customer_id]).df()
         if frame.empty:
             raise TagStoreError(f"customer {customer_id!r} has no tags in the partition of {partition}")
         return frame

@@ -67,10 +67,7 @@ def customers_with_bad_row(raw: Path, replace: str = "", base_replace: str = "",
 def table_with_bad_row(raw: Path, table: str, replace: str, order: str) -> str:
     """Rows 2..301 of a good table plus its first row with `replace`d values."""
     src = good(raw, table)
-    return (
-        f"(SELECT * FROM {src} ORDER BY {order} LIMIT 300 OFFSET 1) UNION ALL BY NAME "
-        f"(SELECT * REPLACE ({replace}) FROM {src} ORDER BY {order} LIMIT 1)"
-    )
+    return f"(SELECT * FROM {src} ORDER BY {order} LIMIT 300 OFFSET 1) UNION ALL BY NAME (SELECT * REPLACE ({replace}) FROM {src} ORDER BY {order} LIMIT 1)"
 
 
 def first_row(con, raw: Path, table: str, order: str) -> dict:
@@ -195,22 +192,66 @@ CASES = [
     Case("type_csv_birth_date_not_a_date", "customers", "birth_date", "type", _csv_bad_birth_date),
     Case("type_csv_txn_ts_not_a_timestamp", "transactions", "txn_ts", "type", _bad_txn_timestamp),
     Case("type_fractional_int_in_csv", "customers", "num_children", "type", _csv_fractional_children),
-    Case("type_date_given_as_struct", "balances", "month_end", "type", _whole_column("balances", "{'d': month_end} AS month_end", "customer_id, month_end, product")),
+    Case(
+        "type_date_given_as_struct",
+        "balances",
+        "month_end",
+        "type",
+        _whole_column("balances", "{'d': month_end} AS month_end", "customer_id, month_end, product"),
+    ),
     Case("type_date_given_as_list", "loans", "open_date", "type", _whole_column("loans", "[open_date] AS open_date", "loan_id")),
-    Case("type_double_given_as_date", "balances", "balance", "type", _whole_column("balances", "DATE '2026-01-31' AS balance", "customer_id, month_end, product")),
+    Case(
+        "type_double_given_as_date", "balances", "balance", "type", _whole_column("balances", "DATE '2026-01-31' AS balance", "customer_id, month_end, product")
+    ),
     Case("not_null_region", "customers", "region", "not_null", _bad_customer("NULL::VARCHAR AS region")),
     Case("not_null_amount", "transactions", "amount", "not_null", _bad_txn("NULL::DOUBLE AS amount")),
     Case("allowed_values_region", "customers", "region", "allowed_values", _bad_customer("'atlantis' AS region", {"region": "atlantis"})),
     Case("allowed_values_category", "transactions", "category", "allowed_values", _bad_txn("'gambling' AS category", {"category": "gambling"})),
-    Case("min_negative_balance", "balances", "balance", "min", _bad_first_row("balances", "-5.0 AS balance", "customer_id, month_end, product", ("customer_id", "product"), {"balance": -5.0})),
+    Case(
+        "min_negative_balance",
+        "balances",
+        "balance",
+        "min",
+        _bad_first_row("balances", "-5.0 AS balance", "customer_id, month_end, product", ("customer_id", "product"), {"balance": -5.0}),
+    ),
     Case("max_city_tier", "customers", "city_tier", "max", _bad_customer("9 AS city_tier", {"city_tier": 9})),
     Case("duplicate_key_customers", "customers", "customer_id", "unique_key", _bad_customer("", {"copies": 2}, copies=2)),
     Case("duplicate_key_transactions", "transactions", "txn_id", "unique_key", _duplicate_txn),
-    Case("orphan_customer_in_transactions", "transactions", "customer_id", "known_customer", _bad_txn("'C999999999' AS customer_id", {"customer_id": "C999999999"})),
-    Case("rule_loan_closed_before_open", "loans", "close_date", "closed_after_open", _bad_first_row("loans", "open_date - 1 AS close_date", "loan_id", ("loan_id",))),
-    Case("rule_known_before_label_date", "tag_labels", "known_date", "known_after_label_date", _bad_first_row("tag_labels", "label_date - 1 AS known_date", "customer_id, tag, label_date", ("customer_id", "tag"))),
-    Case("rule_month_end_not_month_end", "balances", "month_end", "is_month_end", _bad_first_row("balances", "DATE '2026-06-15' AS month_end", "customer_id, month_end, product", ("customer_id",), {"month_end": "2026-06-15"})),
-    Case("rule_onboarded_before_birth", "customers", "onboarding_date", "born_before_onboarding", _bad_customer("DATE '1990-01-01' AS birth_date, DATE '1985-01-01' AS onboarding_date")),
+    Case(
+        "orphan_customer_in_transactions",
+        "transactions",
+        "customer_id",
+        "known_customer",
+        _bad_txn("'C999999999' AS customer_id", {"customer_id": "C999999999"}),
+    ),
+    Case(
+        "rule_loan_closed_before_open",
+        "loans",
+        "close_date",
+        "closed_after_open",
+        _bad_first_row("loans", "open_date - 1 AS close_date", "loan_id", ("loan_id",)),
+    ),
+    Case(
+        "rule_known_before_label_date",
+        "tag_labels",
+        "known_date",
+        "known_after_label_date",
+        _bad_first_row("tag_labels", "label_date - 1 AS known_date", "customer_id, tag, label_date", ("customer_id", "tag")),
+    ),
+    Case(
+        "rule_month_end_not_month_end",
+        "balances",
+        "month_end",
+        "is_month_end",
+        _bad_first_row("balances", "DATE '2026-06-15' AS month_end", "customer_id, month_end, product", ("customer_id",), {"month_end": "2026-06-15"}),
+    ),
+    Case(
+        "rule_onboarded_before_birth",
+        "customers",
+        "onboarding_date",
+        "born_before_onboarding",
+        _bad_customer("DATE '1990-01-01' AS birth_date, DATE '1985-01-01' AS onboarding_date"),
+    ),
     Case("empty_table", "transactions", None, "non_empty", _empty("transactions")),
     Case("corrupt_truncated_parquet", "customers", None, "readable", _truncated_parquet("customers")),
     Case("corrupt_garbage_parquet", "loans", None, "readable", _garbage_parquet("loans")),
@@ -291,7 +332,9 @@ def test_malformed_csv_row_is_a_contract_error_without_pii(n_before, n_after, co
     lines = [header]
     row = "C{i:09d},Name {i},13800000000,ID{i},1 Road,1980-01-01,F,single,0,bachelor,employee,east,1,2020-01-01,branch"
     lines += [row.format(i=i) for i in range(n_before)]
-    lines.append(f"{BAD_CUSTOMER},{PII_VALUES['full_name']},{PII_VALUES['phone']},x,y,1980-01-01,F,single,0,bachelor,employee,east,1,2020-01-01,branch,EXTRA,FIELDS")
+    lines.append(
+        f"{BAD_CUSTOMER},{PII_VALUES['full_name']},{PII_VALUES['phone']},x,y,1980-01-01,F,single,0,bachelor,employee,east,1,2020-01-01,branch,EXTRA,FIELDS"
+    )
     lines += [row.format(i=n_before + 1 + i) for i in range(n_after)]
     (raw_dir / "customers.csv").write_text("\n".join(lines) + "\n")
     before = snapshot(staged_copy)

@@ -57,7 +57,9 @@ def test_failing_customers_leaves_every_staged_table_byte_identical(con, bank, d
     raw = copy_raw(bank, tmp_path)
     # drop 40 customers (their balances and transactions stay) and break one more row
     replace_table(
-        con, raw, "customers",
+        con,
+        raw,
+        "customers",
         f"SELECT * REPLACE (CASE WHEN customer_id = (SELECT max(customer_id) FROM {good(bank['raw'], 'customers')}) "
         f"THEN 'atlantis' ELSE region END AS region) FROM {good(bank['raw'], 'customers')} ORDER BY customer_id OFFSET 40",
     )
@@ -108,7 +110,12 @@ def test_a_plain_staged_directory_is_adopted_and_kept_on_failure(con, bank, stag
     byte-identical and are replaced by a good one."""
     before = tables_bytes(staged_copy)
     raw = copy_raw(bank, tmp_path)
-    replace_table(con, raw, "transactions", f"SELECT * REPLACE (TIMESTAMP '2099-01-01 10:00:00' AS txn_ts) FROM {good(bank['raw'], 'transactions')} ORDER BY txn_id LIMIT 10")
+    replace_table(
+        con,
+        raw,
+        "transactions",
+        f"SELECT * REPLACE (TIMESTAMP '2099-01-01 10:00:00' AS txn_ts) FROM {good(bank['raw'], 'transactions')} ORDER BY txn_id LIMIT 10",
+    )
     with pytest.raises(ContractError):
         stage_delivery(con, raw, staged_copy, DELIVERY)
     assert tables_bytes(staged_copy) == before

@@ -168,20 +168,31 @@ def test_drift_of_a_tag_no_longer_in_the_catalog_is_skipped_by_name():
 
 
 def _summary(tag: str, as_of: date, drifted: bool) -> dict:
-    return {"as_of": as_of, "tag": tag, "drifted": drifted, "reasons": ["r"] if drifted else [], "computed_at": datetime.now(UTC),
-            "drifted_features": [], "prediction_psi": 0.01}
+    return {
+        "as_of": as_of,
+        "tag": tag,
+        "drifted": drifted,
+        "reasons": ["r"] if drifted else [],
+        "computed_at": datetime.now(UTC),
+        "drifted_features": [],
+        "prediction_psi": 0.01,
+    }
 
 
 def test_history_rewrites_only_the_recomputed_tags_and_names_missing_partitions(tmp_path, con):
     history = DriftHistory(tmp_path / "drift")
     day = date(2026, 10, 31)
-    frames = {SUMMARY: pd.DataFrame([_summary("a", day, True), _summary("b", day, False)]),
-              "drift_features": pd.DataFrame({"tag": ["a", "b"], "slice_column": ALL, "feature": ["x", "x"], "psi": [0.5, 0.0]}),
-              "drift_predictions": pd.DataFrame({"tag": ["a", "b"], "class": ["k", "k"]})}
+    frames = {
+        SUMMARY: pd.DataFrame([_summary("a", day, True), _summary("b", day, False)]),
+        "drift_features": pd.DataFrame({"tag": ["a", "b"], "slice_column": ALL, "feature": ["x", "x"], "psi": [0.5, 0.0]}),
+        "drift_predictions": pd.DataFrame({"tag": ["a", "b"], "class": ["k", "k"]}),
+    }
     history.write(con, day, frames)
-    again = {SUMMARY: pd.DataFrame([_summary("b", day, True)]),
-             "drift_features": pd.DataFrame({"tag": ["b"], "slice_column": ALL, "feature": ["x"], "psi": [0.9]}),
-             "drift_predictions": pd.DataFrame({"tag": ["b"], "class": ["k"]})}
+    again = {
+        SUMMARY: pd.DataFrame([_summary("b", day, True)]),
+        "drift_features": pd.DataFrame({"tag": ["b"], "slice_column": ALL, "feature": ["x"], "psi": [0.9]}),
+        "drift_predictions": pd.DataFrame({"tag": ["b"], "class": ["k"]}),
+    }
     history.write(con, day, again)
     summary = history.summary(con, day)
     assert summary.set_index("tag")["drifted"].to_dict() == {"a": True, "b": True}
@@ -224,12 +235,21 @@ def _write_partition(store: ParquetTagStore, as_of: date, ids, p_churn, version:
     n = len(ids)
     table = pa.table(
         {
-            "customer_id": ids, "as_of": [as_of] * n, "tag": ["churn_90d"] * n,
-            "value": ["churned" if p > 0.5 else "retained" for p in p_churn], "probability": [max(p, 1 - p) for p in p_churn],
+            "customer_id": ids,
+            "as_of": [as_of] * n,
+            "tag": ["churn_90d"] * n,
+            "value": ["churned" if p > 0.5 else "retained" for p in p_churn],
+            "probability": [max(p, 1 - p) for p in p_churn],
             "probabilities": pa.array([[("retained", 1 - p), ("churned", p)] for p in p_churn], pa.map_(pa.string(), pa.float64())),
-            "reasons": [[]] * n, "source": ["model"] * n, "inferred_value": ["churned" if p > 0.5 else "retained" for p in p_churn],
-            "observed_value": [None] * n, "observed_mismatch": [None] * n, "producer": [f"tagml-churn_90d/{version}"] * n,
-            "model_version": [version] * n, "mlflow_run_id": ["run"] * n, "scored_at": [datetime(2026, 8, 1, tzinfo=UTC)] * n,
+            "reasons": [[]] * n,
+            "source": ["model"] * n,
+            "inferred_value": ["churned" if p > 0.5 else "retained" for p in p_churn],
+            "observed_value": [None] * n,
+            "observed_mismatch": [None] * n,
+            "producer": [f"tagml-churn_90d/{version}"] * n,
+            "model_version": [version] * n,
+            "mlflow_run_id": ["run"] * n,
+            "scored_at": [datetime(2026, 8, 1, tzinfo=UTC)] * n,
         },
         schema=TAG_ROW_SCHEMA,
     )
@@ -308,9 +328,11 @@ def test_evidently_report_on_samples_is_saved_and_summarised(tmp_path):
 
 
 def _frames(day: date, tag: str, drifted: bool, psi: float) -> dict:
-    return {SUMMARY: pd.DataFrame([_summary(tag, day, drifted)]),
-            "drift_features": pd.DataFrame({"tag": [tag], "slice_column": ALL, "feature": ["x"], "psi": [psi]}),
-            "drift_predictions": pd.DataFrame({"tag": [tag], "class": ["k"], "slice_psi": [psi]})}
+    return {
+        SUMMARY: pd.DataFrame([_summary(tag, day, drifted)]),
+        "drift_features": pd.DataFrame({"tag": [tag], "slice_column": ALL, "feature": ["x"], "psi": [psi]}),
+        "drift_predictions": pd.DataFrame({"tag": [tag], "class": ["k"], "slice_psi": [psi]}),
+    }
 
 
 def test_a_writer_killed_between_the_history_tables_leaves_the_previous_generation_whole(tmp_path, con):
@@ -361,9 +383,16 @@ def test_a_writer_killed_between_the_history_tables_leaves_the_previous_generati
 
 
 VERDICT = {
-    "drifted": True, "reasons": ["class PSI 0.412 > 0.2: C1 50.0% -> C1 80.0%"], "current_rows": 4000, "reference_rows": 3900,
-    "drifted_feature_share": 0.25, "feature_psi_threshold": 0.2, "drifted_feature_share_threshold": 0.3,
-    "prediction_psi": 0.412, "prediction_psi_threshold": 0.2, "performance_status": "not monitored",
+    "drifted": True,
+    "reasons": ["class PSI 0.412 > 0.2: C1 50.0% -> C1 80.0%"],
+    "current_rows": 4000,
+    "reference_rows": 3900,
+    "drifted_feature_share": 0.25,
+    "feature_psi_threshold": 0.2,
+    "drifted_feature_share_threshold": 0.3,
+    "prediction_psi": 0.412,
+    "prediction_psi_threshold": 0.2,
+    "performance_status": "not monitored",
 }
 IDENTITY = {"tag": "risk_appetite", "as_of": "2026-10-31", "model": "tagml-risk_appetite/3", "reference_as_of": "2026-08-31"}
 
@@ -381,8 +410,8 @@ def test_a_column_gone_all_missing_is_named_not_a_crash_and_the_report_says_whos
     assert summary.excluded == {"aum_total": "no values in the current sample"}
     assert "aum_total" not in summary.columns and summary.columns["income"]["drifted"] is False
     page = target.read_text()
-    header = page[page.index("<header id='tagml-verdict'"):page.index("</header>")]
-    assert page.index("<header id='tagml-verdict'") < page.index("<div id=\"root_")  # first thing in the body
+    header = page[page.index("<header id='tagml-verdict'") : page.index("</header>")]
+    assert page.index("<header id='tagml-verdict'") < page.index('<div id="root_')  # first thing in the body
     for fact in ("risk_appetite", "2026-10-31", "tagml-risk_appetite/3", "2026-08-31"):
         assert fact in header
     assert "<title>tagml drift: risk_appetite 2026-10-31</title>" in page
@@ -396,6 +425,8 @@ def test_a_report_with_no_comparable_column_still_has_its_header(tmp_path):
     from tagml.monitoring.report import drift_report
 
     ref = pd.DataFrame({"aum_total": [1.0, 2.0, 3.0]})
-    summary = drift_report(ref, ref.assign(aum_total=np.nan), ["aum_total"], [], 0.3, tmp_path / "r.html", IDENTITY, {**VERDICT, "drifted": False, "reasons": []})
+    summary = drift_report(
+        ref, ref.assign(aum_total=np.nan), ["aum_total"], [], 0.3, tmp_path / "r.html", IDENTITY, {**VERDICT, "drifted": False, "reasons": []}
+    )
     assert summary.columns == {} and summary.drifted_columns == 0
     assert "tagml's verdict: no drift" in (tmp_path / "r.html").read_text()

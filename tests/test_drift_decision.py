@@ -22,9 +22,7 @@ def _measures(
     performance: RealisedPerformance = NOT_MONITORED,
 ) -> DriftMeasures:
     rows = rows or {}
-    features = pd.DataFrame(
-        [(f, p, *rows.get(f, (1000, 1000))) for f, p in psi.items()], columns=["feature", "psi", "reference_rows", "current_rows"]
-    )
+    features = pd.DataFrame([(f, p, *rows.get(f, (1000, 1000))) for f, p in psi.items()], columns=["feature", "psi", "reference_rows", "current_rows"])
     shares = shares or {"low": (0.5, 0.5), "high": (0.5, 0.5)}
     class_shares = pd.DataFrame([(c, r, s) for c, (r, s) in shares.items()], columns=["class", "reference_share", "current_share"])
     return DriftMeasures(features, prediction_psi, class_shares, ("low", "high"), performance)
@@ -98,7 +96,9 @@ def test_predictions_drift_strictly_above_prediction_psi_with_the_shares_in_clas
 
 
 def test_a_performance_drop_flagged_by_the_measure_drifts_the_tag_with_its_numbers():
-    perf = RealisedPerformance("measured", "log_loss", partition=date(2026, 8, 1), labels=400, version="3", realised=0.71, expected=0.6, drop=0.11, drifted=True)
+    perf = RealisedPerformance(
+        "measured", "log_loss", partition=date(2026, 8, 1), labels=400, version="3", realised=0.71, expected=0.6, drop=0.11, drifted=True
+    )
     decision = decide(_measures(_ten(0), performance=perf), SPEC)
     assert decision.performance_drift and decision.drifted and not decision.feature_drift and not decision.prediction_drift
     assert decision.reasons == ["realised log_loss 0.710 on 2026-08-01 (400 matured labels) is 0.110 below the test 0.600 (> 0.05)"]

@@ -34,7 +34,9 @@ TRAINED, BEFORE, AFTER = date(2026, 8, 31), date(2026, 9, 30), date(2026, 10, 31
 def loop(tmp_path_factory):
     root = tmp_path_factory.mktemp("drift_loop")
     write_test_catalog(root / "catalog.yaml", ("risk_appetite", "life_stage", "value_tier"))
-    settings = Settings.from_env({"TAGML_HOME": str(root / "home"), "TAGML_CATALOG": str(root / "catalog.yaml"), "TAGML_DRIFT_SAMPLE_ROWS": "1500", "TAGML_THREADS": "1"})
+    settings = Settings.from_env(
+        {"TAGML_HOME": str(root / "home"), "TAGML_CATALOG": str(root / "catalog.yaml"), "TAGML_DRIFT_SAMPLE_ROWS": "1500", "TAGML_THREADS": "1"}
+    )
     settings.ensure_dirs()
     generate_bank(BankConfig(customers=4000, months=12, seed=11, drift="market_shock", drift_month="2026-10"), settings.raw_dir)
     defs = build_definitions(settings)
@@ -67,13 +69,26 @@ def loop(tmp_path_factory):
     [request] = ticks[AFTER].run_requests
     # as `tagml demo` runs it: in process, with the tags the sensor daemon would give the run
     reevaluated = defs.resolve_job_def(request.job_name).execute_in_process(
-        instance=instance, partition_key=request.partition_key, run_config=request.run_config, tags=in_process_run_tags(request),
+        instance=instance,
+        partition_key=request.partition_key,
+        run_config=request.run_config,
+        tags=in_process_run_tags(request),
         raise_on_error=False,
     )
     return {
-        "settings": settings, "defs": defs, "instance": instance, "trained": trained, "nightly": nightly, "ticks": ticks,
-        "repeat": repeat, "reset": reset, "recomputed": recomputed, "tags_before": tags_before, "request": request,
-        "reevaluated": reevaluated, "client": MlflowClient(settings.mlflow_tracking_uri),
+        "settings": settings,
+        "defs": defs,
+        "instance": instance,
+        "trained": trained,
+        "nightly": nightly,
+        "ticks": ticks,
+        "repeat": repeat,
+        "reset": reset,
+        "recomputed": recomputed,
+        "tags_before": tags_before,
+        "request": request,
+        "reevaluated": reevaluated,
+        "client": MlflowClient(settings.mlflow_tracking_uri),
     }
 
 
@@ -102,7 +117,9 @@ def test_after_the_shock_the_sensor_requests_the_affected_tag_only(loop):
     assert after.loc["life_stage", "reasons"].tolist() == []
     request = loop["request"]
     assert (request.job_name, request.partition_key, request.run_key) == (
-        "reevaluate_risk_appetite_job", "2026-10-31", "reevaluate-risk_appetite-2026-10-31",
+        "reevaluate_risk_appetite_job",
+        "2026-10-31",
+        "reevaluate-risk_appetite-2026-10-31",
     )
     assert request.tags["tagml/trigger"] == "drift" and "risky_share_change_3m" in request.tags["tagml/drift_reasons"]
     # the asset checks: the drifted tag red (ERROR), the other green; neither blocks
@@ -234,7 +251,10 @@ def test_missing_inputs_fail_with_named_errors(loop, tmp_path):
 
     Path(snapshot).rename(moved)
     try:
-        with make_connection(tmp_path) as con, pytest.raises(DriftInputError, match=f"tag 'life_stage': the training snapshot of tagml-life_stage/{version} .* does not exist"):
+        with (
+            make_connection(tmp_path) as con,
+            pytest.raises(DriftInputError, match=f"tag 'life_stage': the training snapshot of tagml-life_stage/{version} .* does not exist"),
+        ):
             compute_drift(con, loop["client"], catalog, AFTER, locations, tags=["life_stage"], report=False)
     finally:
         moved.rename(snapshot)
@@ -257,8 +277,10 @@ def test_tagml_drift_prints_the_summary_and_the_report(loop, monkeypatch, capsys
 
 def test_drift_of_one_tag_keeps_the_other_tags_results_and_checks(loop):
     config = {"ops": {"tag_drift": {"config": {"tags": ["life_stage"], "report": False}}}}
-    run = loop["defs"].resolve_job_def(NIGHTLY_SCORING_JOB).execute_in_process(
-        instance=loop["instance"], partition_key=AFTER.isoformat(), asset_selection=[dg.AssetKey("tag_drift")], run_config=config
+    run = (
+        loop["defs"]
+        .resolve_job_def(NIGHTLY_SCORING_JOB)
+        .execute_in_process(instance=loop["instance"], partition_key=AFTER.isoformat(), asset_selection=[dg.AssetKey("tag_drift")], run_config=config)
     )
     checks = {e.check_name: e for e in run.get_asset_check_evaluations()}
     assert not checks["risk_appetite_drift"].passed and "stored result" in checks["risk_appetite_drift"].description

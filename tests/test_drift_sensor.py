@@ -23,10 +23,14 @@ from tagml.core.settings import Settings
 
 VERDICTS = {
     # as_of: (computed_at, per-tag verdicts)
-    "2026-10-30": (datetime(2026, 11, 1, 10, 0, tzinfo=UTC), {"life_stage": {"drifted": True, "reasons": ["class PSI 0.31 > 0.2"]},
-                                                          "risk_appetite": {"drifted": False, "reasons": []}}),
-    "2026-10-31": (datetime(2026, 11, 1, 10, 5, tzinfo=UTC), {"risk_appetite": {"drifted": True, "reasons": ["critical feature drifted"]},
-                                                          "life_stage": {"drifted": False, "reasons": []}}),
+    "2026-10-30": (
+        datetime(2026, 11, 1, 10, 0, tzinfo=UTC),
+        {"life_stage": {"drifted": True, "reasons": ["class PSI 0.31 > 0.2"]}, "risk_appetite": {"drifted": False, "reasons": []}},
+    ),
+    "2026-10-31": (
+        datetime(2026, 11, 1, 10, 5, tzinfo=UTC),
+        {"risk_appetite": {"drifted": True, "reasons": ["critical feature drifted"]}, "life_stage": {"drifted": False, "reasons": []}},
+    ),
 }
 
 
@@ -110,5 +114,7 @@ def test_the_cooldown_comes_from_the_monitoring_resource(tmp_path):
     default = sensor.evaluate_tick(sensor_context(repository, instance))
     assert [r.partition_key for r in default.run_requests] == ["2026-10-30"]  # the second falls in the 7-day cooldown
     no_cooldown = MonitoringResource(**{**MonitoringResource.from_settings(settings).model_dump(), "reevaluation_cooldown_days": 0})
-    context = dg.build_sensor_context(instance=instance, repository_def=repository, resources={**repository.get_top_level_resources(), "monitoring": no_cooldown})
+    context = dg.build_sensor_context(
+        instance=instance, repository_def=repository, resources={**repository.get_top_level_resources(), "monitoring": no_cooldown}
+    )
     assert [r.partition_key for r in sensor.evaluate_tick(context).run_requests] == ["2026-10-30", "2026-10-31"]

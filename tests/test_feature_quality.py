@@ -101,7 +101,9 @@ def test_gate_keeps_the_stored_partition_when_a_feature_goes_empty(bank, con, tm
 
 def test_unseen_category_values_are_counted_and_flagged(bank, bank_features, con, tmp_path):
     broken = rewrite(
-        con, bank_features[MID_MONTH_END], tmp_path / "broken.parquet",
+        con,
+        bank_features[MID_MONTH_END],
+        tmp_path / "broken.parquet",
         "CASE WHEN hash(customer_id) % 50 = 0 THEN 'atlantis' ELSE region END AS region",
     )
     expected = con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(broken)}) WHERE region = 'atlantis'").fetchone()[0]

@@ -185,9 +185,7 @@ def test_product_shares_add_up(features_at):
 def test_derived_features_agree_with_their_inputs(features_at):
     _, df = features_at
     both = df[(df["salary_income_3m"] > 0)]
-    pd.testing.assert_series_equal(
-        both["debt_to_income"], both["monthly_debt_payment"] / both["salary_income_3m"], check_names=False, rtol=1e-12
-    )
+    pd.testing.assert_series_equal(both["debt_to_income"], both["monthly_debt_payment"] / both["salary_income_3m"], check_names=False, rtol=1e-12)
     assert df.loc[df["salary_income_3m"] == 0, "debt_to_income"].isna().all()
     limit = df[df["credit_limit"] > 0]
     pd.testing.assert_series_equal(limit["card_utilisation"], limit["credit_card_balance"] / limit["credit_limit"], check_names=False, rtol=1e-12)

@@ -236,7 +236,9 @@ def test_labels_agree_with_their_truth(bank, con):
     assert hit > 0.4  # five classes: chance is 0.2; the Bayes accuracy is about 0.6
     churn = f"read_parquet({sql_literal(bank['raw'] / '_truth' / 'churn_90d.parquet')})"
     p_churned, p_retained = (
-        one(con, f"SELECT avg(p_churned) FROM {labels} l JOIN {churn} USING (customer_id, label_date) WHERE l.tag = 'churn_90d' AND l.label = {sql_literal(k)}")[0]
+        one(
+            con, f"SELECT avg(p_churned) FROM {labels} l JOIN {churn} USING (customer_id, label_date) WHERE l.tag = 'churn_90d' AND l.label = {sql_literal(k)}"
+        )[0]
         for k in ("churned", "retained")
     )
     assert p_churned > 2 * p_retained
@@ -253,10 +255,10 @@ def test_risk_appetite_drives_risky_holdings(bank, con):
               SELECT customer_id, month_end,
                 sum(balance) FILTER (WHERE product IN ('mutual_fund', 'equity')) AS risky,
                 sum(balance) FILTER (WHERE product <> 'credit_card') AS aum
-              FROM {src(bank['raw'], 'balances')} GROUP BY ALL
+              FROM {src(bank["raw"], "balances")} GROUP BY ALL
             ), c AS (SELECT customer_id, avg(coalesce(risky, 0) / aum) AS share FROM m WHERE aum > 0 GROUP BY ALL)
             SELECT l.label, avg(coalesce(c.share, 0))
-            FROM {src(bank['raw'], 'tag_labels')} l LEFT JOIN c USING (customer_id)
+            FROM {src(bank["raw"], "tag_labels")} l LEFT JOIN c USING (customer_id)
             WHERE l.tag = 'risk_appetite' GROUP BY l.label
             """
         ).fetchall()
@@ -273,10 +275,10 @@ def test_life_stage_drives_spending(bank, con):
               SELECT customer_id,
                 sum(amount) FILTER (WHERE category = 'childcare') AS childcare,
                 count(*) FILTER (WHERE category = 'pension') AS pensions
-              FROM {src(bank['raw'], 'transactions')} GROUP BY ALL
+              FROM {src(bank["raw"], "transactions")} GROUP BY ALL
             )
             SELECT l.label, [avg(coalesce(childcare, 0)), avg(coalesce(pensions, 0))]
-            FROM {src(bank['raw'], 'tag_labels')} l LEFT JOIN s USING (customer_id)
+            FROM {src(bank["raw"], "tag_labels")} l LEFT JOIN s USING (customer_id)
             WHERE l.tag = 'life_stage' GROUP BY l.label
             """
         ).fetchall()
@@ -343,7 +345,10 @@ def test_youth_campaign_onboards_young_customers(bank, drifted, con):
     assert n_young > 2 * n_base
     campaign = one(con, f"SELECT count(*) FROM {src(drifted['youth_campaign'], 'customers')} WHERE acquisition_channel = 'campaign'")[0]
     assert campaign > 0.05 * BANK.customers
-    before = one(con, f"SELECT count(*) FROM {src(drifted['youth_campaign'], 'customers')} WHERE acquisition_channel = 'campaign' AND onboarding_date < DATE '{DRIFT_MONTH}-01'")[0]
+    before = one(
+        con,
+        f"SELECT count(*) FROM {src(drifted['youth_campaign'], 'customers')} WHERE acquisition_channel = 'campaign' AND onboarding_date < DATE '{DRIFT_MONTH}-01'",
+    )[0]
     assert before == 0
 
 

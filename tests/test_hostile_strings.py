@@ -59,7 +59,7 @@ def test_threads_must_be_a_positive_integer():
 
 
 def test_paths_with_quotes_backslashes_and_non_ascii_reach_sql_as_literals(tmp_path):
-    odd = tmp_path / "Xi'an \\ 西安 \"q\"" / "data.parquet"
+    odd = tmp_path / 'Xi\'an \\ 西安 "q"' / "data.parquet"
     with connect(1, "512MB") as con:
         rows = write_parquet_atomically(con, "SELECT 'Xi''an' AS region", odd)
         assert rows == 1
@@ -95,7 +95,7 @@ def hostile(value: object) -> object:
 @pytest.fixture(scope="module")
 def hostile_bank(tmp_path_factory) -> dict:
     # a quote, a backslash and non-ASCII in every path: they reach SQL as literals only
-    root = tmp_path_factory.mktemp("hostile") / "Xi'an \\ \"q\" 西安"
+    root = tmp_path_factory.mktemp("hostile") / 'Xi\'an \\ "q" 西安'
     generated, raw, staged = root / "generated", root / "raw", root / "staged"
     generate_bank(SMALL_BANK, generated)
     raw.mkdir(parents=True)
@@ -130,8 +130,14 @@ def hostile_bank(tmp_path_factory) -> dict:
 
 def test_the_test_covers_every_free_text_column_of_the_contract():
     covered = set(free_text_columns())
-    assert {("customers", "customer_id"), ("customers", "full_name"), ("loans", "loan_id"), ("transactions", "txn_id"),
-            ("tag_labels", "tag"), ("tag_labels", "label")} <= covered
+    assert {
+        ("customers", "customer_id"),
+        ("customers", "full_name"),
+        ("loans", "loan_id"),
+        ("transactions", "txn_id"),
+        ("tag_labels", "tag"),
+        ("tag_labels", "label"),
+    } <= covered
     assert all(TABLES_BY_NAME[t].column(c).type == "string" for t, c in covered)
 
 

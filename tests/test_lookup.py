@@ -28,7 +28,9 @@ def store(tmp_path) -> TagStore:
                     ('C2', 'value_tier', 'mass', NULL, NULL, [], 'rule', 'rule value_tier@1', NULL, NULL, NULL, NULL)
                 ) AS t(customer_id, tag, value, probability, probabilities, reasons, source, producer, model_version, observed_value, inferred_value, observed_mismatch)
                 CROSS JOIN (SELECT DATE '2026-09-30' AS as_of, TIMESTAMP '2026-10-01 02:13:00' AS scored_at)
-            ) TO """ + sql_literal(str(path)) + " (FORMAT parquet)"
+            ) TO """
+            + sql_literal(str(path))
+            + " (FORMAT parquet)"
         )
     return store
 

@@ -25,9 +25,7 @@ def home(tmp_path_factory):
 
 
 def _run(settings, job, **kwargs):
-    return build_definitions(settings).resolve_job_def(job).execute_in_process(
-        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False, **kwargs
-    )
+    return build_definitions(settings).resolve_job_def(job).execute_in_process(instance=dg.DagsterInstance.ephemeral(), raise_on_error=False, **kwargs)
 
 
 def test_raw_then_features_materialize_with_passing_checks(home):
@@ -44,7 +42,15 @@ def test_raw_then_features_materialize_with_passing_checks(home):
     metadata = materialization.materialization.metadata
     assert metadata["rows"].value == customers.num_rows  # every demo customer is onboarded by the end
     evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert evaluations == {"row_count": True, "unique_customers": True, "schema": True, "null_rates": True, "unseen_categories": True, "constant_features": True, "freshness": True}
+    assert evaluations == {
+        "row_count": True,
+        "unique_customers": True,
+        "schema": True,
+        "null_rates": True,
+        "unseen_categories": True,
+        "constant_features": True,
+        "freshness": True,
+    }
     # aggregates only: not one customer id anywhere in the materialization's metadata
     shown = " ".join(str(v.value) for v in metadata.values())
     assert "preview" not in metadata and not [c for c in customers.column("customer_id").to_pylist() if c in shown]

@@ -44,7 +44,9 @@ pytestmark = pytest.mark.slow
 
 def _nightly(defs: dg.Definitions, instance: dg.DagsterInstance, day: date) -> dg.ExecuteInProcessResult:
     return defs.resolve_job_def(NIGHTLY_SCORING_JOB).execute_in_process(
-        instance=instance, partition_key=day.isoformat(), run_config=NO_REPORT,
+        instance=instance,
+        partition_key=day.isoformat(),
+        run_config=NO_REPORT,
         asset_selection=[dg.AssetKey(k) for k in ("customer_features", "customer_tags", "tag_drift")],
     )
 
@@ -127,7 +129,8 @@ def test_a_moved_home_works_where_it_is_now_and_writes_nothing_where_it_was(home
         assert _nightly(definitions, instance, SECOND).success
         # the training set stored by the earlier run (in the moved io-manager storage) is found
         retrain = definitions.resolve_job_def(TRAIN_ALL_JOB).execute_in_process(
-            instance=instance, asset_selection=[tag_model_key("risk_appetite")],
+            instance=instance,
+            asset_selection=[tag_model_key("risk_appetite")],
             run_config={"ops": {tag_model_key("risk_appetite").to_python_identifier(): {"config": {"train_as_of": TRAINED.isoformat()}}}},
         )
         assert retrain.success

@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-AUDIT_HOOK = '''
+AUDIT_HOOK = """
 import ipaddress
 import os
 import socket
@@ -58,7 +58,7 @@ def _hook(event, args):
 
 
 sys.addaudithook(_hook)
-'''
+"""
 
 # what the CLI must set by itself (this test process has them from tests/conftest.py)
 SWITCHES = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "DAGSTER_DISABLE_TELEMETRY", "MLFLOW_TRACKING_URI", "DAGSTER_HOME", "MPLCONFIGDIR")
@@ -74,18 +74,28 @@ def test_the_demo_makes_no_network_call_and_writes_nothing_under_home(tmp_path):
     source = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TAGML_", "XDG_")) and k not in SWITCHES}
     env.update(
-        HOME=str(user_home), TAGML_HOME=str(tmp_path / "tagml_home"), TAGML_THREADS="1", NO_NETWORK_LOG=str(log),
+        HOME=str(user_home),
+        TAGML_HOME=str(tmp_path / "tagml_home"),
+        TAGML_THREADS="1",
+        NO_NETWORK_LOG=str(log),
         PYTHONPATH=os.pathsep.join([str(site), str(source)]),
     )
     # the hook is live in the child: a lookup of a public name is recorded and blocked (no query is sent)
-    probe = subprocess.run([sys.executable, "-c", "import socket\ntry:\n socket.getaddrinfo('example.org', 443)\nexcept OSError:\n pass"],
-                           check=False, env=env, capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import socket\ntry:\n socket.getaddrinfo('example.org', 443)\nexcept OSError:\n pass"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert probe.returncode == 0, probe.stderr
     assert "example.org" in log.read_text()
     log.unlink()
 
-    demo = subprocess.run([sys.executable, "-m", "tagml.cli", "demo", "--customers", "1500"], check=False, env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=1500)
+    demo = subprocess.run(
+        [sys.executable, "-m", "tagml.cli", "demo", "--customers", "1500"], check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1500
+    )
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "[6/6]" in demo.stdout and "re-scored customer_tags" in demo.stdout
     assert "$ tagml tags C" in demo.stdout and "lineage: tagml-risk_appetite/" in demo.stdout  # the example lookup ran

@@ -43,8 +43,7 @@ def truncate_bank(con, raw: Path, out: Path, as_of: date) -> dict[str, int]:
         (out / table).mkdir(parents=True)
         src = f"read_parquet({sql_literal(raw_glob(raw, table))})"
         con.execute(
-            f"COPY (SELECT {select.format(d=d)} FROM {src} WHERE {where.format(d=d)}) "
-            f"TO {sql_literal(out / table / 'part-00000.parquet')} (FORMAT PARQUET)"
+            f"COPY (SELECT {select.format(d=d)} FROM {src} WHERE {where.format(d=d)}) TO {sql_literal(out / table / 'part-00000.parquet')} (FORMAT PARQUET)"
         )
         total = con.execute(f"SELECT count(*) FROM {src}").fetchone()[0]
         kept = con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(out / table / '*.parquet')})").fetchone()[0]
@@ -176,7 +175,17 @@ def write_hand_bank(raw: Path) -> None:
 
     loans = [
         # loan_id, customer, type, open, close, principal, term, rate, payment
-        ("L1", "A", "mortgage", "2020-06-30", "2026-08-01", MORTGAGE["principal"], MORTGAGE["term"], MORTGAGE["rate"], MORTGAGE_PAYMENT),  # closed after as_of: open
+        (
+            "L1",
+            "A",
+            "mortgage",
+            "2020-06-30",
+            "2026-08-01",
+            MORTGAGE["principal"],
+            MORTGAGE["term"],
+            MORTGAGE["rate"],
+            MORTGAGE_PAYMENT,
+        ),  # closed after as_of: open
         ("L2", "A", "personal", "2025-01-01", "2026-05-01", 5000.0, 12, 0.09, 437.25),  # closed before as_of
         ("L3", "A", "credit_card", "2024-01-01", None, 20_000.0, None, 0.18, 0.0),
         ("L4", "A", "auto", "2026-07-10", None, 80_000.0, 36, 0.055, 2415.0),  # opened after as_of
@@ -345,8 +354,16 @@ def test_customer_without_activity_gets_fill_values(hand_features):
     for f in filled:
         assert b[f.name] == f.fill, f"{f.name}: {b[f.name]} != fill {f.fill}"
     # without any rows, windows-without-data features are unknown, not zero
-    for name in ("days_since_last_txn", "share_equity", "risky_share", "spend_share_travel_12m", "aum_growth_3m",
-                 "months_since_last_loan", "debt_to_income", "days_since_last_login"):
+    for name in (
+        "days_since_last_txn",
+        "share_equity",
+        "risky_share",
+        "spend_share_travel_12m",
+        "aum_growth_3m",
+        "months_since_last_loan",
+        "debt_to_income",
+        "days_since_last_login",
+    ):
         assert pd.isna(b[name]), name
     assert b["age"] == pytest.approx((AS_OF - date(1960, 1, 1)).days / 365.25)
     assert pd.isna(b["marital_status"]) and pd.isna(b["num_children"])

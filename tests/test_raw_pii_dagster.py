@@ -86,9 +86,7 @@ def test_bad_raw_leaves_no_pii_in_dagster_home(con, bank, tmp_path, dagster_home
         build(con, bank, raw)
         settings = Settings.from_env({"TAGML_HOME": str(tmp_path / "tagml"), "TAGML_RAW_DIR": str(raw), "DAGSTER_HOME": str(dagster_home)})
         settings.ensure_dirs()
-        result = build_definitions(settings).resolve_job_def(RAW_INGEST_JOB).execute_in_process(
-            instance=instance, raise_on_error=False, run_config=DELIVERY
-        )
+        result = build_definitions(settings).resolve_job_def(RAW_INGEST_JOB).execute_in_process(instance=instance, raise_on_error=False, run_config=DELIVERY)
         assert not result.success, name
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
         failures[name] = failure.event_specific_data.error.message

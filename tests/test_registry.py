@@ -108,7 +108,10 @@ def test_rollback_reads_a_history_written_by_the_old_code(tmp_path):
     v1, v2, v3 = (_version(client) for _ in range(3))
     client.set_registered_model_alias(NAME, CHAMPION, v3)
     old = [{"version": v, "at": "t", "by": "gate", "reason": "gate"} for v in (v1, v2, v3)]
-    old += [{"version": v2, "at": "t", "by": "x", "reason": f"rollback (from v{v3})"}, {"version": v3, "at": "t", "by": "x", "reason": f"rollback (from v{v2})"}]
+    old += [
+        {"version": v2, "at": "t", "by": "x", "reason": f"rollback (from v{v3})"},
+        {"version": v3, "at": "t", "by": "x", "reason": f"rollback (from v{v2})"},
+    ]
     client.set_registered_model_tag(NAME, "champion_history", json.dumps(old))
     assert rollback(client, TAG, by="ops") == v1
 
@@ -131,7 +134,14 @@ def test_promoting_a_rejected_version_needs_force_and_a_reason_and_is_recorded_a
     assert promote(client, TAG, bad, by="alice", reason="regulator asked for the simpler model", force=True) is True
     assert champion_version(client, TAG) == bad
     entry = _history(client)[-1]
-    assert entry | {"at": None} == {"version": bad, "at": None, "by": "alice", "reason": "regulator asked for the simpler model", "action": "override", "override": True}
+    assert entry | {"at": None} == {
+        "version": bad,
+        "at": None,
+        "by": "alice",
+        "reason": "regulator asked for the simpler model",
+        "action": "override",
+        "override": True,
+    }
     tags = client.get_model_version(NAME, bad).tags
     assert (tags["override"], tags["override.by"], tags["champion_by"]) == ("true", "alice", "alice")
     assert tags["override.reason"] == "regulator asked for the simpler model"
@@ -252,8 +262,12 @@ def test_two_stores_in_one_process_never_see_each_other_and_the_fluent_default_i
     mlflow.set_tracking_uri(decoy)
     try:
         (a_uri, a), (b_uri, b) = _store(tmp_path / "a"), _store(tmp_path / "b")
-        trained = {uri: train_tag(risk["tag"], risk["data"], client, shipped_slices(risk["data"]), artifact_location=str(tmp_path / name / "artifacts"), seed=0, threads=1)
-                   for uri, client, name in ((a_uri, a, "a"), (b_uri, b, "b"))}
+        trained = {
+            uri: train_tag(
+                risk["tag"], risk["data"], client, shipped_slices(risk["data"]), artifact_location=str(tmp_path / name / "artifacts"), seed=0, threads=1
+            )
+            for uri, client, name in ((a_uri, a, "a"), (b_uri, b, "b"))
+        }
         for uri, client, other in ((a_uri, a, b_uri), (b_uri, b, a_uri)):
             result = trained[uri]
             runs = {r.info.run_id for r in _runs(client, result.experiment_id)}
@@ -273,11 +287,15 @@ def test_two_stores_in_one_process_never_see_each_other_and_the_fluent_default_i
 @pytest.mark.slow
 def test_pruned_trials_are_recorded_as_pruned_not_failed(risk, tmp_path):
     _uri, client = _store(tmp_path)
-    tag, _ = _tag(tmp_path, trials=8, search_space={
-        "n_estimators": {"low": 60, "high": 120, "integer": True},
-        "learning_rate": {"low": 0.005, "high": 0.5, "log": True},
-        "max_depth": {"low": 1, "high": 6, "integer": True},
-    })
+    tag, _ = _tag(
+        tmp_path,
+        trials=8,
+        search_space={
+            "n_estimators": {"low": 60, "high": 120, "integer": True},
+            "learning_rate": {"low": 0.005, "high": 0.5, "log": True},
+            "max_depth": {"low": 1, "high": 6, "integer": True},
+        },
+    )
     result = train_tag(tag, risk["data"], client, shipped_slices(risk["data"]), artifact_location=str(tmp_path / "artifacts"), seed=0, threads=1)
     parent = client.get_run(result.run_id)
     trials = [r for r in _runs(client, result.experiment_id) if r.info.run_name.startswith("trial-")]
@@ -332,7 +350,11 @@ def _train_and_die(risk, tmp_path, where: str) -> tuple[str, MlflowClient, int]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "PASSIVE"}
     child = subprocess.Popen(
         [sys.executable, "-c", TRAIN_AND_DIE, uri, str(risk["catalog"]), str(risk["data"].snapshot_path), str(tmp_path / "artifacts"), where],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     _, stderr = child.communicate(timeout=600)
     assert child.returncode == -9, stderr[-2000:]
@@ -386,14 +408,28 @@ def test_a_second_training_of_a_tag_fails_by_name_while_one_is_running(risk, tmp
     uri, client = _store(tmp_path)
     lock = training_lock_path(uri, TAG)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(120)", str(lock)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(120)",
+            str(lock),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.perf_counter()
         with pytest.raises(TrainingInProgressError, match=f"another training of tag '{TAG}' is running on this MLflow store \\(lock {lock}\\)"):
-            train_tag(risk["tag"], risk["data"], client, shipped_slices(risk["data"]), artifact_location=str(tmp_path / "artifacts"), threads=1, lock_timeout_seconds=1)
+            train_tag(
+                risk["tag"],
+                risk["data"],
+                client,
+                shipped_slices(risk["data"]),
+                artifact_location=str(tmp_path / "artifacts"),
+                threads=1,
+                lock_timeout_seconds=1,
+            )
         assert time.perf_counter() - started < 30
         assert client.get_experiment_by_name(f"tagml/{TAG}") is None  # nothing logged
     finally:
@@ -426,7 +462,9 @@ def test_tag_model_asset_records_the_dagster_run_id_and_links_to_mlflow(bank, tm
     shutil.copytree(bank["staged"], warehouse_dir / "raw")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     resources = {
-        "warehouse": WarehouseResource(raw_dir=str(tmp_path / "raw"), warehouse_dir=str(warehouse_dir), duckdb_path=str(tmp_path / "w.duckdb"), threads=1, memory_limit="1GB"),
+        "warehouse": WarehouseResource(
+            raw_dir=str(tmp_path / "raw"), warehouse_dir=str(warehouse_dir), duckdb_path=str(tmp_path / "w.duckdb"), threads=1, memory_limit="1GB"
+        ),
         "mlflow_store": MlflowResource(tracking_uri=uri, artifact_location=str(tmp_path / "artifacts"), ui_url="http://mlflow.example:5000/"),
     }
     result = dg.materialize(build_training_assets(tag, load_catalog(catalog_path)), resources=resources, instance=dg.DagsterInstance.ephemeral())

@@ -55,7 +55,17 @@ def world(bank, tmp_path_factory):
     first = train_tag(tag, data, client, shipped_slices(data), artifact_location=str(tmp / "artifacts"), seed=0, threads=1)
     apply_gate(client, evaluate_gate(client, tag, first.version, data, shipped_slices(data)))
     assert champion_version(client, "risk_appetite") == first.version
-    return {"tmp": tmp, "catalog": catalog, "uri": uri, "client": client, "con": con, "features": features, "data": data, "first": first, "staged": bank["staged"]}
+    return {
+        "tmp": tmp,
+        "catalog": catalog,
+        "uri": uri,
+        "client": client,
+        "con": con,
+        "features": features,
+        "data": data,
+        "first": first,
+        "staged": bank["staged"],
+    }
 
 
 def _score(world, target: Path, **kwargs):
@@ -87,7 +97,7 @@ def test_every_customer_gets_every_tag_with_what_produced_it(world, tmp_path):
     assert rules.producer.str.startswith("rule:2026.1:").all() and rules.probability.isna().all()
     aum = pd.read_parquet(world["features"], columns=["customer_id", "aum_total"]).set_index("customer_id").aum_total
     tiers = rules.set_index("customer_id").value
-    assert (tiers[aum[aum >= 1_000_000].index] .isin(["high_net_worth", "private_banking"])).all()
+    assert (tiers[aum[aum >= 1_000_000].index].isin(["high_net_worth", "private_banking"])).all()
     assert (tiers[aum[aum < 50_000].index] == "mass").all()
 
 
@@ -111,9 +121,10 @@ def test_rerunning_a_partition_leaves_exactly_one_copy(world, tmp_path):
         _score(world, store.partition_path(AS_OF))
     assert [p.name for p in store.partition_path(AS_OF).parent.iterdir()] == ["data.parquet"]
     con = world["con"]
-    assert con.execute(f"SELECT count(*), count(DISTINCT (customer_id, tag)) FROM read_parquet('{store.partition_path(AS_OF)}')").fetchall()[0] == (
-        pq.read_metadata(store.partition_path(AS_OF)).num_rows,
-    ) * 2
+    assert (
+        con.execute(f"SELECT count(*), count(DISTINCT (customer_id, tag)) FROM read_parquet('{store.partition_path(AS_OF)}')").fetchall()[0]
+        == (pq.read_metadata(store.partition_path(AS_OF)).num_rows,) * 2
+    )
 
 
 def test_missing_champion_fails_clearly_and_writes_nothing(world, tmp_path):
@@ -157,8 +168,8 @@ def test_a_scoring_run_killed_mid_write_leaves_the_previous_partition_intact(wor
                 time.sleep(0.2)
                 yield batch
         score._model_batches = slow
-        score.score_partition(connect(1, "1GB"), connect_tracking({world['uri']!r}), load_catalog({str(world['tmp'] / 'catalog.yaml')!r}),
-            Path({str(world['features'])!r}), Path({str(world['staged'])!r}), date.fromisoformat({AS_OF.isoformat()!r}),
+        score.score_partition(connect(1, "1GB"), connect_tracking({world["uri"]!r}), load_catalog({str(world["tmp"] / "catalog.yaml")!r}),
+            Path({str(world["features"])!r}), Path({str(world["staged"])!r}), date.fromisoformat({AS_OF.isoformat()!r}),
             Path({str(target)!r}), batch_rows=50)
         """
     )
@@ -229,7 +240,9 @@ def test_history_changes_and_transitions_on_a_hand_made_store(hand_store, tmp_pa
     assert history[["value", "producer"]].values.tolist() == [["C1", "tagml-risk_appetite/1"], ["C2", "tagml-risk_appetite/2"]]
     changes = hand_store.changes(con, "risk_appetite", date(2026, 9, 30), date(2026, 10, 31))
     assert changes[["customer_id", "from_value", "to_value"]].where(changes.notna(), None).values.tolist() == [
-        ["A", "C1", "C2"], ["C", "C2", "C1"], ["D", None, "C1"],
+        ["A", "C1", "C2"],
+        ["C", "C2", "C1"],
+        ["D", None, "C1"],
     ]
     matrix = hand_store.transition_matrix(con, "risk_appetite", date(2026, 9, 30), date(2026, 10, 31))
     assert matrix.loc["C1", "C2"] == 1 and matrix.loc["C2", "C2"] == 1 and matrix.loc["C2", "C1"] == 1 and matrix.loc["(new)", "C1"] == 1
@@ -385,7 +398,7 @@ def test_csv_export_defuses_spreadsheet_formulas(tmp_path):
 
     store = ParquetTagStore(tmp_path / "tags")
     as_of = date(2026, 10, 31)
-    hostile = {"=HYPERLINK(\"http://x\")": "C1", "+1+2": "C2", "-2+3": "C1", "@SUM(A1)": "C2", "\tTAB": "C1", "\rCR": "C2", "C-7": "C1"}
+    hostile = {'=HYPERLINK("http://x")': "C1", "+1+2": "C2", "-2+3": "C1", "@SUM(A1)": "C2", "\tTAB": "C1", "\rCR": "C2", "C-7": "C1"}
     path = store.partition_path(as_of)
     path.parent.mkdir(parents=True)
     pq.write_table(_rows(as_of, hostile, "=cmd|' /C calc'!A0"), path)
@@ -468,5 +481,7 @@ def test_a_version_without_recorded_feature_types_reads_the_same_kinds_everywher
 def test_scoring_and_monitoring_do_not_import_the_trainer():
     """Naming a model or reading a version must not pull in Optuna and the calibration code."""
     code = "import sys, tagml.scoring.score, tagml.monitoring.reference, tagml.monitoring.drift; print(sorted(m for m in ('optuna', 'tagml.training.train') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    )
     assert out.stdout.strip() == "[]"

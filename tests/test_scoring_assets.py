@@ -59,7 +59,10 @@ def test_a_feature_gone_empty_is_caught_by_the_stability_check(bank_features, tm
     good = pq.read_table(bank_features[AS_OF])
     instance = dg.DagsterInstance.ephemeral()
     results = {}
-    for day, table in ((date(2026, 6, 29), good), (AS_OF, good.set_column(good.schema.get_field_index("aum_total"), "aum_total", pa.nulls(good.num_rows, pa.float64())))):
+    for day, table in (
+        (date(2026, 6, 29), good),
+        (AS_OF, good.set_column(good.schema.get_field_index("aum_total"), "aum_total", pa.nulls(good.num_rows, pa.float64()))),
+    ):
         snapshot = WarehouseLayout(settings.warehouse_dir).customer_features.path(day)
         snapshot.parent.mkdir(parents=True)
         pq.write_table(table, snapshot)

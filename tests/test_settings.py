@@ -61,8 +61,12 @@ def test_the_dagster_code_location_fails_its_load_by_name(tmp_path, monkeypatch)
 
 def test_good_values_and_the_defaults_are_unchanged(tmp_path):
     env = {
-        "TAGML_HOME": str(tmp_path), "TAGML_THREADS": "3", "TAGML_DUCKDB_MEMORY_LIMIT": "512MB",
-        "TAGML_SCORING_CRON": "30 1 * * mon-fri", "TAGML_TIMEZONE": "Asia/Hong_Kong", "TAGML_REFRESH_TIME": "05:15",
+        "TAGML_HOME": str(tmp_path),
+        "TAGML_THREADS": "3",
+        "TAGML_DUCKDB_MEMORY_LIMIT": "512MB",
+        "TAGML_SCORING_CRON": "30 1 * * mon-fri",
+        "TAGML_TIMEZONE": "Asia/Hong_Kong",
+        "TAGML_REFRESH_TIME": "05:15",
     }
     settings = Settings.from_env(env)
     assert (settings.threads, settings.duckdb_memory_limit, settings.timezone) == (3, "512MB", "Asia/Hong_Kong")

@@ -94,7 +94,10 @@ def test_two_writers_of_one_target_never_share_a_temporary_and_a_dead_ones_write
     target.write_text("old")
     ready = tmp_path / "ready"
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             from pathlib import Path
             sys.path.insert(0, {str(ROOT)!r})
@@ -103,7 +106,8 @@ def test_two_writers_of_one_target_never_share_a_temporary_and_a_dead_ones_write
                 tmp.write_text("the other writer's half")
                 Path({str(ready)!r}).write_text(tmp.name)
                 time.sleep(600)
-            """)],
+            """),
+        ],
         start_new_session=True,
     )
     try:

@@ -264,9 +264,7 @@ def test_wide_table_source_infers_types_drops_pii_and_scores_unseen_categories(t
     )
     wide.to_parquet(tmp_path / "crm.parquet")
     high = (spend > 2000) ^ (rng.random(n) < 0.1)
-    labels = pd.DataFrame(
-        {"cust_no": ids, "label": np.where(high, "big", "small"), "label_date": pd.date_range("2026-01-01", periods=n, freq="6h").date}
-    )
+    labels = pd.DataFrame({"cust_no": ids, "label": np.where(high, "big", "small"), "label_date": pd.date_range("2026-01-01", periods=n, freq="6h").date})
     labels.to_csv(tmp_path / "crm_labels.csv", index=False)
     entry = {
         "name": "big_spender",
@@ -295,7 +293,11 @@ def test_wide_table_source_infers_types_drops_pii_and_scores_unseen_categories(t
 def test_wide_table_without_its_id_column_is_a_named_error(tmp_path):
     pd.DataFrame({"x": [1.0]}).to_parquet(tmp_path / "t.parquet")
     entry = {
-        "name": "t", "description": "d", "kind": "model", "classes": ["a", "b"], "owner": "o",
+        "name": "t",
+        "description": "d",
+        "kind": "model",
+        "classes": ["a", "b"],
+        "owner": "o",
         "label": {"feature_source": {"path": str(tmp_path / "t.parquet"), "labels_path": str(tmp_path / "l.csv")}},
         "model": {"trials": 1},
     }
@@ -324,20 +326,27 @@ def test_evaluation_slices_are_the_catalogs_value_tiers_as_drift_and_scoring_see
     from tagml.training.evaluate import evaluation_slices, slices
 
     catalog = load_catalog()
-    frame = pd.DataFrame({
-        "customer_id": [f"C{i}" for i in range(6)],
-        "age": [25.0, 30.0, 44.0, 59.0, 60.0, None],
-        "region": ["north", None, "east", "east", "south", "north"],
-        "aum_total": [0.0, 49_999.0, 50_000.0, 2_000_000.0, 7_000_000.0, None],
-    }, index=[10, 11, 12, 13, 14, 15])
+    frame = pd.DataFrame(
+        {
+            "customer_id": [f"C{i}" for i in range(6)],
+            "age": [25.0, 30.0, 44.0, 59.0, 60.0, None],
+            "region": ["north", None, "east", "east", "south", "north"],
+            "aum_total": [0.0, 49_999.0, 50_000.0, 2_000_000.0, 7_000_000.0, None],
+        },
+        index=[10, 11, 12, 13, 14, 15],
+    )
     columns = ["age", "region", "aum_total"]
     values = slices(frame, evaluation_slices(slice_expressions(catalog, set(columns)), columns))
     assert set(values) == {"age_band", "region", "value_tier"}
     tier = catalog.get("value_tier")
     assert set(values["value_tier"]) == set(tier.classes)  # all four tiers, no label outside the catalog's classes
     frame.to_parquet(tmp_path / "features.parquet")
-    scored = pd.concat(b.to_pandas() for b in rule_batches(
-        make_connection(tmp_path), tmp_path / "features.parquet", tier, f"SELECT customer_id, {rule_case_sql(tier)} AS value FROM features", 100))
+    scored = pd.concat(
+        b.to_pandas()
+        for b in rule_batches(
+            make_connection(tmp_path), tmp_path / "features.parquet", tier, f"SELECT customer_id, {rule_case_sql(tier)} AS value FROM features", 100
+        )
+    )
     assert values["value_tier"].tolist() == scored.set_index("customer_id").loc[frame.customer_id, "value"].tolist()
     assert list(values["value_tier"].index) == list(frame.index)
     assert values["age_band"].tolist() == ["<30", "30-44", "30-44", "45-59", "60+", "missing"]

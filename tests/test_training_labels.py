@@ -63,7 +63,8 @@ def test_a_few_unknown_labels_are_counted_per_value(con, bank, staged_copy, tmp_
     Dagster metadata shows); the training set holds only the declared classes."""
     # about 2% of risk labels recoded to two values the catalog does not know
     relabel(
-        con, staged_copy,
+        con,
+        staged_copy,
         "CASE WHEN tag = 'risk_appetite' AND hash(customer_id) % 100 = 0 THEN 'C9' "
         "WHEN tag = 'risk_appetite' AND hash(customer_id) % 100 = 1 THEN 'unknown' ELSE label END",
     )

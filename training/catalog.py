@@ -51,14 +51,51 @@ class RuleSyntaxError(ValueError):
 # boolean logic, IN (literal list), BETWEEN, IS NULL, CASE, casts to numbers or text and a few scalar
 # functions. No subqueries, table functions, file access, parameters or unknown functions.
 _RULE_NODES: tuple[type[exp.Expression], ...] = (
-    exp.Column, exp.Identifier, exp.Literal, exp.Boolean, exp.Null, exp.Paren,
-    exp.And, exp.Or, exp.Not, exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Is, exp.In, exp.Between,
-    exp.Add, exp.Sub, exp.Mul, exp.Div, exp.Mod, exp.Neg, exp.Cast, exp.TryCast, exp.DataType, exp.DataTypeParam, exp.Case, exp.If,
+    exp.Column,
+    exp.Identifier,
+    exp.Literal,
+    exp.Boolean,
+    exp.Null,
+    exp.Paren,
+    exp.And,
+    exp.Or,
+    exp.Not,
+    exp.EQ,
+    exp.NEQ,
+    exp.GT,
+    exp.GTE,
+    exp.LT,
+    exp.LTE,
+    exp.Is,
+    exp.In,
+    exp.Between,
+    exp.Add,
+    exp.Sub,
+    exp.Mul,
+    exp.Div,
+    exp.Mod,
+    exp.Neg,
+    exp.Cast,
+    exp.TryCast,
+    exp.DataType,
+    exp.DataTypeParam,
+    exp.Case,
+    exp.If,
 )
 RULE_FUNCTIONS: dict[type[exp.Expression], str] = {
-    exp.Abs: "abs", exp.Coalesce: "coalesce", exp.Nullif: "nullif", exp.Least: "least", exp.Greatest: "greatest",
-    exp.Round: "round", exp.Floor: "floor", exp.Ceil: "ceil", exp.Ln: "ln", exp.Sqrt: "sqrt",
-    exp.Length: "length", exp.Lower: "lower", exp.Upper: "upper",
+    exp.Abs: "abs",
+    exp.Coalesce: "coalesce",
+    exp.Nullif: "nullif",
+    exp.Least: "least",
+    exp.Greatest: "greatest",
+    exp.Round: "round",
+    exp.Floor: "floor",
+    exp.Ceil: "ceil",
+    exp.Ln: "ln",
+    exp.Sqrt: "sqrt",
+    exp.Length: "length",
+    exp.Lower: "lower",
+    exp.Upper: "upper",
 }
 _CAST_TYPES = exp.DataType.NUMERIC_TYPES | exp.DataType.TEXT_TYPES | {exp.DataType.Type.BOOLEAN}
 # the column types the binder check gives each feature (the snapshot stores numbers as DOUBLE or BIGINT)
@@ -117,8 +154,10 @@ def parse_rule_predicate(text: str, columns: Collection[str] = FEATURE_NAMES) ->
                 raise RuleSyntaxError(f"a cast to {node.sql(dialect='duckdb')} is not allowed (numbers, text or boolean only)")
         elif type(node) not in RULE_FUNCTIONS and type(node) not in _RULE_NODES:
             allowed = ", ".join(sorted(RULE_FUNCTIONS.values()))
-            raise RuleSyntaxError(f"{_construct(node)} is not allowed; a band may use feature columns, literals, "
-                                  f"comparisons, arithmetic, AND/OR/NOT, IN, BETWEEN, IS NULL, CASE and {allowed}")
+            raise RuleSyntaxError(
+                f"{_construct(node)} is not allowed; a band may use feature columns, literals, "
+                f"comparisons, arithmetic, AND/OR/NOT, IN, BETWEEN, IS NULL, CASE and {allowed}"
+            )
     return tree
 
 
@@ -223,9 +262,7 @@ class ModelSpec(_Strict):
     calibration: Literal["temperature", "sigmoid", "isotonic", "none"] = Field(
         "temperature", description="how validation data recalibrates the probabilities (temperature keeps the ranking)"
     )
-    class_weight: Literal["balanced", "none"] = Field(
-        "none", description="'balanced' trades calibration for minority-class recall"
-    )
+    class_weight: Literal["balanced", "none"] = Field("none", description="'balanced' trades calibration for minority-class recall")
 
 
 class SplitSpec(_Strict):
@@ -249,10 +286,16 @@ class DriftSpec(_Strict):
     prediction_psi: float = Field(0.2, gt=0, description="PSI of the inferred class distribution against the reference")
     performance_drop: float = Field(0.05, ge=0, description="realised promotion metric below the version's test metric by more than this")
     feature_psi: float = Field(0.2, gt=0, description="a feature whose PSI exceeds this counts as drifted (0.1-0.25 is the conventional 'moderate' band)")
-    label_delay_days: int = Field(0, ge=0, description="labels that arrive this many days after the observation date: realised performance is measured on the partition this far back (0 = not monitored)")
+    label_delay_days: int = Field(
+        0,
+        ge=0,
+        description="labels that arrive this many days after the observation date: realised performance is measured on the partition this far back (0 = not monitored)",
+    )
     critical_features: tuple[str, ...] = Field((), description="features whose drift alone (PSI > feature_psi) re-evaluates the tag, whatever the share")
     max_changed_share: float = Field(
-        0.25, gt=0, le=1,
+        0.25,
+        gt=0,
+        le=1,
         description="customer_tags' stability check warns when more than this share of customers changed value since the previous "
         "partition (rule tags too: a feature gone empty moved 42% of value_tier while every other check passed)",
     )

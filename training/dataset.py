@@ -171,17 +171,13 @@ def build_training_set(
         _check_staged(staged_dir, ("tag_labels",) if wide else STAGED_INPUTS)
     labels = wide_table_labels_sql(tag, train_as_of, staged_dir) if wide else labels_sql(staged_dir, tag, train_as_of)
     in_classes = f"label IN ({', '.join(sql_literal(c) for c in tag.classes)})"
-    by_value = con.execute(
-        f"SELECT coalesce({in_classes}, false), label, count(*) FROM ({labels}) GROUP BY ALL ORDER BY 3 DESC, 2"
-    ).fetchall()
+    by_value = con.execute(f"SELECT coalesce({in_classes}, false), label, count(*) FROM ({labels}) GROUP BY ALL ORDER BY 3 DESC, 2").fetchall()
     known = sum(n for ok, _, n in by_value if ok)
     unknown_labels = {("<null>" if value is None else str(value)[:40]): int(n) for ok, value, n in by_value if not ok}
     unknown = sum(unknown_labels.values())
     if not known:
         detail = f"; {unknown} labels have values outside the classes {list(tag.classes)}: {dict(list(unknown_labels.items())[:5])}" if unknown else ""
-        raise TrainingDataError(
-            f"tag {tag.name!r}: no usable labels known on {train_as_of} (tag={tag.label_tag!r}, sources={list(tag.label.sources)}){detail}"
-        )
+        raise TrainingDataError(f"tag {tag.name!r}: no usable labels known on {train_as_of} (tag={tag.label_tag!r}, sources={list(tag.label.sources)}){detail}")
     share = unknown / (known + unknown)
     if share > MAX_UNKNOWN_LABEL_SHARE:
         raise TrainingDataError(
@@ -190,10 +186,7 @@ def build_training_set(
             "Declare the classes in the catalog or correct the label source."
         )
     # a customer labelled twice on one date keeps the last label
-    dedup = (
-        f"SELECT * FROM ({labels}) WHERE {in_classes} "
-        "QUALIFY row_number() OVER (PARTITION BY customer_id, as_of ORDER BY label_date DESC, label) = 1"
-    )
+    dedup = f"SELECT * FROM ({labels}) WHERE {in_classes} QUALIFY row_number() OVER (PARTITION BY customer_id, as_of ORDER BY label_date DESC, label) = 1"
     if wide:
         sql, names, categorical, feature_types = _wide_features(con, tag, dedup)
     else:

@@ -114,8 +114,7 @@ def require_complete(version: ModelVersion) -> ModelVersion:
     problem = registration_problem(version.tags)
     if problem:
         raise IncompleteRegistrationError(
-            f"{version.name}/{version.version}: {problem}; its training was interrupted, so it cannot be gated, "
-            "promoted or scored (train the tag again)"
+            f"{version.name}/{version.version}: {problem}; its training was interrupted, so it cannot be gated, promoted or scored (train the tag again)"
         )
     return version
 
@@ -183,9 +182,7 @@ def champion_stack(history: list[dict[str, Any]]) -> list[str]:
     return stack
 
 
-def _set_champion(
-    client: MlflowClient, tag: str, version: str, by: str, reason: str, action: str, override: bool = False, **extra: Any
-) -> None:
+def _set_champion(client: MlflowClient, tag: str, version: str, by: str, reason: str, action: str, override: bool = False, **extra: Any) -> None:
     name = registered_model_name(tag)
     history = _history(client, tag)
     entry: dict[str, Any] = {"version": str(version), "at": _now(), "by": by, "reason": reason, "action": action, **extra}
@@ -299,8 +296,16 @@ def promote(client: MlflowClient, tag: str, version: str, by: str, reason: str |
             "with a reason (tagml promote --force --reason ...): it is recorded as an override"
         )
     extra = {} if "gate.decision" in found.tags else {"gate": "not evaluated"}
-    _set_champion(client, tag, str(version), by=by, reason=(reason or "manual promotion").strip(),
-                  action="override" if rejected else "promote", override=rejected, **extra)
+    _set_champion(
+        client,
+        tag,
+        str(version),
+        by=by,
+        reason=(reason or "manual promotion").strip(),
+        action="override" if rejected else "promote",
+        override=rejected,
+        **extra,
+    )
     return rejected
 
 
@@ -365,4 +370,9 @@ def lineage(client: MlflowClient, tag: str, version: str) -> dict[str, Any]:
     """What a model version came from: MLflow run, training snapshot, catalog hash, code, gate decision."""
     v = client.get_model_version(registered_model_name(tag), str(version))
     keys = ("snapshot_id", "data_snapshot", "catalog_hash", "code_version", "gate.decision", "champion_since")
-    return {"model": f"{registered_model_name(tag)}/{v.version}", "mlflow_run_id": v.run_id, **{k: v.tags.get(k) for k in keys}, "data_snapshot": str(resolve_home_path(v.tags["data_snapshot"])) if "data_snapshot" in v.tags else None}
+    return {
+        "model": f"{registered_model_name(tag)}/{v.version}",
+        "mlflow_run_id": v.run_id,
+        **{k: v.tags.get(k) for k in keys},
+        "data_snapshot": str(resolve_home_path(v.tags["data_snapshot"])) if "data_snapshot" in v.tags else None,
+    }

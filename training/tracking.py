@@ -99,7 +99,9 @@ def connect_tracking(tracking_uri: str, timeout_seconds: int = 10) -> MlflowClie
             client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             client.search_experiments(max_results=1)
     except Exception as exc:  # any transport or store error means the same thing to the caller
-        raise TrackingUnavailableError(f"MLflow tracking store {tracking_uri!r} is unreachable: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+        raise TrackingUnavailableError(
+            f"MLflow tracking store {tracking_uri!r} is unreachable: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        ) from exc
     return client
 
 

@@ -54,7 +54,6 @@ from tagml.core.settings import home_relative
 PIP_REQUIREMENTS = ["scikit-learn>=1.6,<2", "xgboost>=3.0,<3.3", "pandas>=2.2,<3", "numpy>=2.0,<2.5"]
 
 
-
 def code_version() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
@@ -143,8 +142,7 @@ def training_lock(tracking_uri: str, tag: str, lock_dir: Path | None = None, tim
         lock.acquire(timeout=timeout_seconds)
     except Timeout:
         raise TrainingInProgressError(
-            f"another training of tag {tag!r} is running on this MLflow store (lock {path}); "
-            "wait for it to finish or stop it, then train again"
+            f"another training of tag {tag!r} is running on this MLflow store (lock {path}); wait for it to finish or stop it, then train again"
         ) from None
     try:
         yield path
@@ -196,14 +194,32 @@ class _Fitting:
 
 
 def _train(
-    client: MlflowClient, tag: TagSpec, data: TrainingSet, slices: Mapping[str, str], experiment_id: str, seed: int, threads: int, trials: int | None, run_tags: dict[str, str]
+    client: MlflowClient,
+    tag: TagSpec,
+    data: TrainingSet,
+    slices: Mapping[str, str],
+    experiment_id: str,
+    seed: int,
+    threads: int,
+    trials: int | None,
+    run_tags: dict[str, str],
 ) -> TrainResult:
     assert tag.model is not None
     with tracked_run(client, experiment_id, f"{tag.name}-train", {**run_tags, **owner_tags()}) as parent_id:
         fit = _Fitting(client, tag, data, evaluation_slices(slices, data.feature_names), experiment_id, parent_id, run_tags, seed, threads)
         set_tags(client, parent_id, {"tag": tag.name, "catalog_hash": tag.content_hash(), "code_version": code_version(), "data_snapshot": data.snapshot_id})
-        log_params(client, parent_id, {"family": tag.model.family, "train_rows": len(fit.X_train), "valid_rows": len(fit.X_valid),
-                                       "test_rows": len(fit.X_test), "n_features": len(data.feature_names), "seed": seed})
+        log_params(
+            client,
+            parent_id,
+            {
+                "family": tag.model.family,
+                "train_rows": len(fit.X_train),
+                "valid_rows": len(fit.X_valid),
+                "test_rows": len(fit.X_test),
+                "n_features": len(data.feature_names),
+                "seed": seed,
+            },
+        )
         best_params = tune(fit, trials or tag.model.trials)
         pipeline, model = fit_and_calibrate(fit, best_params)
         proba, metrics, slice_values = evaluate(fit, model)
@@ -265,10 +281,14 @@ def tune(fit: _Fitting, trials: int) -> dict[str, Any]:
     fit.timings["tuning"] = time.perf_counter() - started
     best_params = {**tag.model.params, **study.best_params}
     log_params(fit.client, fit.parent_id, {f"best_{k}": v for k, v in best_params.items()})
-    log_metrics(fit.client, fit.parent_id, {
-        "trials_completed": len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]),
-        "trials_pruned": len([t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]),
-    })
+    log_metrics(
+        fit.client,
+        fit.parent_id,
+        {
+            "trials_completed": len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]),
+            "trials_pruned": len([t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]),
+        },
+    )
     return best_params
 
 

@@ -192,4 +192,3 @@ def digital_events_table(c: Chunk) -> pa.Table:
             "channel": pa.array(np.where(web[order], "web", "app")),
         }
     )
-

@@ -87,7 +87,7 @@ class Chunk:
         """Income (monthly CNY), wealth, and the latent risk appetite: part demographic, part
         idiosyncratic (seen only through behaviour)."""
         rng, n, age = self.rng, self.n, self.age_end
-        age_curve = -((age - 47) / 18) ** 2
+        age_curve = -(((age - 47) / 18) ** 2)
         occ_effect = np.array([0.0, 0.15, 0.45, 0.3, -0.35, -1.4, -0.9])[self.occ]
         log_income = 8.55 + 0.32 * self.edu + 0.25 * (4 - self.tier) * 0.5 + 0.35 * age_curve + occ_effect + rng.normal(0, 0.45, n)
         log_income = np.where(self.campaign, log_income - 0.3, log_income)
@@ -96,8 +96,7 @@ class Chunk:
         self.aum = self.income * np.clip(years_saving, 0, 35) * 0.35 * rng.lognormal(0, 1.1, n)
         self.income_z = (log_income - 8.55) / 0.6
         self.risk = (
-            -0.35 - 0.03 * (age - 43) + 0.35 * self.income_z + 0.2 * (self.edu - 1.5) + 0.15 * self.male + 0.15 * (self.tier == 1)
-            + rng.normal(0, 0.75, n)
+            -0.35 - 0.03 * (age - 43) + 0.35 * self.income_z + 0.2 * (self.edu - 1.5) + 0.15 * self.male + 0.15 * (self.tier == 1) + rng.normal(0, 0.75, n)
         )
 
     def _onboarding(self) -> np.ndarray:

@@ -21,7 +21,9 @@ class _Labels:
         self.cols: dict[str, list] = {k: [] for k in LABEL_COLUMNS}
         self.truth: dict[str, pa.Table] = {}
 
-    def add(self, tag: str, idx: np.ndarray, labels: np.ndarray, label_day: np.ndarray, known_day: np.ndarray, source, probs: np.ndarray, classes: tuple) -> None:
+    def add(
+        self, tag: str, idx: np.ndarray, labels: np.ndarray, label_day: np.ndarray, known_day: np.ndarray, source, probs: np.ndarray, classes: tuple
+    ) -> None:
         ids = self.c.ids.take(pa.array(idx))
         self.cols["customer_id"].append(ids)
         self.cols["tag"].append(pa.array(np.full(idx.size, tag)))

@@ -25,27 +25,39 @@ def print_drift(con: Any, settings: Settings, as_of: date | None, tag: str | Non
     for row in frame.itertuples():
         verdict = "DRIFTED" if row.drifted else "ok"
         if compact:
-            print(f"  {row.tag:<15} {verdict:<8} {len(row.drifted_features)}/{row.n_features} features drifted, class PSI {row.prediction_psi:.4f}, "
-                  f"performance {row.performance_status}; report {row.report_path if isinstance(row.report_path, str) else 'not written'}")
+            print(
+                f"  {row.tag:<15} {verdict:<8} {len(row.drifted_features)}/{row.n_features} features drifted, class PSI {row.prediction_psi:.4f}, "
+                f"performance {row.performance_status}; report {row.report_path if isinstance(row.report_path, str) else 'not written'}"
+            )
             continue
-        print(f"  {row.tag:<15} {verdict:<8} {row.producer} against the population of {row.reference_as_of:%Y-%m-%d} ({row.reference_rows:,} -> {row.current_rows:,} customers)")
+        print(
+            f"  {row.tag:<15} {verdict:<8} {row.producer} against the population of {row.reference_as_of:%Y-%m-%d} ({row.reference_rows:,} -> {row.current_rows:,} customers)"
+        )
         top = history.features(con, as_of, row.tag).head(3)
         tops = ", ".join(f"{r.feature} {r.psi:.2f}" for r in top.itertuples())
-        print(f"      features:    {len(row.drifted_features)}/{row.n_features} ({row.drifted_feature_share:.1%}) with PSI > {row.feature_psi_threshold} "
-              f"(threshold {row.drifted_feature_share_threshold:.0%}); highest: {tops}"
-              + (f"; critical: {', '.join(row.critical_features_drifted)}" if len(row.critical_features_drifted) else ""))
-        print(f"      predictions: class PSI {row.prediction_psi:.4f} (threshold {row.prediction_psi_threshold}); probability PSI {fmt(row.probability_psi)}"
-              + (f"; worst slice {row.max_slice} {fmt(row.max_slice_prediction_psi)}" if isinstance(row.max_slice, str) else ""))
+        print(
+            f"      features:    {len(row.drifted_features)}/{row.n_features} ({row.drifted_feature_share:.1%}) with PSI > {row.feature_psi_threshold} "
+            f"(threshold {row.drifted_feature_share_threshold:.0%}); highest: {tops}"
+            + (f"; critical: {', '.join(row.critical_features_drifted)}" if len(row.critical_features_drifted) else "")
+        )
+        print(
+            f"      predictions: class PSI {row.prediction_psi:.4f} (threshold {row.prediction_psi_threshold}); probability PSI {fmt(row.probability_psi)}"
+            + (f"; worst slice {row.max_slice} {fmt(row.max_slice_prediction_psi)}" if isinstance(row.max_slice, str) else "")
+        )
         if row.realised_metric is not None and not math.isnan(row.realised_metric):
-            print(f"      performance: realised {row.performance_metric} {row.realised_metric:.4f} on {row.performance_partition:%Y-%m-%d} "
-                  f"({row.performance_labels:,} matured labels) vs test {fmt(row.expected_metric)} (drop threshold {row.performance_drop_threshold})"
-                  + (f"; {row.performance_note}" if row.performance_note else ""))
+            print(
+                f"      performance: realised {row.performance_metric} {row.realised_metric:.4f} on {row.performance_partition:%Y-%m-%d} "
+                f"({row.performance_labels:,} matured labels) vs test {fmt(row.expected_metric)} (drop threshold {row.performance_drop_threshold})"
+                + (f"; {row.performance_note}" if row.performance_note else "")
+            )
         else:
             print(f"      performance: {row.performance_status}" + (f" ({row.performance_note})" if row.performance_note else ""))
         for reason in row.reasons:
             print(f"      reason:      {reason}")
         if isinstance(row.report_path, str):
-            print(f"      report:      {row.report_path} (Evidently on {row.report_sample_rows:,} rows per side: {row.evidently_drifted_share:.0%} of columns drifted)")
+            print(
+                f"      report:      {row.report_path} (Evidently on {row.report_sample_rows:,} rows per side: {row.evidently_drifted_share:.0%} of columns drifted)"
+            )
         if details:
             _print_drift_details(con, history, as_of, row.tag)
     return [row.tag for row in frame.itertuples() if row.drifted]
@@ -57,14 +69,21 @@ def _print_drift_details(con: Any, history: Any, as_of: date, tag: str) -> None:
     predictions = history.predictions(con, as_of, tag)
     overall = predictions[predictions["slice_column"] == "(all)"]
     print("      classes:     " + ", ".join(f"{r['class']} {r.reference_share:.1%} -> {r.current_share:.1%}" for _, r in overall.iterrows()))
-    slices = predictions[predictions["slice_column"] != "(all)"].groupby(["slice_column", "slice"], sort=False).agg(
-        psi=("slice_psi", "first"), reference=("reference_count", "sum"), current=("current_count", "sum")
-    ).reset_index()
+    slices = (
+        predictions[predictions["slice_column"] != "(all)"]
+        .groupby(["slice_column", "slice"], sort=False)
+        .agg(psi=("slice_psi", "first"), reference=("reference_count", "sum"), current=("current_count", "sum"))
+        .reset_index()
+    )
     for column, rows in slices.groupby("slice_column", sort=False):
-        print(f"      class PSI by {column}: " + ", ".join(
-            f"{r.slice} {r.psi:.4f}" + (f" (n={int(min(r.reference, r.current))}, too small to flag)" if min(r.reference, r.current) < MIN_SLICE_ROWS else "")
-            for r in rows.itertuples()
-        ))
+        print(
+            f"      class PSI by {column}: "
+            + ", ".join(
+                f"{r.slice} {r.psi:.4f}"
+                + (f" (n={int(min(r.reference, r.current))}, too small to flag)" if min(r.reference, r.current) < MIN_SLICE_ROWS else "")
+                for r in rows.itertuples()
+            )
+        )
     features = history.features(con, as_of, tag).head(10)
     print("      top features (PSI, Evidently on the sample):")
     for r in features.itertuples():

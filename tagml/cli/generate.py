@@ -45,8 +45,15 @@ def generate_with_progress(config: Any, out: Path) -> dict:
     from tagml.features.synthetic import CHUNK_SIZE, generate_bank
 
     parts = len(GENERATED_TABLES) * max(1, -(-config.customers // CHUNK_SIZE))
-    with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("table files"), TimeElapsedColumn(),
-                  console=console(stderr=True), transient=True) as progress:
+    with Progress(
+        TextColumn("generating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("table files"),
+        TimeElapsedColumn(),
+        console=console(stderr=True),
+        transient=True,
+    ) as progress:
         task = progress.add_task("generate", total=parts)
         stop = threading.Event()
         watcher = threading.Thread(target=_watch_generation, args=(out, stop, lambda n: progress.advance(task, n)), daemon=True)
@@ -77,8 +84,7 @@ def generate(
         if value is not None and not is_month(value):
             raise typer.BadParameter(f"{value!r} is not a month YYYY-MM", param_hint=option)
     settings = load_settings(create=out is None)
-    config = BankConfig(customers=customers, months=months, seed=seed, end_month=end_month,
-                        drift=drift.value if drift else None, drift_month=drift_month)
+    config = BankConfig(customers=customers, months=months, seed=seed, end_month=end_month, drift=drift.value if drift else None, drift_month=drift_month)
     target = out if out is not None else settings.raw_dir
     started = time.perf_counter()
     summary = generate_with_progress(config, target)

@@ -56,8 +56,10 @@ def print_tags(result: dict[str, Any]) -> None:
             print("      reasons: " + "; ".join(row["reasons"]))
         if "lineage" in row:
             info = row["lineage"]
-            print(f"      lineage: {info['model']} <- run {info['mlflow_run_id']} <- snapshot {info['data_snapshot']} "
-                  f"(catalog {info['catalog_hash']}, code {info['code_version']})")
+            print(
+                f"      lineage: {info['model']} <- run {info['mlflow_run_id']} <- snapshot {info['data_snapshot']} "
+                f"(catalog {info['catalog_hash']}, code {info['code_version']})"
+            )
 
 
 @app.command("tags")

@@ -20,9 +20,13 @@ def catalog_command(
     catalog = load_catalog(settings.catalog_path)
     rows = [
         {
-            "tag": t.name, "kind": t.kind, "classes": list(t.classes),
+            "tag": t.name,
+            "kind": t.kind,
+            "classes": list(t.classes),
             "features": len(t.feature_names) if t.kind == "model" else 0,
-            "owner": t.owner, "sensitivity": t.sensitivity, "refresh": t.refresh,
+            "owner": t.owner,
+            "sensitivity": t.sensitivity,
+            "refresh": t.refresh,
             "promotion_metric": t.promotion.metric if t.kind == "model" else None,
             "description": " ".join(t.description.split()),
         }
@@ -37,8 +41,9 @@ def catalog_command(
     for column in ("tag", "kind", "classes", "features", "owner", "sensitivity", "refresh"):
         table.add_column(column, justify="right" if column == "features" else "left")
     for r in rows:
-        table.add_row(r["tag"], r["kind"], ", ".join(r["classes"]), str(r["features"]) if r["kind"] == "model" else "-",
-                      r["owner"], r["sensitivity"], r["refresh"])
+        table.add_row(
+            r["tag"], r["kind"], ", ".join(r["classes"]), str(r["features"]) if r["kind"] == "model" else "-", r["owner"], r["sensitivity"], r["refresh"]
+        )
     console().print(table)
 
 

@@ -31,7 +31,19 @@ def mlflow_ui(
     """Start the MLflow UI on this TAGML_HOME's tracking store."""
     settings = load_settings(require_home=True)
     command = [
-        sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.mlflow_tracking_uri,
-        "--default-artifact-root", str(settings.mlflow_artifact_dir), "--host", host, "--port", str(port), "--workers", "1",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        settings.mlflow_tracking_uri,
+        "--default-artifact-root",
+        str(settings.mlflow_artifact_dir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
     ]
     os.execvp(command[0], command)

@@ -106,9 +106,7 @@ def _cron_field_ok(text: str, low: int, high: int, names: dict[str, int]) -> boo
 def valid_cron(expression: str) -> bool:
     """Five fields (minute hour day month weekday), as Dagster schedules accept them."""
     fields = expression.split()
-    return len(fields) == 5 and all(
-        _cron_field_ok(f, lo, hi, names) for f, (lo, hi), names in zip(fields, CRON_RANGES, CRON_NAMES)
-    )
+    return len(fields) == 5 and all(_cron_field_ok(f, lo, hi, names) for f, (lo, hi), names in zip(fields, CRON_RANGES, CRON_NAMES))
 
 
 def _resolve(value: Any) -> Path:
@@ -138,9 +136,7 @@ class Settings(BaseSettings):
     timezone: str = Field(default=DEFAULT_TIMEZONE, validation_alias="TAGML_TIMEZONE")
     scoring_cron: str = Field(default="0 2 * * *", validation_alias="TAGML_SCORING_CRON")
     drift_sample_rows: int = Field(default=5000, ge=1, validation_alias="TAGML_DRIFT_SAMPLE_ROWS")
-    reevaluation_cooldown_days: int = Field(
-        default=7, ge=0, validation_alias="TAGML_REEVALUATION_COOLDOWN_DAYS"
-    )
+    reevaluation_cooldown_days: int = Field(default=7, ge=0, validation_alias="TAGML_REEVALUATION_COOLDOWN_DAYS")
     refresh_time: str = Field(default="04:30", validation_alias="TAGML_REFRESH_TIME")
 
     @classmethod
@@ -262,8 +258,7 @@ class Settings(BaseSettings):
         if not self.home.is_dir():
             source = f"TAGML_HOME={os.environ['TAGML_HOME']}" if "TAGML_HOME" in os.environ else f"TAGML_HOME not set: {DEFAULT_HOME} in the working directory"
             raise HomeNotFoundError(
-                f"no tagml home at {self.home} ({source}): "
-                "set TAGML_HOME to an existing home or create one with `tagml demo` / `tagml generate`"
+                f"no tagml home at {self.home} ({source}): set TAGML_HOME to an existing home or create one with `tagml demo` / `tagml generate`"
             )
         db = self.embedded_tracking_db
         if db is not None and not db.exists():
