@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tagml-installed
 
-.PHONY: install demo test ui mlflow-ui bench clean
+.PHONY: install demo test lint ui mlflow-ui bench clean
 
 export OMP_WAIT_POLICY ?= PASSIVE
 # no telemetry from any target (tagml.core.runtime.configure_process sets the same for every entry point)
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff lint and format (configured in pyproject.toml); CI runs this before the tests
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 ui: $(STAMP)
 	$(BIN)/tagml ui
