@@ -54,18 +54,17 @@ def _paths(n: int) -> dict[str, Path]:
 
 
 def _kinds() -> dict[str, str]:
-    from tagml.features.customer_features import FEATURES
+    from tagml.features.dictionary import FEATURES
 
     return {f.name: f.kind for f in FEATURES}
 
 
 def step_prepare(n: int, threads: int) -> dict:
+    from tagml.core.storage import connect, sql_literal
     from tagml.features.contract import RAW_TABLES
     from tagml.features.customer_features import build_customer_features
     from tagml.features.synthetic import BankConfig, generate_bank
     from tagml.features.validation import validate_and_stage
-
-    from tagml.core.storage import connect, sql_literal
 
     p = _paths(n)
     started = time.perf_counter()
@@ -87,12 +86,11 @@ def _columns(kinds: dict[str, str]) -> tuple[list[str], list[str]]:
 
 
 def step_tagml(n: int, threads: int) -> dict:
+    from tagml.core.storage import connect, write_parquet_atomically
     from tagml.monitoring.psi import ALL, feature_psi
     from tagml.monitoring.reference import sample_sql
     from tagml.scoring.rules import rule_case_sql
     from tagml.training.catalog import load_catalog
-
-    from tagml.core.storage import connect, write_parquet_atomically
 
     p = _paths(n)
     kinds = _kinds()
@@ -152,6 +150,7 @@ def step_evidently_full(n: int, threads: int) -> dict:
     kinds = _kinds()
     t0 = time.perf_counter()
     from evidently import Report  # noqa: F401
+
     from tagml.monitoring.report import drift_report
 
     import_seconds = time.perf_counter() - t0

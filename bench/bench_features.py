@@ -67,10 +67,9 @@ def step_generate(args) -> dict:
 
 
 def step_stage(args) -> dict:
+    from tagml.core.storage import connect
     from tagml.features.contract import RAW_TABLES
     from tagml.features.validation import validate_and_stage
-
-    from tagml.core.storage import connect
 
     d = bank_dir(args.workdir, args.size)
     con = connect(args.threads, args.memory_limit)
@@ -86,9 +85,8 @@ def step_stage(args) -> dict:
 
 
 def step_duckdb(args) -> dict:
-    from tagml.features.customer_features import build_customer_features
-
     from tagml.core.storage import connect
+    from tagml.features.customer_features import build_customer_features
 
     d = bank_dir(args.workdir, args.size)
     con = connect(args.threads, args.memory_limit)
@@ -376,7 +374,8 @@ def run_bench(args) -> None:
 def compare(duck, pand, rtol: float, atol: float) -> list[tuple[str, int, str]]:
     """Per-feature mismatches: (feature, n_rows, example)."""
     import numpy as np
-    from tagml.features.customer_features import CATEGORICAL_FEATURES, FEATURE_NAMES
+
+    from tagml.features.dictionary import CATEGORICAL_FEATURES, FEATURE_NAMES
 
     problems = []
     if len(duck) != len(pand) or not (duck["customer_id"].to_numpy() == pand["customer_id"].to_numpy()).all():
@@ -409,12 +408,13 @@ def run_check(args) -> None:
 
     sys.path.insert(0, str(HERE))
     from pandas_features import build_pandas_features
-    from tagml.features.contract import RAW_TABLES
-    from tagml.features.customer_features import FEATURE_NAMES, build_customer_features
-    from tagml.features.synthetic import BankConfig, generate_bank
-    from tagml.features.validation import validate_and_stage
 
     from tagml.core.storage import connect
+    from tagml.features.contract import RAW_TABLES
+    from tagml.features.customer_features import build_customer_features
+    from tagml.features.dictionary import FEATURE_NAMES
+    from tagml.features.synthetic import BankConfig, generate_bank
+    from tagml.features.validation import validate_and_stage
 
     d = bank_dir(args.workdir, args.check_size)
     if not (d / "raw" / "_truth" / "manifest.json").exists() or not args.reuse_raw:

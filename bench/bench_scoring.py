@@ -33,6 +33,7 @@ def _peak_gb() -> float:
 
 
 def step_train(work: Path, threads: int) -> dict:
+    from tagml.core.storage import connect
     from tagml.features.contract import RAW_TABLES
     from tagml.features.synthetic import BankConfig, generate_bank
     from tagml.features.validation import validate_and_stage
@@ -42,8 +43,6 @@ def step_train(work: Path, threads: int) -> dict:
     from tagml.training.registry import promote
     from tagml.training.tracking import connect_tracking
     from tagml.training.train import train_tag
-
-    from tagml.core.storage import connect
 
     bank = work / "train_bank"
     generate_bank(BankConfig(customers=TRAIN_CUSTOMERS, months=12, seed=5), bank / "raw")
@@ -64,12 +63,11 @@ def step_train(work: Path, threads: int) -> dict:
 
 
 def step_setup(work: Path, size: int, threads: int) -> dict:
+    from tagml.core.storage import connect
     from tagml.features.contract import RAW_TABLES
     from tagml.features.customer_features import build_customer_features
     from tagml.features.synthetic import BankConfig, generate_bank
     from tagml.features.validation import validate_and_stage
-
-    from tagml.core.storage import connect
 
     bank = work / f"n{size}"
     generate_bank(BankConfig(customers=size, months=12, seed=9), bank / "raw")
@@ -81,11 +79,10 @@ def step_setup(work: Path, size: int, threads: int) -> dict:
 
 
 def step_score(work: Path, size: int, threads: int, reasons: bool, batch_rows: int) -> dict:
+    from tagml.core.storage import connect
     from tagml.scoring.score import score_partition
     from tagml.training.catalog import load_catalog
     from tagml.training.tracking import connect_tracking
-
-    from tagml.core.storage import connect
 
     bank = work / f"n{size}"
     con = connect(threads, "2GB")
@@ -107,6 +104,7 @@ def step_score(work: Path, size: int, threads: int, reasons: bool, batch_rows: i
 def step_naive(work: Path, size: int, threads: int) -> dict:
     import mlflow
     import pandas as pd
+
     from tagml.training.catalog import load_catalog
     from tagml.training.versions import registered_model_name
 

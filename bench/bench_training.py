@@ -22,6 +22,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pandas as pd
+
+from tagml.core.storage import connect
 from tagml.features.contract import RAW_TABLES
 from tagml.features.synthetic import BankConfig, generate_bank
 from tagml.features.validation import validate_and_stage
@@ -30,8 +32,6 @@ from tagml.training.catalog import load_catalog
 from tagml.training.dataset import build_training_set
 from tagml.training.tracking import connect_tracking
 from tagml.training.train import train_tag
-
-from tagml.core.storage import connect
 
 TRAIN_AS_OF = date(2026, 10, 31)
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from pandas.tseries.offsets import MonthEnd
+
 from tagml.features.contract import INVESTMENT_PRODUCTS, PRODUCTS, SPEND_CATEGORIES
-from tagml.features.customer_features import FEATURE_NAMES, FEATURES
+from tagml.features.dictionary import FEATURE_NAMES, FEATURES
 
 NON_CARD = tuple(p for p in PRODUCTS if p != "credit_card")
 SHARE_CATEGORIES = (

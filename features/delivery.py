@@ -17,12 +17,12 @@ from pathlib import Path
 
 import duckdb
 from filelock import FileLock
-from tagml.features.contract import CUSTOMERS, RAW_TABLES
-from tagml.features.raw import ContractError, Violation, bank_today
-from tagml.features.validation import StagedTable, validate_table, write_staged
 
 from tagml.core.settings import DEFAULT_TIMEZONE
 from tagml.core.storage import sql_literal, staged_path
+from tagml.features.contract import CUSTOMERS, RAW_TABLES
+from tagml.features.raw import ContractError, Violation, bank_today
+from tagml.features.validation import StagedTable, validate_table, write_staged
 
 # The current generation and the one before it: a reader that resolved the old link just before a
 # swap can finish reading it.

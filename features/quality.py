@@ -5,19 +5,14 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from tagml.features.checks import CheckOutcome, QualityCheck
-from tagml.features.contract import CUSTOMERS, TABLES_BY_NAME
-from tagml.features.customer_features import (
-    CATEGORICAL_FEATURES,
-    FEATURE_NAMES,
-    FEATURES,
-    KEY_COLUMNS,
-    balance_month_end_sql,
-)
-from tagml.features.delivery import current_generation
 
 from tagml.core.files import check_parquet
 from tagml.core.storage import quote, sql_literal, staged_path
+from tagml.features.checks import CheckOutcome, QualityCheck
+from tagml.features.contract import CUSTOMERS, TABLES_BY_NAME
+from tagml.features.customer_features import balance_month_end_sql
+from tagml.features.delivery import current_generation
+from tagml.features.dictionary import CATEGORICAL_FEATURES, FEATURE_NAMES, FEATURES, KEY_COLUMNS
 
 MAX_NULL_RATE = 0.995
 MAX_DATA_LAG_DAYS = 3

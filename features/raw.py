@@ -14,11 +14,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import duckdb
-from tagml.features.checks import QualityCheck
-from tagml.features.contract import TableSpec
 
 from tagml.core.settings import DEFAULT_TIMEZONE
 from tagml.core.storage import quote, sql_literal
+from tagml.features.checks import QualityCheck
+from tagml.features.contract import TableSpec
 
 MAX_LINES_REPORTED = 10
 # what the raw_* assets' one check reports: a ContractError fails it

@@ -6,11 +6,11 @@ from datetime import date
 from pathlib import Path
 
 import duckdb
-from tagml.features.customer_features import features_sql, snapshot_spine_sql
-from tagml.features.quality import CheckOutcome, check_feature_snapshot
 
 from tagml.core.files import check_parquet
 from tagml.core.storage import write_parquet_atomically
+from tagml.features.customer_features import features_sql, snapshot_spine_sql
+from tagml.features.quality import CheckOutcome, check_feature_snapshot
 
 
 class FeatureQualityError(RuntimeError):

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from tagml.features.contract import CUSTOMERS, TableSpec
-from tagml.features.raw import ContractError, Violation, bank_today, contract_error, find_source, open_source
 
 from tagml.core.storage import quote, sql_literal, staged_path, write_parquet_atomically
+from tagml.features.contract import CUSTOMERS, TableSpec
+from tagml.features.raw import ContractError, Violation, bank_today, contract_error, find_source, open_source
 
 MAX_EXAMPLES = 5
 

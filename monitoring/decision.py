@@ -18,6 +18,7 @@ No data is read here, so each rule is tested on hand-made numbers (tests/test_dr
 from dataclasses import dataclass
 
 import pandas as pd
+
 from tagml.monitoring.performance import RealisedPerformance
 from tagml.training.catalog import UNKNOWN, DriftSpec
 

@@ -34,6 +34,9 @@ import duckdb
 import pandas as pd
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
+
+from tagml.core.files import CorruptFileError, check_parquet
+from tagml.core.storage import WarehouseLayout, quote, sql_literal
 from tagml.features.snapshot import open_feature_snapshot
 from tagml.monitoring.decision import DriftDecision, decide, feature_drifted
 from tagml.monitoring.history import FEATURES, PREDICTIONS, SUMMARY, DriftHistory
@@ -45,9 +48,6 @@ from tagml.monitoring.report import VERDICT_KEYS, ReportJob, ReportSummary, run_
 from tagml.scoring.rules import slice_expressions
 from tagml.scoring.store import ParquetTagStore, TagStore
 from tagml.training.catalog import Catalog, TagSpec
-
-from tagml.core.files import CorruptFileError, check_parquet
-from tagml.core.storage import WarehouseLayout, quote, sql_literal
 
 
 @dataclass(frozen=True)

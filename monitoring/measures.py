@@ -11,14 +11,14 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
+
+from tagml.core.storage import quote, sql_literal
 from tagml.monitoring.decision import DriftMeasures, large_enough
 from tagml.monitoring.performance import RealisedPerformance
 from tagml.monitoring.psi import ALL, MISSING, feature_psi, parquet, psi_from_counts, rollup, slice_value_sql
 from tagml.monitoring.reference import PROBABILITY_BINS, ReferenceProfile
 from tagml.training.catalog import TagSpec
 from tagml.training.versions import ModelVersionInfo
-
-from tagml.core.storage import quote, sql_literal
 
 
 @dataclass(frozen=True)

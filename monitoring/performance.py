@@ -15,14 +15,14 @@ from typing import Any
 import duckdb
 import numpy as np
 from mlflow.tracking import MlflowClient
+
+from tagml.core.storage import sql_literal, staged_path
 from tagml.scoring.store import TagStore
 from tagml.training.catalog import TagSpec
 from tagml.training.dataset import label_conditions
 from tagml.training.evaluate import core_metrics
 from tagml.training.registry import LOWER_IS_BETTER
 from tagml.training.versions import parse_version, registered_model_name
-
-from tagml.core.storage import sql_literal, staged_path
 
 MIN_LABELS = 50  # below this the realised metric is reported but never flags drift
 

@@ -30,14 +30,14 @@ import duckdb
 import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
+
+from tagml.core.storage import PartitionedTable, WarehouseLayout, atomic_replace, quote, sql_literal, write_parquet_atomically
 from tagml.features.snapshot import build_feature_snapshot
 from tagml.monitoring.psi import MISSING, feature_psi, parquet
 from tagml.training.catalog import TagSpec
 from tagml.training.inference import infer, model_input
 from tagml.training.registry import get_version, load_model, version_info
 from tagml.training.versions import ModelVersionInfo, registered_model_name
-
-from tagml.core.storage import PartitionedTable, WarehouseLayout, atomic_replace, quote, sql_literal, write_parquet_atomically
 
 PROBABILITY_BINS = 10  # fixed-width bins of each class probability
 SAMPLE_SALT = "tagml-drift-sample"  # the Evidently sample is the rows with the smallest hash(id, salt)

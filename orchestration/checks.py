@@ -1,6 +1,7 @@
 """Turning domain check outcomes into Dagster asset-check results."""
 
 import dagster as dg
+
 from tagml.features.quality import CheckOutcome, QualityCheck
 
 

@@ -7,6 +7,9 @@ from tagml.core.runtime import configure_process
 configure_process()
 
 import dagster as dg
+
+from tagml.core.runtime import keep_caches_in_home, relocate_home
+from tagml.core.settings import Settings
 from tagml.orchestration.feature_assets import build_customer_features_asset
 from tagml.orchestration.jobs import build_jobs, build_nightly_scoring_job, build_reevaluation_jobs
 from tagml.orchestration.monitoring_assets import build_tag_drift_asset
@@ -22,9 +25,6 @@ from tagml.orchestration.scoring_assets import build_customer_tags_asset
 from tagml.orchestration.sensors import build_reevaluation_sensor
 from tagml.orchestration.training_assets import build_all_training_assets
 from tagml.training.catalog import load_catalog
-
-from tagml.core.runtime import keep_caches_in_home, relocate_home
-from tagml.core.settings import Settings
 
 
 def build_definitions(settings: Settings) -> dg.Definitions:

@@ -5,7 +5,8 @@ from datetime import date
 
 import dagster as dg
 import pandas as pd
-from tagml.features.customer_features import FEATURES
+
+from tagml.features.dictionary import FEATURES
 from tagml.features.quality import FEATURE_CHECKS, feature_summary
 from tagml.features.snapshot import FeatureQualityError, build_feature_snapshot
 from tagml.orchestration.checks import check_result, check_spec

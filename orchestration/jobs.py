@@ -1,6 +1,7 @@
 """Jobs, selected by asset group."""
 
 import dagster as dg
+
 from tagml.orchestration.feature_assets import FEATURES_GROUP
 from tagml.orchestration.monitoring_assets import MONITORING_GROUP
 from tagml.orchestration.raw_assets import RAW_GROUP

@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 from pydantic import Field
+
 from tagml.monitoring.decision import describe_rules
 from tagml.monitoring.drift import DriftRun, compute_drift
 from tagml.monitoring.reevaluation import drift_verdict

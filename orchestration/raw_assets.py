@@ -5,6 +5,7 @@ from datetime import date
 
 import dagster as dg
 from pydantic import Field
+
 from tagml.features.contract import RAW_TABLES
 from tagml.features.delivery import stage_delivery
 from tagml.features.raw import CONTRACT_CHECK, ContractError, bank_today

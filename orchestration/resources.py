@@ -13,12 +13,12 @@ import dagster as dg
 import duckdb
 from mlflow.tracking import MlflowClient
 from pydantic import Field
-from tagml.monitoring.drift import DriftLocations
-from tagml.scoring.store import ParquetTagStore, TagStore
-from tagml.training.tracking import DEFAULT_UI_URL, connect_tracking
 
 from tagml.core.settings import DEFAULT_TIMEZONE, Settings
 from tagml.core.storage import EmbeddedWarehouse, Warehouse, WarehouseLayout
+from tagml.monitoring.drift import DriftLocations
+from tagml.scoring.store import ParquetTagStore, TagStore
+from tagml.training.tracking import DEFAULT_UI_URL, connect_tracking
 
 
 class WarehouseResource(dg.ConfigurableResource):

@@ -12,14 +12,14 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import dagster as dg
+
+from tagml.core.settings import Settings
 from tagml.orchestration.jobs import (
     NIGHTLY_SCORING_JOB,
     reevaluate_job_name,
     reevaluation_run_config,
 )
 from tagml.training.catalog import Catalog
-
-from tagml.core.settings import Settings
 
 
 def _yesterday(moment: datetime, zone: ZoneInfo) -> str:

@@ -4,6 +4,7 @@ from contextlib import closing
 from datetime import date
 
 import dagster as dg
+
 from tagml.orchestration.resources import MlflowResource, WarehouseResource
 from tagml.orchestration.training_assets import tag_model_key
 from tagml.scoring.score import CoverageError, ScoringError, score_partition, unstable_tags

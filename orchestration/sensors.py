@@ -11,6 +11,7 @@ one stored after the cursor is never skipped because it was computed earlier.
 from datetime import date
 
 import dagster as dg
+
 from tagml.monitoring.reevaluation import Cursor, events_from_result, plan_reevaluations
 from tagml.orchestration.jobs import reevaluate_job_name, reevaluation_run_config
 from tagml.orchestration.monitoring_assets import DRIFT_BY_TAG

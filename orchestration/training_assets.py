@@ -6,6 +6,9 @@ from datetime import date
 
 import dagster as dg
 from pydantic import Field
+
+from tagml.core.settings import home_relative, resolve_home_path
+from tagml.core.storage import sql_literal
 from tagml.orchestration.raw_assets import raw_asset_name
 from tagml.orchestration.resources import MlflowResource, WarehouseResource
 from tagml.scoring.rules import slice_expressions
@@ -20,9 +23,6 @@ from tagml.training.registry import apply_gate, evaluate_gate
 from tagml.training.tracking import model_version_url, run_url, ui_base_url
 from tagml.training.train import train_tag
 from tagml.training.versions import registered_model_name
-
-from tagml.core.settings import home_relative, resolve_home_path
-from tagml.core.storage import sql_literal
 
 TRAINING_GROUP = "training"
 

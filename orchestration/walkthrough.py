@@ -15,13 +15,13 @@ from datetime import date
 from typing import Any
 
 import dagster as dg
+
+from tagml.core.settings import Settings
 from tagml.features.synthetic import BankConfig, month_ends
 from tagml.orchestration.definitions import build_definitions
 from tagml.orchestration.jobs import NIGHTLY_SCORING_JOB, RAW_INGEST_JOB, TRAIN_ALL_JOB, reevaluation_run_config
 from tagml.orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags, sensor_context
 from tagml.training.catalog import load_catalog
-
-from tagml.core.settings import Settings
 
 # the job logs say what Dagster does step by step; the walkthrough's results say what it did
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}

@@ -8,6 +8,7 @@ from datetime import date
 from typing import Any
 
 import duckdb
+
 from tagml.scoring.store import TagStore
 
 # what each tag row of the lookup carries, besides its probabilities, reasons and lineage

@@ -14,9 +14,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlglot import exp
-from tagml.training.catalog import Catalog, TagSpec, parse_rule_predicate
 
 from tagml.core.storage import MEMORY_LIMIT, connect, quote, sql_literal
+from tagml.training.catalog import Catalog, TagSpec, parse_rule_predicate
 
 
 class RuleInputError(ValueError):

@@ -19,6 +19,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
+
+from tagml.core.files import CorruptFileError
+from tagml.core.storage import atomic_replace, sql_literal, staged_path
 from tagml.features.snapshot import open_feature_snapshot
 from tagml.scoring.reasons import ReasonExplainer
 from tagml.scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
@@ -27,9 +30,6 @@ from tagml.training.dataset import label_conditions
 from tagml.training.inference import infer, model_input
 from tagml.training.registry import CHAMPION, IncompleteRegistrationError, alias_version, load_model, require_complete, version_info
 from tagml.training.versions import ModelVersionInfo, registered_model_name
-
-from tagml.core.files import CorruptFileError
-from tagml.core.storage import atomic_replace, sql_literal, staged_path
 
 DEFAULT_BATCH_ROWS = 100_000
 

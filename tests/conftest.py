@@ -17,12 +17,11 @@ from tagml.core.runtime import configure_process
 
 configure_process()
 
+from tagml.core.storage import connect, sql_literal
 from tagml.features.contract import RAW_TABLES
 from tagml.features.customer_features import build_customer_features
 from tagml.features.synthetic import BankConfig, generate_bank
 from tagml.features.validation import validate_and_stage
-
-from tagml.core.storage import connect, sql_literal
 
 # Small enough for the whole domain suite to run in well under a minute on two cores, large enough
 # for the marginal and causal checks to be far from their tolerances.
@@ -116,6 +115,7 @@ def write_test_catalog(path: Path, names: tuple[str, ...], trials: int = 1, mode
     `promotion` override single fields (e.g. margin=0.01).
     """
     import yaml
+
     from tagml.training.catalog import load_catalog
 
     shipped = load_catalog()

@@ -17,12 +17,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from tagml.training.catalog import load_catalog
-from tagml.training.tracking import connect_tracking
 
 from tagml.cli import main
 from tagml.cli.errors import EXIT_CODES, ExitCode
 from tagml.core.settings import Settings
+from tagml.training.catalog import load_catalog
+from tagml.training.tracking import connect_tracking
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:

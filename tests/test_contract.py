@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import raw_glob
+
+from tagml.core.storage import sql_literal
 from tagml.features.contract import (
     CUSTOMERS,
     DIGITAL_EVENTS,
@@ -23,8 +25,6 @@ from tagml.features.contract import (
 )
 from tagml.features.raw import ContractError
 from tagml.features.validation import validate_and_stage
-
-from tagml.core.storage import sql_literal
 
 # Every PII value planted in a bad row contains this marker; it must never reach an error message.
 SECRET = "SECRET"

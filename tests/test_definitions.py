@@ -1,10 +1,10 @@
 """The code location loads as Dagster would load it, with settings taken from the environment."""
 
 import dagster as dg
-from tagml.orchestration.definitions import build_definitions, defs
-from tagml.orchestration.jobs import CUSTOMER_FEATURES_JOB, RAW_INGEST_JOB
 
 from tagml.core.settings import Settings
+from tagml.orchestration.definitions import build_definitions, defs
+from tagml.orchestration.jobs import CUSTOMER_FEATURES_JOB, RAW_INGEST_JOB
 
 
 def test_definitions_load_from_environment(tmp_path, monkeypatch):

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 from conftest import raw_glob
+
+from tagml.core.storage import sql_literal, staged_path
 from tagml.features.contract import CUSTOMERS, RAW_TABLES, TRANSACTIONS
 from tagml.features.delivery import current_generation, generations_dir, stage_delivery
 from tagml.features.raw import ContractError
 from tagml.features.validation import validate_and_stage
-
-from tagml.core.storage import sql_literal, staged_path
 
 DELIVERY = date(2026, 11, 5)  # after the session bank's last month (2026-10)
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
 from tagml.monitoring.history import SUMMARY, DriftHistory, DriftHistoryError
 from tagml.monitoring.performance import realised_performance
 from tagml.monitoring.psi import ALL, MISSING, distribution_psi, feature_psi

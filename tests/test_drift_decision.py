@@ -4,6 +4,7 @@ from datetime import date
 
 import pandas as pd
 import pytest
+
 from tagml.monitoring.decision import MIN_SLICE_ROWS, DriftMeasures, decide, describe_rules, feature_drifted
 from tagml.monitoring.performance import RealisedPerformance
 from tagml.monitoring.psi import MISSING
@@ -129,6 +130,7 @@ def test_the_rules_described_are_the_rules_decided():
 def test_the_drift_check_of_a_tag_with_critical_features_names_them():
     # the check's description once listed the share and class rules only, while one critical feature alone drifts the tag
     import dagster as dg
+
     from tagml.orchestration.monitoring_assets import build_tag_drift_asset, drift_check_name
     from tagml.training.catalog import load_catalog
 

@@ -9,6 +9,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+
+from tagml.core.settings import Settings
 from tagml.features.synthetic import BankConfig, generate_bank
 from tagml.monitoring.drift import DriftLocations, compute_drift
 from tagml.monitoring.reference import DriftInputError
@@ -21,8 +23,6 @@ from tagml.orchestration.jobs import (
 )
 from tagml.orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags, sensor_context
 from tagml.training.catalog import load_catalog
-
-from tagml.core.settings import Settings
 from tests.conftest import make_connection, write_test_catalog
 
 pytestmark = pytest.mark.slow  # a real Dagster loop on a 4,000-customer bank (~2 minutes)

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import dagster as dg
 from dagster._daemon.sensor import fetch_existing_runs
+
+from tagml.core.settings import Settings
 from tagml.orchestration.definitions import build_definitions
 from tagml.orchestration.monitoring_assets import DRIFT_BY_TAG
 from tagml.orchestration.partitions import as_of_partitions
@@ -18,8 +20,6 @@ from tagml.orchestration.sensors import (
     in_process_run_tags,
     sensor_context,
 )
-
-from tagml.core.settings import Settings
 
 VERDICTS = {
     # as_of: (computed_at, per-tag verdicts)

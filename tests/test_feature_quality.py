@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 from conftest import MID_MONTH_END, make_connection
+
+from tagml.core.files import CorruptFileError
+from tagml.core.storage import sql_literal
 from tagml.features.delivery import stage_delivery
 from tagml.features.quality import MAX_DATA_LAG_DAYS, check_feature_snapshot
 from tagml.features.snapshot import (
@@ -15,9 +18,6 @@ from tagml.features.snapshot import (
     open_feature_snapshot,
 )
 from tagml.features.synthetic import BankConfig, generate_bank
-
-from tagml.core.files import CorruptFileError
-from tagml.core.storage import sql_literal
 
 EARLY_AS_OF = date(2024, 2, 28)
 
@@ -147,6 +147,7 @@ def test_every_check_the_domain_runs_has_an_asset_check_spec_and_vice_versa(bank
     flags and descriptions as the outcomes `check_feature_snapshot` produces. They were once written
     out twice and had drifted apart (the freshness spec hard-coded the 3-day lag)."""
     import dagster as dg
+
     from tagml.features.quality import FEATURE_CHECKS
     from tagml.orchestration.feature_assets import build_customer_features_asset
 

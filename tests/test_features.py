@@ -8,20 +8,11 @@ import duckdb
 import pandas as pd
 import pytest
 from conftest import MID_MONTH_DAY, MID_MONTH_END
-from tagml.features.contract import CUSTOMERS, RAW_TABLES, TABLES_BY_NAME, contract_markdown
-from tagml.features.customer_features import (
-    CATEGORICAL_FEATURES,
-    FEATURE_NAMES,
-    FEATURES,
-    KEY_COLUMNS,
-    SOURCES,
-    feature_dictionary,
-    feature_dictionary_markdown,
-    features_sql,
-    snapshot_spine_sql,
-)
 
 from tagml.core.storage import sql_literal
+from tagml.features.contract import CUSTOMERS, RAW_TABLES, TABLES_BY_NAME, contract_markdown
+from tagml.features.customer_features import features_sql, snapshot_spine_sql
+from tagml.features.dictionary import CATEGORICAL_FEATURES, FEATURE_NAMES, FEATURES, KEY_COLUMNS, SOURCES, feature_dictionary, feature_dictionary_markdown
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PII_COLUMNS = sorted({c.name for spec in RAW_TABLES for c in spec.columns if c.pii})

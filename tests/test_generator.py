@@ -13,8 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import tagml.features.synthetic.generate as generate_module
 from conftest import BANK, WINDOW_END, WINDOW_START, raw_glob, stage_all
+
+import tagml.features.synthetic.generate as generate_module
+from tagml.core.storage import sql_literal
 from tagml.features.contract import RAW_TABLES
 from tagml.features.synthetic import (
     CHURN_CLASSES,
@@ -23,8 +25,6 @@ from tagml.features.synthetic import (
     BankConfig,
     generate_bank,
 )
-
-from tagml.core.storage import sql_literal
 
 TABLES = [spec.name for spec in RAW_TABLES]
 CLASSES = {"risk_appetite": RISK_CLASSES, "life_stage": LIFE_STAGES, "churn_90d": CHURN_CLASSES}

@@ -16,6 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
+from tagml.core.storage import (
+    WarehouseConfigError,
+    connect,
+    glob_literal,
+    sql_literal,
+    write_parquet_atomically,
+)
 from tagml.features.contract import RAW_TABLES, TABLES_BY_NAME
 from tagml.features.customer_features import build_customer_features
 from tagml.features.synthetic import BankConfig, generate_bank
@@ -25,14 +33,6 @@ from tagml.scoring.rules import rule_batches, rule_case_sql, slice_expressions
 from tagml.scoring.score import score_partition
 from tagml.scoring.store import ParquetTagStore
 from tagml.training.catalog import Catalog, load_catalog
-
-from tagml.core.storage import (
-    WarehouseConfigError,
-    connect,
-    glob_literal,
-    sql_literal,
-    write_parquet_atomically,
-)
 
 STACKED = "1GB'; COPY (SELECT 42 AS x) TO '{target}' (FORMAT CSV); SET memory_limit = '2GB"
 

@@ -5,10 +5,10 @@ from datetime import date
 
 import duckdb
 import pytest
-from tagml.scoring.lookup import customer_tags, is_present
-from tagml.scoring.store import ParquetTagStore, TagStore, TagStoreError
 
 from tagml.core.storage import sql_literal
+from tagml.scoring.lookup import customer_tags, is_present
+from tagml.scoring.store import ParquetTagStore, TagStore, TagStoreError
 
 AS_OF = date(2026, 9, 30)
 

@@ -6,12 +6,12 @@ from datetime import date
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
-from tagml.features.customer_features import FEATURE_NAMES
+
+from tagml.core.settings import Settings
+from tagml.features.dictionary import FEATURE_NAMES
 from tagml.features.synthetic import BankConfig, generate_bank
 from tagml.orchestration.definitions import build_definitions
 from tagml.orchestration.jobs import CUSTOMER_FEATURES_JOB, RAW_INGEST_JOB
-
-from tagml.core.settings import Settings
 
 AS_OF = "2026-10-31"
 
@@ -98,6 +98,7 @@ def test_contract_violation_fails_the_asset_and_keeps_the_staged_table(home, tmp
 
 def test_training_job_trains_registers_and_gates_one_tag(home):
     from mlflow.tracking import MlflowClient
+
     from tagml.orchestration.jobs import train_tag_job_name
 
     assert _run(home, RAW_INGEST_JOB).success
@@ -121,6 +122,7 @@ def test_training_job_trains_registers_and_gates_one_tag(home):
 @pytest.fixture(scope="module")
 def small_home(tmp_path_factory):
     import yaml
+
     from tagml.training.catalog import load_catalog
 
     root = tmp_path_factory.mktemp("small_home")

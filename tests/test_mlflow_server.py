@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from tagml.features.customer_features import build_customer_features
 from tagml.scoring.score import score_partition
 from tagml.training.catalog import load_catalog
@@ -34,7 +35,6 @@ from tagml.training.registry import (
 from tagml.training.tracking import connect_tracking
 from tagml.training.train import train_tag
 from tagml.training.versions import REGISTRATION_TAG, registered_model_name
-
 from tests.conftest import WINDOW_END, make_connection, shipped_slices, write_test_catalog
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

@@ -21,6 +21,10 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 import pytest
+
+from tagml.cli import main
+from tagml.cli.errors import ExitCode
+from tagml.core.settings import Settings
 from tagml.features.synthetic import BankConfig, generate_bank
 from tagml.orchestration.jobs import (
     NIGHTLY_SCORING_JOB,
@@ -30,10 +34,6 @@ from tagml.orchestration.jobs import (
 )
 from tagml.orchestration.training_assets import tag_model_key
 from tagml.scoring.store import ParquetTagStore
-
-from tagml.cli import main
-from tagml.cli.errors import ExitCode
-from tagml.core.settings import Settings
 from tests.conftest import write_test_catalog
 
 TRAINED, FIRST, SECOND = date(2026, 8, 31), date(2026, 9, 30), date(2026, 10, 31)
@@ -214,10 +214,10 @@ def test_a_copied_home_is_re_anchored_and_the_original_is_untouched(tmp_path, mo
     """The rewrite on a real MLflow SQLite store and DuckDB file, without training: exact prefixes only,
     in the copy only, and the manifest moves with it (a second look rewrites nothing)."""
     import pandas as pd
-    from tagml.training.tracking import connect_tracking
 
     from tagml.core.runtime import MLFLOW_LOCATION_COLUMNS, relocate_home
     from tagml.core.storage import WarehouseLayout, publish_views
+    from tagml.training.tracking import connect_tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     original = Settings.from_env({"TAGML_HOME": str(tmp_path / "home")})

@@ -14,11 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import MID_MONTH_DAY, MID_MONTH_END, make_connection, raw_glob, stage_all
-from tagml.features.contract import CUSTOMERS, TABLES_BY_NAME
-from tagml.features.customer_features import FEATURE_NAMES, FEATURES, KEY_COLUMNS, build_customer_features, features_for_spine
-from tagml.features.validation import validate_and_stage
 
 from tagml.core.storage import sql_literal
+from tagml.features.contract import CUSTOMERS, TABLES_BY_NAME
+from tagml.features.customer_features import build_customer_features, features_for_spine
+from tagml.features.dictionary import FEATURE_NAMES, FEATURES, KEY_COLUMNS
+from tagml.features.validation import validate_and_stage
 
 # How to keep only what was known on D, table by table.
 TRUNCATE = {

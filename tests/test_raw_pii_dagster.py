@@ -7,12 +7,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from conftest import raw_glob
-from tagml.features.contract import CUSTOMERS
-from tagml.orchestration.definitions import build_definitions
-from tagml.orchestration.jobs import RAW_INGEST_JOB
 
 from tagml.core.settings import Settings
 from tagml.core.storage import sql_literal
+from tagml.features.contract import CUSTOMERS
+from tagml.orchestration.definitions import build_definitions
+from tagml.orchestration.jobs import RAW_INGEST_JOB
 
 MARKERS = {
     "full_name": "Zmarkername Qiu",

@@ -16,6 +16,7 @@ import dagster as dg
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
 from tagml.monitoring.reference import DriftInputError, monitored_model
 from tagml.scoring.score import ScoringError, resolve_champion
 from tagml.training.catalog import load_catalog
@@ -36,7 +37,6 @@ from tagml.training.registry import (
 from tagml.training.tracking import connect_tracking
 from tagml.training.train import TrainingInProgressError, train_tag, training_lock_path
 from tagml.training.versions import REGISTRATION_TAG, registered_model_name
-
 from tests.conftest import WINDOW_END, make_connection, shipped_slices, write_test_catalog
 
 REPO = Path(__file__).resolve().parent.parent
@@ -254,6 +254,7 @@ def test_two_stores_in_one_process_never_see_each_other_and_the_fluent_default_i
     """Every run, model and load goes through the caller's client: a decoy set as MLflow's process-wide
     tracking URI (as another library in the process might) receives nothing, and is still the default after."""
     import mlflow
+
     from tagml.training.registry import load_model
 
     decoy = f"sqlite:///{tmp_path / 'decoy.db'}"

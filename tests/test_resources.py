@@ -7,14 +7,14 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow.parquet as pq
+
+from tagml.core.settings import Settings
+from tagml.core.storage import EmbeddedWarehouse, Warehouse, WarehouseLayout
 from tagml.orchestration.partitions import as_of_partitions
 from tagml.orchestration.resources import MlflowResource, WarehouseResource
 from tagml.orchestration.scoring_assets import build_customer_tags_asset
 from tagml.scoring.store import ParquetTagStore, TagStore
 from tagml.training.catalog import load_catalog
-
-from tagml.core.settings import Settings
-from tagml.core.storage import EmbeddedWarehouse, Warehouse, WarehouseLayout
 from tests.test_scoring import small_catalog
 
 AS_OF = date(2026, 6, 30)

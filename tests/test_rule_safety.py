@@ -11,7 +11,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import yaml
-from tagml.features.customer_features import FEATURE_NAMES
+
+from tagml.features.dictionary import FEATURE_NAMES
 from tagml.scoring.rules import (
     rule_batches,
     rule_case_sql,
@@ -20,7 +21,6 @@ from tagml.scoring.rules import (
 )
 from tagml.scoring.score import ScoringError, score_partition
 from tagml.training.catalog import CatalogError, load_catalog
-
 from tests.conftest import MID_MONTH_END, make_connection
 
 SHIPPED = load_catalog()

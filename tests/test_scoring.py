@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
 from tagml.features.customer_features import build_customer_features
 from tagml.scoring.score import (
     TAG_ROW_SCHEMA,
@@ -30,7 +31,6 @@ from tagml.training.dataset import build_training_set
 from tagml.training.registry import apply_gate, champion_version, evaluate_gate, promote
 from tagml.training.tracking import connect_tracking
 from tagml.training.train import train_tag
-
 from tests.conftest import WINDOW_END, make_connection, shipped_slices, write_test_catalog
 
 AS_OF = WINDOW_END
@@ -269,6 +269,7 @@ def test_export_for_downstream_systems(hand_store, tmp_path, fmt):
 
 def test_reason_contributions_equal_xgboosts_own_for_the_predicted_class(world):
     import xgboost as xgb
+
     from tagml.scoring.reasons import ReasonExplainer
     from tagml.scoring.score import resolve_champion
 

@@ -7,13 +7,13 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from tagml.core.settings import Settings
+from tagml.core.storage import WarehouseLayout
 from tagml.orchestration.partitions import as_of_partitions
 from tagml.orchestration.resources import MlflowResource, WarehouseResource
 from tagml.orchestration.scoring_assets import build_customer_tags_asset
 from tagml.training.catalog import load_catalog
-
-from tagml.core.settings import Settings
-from tagml.core.storage import WarehouseLayout
 from tests.test_scoring import small_catalog
 
 AS_OF = date(2026, 6, 30)

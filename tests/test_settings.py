@@ -4,7 +4,6 @@ unknown TAGML_* variables are warned about; stored locations survive a moved hom
 import warnings
 
 import pytest
-from tagml.orchestration.definitions import build_definitions
 
 from tagml.core.settings import (
     DEFAULT_CATALOG,
@@ -15,6 +14,7 @@ from tagml.core.settings import (
     valid_cron,
 )
 from tagml.core.storage import WarehouseConfigError, connect
+from tagml.orchestration.definitions import build_definitions
 
 
 @pytest.mark.parametrize(

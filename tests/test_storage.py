@@ -3,10 +3,10 @@
 from datetime import date
 
 import duckdb
-from tagml.monitoring.history import SUMMARY, DriftHistory
-from tagml.scoring.store import ParquetTagStore
 
 from tagml.core.storage import PartitionedTable, WarehouseLayout, publish_views, write_parquet_atomically
+from tagml.monitoring.history import SUMMARY, DriftHistory
+from tagml.scoring.store import ParquetTagStore
 
 
 def _write(con: duckdb.DuckDBPyConnection, table: PartitionedTable, as_of: date, rows: int) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
 from tagml.training.catalog import CatalogError, load_catalog
 from tagml.training.dataset import SPLIT_COLUMN, TrainingDataError, build_training_set
 from tagml.training.registry import (
@@ -28,7 +29,6 @@ from tagml.training.registry import (
 from tagml.training.tracking import TrackingUnavailableError, connect_tracking
 from tagml.training.train import train_tag
 from tagml.training.versions import registered_model_name
-
 from tests.conftest import WINDOW_END, make_connection, shipped_slices
 
 SHIPPED = load_catalog()

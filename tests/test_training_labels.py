@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import WINDOW_END
+
+from tagml.core.files import CorruptFileError
+from tagml.core.storage import sql_literal
 from tagml.training.catalog import load_catalog
 from tagml.training.dataset import (
     MAX_UNKNOWN_LABEL_SHARE,
@@ -14,9 +17,6 @@ from tagml.training.dataset import (
     build_training_set,
     load_training_set,
 )
-
-from tagml.core.files import CorruptFileError
-from tagml.core.storage import sql_literal
 
 SHIPPED = load_catalog()
 

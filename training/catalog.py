@@ -25,10 +25,10 @@ from pydantic import (
     model_validator,
 )
 from sqlglot import exp
-from tagml.features.contract import LABEL_SOURCES
-from tagml.features.customer_features import FEATURE_NAMES, FEATURES
 
 from tagml.core.settings import DEFAULT_CATALOG
+from tagml.features.contract import LABEL_SOURCES
+from tagml.features.dictionary import FEATURE_NAMES, FEATURES
 
 FEATURE_GROUPS = tuple(sorted({f.group for f in FEATURES}))
 # Class names become MLflow metric names, file names and tag-store values: a safe, portable alphabet.

@@ -10,12 +10,13 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
-from tagml.features.customer_features import CATEGORICAL_FEATURES, spine_features_sql
-from tagml.features.delivery import current_generation
-from tagml.training.catalog import TagSpec, WideTableSource
 
 from tagml.core.files import check_parquet
 from tagml.core.storage import glob_literal, quote, sql_literal, staged_path, write_parquet_atomically
+from tagml.features.customer_features import spine_features_sql
+from tagml.features.delivery import current_generation
+from tagml.features.dictionary import CATEGORICAL_FEATURES
+from tagml.training.catalog import TagSpec, WideTableSource
 
 LABEL_COLUMN = "label"
 SPLIT_COLUMN = "split"

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from tagml.training.catalog import UNKNOWN
 from tagml.training.versions import ModelVersionInfo
 

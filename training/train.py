@@ -22,6 +22,8 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
 from sklearn.utils.class_weight import compute_sample_weight
+
+from tagml.core.settings import home_relative
 from tagml.training.catalog import TagSpec
 from tagml.training.dataset import TrainingSet
 from tagml.training.evaluate import (
@@ -48,8 +50,6 @@ from tagml.training.tracking import (
     tracked_run,
 )
 from tagml.training.versions import REGISTRATION_COMPLETE, REGISTRATION_PENDING, REGISTRATION_TAG, registered_model_name
-
-from tagml.core.settings import home_relative
 
 PIP_REQUIREMENTS = ["scikit-learn>=1.6,<2", "xgboost>=3.0,<3.3", "pandas>=2.2,<3", "numpy>=2.0,<2.5"]
 

@@ -3,6 +3,7 @@ trading that reacts to the market) and digital events (logins, product views, tr
 
 import numpy as np
 import pyarrow as pa
+
 from tagml.features.contract import DIGITAL_EVENT_TYPES, TXN_CATEGORIES
 from tagml.features.synthetic.config import days, ids
 from tagml.features.synthetic.customers import Chunk

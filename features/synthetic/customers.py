@@ -7,6 +7,7 @@ the tables in the order `generate_bank` asks for them), so a seed always gives t
 
 import numpy as np
 import pyarrow as pa
+
 from tagml.features.synthetic.config import CHURN_HORIZON_MONTHS, BankConfig, days, drift_month_index, ids, life_stage_of, month_ends, sigmoid
 
 EDUCATION = ("primary", "secondary", "bachelor", "postgraduate")

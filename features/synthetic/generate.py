@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from tagml.features.synthetic.activity import digital_events_table, transactions_table
 from tagml.features.synthetic.config import CHUNK_SIZE, DRIFT_SCENARIOS, BankConfig, drift_month_index
 from tagml.features.synthetic.customers import Chunk, customers_table

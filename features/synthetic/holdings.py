@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
 from tagml.features.contract import PRODUCTS
 from tagml.features.synthetic.config import ids, market_index, sigmoid
 from tagml.features.synthetic.customers import Chunk

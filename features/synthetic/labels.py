@@ -4,6 +4,7 @@ KYC / relationship-manager life stage and churn in the next three months."""
 
 import numpy as np
 import pyarrow as pa
+
 from tagml.features.synthetic.config import CHURN_CLASSES, CHURN_HORIZON_MONTHS, LIFE_STAGES, RISK_CLASSES, days, life_stage_of, sigmoid
 from tagml.features.synthetic.customers import Chunk
 

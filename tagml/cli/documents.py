@@ -26,6 +26,6 @@ def contract_command(out: Annotated[Path | None, typer.Option(help="write to thi
 @app.command("features")
 def features_command(out: Annotated[Path | None, typer.Option(help="write to this file instead of stdout")] = None) -> None:
     """Print the feature dictionary as markdown."""
-    from tagml.features.customer_features import feature_dictionary_markdown
+    from tagml.features.dictionary import feature_dictionary_markdown
 
     _emit(feature_dictionary_markdown(), out)
