@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 from sqlglot import exp
 
 from tagml.core.storage import MEMORY_LIMIT, connect, quote, sql_literal
-from tagml.training.catalog import Catalog, TagSpec, parse_rule_predicate
+from tagml.training.catalog import Catalog, TagSpec
+from tagml.training.rule_predicates import parse_rule_predicate
 
 
 class RuleInputError(ValueError):

@@ -37,7 +37,7 @@ EXIT_CODES: dict[str, ExitCode] = {
     "tagml.training.registry.GateOverrideRequiredError": ExitCode.USAGE,
     "tagml.training.train.TrainingInProgressError": ExitCode.UNAVAILABLE,
     "tagml.core.storage.WarehouseConfigError": ExitCode.CONFIG,
-    "tagml.training.catalog.RuleSyntaxError": ExitCode.CONFIG,
+    "tagml.training.rule_predicates.RuleSyntaxError": ExitCode.CONFIG,
     "tagml.scoring.rules.RuleInputError": ExitCode.CONFIG,
     "tagml.core.files.CorruptFileError": ExitCode.CONFIG,
 }
