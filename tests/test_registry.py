@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from tagml.monitoring.reference import DriftInputError, monitored_model
 from tagml.scoring.score import ScoringError, resolve_champion
 from tagml.training.catalog import load_catalog
+from tagml.training.concurrency import TrainingInProgressError, training_lock_path
 from tagml.training.dataset import build_training_set
 from tagml.training.registry import (
     CHAMPION,
@@ -35,7 +36,7 @@ from tagml.training.registry import (
     rollback,
 )
 from tagml.training.tracking import connect_tracking
-from tagml.training.train import TrainingInProgressError, train_tag, training_lock_path
+from tagml.training.train import train_tag
 from tagml.training.versions import REGISTRATION_TAG, registered_model_name
 from tests.conftest import WINDOW_END, make_connection, shipped_slices, write_test_catalog
 

@@ -5,8 +5,7 @@ import json
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
-from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -25,6 +23,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 
 from tagml.core.settings import home_relative
 from tagml.training.catalog import TagSpec
+from tagml.training.concurrency import mark_stale_runs, owner_tags, training_lock
 from tagml.training.dataset import TrainingSet
 from tagml.training.evaluate import (
     core_metrics,
@@ -36,7 +35,6 @@ from tagml.training.evaluate import (
     slice_metrics,
 )
 from tagml.training.models import build_pipeline
-from tagml.training.stale_runs import mark_stale_runs, owner_tags
 from tagml.training.tracking import (
     LoggedSklearnModel,
     create_run,
@@ -46,7 +44,6 @@ from tagml.training.tracking import (
     log_params,
     log_sklearn_model,
     set_tags,
-    sqlite_path,
     tracked_run,
 )
 from tagml.training.versions import REGISTRATION_COMPLETE, REGISTRATION_PENDING, REGISTRATION_TAG, registered_model_name
@@ -116,38 +113,6 @@ def train_tag(
         experiment_id = _experiment(client, tag.name, artifact_location if is_local_store(tracking_uri) else None)
         mark_stale_runs(client, experiment_id, local=is_local_store(tracking_uri))
         return _train(client, tag, data, slices, experiment_id, seed, threads, trials, dict(run_tags or {}))
-
-
-class TrainingInProgressError(RuntimeError):
-    """Another training of the same tag holds the tag's training lock on this store; nothing was logged."""
-
-
-def training_lock_path(tracking_uri: str, tag: str, lock_dir: Path | None = None) -> Path:
-    """The lock file serialising trainings of `tag`: next to a SQLite store, else under `lock_dir` or the
-    temp dir (for a server this serialises the trainings started on this machine)."""
-    db = sqlite_path(tracking_uri)
-    if lock_dir is None:
-        lock_dir = db.parent if db is not None else Path(tempfile.gettempdir()) / "tagml-locks"
-    stem = db.name if db is not None else "".join(c if c.isalnum() else "_" for c in tracking_uri)
-    return Path(lock_dir) / f"{stem}.train-{tag}.lock"
-
-
-@contextmanager
-def training_lock(tracking_uri: str, tag: str, lock_dir: Path | None = None, timeout_seconds: float = 0) -> Iterator[Path]:
-    """Hold the tag's training lock (released by the OS if the holder is killed)."""
-    path = training_lock_path(tracking_uri, tag, lock_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=timeout_seconds)
-    except Timeout:
-        raise TrainingInProgressError(
-            f"another training of tag {tag!r} is running on this MLflow store (lock {path}); wait for it to finish or stop it, then train again"
-        ) from None
-    try:
-        yield path
-    finally:
-        lock.release()
 
 
 def _experiment(client: MlflowClient, tag: str, artifact_location: str | None) -> str:

@@ -35,7 +35,7 @@ EXIT_CODES: dict[str, ExitCode] = {
     "tagml.training.tracking.TrackingUnavailableError": ExitCode.UNAVAILABLE,
     "tagml.training.registry.RegistryUnavailableError": ExitCode.UNAVAILABLE,
     "tagml.training.registry.GateOverrideRequiredError": ExitCode.USAGE,
-    "tagml.training.train.TrainingInProgressError": ExitCode.UNAVAILABLE,
+    "tagml.training.concurrency.TrainingInProgressError": ExitCode.UNAVAILABLE,
     "tagml.core.storage.WarehouseConfigError": ExitCode.CONFIG,
     "tagml.training.rule_predicates.RuleSyntaxError": ExitCode.CONFIG,
     "tagml.scoring.rules.RuleInputError": ExitCode.CONFIG,
