@@ -16,11 +16,14 @@ No data is read here, so each rule is tested on hand-made numbers (tests/test_dr
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from tagml.monitoring.performance import RealisedPerformance
 from tagml.training.catalog import UNKNOWN, DriftSpec
+
+if TYPE_CHECKING:  # performance measures with this module's performance rule: imported for the annotation only
+    from tagml.monitoring.performance import RealisedPerformance
 
 MIN_SLICE_ROWS = 100  # a slice smaller than this on either side is reported but never flagged
 REPORTED_FEATURES = 5  # drifted features named in the share reason, largest PSI first
@@ -34,7 +37,7 @@ class DriftMeasures:
     prediction_psi: float  # PSI of the inferred class distribution against the reference's
     class_shares: pd.DataFrame  # one row per class: class, reference_share, current_share
     classes: tuple[str, ...]  # the tag's classes, in the order the reasons list them
-    performance: RealisedPerformance
+    performance: "RealisedPerformance"
 
 
 @dataclass(frozen=True)
@@ -114,3 +117,15 @@ def _shares(measures: DriftMeasures, column: str) -> str:
     """'c1 40.0%, c2 60.0%' in the tag's class order, then `unknown` (inference's abstention) if present."""
     rows = measures.class_shares.set_index("class")[column]
     return ", ".join(f"{c} {rows.get(c, 0.0):.1%}" for c in [*measures.classes, UNKNOWN] if c in rows.index)
+
+
+def performance_drifted(drop: float | None, spec: DriftSpec, measured_version: str | None, current_version: str) -> tuple[bool, str]:
+    """(drifted, note): realised performance fell more than `spec.performance_drop` below the version's test
+    metric, and that version still scores the tag."""
+    if drop is None or not drop > spec.performance_drop:
+        return False, ""
+    if measured_version != current_version:
+        # the version that made these predictions has been replaced since: re-evaluating the
+        # current champion because its predecessor aged badly would retrain for nothing
+        return False, f"measured on v{measured_version}, since replaced by v{current_version}"
+    return True, ""

@@ -17,6 +17,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from tagml.core.storage import sql_literal, staged_path
+from tagml.monitoring.decision import performance_drifted
 from tagml.scoring.store import TagStore
 from tagml.training.catalog import TagSpec
 from tagml.training.dataset import label_conditions
@@ -66,14 +67,7 @@ def realised_performance(
     if not earlier:
         return RealisedPerformance("no partition", metric, note=f"no tag partition on or before {target} to compare outcomes with")
     partition = earlier[-1]
-    where = " AND ".join([*label_conditions(tag, as_of), f"label_date = DATE {sql_literal(partition)}"])
-    rows = con.execute(
-        f"SELECT l.label, t.probabilities, t.model_version FROM "
-        f"(SELECT customer_id, arg_max(label, known_date) AS label FROM read_parquet({sql_literal(staged_path(staged_dir, 'tag_labels'))}) "
-        f"WHERE {where} GROUP BY customer_id) l "
-        f"JOIN {store.read_sql(partition)} t ON t.customer_id = l.customer_id AND t.tag = ?",
-        [tag.name],
-    ).fetchall()
+    rows = _matured_outcomes(con, tag, as_of, store, staged_dir, partition)
     if not rows:
         return RealisedPerformance(
             "no matured labels",
@@ -101,12 +95,7 @@ def realised_performance(
         )
     realised = core_metrics(y, proba, len(classes))[metric]
     drop = None if expected is None else (realised - expected if metric in LOWER_IS_BETTER else expected - realised)
-    drifted = drop is not None and drop > tag.drift.performance_drop
-    note = ""
-    if drifted and version != str(current_version):
-        # the version that made these predictions has been replaced since: re-evaluating the
-        # current champion because its predecessor aged badly would retrain for nothing
-        drifted, note = False, f"measured on v{version}, since replaced by v{current_version}"
+    drifted, note = performance_drifted(drop, tag.drift, version, str(current_version))
     return RealisedPerformance(
         "measured",
         metric,
@@ -129,3 +118,16 @@ def registry_test_metric(client: MlflowClient, tag: TagSpec) -> Callable[[str], 
         return parse_version(tag.name, mv).test_metrics.get(tag.promotion.metric)
 
     return lookup
+
+
+def _matured_outcomes(con: duckdb.DuckDBPyConnection, tag: TagSpec, as_of: date, store: TagStore, staged_dir: Path, partition: date) -> list[tuple]:
+    """(label, probabilities, model version) per customer: the labels dated `partition` known by `as_of`,
+    joined to what the tag store said on that partition."""
+    where = " AND ".join([*label_conditions(tag, as_of), f"label_date = DATE {sql_literal(partition)}"])
+    return con.execute(
+        f"SELECT l.label, t.probabilities, t.model_version FROM "
+        f"(SELECT customer_id, arg_max(label, known_date) AS label FROM read_parquet({sql_literal(staged_path(staged_dir, 'tag_labels'))}) "
+        f"WHERE {where} GROUP BY customer_id) l "
+        f"JOIN {store.read_sql(partition)} t ON t.customer_id = l.customer_id AND t.tag = ?",
+        [tag.name],
+    ).fetchall()

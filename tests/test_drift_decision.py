@@ -5,7 +5,7 @@ from datetime import date
 import pandas as pd
 import pytest
 
-from tagml.monitoring.decision import MIN_SLICE_ROWS, DriftMeasures, decide, describe_rules, feature_drifted
+from tagml.monitoring.decision import MIN_SLICE_ROWS, DriftMeasures, decide, describe_rules, feature_drifted, performance_drifted
 from tagml.monitoring.performance import RealisedPerformance
 from tagml.monitoring.psi import MISSING
 from tagml.training.catalog import DriftSpec
@@ -141,3 +141,16 @@ def test_the_drift_check_of_a_tag_with_critical_features_names_them():
     assert risk.drift.critical_features
     assert descriptions[drift_check_name("risk_appetite")] == f"risk_appetite: {describe_rules(risk.drift, risk.promotion.metric)}"
     assert all(f in descriptions[drift_check_name("risk_appetite")] for f in risk.drift.critical_features)
+
+
+@pytest.mark.parametrize(
+    ("drop", "measured", "expected"),
+    [
+        (None, "3", (False, "")),  # no test metric recorded on the version
+        (0.05, "3", (False, "")),  # at the threshold: not above it
+        (0.051, "3", (True, "")),
+        (0.2, "2", (False, "measured on v2, since replaced by v3")),  # the version that aged badly is gone
+    ],
+)
+def test_performance_drifts_only_above_the_drop_and_only_for_the_version_still_scoring(drop, measured, expected):
+    assert performance_drifted(drop, SPEC, measured, "3") == expected

@@ -172,6 +172,42 @@ def build_training_set(
         _check_staged(staged_dir, ("tag_labels",) if wide else STAGED_INPUTS)
     labels = wide_table_labels_sql(tag, train_as_of, staged_dir) if wide else labels_sql(staged_dir, tag, train_as_of)
     in_classes = f"label IN ({', '.join(sql_literal(c) for c in tag.classes)})"
+    known, unknown_labels = _label_census(con, labels, in_classes, tag, train_as_of)
+    # a customer labelled twice on one date keeps the last label
+    dedup = f"SELECT * FROM ({labels}) WHERE {in_classes} QUALIFY row_number() OVER (PARTITION BY customer_id, as_of ORDER BY label_date DESC, label) = 1"
+    if wide:
+        sql, names, categorical, feature_types = _wide_features(con, tag, dedup)
+    else:
+        sql, names, categorical, feature_types = _contract_features(con, staged_dir, tag, dedup)
+    try:
+        frame = con.execute(sql).df()
+    except duckdb.Error:
+        # a data page damaged behind an intact footer: name the file if one is unreadable
+        _check_staged(staged_dir, STAGED_INPUTS if not wide else ())
+        raise
+    numeric = [n for n in names if n not in categorical]
+    # nullable integer columns (pandas.NA) become float with NaN, the models' missing value
+    frame[numeric] = frame[numeric].astype("float64")
+    absent = [c for c in tag.classes if c not in frame[LABEL_COLUMN].value_counts().index]
+    if absent:
+        raise TrainingDataError(f"tag {tag.name!r}: classes {absent} have no labels; cannot train a {len(tag.classes)}-class model")
+    frame[SPLIT_COLUMN] = _split(frame, tag, seed)
+    path, snapshot_id = _save_snapshot(con, frame, tag, train_as_of, snapshot_dir)
+    return TrainingSet(
+        tag=tag.name,
+        frame=frame,
+        feature_names=names,
+        categorical=categorical,
+        snapshot_path=path,
+        snapshot_id=snapshot_id,
+        dropped_labels={"unknown_class": int(sum(unknown_labels.values())), "customer_not_found": int(known - len(frame))},
+        feature_types=feature_types,
+        unknown_labels=unknown_labels,
+    )
+
+
+def _label_census(con: duckdb.DuckDBPyConnection, labels: str, in_classes: str, tag: TagSpec, train_as_of: date) -> tuple[int, dict[str, int]]:
+    """(labels among the classes, count per value outside them); refuses a set with none usable or too many outside."""
     by_value = con.execute(f"SELECT coalesce({in_classes}, false), label, count(*) FROM ({labels}) GROUP BY ALL ORDER BY 3 DESC, 2").fetchall()
     known = sum(n for ok, _, n in by_value if ok)
     unknown_labels = {("<null>" if value is None else str(value)[:40]): int(n) for ok, value, n in by_value if not ok}
@@ -186,52 +222,36 @@ def build_training_set(
             f"(more than {MAX_UNKNOWN_LABEL_SHARE:.0%}): {dict(list(unknown_labels.items())[:5])}. "
             "Declare the classes in the catalog or correct the label source."
         )
-    # a customer labelled twice on one date keeps the last label
-    dedup = f"SELECT * FROM ({labels}) WHERE {in_classes} QUALIFY row_number() OVER (PARTITION BY customer_id, as_of ORDER BY label_date DESC, label) = 1"
-    if wide:
-        sql, names, categorical, feature_types = _wide_features(con, tag, dedup)
-    else:
-        names = tag.feature_names
-        categorical = tuple(n for n in names if n in CATEGORICAL_FEATURES)
-        feature_types = {n: ("categorical" if n in categorical else "numeric") for n in names}
-        features = spine_features_sql(con, staged_dir, f"SELECT customer_id, as_of FROM ({dedup})")
-        sql = (
-            f"SELECT l.customer_id, l.as_of::DATE AS as_of, l.label AS {LABEL_COLUMN}, {', '.join('f.' + n for n in names)} "
-            f"FROM ({dedup}) l JOIN ({features}) f ON f.customer_id = l.customer_id AND f.as_of = l.as_of::DATE "
-            f"ORDER BY l.as_of, l.customer_id"
-        )
-    try:
-        frame = con.execute(sql).df()
-    except duckdb.Error:
-        # a data page damaged behind an intact footer: name the file if one is unreadable
-        _check_staged(staged_dir, STAGED_INPUTS if not wide else ())
-        raise
-    numeric = [n for n in names if n not in categorical]
-    # nullable integer columns (pandas.NA) become float with NaN, the models' missing value
-    frame[numeric] = frame[numeric].astype("float64")
-    missing_features = known - len(frame)
-    present = frame[LABEL_COLUMN].value_counts()
-    absent = [c for c in tag.classes if c not in present.index]
-    if absent:
-        raise TrainingDataError(f"tag {tag.name!r}: classes {absent} have no labels; cannot train a {len(tag.classes)}-class model")
-    frame[SPLIT_COLUMN] = _split(frame, tag, seed)
+    return known, unknown_labels
+
+
+def _contract_features(
+    con: duckdb.DuckDBPyConnection, staged_dir: Path, tag: TagSpec, dedup: str
+) -> tuple[str, tuple[str, ...], tuple[str, ...], dict[str, str]]:
+    """(SQL of labels joined to the computed features at each label's date, names, categorical names, kinds)."""
+    names = tag.feature_names
+    categorical = tuple(n for n in names if n in CATEGORICAL_FEATURES)
+    feature_types = {n: ("categorical" if n in categorical else "numeric") for n in names}
+    features = spine_features_sql(con, staged_dir, f"SELECT customer_id, as_of FROM ({dedup})")
+    sql = (
+        f"SELECT l.customer_id, l.as_of::DATE AS as_of, l.label AS {LABEL_COLUMN}, {', '.join('f.' + n for n in names)} "
+        f"FROM ({dedup}) l JOIN ({features}) f ON f.customer_id = l.customer_id AND f.as_of = l.as_of::DATE "
+        f"ORDER BY l.as_of, l.customer_id"
+    )
+    return sql, names, categorical, feature_types
+
+
+def _save_snapshot(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, tag: TagSpec, train_as_of: date, snapshot_dir: Path) -> tuple[Path, str]:
+    """Write the snapshot under a content-addressed name (the same rows give the same id); returns (path, id)."""
     digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()[:12]
     snapshot_id = f"{tag.name}-{train_as_of.isoformat()}-{digest}"
     path = snapshot_dir / tag.name / f"{snapshot_id}.parquet"
     con.register("_snapshot", frame)
-    write_parquet_atomically(con, "SELECT * FROM _snapshot", path)
-    con.unregister("_snapshot")
-    return TrainingSet(
-        tag=tag.name,
-        frame=frame,
-        feature_names=names,
-        categorical=categorical,
-        snapshot_path=path,
-        snapshot_id=snapshot_id,
-        dropped_labels={"unknown_class": int(unknown), "customer_not_found": int(missing_features)},
-        feature_types=feature_types,
-        unknown_labels=unknown_labels,
-    )
+    try:
+        write_parquet_atomically(con, "SELECT * FROM _snapshot", path)
+    finally:
+        con.unregister("_snapshot")
+    return path, snapshot_id
 
 
 def load_training_set(path: Path, tag: TagSpec) -> TrainingSet:
