@@ -147,6 +147,24 @@ def _profile_predictions(
     return rows, class_counts, probability_bins, probability_sums
 
 
+def _cached_profile(meta_path: Path, sample_path: Path, key: dict[str, Any], population: Path) -> ReferenceProfile | None:
+    """The cached profile when it was computed with the same inputs (`key`), else None."""
+    if not (meta_path.exists() and sample_path.exists()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("key") != key:
+        return None
+    return ReferenceProfile(
+        population_path=population,
+        rows=meta["rows"],
+        class_counts=pd.DataFrame(meta["class_counts"]),
+        probability_bins=pd.DataFrame(meta["probability_bins"]),
+        probability_sums=meta["probability_sums"],
+        training_gap_share=meta["training_gap_share"],
+        sample_path=sample_path,
+    )
+
+
 def reference_profile(
     con: duckdb.DuckDBPyConnection,
     client: MlflowClient,
@@ -169,18 +187,9 @@ def reference_profile(
         "min_confidence": tag.min_confidence,
         "feature_psi": tag.drift.feature_psi,
     }
-    if meta_path.exists() and sample_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") == key:
-            return ReferenceProfile(
-                population_path=population,
-                rows=meta["rows"],
-                class_counts=pd.DataFrame(meta["class_counts"]),
-                probability_bins=pd.DataFrame(meta["probability_bins"]),
-                probability_sums=meta["probability_sums"],
-                training_gap_share=meta["training_gap_share"],
-                sample_path=sample_path,
-            )
+    cached = _cached_profile(meta_path, sample_path, key, population)
+    if cached is not None:
+        return cached
 
     model = load_model(client, tag.name, mm.version)
     rows, class_counts, probability_bins, probability_sums = _profile_predictions(con, model, mm, tag, population, slices, batch_rows)

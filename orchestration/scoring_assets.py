@@ -13,27 +13,30 @@ from tagml.training.catalog import Catalog
 SCORING_GROUP = "scoring"
 
 
+CHECK_SPECS = [
+    dg.AssetCheckSpec(
+        "coverage",
+        asset="customer_tags",
+        blocking=True,
+        description="Every customer of the snapshot has every catalog tag exactly once, with a value among the tag's classes "
+        "(or 'unknown' below its min_confidence). Checked on the scored file before it replaces the partition.",
+    ),
+    dg.AssetCheckSpec(
+        "stability",
+        asset="customer_tags",
+        blocking=False,
+        description="No tag changed value for more customers since the previous partition than its catalog's drift.max_changed_share.",
+    ),
+]
+
+
 def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: Catalog) -> dg.AssetsDefinition:
     @dg.asset(
         name="customer_tags",
         group_name=SCORING_GROUP,
         partitions_def=partitions_def,
         deps=["customer_features", *(tag_model_key(t.name) for t in catalog.model_tags)],
-        check_specs=[
-            dg.AssetCheckSpec(
-                "coverage",
-                asset="customer_tags",
-                blocking=True,
-                description="Every customer of the snapshot has every catalog tag exactly once, with a value among the tag's classes "
-                "(or 'unknown' below its min_confidence). Checked on the scored file before it replaces the partition.",
-            ),
-            dg.AssetCheckSpec(
-                "stability",
-                asset="customer_tags",
-                blocking=False,
-                description="No tag changed value for more customers since the previous partition than its catalog's drift.max_changed_share.",
-            ),
-        ],
+        check_specs=CHECK_SPECS,
         kinds={"parquet", "mlflow"},
         description="Every customer's rule and model tags for the as_of: value, class probabilities, reasons, observed vs inferred, and the model or rule version.",
     )
@@ -73,18 +76,22 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
             },
             check_results=[
                 dg.AssetCheckResult(check_name="coverage", passed=summary.coverage.passed, metadata=summary.coverage.metadata()),
-                dg.AssetCheckResult(
-                    check_name="stability",
-                    passed=not unstable,
-                    severity=dg.AssetCheckSeverity.WARN,
-                    description=(
-                        "; ".join(f"{tag}: {share:.1%} of customers changed value since {previous[-1]}" for tag, share in unstable.items())
-                        if unstable
-                        else ("no previous partition" if not previous else f"within each tag's max_changed_share since {previous[-1]}")
-                    ),
-                    metadata={"changed_share": dg.MetadataValue.json(changed), "unstable_tags": dg.MetadataValue.json(sorted(unstable))},
-                ),
+                _stability_result(changed, unstable, previous[-1] if previous else None),
             ],
         )
 
     return customer_tags
+
+
+def _stability_result(changed: dict[str, float], unstable: dict[str, float], previous: date | None) -> dg.AssetCheckResult:
+    if unstable:
+        description = "; ".join(f"{tag}: {share:.1%} of customers changed value since {previous}" for tag, share in unstable.items())
+    else:
+        description = "no previous partition" if previous is None else f"within each tag's max_changed_share since {previous}"
+    return dg.AssetCheckResult(
+        check_name="stability",
+        passed=not unstable,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=description,
+        metadata={"changed_share": dg.MetadataValue.json(changed), "unstable_tags": dg.MetadataValue.json(sorted(unstable))},
+    )

@@ -3,6 +3,7 @@
 
 from contextlib import closing
 from datetime import date
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -19,9 +20,9 @@ from tagml.training.dataset import (
     build_training_set,
     load_training_set,
 )
-from tagml.training.registry import apply_gate, evaluate_gate
+from tagml.training.registry import GateDecision, apply_gate, evaluate_gate
 from tagml.training.tracking import model_version_url, run_url, ui_base_url
-from tagml.training.train import train_tag
+from tagml.training.train import TrainResult, train_tag
 from tagml.training.versions import registered_model_name
 
 TRAINING_GROUP = "training"
@@ -48,6 +49,10 @@ def _default_train_as_of(warehouse: WarehouseResource) -> date:
 
 
 def build_training_assets(tag: TagSpec, catalog: Catalog) -> list[dg.AssetsDefinition]:
+    return [_training_set_asset(tag), _tag_model_asset(tag, catalog)]
+
+
+def _training_set_asset(tag: TagSpec) -> dg.AssetsDefinition:
     @dg.asset(
         key=training_set_key(tag.name),
         group_name=TRAINING_GROUP,
@@ -74,6 +79,10 @@ def build_training_assets(tag: TagSpec, catalog: Catalog) -> list[dg.AssetsDefin
             },
         )
 
+    return training_set
+
+
+def _tag_model_asset(tag: TagSpec, catalog: Catalog) -> dg.AssetsDefinition:
     @dg.asset(
         key=tag_model_key(tag.name),
         group_name=TRAINING_GROUP,
@@ -115,38 +124,42 @@ def build_training_assets(tag: TagSpec, catalog: Catalog) -> list[dg.AssetsDefin
         decision = apply_gate(client, evaluate_gate(client, tag, result.version, data, slices))
         context.log.info(decision.summary())
         ui = ui_base_url(mlflow_store.tracking_uri, mlflow_store.ui_url)
-        yield dg.MaterializeResult(
-            metadata={
-                "model_version": result.version,
-                "mlflow_run_id": result.run_id,
-                "model_uri": result.model_uri,
-                "mlflow_run": dg.MetadataValue.url(run_url(ui, result.experiment_id, result.run_id)),
-                "mlflow_model_version": dg.MetadataValue.url(model_version_url(ui, registered_model_name(tag.name), result.version)),
-                **{f"test_{k}": round(v, 4) for k, v in result.metrics.items() if not k.startswith(("precision_", "recall_", "support_"))},
-                **{f"baseline_{k}": round(v, 4) for k, v in result.baseline_metrics.items()},
-                "best_params": dg.MetadataValue.json(result.best_params),
-                "seconds": dg.MetadataValue.json({k: round(v, 1) for k, v in result.seconds.items()}),
-            },
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name="promotion_gate",
-                    passed=decision.promoted,
-                    # a rejected challenger leaves a working champion in place: warn; without one, it is an error
-                    severity=dg.AssetCheckSeverity.WARN if decision.champion_version else dg.AssetCheckSeverity.ERROR,
-                    description=decision.summary(),
-                    metadata={
-                        "decision": "promoted" if decision.promoted else "rejected",
-                        "reasons": dg.MetadataValue.json(decision.reasons),
-                        "challenger_version": decision.challenger_version,
-                        "champion_version_before": decision.champion_version or "none",
-                        f"challenger_{decision.metric}": round(decision.challenger_metric, 4),
-                        f"champion_{decision.metric}": round(decision.champion_metric, 4) if decision.champion_metric is not None else "n/a",
-                    },
-                )
-            ],
-        )
+        yield dg.MaterializeResult(metadata=_model_metadata(tag, result, ui), check_results=[_gate_check_result(decision)])
 
-    return [training_set, tag_model]
+    return tag_model
+
+
+def _model_metadata(tag: TagSpec, result: TrainResult, ui: str) -> dict[str, Any]:
+    """What a trained version shows in Dagster: its registry links, test and baseline metrics (aggregates only)."""
+    return {
+        "model_version": result.version,
+        "mlflow_run_id": result.run_id,
+        "model_uri": result.model_uri,
+        "mlflow_run": dg.MetadataValue.url(run_url(ui, result.experiment_id, result.run_id)),
+        "mlflow_model_version": dg.MetadataValue.url(model_version_url(ui, registered_model_name(tag.name), result.version)),
+        **{f"test_{k}": round(v, 4) for k, v in result.metrics.items() if not k.startswith(("precision_", "recall_", "support_"))},
+        **{f"baseline_{k}": round(v, 4) for k, v in result.baseline_metrics.items()},
+        "best_params": dg.MetadataValue.json(result.best_params),
+        "seconds": dg.MetadataValue.json({k: round(v, 1) for k, v in result.seconds.items()}),
+    }
+
+
+def _gate_check_result(decision: GateDecision) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name="promotion_gate",
+        passed=decision.promoted,
+        # a rejected challenger leaves a working champion in place: warn; without one, it is an error
+        severity=dg.AssetCheckSeverity.WARN if decision.champion_version else dg.AssetCheckSeverity.ERROR,
+        description=decision.summary(),
+        metadata={
+            "decision": "promoted" if decision.promoted else "rejected",
+            "reasons": dg.MetadataValue.json(decision.reasons),
+            "challenger_version": decision.challenger_version,
+            "champion_version_before": decision.champion_version or "none",
+            f"challenger_{decision.metric}": round(decision.challenger_metric, 4),
+            f"champion_{decision.metric}": round(decision.champion_metric, 4) if decision.champion_metric is not None else "n/a",
+        },
+    )
 
 
 def build_all_training_assets(catalog: Catalog) -> list[dg.AssetsDefinition]:
