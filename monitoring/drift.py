@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from tagml.core.files import CorruptFileError, check_parquet
+from tagml.core.files import CorruptFileError
 from tagml.core.storage import WarehouseLayout, quote, sql_literal
 from tagml.features.snapshot import open_feature_snapshot
 from tagml.monitoring.decision import DriftDecision, decide, feature_drifted
@@ -46,7 +46,7 @@ from tagml.monitoring.psi import ALL, parquet
 from tagml.monitoring.reference import SAMPLE_SALT, DriftInputError, monitored_model, reference_population, reference_profile
 from tagml.monitoring.report import VERDICT_KEYS, ReportJob, ReportSummary, run_reports
 from tagml.scoring.rules import slice_expressions
-from tagml.scoring.store import ParquetTagStore, TagStore
+from tagml.scoring.store import TagStore, TagStoreError
 from tagml.training.catalog import Catalog, TagSpec
 
 
@@ -55,7 +55,7 @@ class DriftLocations:
     """Where drift reads its inputs and writes its results (the caller chooses them: orchestration's resources)."""
 
     warehouse_dir: Path
-    tag_store_dir: Path
+    tag_store: TagStore  # read through its interface: the embedded store or a bank's
     drift_dir: Path
     reports_dir: Path
 
@@ -70,10 +70,6 @@ class DriftLocations:
     @property
     def history(self) -> DriftHistory:
         return DriftHistory(self.drift_dir)
-
-    @property
-    def tag_store(self) -> TagStore:
-        return ParquetTagStore(self.tag_store_dir)
 
     def features_path(self, as_of: date) -> Path:
         return WarehouseLayout(self.warehouse_dir).customer_features.path(as_of)
@@ -124,15 +120,15 @@ def tag_inputs(
     current = locations.features_path(as_of)
     if not current.exists():
         raise DriftInputError(f"no customer_features partition for as_of {as_of} at {current}; materialize customer_features first")
-    tags_path = locations.tag_store.partition_path(as_of)
-    if not tags_path.exists():
-        raise DriftInputError(f"no customer_tags partition for as_of {as_of} at {tags_path}; run the scoring job first")
+    try:
+        tags_sql = locations.tag_store.read_sql(as_of)  # a missing or unreadable partition: the store's named error
+    except TagStoreError as err:
+        raise DriftInputError(f"customer_tags of {as_of} ({locations.tag_store.location(as_of)}): {err}; run the scoring job first") from err
     try:
         open_feature_snapshot(current, as_of)
-        check_parquet(tags_path, f"re-run the scoring job (customer_tags) for the partition {as_of.isoformat()}")
     except CorruptFileError as err:
         raise DriftInputError(str(err)) from err
-    versions = con.execute(f"SELECT model_version, count(*) FROM {parquet(tags_path)} WHERE tag = ? GROUP BY 1 ORDER BY 2 DESC, 1", [tag.name]).fetchall()
+    versions = con.execute(f"SELECT model_version, count(*) FROM {tags_sql} WHERE tag = ? GROUP BY 1 ORDER BY 2 DESC, 1", [tag.name]).fetchall()
     if not versions or versions[0][0] is None:
         raise DriftInputError(f"tag {tag.name!r} has no model-scored rows in the customer_tags partition of {as_of}")
     mm = monitored_model(client, tag, versions[0][0])
@@ -143,7 +139,7 @@ def tag_inputs(
     slices = slice_expressions(catalog, columns)
     population = reference_population(con, mm, locations.warehouse_dir, locations.staged_dir, locations.reference_dir)
     profile = reference_profile(con, client, mm, tag, population, slices, locations.reference_dir, sample_rows)
-    return TagInputs(tag, as_of, mm, current, tags_path, slices, population, profile)
+    return TagInputs(tag, as_of, mm, current, tags_sql, slices, population, profile)
 
 
 def compute_tag_drift(
@@ -226,7 +222,7 @@ def _report_job(con: duckdb.DuckDBPyConnection, inputs: TagInputs, summary: dict
     # features and the inferred class only: the id orders the sample but is never selected
     current_sample = con.execute(
         f"SELECT {cols}, t.inferred_value AS prediction FROM {parquet(inputs.features_path)} f "
-        f"JOIN (SELECT customer_id, inferred_value FROM {parquet(inputs.tags_path)} WHERE tag = ?) t ON t.customer_id = f.customer_id "
+        f"JOIN (SELECT customer_id, inferred_value FROM {inputs.tags_sql} WHERE tag = ?) t ON t.customer_id = f.customer_id "
         f"ORDER BY hash(f.customer_id, {sql_literal(SAMPLE_SALT)}), f.customer_id LIMIT {int(sample_rows)}",
         [tag.name],
     ).df()

@@ -29,7 +29,7 @@ class TagInputs:
     as_of: date
     model: ModelVersionInfo
     features_path: Path  # the as_of's customer_features partition
-    tags_path: Path  # the as_of's customer_tags partition
+    tags_sql: str  # a relation over the as_of's customer_tags partition (TagStore.read_sql)
     slices: dict[str, str]  # slice name -> SQL over a feature snapshot
     population: Path  # the reference population's features
     profile: ReferenceProfile
@@ -75,26 +75,24 @@ def measure_tag(con: duckdb.DuckDBPyConnection, inputs: TagInputs, performance: 
     """Feature PSI over every customer and the tag store's inferred classes against the version's reference predictions."""
     mm = inputs.model
     features = feature_psi(con, inputs.population, inputs.features_path, mm.kinds, inputs.slices)
-    current_counts, current_bins = _current_predictions(con, inputs.tags_path, inputs.features_path, inputs.tag.name, inputs.slices)
+    current_counts, current_bins = _current_predictions(con, inputs.tags_sql, inputs.features_path, inputs.tag.name, inputs.slices)
     predictions = _prediction_table(inputs.profile, current_counts, current_bins, mm.classes)
     return TagMeasures(features, predictions, performance, mm.classes)
 
 
-def _current_predictions(
-    con: duckdb.DuckDBPyConnection, tags_path: Path, features: Path, tag: str, slices: dict[str, str]
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _current_predictions(con: duckdb.DuckDBPyConnection, tags_sql: str, features: Path, tag: str, slices: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(class counts per slice, probability bins per class) of one tag in a tag-store partition."""
     slice_cols = "".join(f"{slice_value_sql(expr)} AS {quote(name)}, " for name, expr in slices.items())
     finest = con.execute(
         f"SELECT {slice_cols}coalesce(t.inferred_value, {sql_literal(MISSING)}) AS class, count(*) AS n "
-        f"FROM (SELECT customer_id, inferred_value FROM {parquet(tags_path)} WHERE tag = ?) t "
+        f"FROM (SELECT customer_id, inferred_value FROM {tags_sql} WHERE tag = ?) t "
         f"JOIN (SELECT * FROM {parquet(features)}) f ON f.customer_id = t.customer_id GROUP BY ALL",
         [tag],
     ).df()
     counts = rollup(finest, list(slices), ["class"])
     bins = con.execute(
         f"SELECT e.key AS class, least(floor(e.value * {PROBABILITY_BINS}), {PROBABILITY_BINS - 1})::INTEGER AS bin, "
-        f"count(*) AS n, sum(e.value) AS total FROM (SELECT unnest(map_entries(probabilities)) AS e FROM {parquet(tags_path)} "
+        f"count(*) AS n, sum(e.value) AS total FROM (SELECT unnest(map_entries(probabilities)) AS e FROM {tags_sql} "
         f"WHERE tag = ? AND probabilities IS NOT NULL) GROUP BY ALL",
         [tag],
     ).df()

@@ -70,10 +70,6 @@ class WarehouseResource(dg.ConfigurableResource):
         return self.layout.customer_features.path(as_of)
 
     @property
-    def tag_store_dir(self) -> Path:
-        return self.layout.customer_tags.root
-
-    @property
     def training_sets_dir(self) -> Path:
         return self.layout.training_sets_dir
 
@@ -111,4 +107,4 @@ class MonitoringResource(dg.ConfigurableResource):
         )
 
     def locations(self, warehouse: WarehouseResource) -> DriftLocations:
-        return DriftLocations(Path(warehouse.warehouse_dir), warehouse.tag_store_dir, Path(self.drift_dir), Path(self.reports_dir))
+        return DriftLocations(Path(warehouse.warehouse_dir), warehouse.tag_store(), Path(self.drift_dir), Path(self.reports_dir))

@@ -22,6 +22,7 @@ from tagml.orchestration.jobs import (
     reevaluation_run_config,
 )
 from tagml.orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags, sensor_context
+from tagml.scoring.store import ParquetTagStore
 from tagml.training.catalog import load_catalog
 from tests.conftest import make_connection, write_test_catalog
 
@@ -62,7 +63,7 @@ def loop(tmp_path_factory):
     reset = tick(None)  # a lost cursor
     # same inputs, same decisions: recompute the drifted partition from scratch (references too)
     recomputed_dir = root / "recomputed"
-    locations = DriftLocations(settings.warehouse_dir, settings.warehouse_dir / "customer_tags", recomputed_dir, recomputed_dir / "reports")
+    locations = DriftLocations(settings.warehouse_dir, ParquetTagStore.in_warehouse(settings.warehouse_dir), recomputed_dir, recomputed_dir / "reports")
     with make_connection(root) as con:
         recomputed = compute_drift(con, MlflowClient(settings.mlflow_tracking_uri), catalog, AFTER, locations, report=False)
     tags_before = pd.read_parquet(settings.warehouse_dir / "customer_tags" / f"as_of={AFTER}" / "data.parquet")
@@ -177,7 +178,7 @@ def test_a_feature_gone_all_null_is_a_big_drift_not_a_crash(loop, tmp_path):
     table = table.set_column(column, "aum_total", pa.nulls(table.num_rows, table.schema.field(column).type))
     (warehouse / "customer_features" / f"as_of={BEFORE}").mkdir()
     pq.write_table(table, warehouse / "customer_features" / f"as_of={BEFORE}" / "data.parquet")
-    locations = DriftLocations(warehouse, settings.warehouse_dir / "customer_tags", tmp_path / "drift", tmp_path / "reports")
+    locations = DriftLocations(warehouse, ParquetTagStore.in_warehouse(settings.warehouse_dir), tmp_path / "drift", tmp_path / "reports")
     with make_connection(tmp_path) as con:
         run = compute_drift(con, loop["client"], load_catalog(settings.catalog_path), BEFORE, locations, sample_rows=500)
     users = []  # every tag got its numbers and its report; those whose model reads aum_total see a big drift
@@ -246,7 +247,7 @@ def test_missing_inputs_fail_with_named_errors(loop, tmp_path):
     version = loop["tags_before"].query("tag == 'life_stage'")["model_version"].iloc[0]
     snapshot = loop["client"].get_model_version("tagml-life_stage", version).tags["data_snapshot"]
     moved = tmp_path / "snapshot.parquet"
-    locations = DriftLocations(settings.warehouse_dir, settings.warehouse_dir / "customer_tags", tmp_path / "drift", tmp_path / "reports")
+    locations = DriftLocations(settings.warehouse_dir, ParquetTagStore.in_warehouse(settings.warehouse_dir), tmp_path / "drift", tmp_path / "reports")
     from pathlib import Path
 
     Path(snapshot).rename(moved)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow.parquet as pq
+import pytest
 
 from tagml.core.settings import Settings
 from tagml.core.storage import EmbeddedWarehouse, Warehouse, WarehouseLayout
@@ -73,3 +74,22 @@ def test_the_embedded_implementations_are_what_the_default_resource_vends(tmp_pa
     assert store.location(AS_OF) == str(warehouse.layout.customer_tags.path(AS_OF))
     with warehouse.connect() as con:
         assert con.execute("SELECT current_setting('threads')").fetchone() == (2,)
+
+
+def test_drift_reads_the_tag_store_the_warehouse_resource_vends(bank_features, tmp_path):
+    from tagml.core.storage import connect
+    from tagml.monitoring.drift import tag_inputs
+    from tagml.monitoring.reference import DriftInputError
+    from tagml.orchestration.resources import MonitoringResource
+
+    settings = Settings.from_env({"TAGML_HOME": str(tmp_path / "home")})
+    warehouse = ElsewhereWarehouse(**WarehouseResource.from_settings(settings).model_dump(), tag_root=str(tmp_path / "bank tags"))
+    locations = MonitoringResource.from_settings(settings).locations(warehouse)
+    assert isinstance(locations.tag_store, LedgerTagStore)
+    snapshot = WarehouseLayout(settings.warehouse_dir).customer_features.path(AS_OF)
+    snapshot.parent.mkdir(parents=True)
+    pq.write_table(pq.read_table(bank_features[AS_OF]), snapshot)
+    catalog = load_catalog(small_catalog(tmp_path, include=("risk_appetite", "value_tier")))
+    # the embedded store has no partition either; the error must name the plugged-in store's
+    with connect(1, "1GB") as con, pytest.raises(DriftInputError, match="bank tags"):
+        tag_inputs(con, None, catalog, catalog.get("risk_appetite"), AS_OF, locations, 100)
