@@ -8,7 +8,7 @@ configure_process()
 
 import dagster as dg
 
-from tagml.core.runtime import keep_caches_in_home, relocate_home
+from tagml.core.runtime import open_home
 from tagml.core.settings import Settings
 from tagml.orchestration.feature_assets import build_customer_features_asset
 from tagml.orchestration.jobs import build_jobs, build_nightly_scoring_job, build_reevaluation_jobs
@@ -55,6 +55,5 @@ def build_definitions(settings: Settings) -> dg.Definitions:
 @dg.definitions
 def defs() -> dg.Definitions:
     settings = Settings.from_env()  # a bad value fails the load with its variable named
-    relocate_home(settings)  # a moved or copied home is re-anchored before anything runs in it
-    keep_caches_in_home(settings)
+    open_home(settings)  # a moved or copied home is re-anchored before anything runs in it
     return build_definitions(settings)

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 from tagml.cli.errors import NotFoundError
-from tagml.core.runtime import keep_caches_in_home, relocate_home
+from tagml.core.runtime import open_home
 from tagml.core.settings import Settings
 
 
@@ -25,10 +25,9 @@ def load_settings(*, require_home: bool = False, create: bool = False, writes: b
         settings.check_writable()
     if create:
         settings.ensure_dirs()
-    moved = relocate_home(settings)
+    moved = open_home(settings)
     if moved is not None:
         note(moved.describe())
-    keep_caches_in_home(settings)
     return settings
 
 

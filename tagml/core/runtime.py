@@ -48,6 +48,14 @@ def configure_process() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def open_home(settings: Settings) -> "Relocation | None":
+    """What every entry point does once its settings are known (CLI commands, the Dagster load): a moved
+    or copied home is re-anchored before anything runs in it, and library caches go into the home."""
+    moved = relocate_home(settings)
+    keep_caches_in_home(settings)
+    return moved
+
+
 def keep_caches_in_home(settings: Settings) -> None:
     """Library caches live in the home, not under $HOME (matplotlib writes its font list on first use).
 
