@@ -1,0 +1,5 @@
+"""`python -m tagml.cli`."""
+
+from tagml.cli import main
+
+raise SystemExit(main())

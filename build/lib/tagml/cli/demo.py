@@ -1,0 +1,139 @@
+"""`tagml demo`: prints the walkthrough that tagml.orchestration.walkthrough runs (generate, ingest, train,
+nightly scoring twice, drift, re-evaluation)."""
+
+import time
+from contextlib import closing
+from datetime import date
+from enum import Enum
+from typing import Annotated, Any
+
+import typer
+
+from tagml.cli import common
+from tagml.cli.app import app
+from tagml.cli.common import console, load_settings
+from tagml.cli.errors import CommandFailed, ExitCode
+from tagml.cli.generate import DEMO_CUSTOMERS, generate_with_progress
+from tagml.core.settings import Settings
+from tagml.features.synthetic import DRIFT_SCENARIOS
+
+# the generator's scenarios, or none (imported here: Typer needs them to parse)
+DemoScenario = Enum("DemoScenario", {name: name for name in [*sorted(DRIFT_SCENARIOS), "none"]}, type=str)  # type: ignore[misc]
+
+DEFAULT_DEMO_SCENARIO = DemoScenario("market_shock")
+
+
+@app.command("demo")
+def demo(
+    customers: Annotated[int, typer.Option(min=100, help="customers in the demo bank")] = DEMO_CUSTOMERS,
+    seed: Annotated[int, typer.Option(help="random seed")] = 42,
+    drift: Annotated[DemoScenario, typer.Option(help="scenario starting in the last month")] = DEFAULT_DEMO_SCENARIO,
+) -> None:
+    """Generate the demo bank and run the pipeline end to end (ingest, train, score, drift, re-evaluate)."""
+    settings = load_settings(create=True)
+    ok = _demo(settings, customers, seed, None if drift.value == "none" else drift.value)
+    if not ok:
+        raise CommandFailed("a demo run failed; see the Dagster UI (tagml ui) for the step logs", ExitCode.FAILED_RUN)
+
+
+def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> bool:
+    from tagml.orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR
+    from tagml.orchestration.walkthrough import Walkthrough, plan_demo
+
+    status = console(stderr=True)
+    plan = plan_demo(customers, seed, drift)
+    train_as_of, as_of = plan.train_as_of, plan.as_of
+    scenario = f", {drift} from {as_of:%Y-%m}" if drift else ""
+    print(f"[1/6] generating a synthetic bank: {plan.bank.customers:,} customers x {plan.bank.months} months{scenario} -> {settings.raw_dir}", flush=True)
+    started = time.perf_counter()
+    summary = generate_with_progress(plan.bank, settings.raw_dir)
+    print(f"      {summary['rows']} in {time.perf_counter() - started:.1f}s", flush=True)
+    with Walkthrough.open(settings) as walk:
+        print("[2/6] raw_ingest_job: validate the raw contract, drop PII, stage Parquet", flush=True)
+        with status.status("raw_ingest_job running"):
+            ingested = walk.ingest()
+        print(f"      {ingested.seconds:.0f}s", flush=True)
+        print(f"[3/6] train_all_tags_job on the labels known on {train_as_of}: training sets, Optuna + MLflow, registry, promotion gate", flush=True)
+        names = ", ".join(walk.model_tags)
+        with status.status(f"training {len(walk.model_tags)} model tags ({names}): Optuna trials logged to MLflow, then the gate"):
+            trained = walk.train(train_as_of)
+        print(f"      {trained.seconds:.0f}s", flush=True)
+        nightly = {}
+        for step, day in ((4, train_as_of), (5, as_of)):
+            print(f"[{step}/6] nightly_scoring_job for as_of={day}: features, rule + model tags from the champions, tag_drift", flush=True)
+            with status.status(f"nightly_scoring_job for {day} running"):
+                nightly[day] = walk.score_nightly(day)
+            outcome = ", ".join(f"{r.job} (run key {r.run_key})" for r in nightly[day].requests) or f"nothing ({nightly[day].skip_message})"
+            print(f"      {nightly[day].seconds:.0f}s; then {REEVALUATE_ON_DRIFT_SENSOR} requests {outcome}", flush=True)
+        print(f"      the sensor evaluated again on the same drift requests {walk.sensor_again()} runs", flush=True)
+        print("[6/6] the re-evaluation the sensor requested: retrain -> gate -> re-score", flush=True)
+        reevaluated = []
+        for request in (r for day in (train_as_of, as_of) for r in nightly[day].requests):
+            with status.status(f"{request.job} for {request.partition_key} running"):
+                reevaluated.append(walk.reevaluate(request))
+            print(f"      {reevaluated[-1].run.seconds:.0f}s", flush=True)
+    _print_demo_results(settings, plan, trained, {day: n.run for day, n in nightly.items()}, reevaluated)
+    return trained.success and all(n.run.success for n in nightly.values()) and all(r.run.success for r in reevaluated)
+
+
+def _print_demo_results(settings: Settings, plan: Any, trained: Any, scored: dict[date, Any], reevaluated: list[Any]) -> None:
+    # the printers of `tagml drift` and `tagml tags`, imported here so that `tagml --help` lists the commands in their order
+    from tagml.cli.drift import print_drift
+    from tagml.cli.lookup import customer_tags, print_tags
+    from tagml.orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR
+    from tagml.orchestration.walkthrough import example_model_customer, feature_snapshot_shape
+    from tagml.scoring.store import ParquetTagStore
+
+    train_as_of, as_of = plan.train_as_of, plan.as_of
+    path, rows, columns = feature_snapshot_shape(settings, train_as_of)
+    print()
+    print(f"customer_features[{train_as_of}]: {rows:,} customers x {columns} features -> {path}")
+    if scored[train_as_of].checks:
+        print("checks: " + ", ".join(f"{name}={'ok' if passed else 'FAILED'}" for name, passed in scored[train_as_of].checks.items()))
+    print(f"\nmodels ({trained.seconds:.0f}s):")
+    _print_models(trained)
+    if not trained.success:
+        print("  training job FAILED; see the Dagster UI for the step logs")
+    if scored[as_of].success:
+        store = ParquetTagStore.in_warehouse(settings.warehouse_dir)
+        with closing(common.connect(settings)) as con:
+            for day in (train_as_of, as_of):
+                print(f"\ncustomer_tags[{day}] -> {store.partition_path(day)}")
+                for tag, tag_rows in store.distribution(con, day).groupby("tag", sort=False):
+                    print(f"  {tag:<16} " + "  ".join(f"{r.value} {r.share:.1%}" for r in tag_rows.itertuples()))
+            print(f"\n$ tagml drift --as-of {train_as_of}")
+            print_drift(con, settings, train_as_of, None, details=False, compact=True)
+            print(f"\n$ tagml drift --as-of {as_of}")
+            print_drift(con, settings, as_of, None, details=False, compact=False)
+            print(f"\nre-evaluation ({REEVALUATE_ON_DRIFT_SENSOR}):")
+            if not reevaluated:
+                print("  none requested")
+            for done in reevaluated:
+                request, run = done.request, done.run
+                print(f"  {request.job} for {request.partition_key} (run key {request.run_key}, {run.seconds:.0f}s): {'ok' if run.success else 'FAILED'}")
+                print(f"    because: {request.reasons}")
+                _print_models(run, indent="    ")
+                if run.producers is not None:
+                    print(f"    re-scored customer_tags[{request.partition_key}]: {request.tag} now by {run.producers.get(request.tag)}")
+            example = example_model_customer(con, store.partition_path(as_of))
+        if example:
+            print(f"\n$ tagml tags {example}")
+            print_tags(customer_tags(settings, example, None, lineage=True))
+    else:
+        print("  scoring job FAILED; see the Dagster UI for the step logs")
+    print(f"\nstaged raw tables:  {settings.warehouse_dir / 'raw'}")
+    print(f"drift history:      {settings.drift_dir}   reports: {settings.reports_dir}")
+    print(f"Dagster instance:   {settings.dagster_home}")
+    print(f"MLflow:             {settings.mlflow_tracking_uri}")
+    print("open the UIs with:  make ui (Dagster, http://127.0.0.1:3000)   make mlflow-ui (http://127.0.0.1:5000)")
+
+
+def _print_models(result: Any, indent: str = "  ") -> None:
+    """One line per trained model and one per promotion-gate decision of a run."""
+    for m in result.models:
+        print(
+            f"{indent}{m.tag:<14} v{m.version}  macro_f1={m.test_macro_f1:.3f}  accuracy={m.test_accuracy:.3f}"
+            f"  calibration_error={m.test_calibration_error:.3f}  (baseline macro_f1={m.baseline_macro_f1:.3f})"
+        )
+    for gate in result.gates:
+        print(f"{indent}gate {gate.tag:<14} {gate.description}")

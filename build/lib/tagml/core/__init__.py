@@ -1,0 +1,1 @@
+"""The bottom layer: settings, storage plumbing and process set-up. Imports nothing else of tagml."""

@@ -1,0 +1,147 @@
+"""Point-in-time customer features, declared once and computed set-based in DuckDB.
+
+Every feature is a `Feature` of the feature dictionary (tagml.features.dictionary): its SQL, meaning,
+window and type. The query here and docs/FEATURES.md are both generated from that list.
+
+Features are computed over a *spine* of (customer_id, as_of) pairs: one as_of for a nightly
+partition, or each label's date for a training set. For a pair, only rows dated on or before
+as_of are read (transactions and events by timestamp, balances by month end, loans by open date;
+a loan closed after as_of counts as open, as it was on that day). Balances come from the latest
+month end on or before as_of.
+"""
+
+from datetime import date
+from pathlib import Path
+
+import duckdb
+
+from tagml.core.storage import sql_literal, staged_path, write_parquet_atomically
+from tagml.features.contract import PRODUCTS
+from tagml.features.delivery import current_generation
+from tagml.features.dictionary import FEATURE_NAMES, FEATURES
+
+
+def _block(source: str, relation: str) -> str:
+    exprs = [f"    {f.sql} AS {f.name}" for f in FEATURES if f.source == source]
+    return f"{source}_features AS (\n  SELECT customer_id, as_of,\n" + ",\n".join(exprs) + f"\n  FROM {relation}\n  GROUP BY customer_id, as_of\n)"
+
+
+def balance_month_end_sql(day: str) -> str:
+    """The month end whose balances a feature reads on `day` (a DATE expression): the latest month
+    end on or before it. Balances are month-end series; the quality checks use the same rule."""
+    return f"CASE WHEN {day} = last_day({day}) THEN {day} ELSE last_day({day} - INTERVAL 1 MONTH) END"
+
+
+def features_sql(staged_dir: Path, spine_sql: str, first_as_of: date, last_as_of: date) -> str:
+    """The SELECT computing every feature for each (customer_id, as_of) row of `spine_sql`.
+
+    `first_as_of`/`last_as_of` bound the spine's dates so that Parquet scans skip rows that no
+    as_of can use.
+    """
+    # every table from one delivery, even if another is swapped in while the query is built or run
+    staged_dir = current_generation(staged_dir)
+    src = {t: f"read_parquet({sql_literal(staged_path(staged_dir, t))})" for t in ("customers", "balances", "loans", "transactions", "digital_events")}
+    bounds = (f"DATE {sql_literal(first_as_of)} - INTERVAL 12 MONTH", f"DATE {sql_literal(last_as_of)} + INTERVAL 1 DAY")
+    customer_cols = ",\n    ".join(f"{f.sql} AS {f.name}" for f in FEATURES if f.source == "customer")
+    ctes = [
+        (f"spine AS (\n  SELECT DISTINCT customer_id, as_of::DATE AS as_of,\n    {balance_month_end_sql('as_of::DATE')} AS snap\n  FROM ({spine_sql})\n)"),
+        f"customer_features AS (\n  SELECT s.customer_id, s.as_of,\n    {customer_cols}\n  FROM spine s JOIN {src['customers']} c USING (customer_id)\n)",
+        *_balance_ctes(src["balances"], *bounds),
+        _block("balances", "bal"),
+        _windowed_events_cte("txn", "t", src["transactions"], ("txn_ts", "amount", "direction", "category", "channel"), "txn_ts", *bounds),
+        _block("transactions", "txn"),
+        _loan_cte(src["loans"]),
+        _block("loans", "loan"),
+        _windowed_events_cte("dig", "e", src["digital_events"], ("event_ts", "event_type"), "event_ts", *bounds),
+        _block("digital", "dig"),
+    ]
+    return "WITH " + ",\n".join(ctes) + _joined_select()
+
+
+def _balance_ctes(balances: str, lo: str, hi: str) -> list[str]:
+    """One row per customer, as_of and month end (products pivoted to columns), then AUM."""
+    product_cols = ",\n      ".join(f"sum(balance) FILTER (WHERE product = {sql_literal(p)}) AS p_{p}" for p in PRODUCTS)
+    return [
+        (
+            f"bal_month AS (\n  SELECT s.customer_id, s.as_of, s.snap, b.month_end,\n      {product_cols},\n      count(*) AS n_products\n"
+            f"  FROM spine s JOIN {balances} b ON b.customer_id = s.customer_id\n"
+            f"    AND b.month_end <= s.snap AND b.month_end > s.snap - INTERVAL 12 MONTH\n"
+            f"    AND b.month_end > {lo} AND b.month_end < {hi}\n  GROUP BY ALL\n)"
+        ),
+        (
+            f"bal AS (\n  SELECT * REPLACE ({' , '.join(f'coalesce(p_{p}, 0) AS p_{p}' for p in PRODUCTS)}),\n"
+            f"    {' + '.join(f'coalesce(p_{p}, 0)' for p in PRODUCTS if p != 'credit_card')} AS aum\n  FROM bal_month\n)"
+        ),
+    ]
+
+
+def _windowed_events_cte(name: str, alias: str, relation: str, columns: tuple[str, ...], ts: str, lo: str, hi: str) -> str:
+    """The events of `relation` in the 12 months up to each as_of (inclusive), flagged `w1`/`w3` when
+    in the last 1 or 3 months; `lo`/`hi` let the Parquet scan skip what no as_of can use."""
+    t = f"{alias}.{ts}"
+    return (
+        f"{name} AS (\n  SELECT s.customer_id, s.as_of, {', '.join(f'{alias}.{c}' for c in columns)},\n"
+        f"    {t} >= s.as_of - INTERVAL 1 MONTH + INTERVAL 1 DAY AS w1,\n"
+        f"    {t} >= s.as_of - INTERVAL 3 MONTH + INTERVAL 1 DAY AS w3\n"
+        f"  FROM spine s JOIN {relation} {alias} ON {alias}.customer_id = s.customer_id\n"
+        f"    AND {t} < s.as_of + INTERVAL 1 DAY AND {t} >= s.as_of - INTERVAL 12 MONTH + INTERVAL 1 DAY\n"
+        f"    AND {t} >= {lo} AND {t} < {hi}\n)"
+    )
+
+
+def _loan_cte(loans: str) -> str:
+    """Loans open at each as_of, with the principal outstanding on an annuity schedule."""
+    return (
+        f"loan AS (\n  SELECT s.customer_id, s.as_of, l.loan_type, l.open_date, l.principal, l.monthly_payment,\n"
+        f"    CASE WHEN l.term_months IS NULL THEN NULL\n"
+        f"         WHEN l.interest_rate = 0 THEN l.principal * greatest(l.term_months - date_diff('month', l.open_date, s.as_of), 0) / l.term_months\n"
+        f"         ELSE l.monthly_payment * (1 - pow(1 + l.interest_rate / 12, -greatest(l.term_months - date_diff('month', l.open_date, s.as_of), 0))) / (l.interest_rate / 12)\n"
+        f"    END AS outstanding\n"
+        f"  FROM spine s JOIN {loans} l ON l.customer_id = s.customer_id\n"
+        f"    AND l.open_date <= s.as_of AND (l.close_date IS NULL OR l.close_date > s.as_of)\n)"
+    )
+
+
+def _joined_select() -> str:
+    """Every source's features joined to the customers (a customer without rows gets each feature's
+    `fill`), the derived features on top, in dictionary order."""
+    joined_cols = []
+    for f in FEATURES:
+        if f.source in ("customer", "derived"):
+            continue
+        col = f"{f.source}_features.{f.name}"
+        joined_cols.append(f"coalesce({col}, {f.fill}) AS {f.name}" if f.fill is not None else f"{col} AS {f.name}")
+    joins = "\n".join(f"LEFT JOIN {s}_features USING (customer_id, as_of)" for s in ("balances", "transactions", "loans", "digital"))
+    customer_names = ", ".join(f.name for f in FEATURES if f.source == "customer")
+    base = f"SELECT customer_id, as_of, {customer_names},\n  " + ",\n  ".join(joined_cols) + f"\nFROM customer_features\n{joins}"
+    derived = ", ".join(f"{f.sql} AS {f.name}" for f in FEATURES if f.source == "derived")
+    ordered = ", ".join(FEATURE_NAMES)
+    return (
+        f",\nbase AS (\n{base}\n),\nwith_derived AS (SELECT *, {derived} FROM base)\n"
+        + f"SELECT customer_id, as_of, {ordered} FROM with_derived ORDER BY customer_id, as_of"
+    )
+
+
+def snapshot_spine_sql(staged_dir: Path, as_of: date) -> str:
+    """Every customer onboarded on or before `as_of`."""
+    customers = sql_literal(staged_path(staged_dir, "customers"))
+    return f"SELECT customer_id, DATE {sql_literal(as_of)} AS as_of FROM read_parquet({customers}) WHERE onboarding_date <= DATE {sql_literal(as_of)}"
+
+
+def build_customer_features(con: duckdb.DuckDBPyConnection, staged_dir: Path, as_of: date, target: Path) -> int:
+    """Compute the feature snapshot for `as_of` and write it atomically to `target` (Parquet). Returns rows."""
+    sql = features_sql(staged_dir, snapshot_spine_sql(staged_dir, as_of), as_of, as_of)
+    return write_parquet_atomically(con, sql, target)
+
+
+def spine_features_sql(con: duckdb.DuckDBPyConnection, staged_dir: Path, spine_sql: str) -> str:
+    """SQL of the features for arbitrary (customer_id, as_of) pairs, e.g. each label at its label date."""
+    first, last = con.execute(f"SELECT min(as_of)::DATE, max(as_of)::DATE FROM ({spine_sql})").fetchall()[0]
+    if first is None:
+        raise ValueError("the spine is empty: no (customer_id, as_of) rows to compute features for")
+    return features_sql(staged_dir, spine_sql, first, last)
+
+
+def features_for_spine(con: duckdb.DuckDBPyConnection, staged_dir: Path, spine_sql: str) -> duckdb.DuckDBPyRelation:
+    """Features for arbitrary (customer_id, as_of) pairs as a DuckDB relation."""
+    return con.sql(spine_features_sql(con, staged_dir, spine_sql))

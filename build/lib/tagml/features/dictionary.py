@@ -1,0 +1,448 @@
+"""The feature dictionary: every customer feature declared once, as a `Feature` (its SQL, meaning,
+window, type and fill), and the dictionary generated from them (`feature_dictionary()`, docs/FEATURES.md).
+
+How the declarations become one point-in-time query is tagml.features.customer_features. The module
+is long because it is a table (79 entries of data, no logic); it stays one list so each feature is read in one place.
+"""
+
+from dataclasses import dataclass
+
+from tagml.core.storage import sql_literal
+from tagml.features.contract import CUSTOMERS, INVESTMENT_PRODUCTS, PRODUCTS, SPEND_CATEGORIES
+
+SOURCES = ("customer", "balances", "transactions", "loans", "digital", "derived")
+
+
+def _customer_columns(sql: str) -> list[str]:
+    """The customers columns (`c.<name>`) a demographic feature's SQL reads."""
+    return [c.name for c in CUSTOMERS.columns if f"c.{c.name}" in sql]
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    source: str
+    sql: str
+    description: str
+    window: str
+    kind: str = "numeric"  # numeric | categorical
+    group: str = ""
+    fill: float | None = None  # value when the customer has no rows in the source (counts, sums)
+    # Months of source history before as_of the feature needs: until the staged source reaches that
+    # far back it is null for everyone, legitimately (a bank's first months in tagml).
+    history_months: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"feature {self.name}: unknown source {self.source}")
+
+    @property
+    def may_be_null(self) -> bool:
+        """Whether a null is a legitimate value (see `null_when`); if not, any null is a defect."""
+        if self.fill is not None:
+            return False
+        if self.source == "customer":
+            # demographics are null exactly where the contract lets the raw column be empty
+            return any(CUSTOMERS.column(c).nullable for c in _customer_columns(self.sql))
+        return True
+
+    @property
+    def null_when(self) -> str:
+        """When the feature is legitimately null, for the feature dictionary."""
+        if not self.may_be_null:
+            return "never" + (f" ({self.fill:g} without rows)" if self.fill is not None else "")
+        if self.source == "customer":
+            return "not recorded"
+        text = "no rows in the window, or a zero denominator"
+        if self.history_months:
+            text = f"always while the staged {self.source} do not reach {self.history_months} months before as_of; else " + text
+        return text
+
+
+def _latest(col: str) -> str:
+    return f"sum({col}) FILTER (WHERE month_end = snap)"
+
+
+def _months_ago(col: str, months: int) -> str:
+    return f"sum({col}) FILTER (WHERE month_end = last_day(snap - INTERVAL {months} MONTH))"
+
+
+def _share(num: str, den: str) -> str:
+    # a filtered sum over no rows is NULL, but with a denominator the share is 0, not unknown
+    return f"coalesce({num}, 0) / nullif({den}, 0)"
+
+
+_SPEND = "direction = 'debit' AND category IN (" + ", ".join(sql_literal(c) for c in SPEND_CATEGORIES) + ")"
+_RISKY = "(p_mutual_fund + p_equity)"
+_INVEST = "(" + " + ".join(f"p_{p}" for p in INVESTMENT_PRODUCTS) + ")"
+
+
+def _cat_sum(category: str, window: str) -> str:
+    # debits only: a refund booked as a credit in a spending category is not spending
+    return f"sum(amount) FILTER (WHERE {window} AND direction = 'debit' AND category = {sql_literal(category)})"
+
+
+FEATURES: tuple[Feature, ...] = (
+    # ---- demographics (customers table; PII never selected) ----
+    Feature("age", "customer", "date_diff('day', c.birth_date, s.as_of) / 365.25", "Age in years at as_of.", "as_of", group="demographics"),
+    Feature("gender", "customer", "c.gender", "Recorded gender.", "static", "categorical", "demographics"),
+    Feature("marital_status", "customer", "c.marital_status", "KYC marital status (often missing).", "static", "categorical", "demographics"),
+    Feature("num_children", "customer", "c.num_children", "KYC number of children (often missing).", "static", group="demographics"),
+    Feature("education", "customer", "c.education", "Highest education.", "static", "categorical", "demographics"),
+    Feature("occupation", "customer", "c.occupation", "Occupation group.", "static", "categorical", "demographics"),
+    Feature("region", "customer", "c.region", "Home-branch region.", "static", "categorical", "demographics"),
+    Feature("city_tier", "customer", "c.city_tier", "Home-branch city tier (1 = largest).", "static", group="demographics"),
+    Feature("acquisition_channel", "customer", "c.acquisition_channel", "How the customer was acquired.", "static", "categorical", "tenure"),
+    Feature("tenure_months", "customer", "date_diff('day', c.onboarding_date, s.as_of) / 30.44", "Months since onboarding.", "as_of", group="tenure"),
+    # ---- assets under management and product mix (balances) ----
+    Feature(
+        "aum_total", "balances", _latest("aum"), "Assets under management at the latest month end (excl. credit card).", "month end", group="aum", fill=0.0
+    ),
+    Feature(
+        "aum_avg_3m",
+        "balances",
+        "sum(aum) FILTER (WHERE month_end > last_day(snap - INTERVAL 3 MONTH)) / 3",
+        "Average month-end AUM over 3 months.",
+        "3m",
+        group="aum",
+        fill=0.0,
+    ),
+    Feature("aum_avg_12m", "balances", "sum(aum) / 12", "Average month-end AUM over 12 months.", "12m", group="aum", fill=0.0),
+    Feature(
+        "aum_growth_3m",
+        "balances",
+        f"{_latest('aum')} / nullif({_months_ago('aum', 3)}, 0) - 1",
+        "Relative AUM change over 3 months.",
+        "3m",
+        group="aum",
+        history_months=3,
+    ),
+    *(
+        Feature(
+            f"share_{p}", "balances", _share(_latest(f"p_{p}"), _latest("aum")), f"Share of AUM in {p.replace('_', ' ')}.", "month end", group="product_mix"
+        )
+        for p in PRODUCTS
+        if p != "credit_card"
+    ),
+    Feature(
+        "investment_share",
+        "balances",
+        _share(_latest(_INVEST), _latest("aum")),
+        "Share of AUM in wealth, fund, equity and bond products.",
+        "month end",
+        group="product_mix",
+    ),
+    Feature("risky_share", "balances", _share(_latest(_RISKY), _latest("aum")), "Share of AUM in mutual funds and equity.", "month end", group="investment"),
+    Feature(
+        "risky_share_change_3m",
+        "balances",
+        f"{_share(_latest(_RISKY), _latest('aum'))} - {_share(_months_ago(_RISKY, 3), _months_ago('aum', 3))}",
+        "Change of the risky share over 3 months (de-risking after drawdowns is negative).",
+        "3m",
+        group="investment",
+        history_months=3,
+    ),
+    Feature(
+        "n_products_held",
+        "balances",
+        "max(n_products) FILTER (WHERE month_end = snap)",
+        "Number of products held at the latest month end (incl. credit card).",
+        "month end",
+        group="product_mix",
+        fill=0,
+    ),
+    Feature(
+        "months_with_balance_12m",
+        "balances",
+        "count(*) FILTER (WHERE aum > 0)",
+        "Month ends with a positive AUM in 12 months.",
+        "12m",
+        group="activity",
+        fill=0,
+    ),
+    Feature(
+        "credit_card_balance", "balances", _latest("p_credit_card"), "Credit card amount owed at the latest month end.", "month end", group="credit", fill=0.0
+    ),
+    # ---- income and cash flow (transactions) ----
+    Feature(
+        "salary_income_3m",
+        "transactions",
+        "sum(amount) FILTER (WHERE w3 AND category IN ('salary', 'pension')) / 3",
+        "Monthly salary and pension credited, 3-month average.",
+        "3m",
+        group="income",
+        fill=0.0,
+    ),
+    Feature(
+        "inflow_3m",
+        "transactions",
+        "sum(amount) FILTER (WHERE w3 AND direction = 'credit') / 3",
+        "Monthly money in, 3-month average.",
+        "3m",
+        group="income",
+        fill=0.0,
+    ),
+    Feature(
+        "outflow_3m",
+        "transactions",
+        "sum(amount) FILTER (WHERE w3 AND direction = 'debit') / 3",
+        "Monthly money out, 3-month average.",
+        "3m",
+        group="income",
+        fill=0.0,
+    ),
+    Feature(
+        "spend_1m", "transactions", f"sum(amount) FILTER (WHERE w1 AND {_SPEND})", "Consumer spending in the last month.", "1m", group="spending", fill=0.0
+    ),
+    Feature("spend_3m", "transactions", f"sum(amount) FILTER (WHERE w3 AND {_SPEND})", "Consumer spending over 3 months.", "3m", group="spending", fill=0.0),
+    Feature("spend_12m", "transactions", f"sum(amount) FILTER (WHERE {_SPEND})", "Consumer spending over 12 months.", "12m", group="spending", fill=0.0),
+    *(
+        Feature(
+            f"spend_share_{c}_12m",
+            "transactions",
+            _share(_cat_sum(c, "true"), f"sum(amount) FILTER (WHERE {_SPEND})"),
+            f"Share of 12-month spending on {c.replace('_', ' ')}.",
+            "12m",
+            group="spending",
+        )
+        for c in ("groceries", "dining", "shopping", "luxury", "travel", "entertainment", "rent", "childcare", "education", "medical", "insurance_premium")
+    ),
+    *(
+        Feature(f"spend_{c}_3m", "transactions", _cat_sum(c, "w3"), f"Spending on {c} over 3 months.", "3m", group="spending", fill=0.0)
+        for c in ("childcare", "education", "medical", "travel")
+    ),
+    Feature(
+        "has_mortgage_payment_3m",
+        "transactions",
+        "(count(*) FILTER (WHERE w3 AND category = 'mortgage_payment') > 0)::INT",
+        "Paid a mortgage instalment in 3 months.",
+        "3m",
+        group="credit",
+        fill=0,
+    ),
+    # ---- recency and frequency ----
+    Feature("txn_count_1m", "transactions", "count(*) FILTER (WHERE w1)", "Transactions in the last month.", "1m", group="activity", fill=0),
+    Feature("txn_count_3m", "transactions", "count(*) FILTER (WHERE w3)", "Transactions over 3 months.", "3m", group="activity", fill=0),
+    Feature("txn_count_12m", "transactions", "count(*)", "Transactions over 12 months.", "12m", group="activity", fill=0),
+    Feature(
+        "days_since_last_txn",
+        "transactions",
+        "date_diff('day', max(txn_ts)::DATE, any_value(as_of))",
+        "Days since the last transaction (empty if none in 12 months).",
+        "12m",
+        group="activity",
+    ),
+    # a bitmask of calendar months (unique within any 13-month window): count(DISTINCT ...) made
+    # DuckDB copy the whole joined transaction set first
+    Feature(
+        "active_months_12m",
+        "transactions",
+        "bit_count(bit_or(1::UBIGINT << ((year(txn_ts) * 12 + month(txn_ts)) % 64)::UBIGINT))",
+        "Months with at least one transaction in 12 months.",
+        "12m",
+        group="activity",
+        fill=0,
+    ),
+    Feature(
+        "digital_txn_share_3m",
+        "transactions",
+        _share("count(*) FILTER (WHERE w3 AND channel IN ('mobile', 'online'))", "count(*) FILTER (WHERE w3)"),
+        "Share of transactions in mobile/online channels over 3 months.",
+        "3m",
+        group="digital",
+    ),
+    Feature(
+        "branch_txn_share_12m",
+        "transactions",
+        _share("count(*) FILTER (WHERE channel IN ('branch', 'atm'))", "count(*)"),
+        "Share of transactions at branches and ATMs over 12 months.",
+        "12m",
+        group="activity",
+    ),
+    # ---- investment behaviour ----
+    Feature(
+        "invest_buy_count_3m",
+        "transactions",
+        "count(*) FILTER (WHERE w3 AND category = 'investment_buy')",
+        "Investment purchases over 3 months.",
+        "3m",
+        group="investment",
+        fill=0,
+    ),
+    Feature(
+        "invest_sell_count_3m",
+        "transactions",
+        "count(*) FILTER (WHERE w3 AND category = 'investment_sell')",
+        "Investment redemptions over 3 months.",
+        "3m",
+        group="investment",
+        fill=0,
+    ),
+    Feature(
+        "invest_trade_count_12m",
+        "transactions",
+        "count(*) FILTER (WHERE category IN ('investment_buy', 'investment_sell'))",
+        "Investment trades over 12 months.",
+        "12m",
+        group="investment",
+        fill=0,
+    ),
+    Feature(
+        "invest_buy_amount_3m",
+        "transactions",
+        "sum(amount) FILTER (WHERE w3 AND category = 'investment_buy')",
+        "Amount invested over 3 months.",
+        "3m",
+        group="investment",
+        fill=0.0,
+    ),
+    Feature(
+        "invest_sell_ratio_3m",
+        "transactions",
+        _share(
+            "sum(amount) FILTER (WHERE w3 AND category = 'investment_sell')",
+            "sum(amount) FILTER (WHERE w3 AND category IN ('investment_buy', 'investment_sell'))",
+        ),
+        "Redemptions as a share of traded amount over 3 months.",
+        "3m",
+        group="investment",
+    ),
+    # ---- loans and credit ----
+    Feature(
+        "n_active_loans",
+        "loans",
+        "count(*) FILTER (WHERE loan_type <> 'credit_card')",
+        "Open loans (excl. credit cards) at as_of.",
+        "as_of",
+        group="credit",
+        fill=0,
+    ),
+    Feature("has_mortgage", "loans", "(count(*) FILTER (WHERE loan_type = 'mortgage') > 0)::INT", "Has an open mortgage.", "as_of", group="credit", fill=0),
+    Feature(
+        "loan_outstanding",
+        "loans",
+        "sum(outstanding) FILTER (WHERE loan_type <> 'credit_card')",
+        "Outstanding loan principal (annuity schedule).",
+        "as_of",
+        group="credit",
+        fill=0.0,
+    ),
+    Feature(
+        "monthly_debt_payment",
+        "loans",
+        "sum(monthly_payment) FILTER (WHERE loan_type <> 'credit_card')",
+        "Scheduled monthly loan payments.",
+        "as_of",
+        group="credit",
+        fill=0.0,
+    ),
+    Feature("credit_limit", "loans", "sum(principal) FILTER (WHERE loan_type = 'credit_card')", "Total credit card limit.", "as_of", group="credit", fill=0.0),
+    Feature(
+        "months_since_last_loan",
+        "loans",
+        "date_diff('day', max(open_date), any_value(as_of)) / 30.44",
+        "Months since the newest open loan or card.",
+        "as_of",
+        group="credit",
+    ),
+    # ---- digital engagement ----
+    Feature("logins_1m", "digital", "count(*) FILTER (WHERE w1 AND event_type = 'login')", "App/web logins in the last month.", "1m", group="digital", fill=0),
+    Feature("logins_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type = 'login')", "App/web logins over 3 months.", "3m", group="digital", fill=0),
+    Feature(
+        "fund_equity_views_3m",
+        "digital",
+        "count(*) FILTER (WHERE w3 AND event_type IN ('view_fund', 'view_equity'))",
+        "Fund and equity page views over 3 months.",
+        "3m",
+        group="investment",
+        fill=0,
+    ),
+    Feature(
+        "deposit_views_3m",
+        "digital",
+        "count(*) FILTER (WHERE w3 AND event_type = 'view_deposit')",
+        "Deposit product page views over 3 months.",
+        "3m",
+        group="digital",
+        fill=0,
+    ),
+    Feature(
+        "app_trades_3m",
+        "digital",
+        "count(*) FILTER (WHERE w3 AND event_type = 'trade')",
+        "Trades placed in the app over 3 months.",
+        "3m",
+        group="investment",
+        fill=0,
+    ),
+    Feature(
+        "loan_insurance_views_3m",
+        "digital",
+        "count(*) FILTER (WHERE w3 AND event_type IN ('view_loan', 'view_insurance'))",
+        "Loan and insurance page views over 3 months.",
+        "3m",
+        group="digital",
+        fill=0,
+    ),
+    Feature(
+        "support_chats_3m",
+        "digital",
+        "count(*) FILTER (WHERE w3 AND event_type = 'support_chat')",
+        "Support chats over 3 months.",
+        "3m",
+        group="digital",
+        fill=0,
+    ),
+    Feature(
+        "days_since_last_login",
+        "digital",
+        "date_diff('day', max(event_ts) FILTER (WHERE event_type = 'login')::DATE, any_value(as_of))",
+        "Days since the last login (empty if none in 12 months).",
+        "12m",
+        group="digital",
+    ),
+    # ---- derived from the features above ----
+    Feature(
+        "debt_to_income", "derived", "monthly_debt_payment / nullif(salary_income_3m, 0)", "Scheduled loan payments over salary income.", "3m", group="credit"
+    ),
+    Feature("card_utilisation", "derived", "credit_card_balance / nullif(credit_limit, 0)", "Credit card balance over limit.", "month end", group="credit"),
+    Feature(
+        "txn_trend_1m_vs_3m",
+        "derived",
+        "txn_count_1m / nullif(txn_count_3m / 3.0, 0)",
+        "Last month's transactions relative to the 3-month average (falling engagement < 1).",
+        "1m/3m",
+        group="activity",
+    ),
+    Feature("spend_to_income_3m", "derived", "(spend_3m / 3) / nullif(inflow_3m, 0)", "Monthly spending over monthly inflow.", "3m", group="spending"),
+)
+
+FEATURE_NAMES = tuple(f.name for f in FEATURES)
+CATEGORICAL_FEATURES = tuple(f.name for f in FEATURES if f.kind == "categorical")
+KEY_COLUMNS = ("customer_id", "as_of")
+
+
+def feature_dictionary() -> list[dict[str, str]]:
+    """Name, meaning, window, type and group of every feature (generated from `FEATURES`)."""
+    return [
+        {"name": f.name, "group": f.group, "kind": f.kind, "window": f.window, "source": f.source, "null_when": f.null_when, "description": f.description}
+        for f in FEATURES
+    ]
+
+
+def feature_dictionary_markdown() -> str:
+    lines = [
+        "# Feature dictionary",
+        "",
+        f"Generated from `features/dictionary.py` by `tagml features`; do not edit by hand. {len(FEATURES)} features,",
+        "one row per customer and `as_of`; windows end on as_of (inclusive) and only use data dated on or before it.",
+        "",
+        "`null when` says when a feature is legitimately empty; a null anywhere else fails the snapshot's quality check.",
+        "",
+        "| feature | group | type | window | source | null when | meaning |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| `{d['name']}` | {d['group']} | {d['kind']} | {d['window']} | {d['source']} | {d['null_when']} | {d['description']} |" for d in feature_dictionary()
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,222 @@
+"""What a model version is monitored against: the population it was trained to tag.
+
+The registry records each version's training snapshot (`data_snapshot`): the labelled customers,
+each with features at their own label date, taken on `train_as_of`. That snapshot is *not* the
+population the model scores: labels come from the customers who answered a questionnaire or were
+recorded by KYC (mostly investors for risk appetite) and its rows are spread over the months before
+training (12-month windows are shorter early on). Measured on the 20,000-customer demo bank, the
+snapshot against the full population of its own training date already has 23% (risk_appetite) to
+33% (churn_90d) of features above PSI 0.2: a gap that exists the day the model is promoted, that
+retraining cannot close, and that would make every tag look drifted forever (and re-evaluate it
+every cooldown period).
+
+So the reference is the *population at the snapshot's train_as_of*: every customer's point-in-time
+features on that date (the customer_features partition if it exists, otherwise computed from the
+staged raw tables, which only uses data dated on or before that day), scored by the same version.
+The snapshot still defines the reference (its date, the version's feature list) and the gap
+between the two is recorded (`training_gap_share`) so the selection effect stays visible.
+
+Per (tag, version) the reference is profiled once and cached under the drift directory: class counts
+and probability histograms of the version's predictions, overall and per slice, and a fixed sample
+of feature rows with predictions for the Evidently report (features only, never a customer id).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from tagml.core.storage import PartitionedTable, WarehouseLayout, atomic_replace, quote, sql_literal, write_parquet_atomically
+from tagml.features.snapshot import build_feature_snapshot
+from tagml.monitoring.psi import MISSING, feature_psi, parquet
+from tagml.training.catalog import TagSpec
+from tagml.training.inference import infer, model_input
+from tagml.training.registry import get_version, load_model, version_info
+from tagml.training.versions import ModelVersionInfo, registered_model_name
+
+PROBABILITY_BINS = 10  # fixed-width bins of each class probability
+SAMPLE_SALT = "tagml-drift-sample"  # the Evidently sample is the rows with the smallest hash(id, salt)
+PROFILE_VERSION = 1  # bump when the cached profile's content changes
+
+
+class DriftInputError(ValueError):
+    """Drift cannot be computed from what is stored (named tag, version, partition or file); nothing was written."""
+
+
+def monitored_model(client: MlflowClient, tag: TagSpec, version: str) -> ModelVersionInfo:
+    """A registered version with what drift needs of it: a finished registration, its training snapshot
+    on disk and the training date read from the snapshot's name."""
+    name = registered_model_name(tag.name)
+    # only "does not exist" is a missing version; other registry errors raise RegistryUnavailableError
+    mv = get_version(client, tag.name, str(version))
+    if mv is None:
+        raise DriftInputError(f"tag {tag.name!r}: registered model {name!r} has no version {version}")
+    info = version_info(client, tag.name, mv)
+    if info.problem:
+        raise DriftInputError(f"tag {tag.name!r}: {name}/{version}: {info.problem}; it cannot be monitored")
+    snapshot = info.snapshot_path
+    assert snapshot is not None  # a finished registration has its data_snapshot
+    if not snapshot.exists():
+        raise DriftInputError(
+            f"tag {tag.name!r}: the training snapshot of {name}/{version} ({snapshot}) does not exist; "
+            "drift has no reference (restore the snapshot or retrain the tag)"
+        )
+    if info.train_as_of is None:
+        raise DriftInputError(f"tag {tag.name!r}: cannot read the training date from snapshot name {snapshot.name!r}")
+    return info
+
+
+def reference_population(con: duckdb.DuckDBPyConnection, model: ModelVersionInfo, warehouse_dir: Path, staged_dir: Path, cache_dir: Path) -> Path:
+    """Every customer's features on the version's train_as_of: the stored partition, or built once into the cache."""
+    stored = WarehouseLayout(warehouse_dir).customer_features.path(model.train_as_of)
+    if stored.exists():
+        return stored
+    cached = PartitionedTable(cache_dir / "customer_features").path(model.train_as_of)
+    if not cached.exists():
+        # point in time: only raw rows dated on or before train_as_of are read, so this is the
+        # population as it was on that day even if the raw tables have grown since
+        build_feature_snapshot(con, staged_dir, model.train_as_of, cached)
+    return cached
+
+
+@dataclass(frozen=True)
+class ReferenceProfile:
+    """The version's predictions on its reference population, aggregated, and the report sample."""
+
+    population_path: Path
+    rows: int
+    class_counts: pd.DataFrame  # slice_column, slice, class, n
+    probability_bins: pd.DataFrame  # class, bin, n  (bin k = [k/10, (k+1)/10))
+    probability_sums: dict[str, float]  # class -> sum of P(class) over the rows
+    training_gap_share: float  # share of features with PSI > feature_psi between snapshot and population
+    sample_path: Path
+
+
+def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_replace(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1, default=str))
+
+
+def sample_sql(path: Path | str, columns: list[str], rows: int) -> str:
+    """A fixed sample: the `rows` customers with the smallest salted hash (same rows every run)."""
+    cols = ", ".join(quote(c) for c in columns)
+    return f"SELECT {cols} FROM {parquet(path)} ORDER BY hash(customer_id, {sql_literal(SAMPLE_SALT)}), customer_id LIMIT {int(rows)}"
+
+
+def _profile_predictions(
+    con: duckdb.DuckDBPyConnection, model: Any, mm: ModelVersionInfo, tag: TagSpec, population: Path, slices: dict[str, str], batch_rows: int
+) -> tuple[int, pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    """(rows, class counts overall and per slice, probability bins, probability sums) of the version's
+    predictions on every row of the population, streamed in batches."""
+    slice_cols = ", ".join(f"coalesce(({expr})::VARCHAR, {sql_literal(MISSING)}) AS {quote('_slice_' + name)}" for name, expr in slices.items())
+    select = ", ".join(quote(f) for f in mm.features)
+    # a cursor of its own: the stream must not be interrupted by (or interrupt) other queries on `con`
+    stream = con.cursor()
+    reader = stream.sql(f"SELECT {slice_cols + ', ' if slice_cols else ''}{select} FROM {parquet(population)}").to_arrow_reader(batch_rows)
+    counts: dict[tuple[str, str, str], int] = {}
+    bins = np.zeros((len(mm.classes), PROBABILITY_BINS), dtype=np.int64)
+    sums = np.zeros(len(mm.classes))
+    rows = 0
+    for batch in reader:
+        frame = batch.to_pandas()
+        inference = infer(model, model_input(frame, mm), mm, tag.min_confidence)
+        inferred, proba = inference.values, inference.proba
+        rows += len(frame)
+        sums += proba.sum(axis=0)
+        which = np.minimum((proba * PROBABILITY_BINS).astype(int), PROBABILITY_BINS - 1)
+        for k in range(len(mm.classes)):
+            bins[k] += np.bincount(which[:, k], minlength=PROBABILITY_BINS)
+        groups = [("(all)", pd.Series("(all)", index=frame.index))] + [(name, frame[f"_slice_{name}"]) for name in slices]
+        for column, values in groups:
+            tally = pd.DataFrame({"slice": values.to_numpy(), "class": inferred}).value_counts()
+            for (slice_value, cls), n in tally.items():
+                counts[(column, slice_value, cls)] = counts.get((column, slice_value, cls), 0) + int(n)
+    stream.close()
+    if rows == 0:
+        raise DriftInputError(f"tag {tag.name!r}: the reference population {population} has no rows")
+    class_counts = pd.DataFrame([(c, s, k, n) for (c, s, k), n in counts.items()], columns=["slice_column", "slice", "class", "n"])
+    probability_bins = pd.DataFrame(
+        [(cls, b, int(bins[k, b])) for k, cls in enumerate(mm.classes) for b in range(PROBABILITY_BINS)], columns=["class", "bin", "n"]
+    )
+    probability_sums = {cls: float(sums[k]) for k, cls in enumerate(mm.classes)}
+    return rows, class_counts, probability_bins, probability_sums
+
+
+def _cached_profile(meta_path: Path, sample_path: Path, key: dict[str, Any], population: Path) -> ReferenceProfile | None:
+    """The cached profile when it was computed with the same inputs (`key`), else None."""
+    if not (meta_path.exists() and sample_path.exists()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("key") != key:
+        return None
+    return ReferenceProfile(
+        population_path=population,
+        rows=meta["rows"],
+        class_counts=pd.DataFrame(meta["class_counts"]),
+        probability_bins=pd.DataFrame(meta["probability_bins"]),
+        probability_sums=meta["probability_sums"],
+        training_gap_share=meta["training_gap_share"],
+        sample_path=sample_path,
+    )
+
+
+def reference_profile(
+    con: duckdb.DuckDBPyConnection,
+    client: MlflowClient,
+    mm: ModelVersionInfo,
+    tag: TagSpec,
+    population: Path,
+    slices: dict[str, str],
+    cache_dir: Path,
+    sample_rows: int,
+    batch_rows: int = 100_000,
+) -> ReferenceProfile:
+    """Profile (or read the cached profile of) a version's predictions on its reference population."""
+    folder = cache_dir / tag.name / f"v{mm.version}"
+    meta_path, sample_path = folder / "profile.json", folder / "sample.parquet"
+    key = {
+        "profile_version": PROFILE_VERSION,
+        "population": str(population),
+        "slices": slices,
+        "sample_rows": sample_rows,
+        "min_confidence": tag.min_confidence,
+        "feature_psi": tag.drift.feature_psi,
+    }
+    cached = _cached_profile(meta_path, sample_path, key, population)
+    if cached is not None:
+        return cached
+
+    model = load_model(client, tag.name, mm.version)
+    rows, class_counts, probability_bins, probability_sums = _profile_predictions(con, model, mm, tag, population, slices, batch_rows)
+
+    # the labelled training snapshot against the population of its date: the selection gap
+    gap = feature_psi(con, mm.snapshot_path, population, mm.kinds)
+    training_gap_share = float((gap["psi"] > tag.drift.feature_psi).mean())
+
+    sample = con.execute(sample_sql(population, list(mm.features), sample_rows)).df()
+    sample["prediction"] = infer(model, model_input(sample, mm), mm, tag.min_confidence).values
+    con.register("_reference_sample", sample)
+    try:
+        write_parquet_atomically(con, "SELECT * FROM _reference_sample", sample_path)
+    finally:
+        con.unregister("_reference_sample")
+    _atomic_json(
+        meta_path,
+        {
+            "key": key,
+            "tag": tag.name,
+            "version": mm.version,
+            "train_as_of": mm.train_as_of.isoformat(),
+            "rows": rows,
+            "class_counts": class_counts.to_dict(orient="list"),
+            "probability_bins": probability_bins.to_dict(orient="list"),
+            "probability_sums": probability_sums,
+            "training_gap_share": training_gap_share,
+        },
+    )
+    return ReferenceProfile(population, rows, class_counts, probability_bins, probability_sums, training_gap_share, sample_path)

@@ -1,0 +1,97 @@
+"""customer_tags: every customer's catalog tags for one as_of, scored from the champions."""
+
+from contextlib import closing
+from datetime import date
+
+import dagster as dg
+
+from tagml.orchestration.resources import MlflowResource, WarehouseResource
+from tagml.orchestration.training_assets import tag_model_key
+from tagml.scoring.score import CoverageError, ScoringError, score_partition, unstable_tags
+from tagml.training.catalog import Catalog
+
+SCORING_GROUP = "scoring"
+
+
+CHECK_SPECS = [
+    dg.AssetCheckSpec(
+        "coverage",
+        asset="customer_tags",
+        blocking=True,
+        description="Every customer of the snapshot has every catalog tag exactly once, with a value among the tag's classes "
+        "(or 'unknown' below its min_confidence). Checked on the scored file before it replaces the partition.",
+    ),
+    dg.AssetCheckSpec(
+        "stability",
+        asset="customer_tags",
+        blocking=False,
+        description="No tag changed value for more customers since the previous partition than its catalog's drift.max_changed_share.",
+    ),
+]
+
+
+def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: Catalog) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="customer_tags",
+        group_name=SCORING_GROUP,
+        partitions_def=partitions_def,
+        deps=["customer_features", *(tag_model_key(t.name) for t in catalog.model_tags)],
+        check_specs=CHECK_SPECS,
+        kinds={"parquet", "mlflow"},
+        description="Every customer's rule and model tags for the as_of: value, class probabilities, reasons, observed vs inferred, and the model or rule version.",
+    )
+    def customer_tags(context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow_store: MlflowResource):
+        as_of = date.fromisoformat(context.partition_key)
+        store = warehouse.tag_store()
+        with closing(warehouse.connect()) as con:
+            client = mlflow_store.client() if catalog.model_tags else None
+            try:
+                with store.write_partition(as_of) as staged:
+                    summary = score_partition(con, client, catalog, warehouse.features_path(as_of), warehouse.staged_dir, as_of, staged)
+            except CoverageError as err:
+                # the file that failed was never published; report what was validated, then fail the step
+                yield dg.AssetCheckResult(check_name="coverage", passed=False, metadata=err.coverage.metadata(), description=str(err))
+                raise dg.Failure(description=str(err)) from err
+            except ScoringError as err:
+                raise dg.Failure(description=str(err)) from err
+            distribution = store.distribution(con, as_of)
+            previous = [d for d in store.partitions() if d < as_of]
+            changed = store.changed_share(con, previous[-1], as_of) if previous else {}
+            unstable = unstable_tags(changed, catalog)
+        warehouse.publish_views()
+        yield dg.MaterializeResult(
+            metadata={
+                "rows": summary.rows,
+                "customers": summary.customers,
+                "path": dg.MetadataValue.path(store.location(as_of)),
+                "producers": dg.MetadataValue.json({t: v["producer"] for t, v in summary.per_tag.items()}),
+                # labels a source delivered outside the tag's classes: counted, never stored as values
+                "observed_labels_outside_classes": dg.MetadataValue.json(
+                    {t: v["observed_labels_outside_classes"] for t, v in summary.per_tag.items() if v.get("observed_labels_outside_classes")}
+                ),
+                "seconds": round(summary.seconds, 1),
+                "distribution": dg.MetadataValue.md(distribution.to_markdown(index=False)),
+                "changed_share_since_previous": dg.MetadataValue.json(changed),
+                "previous_partition": previous[-1].isoformat() if previous else "none",
+            },
+            check_results=[
+                dg.AssetCheckResult(check_name="coverage", passed=summary.coverage.passed, metadata=summary.coverage.metadata()),
+                _stability_result(changed, unstable, previous[-1] if previous else None),
+            ],
+        )
+
+    return customer_tags
+
+
+def _stability_result(changed: dict[str, float], unstable: dict[str, float], previous: date | None) -> dg.AssetCheckResult:
+    if unstable:
+        description = "; ".join(f"{tag}: {share:.1%} of customers changed value since {previous}" for tag, share in unstable.items())
+    else:
+        description = "no previous partition" if previous is None else f"within each tag's max_changed_share since {previous}"
+    return dg.AssetCheckResult(
+        check_name="stability",
+        passed=not unstable,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=description,
+        metadata={"changed_share": dg.MetadataValue.json(changed), "unstable_tags": dg.MetadataValue.json(sorted(unstable))},
+    )

@@ -1,0 +1,108 @@
+"""Rule tags: ordered SQL bands from the catalog, evaluated set-based over a feature snapshot.
+
+A band's `when:` was parsed and checked against an allow-list when the catalog loaded
+(training/catalog.py); the SQL here is generated again from that checked tree, never pasted from the
+catalog text. Rules are evaluated on a sandboxed DuckDB connection (`sandboxed_connection`): the
+feature columns arrive as Arrow batches and external access is off, so even a band that slipped
+past the check could not read or write a file.
+"""
+
+from collections.abc import Collection, Iterator
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlglot import exp
+
+from tagml.core.storage import MEMORY_LIMIT, connect, quote, sql_literal
+from tagml.training.catalog import Catalog, TagSpec
+from tagml.training.rule_predicates import parse_rule_predicate
+
+
+class RuleInputError(ValueError):
+    """The feature snapshot lacks a column a rule reads."""
+
+
+SLICE_SOURCES = ("value_tier", "region")  # a rule tag of the catalog, or else a feature column
+
+
+def rule_case_sql(tag: TagSpec) -> str:
+    """`CASE WHEN <band 1> THEN 'label' ... ELSE default END`: the first matching band wins."""
+    assert tag.rule is not None, f"{tag.name} is not a rule tag"
+    whens = " ".join(f"WHEN {band.sql} THEN {sql_literal(band.label)}" for band in tag.rule.bands)
+    return f"CASE {whens} ELSE {sql_literal(tag.rule.default)} END"
+
+
+def rule_columns(tag: TagSpec) -> tuple[str, ...]:
+    """The feature columns a rule tag's bands read, sorted."""
+    assert tag.rule is not None, f"{tag.name} is not a rule tag"
+    return tuple(sorted({c.name for band in tag.rule.bands for c in parse_rule_predicate(band.when).find_all(exp.Column)}))
+
+
+def rule_version(tag: TagSpec) -> str:
+    """What every rule-tag row records as its producer: rule version plus the catalog entry hash."""
+    assert tag.rule is not None
+    return f"rule:{tag.rule.version}:{tag.content_hash()}"
+
+
+def feature_batches(path: Path, columns: Collection[str], batch_rows: int) -> pa.RecordBatchReader:
+    """A stream of only `columns` of a feature snapshot, read by pyarrow (no SQL touches the path)."""
+    parquet = pq.ParquetFile(path)
+    wanted = list(dict.fromkeys(columns))
+    missing = [c for c in wanted if c not in parquet.schema_arrow.names]
+    if missing:
+        raise RuleInputError(f"{path} lacks the column(s) {missing}")
+    schema = pa.schema([parquet.schema_arrow.field(c) for c in wanted])
+    return pa.RecordBatchReader.from_batches(schema, parquet.iter_batches(batch_size=batch_rows, columns=wanted))
+
+
+def sandboxed_connection(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.RecordBatchReader | pa.Table]) -> duckdb.DuckDBPyConnection:
+    """A fresh in-memory DuckDB with `tables` registered and external access disabled.
+
+    Thread and memory limits are the caller's. External access cannot be switched back on for a
+    running database, which is why this is a connection of its own: once it is off, read_text,
+    read_parquet, COPY and ATTACH fail with a Permission Error, while the registered Arrow inputs
+    stay readable.
+    """
+    threads, memory_limit = con.execute("SELECT current_setting('threads'), current_setting('memory_limit')").fetchall()[0]
+    if MEMORY_LIMIT.match(str(memory_limit)):
+        sandbox = connect(int(threads), str(memory_limit))
+    else:  # the caller has no limit (DuckDB prints it in PiB, a unit it does not accept): DuckDB's default
+        sandbox = duckdb.connect(":memory:")
+        sandbox.execute("SET threads = ?", [int(threads)])
+    try:
+        for name, table in tables.items():
+            sandbox.register(name, table)
+        sandbox.execute("SET enable_external_access = false")
+    except BaseException:
+        sandbox.close()
+        raise
+    return sandbox
+
+
+def rule_batches(con: duckdb.DuckDBPyConnection, path: Path, tag: TagSpec, select_sql: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Evaluate `select_sql` (over a relation named `features`: customer_id and the rule's columns,
+    with `rule_case_sql(tag)` in it) on a sandboxed connection, as a stream of Arrow batches."""
+    sandbox = sandboxed_connection(con, {"features": feature_batches(path, ["customer_id", *rule_columns(tag)], batch_rows)})
+    try:
+        yield from sandbox.sql(select_sql).to_arrow_reader(batch_rows)
+    finally:
+        sandbox.close()
+
+
+def slice_expressions(catalog: Catalog, columns: set[str]) -> dict[str, str]:
+    """SQL per slice over a feature snapshot: a rule tag's bands (value tier) or a feature column (region).
+
+    A rule's SQL is generated from its checked parse tree; a slice whose columns the
+    snapshot lacks is left out, as a missing feature column is.
+    """
+    out = {}
+    for name in SLICE_SOURCES:
+        rule = next((t for t in catalog.rule_tags if t.name == name), None)
+        if rule is not None:
+            if set(rule_columns(rule)) <= columns:
+                out[name] = rule_case_sql(rule)
+        elif name in columns:
+            out[name] = quote(name)
+    return out

@@ -1,0 +1,309 @@
+"""The tag catalog: one declarative entry per tag, validated on load.
+
+Assets, checks and jobs are generated from the catalog, so adding a tag means adding an entry to
+`tags/catalog.yaml`. Errors name the entry and the field: `tag 'risk_appetite': model.trials: ...`.
+"""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from tagml.core.settings import DEFAULT_CATALOG
+from tagml.features.contract import LABEL_SOURCES
+from tagml.features.dictionary import FEATURE_NAMES, FEATURES
+from tagml.training.rule_predicates import bind_check, rule_predicate_sql
+
+FEATURE_GROUPS = tuple(sorted({f.group for f in FEATURES}))
+# Class names become MLflow metric names, file names and tag-store values: a safe, portable alphabet.
+CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+UNKNOWN = "unknown"  # what scoring stores below a tag's min_confidence: no tag may use it as a class
+
+
+class CatalogError(ValueError):
+    """The catalog file is invalid; the message names the entry and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureSelection(_Strict):
+    include_groups: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def resolve(self, available: tuple[str, ...] = FEATURE_NAMES) -> tuple[str, ...]:
+        """The selected feature names, in dictionary order. No selection means every feature."""
+        by_group = {f.name: f.group for f in FEATURES}
+        chosen = set(self.include) | {n for n in available if by_group.get(n) in self.include_groups}
+        if not self.include and not self.include_groups:
+            chosen = set(available)
+        return tuple(n for n in available if n in chosen and n not in self.exclude)
+
+
+class WideTableSource(_Strict):
+    """A customer-level table the bank already has, instead of the computed customer_features."""
+
+    path: str
+    id_column: str = "customer_id"
+    labels_path: str | None = None  # default: the staged tag_labels table
+
+
+class LabelSpec(_Strict):
+    tag: str | None = None  # name in tag_labels; defaults to the entry's name
+    sources: tuple[str, ...] = ()  # restrict to these label sources; empty = all
+    horizon_days: int = Field(0, ge=0, description="outcome labels: features are taken this many days before label_date")
+    max_age_days: int | None = Field(None, ge=1, description="labels older than this (at training time) are ignored")
+    observed_wins: bool = True  # at scoring: an observed label overrides the model's inference
+    feature_source: Literal["customer_features"] | WideTableSource = "customer_features"
+
+    @field_validator("sources")
+    @classmethod
+    def _known_sources(cls, sources: tuple[str, ...]) -> tuple[str, ...]:
+        # the contract allows only these in tag_labels.source: any other name would silently match nothing
+        unknown = [s for s in sources if s not in LABEL_SOURCES]
+        if unknown:
+            raise ValueError(f"unknown label sources {unknown}; tag_labels.source is one of {list(LABEL_SOURCES)}")
+        return sources
+
+
+class SearchDimension(_Strict):
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SearchDimension":
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) is below low ({self.low})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scaled range needs low > 0")
+        return self
+
+
+class ModelSpec(_Strict):
+    family: Literal["xgboost", "logistic_regression"] = "xgboost"
+    search_space: dict[str, SearchDimension] = Field(default_factory=dict)
+    params: dict[str, float | int | str] = Field(default_factory=dict)  # fixed parameters
+    trials: int = Field(20, ge=1, le=1000)
+    timeout_seconds: int = Field(600, ge=10)
+    baseline: Literal["logistic_regression"] | None = "logistic_regression"
+    calibration: Literal["temperature", "sigmoid", "isotonic", "none"] = Field(
+        "temperature", description="how validation data recalibrates the probabilities (temperature keeps the ranking)"
+    )
+    class_weight: Literal["balanced", "none"] = Field("none", description="'balanced' trades calibration for minority-class recall")
+
+
+class SplitSpec(_Strict):
+    method: Literal["out_of_time", "stratified"] = "out_of_time"
+    valid_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+
+
+class PromotionSpec(_Strict):
+    metric: Literal["macro_f1", "accuracy", "log_loss", "roc_auc_ovr", "balanced_accuracy"] = "macro_f1"
+    margin: float = Field(0.0, ge=0, description="a challenger must beat the champion by at least this much")
+    max_calibration_error: float = Field(0.05, gt=0, le=1)
+    slice_floor: float = Field(0.0, ge=0, le=1, description="no slice's metric may fall below this")
+    require_all_classes_predicted: bool = True
+
+
+class DriftSpec(_Strict):
+    """When a tag counts as drifted (monitoring/drift.py); any one of the three re-evaluates it."""
+
+    drifted_feature_share: float = Field(0.3, gt=0, le=1, description="share of the tag's features whose PSI exceeds feature_psi")
+    prediction_psi: float = Field(0.2, gt=0, description="PSI of the inferred class distribution against the reference")
+    performance_drop: float = Field(0.05, ge=0, description="realised promotion metric below the version's test metric by more than this")
+    feature_psi: float = Field(0.2, gt=0, description="a feature whose PSI exceeds this counts as drifted (0.1-0.25 is the conventional 'moderate' band)")
+    label_delay_days: int = Field(
+        0,
+        ge=0,
+        description="labels that arrive this many days after the observation date: realised performance is measured on the partition this far back (0 = not monitored)",
+    )
+    critical_features: tuple[str, ...] = Field((), description="features whose drift alone (PSI > feature_psi) re-evaluates the tag, whatever the share")
+    max_changed_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="customer_tags' stability check warns when more than this share of customers changed value since the previous "
+        "partition (rule tags too: a feature gone empty moved 42% of value_tier while every other check passed)",
+    )
+
+
+class RuleBand(_Strict):
+    label: str
+    when: str  # a DuckDB SQL predicate over feature columns, evaluated in order; first match wins
+
+    @field_validator("when")
+    @classmethod
+    def _allowed_predicate(cls, when: str) -> str:
+        bind_check(rule_predicate_sql(when))
+        return when  # kept as written: the entry's content hash (the rule version) does not change
+
+    @property
+    def sql(self) -> str:
+        """The predicate as it runs: re-generated from the checked parse tree."""
+        return rule_predicate_sql(self.when)
+
+
+class RuleSpec(_Strict):
+    version: str = "1"
+    bands: tuple[RuleBand, ...]
+    default: str
+
+
+class TagSpec(_Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    description: str
+    kind: Literal["rule", "model"]
+    classes: tuple[str, ...] = Field(min_length=2)
+    ordinal: bool = False
+    owner: str
+    sensitivity: Literal["public", "internal", "confidential", "restricted"] = "internal"
+    refresh: Literal["daily", "weekly", "monthly", "quarterly"] = "monthly"
+    label: LabelSpec | None = None
+    features: FeatureSelection = FeatureSelection()
+    model: ModelSpec | None = None
+    split: SplitSpec = SplitSpec()
+    promotion: PromotionSpec = PromotionSpec()
+    drift: DriftSpec = DriftSpec()
+    min_confidence: float = Field(0.0, ge=0, lt=1, description="below this top probability the tag is stored as 'unknown'")
+    rule: RuleSpec | None = None
+
+    @field_validator("classes")
+    @classmethod
+    def _safe_class_names(cls, classes: tuple[str, ...]) -> tuple[str, ...]:
+        for name in classes:
+            if name == UNKNOWN:
+                raise ValueError(f"class {name!r} is reserved: scoring stores it for a prediction below min_confidence")
+            if not CLASS_NAME.match(name):
+                raise ValueError(
+                    f"class {name!r} is not a safe name: use letters, digits, '_', '.' or '-', starting with a letter or digit"
+                    " (class names become metric names and stored values)"
+                )
+        return classes
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TagSpec":
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be unique")
+        if self.kind == "model":
+            if self.model is None or self.label is None:
+                raise ValueError("a model tag needs 'model' and 'label' sections")
+            unknown = set(self.features.include) | set(self.features.exclude)
+            unknown -= set(FEATURE_NAMES)
+            if unknown and self.label.feature_source == "customer_features":
+                raise ValueError(f"features: unknown feature names {sorted(unknown)}")
+            bad_groups = set(self.features.include_groups) - set(FEATURE_GROUPS)
+            if bad_groups:
+                raise ValueError(f"features.include_groups: unknown groups {sorted(bad_groups)}; known: {list(FEATURE_GROUPS)}")
+            if self.label.feature_source == "customer_features" and not self.features.resolve():
+                raise ValueError("features: the selection is empty")
+            # a critical feature the model does not use is simply not monitored; an unknown name is a typo
+            critical = set(self.drift.critical_features) - set(FEATURE_NAMES)
+            if critical and self.label.feature_source == "customer_features":
+                raise ValueError(f"drift.critical_features: unknown feature names {sorted(critical)}")
+        else:
+            if self.rule is None:
+                raise ValueError("a rule tag needs a 'rule' section")
+            labels = {b.label for b in self.rule.bands} | {self.rule.default}
+            if not labels <= set(self.classes):
+                raise ValueError(f"rule: labels {sorted(labels - set(self.classes))} are not in classes")
+        return self
+
+    @property
+    def label_tag(self) -> str:
+        return (self.label.tag if self.label and self.label.tag else None) or self.name
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.features.resolve()
+
+    def content_hash(self) -> str:
+        """Hash of the entry's content: recorded on every model version trained from it."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class Catalog(_Strict):
+    version: int = 1
+    tags: tuple[TagSpec, ...]
+
+    @field_validator("tags")
+    @classmethod
+    def _not_empty(cls, tags: tuple[TagSpec, ...]) -> tuple[TagSpec, ...]:
+        if not tags:
+            raise ValueError("the catalog defines no tags (tags: []); add at least one entry")
+        return tags
+
+    @model_validator(mode="after")
+    def _unique(self) -> "Catalog":
+        names = [t.name for t in self.tags]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tag names must be unique; repeated: {dupes}")
+        return self
+
+    def get(self, name: str) -> TagSpec:
+        for tag in self.tags:
+            if tag.name == name:
+                return tag
+        raise KeyError(f"no tag {name!r} in the catalog; known: {[t.name for t in self.tags]}")
+
+    @property
+    def model_tags(self) -> tuple[TagSpec, ...]:
+        return tuple(t for t in self.tags if t.kind == "model")
+
+    @property
+    def rule_tags(self) -> tuple[TagSpec, ...]:
+        return tuple(t for t in self.tags if t.kind == "rule")
+
+
+def _describe(err: ValidationError, raw: dict) -> str:
+    lines = []
+    for e in err.errors():
+        loc = list(e["loc"])
+        where = "catalog"
+        if len(loc) >= 2 and loc[0] == "tags" and isinstance(loc[1], int):
+            entries = raw.get("tags") or []
+            name = entries[loc[1]].get("name") if loc[1] < len(entries) and isinstance(entries[loc[1]], dict) else None
+            where = f"tag {name!r}" if name else f"tag #{loc[1] + 1}"
+            loc = loc[2:]
+        field = ""
+        for part in loc:
+            if str(part).startswith("function-after"):
+                continue
+            field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
+        field = field or "(entry)"
+        lines.append(f"{where}: {field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_catalog(path: Path | str = DEFAULT_CATALOG) -> Catalog:
+    """Read and validate a catalog YAML file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise CatalogError(f"catalog file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CatalogError(f"{path}: expected a mapping with a 'tags' list")
+    try:
+        return Catalog.model_validate(raw)
+    except ValidationError as exc:
+        raise CatalogError(f"{path}: invalid tag catalog:\n" + _describe(exc, raw)) from exc

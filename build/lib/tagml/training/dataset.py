@@ -1,0 +1,275 @@
+"""Training sets: each label joined to the customer's features as of the label's date (point in time),
+split out-of-time by default, and saved as a Parquet snapshot that the model version references."""
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from tagml.core.files import check_parquet
+from tagml.core.storage import glob_literal, quote, sql_literal, staged_path, write_parquet_atomically
+from tagml.features.customer_features import spine_features_sql
+from tagml.features.delivery import current_generation
+from tagml.features.dictionary import CATEGORICAL_FEATURES
+from tagml.training.catalog import TagSpec, WideTableSource
+
+LABEL_COLUMN = "label"
+SPLIT_COLUMN = "split"
+# Labels whose value is not one of the tag's classes are left out of training and counted per value.
+# Beyond this share the label source and the catalog disagree (a renamed or added class, a
+# recoding) and a model trained on the rest would be silently biased: training fails instead.
+MAX_UNKNOWN_LABEL_SHARE = 0.05
+STAGED_INPUTS = ("customers", "balances", "loans", "transactions", "digital_events", "tag_labels")
+
+
+class TrainingDataError(ValueError):
+    """Labels or features cannot make a usable training set (named tag and reason)."""
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    tag: str
+    frame: pd.DataFrame  # customer_id, as_of, label, split, features...
+    feature_names: tuple[str, ...]
+    categorical: tuple[str, ...]
+    snapshot_path: Path
+    snapshot_id: str
+    dropped_labels: dict[str, int]
+    feature_types: dict[str, str] = field(default_factory=dict)
+    # labels outside the tag's classes, count per label value (aggregates only)
+    unknown_labels: dict[str, int] = field(default_factory=dict)
+
+    def part(self, split: str) -> tuple[pd.DataFrame, pd.Series]:
+        rows = self.frame[self.frame[SPLIT_COLUMN] == split]
+        return rows[list(self.feature_names)], rows[LABEL_COLUMN]
+
+
+def _check_staged(staged_dir: Path, tables: tuple[str, ...]) -> None:
+    """Every staged input is a readable Parquet file, or a `CorruptFileError` naming it."""
+    for table in tables:
+        check_parquet(staged_path(staged_dir, table), f"re-run the raw ingest (raw_ingest_job) to stage {table} again")
+
+
+def label_conditions(tag: TagSpec, as_of: date) -> list[str]:
+    """SQL predicates over tag_labels: this tag's labels from its sources, known on `as_of`, not too old."""
+    assert tag.label is not None
+    conditions = [f"tag = {sql_literal(tag.label_tag)}", f"known_date <= DATE {sql_literal(as_of)}"]
+    if tag.label.sources:
+        conditions.append("source IN (" + ", ".join(sql_literal(s) for s in tag.label.sources) + ")")
+    if tag.label.max_age_days:
+        conditions.append(f"label_date >= DATE {sql_literal(as_of - timedelta(days=tag.label.max_age_days))}")
+    return conditions
+
+
+def labels_sql(staged_dir: Path, tag: TagSpec, train_as_of: date) -> str:
+    """The usable labels of one tag known on `train_as_of`; one per customer and label date."""
+    where = " AND ".join(label_conditions(tag, train_as_of))
+    return (
+        f"SELECT customer_id, label_date, label, label_date - INTERVAL {tag.label.horizon_days} DAY AS as_of "
+        f"FROM read_parquet({sql_literal(staged_path(staged_dir, 'tag_labels'))}) WHERE {where}"
+    )
+
+
+def _split(frame: pd.DataFrame, tag: TagSpec, seed: int) -> pd.Series:
+    n = len(frame)
+    n_test = round(n * tag.split.test_fraction)
+    n_valid = round(n * tag.split.valid_fraction)
+    if tag.split.method == "out_of_time":
+        # train on the earliest labels, validate and test on later ones (ties broken by customer id)
+        order = np.lexsort((frame["customer_id"].to_numpy(), frame["as_of"].to_numpy()))
+    else:
+        from sklearn.model_selection import train_test_split
+
+        idx = np.arange(n)
+        rest, test = train_test_split(idx, test_size=n_test, stratify=frame[LABEL_COLUMN], random_state=seed)
+        train, valid = train_test_split(rest, test_size=n_valid, stratify=frame[LABEL_COLUMN].iloc[rest], random_state=seed)
+        order = np.concatenate([train, valid, test])
+    split = np.empty(n, dtype=object)
+    split[order[: n - n_test - n_valid]] = "train"
+    split[order[n - n_test - n_valid : n - n_test]] = "valid"
+    split[order[n - n_test :]] = "test"
+    return pd.Series(split, index=frame.index)
+
+
+PII_NAME = re.compile(r"(^|_)(name|full_name|phone|mobile|email|national_id|id_card|id_number|passport|address|ssn)($|_)", re.IGNORECASE)
+NUMERIC_SQL_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "FLOAT", "DOUBLE", "DECIMAL")
+CATEGORICAL_SQL_TYPES = ("VARCHAR", "BOOLEAN")
+
+
+def _reader(path: str) -> str:
+    lower = path.lower()
+    if lower.endswith(".csv"):
+        return f"read_csv({sql_literal(path)}, header = true)"
+    if Path(path).is_dir():
+        return f"read_parquet({glob_literal(path, '*.parquet')})"
+    return f"read_parquet({sql_literal(path)})"
+
+
+def wide_table_labels_sql(tag: TagSpec, train_as_of: date, staged_dir: Path) -> str:
+    """Labels for a wide-table tag: the staged tag_labels, or the source's own labels file."""
+    source = tag.label.feature_source
+    assert isinstance(source, WideTableSource)
+    if source.labels_path is None:
+        return labels_sql(staged_dir, tag, train_as_of)
+    return (
+        f"SELECT {quote(source.id_column)}::VARCHAR AS customer_id, label_date::DATE AS label_date, label::VARCHAR AS label, "
+        f"label_date::DATE - INTERVAL {tag.label.horizon_days} DAY AS as_of FROM {_reader(source.labels_path)} "
+        f"WHERE label_date::DATE <= DATE {sql_literal(train_as_of)}"
+    )
+
+
+def _wide_features(con: duckdb.DuckDBPyConnection, tag: TagSpec, labels: str) -> tuple[str, tuple[str, ...], tuple[str, ...], dict[str, str]]:
+    """(SQL joining labels to the wide table, features, categorical features, inferred types)."""
+    source = tag.label.feature_source
+    assert isinstance(source, WideTableSource)
+    relation = _reader(source.path)
+    try:
+        described = con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()
+    except duckdb.Error as exc:
+        raise TrainingDataError(f"tag {tag.name!r}: cannot read feature table {source.path}: {str(exc).splitlines()[0]}") from exc
+    types = {name: sql_type for name, sql_type, *_ in described}
+    if source.id_column not in types:
+        raise TrainingDataError(f"tag {tag.name!r}: feature table {source.path} has no id column {source.id_column!r} (columns: {sorted(types)})")
+    candidates = [c for c in types if c not in (source.id_column, "as_of")]
+    usable = {c: t for c, t in types.items() if c in candidates and not PII_NAME.search(c) and t.split("(")[0] in NUMERIC_SQL_TYPES + CATEGORICAL_SQL_TYPES}
+    selection = tag.features
+    chosen = [c for c in candidates if c in usable and (not selection.include or c in selection.include) and c not in selection.exclude]
+    if not chosen:
+        raise TrainingDataError(f"tag {tag.name!r}: no usable feature columns in {source.path} after excluding ids, PII-like names and unsupported types")
+    categorical = tuple(c for c in chosen if usable[c].split("(")[0] in CATEGORICAL_SQL_TYPES)
+    cols = ", ".join(f"f.{quote(c)}::VARCHAR AS {quote(c)}" if c in categorical else f"f.{quote(c)}::DOUBLE AS {quote(c)}" for c in chosen)
+    if "as_of" in types:
+        # snapshots of the wide table: each label takes the latest snapshot on or before its date
+        join = f"ASOF JOIN {relation} f ON f.{quote(source.id_column)}::VARCHAR = l.customer_id AND f.as_of::DATE <= l.as_of::DATE"
+    else:
+        join = f"JOIN {relation} f ON f.{quote(source.id_column)}::VARCHAR = l.customer_id"
+    sql = f"SELECT l.customer_id, l.as_of::DATE AS as_of, l.label AS {LABEL_COLUMN}, {cols} FROM ({labels}) l {join} ORDER BY l.as_of, l.customer_id"
+    inferred = {c: ("categorical" if c in categorical else "numeric") for c in chosen}
+    return sql, tuple(chosen), categorical, inferred
+
+
+def build_training_set(
+    con: duckdb.DuckDBPyConnection,
+    staged_dir: Path,
+    tag: TagSpec,
+    train_as_of: date,
+    snapshot_dir: Path,
+    seed: int = 0,
+) -> TrainingSet:
+    """Assemble, split and save the training snapshot of `tag` with labels known on `train_as_of`.
+
+    Features come from the computed customer features at each label's date, or from the bank's own
+    wide table when the catalog says so (types inferred; PII-like column names never used).
+    """
+    staged_dir = current_generation(staged_dir)  # labels and features from one delivery
+    wide = isinstance(tag.label.feature_source, WideTableSource)
+    if not wide or tag.label.feature_source.labels_path is None:
+        _check_staged(staged_dir, ("tag_labels",) if wide else STAGED_INPUTS)
+    labels = wide_table_labels_sql(tag, train_as_of, staged_dir) if wide else labels_sql(staged_dir, tag, train_as_of)
+    in_classes = f"label IN ({', '.join(sql_literal(c) for c in tag.classes)})"
+    known, unknown_labels = _label_census(con, labels, in_classes, tag, train_as_of)
+    # a customer labelled twice on one date keeps the last label
+    dedup = f"SELECT * FROM ({labels}) WHERE {in_classes} QUALIFY row_number() OVER (PARTITION BY customer_id, as_of ORDER BY label_date DESC, label) = 1"
+    if wide:
+        sql, names, categorical, feature_types = _wide_features(con, tag, dedup)
+    else:
+        sql, names, categorical, feature_types = _contract_features(con, staged_dir, tag, dedup)
+    try:
+        frame = con.execute(sql).df()
+    except duckdb.Error:
+        # a data page damaged behind an intact footer: name the file if one is unreadable
+        _check_staged(staged_dir, STAGED_INPUTS if not wide else ())
+        raise
+    numeric = [n for n in names if n not in categorical]
+    # nullable integer columns (pandas.NA) become float with NaN, the models' missing value
+    frame[numeric] = frame[numeric].astype("float64")
+    absent = [c for c in tag.classes if c not in frame[LABEL_COLUMN].value_counts().index]
+    if absent:
+        raise TrainingDataError(f"tag {tag.name!r}: classes {absent} have no labels; cannot train a {len(tag.classes)}-class model")
+    frame[SPLIT_COLUMN] = _split(frame, tag, seed)
+    path, snapshot_id = _save_snapshot(con, frame, tag, train_as_of, snapshot_dir)
+    return TrainingSet(
+        tag=tag.name,
+        frame=frame,
+        feature_names=names,
+        categorical=categorical,
+        snapshot_path=path,
+        snapshot_id=snapshot_id,
+        dropped_labels={"unknown_class": int(sum(unknown_labels.values())), "customer_not_found": int(known - len(frame))},
+        feature_types=feature_types,
+        unknown_labels=unknown_labels,
+    )
+
+
+def _label_census(con: duckdb.DuckDBPyConnection, labels: str, in_classes: str, tag: TagSpec, train_as_of: date) -> tuple[int, dict[str, int]]:
+    """(labels among the classes, count per value outside them); refuses a set with none usable or too many outside."""
+    by_value = con.execute(f"SELECT coalesce({in_classes}, false), label, count(*) FROM ({labels}) GROUP BY ALL ORDER BY 3 DESC, 2").fetchall()
+    known = sum(n for ok, _, n in by_value if ok)
+    unknown_labels = {("<null>" if value is None else str(value)[:40]): int(n) for ok, value, n in by_value if not ok}
+    unknown = sum(unknown_labels.values())
+    if not known:
+        detail = f"; {unknown} labels have values outside the classes {list(tag.classes)}: {dict(list(unknown_labels.items())[:5])}" if unknown else ""
+        raise TrainingDataError(f"tag {tag.name!r}: no usable labels known on {train_as_of} (tag={tag.label_tag!r}, sources={list(tag.label.sources)}){detail}")
+    share = unknown / (known + unknown)
+    if share > MAX_UNKNOWN_LABEL_SHARE:
+        raise TrainingDataError(
+            f"tag {tag.name!r}: {unknown} of {known + unknown} labels ({share:.1%}) are not among the classes {list(tag.classes)} "
+            f"(more than {MAX_UNKNOWN_LABEL_SHARE:.0%}): {dict(list(unknown_labels.items())[:5])}. "
+            "Declare the classes in the catalog or correct the label source."
+        )
+    return known, unknown_labels
+
+
+def _contract_features(
+    con: duckdb.DuckDBPyConnection, staged_dir: Path, tag: TagSpec, dedup: str
+) -> tuple[str, tuple[str, ...], tuple[str, ...], dict[str, str]]:
+    """(SQL of labels joined to the computed features at each label's date, names, categorical names, kinds)."""
+    names = tag.feature_names
+    categorical = tuple(n for n in names if n in CATEGORICAL_FEATURES)
+    feature_types = {n: ("categorical" if n in categorical else "numeric") for n in names}
+    features = spine_features_sql(con, staged_dir, f"SELECT customer_id, as_of FROM ({dedup})")
+    sql = (
+        f"SELECT l.customer_id, l.as_of::DATE AS as_of, l.label AS {LABEL_COLUMN}, {', '.join('f.' + n for n in names)} "
+        f"FROM ({dedup}) l JOIN ({features}) f ON f.customer_id = l.customer_id AND f.as_of = l.as_of::DATE "
+        f"ORDER BY l.as_of, l.customer_id"
+    )
+    return sql, names, categorical, feature_types
+
+
+def _save_snapshot(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, tag: TagSpec, train_as_of: date, snapshot_dir: Path) -> tuple[Path, str]:
+    """Write the snapshot under a content-addressed name (the same rows give the same id); returns (path, id)."""
+    digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()[:12]
+    snapshot_id = f"{tag.name}-{train_as_of.isoformat()}-{digest}"
+    path = snapshot_dir / tag.name / f"{snapshot_id}.parquet"
+    con.register("_snapshot", frame)
+    try:
+        write_parquet_atomically(con, "SELECT * FROM _snapshot", path)
+    finally:
+        con.unregister("_snapshot")
+    return path, snapshot_id
+
+
+def load_training_set(path: Path, tag: TagSpec) -> TrainingSet:
+    """Re-open a saved training snapshot (as referenced by a model version or an upstream asset)."""
+    path = Path(path)
+    if not path.exists():
+        raise TrainingDataError(f"tag {tag.name!r}: training snapshot {path} does not exist")
+    check_parquet(path, f"re-materialize the {tag.name}/training_set asset (the snapshot is rebuilt from the staged tables)")
+    frame = pd.read_parquet(path)
+    names = tuple(c for c in frame.columns if c not in ("customer_id", "as_of", LABEL_COLUMN, SPLIT_COLUMN))
+    categorical = tuple(n for n in names if not pd.api.types.is_numeric_dtype(frame[n]))
+    return TrainingSet(
+        tag=tag.name,
+        frame=frame,
+        feature_names=names,
+        categorical=categorical,
+        feature_types={n: ("categorical" if n in categorical else "numeric") for n in names},
+        snapshot_path=path,
+        snapshot_id=path.stem,
+        dropped_labels={},
+    )

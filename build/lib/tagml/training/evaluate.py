@@ -1,0 +1,188 @@
+"""Held-out evaluation: overall, per class, calibration, per slice, and the plots logged to MLflow."""
+
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from tagml.core.storage import quote, sql_literal
+
+# evaluation's own slice (drift does not slice by age); bands [0, 30), [30, 45), [45, 60), [60, 200)
+AGE_BAND_SQL = (
+    "CASE WHEN age >= 0 AND age < 30 THEN '<30' WHEN age >= 30 AND age < 45 THEN '30-44' "
+    "WHEN age >= 45 AND age < 60 THEN '45-59' WHEN age >= 60 AND age < 200 THEN '60+' END"
+)
+MISSING_SLICE = "missing"  # the slice of rows whose slice value is NULL (an MLflow metric name: no brackets)
+
+
+def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 10) -> float:
+    """Top-label ECE: |confidence - accuracy| averaged over equal-width confidence bins, weighted by size."""
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.mean() * abs(confidence[mask].mean() - correct[mask].mean())
+    return float(total)
+
+
+def debiased_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 10, draws: int = 200, seed: int = 0) -> float:
+    """ECE minus the ECE a perfectly calibrated model with the same confidences would show on this many rows.
+
+    Plain ECE is biased upwards on small test sets (a few hundred rows give ~0.03 from sampling alone);
+    the promotion gate compares this estimate with its threshold so that small tags are not rejected by noise.
+    """
+    confidence = proba.max(axis=1)
+    rng = np.random.default_rng(seed)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    sizes = np.bincount(which, minlength=bins) / len(confidence)
+    mean_conf = np.bincount(which, weights=confidence, minlength=bins) / np.maximum(np.bincount(which, minlength=bins), 1)
+    noise = []
+    for _ in range(draws):
+        correct = rng.random(len(confidence)) < confidence
+        acc = np.bincount(which, weights=correct, minlength=bins) / np.maximum(np.bincount(which, minlength=bins), 1)
+        noise.append(float((sizes * np.abs(mean_conf - acc)).sum()))
+    return max(expected_calibration_error(y, proba, bins) - float(np.mean(noise)), 0.0)
+
+
+def core_metrics(y: np.ndarray, proba: np.ndarray, n_classes: int) -> dict[str, float]:
+    pred = proba.argmax(axis=1)
+    labels = list(range(n_classes))
+    clipped = np.clip(proba, 1e-12, 1)  # float32 models' rows sum to 1 only approximately
+    if n_classes == 2:
+        auc = roc_auc_score(y, proba[:, 1]) if len(np.unique(y)) == 2 else float("nan")
+    else:
+        present = np.unique(y)
+        auc = roc_auc_score(y, proba, multi_class="ovr", labels=labels) if len(present) == n_classes else float("nan")
+    return {
+        "macro_f1": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "log_loss": float(log_loss(y, clipped / clipped.sum(axis=1, keepdims=True), labels=labels)),
+        "roc_auc_ovr": float(auc),
+        "calibration_error": expected_calibration_error(y, proba),
+        "calibration_error_debiased": debiased_calibration_error(y, proba),
+    }
+
+
+def per_class_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    precision, recall, _, support = precision_recall_fscore_support(y, proba.argmax(axis=1), labels=list(range(len(classes))), zero_division=0)
+    out: dict[str, float] = {}
+    for k, c in enumerate(classes):
+        out[f"precision_{c}"] = float(precision[k])
+        out[f"recall_{c}"] = float(recall[k])
+        out[f"support_{c}"] = float(support[k])
+    return out
+
+
+def evaluation_slices(catalog_slices: Mapping[str, str], columns: Sequence[str]) -> dict[str, str]:
+    """SQL per slice over feature columns: the age band where there is an age, and the catalog's slices as
+    drift defines them (tagml.scoring.rules.slice_expressions: the value_tier rule's bands, region), so the
+    promotion gate and drift judge the same segments."""
+    return {**({"age_band": AGE_BAND_SQL} if "age" in columns else {}), **catalog_slices}
+
+
+def slices(frame: pd.DataFrame, expressions: Mapping[str, str]) -> dict[str, pd.Series]:
+    """Each slice's value per row of `frame` (`expressions` from `evaluation_slices`: catalog SQL from its
+    checked parse tree), evaluated by DuckDB over the frame alone with external access off."""
+    if not expressions:
+        return {}
+    con = duckdb.connect(":memory:", config={"threads": 1})
+    try:
+        con.register("frame", frame.reset_index(drop=True).assign(_row=np.arange(len(frame))))
+        con.execute("SET enable_external_access = false")
+        cols = ", ".join(f"coalesce(({expr})::VARCHAR, {sql_literal(MISSING_SLICE)}) AS {quote(name)}" for name, expr in expressions.items())
+        values = con.execute(f"SELECT {cols} FROM frame ORDER BY _row").df()
+    finally:
+        con.close()
+    return {name: values[name].set_axis(frame.index) for name in expressions}
+
+
+def _slice_score(y: np.ndarray, proba: np.ndarray, metric: str, n_classes: int) -> float:
+    if metric == "macro_f1":
+        # averaged over the classes that occur in the slice: retirees are rarely young families
+        return float(f1_score(y, proba.argmax(axis=1), average="macro", labels=np.unique(y), zero_division=0))
+    return core_metrics(y, proba, n_classes)[metric]
+
+
+def slice_metrics(
+    frame: pd.DataFrame, y: np.ndarray, proba: np.ndarray, metric: str, n_classes: int, expressions: Mapping[str, str], min_rows: int = 30
+) -> dict[str, float]:
+    """The promotion metric per slice value (slices with fewer than `min_rows` rows are skipped)."""
+    out = {}
+    for name, values in slices(frame, expressions).items():
+        for value in sorted(values.unique()):
+            mask = (values == value).to_numpy()
+            if mask.sum() >= min_rows:
+                out[f"{name}={value}"] = _slice_score(y[mask], proba[mask], metric, n_classes)
+    return out
+
+
+@contextmanager
+def _figure(path: Path, size: tuple[float, float]):
+    """A matplotlib figure (headless backend) saved to `path` and closed on exit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def plot_confusion(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], path: Path) -> Path:
+    matrix = confusion_matrix(y, proba.argmax(axis=1), labels=list(range(len(classes))), normalize="true")
+    with _figure(path, (5, 4)) as ax:
+        ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("observed (row-normalised)")
+    return path
+
+
+def plot_calibration(y: np.ndarray, proba: np.ndarray, path: Path, bins: int = 10) -> Path:
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    xs = [confidence[which == b].mean() for b in range(bins) if (which == b).any()]
+    ys = [correct[which == b].mean() for b in range(bins) if (which == b).any()]
+    with _figure(path, (4, 4)) as ax:
+        ax.plot([0, 1], [0, 1], "--", color="grey")
+        ax.plot(xs, ys, "o-")
+        ax.set_xlabel("predicted probability of the top class")
+        ax.set_ylabel("observed accuracy")
+    return path
+
+
+def plot_importance(names: Sequence[str], importance: np.ndarray, path: Path, top: int = 20) -> Path:
+    order = np.argsort(importance)[::-1][:top][::-1]
+    with _figure(path, (6, 5)) as ax:
+        ax.barh([names[i] for i in order], importance[order])
+        ax.set_xlabel("gain importance")
+    return path

@@ -1,0 +1,42 @@
+"""Inference of a model tag, in one place: the model's input from feature rows, and probabilities to a
+value (the most probable class, or `unknown` below the tag's min_confidence).
+
+Scoring writes the tag store with it and monitoring profiles a version's reference population with
+it: drift's "PSI is 0 on the reference" holds only because both infer the same way.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tagml.training.catalog import UNKNOWN
+from tagml.training.versions import ModelVersionInfo
+
+
+@dataclass(frozen=True)
+class Inference:
+    proba: np.ndarray  # rows x classes, in the version's class order
+    top: np.ndarray  # index of the most probable class per row
+    confidence: np.ndarray  # probability of that class
+    values: np.ndarray  # the inferred value per row: a class, or UNKNOWN below min_confidence
+
+
+def model_input(frame: pd.DataFrame, version: ModelVersionInfo) -> pd.DataFrame:
+    """The version's features from `frame`, numeric ones as float64 (as the model was trained)."""
+    X = frame[list(version.features)].copy()
+    numeric = [f for f in version.features if f not in version.categorical]
+    X[numeric] = X[numeric].astype("float64")
+    return X
+
+
+def infer(model: Any, X: pd.DataFrame, version: ModelVersionInfo, min_confidence: float | None) -> Inference:
+    """Probabilities and inferred values of `model` on `X` (from `model_input`)."""
+    proba = model.predict_proba(X)
+    top = proba.argmax(axis=1)
+    confidence = proba[np.arange(len(top)), top]
+    values = np.array(version.classes, dtype=object)[top]
+    if min_confidence:
+        values = np.where(confidence < min_confidence, UNKNOWN, values)
+    return Inference(proba, top, confidence, values)
