@@ -1,5 +1,0 @@
-"""`python -m tagml.cli`."""
-
-from tagml.cli import main
-
-raise SystemExit(main())

@@ -1,1 +1,0 @@
-"""The bottom layer: settings, storage plumbing and process set-up. Imports nothing else of tagml."""
