@@ -101,3 +101,22 @@ def test_the_installed_demo_runs_end_to_end_from_an_empty_directory(installed, t
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert list(empty.iterdir()) == []  # everything went to TAGML_HOME, nothing beside the user
     assert list((home / "warehouse" / "customer_tags").glob("as_of=*/data.parquet"))
+
+
+def test_the_installed_code_location_that_tagml_ui_serves_loads(installed, tmp_path):
+    from tagml.cli.uis import DAGSTER_CODE_LOCATION
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {**_clean_env(tmp_path / "home"), "DAGSTER_HOME": str(tmp_path / "dagster")}
+    (tmp_path / "dagster").mkdir()
+    proc = subprocess.run(
+        [str(installed / "python"), "-m", "dagster", "definitions", "validate", *DAGSTER_CODE_LOCATION],
+        check=False,
+        cwd=empty,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

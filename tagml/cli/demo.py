@@ -125,7 +125,7 @@ def _print_demo_results(settings: Settings, plan: Any, trained: Any, scored: dic
     print(f"drift history:      {settings.drift_dir}   reports: {settings.reports_dir}")
     print(f"Dagster instance:   {settings.dagster_home}")
     print(f"MLflow:             {settings.mlflow_tracking_uri}")
-    print("open the UIs with:  make ui (Dagster, http://127.0.0.1:3000)   make mlflow-ui (http://127.0.0.1:5000)")
+    print("open the UIs with:  tagml ui (Dagster, http://127.0.0.1:3000)   tagml mlflow-ui (http://127.0.0.1:5000)")
 
 
 def _print_models(result: Any, indent: str = "  ") -> None:

@@ -9,6 +9,9 @@ import typer
 from tagml.cli.app import app
 from tagml.cli.common import load_settings
 
+# the code location as workspace.yaml names it, by installed module, so a wheel install needs no source tree
+DAGSTER_CODE_LOCATION = ("-m", "tagml.orchestration.definitions", "-a", "defs")
+
 
 @app.command("ui")
 def ui(
@@ -18,8 +21,7 @@ def ui(
     """Start the Dagster UI (dagster dev) on this TAGML_HOME."""
     settings = load_settings(create=True)
     env = {**os.environ, "DAGSTER_HOME": str(settings.dagster_home), "TAGML_HOME": str(settings.home)}
-    # the installed module (as workspace.yaml names it), so that a wheel install needs no source tree
-    command = [sys.executable, "-m", "dagster", "dev", "-m", "tagml.orchestration.definitions", "-a", "defs", "-h", host, "-p", str(port)]
+    command = [sys.executable, "-m", "dagster", "dev", *DAGSTER_CODE_LOCATION, "-h", host, "-p", str(port)]
     os.execvpe(command[0], command, env)
 
 
