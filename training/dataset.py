@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 
 from tagml.core.files import check_parquet
-from tagml.core.storage import glob_literal, quote, sql_literal, staged_path, write_parquet_atomically
+from tagml.core.storage import quote, sql_literal, staged_path, write_parquet_atomically
 from tagml.features.customer_features import spine_features_sql
 from tagml.features.delivery import current_generation
 from tagml.features.dictionary import CATEGORICAL_FEATURES
+from tagml.features.own_table import table_relation
 from tagml.training.catalog import TagSpec, WideTableSource
 
 LABEL_COLUMN = "label"
@@ -101,15 +102,6 @@ NUMERIC_SQL_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTI
 CATEGORICAL_SQL_TYPES = ("VARCHAR", "BOOLEAN")
 
 
-def _reader(path: str) -> str:
-    lower = path.lower()
-    if lower.endswith(".csv"):
-        return f"read_csv({sql_literal(path)}, header = true)"
-    if Path(path).is_dir():
-        return f"read_parquet({glob_literal(path, '*.parquet')})"
-    return f"read_parquet({sql_literal(path)})"
-
-
 def wide_table_labels_sql(tag: TagSpec, train_as_of: date, staged_dir: Path) -> str:
     """Labels for a wide-table tag: the staged tag_labels, or the source's own labels file."""
     source = tag.label.feature_source
@@ -118,7 +110,7 @@ def wide_table_labels_sql(tag: TagSpec, train_as_of: date, staged_dir: Path) -> 
         return labels_sql(staged_dir, tag, train_as_of)
     return (
         f"SELECT {quote(source.id_column)}::VARCHAR AS customer_id, label_date::DATE AS label_date, label::VARCHAR AS label, "
-        f"label_date::DATE - INTERVAL {tag.label.horizon_days} DAY AS as_of FROM {_reader(source.labels_path)} "
+        f"label_date::DATE - INTERVAL {tag.label.horizon_days} DAY AS as_of FROM {table_relation(source.labels_path)} "
         f"WHERE label_date::DATE <= DATE {sql_literal(train_as_of)}"
     )
 
@@ -127,7 +119,7 @@ def _wide_features(con: duckdb.DuckDBPyConnection, tag: TagSpec, labels: str) ->
     """(SQL joining labels to the wide table, features, categorical features, inferred types)."""
     source = tag.label.feature_source
     assert isinstance(source, WideTableSource)
-    relation = _reader(source.path)
+    relation = table_relation(source.path)
     try:
         described = con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()
     except duckdb.Error as exc:
