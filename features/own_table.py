@@ -17,3 +17,6 @@ def table_relation(path: str) -> str:
     if Path(path).is_dir():
         return f"read_parquet({glob_literal(path, '*.parquet')})"
     return f"read_parquet({sql_literal(path)})"
+
+
+# ---- snapshots (scoring, drift) ----
