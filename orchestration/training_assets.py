@@ -9,7 +9,6 @@ import dagster as dg
 from pydantic import Field
 
 from tagml.core.settings import home_relative, resolve_home_path
-from tagml.core.storage import sql_literal
 from tagml.orchestration.raw_assets import raw_asset_name
 from tagml.orchestration.resources import MlflowResource, WarehouseResource
 from tagml.scoring.rules import slice_expressions
@@ -18,6 +17,7 @@ from tagml.training.dataset import (
     LABEL_COLUMN,
     SPLIT_COLUMN,
     build_training_set,
+    default_train_as_of,
     load_training_set,
 )
 from tagml.training.registry import GateDecision, apply_gate, evaluate_gate
@@ -29,7 +29,9 @@ TRAINING_GROUP = "training"
 
 
 class TrainingConfig(dg.Config):
-    train_as_of: str | None = Field(default=None, description="Use labels known on this date (YYYY-MM-DD). Default: the newest known_date in tag_labels.")
+    train_as_of: str | None = Field(
+        default=None, description="Use labels known on this date (YYYY-MM-DD). Default: the newest known_date of the tag's labels file, else of tag_labels."
+    )
     trials: int | None = Field(default=None, description="Override the catalog's Optuna trial budget (e.g. 2 for a smoke run).")
     seed: int = Field(default=0, description="Seed for the split, Optuna's sampler and the models.")
 
@@ -40,12 +42,6 @@ def training_set_key(tag: str) -> dg.AssetKey:
 
 def tag_model_key(tag: str) -> dg.AssetKey:
     return dg.AssetKey([tag, "tag_model"])
-
-
-def _default_train_as_of(warehouse: WarehouseResource) -> date:
-    with closing(warehouse.connect()) as con:
-        path = warehouse.staged_dir / "tag_labels.parquet"
-        return con.execute(f"SELECT max(known_date) FROM read_parquet({sql_literal(path)})").fetchall()[0][0]
 
 
 def build_training_assets(tag: TagSpec, catalog: Catalog) -> list[dg.AssetsDefinition]:
@@ -61,7 +57,7 @@ def _training_set_asset(tag: TagSpec) -> dg.AssetsDefinition:
         kinds={"duckdb", "parquet"},
     )
     def training_set(context: dg.AssetExecutionContext, config: TrainingConfig, warehouse: WarehouseResource) -> dg.Output[str]:
-        train_as_of = date.fromisoformat(config.train_as_of) if config.train_as_of else _default_train_as_of(warehouse)
+        train_as_of = date.fromisoformat(config.train_as_of) if config.train_as_of else default_train_as_of(tag, warehouse.staged_dir)
         with closing(warehouse.connect()) as con:
             data = build_training_set(con, warehouse.staged_dir, tag, train_as_of, warehouse.training_sets_dir, seed=config.seed)
         balance = data.frame.groupby([SPLIT_COLUMN, LABEL_COLUMN]).size().unstack(fill_value=0)

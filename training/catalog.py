@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -56,23 +57,46 @@ class FeatureSelection(_Strict):
 class WideTableSource(_Strict):
     """A customer-level table the bank already has, instead of the computed customer_features."""
 
-    path: str
-    id_column: str = "customer_id"
-    labels_path: str | None = None  # default: the staged tag_labels table
+    path: str = Field(description="the bank's own table: a CSV file, a Parquet file or a folder of Parquet files")
+    id_column: str = Field("customer_id", description="the table's customer id column (never a feature)")
+    labels_path: str | None = Field(
+        None,
+        description="""the tag's labels file (CSV or Parquet); default: the staged tag_labels table. Columns, by name:
+        required: the id column (`id_column`, or `customer_id`), `label` (the observed class) and `label_date` (a date:
+        the date the label describes); optional: `known_date` (a date: when the label became known, default label_date;
+        labels known after the training date are not used), `tag` (when present only rows of this entry's label tag are
+        used), `source` (needed when `label.sources` is set: only those sources are used). Other columns are ignored.""",
+    )
+    categorical: tuple[str, ...] = Field((), description="columns used as categories whatever their type (numeric codes such as branch_code)")
+    numeric: tuple[str, ...] = Field((), description="columns used as numbers whatever their type (text holding numbers)")
+
+    @model_validator(mode="after")
+    def _one_kind_each(self) -> "WideTableSource":
+        both = sorted(set(self.categorical) & set(self.numeric))
+        if both:
+            raise ValueError(f"columns {both} are declared both categorical and numeric")
+        if self.id_column in set(self.categorical) | set(self.numeric):
+            raise ValueError(f"the id column {self.id_column!r} cannot be declared a feature")
+        return self
 
 
 class LabelSpec(_Strict):
+    # first: which labels `sources` may name depends on it
+    feature_source: Literal["customer_features"] | WideTableSource = "customer_features"
     tag: str | None = None  # name in tag_labels; defaults to the entry's name
     sources: tuple[str, ...] = ()  # restrict to these label sources; empty = all
     horizon_days: int = Field(0, ge=0, description="outcome labels: features are taken this many days before label_date")
     max_age_days: int | None = Field(None, ge=1, description="labels older than this (at training time) are ignored")
     observed_wins: bool = True  # at scoring: an observed label overrides the model's inference
-    feature_source: Literal["customer_features"] | WideTableSource = "customer_features"
 
     @field_validator("sources")
     @classmethod
-    def _known_sources(cls, sources: tuple[str, ...]) -> tuple[str, ...]:
+    def _known_sources(cls, sources: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
         # the contract allows only these in tag_labels.source: any other name would silently match nothing
+        # (a bank's own labels file has its own source names)
+        source = info.data.get("feature_source")
+        if isinstance(source, WideTableSource) and source.labels_path is not None:
+            return sources
         unknown = [s for s in sources if s not in LABEL_SOURCES]
         if unknown:
             raise ValueError(f"unknown label sources {unknown}; tag_labels.source is one of {list(LABEL_SOURCES)}")

@@ -3,6 +3,7 @@ split out-of-time by default, and saved as a Parquet snapshot that the model ver
 
 import hashlib
 import re
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from tagml.core.files import check_parquet
-from tagml.core.storage import quote, sql_literal, staged_path, write_parquet_atomically
+from tagml.core.storage import connect, quote, sql_literal, staged_path, write_parquet_atomically
 from tagml.features.customer_features import spine_features_sql
 from tagml.features.delivery import current_generation
 from tagml.features.dictionary import CATEGORICAL_FEATURES
@@ -103,16 +104,93 @@ CATEGORICAL_SQL_TYPES = ("VARCHAR", "BOOLEAN")
 
 
 def wide_table_labels_sql(tag: TagSpec, train_as_of: date, staged_dir: Path) -> str:
-    """Labels for a wide-table tag: the staged tag_labels, or the source's own labels file."""
+    """Labels for a wide-table tag known on `train_as_of` (customer_id, label_date, label, as_of): the staged
+    tag_labels, or the source's own labels file (checked: `TrainingDataError` naming the file and column)."""
     source = tag.label.feature_source
     assert isinstance(source, WideTableSource)
     if source.labels_path is None:
         return labels_sql(staged_dir, tag, train_as_of)
-    return (
-        f"SELECT {quote(source.id_column)}::VARCHAR AS customer_id, label_date::DATE AS label_date, label::VARCHAR AS label, "
-        f"label_date::DATE - INTERVAL {tag.label.horizon_days} DAY AS as_of FROM {table_relation(source.labels_path)} "
-        f"WHERE label_date::DATE <= DATE {sql_literal(train_as_of)}"
-    )
+    where = " AND ".join(label_conditions(tag, train_as_of))
+    return f"SELECT customer_id, label_date, label, label_date - INTERVAL {tag.label.horizon_days} DAY AS as_of FROM ({labels_file_sql(tag)}) WHERE {where}"
+
+
+def default_train_as_of(tag: TagSpec, staged_dir: Path) -> date:
+    """The training date when none is given: the newest date a label of `tag`'s source became known
+    (a BYO labels file's newest known_date, else label_date; otherwise the staged tag_labels' newest known_date)."""
+    source = tag.label.feature_source
+    own_file = isinstance(source, WideTableSource) and source.labels_path is not None
+    if own_file:
+        own_labels = f"SELECT max(known_date) FROM ({labels_file_sql(tag)}) WHERE tag = {sql_literal(tag.label_tag)}"
+        sql, where = own_labels, f"labels file {source.labels_path} (tag {tag.label_tag!r})"
+    else:
+        path = staged_path(current_generation(staged_dir), "tag_labels")
+        _check_staged(path.parent, ("tag_labels",))
+        sql, where = f"SELECT max(known_date) FROM read_parquet({sql_literal(path)})", f"the staged tag_labels ({path})"
+    with closing(connect(threads=1, memory_limit="1GB")) as con:
+        newest = con.execute(sql).fetchone()[0]
+    if newest is None:
+        raise TrainingDataError(f"tag {tag.name!r}: no labels in {where} to choose a training date from; give train_as_of or add labels")
+    return newest
+
+
+def labels_file_sql(tag: TagSpec) -> str:
+    """The tag's labels file as tag_labels' columns (customer_id, tag, label, label_date, known_date, source), once
+    its schema and values are checked: the file's own `tag`/`source` columns when it has them."""
+    source = tag.label.feature_source
+    path = source.labels_path
+    relation = table_relation(path)
+    with closing(connect(threads=1, memory_limit="1GB")) as con:
+        try:
+            columns = {name: sql_type for name, sql_type, *_ in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()}
+        except duckdb.Error as exc:
+            raise TrainingDataError(f"tag {tag.name!r}: cannot read labels file {path}: {str(exc).splitlines()[0]}") from exc
+        id_column = next((c for c in (source.id_column, "customer_id") if c in columns), None)
+        missing = [c for c in ("label", "label_date") if c not in columns]
+        if id_column is None or missing:
+            expected = f"{source.id_column!r} (or 'customer_id')" if id_column is None else ""
+            raise TrainingDataError(
+                f"tag {tag.name!r}: labels file {path} lacks column(s) {', '.join(filter(None, [expected, *map(repr, missing)]))}; "
+                f"required: the id column, 'label' and 'label_date' (a date); optional: 'known_date', 'tag', 'source' (columns: {sorted(columns)})"
+            )
+        if tag.label.sources and "source" not in columns:
+            raise TrainingDataError(f"tag {tag.name!r}: label.sources is set but labels file {path} has no 'source' column to filter on")
+        known = "known_date" if "known_date" in columns else "label_date"
+        sql = (
+            f"SELECT {quote(id_column)}::VARCHAR AS customer_id, "
+            f"{'tag::VARCHAR' if 'tag' in columns else sql_literal(tag.label_tag)} AS tag, label::VARCHAR AS label, "
+            f"TRY_CAST(label_date AS DATE) AS label_date, coalesce(TRY_CAST({known} AS DATE), TRY_CAST(label_date AS DATE)) AS known_date, "
+            f"{'source::VARCHAR' if 'source' in columns else 'NULL::VARCHAR'} AS source FROM {relation}"
+        )
+        _check_labels_file(con, tag, relation, columns, id_column)
+    return sql
+
+
+DATE_LIKE_SQL_TYPES = ("DATE", "TIMESTAMP", "TIMESTAMP WITH TIME ZONE", "TIMESTAMP_S", "TIMESTAMP_MS", "TIMESTAMP_NS", "VARCHAR")
+
+
+def _check_labels_file(con: duckdb.DuckDBPyConnection, tag: TagSpec, relation: str, columns: dict[str, str], id_column: str) -> None:
+    """Rows, ids and dates of a labels file are usable, or a `TrainingDataError` counting the bad rows (never showing them)."""
+    path = tag.label.feature_source.labels_path
+    dates = [c for c in ("label_date", "known_date") if c in columns]
+    wrong_type = [f"{c!r} is {columns[c]}" for c in dates if columns[c] not in DATE_LIKE_SQL_TYPES]
+    if wrong_type:
+        raise TrainingDataError(f"tag {tag.name!r}: labels file {path}: {', '.join(wrong_type)}; expected a date (YYYY-MM-DD)")
+    counts = ", ".join(f"count_if({quote(c)} IS NOT NULL AND TRY_CAST({quote(c)} AS DATE) IS NULL)" for c in dates)
+    try:
+        rows, null_ids, null_dates, *bad = con.execute(
+            f"SELECT count(*), count_if({quote(id_column)} IS NULL), count_if(label_date IS NULL), {counts} FROM {relation}"
+        ).fetchone()
+    except duckdb.Error as exc:
+        raise TrainingDataError(f"tag {tag.name!r}: cannot read labels file {path}: {str(exc).splitlines()[0]}") from exc
+    if not rows:
+        raise TrainingDataError(f"tag {tag.name!r}: labels file {path} has no rows")
+    problems = [
+        f"{null_ids} row(s) without a customer id ({id_column!r})" if null_ids else "",
+        f"{null_dates} row(s) without a label_date" if null_dates else "",
+    ]
+    problems += [f"{n} row(s) whose {c} is not a date (YYYY-MM-DD)" for c, n in zip(dates, bad) if n]
+    if any(problems):
+        raise TrainingDataError(f"tag {tag.name!r}: labels file {path}: " + "; ".join(p for p in problems if p))
 
 
 def _wide_features(con: duckdb.DuckDBPyConnection, tag: TagSpec, labels: str) -> tuple[str, tuple[str, ...], tuple[str, ...], dict[str, str]]:
