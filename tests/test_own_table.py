@@ -12,7 +12,7 @@ import yaml
 from conftest import make_connection
 
 from tagml.training.catalog import CatalogError, load_catalog
-from tagml.training.dataset import TrainingDataError, default_train_as_of, wide_table_labels_sql
+from tagml.training.dataset import TrainingDataError, build_training_set, default_train_as_of, wide_table_labels_sql
 
 N = 600
 
@@ -149,3 +149,141 @@ def test_default_training_date_without_labels_of_the_tag_is_a_named_error(tmp_pa
 def test_default_training_date_of_a_contract_tag_is_the_newest_staged_known_date(bank, con):
     newest = con.execute(f"SELECT max(known_date) FROM read_parquet('{bank['staged']}/tag_labels.parquet')").fetchone()[0]
     assert default_train_as_of(load_catalog().get("risk_appetite"), bank["staged"]) == newest
+
+
+# ---- the column audit: types, overrides, reserved names, PII by name and by content ----------------
+
+
+def cn_id(i: int) -> str:
+    """A national id number of the right shape with a valid check character."""
+    body = f"110101{1970 + i % 40}{1 + i % 12:02d}{1 + i % 28:02d}{i % 1000:03d}"
+    total = sum(int(d) * w for d, w in zip(body, (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)))
+    return body + "10X98765432"[total % 11]
+
+
+def card(i: int) -> str:
+    """A 16-digit payment card number with a valid Luhn check digit."""
+    body = f"4{i:014d}"
+    total = sum((n - 9 if n > 9 else n) for n in (int(d) * (1 if k % 2 else 2) for k, d in enumerate(reversed(body))))
+    return body + str((10 - total % 10) % 10)
+
+
+def iban(i: int) -> str:
+    bban = f"NWBK{i:014d}"
+    check = 98 - int("".join(str(int(c, 36)) for c in bban + "GB00")) % 97
+    return f"GB{check:02d}{bban}"
+
+
+PII_NAMED = ["CustomerName", "PhoneNumber", "EmailAddress", "surname", "tel", "dob", "iban", "account_number", "card_number", "zip_code", "postcode", "street"]
+PII_NAMED += ["姓名", "身份证号", "手机号", "客户名称", "holder-name", "Home.Address", "e_mail"]
+LEAKY_NAMED = ["target", "bad_flag", "IsBad", "Label_Date", "known-date", "source", "BigSpenderScore", "outcome_12m"]
+
+
+def audited_table(tmp: Path) -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    columns = {name: [f"x{i}" for i in range(N)] for name in PII_NAMED + LEAKY_NAMED}
+    columns |= {
+        "label": rng.choice(["small", "big"], N),
+        "Split": "train",
+        "customer_id": ids(),
+        "contact": [f"13{i % 10}{i:08d}" for i in range(N)],  # CN mobile numbers under an innocent name
+        "ref": [f"user{i}@example.com" for i in range(N)],
+        "c1": [cn_id(i) for i in range(N)],
+        "c2": [card(i) for i in range(N)],
+        "c3": [iban(i) for i in range(N)],
+        "c4": [13800000000 + i for i in range(N)],  # phone numbers stored as integers
+        "intl": [f"+44 20 7946 {i:04d}" for i in range(N)],
+        "remark": [f"{i}@x.cn" if i % 3 == 0 else "ok" for i in range(N)],  # a third e-mails: not PII by content
+        "branch_code": rng.integers(100, 110, N),
+        "amount_text": [f"{v:.2f}" for v in rng.gamma(2.0, 10.0, N)],
+        "opened": pd.Timestamp("2020-01-01"),
+        "opened_day": date(2020, 1, 1),
+        "tags_list": [[1, 2]] * N,
+        "blob": [b"\x00"] * N,
+        "dropped": 1.0,
+    }
+    return write_wide(tmp, **columns)
+
+
+def test_every_column_is_used_or_excluded_with_its_reason(tmp_path):
+    audited_table(tmp_path)
+    write_labels(tmp_path)
+    tag = byo_tag(tmp_path, {"categorical": ["branch_code"], "numeric": ["amount_text"]}, features={"exclude": ["dropped"]})
+    data = build_training_set(make_connection(tmp_path), tmp_path, tag, date(2027, 1, 1), tmp_path / "sets")
+    decisions = {d.column: (d.use, d.reason) for d in data.audit.decisions}
+    assert set(decisions) == set(pd.read_parquet(tmp_path / "crm.parquet").columns)
+    used = {c: use for c, (use, _) in decisions.items() if use != "excluded"}
+    assert used == {"segment": "categorical", "monthly_spend": "numeric", "remark": "categorical", "branch_code": "categorical", "amount_text": "numeric"}
+    assert data.feature_names == tuple(used) and data.feature_types == used
+    assert list(data.frame.columns) == ["customer_id", "as_of", "label", *used, "split"]
+    assert data.frame["amount_text"].dtype == "float64" and data.frame["branch_code"].str.fullmatch(r"10\d").all()
+    reason = {c: r for c, (_, r) in decisions.items()}
+    assert reason["cust_no"] == "id column" and reason["dropped"] == "excluded by the catalog (features.exclude)"
+    assert all(reason[c].startswith("reserved name") for c in ("label", "Split", "customer_id"))
+    assert [c for c in PII_NAMED if not reason[c].startswith("PII by name")] == []
+    assert [c for c in LEAKY_NAMED if not reason[c].startswith("leakage by name")] == []
+    kinds = {c: reason[c] for c in ("contact", "ref", "c1", "c2", "c3", "c4", "intl")}
+    assert kinds == {
+        "contact": "PII by content (phone number: 100% of sampled values)",
+        "ref": "PII by content (e-mail address: 100% of sampled values)",
+        "c1": "PII by content (national id number: 100% of sampled values)",
+        "c2": "PII by content (payment card number: 100% of sampled values)",
+        "c3": "PII by content (IBAN: 100% of sampled values)",
+        "c4": "PII by content (phone number: 100% of sampled values)",
+        "intl": "PII by content (phone number: 100% of sampled values)",
+    }
+    assert all(reason[c].startswith("unsupported type") for c in ("opened", "opened_day", "tags_list", "blob"))
+    assert "TIMESTAMP" in reason["opened"] and "DATE" in reason["opened_day"]
+    recorded = (tmp_path / "sets" / "big_spender" / f"{data.snapshot_id}.columns.json").read_text()
+    assert "13000000" not in recorded and "@example.com" not in recorded and "x1" not in recorded  # names, never values
+
+
+def test_pii_kinds_by_value():
+    from tagml.features.pii import pii_kind
+
+    assert pii_kind(cn_id(5)) == "national id number" and pii_kind(cn_id(5)[:-1] + ("0" if cn_id(5)[-1] != "0" else "1")) is None
+    assert pii_kind(card(7)) == "payment card number" and pii_kind(card(7)[:-1] + str((int(card(7)[-1]) + 1) % 10)) is None
+    assert pii_kind(iban(3)) == "IBAN" and pii_kind("GB00NWBK00000000000003") is None
+    assert pii_kind("+86 138-0013-8000") == "phone number" and pii_kind("010-62345678") == "phone number"
+    assert pii_kind("Zhang.San@bank.com.cn") == "e-mail address"
+    assert {pii_kind(v) for v in ("12345", "gold", "2026-01-01", "3.14", "1234567890123")} == {None}
+
+
+@pytest.mark.parametrize(
+    ("source", "features", "message"),
+    [
+        ({"categorical": ["branch"]}, {}, r"label.feature_source.categorical names column\(s\) \['branch'\] that feature table .*crm.parquet does not have"),
+        (
+            {"numeric": ["segment"]},
+            {},
+            r"label.feature_source.numeric: columns of feature table .*crm.parquet declared numeric hold values that are not numbers \('segment': 600 value\(s\)\)",
+        ),
+        ({}, {"include": ["monthly_spnd"]}, r"features.include names column\(s\) \['monthly_spnd'\]"),
+        ({}, {"exclude": ["Segment"]}, r"features.exclude names column\(s\) \['Segment'\]"),
+        (
+            {"numeric": ["opened"]},
+            {},
+            r"label.feature_source.numeric declares column 'opened' of feature table .*, whose type TIMESTAMP cannot be used as numeric",
+        ),
+    ],
+)
+def test_catalog_column_choices_that_do_not_fit_the_table_are_named_errors(tmp_path, source, features, message):
+    write_wide(tmp_path, opened=pd.Timestamp("2020-01-01"))
+    write_labels(tmp_path)
+    tag = byo_tag(tmp_path, source, features=features)
+    with pytest.raises(TrainingDataError, match=r"tag 'big_spender': " + message):
+        build_training_set(make_connection(tmp_path), tmp_path, tag, date(2027, 1, 1), tmp_path / "sets")
+    assert not (tmp_path / "sets").exists()
+
+
+def test_include_list_keeps_only_its_columns_and_says_why_the_others_are_out(tmp_path):
+    write_wide(tmp_path, extra=1.0)
+    write_labels(tmp_path)
+    data = build_training_set(make_connection(tmp_path), tmp_path, byo_tag(tmp_path, features={"include": ["monthly_spend"]}), date(2027, 1, 1), tmp_path / "s")
+    assert data.feature_names == ("monthly_spend",)
+    assert data.audit.as_dict()["extra"] == {"use": "excluded", "reason": "not in the catalog's features.include"}
+
+
+def test_a_column_declared_both_ways_is_a_catalog_error(tmp_path):
+    with pytest.raises(CatalogError, match=r"label.feature_source: .*columns \['x'\] are declared both categorical and numeric"):
+        byo_tag(tmp_path, {"categorical": ["x"], "numeric": ["x"]})

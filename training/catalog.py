@@ -167,6 +167,21 @@ class DriftSpec(_Strict):
     )
 
 
+class LeakageSpec(_Strict):
+    """The leakage guard (training/leakage.py): features that give the label away fail training by name."""
+
+    max_single_feature_auc: float = Field(
+        0.98,
+        gt=0.5,
+        le=1,
+        description="a feature whose ROC AUC as the only predictor of the label (one-vs-rest) reaches this fails training",
+    )
+    allow: tuple[str, ...] = Field(
+        (),
+        description="features acknowledged as genuinely this predictive: neither excluded for their name nor failing the AUC check",
+    )
+
+
 class RuleBand(_Strict):
     label: str
     when: str  # a DuckDB SQL predicate over feature columns, evaluated in order; first match wins
@@ -204,6 +219,7 @@ class TagSpec(_Strict):
     split: SplitSpec = SplitSpec()
     promotion: PromotionSpec = PromotionSpec()
     drift: DriftSpec = DriftSpec()
+    leakage: LeakageSpec = LeakageSpec()
     min_confidence: float = Field(0.0, ge=0, lt=1, description="below this top probability the tag is stored as 'unknown'")
     rule: RuleSpec | None = None
 
@@ -240,6 +256,9 @@ class TagSpec(_Strict):
             critical = set(self.drift.critical_features) - set(FEATURE_NAMES)
             if critical and self.label.feature_source == "customer_features":
                 raise ValueError(f"drift.critical_features: unknown feature names {sorted(critical)}")
+            allowed = set(self.leakage.allow) - set(FEATURE_NAMES)
+            if allowed and self.label.feature_source == "customer_features":
+                raise ValueError(f"leakage.allow: unknown feature names {sorted(allowed)}")
         else:
             if self.rule is None:
                 raise ValueError("a rule tag needs a 'rule' section")

@@ -2,7 +2,7 @@
 split out-of-time by default, and saved as a Parquet snapshot that the model version references."""
 
 import hashlib
-import re
+import json
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -13,12 +13,24 @@ import numpy as np
 import pandas as pd
 
 from tagml.core.files import check_parquet
-from tagml.core.storage import connect, quote, sql_literal, staged_path, write_parquet_atomically
+from tagml.core.storage import atomic_replace, connect, quote, sql_literal, staged_path, write_parquet_atomically
+from tagml.features.column_audit import (
+    CATEGORICAL,
+    EXCLUDED,
+    NUMERIC,
+    ColumnAudit,
+    ColumnAuditError,
+    ColumnChoices,
+    ColumnDecision,
+    audit_columns,
+    check_numeric,
+)
 from tagml.features.customer_features import spine_features_sql
 from tagml.features.delivery import current_generation
-from tagml.features.dictionary import CATEGORICAL_FEATURES
+from tagml.features.dictionary import CATEGORICAL_FEATURES, FEATURE_NAMES
 from tagml.features.own_table import table_relation
 from tagml.training.catalog import TagSpec, WideTableSource
+from tagml.training.leakage import find_leaks, leak_by_name, leakage_message
 
 LABEL_COLUMN = "label"
 SPLIT_COLUMN = "split"
@@ -45,6 +57,8 @@ class TrainingSet:
     feature_types: dict[str, str] = field(default_factory=dict)
     # labels outside the tag's classes, count per label value (aggregates only)
     unknown_labels: dict[str, int] = field(default_factory=dict)
+    # every column of the feature source: used as numeric/categorical or excluded, and why (names only)
+    audit: ColumnAudit = field(default_factory=lambda: ColumnAudit(()))
 
     def part(self, split: str) -> tuple[pd.DataFrame, pd.Series]:
         rows = self.frame[self.frame[SPLIT_COLUMN] == split]
@@ -96,11 +110,6 @@ def _split(frame: pd.DataFrame, tag: TagSpec, seed: int) -> pd.Series:
     split[order[n - n_test - n_valid : n - n_test]] = "valid"
     split[order[n - n_test :]] = "test"
     return pd.Series(split, index=frame.index)
-
-
-PII_NAME = re.compile(r"(^|_)(name|full_name|phone|mobile|email|national_id|id_card|id_number|passport|address|ssn)($|_)", re.IGNORECASE)
-NUMERIC_SQL_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "FLOAT", "DOUBLE", "DECIMAL")
-CATEGORICAL_SQL_TYPES = ("VARCHAR", "BOOLEAN")
 
 
 def wide_table_labels_sql(tag: TagSpec, train_as_of: date, staged_dir: Path) -> str:
@@ -193,8 +202,8 @@ def _check_labels_file(con: duckdb.DuckDBPyConnection, tag: TagSpec, relation: s
         raise TrainingDataError(f"tag {tag.name!r}: labels file {path}: " + "; ".join(p for p in problems if p))
 
 
-def _wide_features(con: duckdb.DuckDBPyConnection, tag: TagSpec, labels: str) -> tuple[str, tuple[str, ...], tuple[str, ...], dict[str, str]]:
-    """(SQL joining labels to the wide table, features, categorical features, inferred types)."""
+def _wide_features(con: duckdb.DuckDBPyConnection, tag: TagSpec, labels: str) -> tuple[str, ColumnAudit]:
+    """(SQL joining labels to the wide table, the audit of its columns: what is used, as what, and why not)."""
     source = tag.label.feature_source
     assert isinstance(source, WideTableSource)
     relation = table_relation(source.path)
@@ -205,22 +214,26 @@ def _wide_features(con: duckdb.DuckDBPyConnection, tag: TagSpec, labels: str) ->
     types = {name: sql_type for name, sql_type, *_ in described}
     if source.id_column not in types:
         raise TrainingDataError(f"tag {tag.name!r}: feature table {source.path} has no id column {source.id_column!r} (columns: {sorted(types)})")
-    candidates = [c for c in types if c not in (source.id_column, "as_of")]
-    usable = {c: t for c, t in types.items() if c in candidates and not PII_NAME.search(c) and t.split("(")[0] in NUMERIC_SQL_TYPES + CATEGORICAL_SQL_TYPES}
     selection = tag.features
-    chosen = [c for c in candidates if c in usable and (not selection.include or c in selection.include) and c not in selection.exclude]
-    if not chosen:
-        raise TrainingDataError(f"tag {tag.name!r}: no usable feature columns in {source.path} after excluding ids, PII-like names and unsupported types")
-    categorical = tuple(c for c in chosen if usable[c].split("(")[0] in CATEGORICAL_SQL_TYPES)
-    cols = ", ".join(f"f.{quote(c)}::VARCHAR AS {quote(c)}" if c in categorical else f"f.{quote(c)}::DOUBLE AS {quote(c)}" for c in chosen)
+    choices = ColumnChoices(source.id_column, source.categorical, source.numeric, selection.include, selection.exclude, tag.leakage.allow)
+    try:
+        audit = audit_columns(con, relation, f"feature table {source.path}", types, choices, leak_by_name(tag))
+        check_numeric(con, relation, f"feature table {source.path}", audit.used(NUMERIC), types)
+    except ColumnAuditError as exc:
+        raise TrainingDataError(f"tag {tag.name!r}: {exc}") from exc
+    if not audit.features:
+        raise TrainingDataError(
+            f"tag {tag.name!r}: no usable feature columns in {source.path}: {audit.counts()[EXCLUDED]} excluded (ids, PII, leakage, unsupported types)"
+        )
+    categorical = audit.used(CATEGORICAL)
+    cols = ", ".join(f"f.{quote(c)}::VARCHAR AS {quote(c)}" if c in categorical else f"f.{quote(c)}::DOUBLE AS {quote(c)}" for c in audit.features)
     if "as_of" in types:
         # snapshots of the wide table: each label takes the latest snapshot on or before its date
         join = f"ASOF JOIN {relation} f ON f.{quote(source.id_column)}::VARCHAR = l.customer_id AND f.as_of::DATE <= l.as_of::DATE"
     else:
         join = f"JOIN {relation} f ON f.{quote(source.id_column)}::VARCHAR = l.customer_id"
     sql = f"SELECT l.customer_id, l.as_of::DATE AS as_of, l.label AS {LABEL_COLUMN}, {cols} FROM ({labels}) l {join} ORDER BY l.as_of, l.customer_id"
-    inferred = {c: ("categorical" if c in categorical else "numeric") for c in chosen}
-    return sql, tuple(chosen), categorical, inferred
+    return sql, audit
 
 
 def build_training_set(
@@ -234,7 +247,8 @@ def build_training_set(
     """Assemble, split and save the training snapshot of `tag` with labels known on `train_as_of`.
 
     Features come from the computed customer features at each label's date, or from the bank's own
-    wide table when the catalog says so (types inferred; PII-like column names never used).
+    wide table when the catalog says so (every column audited: ids, PII, leaky names and unsupported
+    types excluded). Features that give the label away fail the run before anything is stored.
     """
     staged_dir = current_generation(staged_dir)  # labels and features from one delivery
     wide = isinstance(tag.label.feature_source, WideTableSource)
@@ -245,10 +259,8 @@ def build_training_set(
     known, unknown_labels = _label_census(con, labels, in_classes, tag, train_as_of)
     # a customer labelled twice on one date keeps the last label
     dedup = f"SELECT * FROM ({labels}) WHERE {in_classes} QUALIFY row_number() OVER (PARTITION BY customer_id, as_of ORDER BY label_date DESC, label) = 1"
-    if wide:
-        sql, names, categorical, feature_types = _wide_features(con, tag, dedup)
-    else:
-        sql, names, categorical, feature_types = _contract_features(con, staged_dir, tag, dedup)
+    sql, audit = _wide_features(con, tag, dedup) if wide else _contract_features(con, staged_dir, tag, dedup)
+    names, categorical = audit.features, audit.used(CATEGORICAL)
     try:
         frame = con.execute(sql).df()
     except duckdb.Error:
@@ -261,8 +273,12 @@ def build_training_set(
     absent = [c for c in tag.classes if c not in frame[LABEL_COLUMN].value_counts().index]
     if absent:
         raise TrainingDataError(f"tag {tag.name!r}: classes {absent} have no labels; cannot train a {len(tag.classes)}-class model")
+    scores, leaks = find_leaks(frame, names, categorical, frame[LABEL_COLUMN], tag)
+    if leaks:
+        raise TrainingDataError(leakage_message(tag, leaks))
+    audit = audit.scored(scores)
     frame[SPLIT_COLUMN] = _split(frame, tag, seed)
-    path, snapshot_id = _save_snapshot(con, frame, tag, train_as_of, snapshot_dir)
+    path, snapshot_id = _save_snapshot(con, frame, tag, train_as_of, snapshot_dir, audit)
     return TrainingSet(
         tag=tag.name,
         frame=frame,
@@ -271,8 +287,9 @@ def build_training_set(
         snapshot_path=path,
         snapshot_id=snapshot_id,
         dropped_labels={"unknown_class": int(sum(unknown_labels.values())), "customer_not_found": int(known - len(frame))},
-        feature_types=feature_types,
+        feature_types={n: (CATEGORICAL if n in categorical else NUMERIC) for n in names},
         unknown_labels=unknown_labels,
+        audit=audit,
     )
 
 
@@ -295,24 +312,36 @@ def _label_census(con: duckdb.DuckDBPyConnection, labels: str, in_classes: str, 
     return known, unknown_labels
 
 
-def _contract_features(
-    con: duckdb.DuckDBPyConnection, staged_dir: Path, tag: TagSpec, dedup: str
-) -> tuple[str, tuple[str, ...], tuple[str, ...], dict[str, str]]:
-    """(SQL of labels joined to the computed features at each label's date, names, categorical names, kinds)."""
+def _contract_features(con: duckdb.DuckDBPyConnection, staged_dir: Path, tag: TagSpec, dedup: str) -> tuple[str, ColumnAudit]:
+    """(SQL of labels joined to the computed features at each label's date, the dictionary's features used or not)."""
     names = tag.feature_names
-    categorical = tuple(n for n in names if n in CATEGORICAL_FEATURES)
-    feature_types = {n: ("categorical" if n in categorical else "numeric") for n in names}
+    audit = ColumnAudit(
+        tuple(
+            ColumnDecision(n, CATEGORICAL if n in CATEGORICAL_FEATURES else NUMERIC, "feature dictionary")
+            if n in names
+            else ColumnDecision(
+                n, EXCLUDED, "excluded by the catalog (features.exclude)" if n in tag.features.exclude else "not selected by the catalog's features"
+            )
+            for n in FEATURE_NAMES
+        )
+    )
     features = spine_features_sql(con, staged_dir, f"SELECT customer_id, as_of FROM ({dedup})")
     sql = (
-        f"SELECT l.customer_id, l.as_of::DATE AS as_of, l.label AS {LABEL_COLUMN}, {', '.join('f.' + n for n in names)} "
+        f"SELECT l.customer_id, l.as_of::DATE AS as_of, l.label AS {LABEL_COLUMN}, {', '.join('f.' + n for n in audit.features)} "
         f"FROM ({dedup}) l JOIN ({features}) f ON f.customer_id = l.customer_id AND f.as_of = l.as_of::DATE "
         f"ORDER BY l.as_of, l.customer_id"
     )
-    return sql, names, categorical, feature_types
+    return sql, audit
 
 
-def _save_snapshot(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, tag: TagSpec, train_as_of: date, snapshot_dir: Path) -> tuple[Path, str]:
-    """Write the snapshot under a content-addressed name (the same rows give the same id); returns (path, id)."""
+def _audit_path(snapshot: Path) -> Path:
+    return snapshot.with_suffix(".columns.json")
+
+
+def _save_snapshot(
+    con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, tag: TagSpec, train_as_of: date, snapshot_dir: Path, audit: ColumnAudit
+) -> tuple[Path, str]:
+    """Write the snapshot under a content-addressed name (the same rows give the same id), its column audit beside it; returns (path, id)."""
     digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()[:12]
     snapshot_id = f"{tag.name}-{train_as_of.isoformat()}-{digest}"
     path = snapshot_dir / tag.name / f"{snapshot_id}.parquet"
@@ -321,6 +350,8 @@ def _save_snapshot(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, tag: Tag
         write_parquet_atomically(con, "SELECT * FROM _snapshot", path)
     finally:
         con.unregister("_snapshot")
+    with atomic_replace(_audit_path(path)) as tmp:
+        tmp.write_text(json.dumps(audit.as_dict(), ensure_ascii=False, indent=1))
     return path, snapshot_id
 
 
@@ -342,4 +373,5 @@ def load_training_set(path: Path, tag: TagSpec) -> TrainingSet:
         snapshot_path=path,
         snapshot_id=path.stem,
         dropped_labels={},
+        audit=ColumnAudit.from_dict(json.loads(audit.read_text())) if (audit := _audit_path(path)).exists() else ColumnAudit(()),
     )
