@@ -58,47 +58,54 @@ def single_feature_aucs(frame: pd.DataFrame, features: tuple[str, ...], categori
     """
     y = label.to_numpy()
     classes = list(pd.unique(y))
-    targets = [y == c for c in (classes[:1] if len(classes) == 2 else classes)]
+    classes = classes[:1] if len(classes) == 2 else classes  # binary: one side is the other's mirror
+    targets = np.stack([y == c for c in classes], axis=1)
     fold = np.random.default_rng(seed).permutation(len(y)) % FOLDS
     scores = {}
     for name in features:
         column = frame[name]
         if name in categorical:
-            keys = column.astype("string").fillna("\x00missing").to_numpy()
-            scores[name] = max(_auc(_out_of_fold_rate(keys, t, fold), t) for t in targets)
+            encoded = _out_of_fold_rates(column.astype("string").fillna("\x00missing").to_numpy(), targets, fold)
+            scores[name] = max(_auc(rankdata(encoded[:, k]), targets[:, k]) for k in range(len(classes)))
         else:
             values = column.to_numpy(dtype="float64")
             finite = values[~np.isnan(values)]
-            filled = np.where(np.isnan(values), (finite.min() - 1) if finite.size else 0.0, values)
-            scores[name] = max(_auc(filled, t) for t in targets)
+            ranks = rankdata(np.where(np.isnan(values), (finite.min() - 1) if finite.size else 0.0, values))
+            scores[name] = max(_auc(ranks, targets[:, k]) for k in range(len(classes)))
     return scores
 
 
-def _out_of_fold_rate(keys: np.ndarray, target: np.ndarray, fold: np.ndarray) -> np.ndarray:
-    encoded = np.empty(len(keys))
+def _out_of_fold_rates(keys: np.ndarray, targets: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """Per row and class: the smoothed rate of the class among rows of the same category in the other folds."""
+    codes, uniques = pd.factorize(keys)
+    encoded = np.empty(targets.shape)
     for k in range(FOLDS):
-        held = fold == k
-        fit = pd.DataFrame({"key": keys[~held], "y": target[~held]}).groupby("key")["y"].agg(["sum", "count"])
-        prior = target[~held].mean() if (~held).any() else 0.5
-        rate = (fit["sum"] + SMOOTHING * prior) / (fit["count"] + SMOOTHING)
-        encoded[held] = pd.Series(keys[held]).map(rate).fillna(prior).to_numpy()
+        fit = fold != k
+        counts = np.bincount(codes[fit], minlength=len(uniques))
+        prior = targets[fit].mean(axis=0)
+        for c in range(targets.shape[1]):
+            sums = np.bincount(codes[fit], weights=targets[fit, c], minlength=len(uniques))
+            # a category unseen in the other folds gets the prior: count 0 leaves only the smoothing term
+            encoded[~fit, c] = ((sums + SMOOTHING * prior[c]) / (counts + SMOOTHING))[codes[~fit]]
     return encoded
 
 
-def _auc(score: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC from ranks (ties count half), folded so that a perfectly inverted feature also scores 1.0."""
+def _auc(ranks: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC from the score's ranks (ties averaged), folded so that a perfectly inverted feature also scores 1.0."""
     n_pos = int(positive.sum())
     n_neg = len(positive) - n_pos
     if not n_pos or not n_neg:
         return 0.5
-    ranks = rankdata(score)
     auc = (ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return float(max(auc, 1 - auc))
 
 
 def identical_to_label(column: pd.Series, label: pd.Series) -> bool:
     """Each value of the column goes with one label and each label with one value (a re-encoding of the label)."""
-    pairs = pd.DataFrame({"x": column.astype("string").fillna("\x00missing").to_numpy(), "y": label.to_numpy()})
+    codes, uniques = pd.factorize(column, use_na_sentinel=False)  # a missing value is one more value
+    if len(uniques) != label.nunique():
+        return False  # cheap: a re-encoding has exactly as many values as the label
+    pairs = pd.DataFrame({"x": codes, "y": label.to_numpy()})
     return bool(pairs.groupby("x")["y"].nunique().max() == 1 and pairs.groupby("y")["x"].nunique().max() == 1)
 
 
