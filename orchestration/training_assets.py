@@ -16,6 +16,7 @@ from tagml.training.catalog import Catalog, TagSpec
 from tagml.training.dataset import (
     LABEL_COLUMN,
     SPLIT_COLUMN,
+    TrainingSet,
     build_training_set,
     default_train_as_of,
     load_training_set,
@@ -72,10 +73,21 @@ def _training_set_asset(tag: TagSpec) -> dg.AssetsDefinition:
                 "dropped_labels": data.dropped_labels,
                 "unknown_labels": data.unknown_labels,  # count per label value outside the classes
                 "class_balance": dg.MetadataValue.md(balance.to_markdown()),
+                # every column of the feature source, used or excluded and why (names only, never values)
+                "columns": dg.MetadataValue.md(data.audit.markdown()),
+                "column_counts": data.audit.counts(),
+                "max_single_feature_auc": _max_single_feature_auc(data),
             },
         )
 
     return training_set
+
+
+def _max_single_feature_auc(data: TrainingSet) -> dict[str, Any]:
+    """The feature that alone predicts the label best, as the leakage guard measured it (its threshold: the tag's leakage spec)."""
+    scored = [d for d in data.audit.decisions if d.single_feature_auc is not None]
+    best = max(scored, key=lambda d: d.single_feature_auc, default=None)
+    return {"column": best.column, "auc": round(best.single_feature_auc, 4)} if best else {}
 
 
 def _tag_model_asset(tag: TagSpec, catalog: Catalog) -> dg.AssetsDefinition:

@@ -287,3 +287,83 @@ def test_include_list_keeps_only_its_columns_and_says_why_the_others_are_out(tmp
 def test_a_column_declared_both_ways_is_a_catalog_error(tmp_path):
     with pytest.raises(CatalogError, match=r"label.feature_source: .*columns \['x'\] are declared both categorical and numeric"):
         byo_tag(tmp_path, {"categorical": ["x"], "numeric": ["x"]})
+
+
+# ---- training on an own table, and what it reports -------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    from tagml.training.tracking import connect_tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return {"uri": uri, "artifacts": str(tmp_path / "artifacts"), "client": connect_tracking(uri)}
+
+
+def test_wide_table_source_trains_logs_its_column_audit_and_scores_unseen_categories(tmp_path, store):
+    import json
+
+    from conftest import shipped_slices
+
+    from tagml.training.registry import load_model
+    from tagml.training.train import train_tag
+    from tagml.training.versions import registered_model_name
+
+    rng = np.random.default_rng(0)
+    n = 1200
+    segment = rng.choice(["gold", "silver", "bronze"], n)
+    spend = rng.gamma(2.0, 1000.0, n)
+    wide = pd.DataFrame(
+        {"cust_no": ids(n), "segment": segment, "monthly_spend": spend, "holder_name": [f"Person {i}" for i in range(n)], "opened": pd.Timestamp("2020-01-01")}
+    )
+    wide.to_parquet(tmp_path / "crm.parquet")
+    high = (spend > 2000) ^ (rng.random(n) < 0.1)
+    labels = pd.DataFrame({"cust_no": ids(n), "label": np.where(high, "big", "small"), "label_date": pd.date_range("2026-01-01", periods=n, freq="6h").date})
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    tag = byo_tag(
+        tmp_path, model={"family": "xgboost", "trials": 2, "timeout_seconds": 60, "search_space": {"max_depth": {"low": 2, "high": 3, "integer": True}}}
+    )
+    data = build_training_set(make_connection(tmp_path), tmp_path, tag, date(2027, 1, 1), tmp_path / "sets")
+    assert data.feature_types == {"segment": "categorical", "monthly_spend": "numeric"}
+    client = store["client"]
+    result = train_tag(tag, data, client, shipped_slices(data), artifact_location=store["artifacts"], threads=1)
+    assert result.metrics["accuracy"] > 0.8
+    version = client.get_model_version(registered_model_name("big_spender"), result.version)
+    assert json.loads(version.tags["feature_types"]) == data.feature_types
+    logged = json.loads(Path(client.download_artifacts(result.run_id, "evaluation/columns.json", str(tmp_path))).read_text())
+    assert logged["holder_name"] == {"use": "excluded", "reason": "PII by name (name)"}
+    assert logged["opened"]["reason"].startswith("unsupported type TIMESTAMP") and logged["monthly_spend"]["use"] == "numeric"
+    model = load_model(client, "big_spender", result.version)
+    unseen = pd.DataFrame({"segment": ["platinum", None], "monthly_spend": [5000.0, 10.0]})
+    assert model.predict_proba(unseen).shape == (2, 2)
+
+
+def test_wide_table_without_its_id_column_is_a_named_error(tmp_path):
+    pd.DataFrame({"x": [1.0]}).to_parquet(tmp_path / "crm.parquet")
+    write_labels(tmp_path)
+    with pytest.raises(TrainingDataError, match="has no id column 'cust_no'"):
+        build_training_set(make_connection(tmp_path), tmp_path, byo_tag(tmp_path), date(2027, 1, 1), tmp_path / "sets")
+
+
+def test_training_set_asset_defaults_its_date_and_shows_the_column_audit(tmp_path):
+    import dagster as dg
+
+    from tagml.orchestration.resources import WarehouseResource
+    from tagml.orchestration.training_assets import build_training_assets
+
+    audited_table(tmp_path)
+    frame = write_labels(tmp_path)
+    tag = byo_tag(tmp_path)
+    catalog = load_catalog(tmp_path / "catalog.yaml")
+    warehouse = WarehouseResource(
+        raw_dir=str(tmp_path / "raw"), warehouse_dir=str(tmp_path / "wh"), duckdb_path=str(tmp_path / "wh.duckdb"), threads=1, memory_limit="1GB"
+    )
+    result = dg.materialize(build_training_assets(tag, catalog)[:1], resources={"warehouse": warehouse})
+    metadata = result.asset_materializations_for_node(result.get_step_success_events()[0].step_key.split(".")[-1])[0].metadata
+    assert metadata["train_as_of"].value == max(frame["label_date"]).isoformat()  # no run config: the newest label
+    table = metadata["columns"].value
+    assert "| 身份证号 | excluded | PII by name (身份证) |" in table and "| contact | excluded | PII by content (phone number" in table
+    assert "| target | excluded | leakage by name (named 'target') |" in table and "| monthly_spend | numeric | inferred from type DOUBLE |" in table
+    assert metadata["column_counts"].value == {"numeric": 3, "categorical": 3, "excluded": len(pd.read_parquet(tmp_path / "crm.parquet").columns) - 6}
+    assert set(metadata["max_single_feature_auc"].value) == {"column", "auc"}
+    assert "x1 |" not in table and "@example.com" not in table and "1300000" not in table

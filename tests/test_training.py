@@ -3,7 +3,6 @@ SQLite store and registry in a temp dir."""
 
 import json
 import time
-from datetime import date
 from pathlib import Path
 
 import mlflow
@@ -248,63 +247,6 @@ def test_unreachable_mlflow_fails_fast_by_name():
     with pytest.raises(TrackingUnavailableError, match="127.0.0.1:9.*unreachable"):
         connect_tracking("http://127.0.0.1:9", timeout_seconds=2)
     assert time.perf_counter() - started < 30
-
-
-# ---- bring your own wide table ---------------------------------------------------------------------
-
-
-def test_wide_table_source_infers_types_drops_pii_and_scores_unseen_categories(tmp_path, store):
-    rng = np.random.default_rng(0)
-    n = 1200
-    ids = [f"K{i:06d}" for i in range(n)]
-    segment = rng.choice(["gold", "silver", "bronze"], n)
-    spend = rng.gamma(2.0, 1000.0, n)
-    wide = pd.DataFrame(
-        {"cust_no": ids, "segment": segment, "monthly_spend": spend, "holder_name": [f"Person {i}" for i in range(n)], "opened": pd.Timestamp("2020-01-01")}
-    )
-    wide.to_parquet(tmp_path / "crm.parquet")
-    high = (spend > 2000) ^ (rng.random(n) < 0.1)
-    labels = pd.DataFrame({"cust_no": ids, "label": np.where(high, "big", "small"), "label_date": pd.date_range("2026-01-01", periods=n, freq="6h").date})
-    labels.to_csv(tmp_path / "crm_labels.csv", index=False)
-    entry = {
-        "name": "big_spender",
-        "description": "From the CRM wide table.",
-        "kind": "model",
-        "classes": ["small", "big"],
-        "owner": "crm",
-        "label": {"feature_source": {"path": str(tmp_path / "crm.parquet"), "id_column": "cust_no", "labels_path": str(tmp_path / "crm_labels.csv")}},
-        "model": {"family": "xgboost", "trials": 2, "timeout_seconds": 60, "search_space": {"max_depth": {"low": 2, "high": 3, "integer": True}}},
-        "promotion": {"metric": "accuracy", "max_calibration_error": 0.5},
-    }
-    tag = load_catalog_from({"tags": [entry]}, tmp_path).tags[0]
-    con = make_connection(tmp_path)
-    data = build_training_set(con, tmp_path, tag, date(2027, 1, 1), tmp_path / "sets")
-    assert data.feature_types == {"segment": "categorical", "monthly_spend": "numeric"}  # name is PII-like, date unsupported
-    result = train_tag(tag, data, store["client"], shipped_slices(data), artifact_location=store["artifacts"], threads=1)
-    assert result.metrics["accuracy"] > 0.8
-    client = store["client"]
-    version = client.get_model_version(registered_model_name("big_spender"), result.version)
-    assert json.loads(version.tags["feature_types"]) == data.feature_types
-    model = load_model(client, "big_spender", result.version)
-    unseen = pd.DataFrame({"segment": ["platinum", None], "monthly_spend": [5000.0, 10.0]})
-    assert model.predict_proba(unseen).shape == (2, 2)
-
-
-def test_wide_table_without_its_id_column_is_a_named_error(tmp_path):
-    pd.DataFrame({"x": [1.0]}).to_parquet(tmp_path / "t.parquet")
-    entry = {
-        "name": "t",
-        "description": "d",
-        "kind": "model",
-        "classes": ["a", "b"],
-        "owner": "o",
-        "label": {"feature_source": {"path": str(tmp_path / "t.parquet"), "labels_path": str(tmp_path / "l.csv")}},
-        "model": {"trials": 1},
-    }
-    pd.DataFrame({"customer_id": ["1"], "label": ["a"], "label_date": ["2026-01-01"]}).to_csv(tmp_path / "l.csv", index=False)
-    tag = load_catalog_from({"tags": [entry]}, tmp_path).tags[0]
-    with pytest.raises(TrainingDataError, match="has no id column 'customer_id'"):
-        build_training_set(make_connection(tmp_path), tmp_path, tag, date(2027, 1, 1), tmp_path / "sets")
 
 
 def test_logged_signature_accepts_missing_values_and_integer_counts_as_doubles(first_model, risk_data, store):

@@ -308,6 +308,7 @@ def _log_evaluation(fit: _Fitting, pipeline: Any, proba: np.ndarray, slice_value
             plot_importance(names, np.asarray(importance), tmp_path / "feature_importance.png")
         features = {"features": list(fit.data.feature_names), "categorical": fit.categorical, "classes": list(fit.tag.classes)}
         (tmp_path / "features.json").write_text(json.dumps(features))
+        (tmp_path / "columns.json").write_text(json.dumps(fit.data.audit.as_dict(), ensure_ascii=False, indent=1))  # names and reasons only
         (tmp_path / "slice_metrics.json").write_text(json.dumps(slice_values, indent=2))
         fit.client.log_artifacts(fit.parent_id, tmp, artifact_path="evaluation")
 
