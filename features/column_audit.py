@@ -122,6 +122,8 @@ def audit_columns(
             found = pii_by_content(con, relation, column)
             if found:
                 use, reason = EXCLUDED, f"PII by content ({found[0]}: {found[1]:.0%} of sampled values)"
+        if use != EXCLUDED and column in choices.allow:
+            reason += "; acknowledged in leakage.allow"
         decisions.append(ColumnDecision(column, use, reason))
     return ColumnAudit(tuple(decisions))
 

@@ -67,6 +67,7 @@ def test_a_near_perfect_numeric_feature_fails_with_its_score_unless_allowed(tmp_
     data = build(tmp_path, own_tag(tmp_path, CLASSES, {"allow": ["days_past_due"]}))
     recorded = data.audit.as_dict()
     assert recorded["days_past_due"]["use"] == "numeric" and recorded["days_past_due"]["single_feature_auc"] > 0.99
+    assert recorded["days_past_due"]["reason"] == "inferred from type DOUBLE; acknowledged in leakage.allow"
     assert 0.5 <= recorded["region"]["single_feature_auc"] < 0.6
 
 
