@@ -201,6 +201,8 @@ def audited_table(tmp: Path) -> pd.DataFrame:
         "tags_list": [[1, 2]] * N,
         "blob": [b"\x00"] * N,
         "dropped": 1.0,
+        'spend"); DROP TABLE t; --': rng.normal(size=N),  # a hostile name is only ever quoted
+        "月均消费": rng.gamma(2.0, 100.0, N),  # monthly spend, named in Chinese: not PII
     }
     return write_wide(tmp, **columns)
 
@@ -213,7 +215,15 @@ def test_every_column_is_used_or_excluded_with_its_reason(tmp_path):
     decisions = {d.column: (d.use, d.reason) for d in data.audit.decisions}
     assert set(decisions) == set(pd.read_parquet(tmp_path / "crm.parquet").columns)
     used = {c: use for c, (use, _) in decisions.items() if use != "excluded"}
-    assert used == {"segment": "categorical", "monthly_spend": "numeric", "remark": "categorical", "branch_code": "categorical", "amount_text": "numeric"}
+    assert used == {
+        "segment": "categorical",
+        "monthly_spend": "numeric",
+        "remark": "categorical",
+        "branch_code": "categorical",
+        "amount_text": "numeric",
+        'spend"); DROP TABLE t; --': "numeric",
+        "月均消费": "numeric",
+    }
     assert data.feature_names == tuple(used) and data.feature_types == used
     assert list(data.frame.columns) == ["customer_id", "as_of", "label", *used, "split"]
     assert data.frame["amount_text"].dtype == "float64" and data.frame["branch_code"].str.fullmatch(r"10\d").all()
@@ -364,6 +374,6 @@ def test_training_set_asset_defaults_its_date_and_shows_the_column_audit(tmp_pat
     table = metadata["columns"].value
     assert "| 身份证号 | excluded | PII by name (身份证) |" in table and "| contact | excluded | PII by content (phone number" in table
     assert "| target | excluded | leakage by name (named 'target') |" in table and "| monthly_spend | numeric | inferred from type DOUBLE |" in table
-    assert metadata["column_counts"].value == {"numeric": 3, "categorical": 3, "excluded": len(pd.read_parquet(tmp_path / "crm.parquet").columns) - 6}
+    assert metadata["column_counts"].value == {"numeric": 5, "categorical": 3, "excluded": len(pd.read_parquet(tmp_path / "crm.parquet").columns) - 8}
     assert set(metadata["max_single_feature_auc"].value) == {"column", "auc"}
     assert "x1 |" not in table and "@example.com" not in table and "1300000" not in table
