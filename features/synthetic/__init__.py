@@ -32,5 +32,17 @@ from tagml.features.synthetic.config import (
     month_ends,
 )
 from tagml.features.synthetic.generate import generate_bank
+from tagml.features.synthetic.own_tables import generate_own_tables
 
-__all__ = ["CHUNK_SIZE", "CHURN_CLASSES", "DEFAULT_END_MONTH", "DRIFT_SCENARIOS", "LIFE_STAGES", "RISK_CLASSES", "BankConfig", "generate_bank", "month_ends"]
+__all__ = [
+    "CHUNK_SIZE",
+    "CHURN_CLASSES",
+    "DEFAULT_END_MONTH",
+    "DRIFT_SCENARIOS",
+    "LIFE_STAGES",
+    "RISK_CLASSES",
+    "BankConfig",
+    "generate_bank",
+    "generate_own_tables",
+    "month_ends",
+]
