@@ -83,10 +83,10 @@ def _job_run(job: str, result: dg.ExecuteInProcessResult, seconds: float) -> Job
         (e.asset_key.to_user_string(), e.check_name): CheckOutcome(e.passed, e.description or "", _plain(e.metadata))
         for e in result.get_asset_check_evaluations()
     }
-    return JobRun(job, result.run_id, result.success, seconds, None if result.success else _failure(result), materialized, checks)
+    return JobRun(job, result.run_id, result.success, seconds, None if result.success else _failure(result, checks), materialized, checks)
 
 
-def _failure(result: dg.ExecuteInProcessResult) -> StepFailure:
+def _failure(result: dg.ExecuteInProcessResult, checks: dict[tuple[str, str], CheckOutcome]) -> StepFailure:
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data is not None:
             chain = []
@@ -97,6 +97,10 @@ def _failure(result: dg.ExecuteInProcessResult) -> StepFailure:
             user = event.step_failure_data.user_failure_data
             raised = next((e for e in chain if e.cls_name not in _WRAPPERS), chain[-1] if chain else None)
             message = user.description if user is not None and user.description else _first_line(raised.message if raised else "")
+            if raised is not None and raised.cls_name == "DagsterAssetCheckFailedError":
+                # a blocking check stopped the step: what it found is the message, not Dagster's count of failed checks
+                failed = [f"{asset} {name}: {c.description}" for (asset, name), c in checks.items() if not c.passed]
+                message = "; ".join(failed) or message
             return StepFailure(event.step_key or "", message, tuple(e.cls_name or "" for e in chain))
     return StepFailure("", "the run failed before any step (see its logs in tagml ui)", ())
 

@@ -2,6 +2,9 @@
 on the home's instance (tagml.orchestration.commands), so each run shows in `tagml ui`; printed here."""
 
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -14,9 +17,14 @@ from tagml.cli.errors import EXIT_CODES, CommandFailed, ExitCode
 JSON = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 
 
-def _quiet_artifact_downloads() -> None:
-    # MLflow draws a progress bar on stderr for every model it loads; the command prints what the run did
+@contextmanager
+def _running(job: str) -> Iterator[None]:
+    """A spinner on stderr while `job` runs; MLflow's download bars and library warnings (plot fonts, sklearn)
+    stay out of the command's output, which says what the run did."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with console(stderr=True).status(f"{job} running"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _exit_code(error_classes: tuple[str, ...]) -> ExitCode:
@@ -49,9 +57,8 @@ def ingest(as_json: JSON = False) -> None:
     """Run raw_ingest_job: validate the raw contract tables, drop PII, stage them (all or nothing)."""
     from tagml.orchestration import commands
 
-    _quiet_artifact_downloads()
     settings = load_settings(create=True)
-    with console(stderr=True).status("raw_ingest_job running"):
+    with _running("raw_ingest_job"):
         outcome = commands.ingest(settings)
     if as_json:
         print_json(_payload(outcome))
@@ -78,17 +85,16 @@ def train(
     """Run train_<TAG>_job: training set, Optuna trials logged to MLflow, registry, promotion gate."""
     from tagml.orchestration import commands
 
-    _quiet_artifact_downloads()
     train_as_of = parse_date(as_of)
     settings = load_settings(create=True)
     tag_spec(settings, tag, kind="model")  # an unknown tag is named with the known ones before any run
-    with console(stderr=True).status(f"train_{tag}_job running"):
+    with _running(f"train_{tag}_job"):
         outcome = commands.train(settings, tag, train_as_of, trials, seed)
     if as_json:
         print_json(_payload(outcome))
-    _raise_if_failed(outcome.run)
-    if not as_json:
+    elif outcome.version is not None:  # trained and registered, whatever the gate decided
         _print_trained(outcome)
+    _raise_if_failed(outcome.run)
 
 
 def _print_trained(outcome: Any) -> None:
@@ -116,10 +122,9 @@ def score(
     """Run nightly_scoring_job for one as_of without its ingest: customer_features, customer_tags, tag_drift."""
     from tagml.orchestration import commands
 
-    _quiet_artifact_downloads()
     day = parse_date(as_of)
     settings = load_settings(create=True)
-    with console(stderr=True).status(f"nightly_scoring_job for {day} running"):
+    with _running(f"nightly_scoring_job for {day}"):
         outcome = commands.score(settings, day, drift=not no_drift)
     if as_json:
         print_json(_payload(outcome))
