@@ -14,6 +14,8 @@ from tagml.cli.app import app
 from tagml.cli.common import console, fmt, load_settings, parse_date, print_json, tag_spec
 from tagml.cli.errors import EXIT_CODES, CommandFailed, ExitCode
 
+# printed on the first line of `tagml train`, or paths and tables the Dagster UI shows better
+TRAINING_SET_SHOWN = ("rows", "train_as_of", "features", "snapshot_id", "snapshot_path", "class_balance", "path")
 JSON = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 
 
@@ -101,6 +103,10 @@ def _print_trained(outcome: Any) -> None:
     print(_run_line(outcome.run))
     data = outcome.training_set
     print(f"training set: {data.get('rows')} labels known on {data.get('train_as_of')}, {data.get('features')} features")
+    # the rest of what the training_set asset published (counts, dropped labels, a feature source's column audit)
+    extra = {k: v for k, v in data.items() if k not in TRAINING_SET_SHOWN and isinstance(v, int | float | str | dict | list) and v not in ({}, [], "")}
+    for key, value in extra.items():
+        print(f"  {key}: {value}" if key != "columns" else "  columns, used or excluded and why:\n    " + str(value).replace("\n", "\n    "))
     print(f"{outcome.tag} v{outcome.version}")
     print("  test:     " + "  ".join(f"{k}={fmt(v, '.3f')}" for k, v in outcome.test_metrics.items()))
     if outcome.baseline_metrics:
