@@ -44,8 +44,8 @@ def _runs(settings: Settings) -> list[tuple[str, str, str | None]]:
         return [(r.job_name, r.status.value, r.tags.get("dagster/partition")) for r in reversed(instance.get_runs())]
 
 
-@pytest.mark.slow  # three real runs and a failed one (~1-2 minutes on a shared 2-core machine)
-def test_ingest_train_and_score_run_their_jobs_on_the_home_instance(home, capsys):
+@pytest.mark.slow  # four real runs and two failed ones (~1-2 minutes on a shared 2-core machine)
+def test_ingest_train_and_score_run_their_jobs_on_the_home_instance(home, capsys, tmp_path):
     code, out, err = _run(capsys, "ingest")
     assert code == 0, err
     assert "raw_ingest_job: ok" in out and "customers" in out and "600 rows" in out and "PII columns dropped: full_name" in out
@@ -56,11 +56,24 @@ def test_ingest_train_and_score_run_their_jobs_on_the_home_instance(home, capsys
     (line,) = _errors(err)
     assert "nightly_scoring_job failed at step customer_tags" in line and "'risk_appetite'" in line and "champion" in line
 
+    # a training step that fails on its input: one line naming the step and the tag, the code of the named error
+    strict = write_test_catalog(tmp_path / "kyc_only.yaml", ("risk_appetite",))
+    strict.write_text(strict.read_text().replace("- risk_questionnaire", "- kyc"))  # no risk_appetite label comes from KYC
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TAGML_CATALOG", str(strict))
+        code, out, err = _run(capsys, "train", "risk_appetite", "--trials", "1", "--as-of", AS_OF)
+    assert code == ExitCode.CONFIG and out == ""
+    (line,) = _errors(err)
+    assert (
+        "train_risk_appetite_job failed at step risk_appetite__training_set: TrainingDataError: tag 'risk_appetite': no usable labels known on 2026-10-31"
+        in line
+    )
+
     code, out, err = _run(capsys, "train", "risk_appetite", "--trials", "1", "--as-of", AS_OF, "--seed", "1")
     assert code == 0, err
     assert "train_risk_appetite_job: ok" in out and f"known on {AS_OF}" in out and "risk_appetite v1" in out
     assert "test:     macro_f1=" in out and "baseline: macro_f1=" in out and "gate: promoted (champion before: none)" in out
-    assert "MLflow run: http" in out and "Downloading artifacts" not in err
+    assert "MLflow run: http" in out and "Downloading artifacts" not in err and not _errors(err)
 
     code, out, err = _run(capsys, "score", "--as-of", AS_OF, "--json")
     assert code == 0, err
@@ -80,6 +93,7 @@ def test_ingest_train_and_score_run_their_jobs_on_the_home_instance(home, capsys
     assert runs == [
         ("raw_ingest_job", "SUCCESS", None),
         ("nightly_scoring_job", "FAILURE", AS_OF),
+        ("train_risk_appetite_job", "FAILURE", None),
         ("train_risk_appetite_job", "SUCCESS", None),
         ("nightly_scoring_job", "SUCCESS", AS_OF),
         ("nightly_scoring_job", "SUCCESS", AS_OF),
