@@ -19,6 +19,7 @@ from tagml.core.settings import Settings
 from tagml.orchestration.definitions import build_definitions
 from tagml.orchestration.jobs import NIGHTLY_SCORING_JOB, RAW_INGEST_JOB, train_tag_job_name
 from tagml.orchestration.monitoring_assets import MONITORING_GROUP, drift_check_name
+from tagml.orchestration.partitions import as_of_partitions
 from tagml.orchestration.raw_assets import RAW_GROUP
 from tagml.orchestration.training_assets import tag_model_key, training_set_key
 
@@ -26,6 +27,10 @@ from tagml.orchestration.training_assets import tag_model_key, training_set_key
 SILENT = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 # Dagster's wrappers around the error a step raised: the message worth printing is the one they wrap
 _WRAPPERS = ("DagsterExecutionStepExecutionError", "DagsterUserCodeExecutionError")
+
+
+class UnknownPartitionError(LookupError):
+    """An as_of outside the code location's daily partitions (named with their range); nothing ran."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,12 @@ class ScoreOutcome:
 
 def score(settings: Settings, as_of: date, drift: bool = True) -> ScoreOutcome:
     """The nightly scoring job for one as_of without its ingest (features, customer tags, and drift unless `drift` is False)."""
+    partitions = as_of_partitions(settings)
+    if not partitions.has_partition_key(as_of.isoformat()):
+        first, last = partitions.get_first_partition_key(), partitions.get_last_partition_key()
+        raise UnknownPartitionError(
+            f"no as_of partition {as_of}: the daily partitions run from {first} (TAGML_PARTITIONS_START) to {last} (yesterday in TAGML_TIMEZONE)"
+        )
     run = run_job(settings, NIGHTLY_SCORING_JOB, partition_key=as_of.isoformat(), exclude_groups=(RAW_GROUP,) if drift else (RAW_GROUP, MONITORING_GROUP))
     tags_meta = run.materialized.get("customer_tags")
     drift_checks = {key[1]: c for key, c in run.checks.items() if key[0] == "tag_drift"}

@@ -109,6 +109,7 @@ def test_ingest_train_and_score_run_their_jobs_on_the_home_instance(home, capsys
         (("train", "risk_appetite", "--trials", "0"), ExitCode.USAGE, "--trials"),
         (("score", "--as-of", "yesterday"), ExitCode.USAGE, "'yesterday' is not a date"),
         (("score",), ExitCode.USAGE, "--as-of"),
+        (("score", "--as-of", "2020-01-01"), ExitCode.NOT_FOUND, "no as_of partition 2020-01-01: the daily partitions run from 2024-01-01"),
     ],
 )
 def test_bad_tags_and_dates_are_named_before_any_run(home, capsys, args, code, named):

@@ -40,6 +40,7 @@ EXIT_CODES: dict[str, ExitCode] = {
     "tagml.training.rule_predicates.RuleSyntaxError": ExitCode.CONFIG,
     "tagml.scoring.rules.RuleInputError": ExitCode.CONFIG,
     "tagml.core.files.CorruptFileError": ExitCode.CONFIG,
+    "tagml.orchestration.commands.UnknownPartitionError": ExitCode.NOT_FOUND,
 }
 
 
