@@ -17,6 +17,9 @@ in the next three months, known 90 days after the observation date. Those probab
 to `_truth/<tag>.parquet` beside the contract tables; since the observed data is a noisy function of
 the same latents, E[max_k p_k] is an upper bound on any model's expected accuracy.
 
+`generate_own_tables` then derives from a generated bank what a bank's own tables look like (a customer
+wide table with PII, monthly snapshots, labels files, a leaky variant), on the same customer ids.
+
 Generation is vectorised per chunk of customers, each chunk seeded from (seed, chunk index) and
 written straight to Parquet parts, so memory is bounded by the chunk size.
 """
