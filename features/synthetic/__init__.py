@@ -17,6 +17,9 @@ in the next three months, known 90 days after the observation date. Those probab
 to `_truth/<tag>.parquet` beside the contract tables; since the observed data is a noisy function of
 the same latents, E[max_k p_k] is an upper bound on any model's expected accuracy.
 
+`generate_own_tables` then derives from a generated bank what a bank's own tables look like (a customer
+wide table with PII, monthly snapshots, labels files, a leaky variant), on the same customer ids.
+
 Generation is vectorised per chunk of customers, each chunk seeded from (seed, chunk index) and
 written straight to Parquet parts, so memory is bounded by the chunk size.
 """
@@ -32,5 +35,17 @@ from tagml.features.synthetic.config import (
     month_ends,
 )
 from tagml.features.synthetic.generate import generate_bank
+from tagml.features.synthetic.own_tables import generate_own_tables
 
-__all__ = ["CHUNK_SIZE", "CHURN_CLASSES", "DEFAULT_END_MONTH", "DRIFT_SCENARIOS", "LIFE_STAGES", "RISK_CLASSES", "BankConfig", "generate_bank", "month_ends"]
+__all__ = [
+    "CHUNK_SIZE",
+    "CHURN_CLASSES",
+    "DEFAULT_END_MONTH",
+    "DRIFT_SCENARIOS",
+    "LIFE_STAGES",
+    "RISK_CLASSES",
+    "BankConfig",
+    "generate_bank",
+    "generate_own_tables",
+    "month_ends",
+]

@@ -1,4 +1,4 @@
-"""`tagml` command line: generate a synthetic bank, run the demo, look up tags, drift and the registry.
+"""`tagml` command line: generate a synthetic bank, ingest, train and score (the Dagster jobs), run the demo, look up tags, drift and the registry.
 
 The CLI only parses and prints: the work is in the packages and the walkthrough in orchestration.
 Domain errors are named exceptions of the packages; `errors.EXIT_CODES` maps each to an exit code and
@@ -6,7 +6,7 @@ Domain errors are named exceptions of the packages; `errors.EXIT_CODES` maps eac
 """
 
 # each module registers its commands on the app; imported in the order `tagml --help` lists them
-from tagml.cli import generate, demo, uis, registry, lookup, drift, documents  # noqa: F401, I001
+from tagml.cli import generate, jobs, demo, uis, registry, lookup, drift, documents  # noqa: F401, I001
 from tagml.cli.app import main
 
 __all__ = ["main"]

@@ -17,7 +17,7 @@ from tagml.core.runtime import configure_process
 app = typer.Typer(
     name="tagml",
     help="Customer tag models: features, training, scoring, monitoring. Exit codes: 0 ok, 1 unexpected, 2 bad argument, "
-    "3 not found, 4 configuration, 5 store unavailable, 6 drift found, 7 a demo run failed.",
+    "3 not found, 4 configuration, 5 store unavailable, 6 drift found, 7 a Dagster run failed.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -13,7 +13,7 @@ class ExitCode(IntEnum):
     CONFIG = 4  # invalid settings, catalog or input data; missing or unwritable home
     UNAVAILABLE = 5  # the MLflow store/server cannot be reached
     DRIFT = 6  # `tagml drift --fail-on-drift` found a drifted tag
-    FAILED_RUN = 7  # the demo ran, but one of its Dagster runs failed
+    FAILED_RUN = 7  # a Dagster run (of the demo, ingest, train, score) failed without a named domain error
     BROKEN_PIPE = 141  # the reader of stdout went away (`tagml drift | head`): 128 + SIGPIPE
     INTERRUPTED = 130
 
@@ -40,6 +40,7 @@ EXIT_CODES: dict[str, ExitCode] = {
     "tagml.training.rule_predicates.RuleSyntaxError": ExitCode.CONFIG,
     "tagml.scoring.rules.RuleInputError": ExitCode.CONFIG,
     "tagml.core.files.CorruptFileError": ExitCode.CONFIG,
+    "tagml.orchestration.commands.UnknownPartitionError": ExitCode.NOT_FOUND,
 }
 
 

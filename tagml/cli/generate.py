@@ -76,8 +76,12 @@ def generate(
     drift: Annotated[Scenario | None, typer.Option(help="a named drift scenario")] = None,
     drift_month: Annotated[str | None, typer.Option(help="YYYY-MM the scenario starts (default: 3 months before the end)")] = None,
     out: Annotated[Path | None, typer.Option(help="output directory (default: $TAGML_HOME/raw)")] = None,
+    own_tables: Annotated[
+        bool,
+        typer.Option("--own-tables", help="also write the bank's own tables (a customer wide table, monthly snapshots, labels files) in own_tables/ beside it"),
+    ] = False,
 ) -> None:
-    """Write a synthetic bank in the raw data contract."""
+    """Write a synthetic bank in the raw data contract (and, with --own-tables, a bank's own customer tables from it)."""
     from tagml.features.synthetic import BankConfig
 
     for value, option in ((end_month, "--end-month"), (drift_month, "--drift-month")):
@@ -88,4 +92,10 @@ def generate(
     target = out if out is not None else settings.raw_dir
     started = time.perf_counter()
     summary = generate_with_progress(config, target)
-    print_json({"out": str(target), "seconds": round(time.perf_counter() - started, 1), **summary})
+    result = {"out": str(target), "seconds": round(time.perf_counter() - started, 1), **summary}
+    if own_tables:
+        from tagml.features.synthetic import generate_own_tables
+
+        # beside the raw directory (under the home by default), not inside it: they are not raw contract tables
+        result["own_tables"] = generate_own_tables(target, target.parent / "own_tables", seed=seed)
+    print_json(result)
