@@ -263,9 +263,11 @@ def _labels_problem(tag: TagSpec, staged_dir: Path | None) -> str | None:
     path = labels_input(tag, staged_dir)
     if path is None:
         return "its observed labels are the staged tag_labels, and no staged directory was given"
-    if not path.exists():
-        return f"no labels file at {path}" + ("" if own_source(tag) and own_source(tag).labels_path else "; run the raw ingest (raw_ingest_job) first")
-    return None
+    if path.exists():
+        return None
+    source = own_source(tag)
+    own_file = source is not None and source.labels_path is not None
+    return f"no labels file at {path}" + ("" if own_file else "; run the raw ingest (raw_ingest_job) first")
 
 
 def _tag_problem(client: MlflowClient, tag: TagSpec, path: Path | None, staged_dir: Path | None, as_of: date, champions: dict[str, Champion]) -> str | None:
