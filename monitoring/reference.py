@@ -99,7 +99,8 @@ def _own_reference_population(con: duckdb.DuckDBPyConnection, tag: TagSpec, mode
     stored = own_features_table(warehouse_dir, tag.name).path(model.train_as_of)
     if stored.exists() and set(model.features) <= set(pq.read_schema(stored).names):
         return stored
-    # per version: another version may use other columns of the same table
+    # per version: another version may use other columns of the same table. A table without an as_of
+    # column cannot say what it held on train_as_of: the cache keeps it as first seen after training
     cached = PartitionedTable(cache_dir / "own_features" / tag.name / f"v{model.version}").path(model.train_as_of)
     if not cached.exists():
         try:

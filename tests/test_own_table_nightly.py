@@ -46,7 +46,10 @@ def _own_tables(ids: np.ndarray, root) -> dict:
     big ^= rng.random(len(crm_ids)) < 0.08
     labelled = rng.random(len(crm_ids)) < 0.6
     dates = pd.Timestamp("2026-03-01") + pd.to_timedelta(rng.integers(0, 180, len(crm_ids)), unit="D")
-    pd.DataFrame({"cust_no": crm_ids, "label": np.where(big, "big", "small"), "label_date": dates.date})[labelled].to_csv(root / "crm_labels.csv", index=False)
+    labels = pd.DataFrame({"cust_no": crm_ids, "label": np.where(big, "big", "small"), "label_date": dates.date})[labelled]
+    # outcomes of the 2026-09-30 partition, known a month later: realised performance at 2026-10-31
+    matured = pd.DataFrame({"cust_no": crm_ids, "label": np.where(big, "big", "small"), "label_date": BEFORE})[~labelled]
+    pd.concat([labels, matured]).to_csv(root / "crm_labels.csv", index=False)
 
     frames = []
     base = rng.normal(0, 1, MONTHLY_CUSTOMERS + LATE_CUSTOMERS)
@@ -82,6 +85,7 @@ def _byo_entries(root) -> list[dict]:
             "description": "From the CRM's own customer table.",
             "classes": ["small", "big"],
             "label": {"feature_source": {"path": str(root / "crm.parquet"), "id_column": "cust_no", "labels_path": str(root / "crm_labels.csv")}},
+            "drift": {"label_delay_days": (AFTER - BEFORE).days},
         },
         {
             **common,
@@ -166,6 +170,8 @@ def test_drift_history_has_rows_for_the_byo_tags(nightly):
             summary = DriftHistory(nightly["settings"].drift_dir).summary(con, day).set_index("tag")
             assert {"big_spender", "wealth_band", "risk_appetite"} <= set(summary.index)
             assert summary.loc["wealth_band", "n_features"] == 2 and summary.loc["wealth_band", "reference_as_of"].date() == TRAINED
+    # realised performance of the BYO tag from its own labels file: the 2026-09-30 outcomes against that partition
+    assert summary.loc["big_spender", "performance_status"] == "measured" and summary.loc["big_spender", "performance_labels"] > 500
     # the static table was not snapshotted on the training date: its reference was built into the drift cache
     assert list((nightly["settings"].drift_dir / "reference" / "own_features" / "big_spender").glob("v1/as_of=2026-08-31/data.parquet"))
     checks = {c.check_name: c for c in nightly["runs"][AFTER].get_asset_check_evaluations()}
