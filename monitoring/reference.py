@@ -74,9 +74,7 @@ def monitored_model(client: MlflowClient, tag: TagSpec, version: str) -> ModelVe
     return info
 
 
-def reference_population(
-    con: duckdb.DuckDBPyConnection, tag: TagSpec, model: ModelVersionInfo, warehouse_dir: Path, staged_dir: Path, cache_dir: Path
-) -> Path:
+def reference_population(con: duckdb.DuckDBPyConnection, tag: TagSpec, model: ModelVersionInfo, warehouse_dir: Path, staged_dir: Path, cache_dir: Path) -> Path:
     """Every customer's features on the version's train_as_of: the stored partition, or built once into the cache.
 
     A bring-your-own tag's population is its own table's snapshot on that date, taken by the scorer's
