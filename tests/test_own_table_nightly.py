@@ -196,8 +196,22 @@ def test_a_missing_own_snapshot_names_its_tag_and_skip_tags_publishes_the_others
     defs, instance, settings = nightly["defs"], nightly["instance"], nightly["settings"]
     published = ParquetTagStore.in_warehouse(settings.warehouse_dir).partition_path(AFTER)
     before = published.read_bytes()
-    own_features_table(settings.warehouse_dir, "wealth_band").path(AFTER).unlink()
     job = defs.resolve_job_def(NIGHTLY_SCORING_JOB)
+    # the bank's table gone missing: its own_features step fails by name and keeps the snapshot it had
+    snapshot = own_features_table(settings.warehouse_dir, "wealth_band").path(AFTER)
+    kept = snapshot.read_bytes()
+    table = nightly["tables"]["wealth"]
+    table.rename(table.with_suffix(".away"))
+    try:
+        gone = job.execute_in_process(
+            instance=instance, partition_key=AFTER.isoformat(), asset_selection=[own_features_key("wealth_band")], raise_on_error=False
+        )
+    finally:
+        table.with_suffix(".away").rename(table)
+    [failure] = [e for e in gone.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert f"tag 'wealth_band': feature table {table} does not exist" in failure.event_specific_data.error.message
+    assert snapshot.read_bytes() == kept
+    snapshot.unlink()  # as if that table had never arrived for the partition
     failed = job.execute_in_process(instance=instance, partition_key=AFTER.isoformat(), asset_selection=[dg.AssetKey("customer_tags")], raise_on_error=False)
     assert not failed.success
     [failure] = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
