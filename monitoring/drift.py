@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from tagml.core.files import CorruptFileError
+from tagml.core.files import CorruptFileError, check_parquet
 from tagml.core.storage import WarehouseLayout, quote, sql_literal
 from tagml.features.snapshot import open_feature_snapshot
 from tagml.monitoring.decision import DriftDecision, decide, feature_drifted
@@ -46,6 +46,7 @@ from tagml.monitoring.psi import ALL, parquet
 from tagml.monitoring.reference import SAMPLE_SALT, DriftInputError, monitored_model, reference_population, reference_profile
 from tagml.monitoring.report import VERDICT_KEYS, ReportJob, ReportSummary, run_reports
 from tagml.scoring.rules import slice_expressions
+from tagml.scoring.sources import feature_path, own_source
 from tagml.scoring.store import TagStore, TagStoreError
 from tagml.training.catalog import Catalog, TagSpec
 
@@ -71,8 +72,9 @@ class DriftLocations:
     def history(self) -> DriftHistory:
         return DriftHistory(self.drift_dir)
 
-    def features_path(self, as_of: date) -> Path:
-        return WarehouseLayout(self.warehouse_dir).customer_features.path(as_of)
+    def features_path(self, tag: TagSpec, as_of: date) -> Path:
+        """The snapshot the tag was scored from on `as_of`: customer_features, or a bring-your-own tag's own."""
+        return feature_path(tag, self.warehouse_dir, as_of)
 
     def report_path(self, tag: str, as_of: date) -> Path:
         return self.reports_dir / tag / f"{as_of.isoformat()}.html"
@@ -117,15 +119,19 @@ def tag_inputs(
     con: duckdb.DuckDBPyConnection, client: MlflowClient, catalog: Catalog, tag: TagSpec, as_of: date, locations: DriftLocations, sample_rows: int
 ) -> TagInputs:
     """The checked partitions of `as_of`, the version that scored the tag there and its reference; a named error for each gap."""
-    current = locations.features_path(as_of)
+    current = locations.features_path(tag, as_of)
+    asset = "customer_features" if own_source(tag) is None else f"{tag.name}/own_features"
     if not current.exists():
-        raise DriftInputError(f"no customer_features partition for as_of {as_of} at {current}; materialize customer_features first")
+        raise DriftInputError(f"tag {tag.name!r}: no {asset} partition for as_of {as_of} at {current}; materialize {asset} first")
     try:
         tags_sql = locations.tag_store.read_sql(as_of)  # a missing or unreadable partition: the store's named error
     except TagStoreError as err:
         raise DriftInputError(f"customer_tags of {as_of} ({locations.tag_store.location(as_of)}): {err}; run the scoring job first") from err
     try:
-        open_feature_snapshot(current, as_of)
+        if own_source(tag) is None:
+            open_feature_snapshot(current, as_of)
+        else:
+            check_parquet(current, f"re-materialize {asset} for the partition {as_of.isoformat()}")
     except CorruptFileError as err:
         raise DriftInputError(str(err)) from err
     versions = con.execute(f"SELECT model_version, count(*) FROM {tags_sql} WHERE tag = ? GROUP BY 1 ORDER BY 2 DESC, 1", [tag.name]).fetchall()
@@ -137,7 +143,7 @@ def tag_inputs(
     if missing:
         raise DriftInputError(f"tag {tag.name!r}: the features of {as_of} lack {missing[:10]} that {mm.producer} uses")
     slices = slice_expressions(catalog, columns)
-    population = reference_population(con, mm, locations.warehouse_dir, locations.staged_dir, locations.reference_dir)
+    population = reference_population(con, tag, mm, locations.warehouse_dir, locations.staged_dir, locations.reference_dir)
     profile = reference_profile(con, client, mm, tag, population, slices, locations.reference_dir, sample_rows)
     return TagInputs(tag, as_of, mm, current, tags_sql, slices, population, profile)
 

@@ -28,7 +28,7 @@ class TagInputs:
     tag: TagSpec
     as_of: date
     model: ModelVersionInfo
-    features_path: Path  # the as_of's customer_features partition
+    features_path: Path  # the snapshot the tag was scored from on as_of (customer_features, or its own table's)
     tags_sql: str  # a relation over the as_of's customer_tags partition (TagStore.read_sql)
     slices: dict[str, str]  # slice name -> SQL over a feature snapshot
     population: Path  # the reference population's features

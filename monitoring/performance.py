@@ -16,11 +16,11 @@ import duckdb
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from tagml.core.storage import sql_literal, staged_path
+from tagml.core.storage import sql_literal
 from tagml.monitoring.decision import performance_drifted
+from tagml.scoring.sources import known_labels_sql
 from tagml.scoring.store import TagStore
 from tagml.training.catalog import TagSpec
-from tagml.training.dataset import label_conditions
 from tagml.training.evaluate import core_metrics
 from tagml.training.registry import LOWER_IS_BETTER
 from tagml.training.versions import parse_version, registered_model_name
@@ -121,13 +121,12 @@ def registry_test_metric(client: MlflowClient, tag: TagSpec) -> Callable[[str], 
 
 
 def _matured_outcomes(con: duckdb.DuckDBPyConnection, tag: TagSpec, as_of: date, store: TagStore, staged_dir: Path, partition: date) -> list[tuple]:
-    """(label, probabilities, model version) per customer: the labels dated `partition` known by `as_of`,
-    joined to what the tag store said on that partition."""
-    where = " AND ".join([*label_conditions(tag, as_of), f"label_date = DATE {sql_literal(partition)}"])
+    """(label, probabilities, model version) per customer: the labels dated `partition` known by `as_of`
+    (from the tag's own labels file for a bring-your-own tag), joined to what the tag store said on that partition."""
     return con.execute(
         f"SELECT l.label, t.probabilities, t.model_version FROM "
-        f"(SELECT customer_id, arg_max(label, known_date) AS label FROM read_parquet({sql_literal(staged_path(staged_dir, 'tag_labels'))}) "
-        f"WHERE {where} GROUP BY customer_id) l "
+        f"(SELECT customer_id::VARCHAR AS customer_id, arg_max(label, known_date) AS label FROM ({known_labels_sql(tag, as_of, staged_dir)}) "
+        f"WHERE label_date = DATE {sql_literal(partition)} GROUP BY 1) l "
         f"JOIN {store.read_sql(partition)} t ON t.customer_id = l.customer_id AND t.tag = ?",
         [tag.name],
     ).fetchall()

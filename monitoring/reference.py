@@ -29,11 +29,14 @@ from typing import Any
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
 from tagml.core.storage import PartitionedTable, WarehouseLayout, atomic_replace, quote, sql_literal, write_parquet_atomically
+from tagml.features.own_table import OwnTableSnapshotError
 from tagml.features.snapshot import build_feature_snapshot
 from tagml.monitoring.psi import MISSING, feature_psi, parquet
+from tagml.scoring.sources import own_features_table, own_source, write_own_features
 from tagml.training.catalog import TagSpec
 from tagml.training.inference import infer, model_input
 from tagml.training.registry import get_version, load_model, version_info
@@ -71,8 +74,14 @@ def monitored_model(client: MlflowClient, tag: TagSpec, version: str) -> ModelVe
     return info
 
 
-def reference_population(con: duckdb.DuckDBPyConnection, model: ModelVersionInfo, warehouse_dir: Path, staged_dir: Path, cache_dir: Path) -> Path:
-    """Every customer's features on the version's train_as_of: the stored partition, or built once into the cache."""
+def reference_population(con: duckdb.DuckDBPyConnection, tag: TagSpec, model: ModelVersionInfo, warehouse_dir: Path, staged_dir: Path, cache_dir: Path) -> Path:
+    """Every customer's features on the version's train_as_of: the stored partition, or built once into the cache.
+
+    A bring-your-own tag's population is its own table's snapshot on that date, taken by the scorer's
+    function (`write_own_features`): the stored partition when it holds the version's features.
+    """
+    if own_source(tag) is not None:
+        return _own_reference_population(con, tag, model, warehouse_dir, cache_dir)
     stored = WarehouseLayout(warehouse_dir).customer_features.path(model.train_as_of)
     if stored.exists():
         return stored
@@ -81,6 +90,21 @@ def reference_population(con: duckdb.DuckDBPyConnection, model: ModelVersionInfo
         # point in time: only raw rows dated on or before train_as_of are read, so this is the
         # population as it was on that day even if the raw tables have grown since
         build_feature_snapshot(con, staged_dir, model.train_as_of, cached)
+    return cached
+
+
+def _own_reference_population(con: duckdb.DuckDBPyConnection, tag: TagSpec, model: ModelVersionInfo, warehouse_dir: Path, cache_dir: Path) -> Path:
+    stored = own_features_table(warehouse_dir, tag.name).path(model.train_as_of)
+    if stored.exists() and set(model.features) <= set(pq.read_schema(stored).names):
+        return stored
+    # per version: another version may use other columns of the same table. A table without an as_of
+    # column cannot say what it held on train_as_of: the cache keeps it as first seen after training
+    cached = PartitionedTable(cache_dir / "own_features" / tag.name / f"v{model.version}").path(model.train_as_of)
+    if not cached.exists():
+        try:
+            write_own_features(con, tag, model, model.train_as_of, cached)
+        except OwnTableSnapshotError as err:
+            raise DriftInputError(f"{err} (the reference population of {model.producer} on its training date)") from err
     return cached
 
 

@@ -13,6 +13,7 @@ from tagml.core.settings import Settings
 from tagml.orchestration.feature_assets import build_customer_features_asset
 from tagml.orchestration.jobs import build_jobs, build_nightly_scoring_job, build_reevaluation_jobs
 from tagml.orchestration.monitoring_assets import build_tag_drift_asset
+from tagml.orchestration.own_table_assets import build_own_features_assets
 from tagml.orchestration.partitions import as_of_partitions
 from tagml.orchestration.raw_assets import RAW_ASSETS
 from tagml.orchestration.resources import (
@@ -37,10 +38,11 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             *RAW_ASSETS,
             build_customer_features_asset(partitions),
             *build_all_training_assets(catalog),
+            *build_own_features_assets(partitions, catalog),
             build_customer_tags_asset(partitions, catalog),
             build_tag_drift_asset(partitions, catalog),
         ],
-        jobs=[*build_jobs(partitions, catalog), build_nightly_scoring_job(partitions), *reevaluation],
+        jobs=[*build_jobs(partitions, catalog), build_nightly_scoring_job(partitions, catalog), *reevaluation],
         schedules=build_schedules(settings, catalog),
         sensors=[build_reevaluation_sensor(catalog, reevaluation)],
         resources={

@@ -4,9 +4,11 @@ import dagster as dg
 
 from tagml.orchestration.feature_assets import FEATURES_GROUP
 from tagml.orchestration.monitoring_assets import MONITORING_GROUP
+from tagml.orchestration.own_table_assets import OWN_FEATURES_GROUP, own_features_key
 from tagml.orchestration.raw_assets import RAW_GROUP
 from tagml.orchestration.scoring_assets import SCORING_GROUP
 from tagml.orchestration.training_assets import TRAINING_GROUP, tag_model_key, training_set_key
+from tagml.scoring.sources import needs_contract, own_source
 from tagml.training.catalog import Catalog
 
 RAW_INGEST_JOB = "raw_ingest_job"
@@ -39,7 +41,10 @@ def build_reevaluation_jobs(partitions_def: dg.PartitionsDefinition, catalog: Ca
     return [
         _in_process_job(
             reevaluate_job_name(tag.name),
-            dg.AssetSelection.assets(training_set_key(tag.name), tag_model_key(tag.name), "customer_tags"),
+            # a bring-your-own tag's snapshot is re-taken with the (new) champion's features before re-scoring
+            dg.AssetSelection.assets(
+                training_set_key(tag.name), tag_model_key(tag.name), *([own_features_key(tag.name)] if own_source(tag) else []), "customer_tags"
+            ),
             f"Re-evaluate {tag.name} for one as_of: retrain on the labels known then, gate the challenger, re-score the partition.",
             partitions_def,
         )
@@ -47,11 +52,14 @@ def build_reevaluation_jobs(partitions_def: dg.PartitionsDefinition, catalog: Ca
     ]
 
 
-def build_nightly_scoring_job(partitions_def: dg.PartitionsDefinition):
+def build_nightly_scoring_job(partitions_def: dg.PartitionsDefinition, catalog: Catalog):
+    """Ingest and customer_features only when some tag reads the raw contract; every bring-your-own tag's own snapshot."""
+    contract = (RAW_GROUP, FEATURES_GROUP) if needs_contract(catalog) else ()
     return _in_process_job(
         NIGHTLY_SCORING_JOB,
-        dg.AssetSelection.groups(RAW_GROUP, FEATURES_GROUP, SCORING_GROUP, MONITORING_GROUP),
-        "Ingest raw data, build the as_of's features, score every customer's tags and measure each model tag's drift.",
+        dg.AssetSelection.groups(*contract, OWN_FEATURES_GROUP, SCORING_GROUP, MONITORING_GROUP),
+        "Ingest raw data, build the as_of's features (the contract's, and each own table's snapshot), score every customer's tags "
+        "and measure each model tag's drift.",
         partitions_def,
     )
 

@@ -18,6 +18,7 @@ from tagml.orchestration.resources import (
     MonitoringResource,
     WarehouseResource,
 )
+from tagml.orchestration.scoring_assets import feature_deps
 from tagml.training.catalog import Catalog
 
 MONITORING_GROUP = "monitoring"
@@ -71,7 +72,7 @@ def build_tag_drift_asset(partitions_def: dg.PartitionsDefinition, catalog: Cata
         name="tag_drift",
         group_name=MONITORING_GROUP,
         partitions_def=partitions_def,
-        deps=["customer_tags", "customer_features"],
+        deps=["customer_tags", *feature_deps(catalog)],
         check_specs=checks,
         kinds={"evidently", "duckdb", "parquet"},
         description="Per model tag: PSI of every feature and of the inferred classes against the population the scoring model was trained on, "

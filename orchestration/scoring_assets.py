@@ -1,13 +1,19 @@
-"""customer_tags: every customer's catalog tags for one as_of, scored from the champions."""
+"""customer_tags: every customer's catalog tags for one as_of, each tag scored from its own feature
+source (customer_features, or a bring-your-own tag's `<tag>/own_features`) by its champion."""
 
 from contextlib import closing
 from datetime import date
+from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
+from tagml.orchestration.own_table_assets import own_features_key
 from tagml.orchestration.resources import MlflowResource, WarehouseResource
 from tagml.orchestration.training_assets import tag_model_key
-from tagml.scoring.score import CoverageError, ScoringError, score_partition, unstable_tags
+from tagml.scoring.coverage import unstable_tags
+from tagml.scoring.score import CoverageError, ScoringError, UnscorableTagsError, score_partition
+from tagml.scoring.sources import needs_contract, own_features_table, own_tags
 from tagml.training.catalog import Catalog
 
 SCORING_GROUP = "scoring"
@@ -30,24 +36,44 @@ CHECK_SPECS = [
 ]
 
 
+class ScoringConfig(dg.Config):
+    skip_tags: list[str] = Field(
+        default_factory=list,
+        description="Publish the partition without these tags (e.g. one whose own table is late); recorded in the metadata as skipped_tags with skip_reason.",
+    )
+    skip_reason: str | None = Field(default=None, description="Why skip_tags are left out (required with skip_tags).")
+
+
+def feature_deps(catalog: Catalog) -> list:
+    """The feature assets the catalog's tags are scored from: customer_features only when some tag reads it."""
+    return [*(["customer_features"] if needs_contract(catalog) else []), *(own_features_key(t.name) for t in own_tags(catalog))]
+
+
 def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: Catalog) -> dg.AssetsDefinition:
     @dg.asset(
         name="customer_tags",
         group_name=SCORING_GROUP,
         partitions_def=partitions_def,
-        deps=["customer_features", *(tag_model_key(t.name) for t in catalog.model_tags)],
+        deps=[*feature_deps(catalog), *(tag_model_key(t.name) for t in catalog.model_tags)],
         check_specs=CHECK_SPECS,
         kinds={"parquet", "mlflow"},
         description="Every customer's rule and model tags for the as_of: value, class probabilities, reasons, observed vs inferred, and the model or rule version.",
     )
-    def customer_tags(context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow_store: MlflowResource):
+    def customer_tags(context: dg.AssetExecutionContext, config: ScoringConfig, warehouse: WarehouseResource, mlflow_store: MlflowResource):
         as_of = date.fromisoformat(context.partition_key)
+        if config.skip_tags and not (config.skip_reason or "").strip():
+            raise dg.Failure(description=f"skip_tags {config.skip_tags} needs a skip_reason (it is recorded with the partition)")
+        skip = dict.fromkeys(config.skip_tags, config.skip_reason or "")
         store = warehouse.tag_store()
+        features = warehouse.features_path(as_of) if needs_contract(catalog) else None
+        own = {t.name: own_features_table(Path(warehouse.warehouse_dir), t.name).path(as_of) for t in own_tags(catalog)}
         with closing(warehouse.connect()) as con:
             client = mlflow_store.client() if catalog.model_tags else None
             try:
                 with store.write_partition(as_of) as staged:
-                    summary = score_partition(con, client, catalog, warehouse.features_path(as_of), warehouse.staged_dir, as_of, staged)
+                    summary = score_partition(con, client, catalog, features, warehouse.staged_dir, as_of, staged, own_features=own, skip=skip)
+            except UnscorableTagsError as err:
+                raise dg.Failure(description=str(err), metadata={"failed_tags": dg.MetadataValue.json(err.problems)}) from err
             except CoverageError as err:
                 # the file that failed was never published; report what was validated, then fail the step
                 yield dg.AssetCheckResult(check_name="coverage", passed=False, metadata=err.coverage.metadata(), description=str(err))
@@ -70,6 +96,7 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
                     {t: v["observed_labels_outside_classes"] for t, v in summary.per_tag.items() if v.get("observed_labels_outside_classes")}
                 ),
                 "seconds": round(summary.seconds, 1),
+                "skipped_tags": dg.MetadataValue.json(summary.skipped),
                 "distribution": dg.MetadataValue.md(distribution.to_markdown(index=False)),
                 "changed_share_since_previous": dg.MetadataValue.json(changed),
                 "previous_partition": previous[-1].isoformat() if previous else "none",

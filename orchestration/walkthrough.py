@@ -20,7 +20,9 @@ from tagml.core.settings import Settings
 from tagml.features.synthetic import BankConfig, month_ends
 from tagml.orchestration.definitions import build_definitions
 from tagml.orchestration.jobs import NIGHTLY_SCORING_JOB, RAW_INGEST_JOB, TRAIN_ALL_JOB, reevaluation_run_config
+from tagml.orchestration.own_table_assets import own_features_key
 from tagml.orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags, sensor_context
+from tagml.scoring.sources import own_tags
 from tagml.training.catalog import load_catalog
 
 # the job logs say what Dagster does step by step; the walkthrough's results say what it did
@@ -172,7 +174,8 @@ class Walkthrough:
     def score_nightly(self, as_of: date) -> NightlyResult:
         """The nightly scoring job for `as_of` (features, tags, drift), then one tick of the drift sensor."""
         started = time.perf_counter()
-        run = self._execute(NIGHTLY_SCORING_JOB, partition_key=as_of.isoformat(), asset_selection=[dg.AssetKey(a) for a in NIGHTLY_ASSETS])
+        own = [own_features_key(t.name) for t in own_tags(self.catalog)]  # a bring-your-own tag's snapshot of the as_of
+        run = self._execute(NIGHTLY_SCORING_JOB, partition_key=as_of.isoformat(), asset_selection=[*(dg.AssetKey(a) for a in NIGHTLY_ASSETS), *own])
         tick = self._tick()
         self._cursor = tick.cursor
         self._requests.update({r.run_key: r for r in tick.run_requests})

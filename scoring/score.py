@@ -1,13 +1,19 @@
 """Batch scoring of every customer into one tag-store partition.
 
-The feature snapshot is streamed in batches (memory does not grow with the number of customers);
-model tags use their `champion` (resolved by alias when the run starts), rule tags their SQL bands.
-Every row records what produced it. All tags of a partition go to one temporary Parquet file that
-replaces the partition only when everything succeeded and the file passed the coverage check.
+Each tag is scored from its own feature source (scoring/sources.py): rule and contract model tags
+from the as_of's customer_features, a bring-your-own tag from its own snapshot. Snapshots are
+streamed in batches (memory does not grow with the number of customers); model tags use their
+`champion` (resolved by alias when the run starts), rule tags their SQL bands. Every row records
+what produced it.
+
+The partition is all or nothing: every tag's inputs are resolved and checked before anything is
+written, and one error names every tag that cannot be scored and why. All tags go to one temporary
+Parquet file that replaces the partition only when everything succeeded and the file passed the
+coverage check. Tags left out on purpose (`skip`, with a reason) are not expected by the check.
 """
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -20,13 +26,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from tagml.core.files import CorruptFileError
-from tagml.core.storage import atomic_replace, sql_literal, staged_path
+from tagml.core.files import CorruptFileError, check_parquet
+from tagml.core.storage import atomic_replace, sql_literal
 from tagml.features.snapshot import open_feature_snapshot
+from tagml.scoring.coverage import Coverage, check_coverage
 from tagml.scoring.reasons import ReasonExplainer
 from tagml.scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
-from tagml.training.catalog import UNKNOWN, Catalog, TagSpec
-from tagml.training.dataset import label_conditions
+from tagml.scoring.sources import known_labels_sql, labels_input, own_source
+from tagml.training.catalog import Catalog, TagSpec
 from tagml.training.inference import infer, model_input
 from tagml.training.registry import CHAMPION, IncompleteRegistrationError, alias_version, load_model, require_complete, version_info
 from tagml.training.versions import ModelVersionInfo, registered_model_name
@@ -58,68 +65,15 @@ class ScoringError(RuntimeError):
     """Scoring cannot proceed (missing champion, features not matching the model); nothing was written."""
 
 
-@dataclass(frozen=True)
-class TagCoverage:
-    """How one catalog tag covers the snapshot's customers in a scored file (counts only, no customer values)."""
+class UnscorableTagsError(ScoringError):
+    """One or more tags cannot be scored (`problems`: tag -> why); nothing was written."""
 
-    tag: str
-    rows: int
-    customers_covered: int
-    duplicate_rows: int
-    rows_of_unknown_customers: int
-    invalid_values: int
-    invalid_examples: tuple[str, ...]
-
-    def problems(self, customers: int) -> list[str]:
-        out = []
-        if self.customers_covered < customers:
-            out.append(f"{customers - self.customers_covered:,} of {customers:,} customers have no {self.tag!r} row")
-        if self.duplicate_rows:
-            out.append(f"{self.duplicate_rows:,} duplicate {self.tag!r} rows")
-        if self.rows_of_unknown_customers:
-            out.append(f"{self.rows_of_unknown_customers:,} {self.tag!r} rows of customers not in the snapshot")
-        if self.invalid_values:
-            out.append(f"{self.invalid_values:,} {self.tag!r} rows with a value outside its classes (e.g. {list(self.invalid_examples)})")
-        return out
-
-
-@dataclass(frozen=True)
-class Coverage:
-    """The coverage check of a scored file: every snapshot customer has every catalog tag exactly once,
-    with a value among the tag's classes (or `unknown` where the tag has a min_confidence)."""
-
-    customers: int
-    tags: tuple[TagCoverage, ...]
-    rows: int
-    rows_of_other_tags: int
-
-    @property
-    def expected_rows(self) -> int:
-        return self.customers * len(self.tags)
-
-    @property
-    def problems(self) -> list[str]:
-        out = [p for t in self.tags for p in t.problems(self.customers)]
-        if self.rows_of_other_tags:
-            out.append(f"{self.rows_of_other_tags:,} rows of tags not in the catalog")
-        return out
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems
-
-    def metadata(self) -> dict[str, Any]:
-        """Aggregates for the asset check (no customer-level values)."""
-        return {
-            "customers": self.customers,
-            "rows": self.rows,
-            "expected_rows": self.expected_rows,
-            "tags": len(self.tags),
-            "missing": sum(max(self.customers - t.customers_covered, 0) for t in self.tags),
-            "duplicates": sum(t.duplicate_rows for t in self.tags),
-            "invalid_values": sum(t.invalid_values for t in self.tags),
-            "rows_of_other_tags": self.rows_of_other_tags,
-        }
+    def __init__(self, as_of: date, problems: dict[str, str]):
+        self.problems = problems
+        super().__init__(
+            f"customer_tags {as_of}: {len(problems)} tag(s) cannot be scored, nothing was written "
+            "(skip_tags publishes the partition without them): " + "; ".join(f"tag {t!r}: {why}" for t, why in problems.items())
+        )
 
 
 class CoverageError(ScoringError):
@@ -133,66 +87,6 @@ class CoverageError(ScoringError):
             + "; ".join(problems[:8])
             + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         )
-
-
-def allowed_values(tag: TagSpec) -> list[str]:
-    """The values a tag's rows may hold: its classes, and `unknown` where low confidence is stored as such."""
-    return [*tag.classes, *([UNKNOWN] if tag.kind == "model" and tag.min_confidence else [])]
-
-
-def unstable_tags(changed_share: dict[str, float], catalog: Catalog) -> dict[str, float]:
-    """Tags whose share of customers with a changed value since the previous partition exceeds the
-    tag's `drift.max_changed_share`: a tag store that moved this much overnight usually means an input
-    went wrong (a feature gone empty), not that the customers changed."""
-    known = {t.name: t for t in catalog.tags}
-    return {tag: share for tag, share in changed_share.items() if tag in known and share > known[tag].drift.max_changed_share}
-
-
-def check_coverage(con: duckdb.DuckDBPyConnection, tags_path: Path, features_path: Path, catalog: Catalog) -> Coverage:
-    """Validate a scored (not yet published) tag file against its feature snapshot, set-based in DuckDB.
-
-    Three small aggregations instead of one join of every row: per tag the rows and distinct
-    customers, per tag the rows of customers missing from the snapshot (an anti-join, empty when all
-    is well), and per tag and value the counts (values are checked against the classes here).
-    """
-    tags, features = str(tags_path), str(features_path)
-    counts = {
-        t: (int(n), int(ids))
-        for t, n, ids in con.execute("SELECT tag, count(*), count(DISTINCT customer_id) FROM read_parquet(?) GROUP BY tag", [tags]).fetchall()
-    }
-    strangers = {
-        t: (int(n), int(ids))
-        for t, n, ids in con.execute(
-            "SELECT t.tag, count(*), count(DISTINCT t.customer_id) FROM read_parquet(?) t "
-            "ANTI JOIN read_parquet(?) f ON f.customer_id::VARCHAR = t.customer_id GROUP BY t.tag",
-            [tags, features],
-        ).fetchall()
-    }
-    values: dict[str, dict[str | None, int]] = {}
-    for tag, value, n in con.execute("SELECT tag, value, count(*) FROM read_parquet(?) GROUP BY ALL", [tags]).fetchall():
-        values.setdefault(tag, {})[value] = int(n)
-    per_tag = []
-    for tag in catalog.tags:
-        rows, ids = counts.get(tag.name, (0, 0))
-        unknown_rows, unknown_ids = strangers.get(tag.name, (0, 0))
-        allowed = set(allowed_values(tag))
-        invalid = {v: n for v, n in values.get(tag.name, {}).items() if v not in allowed}
-        per_tag.append(
-            TagCoverage(
-                tag.name,
-                rows,
-                ids - unknown_ids,
-                rows - ids,
-                unknown_rows,
-                sum(invalid.values()),
-                tuple(sorted("NULL" if v is None else v for v in invalid)[:5]),
-            )
-        )
-    customers = con.execute("SELECT count(DISTINCT customer_id) FROM read_parquet(?)", [features]).fetchall()[0][0]
-    known = {t.name for t in catalog.tags}
-    total = sum(n for n, _ in counts.values())
-    other = sum(n for t, (n, _) in counts.items() if t not in known)
-    return Coverage(int(customers), tuple(per_tag), total, other)
 
 
 @dataclass(frozen=True)
@@ -210,6 +104,7 @@ class ScoringSummary:
     seconds: float
     per_tag: dict[str, dict[str, Any]] = field(default_factory=dict)
     coverage: Coverage | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # tag -> why it was left out of the partition
 
 
 def resolve_champion(client: MlflowClient, tag: TagSpec) -> Champion:
@@ -236,34 +131,32 @@ class ObservedLabels:
     outside_classes: dict[str, int]
 
 
-def observed_labels(con: duckdb.DuckDBPyConnection, staged_dir: Path, tag: TagSpec, as_of: date) -> ObservedLabels:
+def observed_labels(con: duckdb.DuckDBPyConnection, staged_dir: Path | None, tag: TagSpec, as_of: date) -> ObservedLabels:
     """The newest observed label per customer known on `as_of` (within the tag's max label age).
 
     Labels outside the tag's classes are left out (counted per value): the customer then keeps the
     model's inference, or an older label that is valid.
     """
-    where = " AND ".join(label_conditions(tag, as_of))
-    source = f"read_parquet({sql_literal(staged_path(staged_dir, 'tag_labels'))})"
+    source = f"({known_labels_sql(tag, as_of, staged_dir)})"
     classes = list(tag.classes)
     rows = con.execute(
-        f"SELECT customer_id, arg_max(label, label_date) FROM {source} WHERE {where} AND list_contains(?, label) GROUP BY customer_id",
+        f"SELECT customer_id::VARCHAR, arg_max(label, label_date) FROM {source} WHERE list_contains(?, label) GROUP BY 1",
         [classes],
     ).fetchall()
     outside = con.execute(
-        f"SELECT label, count(DISTINCT customer_id) FROM {source} WHERE {where} AND NOT list_contains(?, label) GROUP BY label ORDER BY label",
+        f"SELECT label, count(DISTINCT customer_id) FROM {source} WHERE NOT list_contains(?, label) GROUP BY label ORDER BY label",
         [classes],
     ).fetchall()
     return ObservedLabels(pd.Series({cid: label for cid, label in rows}, dtype=object), {str(label): int(n) for label, n in outside})
 
 
-def _check_features(path: Path, champion: Champion) -> None:
+def _feature_problem(path: Path, champion: Champion, own: bool) -> str | None:
     available = set(pq.read_schema(path).names)
     missing = [f for f in champion.info.features if f not in available]
-    if missing:
-        raise ScoringError(
-            f"tag {champion.info.tag!r}: feature table {path} lacks {len(missing)} column(s) the champion "
-            f"{champion.info.producer} was trained on: {missing[:10]}"
-        )
+    if not missing:
+        return None
+    hint = f"; re-materialize {champion.info.tag}/own_features for the partition" if own else ""
+    return f"feature table {path} lacks {len(missing)} column(s) the champion {champion.info.producer} was trained on: {missing[:10]}{hint}"
 
 
 def _model_batches(
@@ -341,60 +234,132 @@ def _rule_batches(con: duckdb.DuckDBPyConnection, path: Path, tag: TagSpec, as_o
         raise ScoringError(f"rule tag {tag.name!r}: its bands do not evaluate on {path}: {str(exc).splitlines()[0]}") from exc
 
 
+@dataclass(frozen=True)
+class ScoringPlan:
+    """What a partition is scored from, every tag resolved and checked: nothing is written before it exists."""
+
+    catalog: Catalog  # the catalog's tags to score (without the skipped ones)
+    sources: dict[str, Path]  # tag -> the snapshot it is scored from
+    champions: dict[str, Champion]
+    skipped: dict[str, str]  # tag -> the reason it was left out
+
+
+def _snapshot_problem(path: Path | None, tag: TagSpec, as_of: date) -> str | None:
+    own = own_source(tag) is not None
+    asset = f"{tag.name}/own_features" if own else "customer_features"
+    if path is None or not path.exists():
+        return f"no {'own ' if own else ''}feature snapshot for as_of {as_of}{f' at {path}' if path else ''}; materialize {asset} first"
+    try:
+        if own:
+            check_parquet(path, f"re-materialize {asset} for the partition {as_of.isoformat()}")
+        else:
+            open_feature_snapshot(path, as_of)
+    except CorruptFileError as err:
+        return str(err)
+    return None
+
+
+def _labels_problem(tag: TagSpec, staged_dir: Path | None) -> str | None:
+    path = labels_input(tag, staged_dir)
+    if path is None:
+        return "its observed labels are the staged tag_labels, and no staged directory was given"
+    if path.exists():
+        return None
+    source = own_source(tag)
+    own_file = source is not None and source.labels_path is not None
+    return f"no labels file at {path}" + ("" if own_file else "; run the raw ingest (raw_ingest_job) first")
+
+
+def _tag_problem(client: MlflowClient, tag: TagSpec, path: Path | None, staged_dir: Path | None, as_of: date, champions: dict[str, Champion]) -> str | None:
+    problem = _snapshot_problem(path, tag, as_of)
+    if problem or tag.kind == "rule":
+        return problem
+    problem = _labels_problem(tag, staged_dir)
+    if problem:
+        return problem
+    try:
+        champion = resolve_champion(client, tag)
+    except ScoringError as err:
+        return str(err).removeprefix(f"tag {tag.name!r}: ")
+    champions[tag.name] = champion
+    return _feature_problem(path, champion, own_source(tag) is not None)
+
+
+def plan_scoring(
+    client: MlflowClient | None,
+    catalog: Catalog,
+    features_path: Path | None,
+    own_features: Mapping[str, Path],
+    staged_dir: Path | None,
+    as_of: date,
+    skip: Mapping[str, str],
+) -> ScoringPlan:
+    """Resolve every tag not skipped (its snapshot, labels, champion and the champion's features); one
+    `UnscorableTagsError` names every tag that fails and why."""
+    unknown = sorted(set(skip) - {t.name for t in catalog.tags})
+    if unknown:
+        raise ScoringError(f"skip_tags names {unknown}, not tags of the catalog (known: {[t.name for t in catalog.tags]})")
+    active = tuple(t for t in catalog.tags if t.name not in skip)
+    if not active:
+        raise ScoringError("skip_tags leaves no tag to score")
+    if any(t.kind == "model" for t in active) and client is None:
+        raise ScoringError("model tags need an MLflow client to resolve their champions")
+    sources = {t.name: (own_features.get(t.name) if own_source(t) else features_path) for t in active}
+    champions: dict[str, Champion] = {}
+    problems = {t.name: p for t in active if (p := _tag_problem(client, t, sources[t.name], staged_dir, as_of, champions))}
+    if problems:
+        raise UnscorableTagsError(as_of, problems)
+    return ScoringPlan(catalog.model_copy(update={"tags": active}), sources, champions, dict(skip))
+
+
 def score_partition(
     con: duckdb.DuckDBPyConnection,
     client: MlflowClient | None,
     catalog: Catalog,
-    features_path: Path,
-    staged_dir: Path,
+    features_path: Path | None,
+    staged_dir: Path | None,
     as_of: date,
     target: Path,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     top_reasons: int = 3,
     with_reasons: bool = True,
+    own_features: Mapping[str, Path] | None = None,
+    skip: Mapping[str, str] | None = None,
 ) -> ScoringSummary:
-    """Score every catalog tag for every customer of the snapshot and replace `target` atomically."""
+    """Score every catalog tag (but the `skip`ped: tag -> reason) for every customer of its snapshot and replace `target` atomically.
+
+    `features_path` is the as_of's customer_features (None when no tag reads it); `own_features` the
+    snapshot of each bring-your-own tag; `staged_dir` holds the staged tag_labels (observed labels).
+    """
     started = time.perf_counter()
-    if not features_path.exists():
-        raise ScoringError(f"no feature snapshot for as_of {as_of} at {features_path}; materialize customer_features first")
-    try:
-        open_feature_snapshot(features_path, as_of)
-    except CorruptFileError as err:
-        raise ScoringError(str(err)) from err
-    if catalog.model_tags and client is None:
-        raise ScoringError("model tags need an MLflow client to resolve their champions")
-    # resolve everything first: a missing champion or mismatched features fails before anything is written
-    champions = {tag.name: resolve_champion(client, tag) for tag in catalog.model_tags}
-    for champion in champions.values():
-        _check_features(features_path, champion)
+    plan = plan_scoring(client, catalog, features_path, own_features or {}, staged_dir, as_of, skip or {})
     scored_at = datetime.now(UTC).replace(microsecond=0)
     per_tag: dict[str, dict[str, Any]] = {}
     rows = 0
     with atomic_replace(target) as tmp:
         with pq.ParquetWriter(tmp, TAG_ROW_SCHEMA, compression="zstd") as writer:
-            for tag in catalog.rule_tags:
+            for tag in plan.catalog.rule_tags:
                 t0 = time.perf_counter()
-                for batch in _rule_batches(con, features_path, tag, as_of, scored_at, batch_rows):
+                for batch in _rule_batches(con, plan.sources[tag.name], tag, as_of, scored_at, batch_rows):
                     writer.write_batch(batch)
                     rows += batch.num_rows
                 per_tag[tag.name] = {"producer": rule_version(tag), "seconds": time.perf_counter() - t0}
-            for tag in catalog.model_tags:
+            for tag in plan.catalog.model_tags:
                 t0 = time.perf_counter()
-                champion = champions[tag.name]
-                explainer = (
-                    ReasonExplainer.for_model(con, champion.model, champion.info.features, champion.info.categorical, features_path) if with_reasons else None
-                )
+                champion, path = plan.champions[tag.name], plan.sources[tag.name]
+                info = champion.info
+                explainer = ReasonExplainer.for_model(con, champion.model, info.features, info.categorical, path) if with_reasons else None
                 observed = observed_labels(con, staged_dir, tag, as_of)
-                for batch in _model_batches(features_path, tag, champion, observed.labels, explainer, as_of, scored_at, batch_rows, top_reasons):
+                for batch in _model_batches(path, tag, champion, observed.labels, explainer, as_of, scored_at, batch_rows, top_reasons):
                     writer.write_batch(batch)
                     rows += batch.num_rows
                 per_tag[tag.name] = {
-                    "producer": champion.info.producer,
+                    "producer": info.producer,
                     "seconds": time.perf_counter() - t0,
                     "observed_labels_outside_classes": observed.outside_classes,
                 }
         # the blocking check runs on the file about to be published: readers never see a partition that fails it
-        coverage = check_coverage(con, tmp, features_path, catalog)
+        coverage = check_coverage(con, tmp, plan.catalog, plan.sources)
         if not coverage.passed:
             raise CoverageError(as_of, coverage)
-    return ScoringSummary(as_of, target, rows, coverage.customers, time.perf_counter() - started, per_tag, coverage)
+    return ScoringSummary(as_of, target, rows, coverage.customers, time.perf_counter() - started, per_tag, coverage, plan.skipped)

@@ -18,11 +18,11 @@ import pytest
 import yaml
 
 from tagml.features.customer_features import build_customer_features
+from tagml.scoring.coverage import check_coverage
 from tagml.scoring.score import (
     TAG_ROW_SCHEMA,
     CoverageError,
     ScoringError,
-    check_coverage,
     score_partition,
 )
 from tagml.scoring.store import ParquetTagStore, TagStoreError
@@ -349,7 +349,7 @@ def test_check_coverage_counts_missing_extra_and_unknown(world, tmp_path):
     _score(world, good)
     table = pq.read_table(good)
     con = world["con"]
-    coverage = check_coverage(con, good, world["features"], world["catalog"])
+    coverage = check_coverage(con, good, world["catalog"], {t.name: world["features"] for t in world["catalog"].tags})
     customers = pq.read_metadata(world["features"]).num_rows
     assert coverage.passed and coverage.customers == customers and coverage.rows == coverage.expected_rows == 3 * customers
     frame = table.to_pandas()
@@ -360,7 +360,7 @@ def test_check_coverage_counts_missing_extra_and_unknown(world, tmp_path):
     outside = frame[frame.tag == "risk_appetite"].iloc[[2]].assign(value="C9")
     broken = tmp_path / "broken.parquet"
     pq.write_table(pa.Table.from_pandas(pd.concat([dropped, stranger, unknown, outside]), schema=TAG_ROW_SCHEMA, preserve_index=False), broken)
-    result = check_coverage(con, broken, world["features"], world["catalog"])
+    result = check_coverage(con, broken, world["catalog"], {t.name: world["features"] for t in world["catalog"].tags})
     lifecycle = next(t for t in result.tags if t.tag == "lifecycle_stage")
     missing = int(((frame.tag == "lifecycle_stage") & (frame.index % 100 == 0)).sum())
     assert lifecycle.customers_covered == customers - missing and lifecycle.rows == customers - missing
