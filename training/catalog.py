@@ -94,6 +94,10 @@ class SearchDimension(_Strict):
         return self
 
 
+PromotionMetric = Literal["macro_f1", "accuracy", "log_loss", "roc_auc_ovr", "balanced_accuracy"]
+LOWER_IS_BETTER = frozenset({"log_loss"})
+
+
 class ModelSpec(_Strict):
     family: Literal["xgboost", "logistic_regression"] = "xgboost"
     search_space: dict[str, SearchDimension] = Field(default_factory=dict)
@@ -105,6 +109,11 @@ class ModelSpec(_Strict):
         "temperature", description="how validation data recalibrates the probabilities (temperature keeps the ranking)"
     )
     class_weight: Literal["balanced", "none"] = Field("none", description="'balanced' trades calibration for minority-class recall")
+    objective: PromotionMetric | None = Field(
+        None,
+        description="what the Optuna study optimises on the validation part (maximised; log_loss minimised); default: promotion.metric. "
+        "Trials are pruned early only when it is log_loss, the one value xgboost reports while it trains",
+    )
 
 
 class SplitSpec(_Strict):
@@ -114,7 +123,7 @@ class SplitSpec(_Strict):
 
 
 class PromotionSpec(_Strict):
-    metric: Literal["macro_f1", "accuracy", "log_loss", "roc_auc_ovr", "balanced_accuracy"] = "macro_f1"
+    metric: PromotionMetric = "macro_f1"
     margin: float = Field(0.0, ge=0, description="a challenger must beat the champion by at least this much")
     max_calibration_error: float = Field(0.05, gt=0, le=1)
     slice_floor: float = Field(0.0, ge=0, le=1, description="no slice's metric may fall below this")
@@ -231,6 +240,11 @@ class TagSpec(_Strict):
     @property
     def feature_names(self) -> tuple[str, ...]:
         return self.features.resolve()
+
+    @property
+    def tuning_objective(self) -> str:
+        """The validation metric the Optuna study optimises: model.objective, else the promotion metric."""
+        return (self.model.objective if self.model else None) or self.promotion.metric
 
     def content_hash(self) -> str:
         """Hash of the entry's content: recorded on every model version trained from it."""

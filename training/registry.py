@@ -24,14 +24,13 @@ from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
 
 from tagml.core.settings import resolve_home_path
-from tagml.training.catalog import TagSpec
+from tagml.training.catalog import LOWER_IS_BETTER, TagSpec
 from tagml.training.dataset import TrainingSet
 from tagml.training.evaluate import core_metrics, evaluation_slices, slice_metrics
 from tagml.training.tracking import describe, download_artifacts, is_missing
 from tagml.training.versions import ModelVersionInfo, parse_version, registered_model_name, registration_problem
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-LOWER_IS_BETTER = {"log_loss"}
 
 
 class RegistryError(RuntimeError):

@@ -22,7 +22,7 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.utils.class_weight import compute_sample_weight
 
 from tagml.core.settings import home_relative
-from tagml.training.catalog import TagSpec
+from tagml.training.catalog import LOWER_IS_BETTER, TagSpec
 from tagml.training.concurrency import mark_stale_runs, owner_tags, training_lock
 from tagml.training.dataset import TrainingSet
 from tagml.training.evaluate import (
@@ -154,6 +154,10 @@ class _Fitting:
     def pipeline(self, family: str, params: dict[str, Any]) -> Any:
         return build_pipeline(family, params, self.categorical, self.numeric, self.n_classes, self.seed, self.threads)
 
+    def valid_metrics(self, proba_valid: np.ndarray) -> dict[str, float]:
+        """The metrics of validation probabilities, as tuning and candidate selection compare them."""
+        return core_metrics(self.y_valid, proba_valid, self.n_classes)
+
     def add_time(self, key: str, started: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - started
 
@@ -198,10 +202,14 @@ def _train(
 
 
 def tune(fit: _Fitting, trials: int) -> dict[str, Any]:
-    """An Optuna study minimising validation log loss, one nested run per trial; the best parameters."""
+    """An Optuna study optimising the tag's tuning objective (its promotion metric unless model.objective says
+    otherwise) on the validation part, one nested run per trial; the best parameters."""
     tag = fit.tag
     assert tag.model is not None
     started = time.perf_counter()
+    objective_name = tag.tuning_objective
+    # xgboost reports validation log loss while it boosts: a valid intermediate value only when log loss is the objective
+    prunable = tag.model.family == "xgboost" and objective_name == "log_loss"
     # preprocessing does not depend on the tuned parameters: fit it once for every trial
     prepare = fit.pipeline(tag.model.family, tag.model.params).named_steps["prepare"].fit(fit.X_train)
     Xt_train, Xt_valid = prepare.transform(fit.X_train), prepare.transform(fit.X_valid)
@@ -210,7 +218,7 @@ def tune(fit: _Fitting, trials: int) -> dict[str, Any]:
         params = _suggest(trial, tag)
         model = fit.pipeline(tag.model.family, params).named_steps["model"]
         fit_kwargs: dict[str, Any] = {"sample_weight": fit.weights}
-        if tag.model.family == "xgboost":
+        if prunable:
             from optuna_integration import XGBoostPruningCallback
 
             metric = "mlogloss" if fit.n_classes > 2 else "logloss"
@@ -227,10 +235,10 @@ def tune(fit: _Fitting, trials: int) -> dict[str, Any]:
                 proba_valid = model.predict_proba(Xt_valid)
             finally:
                 fit.add_time("model_fit", fit_started)
-            valid = core_metrics(fit.y_valid, proba_valid, fit.n_classes)
+            valid = fit.valid_metrics(proba_valid)
             log_metrics(fit.client, trial_id, {f"valid_{k}": v for k, v in valid.items()})
             status, state = "FINISHED", "complete"
-            return valid["log_loss"]
+            return valid[objective_name]
         except optuna.TrialPruned:
             status, state = "FINISHED", "pruned"
             raise
@@ -238,23 +246,34 @@ def tune(fit: _Fitting, trials: int) -> dict[str, Any]:
             set_tags(fit.client, trial_id, {"trial_state": state})
             fit.client.set_terminated(trial_id, status)
 
-    sampler = optuna.samplers.TPESampler(seed=fit.seed)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=20)
+    study = optuna.create_study(
+        direction="minimize" if objective_name in LOWER_IS_BETTER else "maximize",
+        sampler=optuna.samplers.TPESampler(seed=fit.seed),
+        pruner=_pruner(trials) if prunable else optuna.pruners.NopPruner(),
+        study_name=f"{tag.name}-{fit.parent_id}",
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner, study_name=f"{tag.name}-{fit.parent_id}")
     study.optimize(objective, n_trials=trials, timeout=tag.model.timeout_seconds)
     fit.timings["tuning"] = time.perf_counter() - started
     best_params = {**tag.model.params, **study.best_params}
-    log_params(fit.client, fit.parent_id, {f"best_{k}": v for k, v in best_params.items()})
+    log_params(fit.client, fit.parent_id, {"tuning_objective": objective_name, "tuning_pruning": prunable, **{f"best_{k}": v for k, v in best_params.items()}})
+    states = [t.state for t in study.trials]
     log_metrics(
         fit.client,
         fit.parent_id,
         {
-            "trials_completed": len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]),
-            "trials_pruned": len([t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]),
+            f"best_valid_{objective_name}": study.best_value,
+            "trials_completed": states.count(optuna.trial.TrialState.COMPLETE),
+            "trials_pruned": states.count(optuna.trial.TrialState.PRUNED),
         },
     )
     return best_params
+
+
+def _pruner(trials: int) -> optuna.pruners.BasePruner:
+    """A median pruner that lets a third of the budget (at least 5 trials) run in full before it compares, and
+    judges a trial only after 30 boosting rounds, every 10: the old 3 trials / 20 rounds pruned most trials."""
+    return optuna.pruners.MedianPruner(n_startup_trials=max(5, trials // 3), n_warmup_steps=30, interval_steps=10)
 
 
 def fit_and_calibrate(fit: _Fitting, best_params: dict[str, Any]) -> tuple[Any, Any]:
