@@ -92,7 +92,8 @@ def _tag_model_asset(tag: TagSpec, catalog: Catalog) -> dg.AssetsDefinition:
                 "promotion_gate",
                 asset=tag_model_key(tag.name),
                 blocking=True,
-                description=f"Challenger beats the champion on {tag.promotion.metric} by {tag.promotion.margin}, "
+                description=f"Challenger beats the champion on {tag.promotion.metric} by {tag.promotion.margin} and the baseline by "
+                f"{tag.promotion.baseline_margin}, "
                 f"calibration error <= {tag.promotion.max_calibration_error}, slices >= {tag.promotion.slice_floor}.",
             )
         ],
@@ -135,6 +136,7 @@ def _model_metadata(tag: TagSpec, result: TrainResult, ui: str) -> dict[str, Any
         "model_version": result.version,
         "mlflow_run_id": result.run_id,
         "model_uri": result.model_uri,
+        "model_family": result.family,  # the tuned family, or the logistic baseline when it scored better on validation
         "mlflow_run": dg.MetadataValue.url(run_url(ui, result.experiment_id, result.run_id)),
         "mlflow_model_version": dg.MetadataValue.url(model_version_url(ui, registered_model_name(tag.name), result.version)),
         **{f"test_{k}": round(v, 4) for k, v in result.metrics.items() if not k.startswith(("precision_", "recall_", "support_"))},

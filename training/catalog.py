@@ -125,6 +125,12 @@ class SplitSpec(_Strict):
 class PromotionSpec(_Strict):
     metric: PromotionMetric = "macro_f1"
     margin: float = Field(0.0, ge=0, description="a challenger must beat the champion by at least this much")
+    baseline_margin: float = Field(
+        0.0,
+        ge=0,
+        description="the registered model must beat the logistic baseline on the test part by at least this much (not applied when "
+        "the baseline itself was registered, because it scored better on validation)",
+    )
     max_calibration_error: float = Field(0.05, gt=0, le=1)
     slice_floor: float = Field(0.0, ge=0, le=1, description="no slice's metric may fall below this")
     require_all_classes_predicted: bool = True

@@ -246,8 +246,11 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
         verdict = "beats" if _better(metric, scores[metric], champion_score, rules.margin) else "does not beat"
         passed = passed and verdict == "beats"
         reasons.append(f"{metric} {scores[metric]:.4f} {verdict} champion v{current} ({champion_score:.4f}) by the margin {rules.margin}")
+    baseline_ok, baseline_reason, baseline_checks = _baseline_check(found.tags, tag, scores[metric])
+    passed = passed and baseline_ok
+    reasons.append(baseline_reason)
     if passed:
-        reasons.append("absolute checks passed (classes predicted, calibration, slices)")
+        reasons.append("absolute checks passed (classes predicted, calibration, slices, baseline)")
     return GateDecision(
         tag=tag.name,
         challenger_version=str(challenger),
@@ -257,8 +260,26 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
         metric=metric,
         challenger_metric=scores[metric],
         champion_metric=champion_score,
-        checks={"metrics": scores, "slices": slice_scores, "never_predicted": never},
+        checks={"metrics": scores, "slices": slice_scores, "never_predicted": never, "baseline": baseline_checks},
     )
+
+
+def _baseline_check(version_tags: Mapping[str, str], tag: TagSpec, score: float) -> tuple[bool, str, dict[str, Any]]:
+    """(passed, reason, checks): the registered model against the logistic baseline on the test part, by
+    promotion.baseline_margin, unless the registered model is the baseline itself."""
+    metric, margin = tag.promotion.metric, tag.promotion.baseline_margin
+    selection = json.loads(version_tags.get("candidate_selection", "{}"))
+    valid = ", ".join(f"{role} {value:.4f}" for role, value in selection.get("valid", {}).items())
+    if version_tags.get("model_candidate") == "baseline":
+        reason = f"the registered model is the logistic baseline itself: it beat the tuned {tag.model.family} on validation {metric} ({valid}); no baseline margin applies"
+        return True, reason, {"registered": "baseline", **selection}
+    recorded = version_tags.get(f"baseline_test_{metric}")
+    if recorded is None:
+        return True, "no baseline was trained (model.baseline is off): not compared with one", {"registered": "tuned"}
+    baseline = float(recorded)
+    beats = _better(metric, score, baseline, margin)
+    reason = f"{metric} {score:.4f} {'beats' if beats else 'does not beat'} the logistic baseline ({baseline:.4f}) by the baseline margin {margin}"
+    return beats, reason + (f" (validation: {valid})" if valid else ""), {"registered": "tuned", "baseline_test": baseline, "margin": margin, **selection}
 
 
 def apply_gate(client: MlflowClient, decision: GateDecision) -> GateDecision:

@@ -2,26 +2,21 @@
 refit and calibrated, evaluated on the held-out test set, logged and registered as the challenger."""
 
 import json
-import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, Schema, TensorSpec
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
 from sklearn.utils.class_weight import compute_sample_weight
 
-from tagml.core.settings import home_relative
 from tagml.training.catalog import LOWER_IS_BETTER, TagSpec
 from tagml.training.concurrency import mark_stale_runs, owner_tags, training_lock
 from tagml.training.dataset import TrainingSet
@@ -35,27 +30,17 @@ from tagml.training.evaluate import (
     slice_metrics,
 )
 from tagml.training.models import build_pipeline
+from tagml.training.registration import PIP_REQUIREMENTS, code_version, model_signature, register_version
 from tagml.training.tracking import (
     LoggedSklearnModel,
     create_run,
     is_local_store,
-    is_missing,
     log_metrics,
     log_params,
     log_sklearn_model,
     set_tags,
     tracked_run,
 )
-from tagml.training.versions import REGISTRATION_COMPLETE, REGISTRATION_PENDING, REGISTRATION_TAG, registered_model_name
-
-PIP_REQUIREMENTS = ["scikit-learn>=1.6,<2", "xgboost>=3.0,<3.3", "pandas>=2.2,<3", "numpy>=2.0,<2.5"]
-
-
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 @dataclass
@@ -68,6 +53,7 @@ class TrainResult:
     baseline_metrics: dict[str, float]
     best_params: dict[str, Any]
     slice_metrics: dict[str, float]
+    family: str  # the family registered: the tuned one, or the baseline's when it scored better on validation
     seconds: dict[str, float] = field(default_factory=dict)
     experiment_id: str = ""
 
@@ -190,15 +176,19 @@ def _train(
             },
         )
         best_params = tune(fit, trials or tag.model.trials)
-        pipeline, model = fit_and_calibrate(fit, best_params)
+        tuned = fit_candidate(fit, tag.model.family, best_params, "tuned")
+        baseline, baseline_metrics = _baseline(fit) if tag.model.baseline else (None, {})
+        chosen = select_candidate(fit, tuned, baseline)
+        model = calibrate(fit, chosen.pipeline)
         proba, metrics, slice_values = evaluate(fit, model)
-        baseline_metrics = _baseline(fit) if tag.model.baseline else {}
         started = time.perf_counter()
-        _log_evaluation(fit, pipeline, proba, slice_values)
-        logged, version = register(fit, model, metrics)
+        _log_evaluation(fit, chosen.pipeline, proba, slice_values)
+        logged, version = register(fit, model, metrics, chosen, baseline_metrics)
         fit.add_time("logging", started)
         log_metrics(client, parent_id, {f"seconds_{k}": v for k, v in fit.timings.items()})
-    return TrainResult(tag.name, parent_id, logged.model_uri, version, metrics, baseline_metrics, best_params, slice_values, fit.timings, experiment_id)
+    return TrainResult(
+        tag.name, parent_id, logged.model_uri, version, metrics, baseline_metrics, best_params, slice_values, chosen.family, fit.timings, experiment_id
+    )
 
 
 def tune(fit: _Fitting, trials: int) -> dict[str, Any]:
@@ -276,20 +266,53 @@ def _pruner(trials: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=max(5, trials // 3), n_warmup_steps=30, interval_steps=10)
 
 
-def fit_and_calibrate(fit: _Fitting, best_params: dict[str, Any]) -> tuple[Any, Any]:
-    """(the pipeline refit on the training part with the best parameters, the model to register: the
-    pipeline calibrated on the validation part unless the catalog says `calibration: none`)."""
-    assert fit.tag.model is not None
+@dataclass(frozen=True)
+class Candidate:
+    """A model family fitted on the training part, with its metrics on the validation part (before calibration)."""
+
+    family: str
+    role: str  # "tuned" (the study's best configuration) or "baseline" (the catalog's model.baseline)
+    pipeline: Any
+    valid: dict[str, float]
+    selection: dict[str, Any] = field(default_factory=dict)  # how it was chosen: the metric and each candidate's validation score
+
+
+def fit_candidate(fit: _Fitting, family: str, params: dict[str, Any], role: str) -> Candidate:
+    """`family` with `params` fitted on the training part."""
     started = time.perf_counter()
-    pipeline = fit.pipeline(fit.tag.model.family, best_params)
-    fit_started = time.perf_counter()
+    pipeline = fit.pipeline(family, params)
     pipeline.fit(fit.X_train, fit.y_train, model__sample_weight=fit.weights)
-    fit.add_time("model_fit", fit_started)
-    model: Any = pipeline
-    if fit.tag.model.calibration != "none":
-        model = CalibratedClassifierCV(FrozenEstimator(pipeline), method=fit.tag.model.calibration).fit(fit.X_valid, fit.y_valid)
-    fit.timings["refit"] = time.perf_counter() - started
-    return pipeline, model
+    fit.add_time("model_fit", started)
+    fit.add_time("refit", started)
+    return Candidate(family, role, pipeline, fit.valid_metrics(pipeline.predict_proba(fit.X_valid)))
+
+
+def select_candidate(fit: _Fitting, tuned: Candidate, baseline: Candidate | None) -> Candidate:
+    """The tuned model, unless the baseline scores better at the promotion metric on the VALIDATION part (the test
+    part stays for the gate): a tuned model that cannot beat a logistic regression is not the one to register."""
+    metric = fit.tag.promotion.metric
+    chosen = tuned
+    if baseline is not None and _strictly_better(metric, baseline.valid[metric], tuned.valid[metric]):
+        chosen = baseline
+    scores = {c.role: c.valid[metric] for c in (tuned, baseline) if c is not None}
+    log_params(fit.client, fit.parent_id, {"chosen_family": chosen.family, "chosen_candidate": chosen.role})
+    log_metrics(fit.client, fit.parent_id, {f"valid_{metric}_{role}": v for role, v in scores.items()})
+    return replace(chosen, selection={"metric": metric, "valid": scores, "chosen": chosen.role, "family": chosen.family})
+
+
+def _strictly_better(metric: str, value: float, than: float) -> bool:
+    return value < than if metric in LOWER_IS_BETTER else value > than
+
+
+def calibrate(fit: _Fitting, pipeline: Any) -> Any:
+    """The model to register: `pipeline` calibrated on the validation part unless the catalog says `calibration: none`."""
+    assert fit.tag.model is not None
+    if fit.tag.model.calibration == "none":
+        return pipeline
+    started = time.perf_counter()
+    model = CalibratedClassifierCV(FrozenEstimator(pipeline), method=fit.tag.model.calibration).fit(fit.X_valid, fit.y_valid)
+    fit.add_time("refit", started)
+    return model
 
 
 def evaluate(fit: _Fitting, model: Any) -> tuple[np.ndarray, dict[str, float], dict[str, float]]:
@@ -304,15 +327,15 @@ def evaluate(fit: _Fitting, model: Any) -> tuple[np.ndarray, dict[str, float], d
     return proba, metrics, slice_values
 
 
-def _baseline(fit: _Fitting) -> dict[str, float]:
-    """A plain logistic regression on the same split, for comparison (its own nested run)."""
+def _baseline(fit: _Fitting) -> tuple[Candidate, dict[str, float]]:
+    """A plain logistic regression on the same split, in its own nested run: a candidate for registration
+    and the bar the gate holds the registered model to on the test part."""
     with tracked_run(fit.client, fit.experiment_id, "baseline-logistic_regression", fit.tags_on_runs, parent_run_id=fit.parent_id) as baseline_id:
-        baseline = fit.pipeline("logistic_regression", {})
-        baseline.fit(fit.X_train, fit.y_train, model__sample_weight=fit.weights)
-        metrics = core_metrics(fit.y_test, baseline.predict_proba(fit.X_test), fit.n_classes)
-        log_metrics(fit.client, baseline_id, {f"test_{k}": v for k, v in metrics.items()})
-    log_metrics(fit.client, fit.parent_id, {f"baseline_test_{k}": v for k, v in metrics.items()})
-    return metrics
+        baseline = fit_candidate(fit, "logistic_regression", {}, "baseline")
+        test = core_metrics(fit.y_test, baseline.pipeline.predict_proba(fit.X_test), fit.n_classes)
+        log_metrics(fit.client, baseline_id, {**{f"valid_{k}": v for k, v in baseline.valid.items()}, **{f"test_{k}": v for k, v in test.items()}})
+    log_metrics(fit.client, fit.parent_id, {f"baseline_test_{k}": v for k, v in test.items()})
+    return baseline, test
 
 
 def _log_evaluation(fit: _Fitting, pipeline: Any, proba: np.ndarray, slice_values: dict[str, float]) -> None:
@@ -331,7 +354,7 @@ def _log_evaluation(fit: _Fitting, pipeline: Any, proba: np.ndarray, slice_value
         fit.client.log_artifacts(fit.parent_id, tmp, artifact_path="evaluation")
 
 
-def register(fit: _Fitting, model: Any, metrics: dict[str, float]) -> tuple[LoggedSklearnModel, str]:
+def register(fit: _Fitting, model: Any, metrics: dict[str, float], chosen: Candidate, baseline_test: dict[str, float]) -> tuple[LoggedSklearnModel, str]:
     """Log `model` on the training run and register it as the tag's new challenger version."""
     logged = log_sklearn_model(
         fit.client,
@@ -344,46 +367,9 @@ def register(fit: _Fitting, model: Any, metrics: dict[str, float]) -> tuple[Logg
         serialization_format="cloudpickle",
         pyfunc_predict_fn="predict_proba",
     )
-    version = _register(fit.client, fit.tag, logged.artifact_location, logged.model_id, fit.parent_id, fit.data, metrics, fit.run_tags)
+    metric = fit.tag.promotion.metric
+    selection = {"model_family": chosen.family, "model_candidate": chosen.role, "candidate_selection": json.dumps(chosen.selection)}
+    if baseline_test:
+        selection[f"baseline_test_{metric}"] = f"{baseline_test[metric]:.6f}"
+    version = register_version(fit.client, fit.tag, logged.artifact_location, logged.model_id, fit.parent_id, fit.data, metrics, {**fit.run_tags, **selection})
     return logged, version
-
-
-def model_signature(data: TrainingSet, n_classes: int) -> ModelSignature:
-    """Every feature optional (missing values are normal in bank data) and typed as in training:
-    text for categorical, double for numeric. Inferring it from a few example rows would mark columns
-    required and reject tomorrow's nulls."""
-    inputs = Schema([ColSpec("string" if n in data.categorical else "double", n, required=False) for n in data.feature_names])
-    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("float64"), (-1, n_classes))]))
-
-
-def _register(
-    client: MlflowClient, tag: TagSpec, source: str, model_id: str, run_id: str, data: TrainingSet, metrics: dict[str, float], run_tags: dict[str, str]
-) -> str:
-    name = registered_model_name(tag.name)
-    try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if not is_missing(exc):
-            raise
-        client.create_registered_model(name, description=tag.description, tags={"owner": tag.owner, "sensitivity": tag.sensitivity})
-    # the source is the logged model's own artifact location with its model id: a server checks the two
-    # belong together, and a `models:/m-...` source would make a SQLite store resolve it through
-    # MLflow's process-global tracking URI
-    version = client.create_model_version(name, source, run_id=run_id, model_id=model_id, tags={REGISTRATION_TAG: REGISTRATION_PENDING}).version
-    tags = {
-        **run_tags,
-        "data_snapshot": home_relative(data.snapshot_path),
-        "snapshot_id": data.snapshot_id,
-        "feature_list": json.dumps(list(data.feature_names)),
-        "feature_types": json.dumps(data.feature_types or {n: ("categorical" if n in data.categorical else "numeric") for n in data.feature_names}),
-        "classes": json.dumps(list(tag.classes)),
-        "catalog_hash": tag.content_hash(),
-        "code_version": code_version(),
-        "promotion_metric": tag.promotion.metric,
-        f"test_{tag.promotion.metric}": f"{metrics[tag.promotion.metric]:.6f}",
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_model_version_tag(name, version, REGISTRATION_TAG, REGISTRATION_COMPLETE)  # last: everything above is in place
-    client.set_registered_model_alias(name, "challenger", version)
-    return str(version)

@@ -1,0 +1,57 @@
+"""The promotion gate's blind spots, on real MLflow SQLite stores and small generated customer tables: the
+logistic baseline as a candidate and a bar, implausible performance, slices per tag, binary decisions."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tagml.training.registry import apply_gate, champion_version, evaluate_gate, load_model
+from tagml.training.tracking import connect_tracking
+from tagml.training.train import train_tag
+from tagml.training.versions import registered_model_name
+from tests.test_tuning import binary_set, binary_tag
+
+WEAK = {"n_estimators": {"low": 1, "high": 2, "integer": True}, "max_depth": {"low": 1, "high": 1, "integer": True}, "learning_rate": {"low": 0.01, "high": 0.02}}
+GOOD = {"n_estimators": {"low": 60, "high": 80, "integer": True}, "max_depth": {"low": 2, "high": 3, "integer": True}}
+
+
+@pytest.fixture
+def client(tmp_path) -> MlflowClient:
+    return connect_tracking(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def _train_and_gate(tmp_path, client, tag, data, slices=None):
+    result = train_tag(tag, data, client, slices or {}, artifact_location=str(tmp_path / "artifacts"), threads=1)
+    decision = apply_gate(client, evaluate_gate(client, tag, result.version, data, slices or {}))
+    return result, decision, client.get_model_version(registered_model_name(tag.name), result.version)
+
+
+def test_a_baseline_that_beats_the_tuned_model_on_validation_is_registered_and_says_so(tmp_path, client):
+    data = binary_set(tmp_path)
+    tag = binary_tag(tmp_path, promotion={"metric": "roc_auc_ovr"}, model={"baseline": "logistic_regression", "search_space": WEAK, "trials": 2})
+    result, decision, version = _train_and_gate(tmp_path, client, tag, data)
+    selection = json.loads(version.tags["candidate_selection"])
+    assert selection["valid"]["baseline"] > selection["valid"]["tuned"]  # one or two depth-1 trees against a linear signal
+    assert (result.family, version.tags["model_family"], version.tags["model_candidate"]) == ("logistic_regression",) * 2 + ("baseline",)
+    assert client.get_run(result.run_id).data.params["chosen_family"] == "logistic_regression"
+    assert type(load_model(client, tag.name, result.version).estimator.estimator.named_steps["model"]).__name__ == "LogisticRegression"
+    assert decision.promoted, decision.reasons
+    assert any("the registered model is the logistic baseline itself" in r for r in decision.reasons)
+    assert decision.checks["baseline"]["registered"] == "baseline"
+
+
+def test_a_tuned_model_must_beat_the_baseline_on_test_by_the_baseline_margin(tmp_path, client):
+    data = binary_set(tmp_path, bumpy=True)
+    tag = binary_tag(tmp_path, promotion={"metric": "roc_auc_ovr", "baseline_margin": 0.3}, model={"baseline": "logistic_regression", "search_space": GOOD, "trials": 1})
+    result, decision, version = _train_and_gate(tmp_path, client, tag, data)
+    assert version.tags["model_candidate"] == "tuned" and result.family == "xgboost"
+    assert not decision.promoted and champion_version(client, tag.name) is None
+    baseline = float(version.tags["baseline_test_roc_auc_ovr"])
+    assert baseline == pytest.approx(result.baseline_metrics["roc_auc_ovr"], abs=1e-6)
+    assert any(f"does not beat the logistic baseline ({baseline:.4f}) by the baseline margin 0.3" in r for r in decision.reasons), decision.reasons
+
+    tag = binary_tag(tmp_path, promotion={"metric": "roc_auc_ovr"}, model={"baseline": "logistic_regression", "search_space": GOOD, "trials": 1})
+    result, decision, version = _train_and_gate(tmp_path, client, tag, data)
+    assert decision.promoted, decision.reasons
+    assert any("beats the logistic baseline" in r for r in decision.reasons)
