@@ -2,6 +2,7 @@
 logistic baseline as a candidate and a bar, implausible performance, slices per tag, binary decisions."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -12,7 +13,11 @@ from tagml.training.train import train_tag
 from tagml.training.versions import registered_model_name
 from tests.test_tuning import binary_set, binary_tag
 
-WEAK = {"n_estimators": {"low": 1, "high": 2, "integer": True}, "max_depth": {"low": 1, "high": 1, "integer": True}, "learning_rate": {"low": 0.01, "high": 0.02}}
+WEAK = {
+    "n_estimators": {"low": 1, "high": 2, "integer": True},
+    "max_depth": {"low": 1, "high": 1, "integer": True},
+    "learning_rate": {"low": 0.01, "high": 0.02},
+}
 GOOD = {"n_estimators": {"low": 60, "high": 80, "integer": True}, "max_depth": {"low": 2, "high": 3, "integer": True}}
 
 
@@ -43,7 +48,9 @@ def test_a_baseline_that_beats_the_tuned_model_on_validation_is_registered_and_s
 
 def test_a_tuned_model_must_beat_the_baseline_on_test_by_the_baseline_margin(tmp_path, client):
     data = binary_set(tmp_path, bumpy=True)
-    tag = binary_tag(tmp_path, promotion={"metric": "roc_auc_ovr", "baseline_margin": 0.3}, model={"baseline": "logistic_regression", "search_space": GOOD, "trials": 1})
+    tag = binary_tag(
+        tmp_path, promotion={"metric": "roc_auc_ovr", "baseline_margin": 0.3}, model={"baseline": "logistic_regression", "search_space": GOOD, "trials": 1}
+    )
     result, decision, version = _train_and_gate(tmp_path, client, tag, data)
     assert version.tags["model_candidate"] == "tuned" and result.family == "xgboost"
     assert not decision.promoted and champion_version(client, tag.name) is None
@@ -55,3 +62,32 @@ def test_a_tuned_model_must_beat_the_baseline_on_test_by_the_baseline_margin(tmp
     result, decision, version = _train_and_gate(tmp_path, client, tag, data)
     assert decision.promoted, decision.reasons
     assert any("beats the logistic baseline" in r for r in decision.reasons)
+
+
+def _leaky(data):
+    """`data` with a column that is the label itself, encoded: a leak a bank's wide table can carry under any name."""
+    frame = data.frame.assign(flag_2=(data.frame["label"] == "yes").astype(float))
+    return replace(data, frame=frame, feature_names=(*data.feature_names, "flag_2"), feature_types={**data.feature_types, "flag_2": "numeric"})
+
+
+@pytest.mark.parametrize(("metric", "shown"), [("roc_auc_ovr", "test roc_auc_ovr 1.0000 is implausibly good (>= 0.99)"), ("log_loss", "(<= 0.01)")])
+def test_an_implausibly_good_model_is_refused_unless_the_catalog_allows_it(tmp_path, client, metric, shown):
+    data = _leaky(binary_set(tmp_path))
+    tag = binary_tag(tmp_path, promotion={"metric": metric}, model={"search_space": GOOD, "trials": 1})
+    _, decision, _ = _train_and_gate(tmp_path, client, tag, data)
+    assert not decision.promoted and champion_version(client, tag.name) is None
+    [reason] = [r for r in decision.reasons if "implausibly good" in r]
+    assert shown in reason and "leaks the label" in reason
+
+    allowed = binary_tag(tmp_path, promotion={"metric": metric, "allow_implausible": True}, model={"search_space": GOOD, "trials": 1})
+    _, decision, _ = _train_and_gate(tmp_path, client, allowed, data)
+    assert decision.promoted, decision.reasons
+    assert any("promoted anyway because promotion.allow_implausible is set" in r for r in decision.reasons)
+
+
+def test_the_implausible_bound_follows_the_metric_and_the_catalog():
+    from tagml.training.catalog import PromotionSpec
+
+    assert PromotionSpec(metric="macro_f1").implausible_bound == 0.99 and PromotionSpec(metric="log_loss").implausible_bound == 0.01
+    assert PromotionSpec(metric="accuracy", implausible_above=0.999).is_implausible(0.998) is False
+    assert PromotionSpec(metric="log_loss").is_implausible(0.005) and not PromotionSpec(metric="log_loss").is_implausible(0.2)

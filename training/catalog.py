@@ -96,6 +96,8 @@ class SearchDimension(_Strict):
 
 PromotionMetric = Literal["macro_f1", "accuracy", "log_loss", "roc_auc_ovr", "balanced_accuracy"]
 LOWER_IS_BETTER = frozenset({"log_loss"})
+# test metrics this good mean leakage far more often than a tag that easy: ROC AUC 1.0 on a leaky table was promoted
+IMPLAUSIBLE_DEFAULT = {"higher": 0.99, "log_loss": 0.01}
 
 
 class ModelSpec(_Strict):
@@ -134,6 +136,24 @@ class PromotionSpec(_Strict):
     max_calibration_error: float = Field(0.05, gt=0, le=1)
     slice_floor: float = Field(0.0, ge=0, le=1, description="no slice's metric may fall below this")
     require_all_classes_predicted: bool = True
+    implausible_above: float | None = Field(
+        None,
+        ge=0,
+        description="a test promotion metric this good is refused as implausible (a feature leaking the label?): at or above it for "
+        f"the metrics where higher is better (default {IMPLAUSIBLE_DEFAULT['higher']}); for log_loss a floor, at or below it (default {IMPLAUSIBLE_DEFAULT['log_loss']})",
+    )
+    allow_implausible: bool = Field(False, description="promote a model whose test metric is implausibly good anyway (recorded in the gate's reasons)")
+
+    @property
+    def implausible_bound(self) -> float:
+        """Where the promotion metric becomes implausible: `implausible_above`, or the default for the metric."""
+        if self.implausible_above is not None:
+            return self.implausible_above
+        return IMPLAUSIBLE_DEFAULT["log_loss" if self.metric in LOWER_IS_BETTER else "higher"]
+
+    def is_implausible(self, value: float) -> bool:
+        bound = self.implausible_bound
+        return value <= bound if self.metric in LOWER_IS_BETTER else value >= bound
 
 
 class DriftSpec(_Strict):

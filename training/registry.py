@@ -229,6 +229,16 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
         reasons.append(
             f"calibration error {scores['calibration_error_debiased']:.4f} (debiased; raw {scores['calibration_error']:.4f}) > {rules.max_calibration_error}"
         )
+    if rules.is_implausible(scores[metric]):
+        side = "<=" if metric in LOWER_IS_BETTER else ">="
+        verdict = f"test {metric} {scores[metric]:.4f} is implausibly good ({side} {rules.implausible_bound}): a feature probably leaks the label"
+        if rules.allow_implausible:
+            reasons.append(f"{verdict}; promoted anyway because promotion.allow_implausible is set")
+        else:
+            passed = False
+            reasons.append(
+                f"{verdict} (a copy of it, or something known only after it); exclude it, or set promotion.allow_implausible if the tag is really this easy"
+            )
     low_slices = {k: round(v, 4) for k, v in slice_scores.items() if v < rules.slice_floor}
     if low_slices:
         passed = False
