@@ -292,7 +292,6 @@ def test_pruned_trials_are_recorded_as_pruned_not_failed(risk, tmp_path):
     tag, _ = _tag(
         tmp_path,
         trials=8,
-        objective="log_loss",  # only a log-loss study is pruned: it is the value xgboost reports while it boosts
         search_space={
             "n_estimators": {"low": 60, "high": 120, "integer": True},
             "learning_rate": {"low": 0.005, "high": 0.5, "log": True},

@@ -100,16 +100,32 @@ def test_two_entries_differing_only_in_the_promotion_metric_choose_their_own_bes
     assert chosen["log_loss"] != chosen["roc_auc_ovr"]
 
 
-def test_model_objective_overrides_the_promotion_metric_and_only_log_loss_prunes(tmp_path, client):
+def test_model_objective_overrides_the_promotion_metric(tmp_path, client):
     data = binary_set(tmp_path)
-    tag = binary_tag(tmp_path, promotion={"metric": "macro_f1"}, model={"objective": "log_loss"})
+    tag = binary_tag(tmp_path, promotion={"metric": "macro_f1"}, model={"objective": "log_loss", "trials": 2})
     assert tag.tuning_objective == "log_loss"
     result = train_tag(tag, data, client, {}, artifact_location=str(tmp_path / "artifacts"), threads=1)
-    params = client.get_run(result.run_id).data.params
-    assert (params["tuning_objective"], params["tuning_pruning"]) == ("log_loss", "True")
+    run = client.get_run(result.run_id).data
+    assert run.params["tuning_objective"] == "log_loss"
+    assert run.metrics["best_valid_log_loss"] == min(t.data.metrics["valid_log_loss"] for t in _trials(client, result.run_id, result.experiment_id))
 
-    tag = binary_tag(tmp_path, promotion={"metric": "macro_f1"})
+
+def test_trials_are_pruned_on_their_own_objective_and_recorded_as_pruned_not_failed(tmp_path, client):
+    """The pruner compares the study's objective (here ROC AUC, reported every 10 rounds), not xgboost's log
+    loss; a pruned trial ends FINISHED with trial_state=pruned, and the first max(5, trials // 3) run in full."""
+    data = binary_set(tmp_path, n=3000)
+    space = {
+        "learning_rate": {"low": 0.0005, "high": 0.5, "log": True},
+        "n_estimators": {"low": 60, "high": 80, "integer": True},
+        "max_depth": {"low": 1, "high": 4, "integer": True},
+    }
+    tag = binary_tag(tmp_path, promotion={"metric": "roc_auc_ovr"}, model={"trials": 12, "search_space": space})
     result = train_tag(tag, data, client, {}, artifact_location=str(tmp_path / "artifacts"), threads=1)
     run = client.get_run(result.run_id).data
-    assert (run.params["tuning_objective"], run.params["tuning_pruning"]) == ("macro_f1", "False")
-    assert (run.metrics["trials_completed"], run.metrics["trials_pruned"]) == (4, 0)
+    trials = sorted(_trials(client, result.run_id, result.experiment_id), key=lambda t: int(t.info.run_name.split("-")[1]))
+    states = [t.data.tags["trial_state"] for t in trials]
+    assert run.params["tuning_pruning"] == "True"
+    assert states[:5] == ["complete"] * 5  # the pruner's start-up trials
+    assert 1 <= states.count("pruned") == run.metrics["trials_pruned"] and states.count("complete") == run.metrics["trials_completed"]
+    assert {t.info.status for t in trials} == {"FINISHED"}
+    assert all("valid_roc_auc_ovr" not in t.data.metrics for t in trials if t.data.tags["trial_state"] == "pruned")

@@ -114,7 +114,7 @@ class ModelSpec(_Strict):
     objective: PromotionMetric | None = Field(
         None,
         description="what the Optuna study optimises on the validation part (maximised; log_loss minimised); default: promotion.metric. "
-        "Trials are pruned early only when it is log_loss, the one value xgboost reports while it trains",
+        "xgboost trials report it every 10 boosting rounds, and a median pruner stops the trials that fall behind",
     )
 
 

@@ -61,21 +61,37 @@ def debiased_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 10,
     return max(expected_calibration_error(y, proba, bins) - float(np.mean(noise)), 0.0)
 
 
+def _auc(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
+    if n_classes == 2:
+        return float(roc_auc_score(y, proba[:, 1])) if len(np.unique(y)) == 2 else float("nan")
+    return float(roc_auc_score(y, proba, multi_class="ovr", labels=list(range(n_classes)))) if len(np.unique(y)) == n_classes else float("nan")
+
+
+def _log_loss(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
+    clipped = np.clip(proba, 1e-12, 1)  # float32 models' rows sum to 1 only approximately
+    return float(log_loss(y, clipped / clipped.sum(axis=1, keepdims=True), labels=list(range(n_classes))))
+
+
+_PROBABILITY_METRICS = {"log_loss": _log_loss, "roc_auc_ovr": _auc}
+_DECISION_METRICS = {
+    "macro_f1": lambda y, pred, n: float(f1_score(y, pred, average="macro", labels=list(range(n)), zero_division=0)),
+    "accuracy": lambda y, pred, n: float(accuracy_score(y, pred)),
+    "balanced_accuracy": lambda y, pred, n: float(balanced_accuracy_score(y, pred)),
+}
+
+
+def metric_value(y: np.ndarray, proba: np.ndarray, n_classes: int, metric: str) -> float:
+    """One promotion metric, without the others (the pruner asks for it every few boosting rounds)."""
+    if metric in _PROBABILITY_METRICS:
+        return _PROBABILITY_METRICS[metric](y, proba, n_classes)
+    return _DECISION_METRICS[metric](y, proba.argmax(axis=1), n_classes)
+
+
 def core_metrics(y: np.ndarray, proba: np.ndarray, n_classes: int) -> dict[str, float]:
     pred = proba.argmax(axis=1)
-    labels = list(range(n_classes))
-    clipped = np.clip(proba, 1e-12, 1)  # float32 models' rows sum to 1 only approximately
-    if n_classes == 2:
-        auc = roc_auc_score(y, proba[:, 1]) if len(np.unique(y)) == 2 else float("nan")
-    else:
-        present = np.unique(y)
-        auc = roc_auc_score(y, proba, multi_class="ovr", labels=labels) if len(present) == n_classes else float("nan")
     return {
-        "macro_f1": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
-        "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-        "log_loss": float(log_loss(y, clipped / clipped.sum(axis=1, keepdims=True), labels=labels)),
-        "roc_auc_ovr": float(auc),
+        **{name: score(y, pred, n_classes) for name, score in _DECISION_METRICS.items()},
+        **{name: score(y, proba, n_classes) for name, score in _PROBABILITY_METRICS.items()},
         "calibration_error": expected_calibration_error(y, proba),
         "calibration_error_debiased": debiased_calibration_error(y, proba),
     }
