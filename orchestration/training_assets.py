@@ -20,6 +20,7 @@ from tagml.training.dataset import (
     build_training_set,
     load_training_set,
 )
+from tagml.training.evaluate import slice_sources
 from tagml.training.registry import GateDecision, apply_gate, evaluate_gate
 from tagml.training.tracking import model_version_url, run_url, ui_base_url
 from tagml.training.train import TrainResult, train_tag
@@ -109,8 +110,8 @@ def _tag_model_asset(tag: TagSpec, catalog: Catalog) -> dg.AssetsDefinition:
     ):
         data = load_training_set(resolve_home_path(snapshot_path), tag)
         client = mlflow_store.client()
-        # the gate and drift judge the same segments: the catalog's slices as drift defines them
-        slices = slice_expressions(catalog, set(data.feature_names))
+        # the gate and drift judge the same segments: the tag's slices as drift defines them (recorded on the version)
+        slices = slice_expressions(catalog, set(data.feature_names), tag, slice_sources(tag, data))
         result = train_tag(
             tag,
             data,

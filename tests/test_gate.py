@@ -4,7 +4,9 @@ logistic baseline as a candidate and a bar, implausible performance, slices per 
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from tagml.training.registry import apply_gate, champion_version, evaluate_gate, load_model
@@ -91,3 +93,80 @@ def test_the_implausible_bound_follows_the_metric_and_the_catalog():
     assert PromotionSpec(metric="macro_f1").implausible_bound == 0.99 and PromotionSpec(metric="log_loss").implausible_bound == 0.01
     assert PromotionSpec(metric="accuracy", implausible_above=0.999).is_implausible(0.998) is False
     assert PromotionSpec(metric="log_loss").is_implausible(0.005) and not PromotionSpec(metric="log_loss").is_implausible(0.2)
+
+
+# ---- slices per tag ---------------------------------------------------------------------------------
+
+HOSTILE = 'seg"; DROP TABLE x; --'
+
+
+def _with_columns(data, **columns):
+    """`data` with extra categorical feature columns (a bring-your-own table's)."""
+    frame = data.frame.assign(**columns)
+    return replace(
+        data,
+        frame=frame,
+        feature_names=(*data.feature_names, *columns),
+        categorical=(*data.categorical, *columns),
+        feature_types={**data.feature_types, **dict.fromkeys(columns, "categorical")},
+    )
+
+
+def test_a_bring_your_own_tag_is_sliced_by_its_low_cardinality_categoricals_and_the_floor_checks_them(tmp_path, client):
+    from tagml.scoring.rules import slice_expressions
+    from tagml.training.catalog import load_catalog
+    from tagml.training.evaluate import slice_sources
+
+    base = binary_set(tmp_path)
+    n = len(base.frame)
+    data = _with_columns(base, channel=np.where(np.arange(n) % 2, "app", "branch"), city=[f"city{i % 50}" for i in range(n)])
+    tag = binary_tag(tmp_path, promotion={"metric": "roc_auc_ovr", "slice_floor": 0.999}, model={"search_space": GOOD, "trials": 1})
+    assert slice_sources(tag, data) == ("channel", "segment")  # 2 and 3 levels; city has 50
+    slices = slice_expressions(load_catalog(), set(data.feature_names), tag, slice_sources(tag, data))
+    assert set(slices) == {"channel", "segment"}
+    result, decision, version = _train_and_gate(tmp_path, client, tag, data, slices)
+    assert json.loads(version.tags["slices"]) == ["channel", "segment"]
+    assert {k.split("=")[0] for k in result.slice_metrics} == {"channel", "segment"}
+    assert not decision.promoted
+    [low] = [r for r in decision.reasons if r.startswith("slices below the roc_auc_ovr floor 0.999")]
+    assert "segment=gold" in low and "channel=app" in low
+
+
+def test_hostile_slice_columns_and_values_make_valid_distinct_mlflow_metric_names(tmp_path, client):
+    from tagml.training.evaluate import slice_metric_name
+
+    base = binary_set(tmp_path)
+    values = np.array(["a/b c", "客户", "x=y<z+", "../..", "a_b_c"])
+    data = _with_columns(base, **{HOSTILE: values[np.arange(len(base.frame)) % len(values)]})
+    tag = binary_tag(tmp_path, model={"search_space": GOOD, "trials": 1}, slices=[HOSTILE])
+    from tagml.scoring.rules import slice_expressions
+    from tagml.training.catalog import load_catalog
+
+    slices = slice_expressions(load_catalog(), set(data.feature_names), tag)
+    result, decision, _ = _train_and_gate(tmp_path, client, tag, data, slices)
+    logged = {k for k in client.get_run(result.run_id).data.metrics if k.startswith("slice_")}
+    assert logged == {slice_metric_name(k) for k in result.slice_metrics} and len(logged) == len(values)
+    assert {k.split("=", 1)[1] for k in decision.checks["slices"]} == set(values)
+
+
+def test_declared_slices_are_checked_by_name_and_an_empty_list_says_no_slices_checked(tmp_path, client):
+    from tagml.scoring.rules import SliceError, slice_expressions
+    from tagml.training.catalog import CatalogError, load_catalog
+
+    catalog = load_catalog()
+    data = binary_set(tmp_path)
+    with pytest.raises(SliceError, match="tag 'buyer': slice 'tier' is neither a rule tag of the catalog nor a column"):
+        slice_expressions(catalog, set(data.feature_names), binary_tag(tmp_path, slices=["tier"]))
+    with pytest.raises(SliceError, match=r"tag 'buyer': slice the rule tag 'value_tier' reads \['aum_total'\]"):
+        slice_expressions(catalog, set(data.feature_names), binary_tag(tmp_path, slices=["value_tier"]))
+    assert slice_expressions(catalog, {"region", "aum_total"}) == slice_expressions(catalog, {"region", "aum_total"}, catalog.get("risk_appetite"))
+
+    entries = [t.model_dump(mode="json") for t in catalog.tags]
+    entries[0]["slices"] = ["region", "tier"]
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump({"version": 1, "tags": entries}))
+    with pytest.raises(CatalogError, match=r"tag 'risk_appetite': slices: \['tier'\] are neither rule tags of the catalog nor features"):
+        load_catalog(tmp_path / "catalog.yaml")
+
+    tag = binary_tag(tmp_path, model={"search_space": GOOD, "trials": 1}, slices=[])
+    _, decision, _ = _train_and_gate(tmp_path, client, tag, data, slice_expressions(catalog, set(data.feature_names), tag))
+    assert "no slices checked (the tag has no slices)" in decision.reasons

@@ -29,6 +29,8 @@ FEATURE_GROUPS = tuple(sorted({f.group for f in FEATURES}))
 # Class names become MLflow metric names, file names and tag-store values: a safe, portable alphabet.
 CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 UNKNOWN = "unknown"  # what scoring stores below a tag's min_confidence: no tag may use it as a class
+# the slices of a tag on the contract's customer_features unless it declares its own: the value_tier rule's bands and region
+CONTRACT_SLICES = ("value_tier", "region")
 
 
 class CatalogError(ValueError):
@@ -217,6 +219,12 @@ class TagSpec(_Strict):
     drift: DriftSpec = DriftSpec()
     min_confidence: float = Field(0.0, ge=0, lt=1, description="below this top probability the tag is stored as 'unknown'")
     rule: RuleSpec | None = None
+    slices: tuple[str, ...] | None = Field(
+        None,
+        description="segments the gate holds to promotion.slice_floor (and drift reports): rule tags of the catalog or feature columns. "
+        f"Default: {list(CONTRACT_SLICES)} on the contract's features; on a bring-your-own table, up to 3 of its categorical features "
+        "with 2-20 levels in the training set (fewest levels first). [] checks none",
+    )
 
     @field_validator("classes")
     @classmethod
@@ -252,6 +260,8 @@ class TagSpec(_Strict):
             if critical and self.label.feature_source == "customer_features":
                 raise ValueError(f"drift.critical_features: unknown feature names {sorted(critical)}")
         else:
+            if self.slices is not None:
+                raise ValueError("slices: only a model tag is sliced (its gate and drift); remove it from the rule tag")
             if self.rule is None:
                 raise ValueError("a rule tag needs a 'rule' section")
             labels = {b.label for b in self.rule.bands} | {self.rule.default}
@@ -295,6 +305,17 @@ class Catalog(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"tag names must be unique; repeated: {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _known_slices(self) -> "Catalog":
+        # a bring-your-own table's columns are known only when it is read: its slices are checked at training
+        rules = {t.name for t in self.rule_tags}
+        for tag in self.model_tags:
+            if tag.slices is not None and tag.label is not None and tag.label.feature_source == "customer_features":
+                unknown = [s for s in tag.slices if s not in rules and s not in FEATURE_NAMES]
+                if unknown:
+                    raise ValueError(f"tag {tag.name!r}: slices: {unknown} are neither rule tags of the catalog nor features")
         return self
 
     def get(self, name: str) -> TagSpec:

@@ -1,5 +1,7 @@
 """Held-out evaluation: overall, per class, calibration, per slice, and the plots logged to MLflow."""
 
+import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,8 @@ from sklearn.metrics import (
 )
 
 from tagml.core.storage import quote, sql_literal
+from tagml.training.catalog import CONTRACT_SLICES, TagSpec
+from tagml.training.dataset import SPLIT_COLUMN, TrainingSet
 
 # evaluation's own slice (drift does not slice by age); bands [0, 30), [30, 45), [45, 60), [60, 200)
 AGE_BAND_SQL = (
@@ -25,6 +29,9 @@ AGE_BAND_SQL = (
     "WHEN age >= 45 AND age < 60 THEN '45-59' WHEN age >= 60 AND age < 200 THEN '60+' END"
 )
 MISSING_SLICE = "missing"  # the slice of rows whose slice value is NULL (an MLflow metric name: no brackets)
+MIN_SLICE_LEVELS, MAX_SLICE_LEVELS, MAX_DEFAULT_SLICES = 2, 20, 3  # a bring-your-own table's default slices
+UNSAFE_METRIC_CHARACTERS = re.compile(r"[^A-Za-z0-9_.\-]")
+MAX_SLICE_METRIC_LENGTH = 180  # MLflow allows 250 characters
 
 
 def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 10) -> float:
@@ -105,6 +112,30 @@ def per_class_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str]) 
         out[f"recall_{c}"] = float(recall[k])
         out[f"support_{c}"] = float(support[k])
     return out
+
+
+def slice_sources(tag: TagSpec, data: TrainingSet) -> tuple[str, ...]:
+    """The slices of `tag` (rule tag names or feature columns): its declared `slices`; on the contract's features
+    value_tier and region; on a bring-your-own table its categorical features with 2-20 levels on the training
+    part, fewest levels first (ties in feature order), up to 3, so that its slice floor checks something."""
+    if tag.slices is not None:
+        return tag.slices
+    if tag.label is None or tag.label.feature_source == "customer_features":
+        return CONTRACT_SLICES
+    train = data.frame.loc[data.frame[SPLIT_COLUMN] == "train"]
+    levels = {name: train[name].nunique(dropna=True) for name in data.feature_names if name in data.categorical}
+    candidates = [name for name in data.feature_names if MIN_SLICE_LEVELS <= levels.get(name, 0) <= MAX_SLICE_LEVELS]
+    return tuple(sorted(candidates, key=lambda name: levels[name])[:MAX_DEFAULT_SLICES])
+
+
+def slice_metric_name(key: str) -> str:
+    """An MLflow metric name for a slice value `name=value`, whatever the column and value hold: readable where
+    it can be, with a hash of the original where characters were replaced or it was cut (no two collide)."""
+    name = key.replace("=", "_").replace("<", "lt").replace("+", "plus")
+    safe = UNSAFE_METRIC_CHARACTERS.sub("_", name)
+    if safe != name or len(safe) > MAX_SLICE_METRIC_LENGTH:
+        safe = f"{safe[:MAX_SLICE_METRIC_LENGTH]}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return f"slice_{safe}"
 
 
 def evaluation_slices(catalog_slices: Mapping[str, str], columns: Sequence[str]) -> dict[str, str]:

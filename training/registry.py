@@ -216,7 +216,8 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
     n_classes, metric, rules = len(tag.classes), tag.promotion.metric, tag.promotion
     proba = load_model(client, tag.name, challenger).predict_proba(X_test)
     scores = core_metrics(y, proba, n_classes)
-    slice_scores = slice_metrics(X_test, y, proba, metric, n_classes, evaluation_slices(slices, data.feature_names))
+    expressions = evaluation_slices(slices, data.feature_names)
+    slice_scores = slice_metrics(X_test, y, proba, metric, n_classes, expressions)
     predicted = set(np.unique(proba.argmax(axis=1)))
     never = [c for k, c in enumerate(tag.classes) if k not in predicted]
     reasons: list[str] = []
@@ -240,6 +241,8 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
                 f"{verdict} (a copy of it, or something known only after it); exclude it, or set promotion.allow_implausible if the tag is really this easy"
             )
     low_slices = {k: round(v, 4) for k, v in slice_scores.items() if v < rules.slice_floor}
+    if not slice_scores:
+        reasons.append(f"no slices checked ({f'no value of {sorted(expressions)} has 30 test rows' if expressions else 'the tag has no slices'})")
     if low_slices:
         passed = False
         reasons.append(f"slices below the {metric} floor {rules.slice_floor}: {low_slices}")

@@ -28,6 +28,7 @@ from tagml.training.evaluate import (
     plot_calibration,
     plot_confusion,
     plot_importance,
+    slice_metric_name,
     slice_metrics,
 )
 from tagml.training.models import build_pipeline
@@ -116,6 +117,7 @@ class _Fitting:
     tag: TagSpec
     data: TrainingSet
     slices: dict[str, str]  # SQL per evaluation slice (tagml.training.evaluate.evaluation_slices)
+    catalog_slices: list[str]  # the names of the tag's slices (tagml.training.evaluate.slice_sources), recorded on the version
     experiment_id: str
     parent_id: str
     run_tags: dict[str, str]  # the caller's (e.g. the Dagster run id): on every run and on the version
@@ -162,7 +164,7 @@ def _train(
 ) -> TrainResult:
     assert tag.model is not None
     with tracked_run(client, experiment_id, f"{tag.name}-train", {**run_tags, **owner_tags()}) as parent_id:
-        fit = _Fitting(client, tag, data, evaluation_slices(slices, data.feature_names), experiment_id, parent_id, run_tags, seed, threads)
+        fit = _Fitting(client, tag, data, evaluation_slices(slices, data.feature_names), list(slices), experiment_id, parent_id, run_tags, seed, threads)
         set_tags(client, parent_id, {"tag": tag.name, "catalog_hash": tag.content_hash(), "code_version": code_version(), "data_snapshot": data.snapshot_id})
         log_params(
             client,
@@ -343,7 +345,7 @@ def evaluate(fit: _Fitting, model: Any) -> tuple[np.ndarray, dict[str, float], d
     slice_values = slice_metrics(fit.X_test, fit.y_test, proba, metric, fit.n_classes, fit.slices)
     metrics["min_slice_" + metric] = min(slice_values.values()) if slice_values else float("nan")
     log_metrics(fit.client, fit.parent_id, {f"test_{k}": v for k, v in metrics.items()})
-    log_metrics(fit.client, fit.parent_id, {f"slice_{k.replace('=', '_').replace('<', 'lt').replace('+', 'plus')}": v for k, v in slice_values.items()})
+    log_metrics(fit.client, fit.parent_id, {slice_metric_name(k): v for k, v in slice_values.items()})
     return proba, metrics, slice_values
 
 
@@ -388,7 +390,12 @@ def register(fit: _Fitting, model: Any, metrics: dict[str, float], chosen: Candi
         pyfunc_predict_fn="predict_proba",
     )
     metric = fit.tag.promotion.metric
-    selection = {"model_family": chosen.family, "model_candidate": chosen.role, "candidate_selection": json.dumps(chosen.selection)}
+    selection = {
+        "model_family": chosen.family,
+        "model_candidate": chosen.role,
+        "candidate_selection": json.dumps(chosen.selection),
+        "slices": json.dumps(fit.catalog_slices),  # what the gate and drift slice this version by
+    }
     if baseline_test:
         selection[f"baseline_test_{metric}"] = f"{baseline_test[metric]:.6f}"
     version = register_version(fit.client, fit.tag, logged.artifact_location, logged.model_id, fit.parent_id, fit.data, metrics, {**fit.run_tags, **selection})

@@ -57,6 +57,9 @@ class ModelVersionInfo:
     catalog_hash: str | None = None
     promotion_metric: str | None = None
     test_metrics: Mapping[str, float] = field(default_factory=dict)  # metric -> value recorded on the test set
+    # the slices (rule tags or feature columns) its gate judged: tagml.scoring.rules.slice_expressions(..., sources=slices);
+    # None for versions registered before slices were recorded
+    slices: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -107,6 +110,7 @@ def parse_version(tag: str, mv: ModelVersion) -> ModelVersionInfo:
         catalog_hash=tags.get("catalog_hash"),
         promotion_metric=tags.get("promotion_metric"),
         test_metrics={k.removeprefix("test_"): float(v) for k, v in tags.items() if k.startswith("test_") and _is_number(v)},
+        slices=tuple(json.loads(tags["slices"])) if "slices" in tags else None,
     )
 
 
