@@ -158,6 +158,30 @@ class PromotionSpec(_Strict):
         return value <= bound if self.metric in LOWER_IS_BETTER else value >= bound
 
 
+class DecisionSpec(_Strict):
+    """How a binary tag's value follows from the probability of its positive class (the second of `classes`)."""
+
+    policy: Literal["argmax", "threshold", "top_share"] = Field(
+        "argmax",
+        description="argmax: the more probable class; threshold: positive at or above a probability (fixed, or chosen on the validation "
+        "part for target_precision / target_recall); top_share: the top_share of customers by probability (threshold fixed at training "
+        "from the validation distribution). The threshold is recorded on the model version and applied by scoring, drift and the gate",
+    )
+    threshold: float | None = Field(None, gt=0, lt=1, description="policy threshold: a fixed probability of the positive class")
+    target_precision: float | None = Field(None, gt=0, le=1, description="policy threshold: the lowest threshold whose validation precision reaches this")
+    target_recall: float | None = Field(None, gt=0, le=1, description="policy threshold: the highest threshold whose validation recall reaches this")
+    top_share: float | None = Field(None, gt=0, lt=1, description="policy top_share: the share of validation customers above the threshold")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "DecisionSpec":
+        given = [k for k in ("threshold", "target_precision", "target_recall", "top_share") if getattr(self, k) is not None]
+        allowed = {"argmax": [], "threshold": ["threshold", "target_precision", "target_recall"], "top_share": ["top_share"]}[self.policy]
+        if (allowed and len(given) != 1) or not set(given) <= set(allowed):
+            needs = f"exactly one of {allowed}" if allowed else "none of threshold, target_precision, target_recall, top_share"
+            raise ValueError(f"policy {self.policy!r} takes {needs}; got {given or 'none'}")
+        return self
+
+
 class DriftSpec(_Strict):
     """When a tag counts as drifted (monitoring/drift.py); any one of the three re-evaluates it."""
 
@@ -219,6 +243,7 @@ class TagSpec(_Strict):
     drift: DriftSpec = DriftSpec()
     min_confidence: float = Field(0.0, ge=0, lt=1, description="below this top probability the tag is stored as 'unknown'")
     rule: RuleSpec | None = None
+    decision: DecisionSpec = DecisionSpec()
     slices: tuple[str, ...] | None = Field(
         None,
         description="segments the gate holds to promotion.slice_floor (and drift reports): rule tags of the catalog or feature columns. "
@@ -243,6 +268,8 @@ class TagSpec(_Strict):
     def _consistent(self) -> "TagSpec":
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("classes must be unique")
+        if self.decision.policy != "argmax" and (self.kind != "model" or len(self.classes) != 2 or self.min_confidence):
+            raise ValueError(f"decision.policy {self.decision.policy!r} is for binary model tags (2 classes, the second positive) without min_confidence")
         if self.kind == "model":
             if self.model is None or self.label is None:
                 raise ValueError("a model tag needs 'model' and 'label' sections")

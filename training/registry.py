@@ -27,6 +27,7 @@ from tagml.core.settings import resolve_home_path
 from tagml.training.catalog import LOWER_IS_BETTER, TagSpec
 from tagml.training.dataset import TrainingSet
 from tagml.training.evaluate import core_metrics, evaluation_slices, slice_metrics
+from tagml.training.inference import decide
 from tagml.training.tracking import describe, download_artifacts, is_missing
 from tagml.training.versions import ModelVersionInfo, parse_version, registered_model_name, registration_problem
 
@@ -205,24 +206,73 @@ def _better(metric: str, challenger: float, champion: float, margin: float) -> b
 
 def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: TrainingSet, slices: Mapping[str, str]) -> GateDecision:
     """Decide whether `challenger` should become champion, on the challenger's held-out test set.
-    `slices`: the catalog's slices as drift defines them (tagml.scoring.rules.slice_expressions), whose
-    values must each keep the promotion metric above the catalog's slice floor."""
+    `slices`: the tag's slices as drift defines them (tagml.scoring.rules.slice_expressions), whose values
+    must each keep the promotion metric above the catalog's slice floor. Class decisions are the version's
+    (a binary tag's decision threshold, tagml.training.inference.decide)."""
     found = get_version(client, tag.name, challenger)
     if found is None:
         raise RegistryError(f"{registered_model_name(tag.name)} has no version {challenger} to evaluate")
-    require_complete(found)
+    threshold = parse_version(tag.name, require_complete(found)).decision_threshold
     X_test, y_test = data.part("test")
     y = y_test.map({c: i for i, c in enumerate(tag.classes)}).to_numpy()
     n_classes, metric, rules = len(tag.classes), tag.promotion.metric, tag.promotion
     proba = load_model(client, tag.name, challenger).predict_proba(X_test)
-    scores = core_metrics(y, proba, n_classes)
+    scores = core_metrics(y, proba, n_classes, threshold)
     expressions = evaluation_slices(slices, data.feature_names)
-    slice_scores = slice_metrics(X_test, y, proba, metric, n_classes, expressions)
-    predicted = set(np.unique(proba.argmax(axis=1)))
+    slice_scores = slice_metrics(X_test, y, proba, metric, n_classes, expressions, threshold)
+    predicted = set(np.unique(decide(proba, threshold)))
     never = [c for k, c in enumerate(tag.classes) if k not in predicted]
-    reasons: list[str] = []
-    passed = True
-    if rules.require_all_classes_predicted and never:
+    passed, reasons = _absolute_checks(tag, scores, never, threshold)
+    low_slices = {k: round(v, 4) for k, v in slice_scores.items() if v < rules.slice_floor}
+    if not slice_scores:
+        reasons.append(f"no slices checked ({f'no value of {sorted(expressions)} has 30 test rows' if expressions else 'the tag has no slices'})")
+    if low_slices:
+        passed = False
+        reasons.append(f"slices below the {metric} floor {rules.slice_floor}: {low_slices}")
+    current = champion_version(client, tag.name)
+    champion_score = None
+    if current is None:
+        reasons.append(f"first model of the tag ({metric} {scores[metric]:.4f}): absolute checks only")
+    elif current == str(challenger):
+        passed = False
+        reasons.append(f"v{challenger} is already the champion")
+    else:
+        champion = get_version(client, tag.name, current)
+        champion_threshold = parse_version(tag.name, champion).decision_threshold if champion is not None else None
+        champion_proba = load_model(client, tag.name, current).predict_proba(X_test)
+        champion_score = core_metrics(y, champion_proba, n_classes, champion_threshold)[metric]
+        verdict = "beats" if _better(metric, scores[metric], champion_score, rules.margin) else "does not beat"
+        passed = passed and verdict == "beats"
+        reasons.append(f"{metric} {scores[metric]:.4f} {verdict} champion v{current} ({champion_score:.4f}) by the margin {rules.margin}")
+    baseline_ok, baseline_reason, baseline_checks = _baseline_check(found.tags, tag, scores[metric])
+    passed = passed and baseline_ok
+    reasons.append(baseline_reason)
+    if passed:
+        reasons.append("absolute checks passed (classes predicted, calibration, plausibility, slices, baseline)")
+    return GateDecision(
+        tag=tag.name,
+        challenger_version=str(challenger),
+        champion_version=current,
+        promoted=passed,
+        reasons=reasons,
+        metric=metric,
+        challenger_metric=scores[metric],
+        champion_metric=champion_score,
+        checks={"metrics": scores, "slices": slice_scores, "never_predicted": never, "baseline": baseline_checks, "decision_threshold": threshold},
+    )
+
+
+def _absolute_checks(tag: TagSpec, scores: Mapping[str, float], never: list[str], threshold: float | None) -> tuple[bool, list[str]]:
+    """(passed, reasons) of the checks that need no other model: classes predicted, calibration, plausibility."""
+    rules, metric = tag.promotion, tag.promotion.metric
+    passed, reasons = True, []
+    positive = tag.classes[1] if len(tag.classes) == 2 else None
+    if positive in never:  # a binary tag that never says "yes" is no tag at all, whatever require_all_classes_predicted says
+        passed = False
+        how = f"at its decision threshold {threshold:.4f}" if threshold is not None else "by the more probable class (decision.policy argmax)"
+        fix = "" if threshold is not None else ": give the tag a decision policy (threshold or top_share) to make it a score"
+        reasons.append(f"the positive class {positive!r} is never predicted on the test set {how}{fix}")
+    elif rules.require_all_classes_predicted and never:
         passed = False
         reasons.append(f"classes never predicted on the test set: {never}")
     if scores["calibration_error_debiased"] > rules.max_calibration_error:
@@ -240,41 +290,7 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
             reasons.append(
                 f"{verdict} (a copy of it, or something known only after it); exclude it, or set promotion.allow_implausible if the tag is really this easy"
             )
-    low_slices = {k: round(v, 4) for k, v in slice_scores.items() if v < rules.slice_floor}
-    if not slice_scores:
-        reasons.append(f"no slices checked ({f'no value of {sorted(expressions)} has 30 test rows' if expressions else 'the tag has no slices'})")
-    if low_slices:
-        passed = False
-        reasons.append(f"slices below the {metric} floor {rules.slice_floor}: {low_slices}")
-    current = champion_version(client, tag.name)
-    champion_score = None
-    if current is None:
-        reasons.append(f"first model of the tag ({metric} {scores[metric]:.4f}): absolute checks only")
-    elif current == str(challenger):
-        passed = False
-        reasons.append(f"v{challenger} is already the champion")
-    else:
-        champion_proba = load_model(client, tag.name, current).predict_proba(X_test)
-        champion_score = core_metrics(y, champion_proba, n_classes)[metric]
-        verdict = "beats" if _better(metric, scores[metric], champion_score, rules.margin) else "does not beat"
-        passed = passed and verdict == "beats"
-        reasons.append(f"{metric} {scores[metric]:.4f} {verdict} champion v{current} ({champion_score:.4f}) by the margin {rules.margin}")
-    baseline_ok, baseline_reason, baseline_checks = _baseline_check(found.tags, tag, scores[metric])
-    passed = passed and baseline_ok
-    reasons.append(baseline_reason)
-    if passed:
-        reasons.append("absolute checks passed (classes predicted, calibration, slices, baseline)")
-    return GateDecision(
-        tag=tag.name,
-        challenger_version=str(challenger),
-        champion_version=current,
-        promoted=passed,
-        reasons=reasons,
-        metric=metric,
-        challenger_metric=scores[metric],
-        champion_metric=champion_score,
-        checks={"metrics": scores, "slices": slice_scores, "never_predicted": never, "baseline": baseline_checks},
-    )
+    return passed, reasons
 
 
 def _baseline_check(version_tags: Mapping[str, str], tag: TagSpec, score: float) -> tuple[bool, str, dict[str, Any]]:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from sklearn.calibration import CalibratedClassifierCV
@@ -21,7 +20,10 @@ from tagml.training.catalog import LOWER_IS_BETTER, TagSpec
 from tagml.training.concurrency import mark_stale_runs, owner_tags, training_lock
 from tagml.training.dataset import TrainingSet
 from tagml.training.evaluate import (
+    DecisionError,
+    choose_threshold,
     core_metrics,
+    decision_shortfall,
     evaluation_slices,
     metric_value,
     per_class_metrics,
@@ -35,7 +37,6 @@ from tagml.training.models import build_pipeline
 from tagml.training.registration import PIP_REQUIREMENTS, code_version, model_signature, register_version
 from tagml.training.tracking import (
     LoggedSklearnModel,
-    create_run,
     is_local_store,
     log_metrics,
     log_params,
@@ -43,6 +44,8 @@ from tagml.training.tracking import (
     set_tags,
     tracked_run,
 )
+from tagml.training.tuning import tune
+from tagml.training.versions import DECISION_THRESHOLD_TAG
 
 
 @dataclass
@@ -56,23 +59,13 @@ class TrainResult:
     best_params: dict[str, Any]
     slice_metrics: dict[str, float]
     family: str  # the family registered: the tuned one, or the baseline's when it scored better on validation
+    decision_threshold: float | None  # a binary tag's threshold (DecisionSpec), None for argmax
     seconds: dict[str, float] = field(default_factory=dict)
     experiment_id: str = ""
 
 
 def _encode(y: pd.Series, classes: tuple[str, ...]) -> np.ndarray:
     return y.map({c: i for i, c in enumerate(classes)}).to_numpy()
-
-
-def _suggest(trial: optuna.Trial, tag: TagSpec) -> dict[str, Any]:
-    assert tag.model is not None
-    params: dict[str, Any] = dict(tag.model.params)
-    for name, dim in tag.model.search_space.items():
-        if dim.integer:
-            params[name] = trial.suggest_int(name, int(dim.low), int(dim.high), log=dim.log)
-        else:
-            params[name] = trial.suggest_float(name, dim.low, dim.high, log=dim.log)
-    return params
 
 
 def train_tag(
@@ -110,7 +103,7 @@ def _experiment(client: MlflowClient, tag: str, artifact_location: str | None) -
 
 
 @dataclass
-class _Fitting:
+class Fitting:
     """What every step of one training shares: the data split and encoded, and the MLflow run it logs to."""
 
     client: MlflowClient
@@ -144,8 +137,21 @@ class _Fitting:
         return build_pipeline(family, params, self.categorical, self.numeric, self.n_classes, self.seed, self.threads)
 
     def valid_metrics(self, proba_valid: np.ndarray) -> dict[str, float]:
-        """The metrics of validation probabilities, as tuning and candidate selection compare them."""
-        return core_metrics(self.y_valid, proba_valid, self.n_classes)
+        """The metrics of validation probabilities, as tuning and candidate selection compare them: a binary tag's
+        decisions at the threshold its decision policy chooses on these very probabilities."""
+        return core_metrics(self.y_valid, proba_valid, self.n_classes, choose_threshold(self.tag.decision, self.y_valid, proba_valid))
+
+    def valid_objective(self, proba_valid: np.ndarray, metric: str) -> float:
+        return metric_value(self.y_valid, proba_valid, self.n_classes, metric, choose_threshold(self.tag.decision, self.y_valid, proba_valid))
+
+    def decision_threshold(self, model: Any) -> float | None:
+        """The registered model's threshold, chosen on the validation part; DecisionError when its target is out of reach."""
+        proba = model.predict_proba(self.X_valid)
+        threshold = choose_threshold(self.tag.decision, self.y_valid, proba)
+        shortfall = decision_shortfall(self.tag.decision, self.y_valid, proba, threshold)
+        if shortfall:
+            raise DecisionError(f"tag {self.tag.name!r}: {shortfall}; lower the target or use another policy (nothing was registered)")
+        return threshold
 
     def add_time(self, key: str, started: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - started
@@ -164,7 +170,7 @@ def _train(
 ) -> TrainResult:
     assert tag.model is not None
     with tracked_run(client, experiment_id, f"{tag.name}-train", {**run_tags, **owner_tags()}) as parent_id:
-        fit = _Fitting(client, tag, data, evaluation_slices(slices, data.feature_names), list(slices), experiment_id, parent_id, run_tags, seed, threads)
+        fit = Fitting(client, tag, data, evaluation_slices(slices, data.feature_names), list(slices), experiment_id, parent_id, run_tags, seed, threads)
         set_tags(client, parent_id, {"tag": tag.name, "catalog_hash": tag.content_hash(), "code_version": code_version(), "data_snapshot": data.snapshot_id})
         log_params(
             client,
@@ -183,109 +189,27 @@ def _train(
         baseline, baseline_metrics = _baseline(fit) if tag.model.baseline else (None, {})
         chosen = select_candidate(fit, tuned, baseline)
         model = calibrate(fit, chosen.pipeline)
-        proba, metrics, slice_values = evaluate(fit, model)
+        threshold = fit.decision_threshold(model)
+        proba, metrics, slice_values = evaluate(fit, model, threshold)
         started = time.perf_counter()
-        _log_evaluation(fit, chosen.pipeline, proba, slice_values)
-        logged, version = register(fit, model, metrics, chosen, baseline_metrics)
+        _log_evaluation(fit, chosen.pipeline, proba, slice_values, threshold)
+        logged, version = register(fit, model, metrics, chosen, baseline_metrics, threshold)
         fit.add_time("logging", started)
         log_metrics(client, parent_id, {f"seconds_{k}": v for k, v in fit.timings.items()})
     return TrainResult(
-        tag.name, parent_id, logged.model_uri, version, metrics, baseline_metrics, best_params, slice_values, chosen.family, fit.timings, experiment_id
+        tag.name,
+        parent_id,
+        logged.model_uri,
+        version,
+        metrics,
+        baseline_metrics,
+        best_params,
+        slice_values,
+        chosen.family,
+        threshold,
+        fit.timings,
+        experiment_id,
     )
-
-
-def tune(fit: _Fitting, trials: int) -> dict[str, Any]:
-    """An Optuna study optimising the tag's tuning objective (its promotion metric unless model.objective says
-    otherwise) on the validation part, one nested run per trial; the best parameters."""
-    tag = fit.tag
-    assert tag.model is not None
-    started = time.perf_counter()
-    objective_name = tag.tuning_objective
-    prunable = tag.model.family == "xgboost"  # boosting rounds are its steps; a logistic regression has none to report
-    # preprocessing does not depend on the tuned parameters: fit it once for every trial
-    prepare = fit.pipeline(tag.model.family, tag.model.params).named_steps["prepare"].fit(fit.X_train)
-    Xt_train, Xt_valid = prepare.transform(fit.X_train), prepare.transform(fit.X_valid)
-
-    def objective(trial: optuna.Trial) -> float:
-        params = _suggest(trial, tag)
-        model = fit.pipeline(tag.model.family, params).named_steps["model"]
-        fit_kwargs: dict[str, Any] = {"sample_weight": fit.weights}
-        if prunable:
-            model.set_params(callbacks=[_objective_reporter(trial, fit, Xt_valid, objective_name)])
-        # not a `with` block: it would end a pruned trial FAILED, and a pruned trial is a normal outcome
-        trial_id = create_run(fit.client, fit.experiment_id, f"trial-{trial.number}", fit.tags_on_runs, parent_run_id=fit.parent_id)
-        status, state = "FAILED", "failed"
-        try:
-            log_params(fit.client, trial_id, params)
-            fit_started = time.perf_counter()
-            try:
-                model.fit(Xt_train, fit.y_train, **fit_kwargs)
-                proba_valid = model.predict_proba(Xt_valid)
-            finally:
-                fit.add_time("model_fit", fit_started)
-            valid = fit.valid_metrics(proba_valid)
-            log_metrics(fit.client, trial_id, {f"valid_{k}": v for k, v in valid.items()})
-            status, state = "FINISHED", "complete"
-            return valid[objective_name]
-        except optuna.TrialPruned:
-            status, state = "FINISHED", "pruned"
-            raise
-        finally:
-            set_tags(fit.client, trial_id, {"trial_state": state})
-            fit.client.set_terminated(trial_id, status)
-
-    study = optuna.create_study(
-        direction="minimize" if objective_name in LOWER_IS_BETTER else "maximize",
-        sampler=optuna.samplers.TPESampler(seed=fit.seed),
-        pruner=_pruner(trials) if prunable else optuna.pruners.NopPruner(),
-        study_name=f"{tag.name}-{fit.parent_id}",
-    )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=trials, timeout=tag.model.timeout_seconds)
-    fit.timings["tuning"] = time.perf_counter() - started
-    best_params = {**tag.model.params, **study.best_params}
-    log_params(fit.client, fit.parent_id, {"tuning_objective": objective_name, "tuning_pruning": prunable, **{f"best_{k}": v for k, v in best_params.items()}})
-    states = [t.state for t in study.trials]
-    log_metrics(
-        fit.client,
-        fit.parent_id,
-        {
-            f"best_valid_{objective_name}": study.best_value,
-            "trials_completed": states.count(optuna.trial.TrialState.COMPLETE),
-            "trials_pruned": states.count(optuna.trial.TrialState.PRUNED),
-        },
-    )
-    return best_params
-
-
-def _objective_reporter(trial: optuna.Trial, fit: _Fitting, Xt_valid: Any, objective: str) -> Any:
-    """An xgboost callback that reports the trial's own objective on the validation part every PRUNE_EVERY
-    rounds, and prunes the trial when the pruner says so. (xgboost's own evaluation log has only log loss:
-    an intermediate value of a different metric than the one the study compares is not a valid one.)"""
-    from xgboost.callback import TrainingCallback
-
-    class ReportObjective(TrainingCallback):
-        def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
-            if (epoch + 1) % PRUNE_EVERY:
-                return False
-            proba = np.asarray(model.inplace_predict(Xt_valid), dtype="float64")
-            if proba.ndim == 1:  # binary:logistic gives the positive class only
-                proba = np.column_stack([1 - proba, proba])
-            trial.report(metric_value(fit.y_valid, proba, fit.n_classes, objective), epoch + 1)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after {epoch + 1} rounds")
-            return False
-
-    return ReportObjective()
-
-
-PRUNE_EVERY = 10  # boosting rounds between two reports of the objective to the pruner
-
-
-def _pruner(trials: int) -> optuna.pruners.BasePruner:
-    """A median pruner that lets a third of the budget (at least 5 trials) run in full before it compares, and
-    judges a trial only after 30 boosting rounds: the old 3 trials / 20 rounds completed 3-6 of 15 trials."""
-    return optuna.pruners.MedianPruner(n_startup_trials=max(5, trials // 3), n_warmup_steps=30)
 
 
 @dataclass(frozen=True)
@@ -299,7 +223,7 @@ class Candidate:
     selection: dict[str, Any] = field(default_factory=dict)  # how it was chosen: the metric and each candidate's validation score
 
 
-def fit_candidate(fit: _Fitting, family: str, params: dict[str, Any], role: str) -> Candidate:
+def fit_candidate(fit: Fitting, family: str, params: dict[str, Any], role: str) -> Candidate:
     """`family` with `params` fitted on the training part."""
     started = time.perf_counter()
     pipeline = fit.pipeline(family, params)
@@ -309,7 +233,7 @@ def fit_candidate(fit: _Fitting, family: str, params: dict[str, Any], role: str)
     return Candidate(family, role, pipeline, fit.valid_metrics(pipeline.predict_proba(fit.X_valid)))
 
 
-def select_candidate(fit: _Fitting, tuned: Candidate, baseline: Candidate | None) -> Candidate:
+def select_candidate(fit: Fitting, tuned: Candidate, baseline: Candidate | None) -> Candidate:
     """The tuned model, unless the baseline scores better at the promotion metric on the VALIDATION part (the test
     part stays for the gate): a tuned model that cannot beat a logistic regression is not the one to register."""
     metric = fit.tag.promotion.metric
@@ -326,7 +250,7 @@ def _strictly_better(metric: str, value: float, than: float) -> bool:
     return value < than if metric in LOWER_IS_BETTER else value > than
 
 
-def calibrate(fit: _Fitting, pipeline: Any) -> Any:
+def calibrate(fit: Fitting, pipeline: Any) -> Any:
     """The model to register: `pipeline` calibrated on the validation part unless the catalog says `calibration: none`."""
     assert fit.tag.model is not None
     if fit.tag.model.calibration == "none":
@@ -337,19 +261,19 @@ def calibrate(fit: _Fitting, pipeline: Any) -> Any:
     return model
 
 
-def evaluate(fit: _Fitting, model: Any) -> tuple[np.ndarray, dict[str, float], dict[str, float]]:
-    """(test probabilities, test metrics, slice metrics) of `model`, logged on the training run."""
+def evaluate(fit: Fitting, model: Any, threshold: float | None) -> tuple[np.ndarray, dict[str, float], dict[str, float]]:
+    """(test probabilities, test metrics, slice metrics) of `model` deciding at `threshold`, logged on the training run."""
     metric = fit.tag.promotion.metric
     proba = model.predict_proba(fit.X_test)
-    metrics = {**core_metrics(fit.y_test, proba, fit.n_classes), **per_class_metrics(fit.y_test, proba, fit.tag.classes)}
-    slice_values = slice_metrics(fit.X_test, fit.y_test, proba, metric, fit.n_classes, fit.slices)
+    metrics = {**core_metrics(fit.y_test, proba, fit.n_classes, threshold), **per_class_metrics(fit.y_test, proba, fit.tag.classes, threshold)}
+    slice_values = slice_metrics(fit.X_test, fit.y_test, proba, metric, fit.n_classes, fit.slices, threshold)
     metrics["min_slice_" + metric] = min(slice_values.values()) if slice_values else float("nan")
     log_metrics(fit.client, fit.parent_id, {f"test_{k}": v for k, v in metrics.items()})
     log_metrics(fit.client, fit.parent_id, {slice_metric_name(k): v for k, v in slice_values.items()})
     return proba, metrics, slice_values
 
 
-def _baseline(fit: _Fitting) -> tuple[Candidate, dict[str, float]]:
+def _baseline(fit: Fitting) -> tuple[Candidate, dict[str, float]]:
     """A plain logistic regression on the same split, in its own nested run: a candidate for registration
     and the bar the gate holds the registered model to on the test part."""
     with tracked_run(fit.client, fit.experiment_id, "baseline-logistic_regression", fit.tags_on_runs, parent_run_id=fit.parent_id) as baseline_id:
@@ -360,11 +284,11 @@ def _baseline(fit: _Fitting) -> tuple[Candidate, dict[str, float]]:
     return baseline, test
 
 
-def _log_evaluation(fit: _Fitting, pipeline: Any, proba: np.ndarray, slice_values: dict[str, float]) -> None:
+def _log_evaluation(fit: Fitting, pipeline: Any, proba: np.ndarray, slice_values: dict[str, float], threshold: float | None) -> None:
     """Plots, the feature list and slice metrics as the run's `evaluation/` artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        plot_confusion(fit.y_test, proba, fit.tag.classes, tmp_path / "confusion_matrix.png")
+        plot_confusion(fit.y_test, proba, fit.tag.classes, tmp_path / "confusion_matrix.png", threshold)
         plot_calibration(fit.y_test, proba, tmp_path / "calibration_curve.png")
         names = list(pipeline.named_steps["prepare"].get_feature_names_out())
         importance = getattr(pipeline.named_steps["model"], "feature_importances_", None)
@@ -376,7 +300,9 @@ def _log_evaluation(fit: _Fitting, pipeline: Any, proba: np.ndarray, slice_value
         fit.client.log_artifacts(fit.parent_id, tmp, artifact_path="evaluation")
 
 
-def register(fit: _Fitting, model: Any, metrics: dict[str, float], chosen: Candidate, baseline_test: dict[str, float]) -> tuple[LoggedSklearnModel, str]:
+def register(
+    fit: Fitting, model: Any, metrics: dict[str, float], chosen: Candidate, baseline_test: dict[str, float], threshold: float | None
+) -> tuple[LoggedSklearnModel, str]:
     """Log `model` on the training run and register it as the tag's new challenger version."""
     logged = log_sklearn_model(
         fit.client,
@@ -395,7 +321,10 @@ def register(fit: _Fitting, model: Any, metrics: dict[str, float], chosen: Candi
         "model_candidate": chosen.role,
         "candidate_selection": json.dumps(chosen.selection),
         "slices": json.dumps(fit.catalog_slices),  # what the gate and drift slice this version by
+        "decision_policy": fit.tag.decision.policy,
     }
+    if threshold is not None:
+        selection[DECISION_THRESHOLD_TAG] = repr(threshold)
     if baseline_test:
         selection[f"baseline_test_{metric}"] = f"{baseline_test[metric]:.6f}"
     version = register_version(fit.client, fit.tag, logged.artifact_location, logged.model_id, fit.parent_id, fit.data, metrics, {**fit.run_tags, **selection})
