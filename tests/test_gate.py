@@ -170,3 +170,99 @@ def test_declared_slices_are_checked_by_name_and_an_empty_list_says_no_slices_ch
     tag = binary_tag(tmp_path, model={"search_space": GOOD, "trials": 1}, slices=[])
     _, decision, _ = _train_and_gate(tmp_path, client, tag, data, slice_expressions(catalog, set(data.feature_names), tag))
     assert "no slices checked (the tag has no slices)" in decision.reasons
+
+
+# ---- decision policy of a binary tag --------------------------------------------------------------
+
+TIMID = {
+    "n_estimators": {"low": 20, "high": 30, "integer": True},
+    "max_depth": {"low": 2, "high": 3, "integer": True},
+    "learning_rate": {"low": 0.01, "high": 0.02},
+}
+
+
+def _rare(tmp_path):
+    """About 6% positives a slowly learning model ranks well but never rates above 50%."""
+    return binary_set(tmp_path, n=3000, cut=5.0, noise=3.0)
+
+
+def test_a_binary_tag_that_never_predicts_its_positive_class_fails_even_without_require_all_classes(tmp_path, client):
+    tag = binary_tag(tmp_path, promotion={"metric": "roc_auc_ovr", "require_all_classes_predicted": False}, model={"search_space": TIMID, "trials": 1})
+    result, decision, version = _train_and_gate(tmp_path, client, tag, _rare(tmp_path))
+    assert result.decision_threshold is None and "decision_threshold" not in version.tags
+    assert not decision.promoted
+    assert (
+        "the positive class 'yes' is never predicted on the test set by the more probable class (decision.policy argmax): "
+        "give the tag a decision policy (threshold or top_share) to make it a score" in decision.reasons
+    )
+
+
+def test_a_top_share_policy_fixes_its_threshold_on_validation_and_scoring_and_the_gate_decide_with_it(tmp_path, client):
+    from tagml.training.inference import infer
+    from tagml.training.versions import parse_version
+
+    data = _rare(tmp_path)
+    tag = binary_tag(
+        tmp_path,
+        promotion={"metric": "macro_f1", "require_all_classes_predicted": False},
+        model={"search_space": TIMID, "trials": 1},
+        decision={"policy": "top_share", "top_share": 0.1},
+    )
+    result, decision, version = _train_and_gate(tmp_path, client, tag, data)
+    info = parse_version(tag.name, version)
+    assert info.decision_threshold == result.decision_threshold == float(version.tags["decision_threshold"])
+    assert version.tags["decision_policy"] == "top_share"
+    model = load_model(client, tag.name, result.version)
+    X_valid, _ = data.part("valid")
+    p_valid = model.predict_proba(X_valid)[:, 1]
+    achievable = {(p_valid >= t).mean() for t in np.unique(p_valid)}  # equal probabilities fall on one side together
+    assert abs((p_valid >= info.decision_threshold).mean() - 0.1) == min(abs(share - 0.1) for share in achievable) < 0.03
+    X_test, _ = data.part("test")
+    inference = infer(model, X_test, info, tag.min_confidence)
+    assert list(inference.values) == list(np.where(inference.proba[:, 1] >= info.decision_threshold, "yes", "no"))
+    assert 0 < (inference.values == "yes").mean() < 0.3
+    assert (inference.proba.argmax(axis=1) == 1).sum() == 0  # by the more probable class it would never say yes
+    assert decision.checks["decision_threshold"] == info.decision_threshold and decision.checks["never_predicted"] == []
+    assert decision.promoted, decision.reasons
+    assert result.metrics["recall_yes"] > 0  # the test metrics decide at the threshold too
+
+
+def test_target_recall_is_met_on_validation_and_an_unreachable_precision_registers_nothing(tmp_path, client):
+    from tagml.training.evaluate import DecisionError
+
+    data = _rare(tmp_path)
+    tag = binary_tag(tmp_path, model={"search_space": TIMID, "trials": 1}, decision={"policy": "threshold", "target_recall": 0.6})
+    result = train_tag(tag, data, client, {}, artifact_location=str(tmp_path / "artifacts"), threads=1)
+    X_valid, y_valid = data.part("valid")
+    decided = load_model(client, tag.name, result.version).predict_proba(X_valid)[:, 1] >= result.decision_threshold
+    assert decided[(y_valid == "yes").to_numpy()].mean() >= 0.6
+
+    greedy = binary_tag(tmp_path, model={"search_space": TIMID, "trials": 1}, decision={"policy": "threshold", "target_precision": 0.95})
+    constant = replace(data, frame=data.frame.assign(spend=1.0, visits=1.0, noise=1.0, segment="gold"))  # every customer alike
+    with pytest.raises(DecisionError, match=r"tag 'buyer': decision.target_precision 0.95: no threshold reaches it on the validation part \(best 0\.\d+\)"):
+        train_tag(greedy, constant, client, {}, artifact_location=str(tmp_path / "artifacts"), threads=1)
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{registered_model_name(tag.name)}'")] == [result.version]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"decision": {"policy": "threshold"}}, "policy 'threshold' takes exactly one of"),
+        ({"decision": {"policy": "top_share", "top_share": 0.1, "threshold": 0.3}}, "policy 'top_share' takes exactly one of"),
+        ({"decision": {"policy": "argmax", "threshold": 0.3}}, "policy 'argmax' takes none of"),
+        ({"decision": {"policy": "top_share", "top_share": 0.1}, "classes": ["a", "b", "c"]}, "is for binary model tags"),
+        ({"decision": {"policy": "top_share", "top_share": 0.1}, "min_confidence": 0.6}, "without min_confidence"),
+    ],
+)
+def test_a_decision_policy_is_checked_when_the_catalog_loads(tmp_path, fields, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        binary_tag(tmp_path, **fields)
+
+
+def test_the_shipped_churn_entry_is_a_score_with_a_top_share_policy():
+    from tagml.training.catalog import load_catalog
+
+    churn = load_catalog().get("churn_90d")
+    assert (churn.decision.policy, churn.decision.top_share, churn.classes[1]) == ("top_share", 0.1, "churned")

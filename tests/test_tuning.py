@@ -18,9 +18,10 @@ SEARCH = {
 }
 
 
-def binary_set(tmp, n: int = 1500, seed: int = 0, bumpy: bool = False) -> TrainingSet:
+def binary_set(tmp, n: int = 1500, seed: int = 0, bumpy: bool = False, cut: float = 0.8, noise: float = 1.0) -> TrainingSet:
     """A customer table with a binary label driven by three of its four features, split 70/15/15 at random;
-    `bumpy`: also by a band of visits, which trees find and a logistic regression cannot."""
+    `bumpy`: also by a band of visits, which trees find and a logistic regression cannot; a higher `cut` and
+    `noise` make the positive class rarer and harder to tell."""
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame(
         {
@@ -32,10 +33,10 @@ def binary_set(tmp, n: int = 1500, seed: int = 0, bumpy: bool = False) -> Traini
             "segment": rng.choice(["gold", "silver", "bronze"], n),
         }
     )
-    logit = (frame["spend"] - 2000) / 800 + 0.4 * (frame["segment"] == "gold") - 0.2 * frame["visits"] + rng.normal(0, 1.0, n)
+    logit = (frame["spend"] - 2000) / 800 + 0.4 * (frame["segment"] == "gold") - 0.2 * frame["visits"] + rng.normal(0, noise, n)
     if bumpy:
         logit += 3.0 * frame["visits"].between(3, 5) - 1.5
-    frame["label"] = np.where(logit > 0.8, "yes", "no")
+    frame["label"] = np.where(logit > cut, "yes", "no")
     frame["split"] = rng.choice(["train", "valid", "test"], n, p=[0.7, 0.15, 0.15])
     path = tmp / "table.parquet"
     frame.drop(columns=["label", "split"]).to_parquet(path)

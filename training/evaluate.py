@@ -129,16 +129,16 @@ def choose_threshold(decision: DecisionSpec, y: np.ndarray, proba: np.ndarray) -
         return None
     if decision.threshold is not None:
         return decision.threshold
-    if decision.top_share is not None:
-        return float(np.sort(p)[::-1][max(int(np.ceil(decision.top_share * len(p))), 1) - 1])
+    ranked = np.sort(p)[::-1]
+    ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))  # the last row of each run of equal probabilities
+    if decision.top_share is not None:  # the threshold whose share is closest: equal probabilities fall on one side together
+        return float(ranked[ends[int(np.abs((ends + 1) / len(p) - decision.top_share).argmin())]])
     if decision.target_recall is not None:
         if not positive.any():
             return 0.5
         ranked = np.sort(p[positive])[::-1]
         return float(ranked[max(int(np.ceil(decision.target_recall * len(ranked))), 1) - 1])
-    ranked = np.sort(p)[::-1]
     hits = np.cumsum(positive[np.argsort(p)[::-1]])
-    ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))  # the last row of each run of equal probabilities
     candidates, precision = ranked[ends], hits[ends] / (ends + 1)  # highest threshold first
     reaching = np.flatnonzero(precision >= decision.target_precision)
     return float(candidates[reaching[-1]] if len(reaching) else candidates[int(precision.argmax())])
