@@ -96,12 +96,12 @@ def slice_expressions(catalog: Catalog, columns: set[str], tag: TagSpec | None =
     """SQL per slice over a feature snapshot: a rule tag's bands (value tier) or a feature column (region).
 
     Which slices: `sources` (the names training resolved and recorded on a version: tagml.training.evaluate.
-    slice_sources), else `tag`'s declared `slices`, else the contract's (value_tier, region). The contract's
-    default leaves out a slice whose columns the snapshot lacks, as a missing feature column is; a declared
-    one it cannot build is a SliceError naming the tag and the slice. A rule's SQL is generated from its
-    checked parse tree; a column is quoted (a bank's column names are hostile input).
+    slice_sources), else `tag`'s declared `slices`, else the contract's (value_tier, region). A slice the
+    snapshot cannot build is left out, as a missing feature column is, unless the tag declares it: then it
+    is a SliceError naming the tag and the slice. A rule's SQL is generated from its checked parse tree; a
+    column is quoted (a bank's column names are hostile input).
     """
-    declared = sources is not None or (tag is not None and tag.slices is not None)
+    declared = tag is not None and tag.slices is not None
     names = sources if sources is not None else (tag.slices if tag is not None and tag.slices is not None else CONTRACT_SLICES)
     out = {}
     for name in names:
@@ -109,8 +109,11 @@ def slice_expressions(catalog: Catalog, columns: set[str], tag: TagSpec | None =
         lacking = sorted(set(rule_columns(rule)) - columns) if rule is not None else ([] if name in columns else [name])
         if not lacking:
             out[name] = rule_case_sql(rule) if rule is not None else quote(name)
-        elif declared:
-            whose = f"tag {tag.name!r}" if tag is not None else "the slices asked for"
-            what = f"the rule tag {name!r} reads {lacking}, which" if rule is not None else f"{name!r} is neither a rule tag of the catalog nor a column that"
-            raise SliceError(f"{whose}: slice {what} its features lack")
+        elif declared and name in tag.slices:
+            what = (
+                f"is the rule tag reading {lacking}, which its features lack"
+                if rule is not None
+                else "is neither a rule tag of the catalog nor a column of its features"
+            )
+            raise SliceError(f"tag {tag.name!r}: slice {name!r} {what}")
     return out

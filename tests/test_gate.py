@@ -151,15 +151,18 @@ def test_hostile_slice_columns_and_values_make_valid_distinct_mlflow_metric_name
 
 def test_declared_slices_are_checked_by_name_and_an_empty_list_says_no_slices_checked(tmp_path, client):
     from tagml.scoring.rules import SliceError, slice_expressions
-    from tagml.training.catalog import CatalogError, load_catalog
+    from tagml.training.catalog import Catalog, CatalogError, load_catalog
 
     catalog = load_catalog()
     data = binary_set(tmp_path)
-    with pytest.raises(SliceError, match="tag 'buyer': slice 'tier' is neither a rule tag of the catalog nor a column"):
+    with pytest.raises(SliceError, match="tag 'buyer': slice 'tier' is neither a rule tag of the catalog nor a column of its features"):
         slice_expressions(catalog, set(data.feature_names), binary_tag(tmp_path, slices=["tier"]))
-    with pytest.raises(SliceError, match=r"tag 'buyer': slice the rule tag 'value_tier' reads \['aum_total'\]"):
+    with pytest.raises(SliceError, match=r"tag 'buyer': slice 'value_tier' is the rule tag reading \['aum_total'\], which its features lack"):
         slice_expressions(catalog, set(data.feature_names), binary_tag(tmp_path, slices=["value_tier"]))
     assert slice_expressions(catalog, {"region", "aum_total"}) == slice_expressions(catalog, {"region", "aum_total"}, catalog.get("risk_appetite"))
+    # the contract's default is not declared: a catalog without the value_tier rule slices by region alone
+    without_rules = Catalog(tags=(catalog.get("risk_appetite"),))
+    assert list(slice_expressions(without_rules, {"region", "aum_total"}, without_rules.tags[0], ("value_tier", "region"))) == ["region"]
 
     entries = [t.model_dump(mode="json") for t in catalog.tags]
     entries[0]["slices"] = ["region", "tier"]
