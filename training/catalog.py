@@ -243,7 +243,9 @@ class TagSpec(_Strict):
     drift: DriftSpec = DriftSpec()
     min_confidence: float = Field(0.0, ge=0, lt=1, description="below this top probability the tag is stored as 'unknown'")
     rule: RuleSpec | None = None
-    decision: DecisionSpec = DecisionSpec()
+    decision: DecisionSpec = Field(
+        DecisionSpec(), description="a binary tag's decision policy (its positive class is the second of `classes`); default: argmax"
+    )
     slices: tuple[str, ...] | None = Field(
         None,
         description="segments the gate holds to promotion.slice_floor (and drift reports): rule tags of the catalog or feature columns. "
