@@ -130,3 +130,19 @@ def test_trials_are_pruned_on_their_own_objective_and_recorded_as_pruned_not_fai
     assert 1 <= states.count("pruned") == run.metrics["trials_pruned"] and states.count("complete") == run.metrics["trials_completed"]
     assert {t.info.status for t in trials} == {"FINISHED"}
     assert all("valid_roc_auc_ovr" not in t.data.metrics for t in trials if t.data.tags["trial_state"] == "pruned")
+
+
+def test_the_registered_model_is_the_best_trial_and_a_refit_from_its_recorded_parameters_reproduces_it(tmp_path, client):
+    """Training keeps the best trial's fitted model rather than fitting it again: a data scientist refitting
+    the version's best_* parameters on its training part gets the same probabilities."""
+    from tagml.training.models import build_pipeline
+    from tagml.training.registry import load_model
+
+    data = binary_set(tmp_path)
+    tag = binary_tag(tmp_path, promotion={"metric": "roc_auc_ovr"}, model={"calibration": "none", "trials": 3})
+    result = train_tag(tag, data, client, {}, artifact_location=str(tmp_path / "artifacts"), threads=1)
+    X_train, y_train = data.part("train")
+    refit = build_pipeline("xgboost", result.best_params, ["segment"], ["spend", "visits", "noise"], 2, seed=0, threads=1)
+    refit.fit(X_train, (y_train == "yes").astype(int).to_numpy())
+    X_test, _ = data.part("test")
+    assert np.array_equal(load_model(client, tag.name, result.version).predict_proba(X_test), refit.predict_proba(X_test))

@@ -184,8 +184,8 @@ def _train(
                 "seed": seed,
             },
         )
-        best_params = tune(fit, trials or tag.model.trials)
-        tuned = fit_candidate(fit, tag.model.family, best_params, "tuned")
+        best = tune(fit, trials or tag.model.trials)
+        tuned = Candidate(tag.model.family, "tuned", best.pipeline, fit.valid_metrics(best.pipeline.predict_proba(fit.X_valid)))
         baseline, baseline_metrics = _baseline(fit) if tag.model.baseline else (None, {})
         chosen = select_candidate(fit, tuned, baseline)
         model = calibrate(fit, chosen.pipeline)
@@ -203,7 +203,7 @@ def _train(
         version,
         metrics,
         baseline_metrics,
-        best_params,
+        best.params,
         slice_values,
         chosen.family,
         threshold,

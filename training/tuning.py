@@ -2,10 +2,12 @@
 run per trial, xgboost trials pruned on that same objective."""
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
+from sklearn.pipeline import Pipeline
 
 from tagml.training.catalog import LOWER_IS_BETTER, TagSpec
 from tagml.training.tracking import create_run, log_metrics, log_params, set_tags
@@ -25,9 +27,15 @@ def _suggest(trial: optuna.Trial, tag: TagSpec) -> dict[str, Any]:
     return params
 
 
-def tune(fit: "Fitting", trials: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Tuned:
+    params: dict[str, Any]  # the best trial's parameters, with the catalog's fixed ones
+    pipeline: Any  # the best trial's model behind the shared preprocessing, fitted on the training part (a refit would repeat it)
+
+
+def tune(fit: "Fitting", trials: int) -> Tuned:
     """An Optuna study optimising the tag's tuning objective (its promotion metric unless model.objective says
-    otherwise) on the validation part, one nested run per trial; the best parameters."""
+    otherwise) on the validation part, one nested run per trial; the best trial."""
     tag = fit.tag
     assert tag.model is not None
     started = time.perf_counter()
@@ -36,6 +44,8 @@ def tune(fit: "Fitting", trials: int) -> dict[str, Any]:
     # preprocessing does not depend on the tuned parameters: fit it once for every trial
     prepare = fit.pipeline(tag.model.family, tag.model.params).named_steps["prepare"].fit(fit.X_train)
     Xt_train, Xt_valid = prepare.transform(fit.X_train), prepare.transform(fit.X_valid)
+    lower_is_better = objective_name in LOWER_IS_BETTER
+    best: dict[str, Any] = {}  # the first trial with the best value, as Optuna's best_trial is
 
     def objective(trial: optuna.Trial) -> float:
         params = _suggest(trial, tag)
@@ -57,7 +67,10 @@ def tune(fit: "Fitting", trials: int) -> dict[str, Any]:
             valid = fit.valid_metrics(proba_valid)
             log_metrics(fit.client, trial_id, {f"valid_{k}": v for k, v in valid.items()})
             status, state = "FINISHED", "complete"
-            return valid[objective_name]
+            value = valid[objective_name]
+            if "value" not in best or (value < best["value"] if lower_is_better else value > best["value"]):
+                best.update(value=value, model=model.set_params(callbacks=None) if prunable else model)
+            return value
         except optuna.TrialPruned:
             status, state = "FINISHED", "pruned"
             raise
@@ -66,7 +79,7 @@ def tune(fit: "Fitting", trials: int) -> dict[str, Any]:
             fit.client.set_terminated(trial_id, status)
 
     study = optuna.create_study(
-        direction="minimize" if objective_name in LOWER_IS_BETTER else "maximize",
+        direction="minimize" if lower_is_better else "maximize",
         sampler=optuna.samplers.TPESampler(seed=fit.seed),
         pruner=_pruner(trials) if prunable else optuna.pruners.NopPruner(),
         study_name=f"{tag.name}-{fit.parent_id}",
@@ -86,7 +99,7 @@ def tune(fit: "Fitting", trials: int) -> dict[str, Any]:
             "trials_pruned": states.count(optuna.trial.TrialState.PRUNED),
         },
     )
-    return best_params
+    return Tuned(best_params, Pipeline([("prepare", prepare), ("model", best["model"])]))
 
 
 def _objective_reporter(trial: optuna.Trial, fit: "Fitting", Xt_valid: Any, objective: str) -> Any:
