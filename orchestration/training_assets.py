@@ -21,6 +21,7 @@ from tagml.training.dataset import (
     default_train_as_of,
     load_training_set,
 )
+from tagml.training.evaluate import slice_sources
 from tagml.training.registry import GateDecision, apply_gate, evaluate_gate
 from tagml.training.tracking import model_version_url, run_url, ui_base_url
 from tagml.training.train import TrainResult, train_tag
@@ -100,7 +101,8 @@ def _tag_model_asset(tag: TagSpec, catalog: Catalog) -> dg.AssetsDefinition:
                 "promotion_gate",
                 asset=tag_model_key(tag.name),
                 blocking=True,
-                description=f"Challenger beats the champion on {tag.promotion.metric} by {tag.promotion.margin}, "
+                description=f"Challenger beats the champion on {tag.promotion.metric} by {tag.promotion.margin} and the baseline by "
+                f"{tag.promotion.baseline_margin}, "
                 f"calibration error <= {tag.promotion.max_calibration_error}, slices >= {tag.promotion.slice_floor}.",
             )
         ],
@@ -116,8 +118,8 @@ def _tag_model_asset(tag: TagSpec, catalog: Catalog) -> dg.AssetsDefinition:
     ):
         data = load_training_set(resolve_home_path(snapshot_path), tag)
         client = mlflow_store.client()
-        # the gate and drift judge the same segments: the catalog's slices as drift defines them
-        slices = slice_expressions(catalog, set(data.feature_names))
+        # the gate and drift judge the same segments: the tag's slices as drift defines them (recorded on the version)
+        slices = slice_expressions(catalog, set(data.feature_names), tag, slice_sources(tag, data))
         result = train_tag(
             tag,
             data,
@@ -143,6 +145,7 @@ def _model_metadata(tag: TagSpec, result: TrainResult, ui: str) -> dict[str, Any
         "model_version": result.version,
         "mlflow_run_id": result.run_id,
         "model_uri": result.model_uri,
+        "model_family": result.family,  # the tuned family, or the logistic baseline when it scored better on validation
         "mlflow_run": dg.MetadataValue.url(run_url(ui, result.experiment_id, result.run_id)),
         "mlflow_model_version": dg.MetadataValue.url(model_version_url(ui, registered_model_name(tag.name), result.version)),
         **{f"test_{k}": round(v, 4) for k, v in result.metrics.items() if not k.startswith(("precision_", "recall_", "support_"))},

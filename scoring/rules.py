@@ -7,7 +7,7 @@ feature columns arrive as Arrow batches and external access is off, so even a ba
 past the check could not read or write a file.
 """
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import duckdb
@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from sqlglot import exp
 
 from tagml.core.storage import MEMORY_LIMIT, connect, quote, sql_literal
-from tagml.training.catalog import Catalog, TagSpec
+from tagml.training.catalog import CONTRACT_SLICES, Catalog, TagSpec
 from tagml.training.rule_predicates import parse_rule_predicate
 
 
@@ -24,7 +24,8 @@ class RuleInputError(ValueError):
     """The feature snapshot lacks a column a rule reads."""
 
 
-SLICE_SOURCES = ("value_tier", "region")  # a rule tag of the catalog, or else a feature column
+class SliceError(ValueError):
+    """A slice a tag declares cannot be built over its features (named tag and slice)."""
 
 
 def rule_case_sql(tag: TagSpec) -> str:
@@ -91,18 +92,28 @@ def rule_batches(con: duckdb.DuckDBPyConnection, path: Path, tag: TagSpec, selec
         sandbox.close()
 
 
-def slice_expressions(catalog: Catalog, columns: set[str]) -> dict[str, str]:
+def slice_expressions(catalog: Catalog, columns: set[str], tag: TagSpec | None = None, sources: Sequence[str] | None = None) -> dict[str, str]:
     """SQL per slice over a feature snapshot: a rule tag's bands (value tier) or a feature column (region).
 
-    A rule's SQL is generated from its checked parse tree; a slice whose columns the
-    snapshot lacks is left out, as a missing feature column is.
+    Which slices: `sources` (the names training resolved and recorded on a version: tagml.training.evaluate.
+    slice_sources), else `tag`'s declared `slices`, else the contract's (value_tier, region). A slice the
+    snapshot cannot build is left out, as a missing feature column is, unless the tag declares it: then it
+    is a SliceError naming the tag and the slice. A rule's SQL is generated from its checked parse tree; a
+    column is quoted (a bank's column names are hostile input).
     """
+    declared = tag is not None and tag.slices is not None
+    names = sources if sources is not None else (tag.slices if tag is not None and tag.slices is not None else CONTRACT_SLICES)
     out = {}
-    for name in SLICE_SOURCES:
+    for name in names:
         rule = next((t for t in catalog.rule_tags if t.name == name), None)
-        if rule is not None:
-            if set(rule_columns(rule)) <= columns:
-                out[name] = rule_case_sql(rule)
-        elif name in columns:
-            out[name] = quote(name)
+        lacking = sorted(set(rule_columns(rule)) - columns) if rule is not None else ([] if name in columns else [name])
+        if not lacking:
+            out[name] = rule_case_sql(rule) if rule is not None else quote(name)
+        elif declared and name in tag.slices:
+            what = (
+                f"is the rule tag reading {lacking}, which its features lack"
+                if rule is not None
+                else "is neither a rule tag of the catalog nor a column of its features"
+            )
+            raise SliceError(f"tag {tag.name!r}: slice {name!r} {what}")
     return out

@@ -30,6 +30,8 @@ FEATURE_GROUPS = tuple(sorted({f.group for f in FEATURES}))
 # Class names become MLflow metric names, file names and tag-store values: a safe, portable alphabet.
 CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 UNKNOWN = "unknown"  # what scoring stores below a tag's min_confidence: no tag may use it as a class
+# the slices of a tag on the contract's customer_features unless it declares its own: the value_tier rule's bands and region
+CONTRACT_SLICES = ("value_tier", "region")
 
 
 class CatalogError(ValueError):
@@ -118,6 +120,12 @@ class SearchDimension(_Strict):
         return self
 
 
+PromotionMetric = Literal["macro_f1", "accuracy", "log_loss", "roc_auc_ovr", "balanced_accuracy"]
+LOWER_IS_BETTER = frozenset({"log_loss"})
+# test metrics this good mean leakage far more often than a tag that easy: ROC AUC 1.0 on a leaky table was promoted
+IMPLAUSIBLE_DEFAULT = {"higher": 0.99, "log_loss": 0.01}
+
+
 class ModelSpec(_Strict):
     family: Literal["xgboost", "logistic_regression"] = "xgboost"
     search_space: dict[str, SearchDimension] = Field(default_factory=dict)
@@ -129,6 +137,11 @@ class ModelSpec(_Strict):
         "temperature", description="how validation data recalibrates the probabilities (temperature keeps the ranking)"
     )
     class_weight: Literal["balanced", "none"] = Field("none", description="'balanced' trades calibration for minority-class recall")
+    objective: PromotionMetric | None = Field(
+        None,
+        description="what the Optuna study optimises on the validation part (maximised; log_loss minimised); default: promotion.metric. "
+        "xgboost trials report it every 10 boosting rounds, and a median pruner stops the trials that fall behind",
+    )
 
 
 class SplitSpec(_Strict):
@@ -138,11 +151,59 @@ class SplitSpec(_Strict):
 
 
 class PromotionSpec(_Strict):
-    metric: Literal["macro_f1", "accuracy", "log_loss", "roc_auc_ovr", "balanced_accuracy"] = "macro_f1"
+    metric: PromotionMetric = "macro_f1"
     margin: float = Field(0.0, ge=0, description="a challenger must beat the champion by at least this much")
+    baseline_margin: float = Field(
+        0.0,
+        ge=0,
+        description="the registered model must beat the logistic baseline on the test part by at least this much (not applied when "
+        "the baseline itself was registered, because it scored better on validation)",
+    )
     max_calibration_error: float = Field(0.05, gt=0, le=1)
     slice_floor: float = Field(0.0, ge=0, le=1, description="no slice's metric may fall below this")
     require_all_classes_predicted: bool = True
+    implausible_above: float | None = Field(
+        None,
+        ge=0,
+        description="a test promotion metric this good is refused as implausible (a feature leaking the label?): at or above it for "
+        f"the metrics where higher is better (default {IMPLAUSIBLE_DEFAULT['higher']}); for log_loss a floor, at or below it (default {IMPLAUSIBLE_DEFAULT['log_loss']})",
+    )
+    allow_implausible: bool = Field(False, description="promote a model whose test metric is implausibly good anyway (recorded in the gate's reasons)")
+
+    @property
+    def implausible_bound(self) -> float:
+        """Where the promotion metric becomes implausible: `implausible_above`, or the default for the metric."""
+        if self.implausible_above is not None:
+            return self.implausible_above
+        return IMPLAUSIBLE_DEFAULT["log_loss" if self.metric in LOWER_IS_BETTER else "higher"]
+
+    def is_implausible(self, value: float) -> bool:
+        bound = self.implausible_bound
+        return value <= bound if self.metric in LOWER_IS_BETTER else value >= bound
+
+
+class DecisionSpec(_Strict):
+    """How a binary tag's value follows from the probability of its positive class (the second of `classes`)."""
+
+    policy: Literal["argmax", "threshold", "top_share"] = Field(
+        "argmax",
+        description="argmax: the more probable class; threshold: positive at or above a probability (fixed, or chosen on the validation "
+        "part for target_precision / target_recall); top_share: the top_share of customers by probability (threshold fixed at training "
+        "from the validation distribution). The threshold is recorded on the model version and applied by scoring, drift and the gate",
+    )
+    threshold: float | None = Field(None, gt=0, lt=1, description="policy threshold: a fixed probability of the positive class")
+    target_precision: float | None = Field(None, gt=0, le=1, description="policy threshold: the lowest threshold whose validation precision reaches this")
+    target_recall: float | None = Field(None, gt=0, le=1, description="policy threshold: the highest threshold whose validation recall reaches this")
+    top_share: float | None = Field(None, gt=0, lt=1, description="policy top_share: the share of validation customers above the threshold")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "DecisionSpec":
+        given = [k for k in ("threshold", "target_precision", "target_recall", "top_share") if getattr(self, k) is not None]
+        allowed = {"argmax": [], "threshold": ["threshold", "target_precision", "target_recall"], "top_share": ["top_share"]}[self.policy]
+        if (allowed and len(given) != 1) or not set(given) <= set(allowed):
+            needs = f"exactly one of {allowed}" if allowed else "none of threshold, target_precision, target_recall, top_share"
+            raise ValueError(f"policy {self.policy!r} takes {needs}; got {given or 'none'}")
+        return self
 
 
 class DriftSpec(_Strict):
@@ -222,6 +283,15 @@ class TagSpec(_Strict):
     leakage: LeakageSpec = LeakageSpec()
     min_confidence: float = Field(0.0, ge=0, lt=1, description="below this top probability the tag is stored as 'unknown'")
     rule: RuleSpec | None = None
+    decision: DecisionSpec = Field(
+        DecisionSpec(), description="a binary tag's decision policy (its positive class is the second of `classes`); default: argmax"
+    )
+    slices: tuple[str, ...] | None = Field(
+        None,
+        description="segments the gate holds to promotion.slice_floor (and drift reports): rule tags of the catalog or feature columns. "
+        f"Default: {list(CONTRACT_SLICES)} on the contract's features; on a bring-your-own table, up to 3 of its categorical features "
+        "with 2-20 levels in the training set (fewest levels first). [] checks none",
+    )
 
     @field_validator("classes")
     @classmethod
@@ -240,6 +310,8 @@ class TagSpec(_Strict):
     def _consistent(self) -> "TagSpec":
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("classes must be unique")
+        if self.decision.policy != "argmax" and (self.kind != "model" or len(self.classes) != 2 or self.min_confidence):
+            raise ValueError(f"decision.policy {self.decision.policy!r} is for binary model tags (2 classes, the second positive) without min_confidence")
         if self.kind == "model":
             if self.model is None or self.label is None:
                 raise ValueError("a model tag needs 'model' and 'label' sections")
@@ -260,6 +332,8 @@ class TagSpec(_Strict):
             if allowed and self.label.feature_source == "customer_features":
                 raise ValueError(f"leakage.allow: unknown feature names {sorted(allowed)}")
         else:
+            if self.slices is not None:
+                raise ValueError("slices: only a model tag is sliced (its gate and drift); remove it from the rule tag")
             if self.rule is None:
                 raise ValueError("a rule tag needs a 'rule' section")
             labels = {b.label for b in self.rule.bands} | {self.rule.default}
@@ -274,6 +348,11 @@ class TagSpec(_Strict):
     @property
     def feature_names(self) -> tuple[str, ...]:
         return self.features.resolve()
+
+    @property
+    def tuning_objective(self) -> str:
+        """The validation metric the Optuna study optimises: model.objective, else the promotion metric."""
+        return (self.model.objective if self.model else None) or self.promotion.metric
 
     def content_hash(self) -> str:
         """Hash of the entry's content: recorded on every model version trained from it."""
@@ -298,6 +377,17 @@ class Catalog(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"tag names must be unique; repeated: {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _known_slices(self) -> "Catalog":
+        # a bring-your-own table's columns are known only when it is read: its slices are checked at training
+        rules = {t.name for t in self.rule_tags}
+        for tag in self.model_tags:
+            if tag.slices is not None and tag.label is not None and tag.label.feature_source == "customer_features":
+                unknown = [s for s in tag.slices if s not in rules and s not in FEATURE_NAMES]
+                if unknown:
+                    raise ValueError(f"tag {tag.name!r}: slices: {unknown} are neither rule tags of the catalog nor features")
         return self
 
     def get(self, name: str) -> TagSpec:

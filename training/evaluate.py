@@ -1,5 +1,7 @@
 """Held-out evaluation: overall, per class, calibration, per slice, and the plots logged to MLflow."""
 
+import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,9 @@ from sklearn.metrics import (
 )
 
 from tagml.core.storage import quote, sql_literal
+from tagml.training.catalog import CONTRACT_SLICES, DecisionSpec, TagSpec
+from tagml.training.dataset import SPLIT_COLUMN, TrainingSet
+from tagml.training.inference import decide
 
 # evaluation's own slice (drift does not slice by age); bands [0, 30), [30, 45), [45, 60), [60, 200)
 AGE_BAND_SQL = (
@@ -25,6 +30,9 @@ AGE_BAND_SQL = (
     "WHEN age >= 45 AND age < 60 THEN '45-59' WHEN age >= 60 AND age < 200 THEN '60+' END"
 )
 MISSING_SLICE = "missing"  # the slice of rows whose slice value is NULL (an MLflow metric name: no brackets)
+MIN_SLICE_LEVELS, MAX_SLICE_LEVELS, MAX_DEFAULT_SLICES = 2, 20, 3  # a bring-your-own table's default slices
+UNSAFE_METRIC_CHARACTERS = re.compile(r"[^A-Za-z0-9_.\-]")
+MAX_SLICE_METRIC_LENGTH = 180  # MLflow allows 250 characters
 
 
 def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 10) -> float:
@@ -61,34 +69,115 @@ def debiased_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = 10,
     return max(expected_calibration_error(y, proba, bins) - float(np.mean(noise)), 0.0)
 
 
-def core_metrics(y: np.ndarray, proba: np.ndarray, n_classes: int) -> dict[str, float]:
-    pred = proba.argmax(axis=1)
-    labels = list(range(n_classes))
-    clipped = np.clip(proba, 1e-12, 1)  # float32 models' rows sum to 1 only approximately
+def _auc(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
     if n_classes == 2:
-        auc = roc_auc_score(y, proba[:, 1]) if len(np.unique(y)) == 2 else float("nan")
-    else:
-        present = np.unique(y)
-        auc = roc_auc_score(y, proba, multi_class="ovr", labels=labels) if len(present) == n_classes else float("nan")
+        return float(roc_auc_score(y, proba[:, 1])) if len(np.unique(y)) == 2 else float("nan")
+    return float(roc_auc_score(y, proba, multi_class="ovr", labels=list(range(n_classes)))) if len(np.unique(y)) == n_classes else float("nan")
+
+
+def _log_loss(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
+    clipped = np.clip(proba, 1e-12, 1)  # float32 models' rows sum to 1 only approximately
+    return float(log_loss(y, clipped / clipped.sum(axis=1, keepdims=True), labels=list(range(n_classes))))
+
+
+_PROBABILITY_METRICS = {"log_loss": _log_loss, "roc_auc_ovr": _auc}
+_DECISION_METRICS = {
+    "macro_f1": lambda y, pred, n: float(f1_score(y, pred, average="macro", labels=list(range(n)), zero_division=0)),
+    "accuracy": lambda y, pred, n: float(accuracy_score(y, pred)),
+    "balanced_accuracy": lambda y, pred, n: float(balanced_accuracy_score(y, pred)),
+}
+
+
+def metric_value(y: np.ndarray, proba: np.ndarray, n_classes: int, metric: str, threshold: float | None = None) -> float:
+    """One promotion metric, without the others (the pruner asks for it every few boosting rounds)."""
+    if metric in _PROBABILITY_METRICS:
+        return _PROBABILITY_METRICS[metric](y, proba, n_classes)
+    return _DECISION_METRICS[metric](y, decide(proba, threshold), n_classes)
+
+
+def core_metrics(y: np.ndarray, proba: np.ndarray, n_classes: int, threshold: float | None = None) -> dict[str, float]:
+    """Every metric; the class-decision ones (macro_f1, accuracy, balanced_accuracy) at a binary tag's `threshold`."""
+    pred = decide(proba, threshold)
     return {
-        "macro_f1": float(f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
-        "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-        "log_loss": float(log_loss(y, clipped / clipped.sum(axis=1, keepdims=True), labels=labels)),
-        "roc_auc_ovr": float(auc),
+        **{name: score(y, pred, n_classes) for name, score in _DECISION_METRICS.items()},
+        **{name: score(y, proba, n_classes) for name, score in _PROBABILITY_METRICS.items()},
         "calibration_error": expected_calibration_error(y, proba),
         "calibration_error_debiased": debiased_calibration_error(y, proba),
     }
 
 
-def per_class_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
-    precision, recall, _, support = precision_recall_fscore_support(y, proba.argmax(axis=1), labels=list(range(len(classes))), zero_division=0)
+def per_class_metrics(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], threshold: float | None = None) -> dict[str, float]:
+    pred = decide(proba, threshold)
+    precision, recall, _, support = precision_recall_fscore_support(y, pred, labels=list(range(len(classes))), zero_division=0)
     out: dict[str, float] = {}
     for k, c in enumerate(classes):
         out[f"precision_{c}"] = float(precision[k])
         out[f"recall_{c}"] = float(recall[k])
         out[f"support_{c}"] = float(support[k])
     return out
+
+
+class DecisionError(ValueError):
+    """A binary tag's decision policy cannot be met on the validation part (named tag, target and what was reached)."""
+
+
+def choose_threshold(decision: DecisionSpec, y: np.ndarray, proba: np.ndarray) -> float | None:
+    """The positive-class probability at or above which a binary tag decides positive, from validation `y` and
+    `proba` (None: argmax). A target no threshold reaches gets the closest one (`decision_shortfall` says so)."""
+    p, positive = proba[:, 1], y == 1
+    if decision.policy == "argmax":
+        return None
+    if decision.threshold is not None:
+        return decision.threshold
+    ranked = np.sort(p)[::-1]
+    ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))  # the last row of each run of equal probabilities
+    if decision.top_share is not None:  # the threshold whose share is closest: equal probabilities fall on one side together
+        return float(ranked[ends[int(np.abs((ends + 1) / len(p) - decision.top_share).argmin())]])
+    if decision.target_recall is not None:
+        if not positive.any():
+            return 0.5
+        ranked = np.sort(p[positive])[::-1]
+        return float(ranked[max(int(np.ceil(decision.target_recall * len(ranked))), 1) - 1])
+    hits = np.cumsum(positive[np.argsort(p)[::-1]])
+    candidates, precision = ranked[ends], hits[ends] / (ends + 1)  # highest threshold first
+    reaching = np.flatnonzero(precision >= decision.target_precision)
+    return float(candidates[reaching[-1]] if len(reaching) else candidates[int(precision.argmax())])
+
+
+def decision_shortfall(decision: DecisionSpec, y: np.ndarray, proba: np.ndarray, threshold: float | None) -> str | None:
+    """Why `threshold` misses the decision's target precision or recall on validation, or None when it meets it."""
+    pred, positive = decide(proba, threshold) == 1, y == 1
+    for target, reached, what in (
+        (decision.target_precision, positive[pred].mean() if pred.any() else 0.0, "precision"),
+        (decision.target_recall, pred[positive].mean() if positive.any() else 0.0, "recall"),
+    ):
+        if target is not None and reached < target:
+            return f"decision.target_{what} {target}: no threshold reaches it on the validation part (best {reached:.4f})"
+    return None
+
+
+def slice_sources(tag: TagSpec, data: TrainingSet) -> tuple[str, ...]:
+    """The slices of `tag` (rule tag names or feature columns): its declared `slices`; on the contract's features
+    value_tier and region; on a bring-your-own table its categorical features with 2-20 levels on the training
+    part, fewest levels first (ties in feature order), up to 3, so that its slice floor checks something."""
+    if tag.slices is not None:
+        return tag.slices
+    if tag.label is None or tag.label.feature_source == "customer_features":
+        return CONTRACT_SLICES
+    train = data.frame.loc[data.frame[SPLIT_COLUMN] == "train"]
+    levels = {name: train[name].nunique(dropna=True) for name in data.feature_names if name in data.categorical}
+    candidates = [name for name in data.feature_names if MIN_SLICE_LEVELS <= levels.get(name, 0) <= MAX_SLICE_LEVELS]
+    return tuple(sorted(candidates, key=lambda name: levels[name])[:MAX_DEFAULT_SLICES])
+
+
+def slice_metric_name(key: str) -> str:
+    """An MLflow metric name for a slice value `name=value`, whatever the column and value hold: readable where
+    it can be, with a hash of the original where characters were replaced or it was cut (no two collide)."""
+    name = key.replace("=", "_").replace("<", "lt").replace("+", "plus")
+    safe = UNSAFE_METRIC_CHARACTERS.sub("_", name)
+    if safe != name or len(safe) > MAX_SLICE_METRIC_LENGTH:
+        safe = f"{safe[:MAX_SLICE_METRIC_LENGTH]}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return f"slice_{safe}"
 
 
 def evaluation_slices(catalog_slices: Mapping[str, str], columns: Sequence[str]) -> dict[str, str]:
@@ -114,15 +203,22 @@ def slices(frame: pd.DataFrame, expressions: Mapping[str, str]) -> dict[str, pd.
     return {name: values[name].set_axis(frame.index) for name in expressions}
 
 
-def _slice_score(y: np.ndarray, proba: np.ndarray, metric: str, n_classes: int) -> float:
+def _slice_score(y: np.ndarray, proba: np.ndarray, metric: str, n_classes: int, threshold: float | None) -> float:
     if metric == "macro_f1":
         # averaged over the classes that occur in the slice: retirees are rarely young families
-        return float(f1_score(y, proba.argmax(axis=1), average="macro", labels=np.unique(y), zero_division=0))
-    return core_metrics(y, proba, n_classes)[metric]
+        return float(f1_score(y, decide(proba, threshold), average="macro", labels=np.unique(y), zero_division=0))
+    return metric_value(y, proba, n_classes, metric, threshold)
 
 
 def slice_metrics(
-    frame: pd.DataFrame, y: np.ndarray, proba: np.ndarray, metric: str, n_classes: int, expressions: Mapping[str, str], min_rows: int = 30
+    frame: pd.DataFrame,
+    y: np.ndarray,
+    proba: np.ndarray,
+    metric: str,
+    n_classes: int,
+    expressions: Mapping[str, str],
+    threshold: float | None = None,
+    min_rows: int = 30,
 ) -> dict[str, float]:
     """The promotion metric per slice value (slices with fewer than `min_rows` rows are skipped)."""
     out = {}
@@ -130,7 +226,7 @@ def slice_metrics(
         for value in sorted(values.unique()):
             mask = (values == value).to_numpy()
             if mask.sum() >= min_rows:
-                out[f"{name}={value}"] = _slice_score(y[mask], proba[mask], metric, n_classes)
+                out[f"{name}={value}"] = _slice_score(y[mask], proba[mask], metric, n_classes, threshold)
     return out
 
 
@@ -151,8 +247,8 @@ def _figure(path: Path, size: tuple[float, float]):
         plt.close(fig)
 
 
-def plot_confusion(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], path: Path) -> Path:
-    matrix = confusion_matrix(y, proba.argmax(axis=1), labels=list(range(len(classes))), normalize="true")
+def plot_confusion(y: np.ndarray, proba: np.ndarray, classes: Sequence[str], path: Path, threshold: float | None = None) -> Path:
+    matrix = confusion_matrix(y, decide(proba, threshold), labels=list(range(len(classes))), normalize="true")
     with _figure(path, (5, 4)) as ax:
         ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
         ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")

@@ -1,5 +1,6 @@
 """Inference of a model tag, in one place: the model's input from feature rows, and probabilities to a
-value (the most probable class, or `unknown` below the tag's min_confidence).
+value (the most probable class, or a binary tag's positive class at or above its version's decision threshold;
+`unknown` below the tag's min_confidence). The gate and evaluation decide with `decide` too.
 
 Scoring writes the tag store with it and monitoring profiles a version's reference population with
 it: drift's "PSI is 0 on the reference" holds only because both infer the same way.
@@ -31,10 +32,18 @@ def model_input(frame: pd.DataFrame, version: ModelVersionInfo) -> pd.DataFrame:
     return X
 
 
+def decide(proba: np.ndarray, threshold: float | None) -> np.ndarray:
+    """The decided class index per row: the positive class (index 1) where its probability reaches `threshold`,
+    or the most probable class when there is no threshold (DecisionSpec policy argmax)."""
+    if threshold is None:
+        return proba.argmax(axis=1)
+    return (proba[:, 1] >= threshold).astype(int)
+
+
 def infer(model: Any, X: pd.DataFrame, version: ModelVersionInfo, min_confidence: float | None) -> Inference:
-    """Probabilities and inferred values of `model` on `X` (from `model_input`)."""
+    """Probabilities and inferred values of `model` on `X` (from `model_input`), decided by the version's threshold."""
     proba = model.predict_proba(X)
-    top = proba.argmax(axis=1)
+    top = decide(proba, version.decision_threshold)
     confidence = proba[np.arange(len(top)), top]
     values = np.array(version.classes, dtype=object)[top]
     if min_confidence:

@@ -24,14 +24,14 @@ from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.tracking import MlflowClient
 
 from tagml.core.settings import resolve_home_path
-from tagml.training.catalog import TagSpec
+from tagml.training.catalog import LOWER_IS_BETTER, TagSpec
 from tagml.training.dataset import TrainingSet
 from tagml.training.evaluate import core_metrics, evaluation_slices, slice_metrics
+from tagml.training.inference import decide
 from tagml.training.tracking import describe, download_artifacts, is_missing
 from tagml.training.versions import ModelVersionInfo, parse_version, registered_model_name, registration_problem
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-LOWER_IS_BETTER = {"log_loss"}
 
 
 class RegistryError(RuntimeError):
@@ -206,31 +206,26 @@ def _better(metric: str, challenger: float, champion: float, margin: float) -> b
 
 def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: TrainingSet, slices: Mapping[str, str]) -> GateDecision:
     """Decide whether `challenger` should become champion, on the challenger's held-out test set.
-    `slices`: the catalog's slices as drift defines them (tagml.scoring.rules.slice_expressions), whose
-    values must each keep the promotion metric above the catalog's slice floor."""
+    `slices`: the tag's slices as drift defines them (tagml.scoring.rules.slice_expressions), whose values
+    must each keep the promotion metric above the catalog's slice floor. Class decisions are the version's
+    (a binary tag's decision threshold, tagml.training.inference.decide)."""
     found = get_version(client, tag.name, challenger)
     if found is None:
         raise RegistryError(f"{registered_model_name(tag.name)} has no version {challenger} to evaluate")
-    require_complete(found)
+    threshold = parse_version(tag.name, require_complete(found)).decision_threshold
     X_test, y_test = data.part("test")
     y = y_test.map({c: i for i, c in enumerate(tag.classes)}).to_numpy()
     n_classes, metric, rules = len(tag.classes), tag.promotion.metric, tag.promotion
     proba = load_model(client, tag.name, challenger).predict_proba(X_test)
-    scores = core_metrics(y, proba, n_classes)
-    slice_scores = slice_metrics(X_test, y, proba, metric, n_classes, evaluation_slices(slices, data.feature_names))
-    predicted = set(np.unique(proba.argmax(axis=1)))
+    scores = core_metrics(y, proba, n_classes, threshold)
+    expressions = evaluation_slices(slices, data.feature_names)
+    slice_scores = slice_metrics(X_test, y, proba, metric, n_classes, expressions, threshold)
+    predicted = set(np.unique(decide(proba, threshold)))
     never = [c for k, c in enumerate(tag.classes) if k not in predicted]
-    reasons: list[str] = []
-    passed = True
-    if rules.require_all_classes_predicted and never:
-        passed = False
-        reasons.append(f"classes never predicted on the test set: {never}")
-    if scores["calibration_error_debiased"] > rules.max_calibration_error:
-        passed = False
-        reasons.append(
-            f"calibration error {scores['calibration_error_debiased']:.4f} (debiased; raw {scores['calibration_error']:.4f}) > {rules.max_calibration_error}"
-        )
+    passed, reasons = _absolute_checks(tag, scores, never, threshold)
     low_slices = {k: round(v, 4) for k, v in slice_scores.items() if v < rules.slice_floor}
+    if not slice_scores:
+        reasons.append(f"no slices checked ({f'no value of {sorted(expressions)} has 30 test rows' if expressions else 'the tag has no slices'})")
     if low_slices:
         passed = False
         reasons.append(f"slices below the {metric} floor {rules.slice_floor}: {low_slices}")
@@ -242,13 +237,18 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
         passed = False
         reasons.append(f"v{challenger} is already the champion")
     else:
+        champion = get_version(client, tag.name, current)
+        champion_threshold = parse_version(tag.name, champion).decision_threshold if champion is not None else None
         champion_proba = load_model(client, tag.name, current).predict_proba(X_test)
-        champion_score = core_metrics(y, champion_proba, n_classes)[metric]
+        champion_score = core_metrics(y, champion_proba, n_classes, champion_threshold)[metric]
         verdict = "beats" if _better(metric, scores[metric], champion_score, rules.margin) else "does not beat"
         passed = passed and verdict == "beats"
         reasons.append(f"{metric} {scores[metric]:.4f} {verdict} champion v{current} ({champion_score:.4f}) by the margin {rules.margin}")
+    baseline_ok, baseline_reason, baseline_checks = _baseline_check(found.tags, tag, scores[metric])
+    passed = passed and baseline_ok
+    reasons.append(baseline_reason)
     if passed:
-        reasons.append("absolute checks passed (classes predicted, calibration, slices)")
+        reasons.append("absolute checks passed (classes predicted, calibration, plausibility, slices, baseline)")
     return GateDecision(
         tag=tag.name,
         challenger_version=str(challenger),
@@ -258,8 +258,57 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
         metric=metric,
         challenger_metric=scores[metric],
         champion_metric=champion_score,
-        checks={"metrics": scores, "slices": slice_scores, "never_predicted": never},
+        checks={"metrics": scores, "slices": slice_scores, "never_predicted": never, "baseline": baseline_checks, "decision_threshold": threshold},
     )
+
+
+def _absolute_checks(tag: TagSpec, scores: Mapping[str, float], never: list[str], threshold: float | None) -> tuple[bool, list[str]]:
+    """(passed, reasons) of the checks that need no other model: classes predicted, calibration, plausibility."""
+    rules, metric = tag.promotion, tag.promotion.metric
+    passed, reasons = True, []
+    positive = tag.classes[1] if len(tag.classes) == 2 else None
+    if positive in never:  # a binary tag that never says "yes" is no tag at all, whatever require_all_classes_predicted says
+        passed = False
+        how = f"at its decision threshold {threshold:.4f}" if threshold is not None else "by the more probable class (decision.policy argmax)"
+        fix = "" if threshold is not None else ": give the tag a decision policy (threshold or top_share) to make it a score"
+        reasons.append(f"the positive class {positive!r} is never predicted on the test set {how}{fix}")
+    elif rules.require_all_classes_predicted and never:
+        passed = False
+        reasons.append(f"classes never predicted on the test set: {never}")
+    if scores["calibration_error_debiased"] > rules.max_calibration_error:
+        passed = False
+        reasons.append(
+            f"calibration error {scores['calibration_error_debiased']:.4f} (debiased; raw {scores['calibration_error']:.4f}) > {rules.max_calibration_error}"
+        )
+    if rules.is_implausible(scores[metric]):
+        side = "<=" if metric in LOWER_IS_BETTER else ">="
+        verdict = f"test {metric} {scores[metric]:.4f} is implausibly good ({side} {rules.implausible_bound}): a feature probably leaks the label"
+        if rules.allow_implausible:
+            reasons.append(f"{verdict}; promoted anyway because promotion.allow_implausible is set")
+        else:
+            passed = False
+            reasons.append(
+                f"{verdict} (a copy of it, or something known only after it); exclude it, or set promotion.allow_implausible if the tag is really this easy"
+            )
+    return passed, reasons
+
+
+def _baseline_check(version_tags: Mapping[str, str], tag: TagSpec, score: float) -> tuple[bool, str, dict[str, Any]]:
+    """(passed, reason, checks): the registered model against the logistic baseline on the test part, by
+    promotion.baseline_margin, unless the registered model is the baseline itself."""
+    metric, margin = tag.promotion.metric, tag.promotion.baseline_margin
+    selection = json.loads(version_tags.get("candidate_selection", "{}"))
+    valid = ", ".join(f"{role} {value:.4f}" for role, value in selection.get("valid", {}).items())
+    if version_tags.get("model_candidate") == "baseline":
+        reason = f"the registered model is the logistic baseline itself: it beat the tuned {tag.model.family} on validation {metric} ({valid}); no baseline margin applies"
+        return True, reason, {"registered": "baseline", **selection}
+    recorded = version_tags.get(f"baseline_test_{metric}")
+    if recorded is None:
+        return True, "no baseline was trained (model.baseline is off): not compared with one", {"registered": "tuned"}
+    baseline = float(recorded)
+    beats = _better(metric, score, baseline, margin)
+    reason = f"{metric} {score:.4f} {'beats' if beats else 'does not beat'} the logistic baseline ({baseline:.4f}) by the baseline margin {margin}"
+    return beats, reason + (f" (validation: {valid})" if valid else ""), {"registered": "tuned", "baseline_test": baseline, "margin": margin, **selection}
 
 
 def apply_gate(client: MlflowClient, decision: GateDecision) -> GateDecision:

@@ -2,60 +2,50 @@
 refit and calibrated, evaluated on the held-out test set, logged and registered as the challenger."""
 
 import json
-import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, Schema, TensorSpec
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
 from sklearn.utils.class_weight import compute_sample_weight
 
-from tagml.core.settings import home_relative
-from tagml.training.catalog import TagSpec
+from tagml.training.catalog import LOWER_IS_BETTER, TagSpec
 from tagml.training.concurrency import mark_stale_runs, owner_tags, training_lock
 from tagml.training.dataset import TrainingSet
 from tagml.training.evaluate import (
+    DecisionError,
+    choose_threshold,
     core_metrics,
+    decision_shortfall,
     evaluation_slices,
+    metric_value,
     per_class_metrics,
     plot_calibration,
     plot_confusion,
     plot_importance,
+    slice_metric_name,
     slice_metrics,
 )
 from tagml.training.models import build_pipeline
+from tagml.training.registration import PIP_REQUIREMENTS, code_version, model_signature, register_version
 from tagml.training.tracking import (
     LoggedSklearnModel,
-    create_run,
     is_local_store,
-    is_missing,
     log_metrics,
     log_params,
     log_sklearn_model,
     set_tags,
     tracked_run,
 )
-from tagml.training.versions import REGISTRATION_COMPLETE, REGISTRATION_PENDING, REGISTRATION_TAG, registered_model_name
-
-PIP_REQUIREMENTS = ["scikit-learn>=1.6,<2", "xgboost>=3.0,<3.3", "pandas>=2.2,<3", "numpy>=2.0,<2.5"]
-
-
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from tagml.training.tuning import tune
+from tagml.training.versions import DECISION_THRESHOLD_TAG
 
 
 @dataclass
@@ -68,23 +58,14 @@ class TrainResult:
     baseline_metrics: dict[str, float]
     best_params: dict[str, Any]
     slice_metrics: dict[str, float]
+    family: str  # the family registered: the tuned one, or the baseline's when it scored better on validation
+    decision_threshold: float | None  # a binary tag's threshold (DecisionSpec), None for argmax
     seconds: dict[str, float] = field(default_factory=dict)
     experiment_id: str = ""
 
 
 def _encode(y: pd.Series, classes: tuple[str, ...]) -> np.ndarray:
     return y.map({c: i for i, c in enumerate(classes)}).to_numpy()
-
-
-def _suggest(trial: optuna.Trial, tag: TagSpec) -> dict[str, Any]:
-    assert tag.model is not None
-    params: dict[str, Any] = dict(tag.model.params)
-    for name, dim in tag.model.search_space.items():
-        if dim.integer:
-            params[name] = trial.suggest_int(name, int(dim.low), int(dim.high), log=dim.log)
-        else:
-            params[name] = trial.suggest_float(name, dim.low, dim.high, log=dim.log)
-    return params
 
 
 def train_tag(
@@ -122,13 +103,14 @@ def _experiment(client: MlflowClient, tag: str, artifact_location: str | None) -
 
 
 @dataclass
-class _Fitting:
+class Fitting:
     """What every step of one training shares: the data split and encoded, and the MLflow run it logs to."""
 
     client: MlflowClient
     tag: TagSpec
     data: TrainingSet
     slices: dict[str, str]  # SQL per evaluation slice (tagml.training.evaluate.evaluation_slices)
+    catalog_slices: list[str]  # the names of the tag's slices (tagml.training.evaluate.slice_sources), recorded on the version
     experiment_id: str
     parent_id: str
     run_tags: dict[str, str]  # the caller's (e.g. the Dagster run id): on every run and on the version
@@ -154,6 +136,23 @@ class _Fitting:
     def pipeline(self, family: str, params: dict[str, Any]) -> Any:
         return build_pipeline(family, params, self.categorical, self.numeric, self.n_classes, self.seed, self.threads)
 
+    def valid_metrics(self, proba_valid: np.ndarray) -> dict[str, float]:
+        """The metrics of validation probabilities, as tuning and candidate selection compare them: a binary tag's
+        decisions at the threshold its decision policy chooses on these very probabilities."""
+        return core_metrics(self.y_valid, proba_valid, self.n_classes, choose_threshold(self.tag.decision, self.y_valid, proba_valid))
+
+    def valid_objective(self, proba_valid: np.ndarray, metric: str) -> float:
+        return metric_value(self.y_valid, proba_valid, self.n_classes, metric, choose_threshold(self.tag.decision, self.y_valid, proba_valid))
+
+    def decision_threshold(self, model: Any) -> float | None:
+        """The registered model's threshold, chosen on the validation part; DecisionError when its target is out of reach."""
+        proba = model.predict_proba(self.X_valid)
+        threshold = choose_threshold(self.tag.decision, self.y_valid, proba)
+        shortfall = decision_shortfall(self.tag.decision, self.y_valid, proba, threshold)
+        if shortfall:
+            raise DecisionError(f"tag {self.tag.name!r}: {shortfall}; lower the target or use another policy (nothing was registered)")
+        return threshold
+
     def add_time(self, key: str, started: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - started
 
@@ -171,7 +170,7 @@ def _train(
 ) -> TrainResult:
     assert tag.model is not None
     with tracked_run(client, experiment_id, f"{tag.name}-train", {**run_tags, **owner_tags()}) as parent_id:
-        fit = _Fitting(client, tag, data, evaluation_slices(slices, data.feature_names), experiment_id, parent_id, run_tags, seed, threads)
+        fit = Fitting(client, tag, data, evaluation_slices(slices, data.feature_names), list(slices), experiment_id, parent_id, run_tags, seed, threads)
         set_tags(client, parent_id, {"tag": tag.name, "catalog_hash": tag.content_hash(), "code_version": code_version(), "data_snapshot": data.snapshot_id})
         log_params(
             client,
@@ -185,122 +184,111 @@ def _train(
                 "seed": seed,
             },
         )
-        best_params = tune(fit, trials or tag.model.trials)
-        pipeline, model = fit_and_calibrate(fit, best_params)
-        proba, metrics, slice_values = evaluate(fit, model)
-        baseline_metrics = _baseline(fit) if tag.model.baseline else {}
+        best = tune(fit, trials or tag.model.trials)
+        tuned = Candidate(tag.model.family, "tuned", best.pipeline, fit.valid_metrics(best.pipeline.predict_proba(fit.X_valid)))
+        baseline, baseline_metrics = _baseline(fit) if tag.model.baseline else (None, {})
+        chosen = select_candidate(fit, tuned, baseline)
+        model = calibrate(fit, chosen.pipeline)
+        threshold = fit.decision_threshold(model)
+        proba, metrics, slice_values = evaluate(fit, model, threshold)
         started = time.perf_counter()
-        _log_evaluation(fit, pipeline, proba, slice_values)
-        logged, version = register(fit, model, metrics)
+        _log_evaluation(fit, chosen.pipeline, proba, slice_values, threshold)
+        logged, version = register(fit, model, metrics, chosen, baseline_metrics, threshold)
         fit.add_time("logging", started)
         log_metrics(client, parent_id, {f"seconds_{k}": v for k, v in fit.timings.items()})
-    return TrainResult(tag.name, parent_id, logged.model_uri, version, metrics, baseline_metrics, best_params, slice_values, fit.timings, experiment_id)
-
-
-def tune(fit: _Fitting, trials: int) -> dict[str, Any]:
-    """An Optuna study minimising validation log loss, one nested run per trial; the best parameters."""
-    tag = fit.tag
-    assert tag.model is not None
-    started = time.perf_counter()
-    # preprocessing does not depend on the tuned parameters: fit it once for every trial
-    prepare = fit.pipeline(tag.model.family, tag.model.params).named_steps["prepare"].fit(fit.X_train)
-    Xt_train, Xt_valid = prepare.transform(fit.X_train), prepare.transform(fit.X_valid)
-
-    def objective(trial: optuna.Trial) -> float:
-        params = _suggest(trial, tag)
-        model = fit.pipeline(tag.model.family, params).named_steps["model"]
-        fit_kwargs: dict[str, Any] = {"sample_weight": fit.weights}
-        if tag.model.family == "xgboost":
-            from optuna_integration import XGBoostPruningCallback
-
-            metric = "mlogloss" if fit.n_classes > 2 else "logloss"
-            model.set_params(callbacks=[XGBoostPruningCallback(trial, f"validation_0-{metric}")])
-            fit_kwargs.update(eval_set=[(Xt_valid, fit.y_valid)], verbose=False)
-        # not a `with` block: it would end a pruned trial FAILED, and a pruned trial is a normal outcome
-        trial_id = create_run(fit.client, fit.experiment_id, f"trial-{trial.number}", fit.tags_on_runs, parent_run_id=fit.parent_id)
-        status, state = "FAILED", "failed"
-        try:
-            log_params(fit.client, trial_id, params)
-            fit_started = time.perf_counter()
-            try:
-                model.fit(Xt_train, fit.y_train, **fit_kwargs)
-                proba_valid = model.predict_proba(Xt_valid)
-            finally:
-                fit.add_time("model_fit", fit_started)
-            valid = core_metrics(fit.y_valid, proba_valid, fit.n_classes)
-            log_metrics(fit.client, trial_id, {f"valid_{k}": v for k, v in valid.items()})
-            status, state = "FINISHED", "complete"
-            return valid["log_loss"]
-        except optuna.TrialPruned:
-            status, state = "FINISHED", "pruned"
-            raise
-        finally:
-            set_tags(fit.client, trial_id, {"trial_state": state})
-            fit.client.set_terminated(trial_id, status)
-
-    sampler = optuna.samplers.TPESampler(seed=fit.seed)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=20)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner, study_name=f"{tag.name}-{fit.parent_id}")
-    study.optimize(objective, n_trials=trials, timeout=tag.model.timeout_seconds)
-    fit.timings["tuning"] = time.perf_counter() - started
-    best_params = {**tag.model.params, **study.best_params}
-    log_params(fit.client, fit.parent_id, {f"best_{k}": v for k, v in best_params.items()})
-    log_metrics(
-        fit.client,
-        fit.parent_id,
-        {
-            "trials_completed": len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]),
-            "trials_pruned": len([t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]),
-        },
+    return TrainResult(
+        tag.name,
+        parent_id,
+        logged.model_uri,
+        version,
+        metrics,
+        baseline_metrics,
+        best.params,
+        slice_values,
+        chosen.family,
+        threshold,
+        fit.timings,
+        experiment_id,
     )
-    return best_params
 
 
-def fit_and_calibrate(fit: _Fitting, best_params: dict[str, Any]) -> tuple[Any, Any]:
-    """(the pipeline refit on the training part with the best parameters, the model to register: the
-    pipeline calibrated on the validation part unless the catalog says `calibration: none`)."""
-    assert fit.tag.model is not None
+@dataclass(frozen=True)
+class Candidate:
+    """A model family fitted on the training part, with its metrics on the validation part (before calibration)."""
+
+    family: str
+    role: str  # "tuned" (the study's best configuration) or "baseline" (the catalog's model.baseline)
+    pipeline: Any
+    valid: dict[str, float]
+    selection: dict[str, Any] = field(default_factory=dict)  # how it was chosen: the metric and each candidate's validation score
+
+
+def fit_candidate(fit: Fitting, family: str, params: dict[str, Any], role: str) -> Candidate:
+    """`family` with `params` fitted on the training part."""
     started = time.perf_counter()
-    pipeline = fit.pipeline(fit.tag.model.family, best_params)
-    fit_started = time.perf_counter()
+    pipeline = fit.pipeline(family, params)
     pipeline.fit(fit.X_train, fit.y_train, model__sample_weight=fit.weights)
-    fit.add_time("model_fit", fit_started)
-    model: Any = pipeline
-    if fit.tag.model.calibration != "none":
-        model = CalibratedClassifierCV(FrozenEstimator(pipeline), method=fit.tag.model.calibration).fit(fit.X_valid, fit.y_valid)
-    fit.timings["refit"] = time.perf_counter() - started
-    return pipeline, model
+    fit.add_time("model_fit", started)
+    fit.add_time("refit", started)
+    return Candidate(family, role, pipeline, fit.valid_metrics(pipeline.predict_proba(fit.X_valid)))
 
 
-def evaluate(fit: _Fitting, model: Any) -> tuple[np.ndarray, dict[str, float], dict[str, float]]:
-    """(test probabilities, test metrics, slice metrics) of `model`, logged on the training run."""
+def select_candidate(fit: Fitting, tuned: Candidate, baseline: Candidate | None) -> Candidate:
+    """The tuned model, unless the baseline scores better at the promotion metric on the VALIDATION part (the test
+    part stays for the gate): a tuned model that cannot beat a logistic regression is not the one to register."""
+    metric = fit.tag.promotion.metric
+    chosen = tuned
+    if baseline is not None and _strictly_better(metric, baseline.valid[metric], tuned.valid[metric]):
+        chosen = baseline
+    scores = {c.role: c.valid[metric] for c in (tuned, baseline) if c is not None}
+    log_params(fit.client, fit.parent_id, {"chosen_family": chosen.family, "chosen_candidate": chosen.role})
+    log_metrics(fit.client, fit.parent_id, {f"valid_{metric}_{role}": v for role, v in scores.items()})
+    return replace(chosen, selection={"metric": metric, "valid": scores, "chosen": chosen.role, "family": chosen.family})
+
+
+def _strictly_better(metric: str, value: float, than: float) -> bool:
+    return value < than if metric in LOWER_IS_BETTER else value > than
+
+
+def calibrate(fit: Fitting, pipeline: Any) -> Any:
+    """The model to register: `pipeline` calibrated on the validation part unless the catalog says `calibration: none`."""
+    assert fit.tag.model is not None
+    if fit.tag.model.calibration == "none":
+        return pipeline
+    started = time.perf_counter()
+    model = CalibratedClassifierCV(FrozenEstimator(pipeline), method=fit.tag.model.calibration).fit(fit.X_valid, fit.y_valid)
+    fit.add_time("refit", started)
+    return model
+
+
+def evaluate(fit: Fitting, model: Any, threshold: float | None) -> tuple[np.ndarray, dict[str, float], dict[str, float]]:
+    """(test probabilities, test metrics, slice metrics) of `model` deciding at `threshold`, logged on the training run."""
     metric = fit.tag.promotion.metric
     proba = model.predict_proba(fit.X_test)
-    metrics = {**core_metrics(fit.y_test, proba, fit.n_classes), **per_class_metrics(fit.y_test, proba, fit.tag.classes)}
-    slice_values = slice_metrics(fit.X_test, fit.y_test, proba, metric, fit.n_classes, fit.slices)
+    metrics = {**core_metrics(fit.y_test, proba, fit.n_classes, threshold), **per_class_metrics(fit.y_test, proba, fit.tag.classes, threshold)}
+    slice_values = slice_metrics(fit.X_test, fit.y_test, proba, metric, fit.n_classes, fit.slices, threshold)
     metrics["min_slice_" + metric] = min(slice_values.values()) if slice_values else float("nan")
     log_metrics(fit.client, fit.parent_id, {f"test_{k}": v for k, v in metrics.items()})
-    log_metrics(fit.client, fit.parent_id, {f"slice_{k.replace('=', '_').replace('<', 'lt').replace('+', 'plus')}": v for k, v in slice_values.items()})
+    log_metrics(fit.client, fit.parent_id, {slice_metric_name(k): v for k, v in slice_values.items()})
     return proba, metrics, slice_values
 
 
-def _baseline(fit: _Fitting) -> dict[str, float]:
-    """A plain logistic regression on the same split, for comparison (its own nested run)."""
+def _baseline(fit: Fitting) -> tuple[Candidate, dict[str, float]]:
+    """A plain logistic regression on the same split, in its own nested run: a candidate for registration
+    and the bar the gate holds the registered model to on the test part."""
     with tracked_run(fit.client, fit.experiment_id, "baseline-logistic_regression", fit.tags_on_runs, parent_run_id=fit.parent_id) as baseline_id:
-        baseline = fit.pipeline("logistic_regression", {})
-        baseline.fit(fit.X_train, fit.y_train, model__sample_weight=fit.weights)
-        metrics = core_metrics(fit.y_test, baseline.predict_proba(fit.X_test), fit.n_classes)
-        log_metrics(fit.client, baseline_id, {f"test_{k}": v for k, v in metrics.items()})
-    log_metrics(fit.client, fit.parent_id, {f"baseline_test_{k}": v for k, v in metrics.items()})
-    return metrics
+        baseline = fit_candidate(fit, "logistic_regression", {}, "baseline")
+        test = core_metrics(fit.y_test, baseline.pipeline.predict_proba(fit.X_test), fit.n_classes)
+        log_metrics(fit.client, baseline_id, {**{f"valid_{k}": v for k, v in baseline.valid.items()}, **{f"test_{k}": v for k, v in test.items()}})
+    log_metrics(fit.client, fit.parent_id, {f"baseline_test_{k}": v for k, v in test.items()})
+    return baseline, test
 
 
-def _log_evaluation(fit: _Fitting, pipeline: Any, proba: np.ndarray, slice_values: dict[str, float]) -> None:
+def _log_evaluation(fit: Fitting, pipeline: Any, proba: np.ndarray, slice_values: dict[str, float], threshold: float | None) -> None:
     """Plots, the feature list and slice metrics as the run's `evaluation/` artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        plot_confusion(fit.y_test, proba, fit.tag.classes, tmp_path / "confusion_matrix.png")
+        plot_confusion(fit.y_test, proba, fit.tag.classes, tmp_path / "confusion_matrix.png", threshold)
         plot_calibration(fit.y_test, proba, tmp_path / "calibration_curve.png")
         names = list(pipeline.named_steps["prepare"].get_feature_names_out())
         importance = getattr(pipeline.named_steps["model"], "feature_importances_", None)
@@ -313,7 +301,9 @@ def _log_evaluation(fit: _Fitting, pipeline: Any, proba: np.ndarray, slice_value
         fit.client.log_artifacts(fit.parent_id, tmp, artifact_path="evaluation")
 
 
-def register(fit: _Fitting, model: Any, metrics: dict[str, float]) -> tuple[LoggedSklearnModel, str]:
+def register(
+    fit: Fitting, model: Any, metrics: dict[str, float], chosen: Candidate, baseline_test: dict[str, float], threshold: float | None
+) -> tuple[LoggedSklearnModel, str]:
     """Log `model` on the training run and register it as the tag's new challenger version."""
     logged = log_sklearn_model(
         fit.client,
@@ -326,46 +316,17 @@ def register(fit: _Fitting, model: Any, metrics: dict[str, float]) -> tuple[Logg
         serialization_format="cloudpickle",
         pyfunc_predict_fn="predict_proba",
     )
-    version = _register(fit.client, fit.tag, logged.artifact_location, logged.model_id, fit.parent_id, fit.data, metrics, fit.run_tags)
-    return logged, version
-
-
-def model_signature(data: TrainingSet, n_classes: int) -> ModelSignature:
-    """Every feature optional (missing values are normal in bank data) and typed as in training:
-    text for categorical, double for numeric. Inferring it from a few example rows would mark columns
-    required and reject tomorrow's nulls."""
-    inputs = Schema([ColSpec("string" if n in data.categorical else "double", n, required=False) for n in data.feature_names])
-    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("float64"), (-1, n_classes))]))
-
-
-def _register(
-    client: MlflowClient, tag: TagSpec, source: str, model_id: str, run_id: str, data: TrainingSet, metrics: dict[str, float], run_tags: dict[str, str]
-) -> str:
-    name = registered_model_name(tag.name)
-    try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if not is_missing(exc):
-            raise
-        client.create_registered_model(name, description=tag.description, tags={"owner": tag.owner, "sensitivity": tag.sensitivity})
-    # the source is the logged model's own artifact location with its model id: a server checks the two
-    # belong together, and a `models:/m-...` source would make a SQLite store resolve it through
-    # MLflow's process-global tracking URI
-    version = client.create_model_version(name, source, run_id=run_id, model_id=model_id, tags={REGISTRATION_TAG: REGISTRATION_PENDING}).version
-    tags = {
-        **run_tags,
-        "data_snapshot": home_relative(data.snapshot_path),
-        "snapshot_id": data.snapshot_id,
-        "feature_list": json.dumps(list(data.feature_names)),
-        "feature_types": json.dumps(data.feature_types or {n: ("categorical" if n in data.categorical else "numeric") for n in data.feature_names}),
-        "classes": json.dumps(list(tag.classes)),
-        "catalog_hash": tag.content_hash(),
-        "code_version": code_version(),
-        "promotion_metric": tag.promotion.metric,
-        f"test_{tag.promotion.metric}": f"{metrics[tag.promotion.metric]:.6f}",
+    metric = fit.tag.promotion.metric
+    selection = {
+        "model_family": chosen.family,
+        "model_candidate": chosen.role,
+        "candidate_selection": json.dumps(chosen.selection),
+        "slices": json.dumps(fit.catalog_slices),  # what the gate and drift slice this version by
+        "decision_policy": fit.tag.decision.policy,
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_model_version_tag(name, version, REGISTRATION_TAG, REGISTRATION_COMPLETE)  # last: everything above is in place
-    client.set_registered_model_alias(name, "challenger", version)
-    return str(version)
+    if threshold is not None:
+        selection[DECISION_THRESHOLD_TAG] = repr(threshold)
+    if baseline_test:
+        selection[f"baseline_test_{metric}"] = f"{baseline_test[metric]:.6f}"
+    version = register_version(fit.client, fit.tag, logged.artifact_location, logged.model_id, fit.parent_id, fit.data, metrics, {**fit.run_tags, **selection})
+    return logged, version

@@ -19,6 +19,7 @@ from tagml.core.settings import resolve_home_path
 # tag is set: a training killed in between leaves a version that says so, and registry/scoring refuse it.
 REGISTRATION_TAG, REGISTRATION_PENDING, REGISTRATION_COMPLETE = "tagml.registration", "pending", "complete"
 REQUIRED_VERSION_TAGS = ("data_snapshot", "snapshot_id", "feature_list", "classes")
+DECISION_THRESHOLD_TAG = "decision_threshold"  # a binary tag's threshold (tagml.training.inference.decide)
 # a training snapshot is named <tag>-<train_as_of>-<hash>.parquet (tagml.training.dataset)
 SNAPSHOT_NAME = re.compile(r"^(?P<tag>[a-z][a-z0-9_]*)-(?P<as_of>\d{4}-\d{2}-\d{2})-[0-9a-f]+$")
 
@@ -57,6 +58,11 @@ class ModelVersionInfo:
     catalog_hash: str | None = None
     promotion_metric: str | None = None
     test_metrics: Mapping[str, float] = field(default_factory=dict)  # metric -> value recorded on the test set
+    # the slices (rule tags or feature columns) its gate judged: tagml.scoring.rules.slice_expressions(..., sources=slices);
+    # None for versions registered before slices were recorded
+    slices: tuple[str, ...] | None = None
+    # a binary tag's positive class is decided at or above this probability (DecisionSpec); None: the most probable class
+    decision_threshold: float | None = None
 
     @property
     def name(self) -> str:
@@ -107,6 +113,8 @@ def parse_version(tag: str, mv: ModelVersion) -> ModelVersionInfo:
         catalog_hash=tags.get("catalog_hash"),
         promotion_metric=tags.get("promotion_metric"),
         test_metrics={k.removeprefix("test_"): float(v) for k, v in tags.items() if k.startswith("test_") and _is_number(v)},
+        slices=tuple(json.loads(tags["slices"])) if "slices" in tags else None,
+        decision_threshold=float(tags[DECISION_THRESHOLD_TAG]) if tags.get(DECISION_THRESHOLD_TAG) else None,
     )
 
 
