@@ -41,7 +41,7 @@ from tagml.features.snapshot import open_feature_snapshot
 from tagml.monitoring.decision import DriftDecision, decide, feature_drifted
 from tagml.monitoring.history import FEATURES, PREDICTIONS, SUMMARY, DriftHistory
 from tagml.monitoring.measures import TagInputs, TagMeasures, measure_tag
-from tagml.monitoring.performance import realised_performance, registry_test_metric
+from tagml.monitoring.performance import realised_performance, registry_decision_threshold, registry_test_metric
 from tagml.monitoring.psi import ALL, parquet
 from tagml.monitoring.reference import SAMPLE_SALT, DriftInputError, monitored_model, reference_population, reference_profile
 from tagml.monitoring.report import VERDICT_KEYS, ReportJob, ReportSummary, run_reports
@@ -142,7 +142,8 @@ def tag_inputs(
     missing = [f for f in mm.features if f not in columns]
     if missing:
         raise DriftInputError(f"tag {tag.name!r}: the features of {as_of} lack {missing[:10]} that {mm.producer} uses")
-    slices = slice_expressions(catalog, columns)
+    # the slices the version's gate judged (recorded at registration), over this partition's columns
+    slices = slice_expressions(catalog, columns, tag, mm.slices)
     population = reference_population(con, tag, mm, locations.warehouse_dir, locations.staged_dir, locations.reference_dir)
     profile = reference_profile(con, client, mm, tag, population, slices, locations.reference_dir, sample_rows)
     return TagInputs(tag, as_of, mm, current, tags_sql, slices, population, profile)
@@ -162,7 +163,16 @@ def compute_tag_drift(
     started = time.perf_counter()
     inputs = tag_inputs(con, client, catalog, tag, as_of, locations, sample_rows)
     # realised performance of the partition whose labels have matured
-    performance = realised_performance(con, tag, as_of, locations.tag_store, locations.staged_dir, inputs.model.version, registry_test_metric(client, tag))
+    performance = realised_performance(
+        con,
+        tag,
+        as_of,
+        locations.tag_store,
+        locations.staged_dir,
+        inputs.model.version,
+        registry_test_metric(client, tag),
+        registry_decision_threshold(client, tag),
+    )
     measures = measure_tag(con, inputs, performance)
     decision = decide(measures.for_decision(), tag.drift)
     summary = summary_row(inputs, measures, decision)

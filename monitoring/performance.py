@@ -53,10 +53,13 @@ def realised_performance(
     staged_dir: Path,
     current_version: str,
     expected_metric: Callable[[str], float | None],
+    decision_threshold: Callable[[str], float | None] | None = None,
 ) -> RealisedPerformance:
     """The promotion metric on the matured labels of the partition `label_delay_days` before `as_of`.
 
-    `expected_metric(version)` gives the test metric recorded on a version (see `registry_test_metric`).
+    `expected_metric(version)` gives the test metric recorded on a version (see `registry_test_metric`);
+    `decision_threshold(version)` a binary tag's threshold (see `registry_decision_threshold`), at which the
+    class-decision metrics are measured as the gate measured them.
     """
     metric = tag.promotion.metric
     delay = tag.drift.label_delay_days
@@ -93,7 +96,8 @@ def realised_performance(
             expected=expected,
             note=f"{len(kept)} matured labels ({len(np.unique(y))} classes); at least {MIN_LABELS} of two classes are needed",
         )
-    realised = core_metrics(y, proba, len(classes))[metric]
+    threshold = decision_threshold(version) if decision_threshold is not None and version is not None else None
+    realised = core_metrics(y, proba, len(classes), threshold)[metric]
     drop = None if expected is None else (realised - expected if metric in LOWER_IS_BETTER else expected - realised)
     drifted, note = performance_drifted(drop, tag.drift, version, str(current_version))
     return RealisedPerformance(
@@ -116,6 +120,16 @@ def registry_test_metric(client: MlflowClient, tag: TagSpec) -> Callable[[str], 
     def lookup(version: str) -> float | None:
         mv = client.get_model_version(registered_model_name(tag.name), version)
         return parse_version(tag.name, mv).test_metrics.get(tag.promotion.metric)
+
+    return lookup
+
+
+def registry_decision_threshold(client: MlflowClient, tag: TagSpec) -> Callable[[str], float | None]:
+    """The decision threshold each version recorded at registration (None: the most probable class)."""
+
+    def lookup(version: str) -> float | None:
+        mv = client.get_model_version(registered_model_name(tag.name), version)
+        return parse_version(tag.name, mv).decision_threshold
 
     return lookup
 
