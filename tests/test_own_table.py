@@ -299,6 +299,28 @@ def test_a_column_declared_both_ways_is_a_catalog_error(tmp_path):
         byo_tag(tmp_path, {"categorical": ["x"], "numeric": ["x"]})
 
 
+def test_relative_paths_of_an_own_table_are_read_from_the_catalog_files_folder(tmp_path):
+    """The webserver, the daemon and a CLI call each start in another directory: a relative path must not depend on it."""
+    folder = tmp_path / "config"
+    folder.mkdir()
+    entry = {
+        "name": "t",
+        "description": "d",
+        "kind": "model",
+        "classes": ["a", "b"],
+        "owner": "o",
+        "label": {"feature_source": {"path": "../tables/crm.parquet", "labels_path": "labels.csv"}},
+        "model": {"trials": 1},
+    }
+    (folder / "catalog.yaml").write_text(yaml.safe_dump({"tags": [entry]}))
+    source = load_catalog(folder / "catalog.yaml").tags[0].label.feature_source
+    assert Path(source.path).is_absolute() and Path(source.path).resolve() == (tmp_path / "tables" / "crm.parquet").resolve()
+    assert Path(source.labels_path) == folder.resolve() / "labels.csv"
+    entry["label"]["feature_source"]["path"] = str(tmp_path / "abs.parquet")
+    (folder / "catalog.yaml").write_text(yaml.safe_dump({"tags": [entry]}))
+    assert load_catalog(folder / "catalog.yaml").tags[0].label.feature_source.path == str(tmp_path / "abs.parquet")
+
+
 # ---- training on an own table, and what it reports -------------------------------------------------
 
 

@@ -56,10 +56,15 @@ class FeatureSelection(_Strict):
         return tuple(n for n in available if n in chosen and n not in self.exclude)
 
 
+CATALOG_FOLDER = "catalog_folder"  # validation context: the folder relative paths in the catalog are read from
+
+
 class WideTableSource(_Strict):
     """A customer-level table the bank already has, instead of the computed customer_features."""
 
-    path: str = Field(description="the bank's own table: a CSV file, a Parquet file or a folder of Parquet files")
+    path: str = Field(
+        description="the bank's own table: a CSV file, a Parquet file or a folder of Parquet files; a relative path is read from the catalog file's folder"
+    )
     id_column: str = Field("customer_id", description="the table's customer id column (never a feature)")
     labels_path: str | None = Field(
         None,
@@ -71,6 +76,15 @@ class WideTableSource(_Strict):
     )
     categorical: tuple[str, ...] = Field((), description="columns used as categories whatever their type (numeric codes such as branch_code)")
     numeric: tuple[str, ...] = Field((), description="columns used as numbers whatever their type (text holding numbers)")
+
+    @field_validator("path", "labels_path")
+    @classmethod
+    def _from_the_catalog_folder(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # relative to the catalog file, not to whichever directory the webserver, daemon or a CLI call started in
+        folder = (info.context or {}).get(CATALOG_FOLDER)
+        if value is None or folder is None or Path(value).is_absolute():
+            return value
+        return str(Path(folder) / value)
 
     @model_validator(mode="after")
     def _one_kind_each(self) -> "WideTableSource":
@@ -437,6 +451,6 @@ def load_catalog(path: Path | str = DEFAULT_CATALOG) -> Catalog:
     if not isinstance(raw, dict):
         raise CatalogError(f"{path}: expected a mapping with a 'tags' list")
     try:
-        return Catalog.model_validate(raw)
+        return Catalog.model_validate(raw, context={CATALOG_FOLDER: str(path.resolve().parent)})
     except ValidationError as exc:
         raise CatalogError(f"{path}: invalid tag catalog:\n" + _describe(exc, raw)) from exc
