@@ -78,13 +78,13 @@ def tune(fit: "Fitting", trials: int) -> Tuned:
             set_tags(fit.client, trial_id, {"trial_state": state})
             fit.client.set_terminated(trial_id, status)
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # before the study: creating one logs at INFO
     study = optuna.create_study(
         direction="minimize" if lower_is_better else "maximize",
         sampler=optuna.samplers.TPESampler(seed=fit.seed),
         pruner=_pruner(trials) if prunable else optuna.pruners.NopPruner(),
         study_name=f"{tag.name}-{fit.parent_id}",
     )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=trials, timeout=tag.model.timeout_seconds)
     fit.timings["tuning"] = time.perf_counter() - started
     best_params = {**tag.model.params, **study.best_params}
