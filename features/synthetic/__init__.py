@@ -35,7 +35,7 @@ from tagml.features.synthetic.config import (
     month_ends,
 )
 from tagml.features.synthetic.generate import generate_bank
-from tagml.features.synthetic.own_tables import generate_own_tables
+from tagml.features.synthetic.own_tables import generate_own_tables, own_tables_beside
 
 __all__ = [
     "CHUNK_SIZE",
@@ -48,4 +48,5 @@ __all__ = [
     "generate_bank",
     "generate_own_tables",
     "month_ends",
+    "own_tables_beside",
 ]

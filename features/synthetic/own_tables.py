@@ -79,6 +79,12 @@ ORDER BY as_of, c.customer_id
 """
 
 
+def own_tables_beside(raw_dir: Path) -> Path:
+    """Where `tagml generate --own-tables` and the demo write them: beside the raw directory, not inside it
+    (they are not raw contract tables)."""
+    return Path(raw_dir).parent / "own_tables"
+
+
 def generate_own_tables(raw_dir: Path, out: Path, seed: int = 42) -> dict:
     """Write the own tables of the synthetic bank in `raw_dir` under `out`; returns their paths, row counts and seconds."""
     started = time.perf_counter()

@@ -15,7 +15,7 @@ from tagml.cli.common import console, load_settings
 from tagml.cli.errors import CommandFailed, ExitCode
 from tagml.cli.generate import DEMO_CUSTOMERS, generate_with_progress
 from tagml.core.settings import Settings
-from tagml.features.synthetic import DRIFT_SCENARIOS
+from tagml.features.synthetic import DRIFT_SCENARIOS, generate_own_tables, own_tables_beside
 
 # the generator's scenarios, or none (imported here: Typer needs them to parse)
 DemoScenario = Enum("DemoScenario", {name: name for name in [*sorted(DRIFT_SCENARIOS), "none"]}, type=str)  # type: ignore[misc]
@@ -47,7 +47,9 @@ def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> b
     print(f"[1/6] generating a synthetic bank: {plan.bank.customers:,} customers x {plan.bank.months} months{scenario} -> {settings.raw_dir}", flush=True)
     started = time.perf_counter()
     summary = generate_with_progress(plan.bank, settings.raw_dir)
-    print(f"      {summary['rows']} in {time.perf_counter() - started:.1f}s", flush=True)
+    # and the bank's own tables (docs/OWN_TABLE.md): a catalog entry on them trains and scores in this demo too
+    own = generate_own_tables(settings.raw_dir, own_tables_beside(settings.raw_dir), seed=seed)
+    print(f"      {summary['rows']} in {time.perf_counter() - started:.1f}s; the bank's own tables (for bring-your-own tags) -> {own['out']}", flush=True)
     with Walkthrough.open(settings) as walk:
         print("[2/6] raw_ingest_job: validate the raw contract, drop PII, stage Parquet", flush=True)
         with status.status("raw_ingest_job running"):

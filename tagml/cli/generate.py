@@ -94,8 +94,7 @@ def generate(
     summary = generate_with_progress(config, target)
     result = {"out": str(target), "seconds": round(time.perf_counter() - started, 1), **summary}
     if own_tables:
-        from tagml.features.synthetic import generate_own_tables
+        from tagml.features.synthetic import generate_own_tables, own_tables_beside
 
-        # beside the raw directory (under the home by default), not inside it: they are not raw contract tables
-        result["own_tables"] = generate_own_tables(target, target.parent / "own_tables", seed=seed)
+        result["own_tables"] = generate_own_tables(target, own_tables_beside(target), seed=seed)
     print_json(result)

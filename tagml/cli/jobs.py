@@ -1,7 +1,6 @@
 """`tagml ingest`, `tagml train TAG`, `tagml score --as-of`: the code location's Dagster jobs run in process
 on the home's instance (tagml.orchestration.commands), so each run shows in `tagml ui`; printed here."""
 
-import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,9 +20,8 @@ JSON = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 
 @contextmanager
 def _running(job: str) -> Iterator[None]:
-    """A spinner on stderr while `job` runs; MLflow's download bars and library warnings (plot fonts, sklearn)
-    stay out of the command's output, which says what the run did."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    """A spinner on stderr while `job` runs; library warnings (plot fonts, sklearn) stay out of the command's
+    output, which says what the run did (MLflow's download bars are off in every process: configure_process)."""
     with console(stderr=True).status(f"{job} running"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield

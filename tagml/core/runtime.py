@@ -41,11 +41,13 @@ MLFLOW_PATH_TAGS: tuple[tuple[str, str], ...] = (("model_version_tags", "data_sn
 
 
 def configure_process() -> None:
-    """Telemetry off for mlflow and dagster, and OpenMP threads that do not spin (idempotent)."""
+    """Telemetry off for mlflow and dagster, OpenMP threads that do not spin, no download bars (idempotent)."""
     for name, value in TELEMETRY_OFF.items():
         os.environ.setdefault(name, value)
     # idle xgboost/OpenMP threads spin-wait by default, which starves a busy 2-core machine
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # every model load downloads its artifacts: MLflow's progress bars would fill the demo's and the commands' output
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def open_home(settings: Settings) -> "Relocation | None":
