@@ -20,7 +20,7 @@ from sklearn.metrics import (
 )
 
 from tagml.core.storage import quote, sql_literal
-from tagml.training.catalog import CONTRACT_SLICES, DecisionSpec, TagSpec
+from tagml.training.catalog import CONTRACT_SLICES, LOWER_IS_BETTER, DecisionSpec, TagSpec
 from tagml.training.dataset import SPLIT_COLUMN, TrainingSet
 from tagml.training.inference import decide
 
@@ -93,6 +93,31 @@ def metric_value(y: np.ndarray, proba: np.ndarray, n_classes: int, metric: str, 
     if metric in _PROBABILITY_METRICS:
         return _PROBABILITY_METRICS[metric](y, proba, n_classes)
     return _DECISION_METRICS[metric](y, decide(proba, threshold), n_classes)
+
+
+BOOTSTRAP_DRAWS = 200
+BOOTSTRAP_LEVEL = 0.9  # the interval of the difference the gate treats as sampling noise
+
+
+def improvement_interval(
+    y: np.ndarray, proba: np.ndarray, other: np.ndarray, n_classes: int, metric: str, threshold: float | None = None, seed: int = 0
+) -> dict[str, float]:
+    """How much better `proba` scores than `other` at `metric` on the same rows (positive = better, for log loss
+    too), with a paired bootstrap interval: both models resampled on the same rows, so that what they share
+    (hard customers) cancels out. A test set of a few thousand rows moves macro F1 by about 0.01 from sampling
+    alone; the gate reads the interval so that a difference of that size is not taken for a verdict."""
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    point = sign * (metric_value(y, proba, n_classes, metric, threshold) - metric_value(y, other, n_classes, metric))
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(BOOTSTRAP_DRAWS):
+        rows = rng.integers(0, len(y), len(y))
+        if metric == "roc_auc_ovr" and len(np.unique(y[rows])) < n_classes:
+            continue  # AUC needs every class in the resample
+        draws.append(sign * (metric_value(y[rows], proba[rows], n_classes, metric, threshold) - metric_value(y[rows], other[rows], n_classes, metric)))
+    tail = (1 - BOOTSTRAP_LEVEL) / 2
+    low, high = (float(np.quantile(draws, q)) for q in (tail, 1 - tail)) if draws else (point, point)
+    return {"improvement": float(point), "low": low, "high": high, "level": BOOTSTRAP_LEVEL, "draws": len(draws)}
 
 
 def core_metrics(y: np.ndarray, proba: np.ndarray, n_classes: int, threshold: float | None = None) -> dict[str, float]:

@@ -25,6 +25,7 @@ from tagml.training.evaluate import (
     core_metrics,
     decision_shortfall,
     evaluation_slices,
+    improvement_interval,
     metric_value,
     per_class_metrics,
     plot_calibration,
@@ -45,7 +46,7 @@ from tagml.training.tracking import (
     tracked_run,
 )
 from tagml.training.tuning import tune
-from tagml.training.versions import DECISION_THRESHOLD_TAG
+from tagml.training.versions import BASELINE_COMPARISON_TAG, DECISION_THRESHOLD_TAG
 
 
 @dataclass
@@ -191,9 +192,10 @@ def _train(
         model = calibrate(fit, chosen.pipeline)
         threshold = fit.decision_threshold(model)
         proba, metrics, slice_values = evaluate(fit, model, threshold)
+        against_baseline = _against_baseline(fit, proba, threshold, baseline) if baseline is not None and chosen is not baseline else None
         started = time.perf_counter()
         _log_evaluation(fit, chosen.pipeline, proba, slice_values, threshold)
-        logged, version = register(fit, model, metrics, chosen, baseline_metrics, threshold)
+        logged, version = register(fit, model, metrics, chosen, baseline_metrics, threshold, against_baseline)
         fit.add_time("logging", started)
         log_metrics(client, parent_id, {f"seconds_{k}": v for k, v in fit.timings.items()})
     return TrainResult(
@@ -284,6 +286,15 @@ def _baseline(fit: Fitting) -> tuple[Candidate, dict[str, float]]:
     return baseline, test
 
 
+def _against_baseline(fit: Fitting, proba: np.ndarray, threshold: float | None, baseline: Candidate) -> dict[str, float]:
+    """The registered model's improvement over the baseline on the test part, with its paired bootstrap interval
+    (the baseline scored as its recorded test metric was: uncalibrated, most probable class)."""
+    metric = fit.tag.promotion.metric
+    comparison = improvement_interval(fit.y_test, proba, baseline.pipeline.predict_proba(fit.X_test), fit.n_classes, metric, threshold, fit.seed)
+    log_metrics(fit.client, fit.parent_id, {f"test_{metric}_over_baseline": comparison["improvement"]})
+    return comparison
+
+
 def _log_evaluation(fit: Fitting, pipeline: Any, proba: np.ndarray, slice_values: dict[str, float], threshold: float | None) -> None:
     """Plots, the feature list and slice metrics as the run's `evaluation/` artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -302,7 +313,13 @@ def _log_evaluation(fit: Fitting, pipeline: Any, proba: np.ndarray, slice_values
 
 
 def register(
-    fit: Fitting, model: Any, metrics: dict[str, float], chosen: Candidate, baseline_test: dict[str, float], threshold: float | None
+    fit: Fitting,
+    model: Any,
+    metrics: dict[str, float],
+    chosen: Candidate,
+    baseline_test: dict[str, float],
+    threshold: float | None,
+    against_baseline: dict[str, float] | None = None,
 ) -> tuple[LoggedSklearnModel, str]:
     """Log `model` on the training run and register it as the tag's new challenger version."""
     logged = log_sklearn_model(
@@ -328,5 +345,7 @@ def register(
         selection[DECISION_THRESHOLD_TAG] = repr(threshold)
     if baseline_test:
         selection[f"baseline_test_{metric}"] = f"{baseline_test[metric]:.6f}"
+    if against_baseline is not None:
+        selection[BASELINE_COMPARISON_TAG] = json.dumps(against_baseline)
     version = register_version(fit.client, fit.tag, logged.artifact_location, logged.model_id, fit.parent_id, fit.data, metrics, {**fit.run_tags, **selection})
     return logged, version

@@ -20,6 +20,7 @@ from tagml.core.settings import resolve_home_path
 REGISTRATION_TAG, REGISTRATION_PENDING, REGISTRATION_COMPLETE = "tagml.registration", "pending", "complete"
 REQUIRED_VERSION_TAGS = ("data_snapshot", "snapshot_id", "feature_list", "classes")
 DECISION_THRESHOLD_TAG = "decision_threshold"  # a binary tag's threshold (tagml.training.inference.decide)
+BASELINE_COMPARISON_TAG = "baseline_comparison"  # test improvement over the baseline with its bootstrap interval (JSON)
 # a training snapshot is named <tag>-<train_as_of>-<hash>.parquet (tagml.training.dataset)
 SNAPSHOT_NAME = re.compile(r"^(?P<tag>[a-z][a-z0-9_]*)-(?P<as_of>\d{4}-\d{2}-\d{2})-[0-9a-f]+$")
 
