@@ -19,6 +19,7 @@ from tagml.core.settings import Settings
 from tagml.orchestration.definitions import build_definitions
 from tagml.orchestration.jobs import NIGHTLY_SCORING_JOB, RAW_INGEST_JOB, train_tag_job_name
 from tagml.orchestration.monitoring_assets import MONITORING_GROUP, drift_check_name
+from tagml.orchestration.own_table_assets import own_features_key
 from tagml.orchestration.partitions import as_of_partitions
 from tagml.orchestration.raw_assets import RAW_GROUP
 from tagml.orchestration.training_assets import tag_model_key, training_set_key
@@ -60,15 +61,24 @@ class JobRun:
     checks: dict[tuple[str, str], CheckOutcome] = field(default_factory=dict)  # (asset key, check name) -> outcome
 
 
-def run_job(settings: Settings, job: str, *, partition_key: str | None = None, run_config: dict | None = None, exclude_groups: tuple[str, ...] = ()) -> JobRun:
-    """Execute `job` of the settings' code location on its Dagster instance, without the assets of `exclude_groups`."""
+def run_job(
+    settings: Settings,
+    job: str,
+    *,
+    partition_key: str | None = None,
+    run_config: dict | None = None,
+    exclude_groups: tuple[str, ...] = (),
+    exclude_assets: tuple[dg.AssetKey, ...] = (),
+) -> JobRun:
+    """Execute `job` of the settings' code location on its Dagster instance, without the assets of `exclude_groups`
+    and `exclude_assets`."""
     logging.getLogger("mlflow").setLevel(logging.ERROR)  # the command prints what the run did
     settings.ensure_dirs()
     defs = build_definitions(settings)
     job_def = defs.resolve_job_def(job)
     selection = None
-    if exclude_groups:
-        excluded = dg.AssetSelection.groups(*exclude_groups).resolve(defs.resolve_asset_graph())
+    if exclude_groups or exclude_assets:
+        excluded = dg.AssetSelection.groups(*exclude_groups).resolve(defs.resolve_asset_graph()) | set(exclude_assets)
         selection = sorted(job_def.asset_layer.selected_asset_keys - excluded, key=lambda k: k.to_user_string())
     started = time.perf_counter()
     with dg.DagsterInstance.from_config(str(settings.dagster_home)) as instance:
@@ -220,17 +230,29 @@ class ScoreOutcome:
     tags: list[TagScored]
     drift: list[DriftOutcome]
     checks: dict[str, bool]  # check of the nightly assets ("customer_features/…", "customer_tags/coverage") -> passed
+    skipped_tags: dict[str, str] = field(default_factory=dict)  # tag left out of the partition -> the reason recorded with it
 
 
-def score(settings: Settings, as_of: date, drift: bool = True) -> ScoreOutcome:
-    """The nightly scoring job for one as_of without its ingest (features, customer tags, and drift unless `drift` is False)."""
+def score(settings: Settings, as_of: date, drift: bool = True, skip_tags: tuple[str, ...] = (), skip_reason: str | None = None) -> ScoreOutcome:
+    """The nightly scoring job for one as_of without its ingest (features, customer tags, and drift unless `drift` is False).
+
+    `skip_tags` publishes the partition without those tags (customer_tags' `skip_tags` run config, recorded with
+    `skip_reason`); an own-table tag's `own_features` step is then not run either (its table may be what is missing)."""
     partitions = as_of_partitions(settings)
     if not partitions.has_partition_key(as_of.isoformat()):
         first, last = partitions.get_first_partition_key(), partitions.get_last_partition_key()
         raise UnknownPartitionError(
             f"no as_of partition {as_of}: the daily partitions run from {first} (TAGML_PARTITIONS_START) to {last} (yesterday in TAGML_TIMEZONE)"
         )
-    run = run_job(settings, NIGHTLY_SCORING_JOB, partition_key=as_of.isoformat(), exclude_groups=(RAW_GROUP,) if drift else (RAW_GROUP, MONITORING_GROUP))
+    run_config = {"ops": {"customer_tags": {"config": {"skip_tags": list(skip_tags), "skip_reason": skip_reason}}}} if skip_tags else None
+    run = run_job(
+        settings,
+        NIGHTLY_SCORING_JOB,
+        partition_key=as_of.isoformat(),
+        run_config=run_config,
+        exclude_groups=(RAW_GROUP,) if drift else (RAW_GROUP, MONITORING_GROUP),
+        exclude_assets=tuple(own_features_key(tag) for tag in skip_tags),
+    )
     tags_meta = run.materialized.get("customer_tags")
     drift_checks = {key[1]: c for key, c in run.checks.items() if key[0] == "tag_drift"}
     verdicts = []
@@ -247,6 +269,7 @@ def score(settings: Settings, as_of: date, drift: bool = True) -> ScoreOutcome:
         tags=_tags_scored(settings, as_of, dict(tags_meta.get("producers") or {})) if tags_meta else [],
         drift=verdicts,
         checks={f"{asset}/{name}": c.passed for (asset, name), c in run.checks.items() if asset != "tag_drift"},
+        skipped_tags=dict(tags_meta.get("skipped_tags") or {}) if tags_meta else {},
     )
 
 

@@ -89,12 +89,19 @@ def test_ingest_train_and_score_run_their_jobs_on_the_home_instance(home, capsys
     assert code == 0, err
     assert "risk_appetite" in out and "value_tier" in out and "drift (" not in out
 
+    code, out, err = _run(capsys, "score", "--as-of", AS_OF, "--no-drift", "--skip-tag", "risk_appetite", "--skip-reason", "questionnaire feed late", "--json")
+    assert code == 0, err
+    skipped = json.loads(out)
+    assert {t["tag"] for t in skipped["tags"]} == {"value_tier", "lifecycle_stage"} and skipped["rows"] == 2 * skipped["customers"]
+    assert skipped["skipped_tags"] == {"risk_appetite": "questionnaire feed late"}
+
     runs = _runs(home)
     assert runs == [
         ("raw_ingest_job", "SUCCESS", None),
         ("nightly_scoring_job", "FAILURE", AS_OF),
         ("train_risk_appetite_job", "FAILURE", None),
         ("train_risk_appetite_job", "SUCCESS", None),
+        ("nightly_scoring_job", "SUCCESS", AS_OF),
         ("nightly_scoring_job", "SUCCESS", AS_OF),
         ("nightly_scoring_job", "SUCCESS", AS_OF),
     ]
@@ -110,6 +117,8 @@ def test_ingest_train_and_score_run_their_jobs_on_the_home_instance(home, capsys
         (("score", "--as-of", "yesterday"), ExitCode.USAGE, "'yesterday' is not a date"),
         (("score",), ExitCode.USAGE, "--as-of"),
         (("score", "--as-of", "2020-01-01"), ExitCode.NOT_FOUND, "no as_of partition 2020-01-01: the daily partitions run from 2024-01-01"),
+        (("score", "--as-of", "2026-10-31", "--skip-tag", "risk_appetite"), ExitCode.USAGE, "--skip-tag needs a --skip-reason"),
+        (("score", "--as-of", "2026-10-31", "--skip-tag", "nope", "--skip-reason", "r"), ExitCode.NOT_FOUND, "no tag 'nope' in the catalog"),
     ],
 )
 def test_bad_tags_and_dates_are_named_before_any_run(home, capsys, args, code, named):
@@ -125,3 +134,14 @@ def test_each_command_says_which_job_it_runs(capsys):
     for command, job in (("ingest", "raw_ingest_job"), ("train", "train_<TAG>_job"), ("score", "nightly_scoring_job")):
         code, out, _ = _run(capsys, command, "--help")
         assert code == 0 and job in out and "--json" in out, command
+
+
+def test_a_failed_steps_error_answers_with_the_code_of_its_nearest_mapped_class():
+    """A Dagster step failure keeps only class names: a subclass (UnscorableTagsError of ScoringError) exited 7
+    instead of its parent's code until the subclasses were mapped too."""
+    from tagml.cli.errors import exit_codes_by_class_name
+
+    codes = exit_codes_by_class_name()
+    assert codes["UnscorableTagsError"] == codes["ScoringError"] == ExitCode.NOT_FOUND
+    assert codes["CoverageError"] == ExitCode.NOT_FOUND and codes["OwnTableSnapshotError"] == ExitCode.CONFIG
+    assert codes["TrainingDataError"] == ExitCode.CONFIG

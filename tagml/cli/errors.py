@@ -32,6 +32,10 @@ EXIT_CODES: dict[str, ExitCode] = {
     "tagml.training.dataset.TrainingDataError": ExitCode.CONFIG,
     "tagml.features.snapshot.FeatureQualityError": ExitCode.CONFIG,
     "tagml.scoring.score.ScoringError": ExitCode.NOT_FOUND,  # no champion, no feature snapshot
+    "tagml.features.column_audit.ColumnAuditError": ExitCode.CONFIG,
+    "tagml.features.own_table.OwnTableSnapshotError": ExitCode.CONFIG,  # a bank's own table missing, unreadable or without the columns
+    "tagml.scoring.rules.SliceError": ExitCode.CONFIG,
+    "tagml.training.evaluate.DecisionError": ExitCode.CONFIG,
     "tagml.training.tracking.TrackingUnavailableError": ExitCode.UNAVAILABLE,
     "tagml.training.registry.RegistryUnavailableError": ExitCode.UNAVAILABLE,
     "tagml.training.registry.GateOverrideRequiredError": ExitCode.USAGE,
@@ -64,6 +68,25 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         if code is not None:
             return code
     return ExitCode.UNEXPECTED
+
+
+def exit_codes_by_class_name() -> dict[str, ExitCode]:
+    """The code of each error class by its bare name, subclasses included: a failed Dagster step keeps only the
+    class names of its error chain (no hierarchy), and UnscorableTagsError must answer as the ScoringError it is."""
+    import importlib
+
+    by_name: dict[str, ExitCode] = {}
+
+    def add(cls: type, code: ExitCode) -> None:
+        by_name.setdefault(cls.__name__, code)
+        for sub in cls.__subclasses__():
+            add(sub, EXIT_CODES.get(f"{sub.__module__}.{sub.__qualname__}", code))
+
+    for qualified, code in EXIT_CODES.items():
+        module, _, name = qualified.rpartition(".")
+        by_name[name] = code
+        add(getattr(importlib.import_module(module), name), code)
+    return by_name
 
 
 def one_line(exc: BaseException) -> str:

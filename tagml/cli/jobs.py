@@ -11,7 +11,7 @@ import typer
 
 from tagml.cli.app import app
 from tagml.cli.common import console, fmt, load_settings, parse_date, print_json, tag_spec
-from tagml.cli.errors import EXIT_CODES, CommandFailed, ExitCode
+from tagml.cli.errors import CommandFailed, ExitCode, exit_codes_by_class_name
 
 # printed on the first line of `tagml train`, or paths and tables the Dagster UI shows better
 TRAINING_SET_SHOWN = ("rows", "train_as_of", "features", "snapshot_id", "snapshot_path", "class_balance", "path")
@@ -29,7 +29,7 @@ def _running(job: str) -> Iterator[None]:
 
 def _exit_code(error_classes: tuple[str, ...]) -> ExitCode:
     """The code of the first named domain error in the step's error chain (Dagster keeps class names only)."""
-    by_class = {name.rpartition(".")[2]: code for name, code in EXIT_CODES.items()}
+    by_class = exit_codes_by_class_name()
     return next((by_class[c] for c in error_classes if c in by_class), ExitCode.FAILED_RUN)
 
 
@@ -121,6 +121,10 @@ def _print_trained(outcome: Any) -> None:
 def score(
     as_of: Annotated[str, typer.Option("--as-of", help="the partition to score, YYYY-MM-DD")],
     no_drift: Annotated[bool, typer.Option("--no-drift", help="skip tag_drift (features and customer_tags only)")] = False,
+    skip_tag: Annotated[
+        list[str] | None, typer.Option("--skip-tag", help="publish the partition without this tag (repeatable; needs --skip-reason, recorded with it)")
+    ] = None,
+    skip_reason: Annotated[str | None, typer.Option("--skip-reason", help="why the --skip-tag tags are left out")] = None,
     as_json: JSON = False,
 ) -> None:
     """Run nightly_scoring_job for one as_of without its ingest: customer_features, customer_tags, tag_drift."""
@@ -128,8 +132,13 @@ def score(
 
     day = parse_date(as_of)
     settings = load_settings(create=True)
+    skipped = tuple(skip_tag or ())
+    for name in skipped:
+        tag_spec(settings, name)  # an unknown tag is named before anything runs
+    if skipped and not (skip_reason or "").strip():
+        raise typer.BadParameter("--skip-tag needs a --skip-reason: it is recorded with the partition", param_hint="--skip-reason")
     with _running(f"nightly_scoring_job for {day}"):
-        outcome = commands.score(settings, day, drift=not no_drift)
+        outcome = commands.score(settings, day, drift=not no_drift, skip_tags=skipped, skip_reason=skip_reason)
     if as_json:
         print_json(_payload(outcome))
     _raise_if_failed(outcome.run)
@@ -137,6 +146,8 @@ def score(
         return
     print(_run_line(outcome.run))
     print(f"customer_tags[{day}]: {outcome.rows:,} rows, {outcome.customers:,} customers -> {outcome.path}")
+    for name, reason in outcome.skipped_tags.items():
+        print(f"  {name:<16} left out of the partition (--skip-tag): {reason}")
     for t in outcome.tags:
         print(f"  {t.tag:<16} {t.customers:>10,} customers  observed {t.observed_share:.1%}  by {t.producer}")
     failed = [name for name, passed in outcome.checks.items() if not passed]
