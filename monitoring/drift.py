@@ -142,8 +142,10 @@ def tag_inputs(
     missing = [f for f in mm.features if f not in columns]
     if missing:
         raise DriftInputError(f"tag {tag.name!r}: the features of {as_of} lack {missing[:10]} that {mm.producer} uses")
-    # the slices the version's gate judged (recorded at registration), over this partition's columns
-    slices = slice_expressions(catalog, columns, tag, mm.slices)
+    # an own-table tag: the slices its gate judged (recorded at registration; its snapshot holds only the
+    # model's columns); a contract tag: the catalog's over the whole feature snapshot (value tier slices
+    # life_stage's drift although aum_total is not one of its features)
+    slices = slice_expressions(catalog, columns, tag, mm.slices if own_source(tag) is not None else None)
     population = reference_population(con, tag, mm, locations.warehouse_dir, locations.staged_dir, locations.reference_dir)
     profile = reference_profile(con, client, mm, tag, population, slices, locations.reference_dir, sample_rows)
     return TagInputs(tag, as_of, mm, current, tags_sql, slices, population, profile)

@@ -94,7 +94,7 @@ def test_the_demo_makes_no_network_call_and_writes_nothing_under_home(tmp_path):
     log.unlink()
 
     demo = subprocess.run(
-        [sys.executable, "-m", "tagml.cli", "demo", "--customers", "1500"], check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1500
+        [sys.executable, "-m", "tagml.cli", "demo", "--customers", "3000"], check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1500
     )
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "[6/6]" in demo.stdout and "re-scored customer_tags" in demo.stdout
