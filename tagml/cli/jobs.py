@@ -42,6 +42,17 @@ def _raise_if_failed(run: Any) -> None:
     )
 
 
+def _json_or_failed(outcome: Any, as_json: bool) -> bool:
+    """Print the outcome as JSON (whatever the run did) or raise its failure; True when nothing more is to be
+    printed (JSON went out). Otherwise the run's line is printed and the command prints the rest."""
+    if as_json:
+        print_json(_payload(outcome))
+    _raise_if_failed(outcome.run)
+    if not as_json:
+        print(_run_line(outcome.run))
+    return as_json
+
+
 def _payload(outcome: Any) -> dict[str, Any]:
     data = asdict(outcome)
     run = data.pop("run")
@@ -60,12 +71,8 @@ def ingest(as_json: JSON = False) -> None:
     settings = load_settings(create=True)
     with _running("raw_ingest_job"):
         outcome = commands.ingest(settings)
-    if as_json:
-        print_json(_payload(outcome))
-    _raise_if_failed(outcome.run)
-    if as_json:
+    if _json_or_failed(outcome, as_json):
         return
-    print(_run_line(outcome.run))
     print(f"staged (delivery {outcome.delivery_date}) under {settings.warehouse_dir / 'raw'}:")
     for table, rows in outcome.tables.items():
         dropped = outcome.pii_columns_dropped.get(table)
@@ -139,12 +146,8 @@ def score(
         raise typer.BadParameter("--skip-tag needs a --skip-reason: it is recorded with the partition", param_hint="--skip-reason")
     with _running(f"nightly_scoring_job for {day}"):
         outcome = commands.score(settings, day, drift=not no_drift, skip_tags=skipped, skip_reason=skip_reason)
-    if as_json:
-        print_json(_payload(outcome))
-    _raise_if_failed(outcome.run)
-    if as_json:
+    if _json_or_failed(outcome, as_json):
         return
-    print(_run_line(outcome.run))
     print(f"customer_tags[{day}]: {outcome.rows:,} rows, {outcome.customers:,} customers -> {outcome.path}")
     for name, reason in outcome.skipped_tags.items():
         print(f"  {name:<16} left out of the partition (--skip-tag): {reason}")
