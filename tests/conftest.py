@@ -4,6 +4,7 @@ Everything is written under pytest's temporary directories; nothing touches the 
 Per-test corruption copies or rewrites single tables into the test's own `tmp_path`.
 """
 
+import os
 import shutil
 from datetime import date
 from pathlib import Path
@@ -55,6 +56,27 @@ def con(tmp_path):
     connection = make_connection(tmp_path)
     yield connection
     connection.close()
+
+
+def missing_component(what: str, why: object) -> None:
+    """A tier's real component (Spark, PostgreSQL, a server) is not there: skip on a laptop, fail under CI=true."""
+    message = f"{what} is not available: {why}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One real Spark session (local[2]) for the whole test session: starting one costs ~15 s."""
+    from tagml.core.spark import SparkUnavailableError, spark_session
+
+    try:
+        session = spark_session("local[2]", "tagml-tests", {"spark.driver.memory": "2g", "spark.sql.shuffle.partitions": "4"})
+    except SparkUnavailableError as exc:
+        missing_component("Spark", exc)
+    yield session
+    session.stop()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -69,6 +69,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "TAGML_DRIFT_SAMPLE_ROWS": ("drift_sample_rows", "a whole number >= 1"),
     "TAGML_REEVALUATION_COOLDOWN_DAYS": ("reevaluation_cooldown_days", "a whole number >= 0"),
     "TAGML_REFRESH_TIME": ("refresh_time", "a time of day HH:MM"),
+    "TAGML_ENGINE": ("engine", "duckdb or spark"),
+    "TAGML_SPARK_MASTER": ("spark_master", "a Spark master URL such as local[2], yarn, k8s://https://host:443 or spark://host:7077"),
 }
 _WARNED: set[str] = set()
 DEFAULT_TIMEZONE = "Asia/Shanghai"  # the bank's timezone: partitions, schedules, a delivery's default date
@@ -138,6 +140,9 @@ class Settings(BaseSettings):
     drift_sample_rows: int = Field(default=5000, ge=1, validation_alias="TAGML_DRIFT_SAMPLE_ROWS")
     reevaluation_cooldown_days: int = Field(default=7, ge=0, validation_alias="TAGML_REEVALUATION_COOLDOWN_DAYS")
     refresh_time: str = Field(default="04:30", validation_alias="TAGML_REFRESH_TIME")
+    # where features, staging, scoring and drift's bin counts run; chosen here only (settings -> resources)
+    engine: Literal["duckdb", "spark"] = Field(default="duckdb", validation_alias="TAGML_ENGINE")
+    spark_master: str = Field(default="local[2]", pattern=r"^\S+$", validation_alias="TAGML_SPARK_MASTER")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Protocol
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 PARQUET_OPTIONS = "FORMAT PARQUET, COMPRESSION ZSTD, ROW_GROUP_SIZE 122880"
 # DuckDB's own units (1000^i and 1024^i), in any case as DuckDB reads them ('4gib' is 4 GiB); anything
@@ -259,6 +261,32 @@ def write_parquet_atomically(
         if validate is not None:
             validate(tmp)
     return int(rows)
+
+
+def commit_parquet_parts(parts_dir: Path, target: Path, schema: pa.Schema | None = None) -> int:
+    """Concatenate the part files an engine wrote under `parts_dir` (a Spark job's output directory) into
+    `target`, atomically (`atomic_replace`), in part order; returns rows.
+
+    Parts are streamed batch by batch, so memory stays at one row group. `schema` (e.g. the tag store's)
+    is what the file must have: parts are cast to it and a part that cannot be cast fails the commit,
+    leaving the target untouched. No part files (an engine that wrote nothing) is an error, not an empty file.
+    """
+    parts = sorted(Path(parts_dir).glob("part-*.parquet"))
+    if not parts:
+        raise WarehouseConfigError(f"no Parquet part files under {parts_dir}: the engine's write did not finish")
+    rows = 0
+    with atomic_replace(target) as tmp:
+        first = pq.read_schema(parts[0])
+        out_schema = schema if schema is not None else first
+        with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
+            for part in parts:
+                for batch in pq.ParquetFile(part).iter_batches(batch_size=122_880):
+                    table = pa.Table.from_batches([batch])
+                    if table.schema != out_schema:
+                        table = table.select(out_schema.names).cast(out_schema)
+                    writer.write_table(table)
+                    rows += table.num_rows
+    return rows
 
 
 def tag_store_views(tags: PartitionedTable) -> dict[str, str]:
