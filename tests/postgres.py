@@ -57,8 +57,8 @@ class PostgresServer:
     password: str
 
     def url(self, database: str) -> str:
-        """A SQLAlchemy URL (psycopg2 driver), as MLflow's --backend-store-uri takes it."""
-        return f"postgresql://{quote(self.user)}:{quote(self.password)}@{self.host}:{self.port}/{quote(database)}"
+        """A SQLAlchemy URL, as MLflow's --backend-store-uri takes it; psycopg2 named (a bare postgresql:// is psycopg 3 under SQLAlchemy 2.1)."""
+        return f"postgresql+psycopg2://{quote(self.user)}:{quote(self.password)}@{self.host}:{self.port}/{quote(database)}"
 
     def dagster_env(self, database: str) -> dict[str, str]:
         """The variables deploy/dagster.yaml reads its storage from."""
