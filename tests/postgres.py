@@ -11,9 +11,12 @@ directory under pytest's basetemp (mode 0700). CI runs the tests as root, which 
 temp dir that user owns.
 """
 
+import configparser
 import glob
 import os
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -23,7 +26,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,9 @@ import pytest
 
 from tests.conftest import missing_component
 
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOYED_BIN = "/opt/tagml/venv/bin/"  # where the systemd units expect tagml's virtual environment
+ENTRY_POINTS = {"mlflow": "mlflow", "dagster": "dagster"}  # the units the tests start
 SERVER_USER = "postgres"  # the system user that runs initdb/pg_ctl when the tests run as root
 ROLE = "tagml"  # the database superuser the tests connect as, with a password (as a bank's services would)
 
@@ -57,8 +63,13 @@ class PostgresServer:
     password: str
 
     def url(self, database: str) -> str:
-        """A SQLAlchemy URL, as MLflow's --backend-store-uri takes it; psycopg2 named (a bare postgresql:// is psycopg 3 under SQLAlchemy 2.1)."""
-        return f"postgresql+psycopg2://{quote(self.user)}:{quote(self.password)}@{self.host}:{self.port}/{quote(database)}"
+        """A SQLAlchemy URL as MLflow's --backend-store-uri takes it, without the password (libpq reads PGPASSWORD, `secret_env`);
+        psycopg2 named (a bare postgresql:// is psycopg 3 under SQLAlchemy 2.1)."""
+        return f"postgresql+psycopg2://{quote(self.user)}@{self.host}:{self.port}/{quote(database)}"
+
+    def secret_env(self) -> dict[str, str]:
+        """The password as a deployed MLflow server gets it: an environment variable, never in its URI or command line."""
+        return {"PGPASSWORD": self.password}
 
     def dagster_env(self, database: str) -> dict[str, str]:
         """The variables deploy/dagster.yaml reads its storage from."""
@@ -186,42 +197,45 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def mlflow_server_command(backend_store_uri: str, artifacts: Path, port: int) -> list[str]:
-    """The command deploy/mlflow-server.sh runs, with this test's store, artifact root and port."""
-    return [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        backend_store_uri,
-        "--artifacts-destination",
-        str(artifacts),
-        "--serve-artifacts",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a systemd EnvironmentFile (blank lines and # comments skipped)."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def unit_command(unit: str, env: Mapping[str, str]) -> list[str]:
+    """The ExecStart of deploy/systemd/<unit>, its ${VAR}s expanded from `env` as systemd does, with this interpreter
+    running the program's module instead of the deployed venv's entry point."""
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str
+    parser.read(DEPLOY / "systemd" / unit)
+    program, *args = shlex.split(parser["Service"]["ExecStart"])
+    module = ENTRY_POINTS[program.removeprefix(DEPLOYED_BIN)]
+    return [sys.executable, "-m", module, *(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], arg) for arg in args)]
 
 
 @contextmanager
-def running_mlflow_server(root: Path, backend_store_uri: str) -> Iterator[MlflowServer]:
-    """`mlflow server` on 127.0.0.1 (served artifacts under root/served, one worker, telemetry off) until the block ends.
+def running_mlflow_server(root: Path, backend_store_uri: str, secret_env: Mapping[str, str] | None = None) -> Iterator[MlflowServer]:
+    """deploy/systemd/mlflow-server.service's `mlflow server` on 127.0.0.1 (served artifacts under root/served, one worker,
+    telemetry off; `secret_env`: extra environment such as PGPASSWORD) until the block ends.
 
     Starting it again on the same store and root continues where the last one stopped (a restart)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     home = root / "server_home"
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    # the deployed unit's environment, with this test's store, artifact root, port and one worker
+    deployed = read_env_file(DEPLOY / "mlflow-server.env.example") | {
+        "MLFLOW_BACKEND_STORE_URI": backend_store_uri,
+        "MLFLOW_ARTIFACTS_DESTINATION": str(root / "served"),
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_WORKERS": "1",
+        "MLFLOW_ALLOWED_HOSTS": f"127.0.0.1:{port}",
+    }
+    env = {**os.environ, **deployed, **(secret_env or {}), "HOME": str(home)}
     with (root / "server.log").open("a") as log:
         # its own session: uvicorn's workers go with it when the group is stopped
-        process = subprocess.Popen(
-            mlflow_server_command(backend_store_uri, root / "served", port), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True
-        )
+        process = subprocess.Popen(unit_command("mlflow-server.service", env), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and process.poll() is None and not _healthy(url):
@@ -237,5 +251,5 @@ def running_mlflow_server(root: Path, backend_store_uri: str) -> Iterator[Mlflow
 def mlflow_postgres(postgres, tmp_path_factory) -> Iterator[MlflowServer]:
     """One MLflow tracking server for the session, its backend store a fresh Postgres database `mlflow`."""
     root = tmp_path_factory.mktemp("mlflow_postgres")
-    with running_mlflow_server(root, postgres.url(postgres.create_database("mlflow"))) as server:
+    with running_mlflow_server(root, postgres.url(postgres.create_database("mlflow")), postgres.secret_env()) as server:
         yield server

@@ -34,7 +34,7 @@ def test_the_session_server_keeps_its_registry_in_postgres(mlflow_postgres, post
 def test_a_restarted_server_on_the_same_store_keeps_the_champion_and_serves_its_model(postgres, world, tmp_path):  # noqa: F811
     store = postgres.url(postgres.create_database("mlflow_restart"))
     tag, data = world["tag"], world["data"]
-    with running_mlflow_server(tmp_path, store) as first_server:
+    with running_mlflow_server(tmp_path, store, postgres.secret_env()) as first_server:
         client = connect_tracking(first_server.url)
         trained = train_tag(tag, data, client, shipped_slices(data), seed=0, threads=1, lock_dir=tmp_path)
         assert apply_gate(client, evaluate_gate(client, tag, trained.version, data, shipped_slices(data))).promoted
@@ -44,7 +44,7 @@ def test_a_restarted_server_on_the_same_store_keeps_the_champion_and_serves_its_
         cursor.execute("SELECT artifact_location FROM experiments WHERE experiment_id = %s", (int(trained.experiment_id),))
         assert cursor.fetchone()[0].startswith("mlflow-artifacts:")  # served by whichever server process runs, not a path of the first
 
-    with running_mlflow_server(tmp_path, store) as second_server:  # a new process, another port: the same store and artifact root
+    with running_mlflow_server(tmp_path, store, postgres.secret_env()) as second_server:  # a new process, another port: the same store and artifact root
         client = connect_tracking(second_server.url)
         assert champion_version(client, TAG) == trained.version
         target = tmp_path / "tags" / "data.parquet"

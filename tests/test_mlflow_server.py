@@ -70,10 +70,10 @@ def server(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"mlflow_server_{request.param}")
     if request.param == "postgres":
         backend = request.getfixturevalue("postgres")
-        store = backend.url(backend.create_database(f"mlflow_{root.name.lower()}"))
+        store, secret_env = backend.url(backend.create_database(f"mlflow_{root.name.lower()}")), backend.secret_env()
     else:
-        store = f"sqlite:///{root / 'server.db'}"
-    with running_mlflow_server(root, store) as running:
+        store, secret_env = f"sqlite:///{root / 'server.db'}", {}
+    with running_mlflow_server(root, store, secret_env) as running:
         yield {"url": running.url, "root": running.root}
 
 
