@@ -119,6 +119,7 @@ def test_each_systemd_unit_starts_a_command_its_cli_accepts_with_variables_its_e
     assert not context.args
 
 
+@pytest.mark.slow  # a real code server loads tagml's definitions (~20 s on two busy cores)
 def test_the_workspace_loads_the_code_location_from_the_code_server_its_unit_starts(tmp_path, monkeypatch):
     import dagster as dg
     from dagster._core.workspace.context import WorkspaceProcessContext
@@ -165,3 +166,13 @@ def test_the_workspace_loads_the_code_location_from_the_code_server_its_unit_sta
         os.killpg(process.pid, 15)
         process.wait(timeout=30)
         log.close()
+
+
+def test_the_deployment_guide_names_every_example_file_and_only_real_settings():
+    guide = (DEPLOY.parent / "docs" / "DEPLOYMENT.md").read_text()
+    files = sorted(str(p.relative_to(DEPLOY)) for p in DEPLOY.rglob("*") if p.is_file())
+    assert [f for f in files if f.rsplit("/", 1)[-1] not in guide] == []
+    assert set(re.findall(r"\bTAGML_[A-Z_]+\b", guide)) <= set(VARIABLES)
+    assert not re.findall(r"\]\((?:https?:)?//", guide)  # links stay inside the repository
+    for target in re.findall(r"\]\((\.\./[^)]+)\)", guide):
+        assert (DEPLOY.parent / "docs" / target).resolve().exists(), target
