@@ -45,6 +45,7 @@ def _instance(settings: Settings) -> dg.DagsterInstance:
     return dg.DagsterInstance.from_config(str(settings.dagster_home))
 
 
+@pytest.mark.slow  # ingest and features of the session bank (~20 s)
 def test_tagml_jobs_run_on_a_postgres_instance_and_are_read_back_from_it(home):
     settings = home["settings"]
     with _instance(settings) as instance:
