@@ -2,8 +2,12 @@
 `mlflow server` subprocess, both on 127.0.0.1 and a free port, stopped when the session (or block) ends.
 
 Fixtures (import them into a test module: `from tests.postgres import postgres, mlflow_postgres  # noqa: F401`):
-- `postgres` (session): a running `PostgresServer`; `postgres.create_database(name)` makes a fresh database.
-- `mlflow_postgres` (session): an `MlflowServer` whose backend store is a fresh database of `postgres`.
+- `postgres` (session): a running `PostgresServer`: `create_database(name)` makes a fresh database, `dagster_env(db)`
+  the DAGSTER_PG_* variables deploy/dagster.yaml reads, `url(db)` an MLflow backend store URI (no password in it)
+  and `secret_env()` the PGPASSWORD that goes with it, `connect(db)` a psycopg2 connection.
+- `mlflow_postgres` (session): an `MlflowServer` (`url`, `root`, `backend_store_uri`) whose backend store is a fresh
+  database of `postgres`; `running_mlflow_server(root, store, secret_env)` starts another one for a block.
+The MLflow server is started with the command of deploy/systemd/mlflow-server.service (`unit_command`).
 
 Why not pytest-postgresql's `postgresql_proc`: it runs initdb/pg_ctl as the current user and keeps the data
 directory under pytest's basetemp (mode 0700). CI runs the tests as root, which initdb and pg_ctl refuse, and a
