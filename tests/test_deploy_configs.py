@@ -9,8 +9,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
-import subprocess
 import time
 import warnings
 
@@ -18,8 +16,8 @@ import click
 import pytest
 import yaml
 
-from tagml.core.settings import DEFAULT_CATALOG, VARIABLES, Settings
-from tests.postgres import DEPLOY, DEPLOYED_BIN, free_port, read_env_file, unit_command
+from tagml.core.settings import VARIABLES, Settings
+from tests.postgres import DEPLOY, DEPLOYED_BIN, HOST_FILES, deployed_tagml_env, listening, read_env_file, running_unit
 
 UNITS = sorted(p.name for p in (DEPLOY / "systemd").glob("*.service"))
 # what each unit's EnvironmentFile is on the host -> its template in deploy/ (None: secrets, never templated)
@@ -29,8 +27,6 @@ ENV_FILES = {
     "/etc/tagml/secrets.env": None,
     "/etc/tagml/mlflow-secrets.env": None,
 }
-# files the units name on the host -> their example in deploy/
-HOST_FILES = {"/etc/tagml/workspace.yaml": str(DEPLOY / "workspace.yaml")}
 # the only variables the secrets files hold (docs/DEPLOYMENT.md, "Secrets")
 SECRETS = {"DAGSTER_PG_PASSWORD", "PGPASSWORD", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
 
@@ -42,11 +38,6 @@ def _env_names(node) -> set[str]:
     if isinstance(node, list):
         return set().union(*(_env_names(v) for v in node))
     return set()
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _unit(name: str) -> configparser.ConfigParser:
@@ -125,34 +116,19 @@ def test_the_workspace_loads_the_code_location_from_the_code_server_its_unit_sta
     from dagster._core.workspace.context import WorkspaceProcessContext
     from dagster._core.workspace.load_target import WorkspaceFileTarget
 
-    port = free_port()
-    env = {
-        **os.environ,
-        **read_env_file(DEPLOY / "tagml.env.example"),
-        # this machine's locations instead of the host's
-        "TAGML_HOME": str(tmp_path / "home"),
-        "TAGML_WAREHOUSE_DIR": str(tmp_path / "warehouse"),
-        "TAGML_RAW_DIR": str(tmp_path / "raw"),
-        "TAGML_REPORTS_DIR": str(tmp_path / "reports"),
-        "TAGML_CATALOG": str(DEFAULT_CATALOG),
-        "DAGSTER_HOME": str(tmp_path / "dagster"),
-        "DAGSTER_CODE_SERVER_PORT": str(port),
-    }
+    env = {**os.environ, **deployed_tagml_env(tmp_path)}
+    port = int(env["DAGSTER_CODE_SERVER_PORT"])
     (tmp_path / "dagster").mkdir()
-    log = (tmp_path / "code_server.log").open("w")
-    process = subprocess.Popen(
-        unit_command("tagml-code-server.service", env), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True
-    )
-    try:
+    (tmp_path / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with running_unit("tagml-code-server.service", env, tmp_path / "code_server.log") as process:
         for name in ("DAGSTER_CODE_SERVER_HOST", "DAGSTER_CODE_SERVER_PORT"):
             monkeypatch.setenv(name, env[name])
         deadline = time.monotonic() + 180
-        while process.poll() is None and time.monotonic() < deadline and not _listening(port):
+        while process.poll() is None and time.monotonic() < deadline and not listening(port):
             time.sleep(0.5)
-        (tmp_path / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         with dg.DagsterInstance.from_config(str(tmp_path / "dagster")) as instance:
             while True:
-                with WorkspaceProcessContext(instance, WorkspaceFileTarget(paths=[str(DEPLOY / "workspace.yaml")])) as workspace:
+                with WorkspaceProcessContext(instance, WorkspaceFileTarget(paths=[HOST_FILES["/etc/tagml/workspace.yaml"]])) as workspace:
                     entry = workspace.create_request_context().get_code_location_entries()["tagml"]
                     if entry.code_location is not None or process.poll() is not None or time.monotonic() > deadline:
                         break
@@ -162,10 +138,6 @@ def test_the_workspace_loads_the_code_location_from_the_code_server_its_unit_sta
             jobs = {job.name for job in repository.get_all_jobs()}
             assert {"nightly_scoring_job", "raw_ingest_job", "purge_old_runs_job"} <= jobs
             assert "purge_old_runs_schedule" in {schedule.name for schedule in repository.get_schedules()}
-    finally:
-        os.killpg(process.pid, 15)
-        process.wait(timeout=30)
-        log.close()
 
 
 def test_the_deployment_guide_names_every_example_file_and_only_real_settings():
