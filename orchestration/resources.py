@@ -53,8 +53,8 @@ class WarehouseResource(dg.ConfigurableResource):
     threads: int = Field(default=2, description="DuckDB threads; keep at or below the cores you can use.")
     memory_limit: str = Field(default="4GB", description="DuckDB memory limit; larger work spills to disk.")
     timezone: str = Field(default=DEFAULT_TIMEZONE, description="The bank's timezone: a delivery's default date is today there.")
-    engine: Literal["duckdb", "spark"] = Field(default="duckdb", description="Where staging, features and scoring run: duckdb (embedded) or spark (TAGML_ENGINE).")
-    spark_master: str = Field(default="local[2]", description="Spark master of the in-process driver when engine is spark: local[N], yarn, k8s://..., spark://...")
+    engine: Literal["duckdb", "spark"] = Field(default="duckdb", description="Where staging, features and scoring run: duckdb or spark (TAGML_ENGINE).")
+    spark_master: str = Field(default="local[2]", description="Spark master of the in-process driver: local[N], yarn, k8s://..., spark://...")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "WarehouseResource":
