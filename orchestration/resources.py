@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """Raw input directory plus the embedded DuckDB/Parquet warehouse."""
+    """Raw input directory, the Parquet warehouse, and the engine (DuckDB or Spark) that computes it."""
 
     raw_dir: str = Field(description="Directory holding the raw contract tables (Parquet files/dirs or CSV).")
     warehouse_dir: str = Field(description="Directory of the Parquet warehouse (staged raw tables, features).")
