@@ -12,6 +12,7 @@ from tagml.core.runtime import open_home
 from tagml.core.settings import Settings
 from tagml.orchestration.feature_assets import build_customer_features_asset
 from tagml.orchestration.jobs import build_jobs, build_nightly_scoring_job, build_reevaluation_jobs
+from tagml.orchestration.maintenance import build_purge_job, build_purge_schedule
 from tagml.orchestration.monitoring_assets import build_tag_drift_asset
 from tagml.orchestration.own_table_assets import build_own_features_assets
 from tagml.orchestration.partitions import as_of_partitions
@@ -33,6 +34,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     partitions = as_of_partitions(settings)
     catalog = load_catalog(settings.catalog_path)
     reevaluation = build_reevaluation_jobs(partitions, catalog)
+    purge = build_purge_job(settings)
     return dg.Definitions(
         assets=[
             *RAW_ASSETS,
@@ -42,8 +44,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             build_customer_tags_asset(partitions, catalog),
             build_tag_drift_asset(partitions, catalog),
         ],
-        jobs=[*build_jobs(partitions, catalog), build_nightly_scoring_job(partitions, catalog), *reevaluation],
-        schedules=build_schedules(settings, catalog),
+        jobs=[*build_jobs(partitions, catalog), build_nightly_scoring_job(partitions, catalog), *reevaluation, purge],
+        schedules=[*build_schedules(settings, catalog), build_purge_schedule(settings, purge)],
         sensors=[build_reevaluation_sensor(catalog, reevaluation)],
         resources={
             "warehouse": WarehouseResource.from_settings(settings),

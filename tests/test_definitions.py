@@ -65,7 +65,11 @@ def test_retraining_is_scheduled_once_from_the_catalog(tmp_path):
         by_job.setdefault(schedule.job_name, []).append(schedule.name)
     model_tags = [t.name for t in load_catalog().model_tags]
     # one refresh schedule per model tag, and nothing else retrains: no weekly run of every tag on top
-    assert by_job == {"nightly_scoring_job": ["nightly_scoring_schedule"], **{f"reevaluate_{t}_job": [f"refresh_{t}_schedule"] for t in model_tags}}
+    assert by_job == {
+        "nightly_scoring_job": ["nightly_scoring_schedule"],
+        "purge_old_runs_job": ["purge_old_runs_schedule"],  # event-log retention, not training
+        **{f"reevaluate_{t}_job": [f"refresh_{t}_schedule"] for t in model_tags},
+    }
     assert not [s.name for s in repository.sensor_defs if TRAIN_ALL_JOB in {j.name for j in s.jobs}]
     assert {s.name for s in repository.sensor_defs} == {"reevaluate_on_drift_sensor"}
 

@@ -1,16 +1,13 @@
-"""The bank set-up: a real `mlflow server` subprocess (SQLite backend, served artifacts, one worker,
-127.0.0.1, a free port) with train -> gate -> promote -> rollback -> score against it.
+"""The bank set-up: a real `mlflow server` subprocess (SQLite or PostgreSQL backend store, served artifacts,
+one worker, 127.0.0.1, a free port) with train -> gate -> promote -> rollback -> score against it.
 
-If the server cannot start the tests skip, except with CI=true, where they fail."""
+If the server (or PostgreSQL) cannot start the tests skip, except with CI=true, where they fail."""
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +33,7 @@ from tagml.training.tracking import connect_tracking
 from tagml.training.train import train_tag
 from tagml.training.versions import REGISTRATION_TAG, registered_model_name
 from tests.conftest import WINDOW_END, make_connection, shipped_slices, write_test_catalog
+from tests.postgres import postgres, running_mlflow_server  # noqa: F401 (postgres: the fixture)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -66,71 +64,17 @@ TELEMETRY_SWITCHES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except (OSError, urllib.error.URLError):
-        return False
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (root / "server.log").open("w")
-    home = root / "server_home"
-    home.mkdir()
-    env = {**os.environ, "HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'server.db'}",
-        "--artifacts-destination",
-        str(root / "served"),
-        "--serve-artifacts",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    # its own session: uvicorn's workers go with it when the group is stopped
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None and not _healthy(url):
-        time.sleep(0.5)
-    if not _healthy(url):
-        _stop(process)
-        message = f"mlflow server did not start on {url}: " + (root / "server.log").read_text()[-2000:]
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    yield {"url": url, "root": root}
-    _stop(process)
-    log.close()
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def server(request, tmp_path_factory):
+    """The same tests against both backend stores a bank may run the server on: SQLite and PostgreSQL."""
+    root = tmp_path_factory.mktemp(f"mlflow_server_{request.param}")
+    if request.param == "postgres":
+        backend = request.getfixturevalue("postgres")
+        store, secret_env = backend.url(backend.create_database(f"mlflow_{root.name.lower()}")), backend.secret_env()
+    else:
+        store, secret_env = f"sqlite:///{root / 'server.db'}", {}
+    with running_mlflow_server(root, store, secret_env) as running:
+        yield {"url": running.url, "root": running.root}
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "TAGML_REFRESH_TIME": ("refresh_time", "a time of day HH:MM"),
     "TAGML_ENGINE": ("engine", "duckdb or spark"),
     "TAGML_SPARK_MASTER": ("spark_master", "a Spark master URL such as local[2], yarn, k8s://https://host:443 or spark://host:7077"),
+    "TAGML_RUN_RETENTION_DAYS": ("run_retention_days", "a whole number >= 1"),
 }
 _WARNED: set[str] = set()
 DEFAULT_TIMEZONE = "Asia/Shanghai"  # the bank's timezone: partitions, schedules, a delivery's default date
@@ -143,6 +144,8 @@ class Settings(BaseSettings):
     # where features, staging, scoring and drift's bin counts run; chosen here only (settings -> resources)
     engine: Literal["duckdb", "spark"] = Field(default="duckdb", validation_alias="TAGML_ENGINE")
     spark_master: str = Field(default="local[2]", pattern=r"^\S+$", validation_alias="TAGML_SPARK_MASTER")
+    # Dagster runs (and their event log) older than this are deleted by purge_old_runs_schedule
+    run_retention_days: int = Field(default=90, ge=1, validation_alias="TAGML_RUN_RETENTION_DAYS")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
