@@ -5,9 +5,9 @@ the embedded DuckDB/Parquet implementations by default. Another store is another
 returned here (a subclass of the resource overriding `warehouse()` / `tag_store()`), with no change to
 the assets that use them.
 
-It is also the one place the engine is chosen (TAGML_ENGINE): the assets call `stage`, `build_features`
-and `score_partition` here, and each runs today's DuckDB function or its Spark twin from the domain
-packages. Domain code never chooses; the Spark functions are imported only on the Spark branch, so the
+It is also the one place the engine is chosen (TAGML_ENGINE): the assets call `stage`, `build_features`,
+`score_partition` and `drift_bin_counter` here, and each runs today's DuckDB function or its Spark twin
+from the domain packages. Domain code never chooses; the Spark functions are imported only on the Spark branch, so the
 DuckDB default never loads pyspark.
 
 Dagster on Spark is an in-process PySpark session owned by this resource (`spark()`), not Dagster Pipes
@@ -35,6 +35,7 @@ from tagml.core.storage import EmbeddedWarehouse, Warehouse, WarehouseLayout
 from tagml.features.delivery import StagedDelivery, stage_delivery
 from tagml.features.snapshot import FeatureSnapshot, build_feature_snapshot
 from tagml.monitoring.drift import DriftLocations
+from tagml.monitoring.psi import BinCounter
 from tagml.scoring.score import DEFAULT_BATCH_ROWS, ScoringSummary, score_partition
 from tagml.scoring.store import ParquetTagStore, TagStore
 from tagml.training.catalog import Catalog
@@ -120,6 +121,14 @@ class WarehouseResource(dg.ConfigurableResource):
 
             return score_partition_spark(self.spark(), con, *args, **kwargs)
         return score_partition(con, *args, **kwargs)
+
+    def drift_bin_counter(self) -> BinCounter | None:
+        """What counts the feature PSI's bins over every customer in `compute_drift`: None is DuckDB's own."""
+        if self.on_spark:
+            from tagml.monitoring.spark_psi import spark_bin_counter
+
+            return spark_bin_counter(self.spark())
+        return None
 
     def warehouse(self) -> Warehouse:
         return EmbeddedWarehouse(Path(self.warehouse_dir), Path(self.duckdb_path), self.threads, self.memory_limit)
