@@ -15,10 +15,13 @@ from mlflow.tracking import MlflowClient
 
 from tagml.core.settings import Settings
 from tagml.features.synthetic import BankConfig, generate_bank
+from tagml.monitoring.drift import DriftLocations, compute_drift
+from tagml.monitoring.history import DriftHistory
 from tagml.orchestration.jobs import NIGHTLY_SCORING_JOB, RAW_INGEST_JOB, TRAIN_ALL_JOB, reevaluation_run_config
 from tagml.orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, in_process_run_tags, sensor_context
+from tagml.scoring.store import ParquetTagStore
 from tagml.training.catalog import load_catalog
-from tests.conftest import write_test_catalog
+from tests.conftest import make_connection, write_test_catalog
 from tests.postgres import mlflow_postgres, postgres  # noqa: F401 (the fixtures)
 
 pytestmark = [pytest.mark.spark, pytest.mark.postgres, pytest.mark.server, pytest.mark.slow]
@@ -69,11 +72,21 @@ def loop(spark, postgres, mlflow_postgres, tmp_path_factory):  # noqa: F811
             reevaluated = defs.resolve_job_def(request.job_name).execute_in_process(
                 instance=instance, partition_key=request.partition_key, run_config=request.run_config, tags=in_process_run_tags(request)
             )
+            # tag_drift once more on its own: the Spark jobs it starts are the PSI's bin counts (DuckDB would start none)
+            jobs_before = len(spark.sparkContext.statusTracker().getJobIdsForGroup(None))
+            drift_again = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+                instance=instance,
+                partition_key=AFTER.isoformat(),
+                asset_selection=[dg.AssetKey("tag_drift")],
+                run_config={"ops": {"tag_drift": {"config": {"report": False}}}},
+            )
+            drift_spark_jobs = len(spark.sparkContext.statusTracker().getJobIdsForGroup(None)) - jobs_before
             storage = (type(instance.run_storage).__name__, type(instance.event_log_storage).__name__)
             run_ids = {r.dagster_run.run_id for r in instance.get_run_records()}
         yield {
             "settings": settings,
-            "runs": {"ingest": ingest, "trained": trained, "nightly": nightly, "reevaluated": reevaluated},
+            "runs": {"ingest": ingest, "trained": trained, "nightly": nightly, "reevaluated": reevaluated, "drift_again": drift_again},
+            "drift_spark_jobs": drift_spark_jobs,
             "tags_before": tags_before,
             "request": request,
             "storage": storage,
@@ -92,6 +105,20 @@ def test_every_step_ran_on_spark_with_dagster_and_mlflow_on_postgres(loop):
     assert _written_by_spark(warehouse / "customer_features" / f"as_of={AFTER}" / "data.parquet")
     assert _written_by_spark(warehouse / "customer_tags" / f"as_of={AFTER}" / "data.parquet")
     assert not list(loop["settings"].dagster_home.rglob("*.db"))  # no SQLite storage beside Postgres
+
+
+def test_drift_counted_on_spark_equals_drift_counted_on_duckdb(loop, tmp_path):
+    assert loop["drift_spark_jobs"] > 0
+    settings = loop["settings"]
+    with make_connection(tmp_path) as con:
+        stored = DriftHistory(settings.drift_dir).summary(con, AFTER).set_index("tag")
+        locations = DriftLocations(settings.warehouse_dir, ParquetTagStore.in_warehouse(settings.warehouse_dir), tmp_path / "drift", tmp_path / "reports")
+        recomputed = compute_drift(con, loop["client"], load_catalog(settings.catalog_path), AFTER, locations, report=False)
+    for result in recomputed.results:
+        row = stored.loc[result.tag]
+        assert result.drifted == bool(row["drifted"]) and result.reasons == list(row["reasons"])
+        for column in ("drifted_feature_share", "prediction_psi", "probability_psi"):
+            assert result.summary[column] == pytest.approx(row[column], abs=1e-9), column
 
 
 def test_the_drifted_tag_is_reevaluated_through_the_server(loop):

@@ -134,14 +134,18 @@ def test_a_column_of_a_type_that_cannot_be_cast_is_a_type_violation(spark, con, 
     assert ours.detail == "source type STRUCT<D:DATE> cannot be read as date"
 
 
-def test_a_csv_table_stages_the_same_and_a_ragged_one_is_named(spark, con, bank, tmp_path):
+def test_a_csv_table_and_an_absent_optional_one_stage_the_same_and_a_ragged_csv_is_named(spark, con, bank, tmp_path):
     raw = tmp_path / "raw"
     shutil.copytree(bank["raw"], raw)
     con.execute(f"COPY (SELECT * FROM {_source(raw, 'loans')}) TO {sql_literal(raw / 'loans.csv')} (FORMAT CSV, HEADER)")
     shutil.rmtree(raw / "loans")
+    shutil.rmtree(raw / "digital_events")
     duck = stage_delivery(con, raw, tmp_path / "duck" / "raw", DELIVERY)
     on_spark = stage_delivery_spark(spark, raw, tmp_path / "spark" / "raw", DELIVERY)
-    pd.testing.assert_frame_equal(_frame(on_spark.tables["loans"].path), _frame(duck.tables["loans"].path), check_exact=True)
+    for table in ("loans", "digital_events"):
+        assert _types(on_spark.tables[table].path) == _types(duck.tables[table].path), table
+        pd.testing.assert_frame_equal(_frame(on_spark.tables[table].path), _frame(duck.tables[table].path), check_exact=True, obj=table)
+    assert (on_spark.tables["digital_events"].rows, on_spark.tables["digital_events"].source) == (0, "absent (optional table)")
 
     lines = (raw / "loans.csv").read_text().splitlines()
     lines[5] += ",EXTRA"
