@@ -7,8 +7,8 @@ the assets that use them.
 
 It is also the one place the engine is chosen (TAGML_ENGINE): the assets call `stage`, `build_features`,
 `score_partition` and `drift_bin_counter` here, and each runs today's DuckDB function or its Spark twin
-from the domain packages. Domain code never chooses; the Spark functions are imported only on the Spark branch, so the
-DuckDB default never loads pyspark.
+from the domain packages. Domain code never chooses; the Spark functions are imported only on the Spark
+branch, so the DuckDB default needs no pyspark and starts no JVM.
 
 Dagster on Spark is an in-process PySpark session owned by this resource (`spark()`), not Dagster Pipes
 with `spark-submit`: the step process is the Spark driver in client mode and `TAGML_SPARK_MASTER`
@@ -16,8 +16,9 @@ says where the executors are (`local[N]`, `yarn`, `k8s://...`, `spark://...`). T
 same Python code, venv and settings as every other step, so there is no second packaging of tagml
 (no zipped job script, no copy of the catalog), and the assets, partitions (by as_of), metadata and
 checks are the same on both engines. The executors need the same Python environment (PYSPARK_PYTHON),
-as they would under Pipes. A platform that only accepts submitted jobs (EMR, Databricks, Dataproc)
-would replace this session with a Pipes client in the same methods.
+as they would under Pipes. The cost: the driver's memory is the step's, so the run launcher sizes the
+step's container for it. A platform that only accepts submitted jobs (EMR, Databricks, Dataproc) would
+replace this session with a Pipes client in the same methods.
 """
 
 from collections.abc import Mapping
