@@ -2,9 +2,9 @@
 
 Only reading the raw files and running SQL differ. Every check is the DuckDB-dialect SQL of
 `tagml.features.validation`, run through `to_spark_sql`; every staged table is written by Spark to a
-directory of parts inside the generation being built and committed as the one `<table>.parquet`
-(`commit_parquet_parts`) that readers expect; the generation becomes current by the same atomic
-swap (`tagml.features.delivery.stage_generation`). pyspark is imported by the caller's session only.
+hidden directory of parts beside the generation being built and committed into it as the one
+`<table>.parquet` (`commit_parquet_parts`) that readers expect; the generation becomes current by the
+same atomic swap (`tagml.features.delivery.stage_generation`). pyspark is imported inside functions only.
 
 Not reported as on DuckDB: a CSV row with more or fewer fields than its header fails the table with
 the file named, but without line numbers (Spark's parser has no rejects table).
