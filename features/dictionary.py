@@ -229,7 +229,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "days_since_last_txn",
         "transactions",
-        "CAST(date_diff('day', max(txn_ts)::DATE, any_value(as_of)) AS BIGINT)",
+        "date_diff('day', max(txn_ts)::DATE, any_value(as_of))",
         "Days since the last transaction (empty if none in 12 months).",
         "12m",
         group="activity",
@@ -237,11 +237,11 @@ FEATURES: tuple[Feature, ...] = (
     # a bitmask of calendar months (unique within any 13-month window): count(DISTINCT ...) made
     # DuckDB copy the whole joined transaction set first. Signed BIGINT because Spark has no unsigned
     # types, and % 60 because DuckDB rejects a shift into the sign bit (any modulus >= 13 keeps the
-    # months of a window apart); TINYINT is DuckDB's bit_count type, so Spark writes the same column.
+    # months of a window apart).
     Feature(
         "active_months_12m",
         "transactions",
-        "CAST(bit_count(bit_or(CAST(1 AS BIGINT) << ((year(txn_ts) * 12 + month(txn_ts)) % 60))) AS TINYINT)",
+        "bit_count(bit_or(CAST(1 AS BIGINT) << ((year(txn_ts) * 12 + month(txn_ts)) % 60)))",
         "Months with at least one transaction in 12 months.",
         "12m",
         group="activity",
@@ -400,7 +400,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "days_since_last_login",
         "digital",
-        "CAST(date_diff('day', max(event_ts) FILTER (WHERE event_type = 'login')::DATE, any_value(as_of)) AS BIGINT)",
+        "date_diff('day', max(event_ts) FILTER (WHERE event_type = 'login')::DATE, any_value(as_of))",
         "Days since the last login (empty if none in 12 months).",
         "12m",
         group="digital",
@@ -456,6 +456,10 @@ def feature_dictionary_markdown() -> str:
         "one row per customer and `as_of`; windows end on as_of (inclusive) and only use data dated on or before it.",
         "",
         "`null when` says when a feature is legitimately empty; a null anywhere else fails the snapshot's quality check.",
+        "",
+        "Each feature's SQL is DuckDB SQL inside a portable subset (`features/portable_sql.py`: explicit columns, signed types,",
+        "`CAST(... AS DOUBLE)` on every division, month differences as `year * 12 + month` arithmetic), so with",
+        "`TAGML_ENGINE=spark` the same text runs on Spark and writes the same snapshot.",
         "",
         "| feature | group | type | window | source | null when | meaning |",
         "| --- | --- | --- | --- | --- | --- | --- |",

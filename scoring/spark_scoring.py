@@ -13,6 +13,7 @@ partition or the new one, with the same schema as the DuckDB path writes.
 
 import glob
 import itertools
+import re
 import shutil
 import tempfile
 import time
@@ -108,14 +109,20 @@ def spark_explainer(frame: "DataFrame", champion: Champion) -> ReasonExplainer |
     return ReasonExplainer(pipeline, medians, info.categorical)
 
 
+def _failure(exc: Exception) -> str:
+    """The line of a Spark failure that names it: a worker's traceback ends with the Python error raised there."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b", line)]
+    return (raised[-1] if raised else lines[0] if lines else type(exc).__name__)[:500]
+
+
 def _write(frame: "DataFrame", parts: Path, order: int, what: str) -> None:
     """Write one tag's rows and move its part files into `parts`, numbered so the commit takes tags in order."""
     out = parts / f"tag-{order:04d}"
     try:
         frame.write.parquet(str(out))
-    except Exception as exc:  # py4j and pyspark raise several types for a failed task; the first line names it
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ScoringError(f"{what}: the Spark scoring job failed, nothing was written: {first[:500]}") from exc
+    except Exception as exc:  # py4j and pyspark raise several types for a failed task
+        raise ScoringError(f"{what}: the Spark scoring job failed, nothing was written: {_failure(exc)}") from exc
     for k, part in enumerate(sorted(out.glob("part-*.parquet"))):
         part.rename(parts / f"part-{order:04d}-{k:05d}.parquet")
     shutil.rmtree(out)

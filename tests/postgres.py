@@ -2,8 +2,12 @@
 `mlflow server` subprocess, both on 127.0.0.1 and a free port, stopped when the session (or block) ends.
 
 Fixtures (import them into a test module: `from tests.postgres import postgres, mlflow_postgres  # noqa: F401`):
-- `postgres` (session): a running `PostgresServer`; `postgres.create_database(name)` makes a fresh database.
-- `mlflow_postgres` (session): an `MlflowServer` whose backend store is a fresh database of `postgres`.
+- `postgres` (session): a running `PostgresServer`: `create_database(name)` makes a fresh database, `dagster_env(db)`
+  the DAGSTER_PG_* variables deploy/dagster.yaml reads, `url(db)` an MLflow backend store URI (no password in it)
+  and `secret_env()` the PGPASSWORD that goes with it, `connect(db)` a psycopg2 connection.
+- `mlflow_postgres` (session): an `MlflowServer` (`url`, `root`, `backend_store_uri`) whose backend store is a fresh
+  database of `postgres`; `running_mlflow_server(root, store, secret_env)` starts another one for a block.
+The MLflow server is started with the command of deploy/systemd/mlflow-server.service (`unit_command`).
 
 Why not pytest-postgresql's `postgresql_proc`: it runs initdb/pg_ctl as the current user and keeps the data
 directory under pytest's basetemp (mode 0700). CI runs the tests as root, which initdb and pg_ctl refuse, and a
@@ -38,7 +42,8 @@ from tests.conftest import missing_component
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DEPLOYED_BIN = "/opt/tagml/venv/bin/"  # where the systemd units expect tagml's virtual environment
-ENTRY_POINTS = {"mlflow": "mlflow", "dagster": "dagster"}  # the units the tests start
+ENTRY_POINTS = {"mlflow": "mlflow", "dagster": "dagster", "dagster-daemon": "dagster._daemon"}  # the units the tests start
+HOST_FILES = {"/etc/tagml/workspace.yaml": str(DEPLOY / "workspace.yaml")}  # files the units name on the host -> their example in deploy/
 SERVER_USER = "postgres"  # the system user that runs initdb/pg_ctl when the tests run as root
 ROLE = "tagml"  # the database superuser the tests connect as, with a password (as a bank's services would)
 
@@ -204,14 +209,48 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def unit_command(unit: str, env: Mapping[str, str]) -> list[str]:
-    """The ExecStart of deploy/systemd/<unit>, its ${VAR}s expanded from `env` as systemd does, with this interpreter
-    running the program's module instead of the deployed venv's entry point."""
+    """The ExecStart of deploy/systemd/<unit>, its ${VAR}s expanded from `env` as systemd does and the host's files
+    replaced by their examples, with this interpreter running the program's module instead of the deployed venv's entry point."""
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str
     parser.read(DEPLOY / "systemd" / unit)
     program, *args = shlex.split(parser["Service"]["ExecStart"])
     module = ENTRY_POINTS[program.removeprefix(DEPLOYED_BIN)]
-    return [sys.executable, "-m", module, *(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], arg) for arg in args)]
+    return [sys.executable, "-m", module, *(HOST_FILES.get(arg) or re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], arg) for arg in args)]
+
+
+def deployed_tagml_env(root: Path) -> dict[str, str]:
+    """deploy/tagml.env.example with this machine's locations under `root` (and the shipped catalog) instead of the host's,
+    and a free code server port."""
+    from tagml.core.settings import DEFAULT_CATALOG
+
+    local = {name: str(root / folder) for name, folder in (("TAGML_HOME", "home"), ("TAGML_WAREHOUSE_DIR", "warehouse"), ("TAGML_RAW_DIR", "raw"))}
+    return (
+        read_env_file(DEPLOY / "tagml.env.example")
+        | local
+        | {
+            "TAGML_REPORTS_DIR": str(root / "reports"),
+            "TAGML_CATALOG": str(DEFAULT_CATALOG),
+            "DAGSTER_HOME": str(root / "dagster"),
+            "DAGSTER_CODE_SERVER_PORT": str(free_port()),
+        }
+    )
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextmanager
+def running_unit(unit: str, env: Mapping[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """The command of deploy/systemd/<unit> as a process (its own session, output to `log`) until the block ends."""
+    with log.open("a") as out:
+        process = subprocess.Popen(unit_command(unit, env), env=dict(env), stdout=out, stderr=subprocess.STDOUT, cwd=log.parent, start_new_session=True)
+        try:
+            yield process
+        finally:
+            _stop(process)
 
 
 @contextmanager

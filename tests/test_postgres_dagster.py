@@ -3,7 +3,10 @@ $DAGSTER_HOME/dagster.yaml, its storage from DAGSTER_PG_* variables) pointed at 
 ingest and feature jobs in process; runs, materializations and the drift sensor's reads go through Postgres;
 the purge deletes old runs and their events and keeps new ones."""
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,11 +23,9 @@ from tagml.orchestration.monitoring_assets import DRIFT_BY_TAG
 from tagml.orchestration.partitions import as_of_partitions
 from tagml.orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR, sensor_context
 from tests.conftest import WINDOW_END
-from tests.postgres import postgres  # noqa: F401 (the fixture)
+from tests.postgres import DEPLOY, HOST_FILES, deployed_tagml_env, listening, postgres, running_unit  # noqa: F401 (postgres: the fixture)
 
 pytestmark = pytest.mark.postgres
-
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,7 @@ def _instance(settings: Settings) -> dg.DagsterInstance:
     return dg.DagsterInstance.from_config(str(settings.dagster_home))
 
 
+@pytest.mark.slow  # ingest and features of the session bank (~20 s)
 def test_tagml_jobs_run_on_a_postgres_instance_and_are_read_back_from_it(home):
     settings = home["settings"]
     with _instance(settings) as instance:
@@ -134,3 +136,43 @@ def test_the_purge_deletes_old_runs_and_their_events_and_keeps_new_ones(home):
         before = len(instance.get_run_records())
         assert defs.resolve_job_def(PURGE_JOB).execute_in_process(instance=instance).success
         assert len(instance.get_run_records()) == before + 1
+
+
+@pytest.mark.slow  # a code server, the daemon and a run worker start (~1-2 minutes on two busy cores)
+def test_the_daemon_launches_a_queued_run_through_the_code_server_on_postgres(postgres, tmp_path):  # noqa: F811
+    """The production process set: the code server and the daemon started from their units, an operator's
+    `dagster job launch` queues a run, the daemon dequeues it and launches it through the code server."""
+    env = {**os.environ, **deployed_tagml_env(tmp_path), **postgres.dagster_env(postgres.create_database("dagster_daemon"))}
+    home = Path(env["DAGSTER_HOME"])
+    home.mkdir()
+    shutil.copy(DEPLOY / "dagster.yaml", home / "dagster.yaml")
+    with running_unit("tagml-code-server.service", env, tmp_path / "code_server.log") as code_server:
+        deadline = time.monotonic() + 180
+        while code_server.poll() is None and time.monotonic() < deadline and not listening(int(env["DAGSTER_CODE_SERVER_PORT"])):
+            time.sleep(0.5)
+        with running_unit("dagster-daemon.service", env, tmp_path / "daemon.log"):
+            workspace = HOST_FILES["/etc/tagml/workspace.yaml"]
+            launch = subprocess.run(
+                [sys.executable, "-m", "dagster", "job", "launch", "-w", workspace, "-l", "tagml", "-j", PURGE_JOB],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            assert launch.returncode == 0, launch.stderr[-2000:]
+            with pytest.MonkeyPatch.context() as patch:
+                for name, value in postgres.dagster_env(env["DAGSTER_PG_DB"]).items():
+                    patch.setenv(name, value)
+                with dg.DagsterInstance.from_config(str(home)) as instance:
+                    deadline = time.monotonic() + 300
+                    while time.monotonic() < deadline:
+                        [run] = instance.get_runs(dg.RunsFilter(job_name=PURGE_JOB))
+                        if run.is_finished:
+                            break
+                        time.sleep(2)
+                    logs = {name: (tmp_path / name).read_text()[-1500:] for name in ("code_server.log", "daemon.log")}
+                    assert run.status == dg.DagsterRunStatus.SUCCESS, logs
+                    assert "purge_old_runs" in {e.step_key for e in instance.all_logs(run.run_id) if e.is_dagster_event and e.dagster_event.is_step_success}
+                    daemons = set(instance.get_daemon_heartbeats())
+                    assert {"SCHEDULER", "SENSOR", "QUEUED_RUN_COORDINATOR", "MONITORING"} <= daemons

@@ -82,12 +82,12 @@ def test_a_snapshot_missing_a_champion_feature_leaves_the_old_partition(spark, w
 
 def test_a_failed_spark_task_or_coverage_check_leaves_the_old_partition(spark, world, tmp_path):
     table = pq.read_table(world["features"])
-    # a rule column DuckDB cannot compare as a number: the worker's sandbox fails, named by tag
+    # a rule column DuckDB cannot compare with a number: the worker's sandbox fails, named by tag and by DuckDB's error
     broken = tmp_path / "broken.parquet"
     pq.write_table(table.set_column(table.column_names.index("aum_total"), "aum_total", table.column("aum_total").cast("string").fill_null("n/a")), broken)
     target = _old_partition(tmp_path)
     args = (world["client"], world["catalog"])
-    with pytest.raises(ScoringError, match="rule tag 'value_tier': the Spark scoring job failed, nothing was written"):
+    with pytest.raises(ScoringError, match="rule tag 'value_tier': the Spark scoring job failed, nothing was written: .*BinderException: Binder Error"):
         score_partition_spark(spark, world["con"], *args, broken, world["staged"], AS_OF, target, skip={"risk_appetite": "not under test"})
     _untouched(target)
     # a customer twice in the snapshot: every tag is scored, the coverage check refuses the parts
@@ -96,3 +96,29 @@ def test_a_failed_spark_task_or_coverage_check_leaves_the_old_partition(spark, w
     with pytest.raises(CoverageError, match="duplicate 'value_tier' rows"):
         score_partition_spark(spark, world["con"], *args, doubled, world["staged"], AS_OF, target)
     _untouched(target)
+
+
+def _loaded_models(uri: str, version: str):
+    def run(batches):
+        import os
+        import sys
+
+        from tagml.scoring.spark_scoring import worker_model
+
+        for batch in batches:
+            model = worker_model(uri, "risk_appetite", version)
+            # kept alive for the worker's life, so a second load could not reuse the first one's id
+            sys.tagml_test_models = [*getattr(sys, "tagml_test_models", []), model]
+            yield pa.RecordBatch.from_pydict({"pid": [os.getpid()] * batch.num_rows, "model": [id(model)] * batch.num_rows})
+
+    return run
+
+
+def test_each_python_worker_loads_the_champion_version_once(spark, world):
+    version = resolve_champion(world["client"], world["catalog"].get("risk_appetite")).info.version
+    seen = spark.range(0, 16, numPartitions=8).mapInArrow(_loaded_models(world["uri"], version), "pid long, model long").distinct().collect()
+    per_worker = {}
+    for row in seen:
+        per_worker.setdefault(row.pid, set()).add(row.model)
+    assert per_worker and all(len(models) == 1 for models in per_worker.values())
+    assert len(seen) < 8  # 8 tasks ran on fewer workers, each reusing its model
