@@ -217,7 +217,6 @@ def main() -> None:
         run_step("subset", work, args.scaling_size, args.threads, source=args.size)
     plan = [(args.size, step, master) for step, master in (("score_duckdb", ""), ("score_spark", "local[2]"), ("psi_duckdb", ""), ("psi_spark", "local[2]"))]
     plan += [(args.scaling_size, step, master) for step in ("score_spark", "psi_spark") for master in ("local[1]", "local[2]")]
-    plan += [(args.scaling_size, "score_duckdb", ""), (args.scaling_size, "psi_duckdb", "")]
     results = []
     for size, step, master in plan:
         result = {"size": size, "step": step, "master": master or "duckdb", **run_step(step, work, size, args.threads, master)}

@@ -31,12 +31,6 @@ def unwrap_pipeline(model: Any) -> Pipeline | None:
     return model if isinstance(model, Pipeline) else None
 
 
-def explainable_pipeline(model: Any) -> Pipeline | None:
-    """The xgboost pipeline reason codes are computed from, or None for other model families."""
-    pipeline = unwrap_pipeline(model)
-    return pipeline if pipeline is not None and type(pipeline.named_steps.get("model")).__name__ == "XGBClassifier" else None
-
-
 class TreeEnsemble:
     """The trees of an xgboost booster as padded numpy arrays (tree x node), read from its JSON dump."""
 
@@ -143,8 +137,8 @@ class ReasonExplainer:
         cls, con: duckdb.DuckDBPyConnection, model: Any, features: tuple[str, ...], categorical: tuple[str, ...], features_path: Path
     ) -> "ReasonExplainer | None":
         """An explainer for xgboost pipelines (None for other families), with medians of the snapshot."""
-        pipeline = explainable_pipeline(model)
-        if pipeline is None:
+        pipeline = unwrap_pipeline(model)
+        if pipeline is None or type(pipeline.named_steps.get("model")).__name__ != "XGBClassifier":
             return None
         numeric = [f for f in features if f not in categorical]
         medians: dict[str, float] = {}

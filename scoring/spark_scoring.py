@@ -3,9 +3,10 @@
 Nothing about a tag row is decided here. `plan_scoring` resolves every tag (all or nothing, the same
 `UnscorableTagsError`) and each champion alias to one version on the driver, so every worker scores
 that version. Spark reads the feature snapshot and runs, per partition in `mapInArrow`, the scorer the
-DuckDB path runs: `model_tag_batches` (the model loaded once per Python worker from the registry, the
-observed labels and the reason explainer shipped once as a broadcast) and, for rule tags, `evaluate_rule`
-on a sandboxed DuckDB inside the worker. Each tag's job writes its own part files into a temporary
+DuckDB path runs: `model_tag_batches` (the model loaded once per Python worker from the registry; the
+observed labels and the reason explainer, built on the driver as the DuckDB path builds them, shipped
+once as a broadcast) and, for rule tags, `evaluate_rule` on a sandboxed DuckDB inside the worker.
+Each tag's job writes its own part files into a temporary
 directory beside the partition; the coverage check runs on those parts and only then are they committed
 as the one atomic `data.parquet` of the tag store (`commit_parquet_parts`): readers see the old
 partition or the new one, with the same schema as the DuckDB path writes.
@@ -29,7 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from tagml.core.storage import commit_parquet_parts
 from tagml.scoring.coverage import check_coverage
-from tagml.scoring.reasons import ReasonExplainer, explainable_pipeline
+from tagml.scoring.reasons import ReasonExplainer
 from tagml.scoring.rules import evaluate_rule, rule_columns, rule_version, sandbox_limits
 from tagml.scoring.score import (
     DEFAULT_BATCH_ROWS,
@@ -93,22 +94,6 @@ def _snapshot(spark: "SparkSession", path: Path, columns: list[str], what: str) 
     return frame.select(*[_column(c) for c in columns])
 
 
-def spark_explainer(frame: "DataFrame", champion: Champion) -> ReasonExplainer | None:
-    """The reason explainer of the champion, with the snapshot's medians computed by Spark (exact, as DuckDB's `median`)."""
-    from pyspark.sql import functions as F
-
-    info = champion.info
-    pipeline = explainable_pipeline(champion.model)
-    if pipeline is None:
-        return None
-    numeric = [f for f in info.features if f not in info.categorical]
-    medians: dict[str, float] = {}
-    if numeric:
-        row = frame.agg(*[F.percentile(_column(f).cast("double"), 0.5).alias(f"m{i}") for i, f in enumerate(numeric)]).collect()[0]
-        medians = {f: row[f"m{i}"] for i, f in enumerate(numeric)}
-    return ReasonExplainer(pipeline, medians, info.categorical)
-
-
 def _failure(exc: Exception) -> str:
     """The line of a Spark failure that names it: a worker's traceback ends with the Python error raised there."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -164,7 +149,8 @@ def _score_model_tag(
     started = time.perf_counter()
     info = champion.info
     frame = _snapshot(run.spark, path, ["customer_id", *info.features], f"model tag {tag.name!r}")
-    explainer = spark_explainer(frame, champion) if with_reasons else None
+    # the explainer's medians: the DuckDB path's own pass over the snapshot, so both engines explain alike
+    explainer = ReasonExplainer.for_model(run.con, champion.model, info.features, info.categorical, path) if with_reasons else None
     observed = observed_labels(run.con, staged_dir, tag, run.as_of)
     # one copy per worker (a broadcast), not one per task; the model is loaded there from the registry
     shipped = run.spark.sparkContext.broadcast(ModelTagJob(tag, info, observed.labels, explainer, run.as_of, run.scored_at, top_reasons))
@@ -197,8 +183,8 @@ def score_partition_spark(
 ) -> ScoringSummary:
     """`score_partition` on Spark: the same arguments (and `spark`), the same rows, schema, checks and atomic replace of `target`.
 
-    `con` (DuckDB, on the driver) reads the observed labels and runs the coverage check on Spark's parts
-    before they are committed; rule bands run on a sandboxed DuckDB in each worker with `con`'s memory limit.
+    `con` (DuckDB, on the driver) reads the observed labels and the explainer's medians and runs the
+    coverage check on Spark's parts before they are committed; rule bands run on a sandboxed DuckDB in each worker with `con`'s memory limit.
     """
     started = time.perf_counter()
     plan = plan_scoring(client, catalog, features_path, own_features or {}, staged_dir, as_of, skip or {})
