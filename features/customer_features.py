@@ -1,7 +1,9 @@
-"""Point-in-time customer features, declared once and computed set-based in DuckDB.
+"""Point-in-time customer features, declared once and computed set-based in DuckDB (or Spark).
 
 Every feature is a `Feature` of the feature dictionary (tagml.features.dictionary): its SQL, meaning,
-window and type. The query here and docs/FEATURES.md are both generated from that list.
+window and type. The query here and docs/FEATURES.md are both generated from that list. The query is
+DuckDB SQL inside the portable subset (tagml.features.portable_sql) over relations passed in, so
+Spark runs the same text over temporary views (tagml.features.spark_features).
 
 Features are computed over a *spine* of (customer_id, as_of) pairs: one as_of for a nightly
 partition, or each label's date for a training set. For a pair, only rows dated on or before
@@ -10,12 +12,14 @@ a loan closed after as_of counts as open, as it was on that day). Balances come 
 month end on or before as_of.
 """
 
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
-from tagml.core.storage import sql_literal, staged_path, write_parquet_atomically
+from tagml.core.storage import connect, sql_literal, staged_path, write_parquet_atomically
 from tagml.features.contract import PRODUCTS
 from tagml.features.delivery import current_generation
 from tagml.features.dictionary import FEATURE_NAMES, FEATURES
@@ -32,30 +36,44 @@ def balance_month_end_sql(day: str) -> str:
     return f"CASE WHEN {day} = last_day({day}) THEN {day} ELSE last_day({day} - INTERVAL 1 MONTH) END"
 
 
-def features_sql(staged_dir: Path, spine_sql: str, first_as_of: date, last_as_of: date) -> str:
-    """The SELECT computing every feature for each (customer_id, as_of) row of `spine_sql`.
+STAGED_TABLES = ("customers", "balances", "loans", "transactions", "digital_events")
 
+
+def staged_relations(staged_dir: Path) -> dict[str, str]:
+    """The staged tables as DuckDB relations, all from the current generation: every table from one
+    delivery, even if another is swapped in while the query is built or run."""
+    generation = current_generation(staged_dir)
+    return {t: f"read_parquet({sql_literal(staged_path(generation, t))})" for t in STAGED_TABLES}
+
+
+def features_select(relations: Mapping[str, str], spine_sql: str, first_as_of: date, last_as_of: date) -> str:
+    """The SELECT computing every feature for each (customer_id, as_of) row of `spine_sql`, over
+    `relations` (staged table -> a relation: `read_parquet(...)` on DuckDB, a temporary view on Spark).
+
+    One DuckDB-dialect text for both engines, inside the portable subset (`check_portable`).
     `first_as_of`/`last_as_of` bound the spine's dates so that Parquet scans skip rows that no
     as_of can use.
     """
-    # every table from one delivery, even if another is swapped in while the query is built or run
-    staged_dir = current_generation(staged_dir)
-    src = {t: f"read_parquet({sql_literal(staged_path(staged_dir, t))})" for t in ("customers", "balances", "loans", "transactions", "digital_events")}
     bounds = (f"DATE {sql_literal(first_as_of)} - INTERVAL 12 MONTH", f"DATE {sql_literal(last_as_of)} + INTERVAL 1 DAY")
     customer_cols = ",\n    ".join(f"{f.sql} AS {f.name}" for f in FEATURES if f.source == "customer")
     ctes = [
         (f"spine AS (\n  SELECT DISTINCT customer_id, as_of::DATE AS as_of,\n    {balance_month_end_sql('as_of::DATE')} AS snap\n  FROM ({spine_sql})\n)"),
-        f"customer_features AS (\n  SELECT s.customer_id, s.as_of,\n    {customer_cols}\n  FROM spine s JOIN {src['customers']} c USING (customer_id)\n)",
-        *_balance_ctes(src["balances"], *bounds),
+        f"customer_features AS (\n  SELECT s.customer_id, s.as_of,\n    {customer_cols}\n  FROM spine s JOIN {relations['customers']} c USING (customer_id)\n)",
+        *_balance_ctes(relations["balances"], *bounds),
         _block("balances", "bal"),
-        _windowed_events_cte("txn", "t", src["transactions"], ("txn_ts", "amount", "direction", "category", "channel"), "txn_ts", *bounds),
+        _windowed_events_cte("txn", "t", relations["transactions"], ("txn_ts", "amount", "direction", "category", "channel"), "txn_ts", *bounds),
         _block("transactions", "txn"),
-        _loan_cte(src["loans"]),
+        _loan_cte(relations["loans"]),
         _block("loans", "loan"),
-        _windowed_events_cte("dig", "e", src["digital_events"], ("event_ts", "event_type"), "event_ts", *bounds),
+        _windowed_events_cte("dig", "e", relations["digital_events"], ("event_ts", "event_type"), "event_ts", *bounds),
         _block("digital", "dig"),
     ]
     return "WITH " + ",\n".join(ctes) + _joined_select()
+
+
+def features_sql(staged_dir: Path, spine_sql: str, first_as_of: date, last_as_of: date) -> str:
+    """`features_select` over the staged Parquet files of `staged_dir` (DuckDB)."""
+    return features_select(staged_relations(staged_dir), spine_sql, first_as_of, last_as_of)
 
 
 def _balance_ctes(balances: str, lo: str, hi: str) -> list[str]:
@@ -69,7 +87,7 @@ def _balance_ctes(balances: str, lo: str, hi: str) -> list[str]:
             f"    AND b.month_end > {lo} AND b.month_end < {hi}\n  GROUP BY ALL\n)"
         ),
         (
-            f"bal AS (\n  SELECT * REPLACE ({' , '.join(f'coalesce(p_{p}, 0) AS p_{p}' for p in PRODUCTS)}),\n"
+            f"bal AS (\n  SELECT customer_id, as_of, snap, month_end, n_products,\n    {', '.join(f'coalesce(p_{p}, 0) AS p_{p}' for p in PRODUCTS)},\n"
             f"    {' + '.join(f'coalesce(p_{p}, 0)' for p in PRODUCTS if p != 'credit_card')} AS aum\n  FROM bal_month\n)"
         ),
     ]
@@ -91,11 +109,15 @@ def _windowed_events_cte(name: str, alias: str, relation: str, columns: tuple[st
 
 def _loan_cte(loans: str) -> str:
     """Loans open at each as_of, with the principal outstanding on an annuity schedule."""
+    # calendar months between the dates (what DuckDB's date_diff('month') counts; Spark's counts whole months)
+    paid = "(year(s.as_of) * 12 + month(s.as_of)) - (year(l.open_date) * 12 + month(l.open_date))"
+    left = f"greatest(l.term_months - ({paid}), 0)"
+    rate = "CAST(l.interest_rate AS DOUBLE) / 12"
     return (
         f"loan AS (\n  SELECT s.customer_id, s.as_of, l.loan_type, l.open_date, l.principal, l.monthly_payment,\n"
         f"    CASE WHEN l.term_months IS NULL THEN NULL\n"
-        f"         WHEN l.interest_rate = 0 THEN l.principal * greatest(l.term_months - date_diff('month', l.open_date, s.as_of), 0) / l.term_months\n"
-        f"         ELSE l.monthly_payment * (1 - pow(1 + l.interest_rate / 12, -greatest(l.term_months - date_diff('month', l.open_date, s.as_of), 0))) / (l.interest_rate / 12)\n"
+        f"         WHEN l.interest_rate = 0 THEN CAST(l.principal * {left} AS DOUBLE) / l.term_months\n"
+        f"         ELSE CAST(l.monthly_payment * (1 - pow(1 + {rate}, -{left})) AS DOUBLE) / ({rate})\n"
         f"    END AS outstanding\n"
         f"  FROM spine s JOIN {loans} l ON l.customer_id = s.customer_id\n"
         f"    AND l.open_date <= s.as_of AND (l.close_date IS NULL OR l.close_date > s.as_of)\n)"
@@ -122,16 +144,34 @@ def _joined_select() -> str:
     )
 
 
+def snapshot_spine_select(customers: str, as_of: date) -> str:
+    """Every customer of the `customers` relation onboarded on or before `as_of`."""
+    return f"SELECT customer_id, DATE {sql_literal(as_of)} AS as_of FROM {customers} WHERE onboarding_date <= DATE {sql_literal(as_of)}"
+
+
+def snapshot_select(relations: Mapping[str, str], as_of: date) -> str:
+    """The SELECT of the feature snapshot for `as_of`: every onboarded customer's features (either engine)."""
+    return features_select(relations, snapshot_spine_select(relations["customers"], as_of), as_of, as_of)
+
+
+def snapshot_schema(staged_dir: Path, as_of: date) -> pa.Schema:
+    """The column names, order and types of the snapshot the DuckDB path writes (no rows are computed):
+    the schema any engine's snapshot is stored with."""
+    con = connect(threads=1, memory_limit="256MB")
+    try:
+        return con.sql(f"SELECT * FROM ({snapshot_select(staged_relations(staged_dir), as_of)}) LIMIT 0").to_arrow_table().schema
+    finally:
+        con.close()
+
+
 def snapshot_spine_sql(staged_dir: Path, as_of: date) -> str:
-    """Every customer onboarded on or before `as_of`."""
-    customers = sql_literal(staged_path(staged_dir, "customers"))
-    return f"SELECT customer_id, DATE {sql_literal(as_of)} AS as_of FROM read_parquet({customers}) WHERE onboarding_date <= DATE {sql_literal(as_of)}"
+    """`snapshot_spine_select` over the staged customers of `staged_dir` (DuckDB)."""
+    return snapshot_spine_select(staged_relations(staged_dir)["customers"], as_of)
 
 
 def build_customer_features(con: duckdb.DuckDBPyConnection, staged_dir: Path, as_of: date, target: Path) -> int:
     """Compute the feature snapshot for `as_of` and write it atomically to `target` (Parquet). Returns rows."""
-    sql = features_sql(staged_dir, snapshot_spine_sql(staged_dir, as_of), as_of, as_of)
-    return write_parquet_atomically(con, sql, target)
+    return write_parquet_atomically(con, snapshot_select(staged_relations(staged_dir), as_of), target)
 
 
 def spine_features_sql(con: duckdb.DuckDBPyConnection, staged_dir: Path, spine_sql: str) -> str:

@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -20,9 +21,9 @@ from filelock import FileLock
 
 from tagml.core.settings import DEFAULT_TIMEZONE
 from tagml.core.storage import sql_literal, staged_path
-from tagml.features.contract import CUSTOMERS, RAW_TABLES
+from tagml.features.contract import CUSTOMERS, RAW_TABLES, TableSpec
 from tagml.features.raw import ContractError, Violation, bank_today
-from tagml.features.validation import StagedTable, validate_table, write_staged
+from tagml.features.validation import StagedTable, ValidatedTable, validate_table, write_staged
 
 # The current generation and the one before it: a reader that resolved the old link just before a
 # swap can finish reading it.
@@ -125,6 +126,25 @@ def stage_delivery(
     `timezone`) bounds every date: nothing may happen after the data was delivered.
     """
     delivery_date = delivery_date or bank_today(timezone)
+
+    def validate(spec: TableSpec, customers: Path | None) -> ValidatedTable:
+        return validate_table(con, spec, raw_dir, delivery_date, None if customers is None else f"read_parquet({sql_literal(customers)})")
+
+    return stage_generation(staged_dir, delivery_date, validate, lambda valid, target: write_staged(con, valid, target))
+
+
+def stage_generation(
+    staged_dir: Path,
+    delivery_date: date,
+    validate: Callable[[TableSpec, Path | None], ValidatedTable],
+    write: Callable[[ValidatedTable, Path], StagedTable],
+) -> StagedDelivery:
+    """Stage every contract table into a new generation of `staged_dir` and make it current, or raise and change nothing.
+
+    The engine comes in as two functions: `validate(spec, staged customers file or None)` and
+    `write(validated table, target file)`; everything else (the lock, the generation, the swap, which
+    violations are reported together) is the same for every engine.
+    """
     staged_dir = Path(staged_dir)
     gens = generations_dir(staged_dir)
     gens.mkdir(parents=True, exist_ok=True)
@@ -134,7 +154,7 @@ def stage_delivery(
         building = gens / f".building-{gen_id}"
         building.mkdir()
         try:
-            tables = _stage_into(con, raw_dir, building, delivery_date)
+            tables = _stage_into(building, validate, write)
             generation = gens / gen_id
             os.rename(building, generation)
         except BaseException:
@@ -148,21 +168,25 @@ def stage_delivery(
     return StagedDelivery(delivery_date, generation, staged)
 
 
-def _stage_into(con: duckdb.DuckDBPyConnection, raw_dir: Path, building: Path, delivery_date: date) -> dict[str, StagedTable]:
+def _stage_into(
+    building: Path,
+    validate: Callable[[TableSpec, Path | None], ValidatedTable],
+    write: Callable[[ValidatedTable, Path], StagedTable],
+) -> dict[str, StagedTable]:
     """Validate every table and write the valid ones into the generation being built; raise the
     violations of every table together if any."""
     violations: list[Violation] = []
     tables: dict[str, StagedTable] = {}
-    customers: str | None = None
+    customers: Path | None = None
     for spec in RAW_TABLES:  # customers first: the others are checked against it
         try:
-            valid = validate_table(con, spec, raw_dir, delivery_date, customers)
+            valid = validate(spec, customers)
         except ContractError as err:
             violations.extend(err.violations)
             continue
-        tables[spec.name] = write_staged(con, valid, staged_path(building, spec.name))
+        tables[spec.name] = write(valid, staged_path(building, spec.name))
         if spec is CUSTOMERS:
-            customers = f"read_parquet({sql_literal(tables[spec.name].path)})"
+            customers = tables[spec.name].path
     if CUSTOMERS.name not in tables and violations:
         checked = ", ".join(s.name for s in RAW_TABLES if s.references_customers)
         violations.append(Violation(CUSTOMERS.name, None, "known_customer_not_checked", f"customers are invalid, so {checked} were not checked against them"))

@@ -69,7 +69,7 @@ def _months_ago(col: str, months: int) -> str:
 
 def _share(num: str, den: str) -> str:
     # a filtered sum over no rows is NULL, but with a denominator the share is 0, not unknown
-    return f"coalesce({num}, 0) / nullif({den}, 0)"
+    return f"CAST(coalesce({num}, 0) AS DOUBLE) / nullif({den}, 0)"
 
 
 _SPEND = "direction = 'debit' AND category IN (" + ", ".join(sql_literal(c) for c in SPEND_CATEGORIES) + ")"
@@ -84,7 +84,7 @@ def _cat_sum(category: str, window: str) -> str:
 
 FEATURES: tuple[Feature, ...] = (
     # ---- demographics (customers table; PII never selected) ----
-    Feature("age", "customer", "date_diff('day', c.birth_date, s.as_of) / 365.25", "Age in years at as_of.", "as_of", group="demographics"),
+    Feature("age", "customer", "CAST(date_diff('day', c.birth_date, s.as_of) AS DOUBLE) / 365.25", "Age in years at as_of.", "as_of", group="demographics"),
     Feature("gender", "customer", "c.gender", "Recorded gender.", "static", "categorical", "demographics"),
     Feature("marital_status", "customer", "c.marital_status", "KYC marital status (often missing).", "static", "categorical", "demographics"),
     Feature("num_children", "customer", "c.num_children", "KYC number of children (often missing).", "static", group="demographics"),
@@ -93,7 +93,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature("region", "customer", "c.region", "Home-branch region.", "static", "categorical", "demographics"),
     Feature("city_tier", "customer", "c.city_tier", "Home-branch city tier (1 = largest).", "static", group="demographics"),
     Feature("acquisition_channel", "customer", "c.acquisition_channel", "How the customer was acquired.", "static", "categorical", "tenure"),
-    Feature("tenure_months", "customer", "date_diff('day', c.onboarding_date, s.as_of) / 30.44", "Months since onboarding.", "as_of", group="tenure"),
+    Feature(
+        "tenure_months", "customer", "CAST(date_diff('day', c.onboarding_date, s.as_of) AS DOUBLE) / 30.44", "Months since onboarding.", "as_of", group="tenure"
+    ),
     # ---- assets under management and product mix (balances) ----
     Feature(
         "aum_total", "balances", _latest("aum"), "Assets under management at the latest month end (excl. credit card).", "month end", group="aum", fill=0.0
@@ -101,17 +103,17 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "aum_avg_3m",
         "balances",
-        "sum(aum) FILTER (WHERE month_end > last_day(snap - INTERVAL 3 MONTH)) / 3",
+        "CAST(sum(aum) FILTER (WHERE month_end > last_day(snap - INTERVAL 3 MONTH)) AS DOUBLE) / 3",
         "Average month-end AUM over 3 months.",
         "3m",
         group="aum",
         fill=0.0,
     ),
-    Feature("aum_avg_12m", "balances", "sum(aum) / 12", "Average month-end AUM over 12 months.", "12m", group="aum", fill=0.0),
+    Feature("aum_avg_12m", "balances", "CAST(sum(aum) AS DOUBLE) / 12", "Average month-end AUM over 12 months.", "12m", group="aum", fill=0.0),
     Feature(
         "aum_growth_3m",
         "balances",
-        f"{_latest('aum')} / nullif({_months_ago('aum', 3)}, 0) - 1",
+        f"CAST({_latest('aum')} AS DOUBLE) / nullif({_months_ago('aum', 3)}, 0) - 1",
         "Relative AUM change over 3 months.",
         "3m",
         group="aum",
@@ -167,7 +169,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "salary_income_3m",
         "transactions",
-        "sum(amount) FILTER (WHERE w3 AND category IN ('salary', 'pension')) / 3",
+        "CAST(sum(amount) FILTER (WHERE w3 AND category IN ('salary', 'pension')) AS DOUBLE) / 3",
         "Monthly salary and pension credited, 3-month average.",
         "3m",
         group="income",
@@ -176,7 +178,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "inflow_3m",
         "transactions",
-        "sum(amount) FILTER (WHERE w3 AND direction = 'credit') / 3",
+        "CAST(sum(amount) FILTER (WHERE w3 AND direction = 'credit') AS DOUBLE) / 3",
         "Monthly money in, 3-month average.",
         "3m",
         group="income",
@@ -185,7 +187,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "outflow_3m",
         "transactions",
-        "sum(amount) FILTER (WHERE w3 AND direction = 'debit') / 3",
+        "CAST(sum(amount) FILTER (WHERE w3 AND direction = 'debit') AS DOUBLE) / 3",
         "Monthly money out, 3-month average.",
         "3m",
         group="income",
@@ -233,11 +235,13 @@ FEATURES: tuple[Feature, ...] = (
         group="activity",
     ),
     # a bitmask of calendar months (unique within any 13-month window): count(DISTINCT ...) made
-    # DuckDB copy the whole joined transaction set first
+    # DuckDB copy the whole joined transaction set first. Signed BIGINT because Spark has no unsigned
+    # types, and % 60 because DuckDB rejects a shift into the sign bit (any modulus >= 13 keeps the
+    # months of a window apart).
     Feature(
         "active_months_12m",
         "transactions",
-        "bit_count(bit_or(1::UBIGINT << ((year(txn_ts) * 12 + month(txn_ts)) % 64)::UBIGINT))",
+        "bit_count(bit_or(CAST(1 AS BIGINT) << ((year(txn_ts) * 12 + month(txn_ts)) % 60)))",
         "Months with at least one transaction in 12 months.",
         "12m",
         group="activity",
@@ -340,7 +344,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "months_since_last_loan",
         "loans",
-        "date_diff('day', max(open_date), any_value(as_of)) / 30.44",
+        "CAST(date_diff('day', max(open_date), any_value(as_of)) AS DOUBLE) / 30.44",
         "Months since the newest open loan or card.",
         "as_of",
         group="credit",
@@ -403,18 +407,32 @@ FEATURES: tuple[Feature, ...] = (
     ),
     # ---- derived from the features above ----
     Feature(
-        "debt_to_income", "derived", "monthly_debt_payment / nullif(salary_income_3m, 0)", "Scheduled loan payments over salary income.", "3m", group="credit"
+        "debt_to_income",
+        "derived",
+        "CAST(monthly_debt_payment AS DOUBLE) / nullif(salary_income_3m, 0)",
+        "Scheduled loan payments over salary income.",
+        "3m",
+        group="credit",
     ),
-    Feature("card_utilisation", "derived", "credit_card_balance / nullif(credit_limit, 0)", "Credit card balance over limit.", "month end", group="credit"),
+    Feature(
+        "card_utilisation",
+        "derived",
+        "CAST(credit_card_balance AS DOUBLE) / nullif(credit_limit, 0)",
+        "Credit card balance over limit.",
+        "month end",
+        group="credit",
+    ),
     Feature(
         "txn_trend_1m_vs_3m",
         "derived",
-        "txn_count_1m / nullif(txn_count_3m / 3.0, 0)",
+        "CAST(txn_count_1m AS DOUBLE) / nullif(CAST(txn_count_3m AS DOUBLE) / 3, 0)",
         "Last month's transactions relative to the 3-month average (falling engagement < 1).",
         "1m/3m",
         group="activity",
     ),
-    Feature("spend_to_income_3m", "derived", "(spend_3m / 3) / nullif(inflow_3m, 0)", "Monthly spending over monthly inflow.", "3m", group="spending"),
+    Feature(
+        "spend_to_income_3m", "derived", "CAST(spend_3m AS DOUBLE) / 3 / nullif(inflow_3m, 0)", "Monthly spending over monthly inflow.", "3m", group="spending"
+    ),
 )
 
 FEATURE_NAMES = tuple(f.name for f in FEATURES)
@@ -438,6 +456,10 @@ def feature_dictionary_markdown() -> str:
         "one row per customer and `as_of`; windows end on as_of (inclusive) and only use data dated on or before it.",
         "",
         "`null when` says when a feature is legitimately empty; a null anywhere else fails the snapshot's quality check.",
+        "",
+        "Each feature's SQL is DuckDB SQL inside a portable subset (`features/portable_sql.py`: explicit columns, signed types,",
+        "`CAST(... AS DOUBLE)` on every division, month differences as `year * 12 + month` arithmetic), so with",
+        "`TAGML_ENGINE=spark` the same text runs on Spark and writes the same snapshot.",
         "",
         "| feature | group | type | window | source | null when | meaning |",
         "| --- | --- | --- | --- | --- | --- | --- |",

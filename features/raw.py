@@ -87,7 +87,7 @@ def _line_list(lines: list[int]) -> str:
     return shown + (f" and {len(lines) - MAX_LINES_REPORTED} more" if len(lines) > MAX_LINES_REPORTED else "")
 
 
-def _csv_header(spec: TableSpec, location: str) -> tuple[list[str], str]:
+def csv_header(spec: TableSpec, location: str) -> tuple[list[str], str]:
     """The header's field names and the delimiter, read from the first line only.
 
     The header is parsed here rather than left to DuckDB's sniffer: a ragged row made the sniffer
@@ -120,7 +120,7 @@ def _read_csv(con: duckdb.DuckDBPyConnection, spec: TableSpec, location: str, vi
     part of the SQL; rows whose field count differs from the header's are collected in a rejects
     table and reported by line number, never by content.
     """
-    names, delimiter = _csv_header(spec, location)
+    names, delimiter = csv_header(spec, location)
     positional = ", ".join(f"'c{i}': 'VARCHAR'" for i in range(len(names)))
     rejects, scan = f"rej_{view}", f"rejscan_{view}"
     for table in (rejects, scan):
@@ -182,21 +182,37 @@ class RawSource:
     ignored_columns: list[str]  # columns the contract does not know
 
 
+def locate_source(spec: TableSpec, raw_dir: Path) -> tuple[str, str] | None:
+    """(kind, location) of the table's raw files (`find_source`); None for an optional table that was not delivered."""
+    source = find_source(raw_dir, spec.name)
+    if source is None and not spec.optional:
+        raise contract_error(spec, None, "table_present", f"no {spec.name}.parquet, {spec.name}/ or {spec.name}.csv in {raw_dir}")
+    return source
+
+
 def open_source(con: duckdb.DuckDBPyConnection, spec: TableSpec, raw_dir: Path) -> RawSource | None:
     """The raw table of `spec` in `raw_dir` with every required column present, or None for an
     optional table that was not delivered."""
-    source = find_source(raw_dir, spec.name)
+    source = locate_source(spec, raw_dir)
     if source is None:
-        if not spec.optional:
-            raise contract_error(spec, None, "table_present", f"no {spec.name}.parquet, {spec.name}/ or {spec.name}.csv in {raw_dir}")
         return None
     kind, location = source
     src, ignored = _read_source(con, spec, kind, location)
     present = {row[0]: row[1] for row in con.execute(f"DESCRIBE {src}").fetchall() if row[0] in {c.name for c in spec.columns}}
-    missing = [c.name for c in spec.columns if c.required and c.name not in present]
+    return required_columns_present(spec, RawSource(src, location, present, ignored))
+
+
+def required_columns_present(spec: TableSpec, source: RawSource) -> RawSource:
+    """`source`, if it has every required column of `spec`; else a `missing_column` violation per absent column."""
+    missing = [c.name for c in spec.columns if c.required and c.name not in source.column_types]
     if missing:
         # The names found are not listed: in a file without a header they are a row of data.
         raise ContractError(
-            [Violation(spec.name, m, "missing_column", f"required column is absent from {location} ({len(present)} contract columns found)") for m in missing]
+            [
+                Violation(
+                    spec.name, m, "missing_column", f"required column is absent from {source.location} ({len(source.column_types)} contract columns found)"
+                )
+                for m in missing
+            ]
         )
-    return RawSource(src, location, present, ignored)
+    return source

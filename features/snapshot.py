@@ -1,6 +1,7 @@
 """Build a feature snapshot behind its quality gate: a snapshot that fails a blocking check never
 replaces the stored partition."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import duckdb
 
 from tagml.core.files import check_parquet
-from tagml.core.storage import write_parquet_atomically
+from tagml.core.storage import atomic_replace, write_parquet_atomically
 from tagml.features.customer_features import features_sql, snapshot_spine_sql
 from tagml.features.quality import CheckOutcome, check_feature_snapshot
 
@@ -30,8 +31,14 @@ class FeatureSnapshot:
     checks: list[CheckOutcome]
 
 
-def build_feature_snapshot(con: duckdb.DuckDBPyConnection, staged_dir: Path, as_of: date, target: Path) -> FeatureSnapshot:
-    """Compute features for every customer at `as_of`, check them, and only then swap them into `target`."""
+def build_feature_snapshot(
+    con: duckdb.DuckDBPyConnection, staged_dir: Path, as_of: date, target: Path, write: Callable[[Path], int] | None = None
+) -> FeatureSnapshot:
+    """Compute features for every customer at `as_of`, check them, and only then swap them into `target`.
+
+    `write(candidate)` computes the snapshot into the candidate file on another engine (returns rows);
+    by default DuckDB computes it. The checks run on the candidate either way.
+    """
     outcomes: list[CheckOutcome] = []
 
     def gate(candidate: Path) -> None:
@@ -39,8 +46,13 @@ def build_feature_snapshot(con: duckdb.DuckDBPyConnection, staged_dir: Path, as_
         if any(o.blocking and not o.passed for o in outcomes):
             raise FeatureQualityError(as_of, outcomes)
 
-    sql = features_sql(staged_dir, snapshot_spine_sql(staged_dir, as_of), as_of, as_of)
-    rows = write_parquet_atomically(con, sql, target, validate=gate)
+    if write is None:
+        sql = features_sql(staged_dir, snapshot_spine_sql(staged_dir, as_of), as_of, as_of)
+        rows = write_parquet_atomically(con, sql, target, validate=gate)
+    else:
+        with atomic_replace(target) as candidate:
+            rows = write(candidate)
+            gate(candidate)
     return FeatureSnapshot(as_of, target, rows, outcomes)
 
 

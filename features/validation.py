@@ -1,24 +1,59 @@
 """Validate one raw table against the contract, and stage it as Parquet without PII.
 
-Validation is set-based SQL in DuckDB so that tens of millions of transactions are checked without
-loading them into pandas. The steps, each raising a `ContractError` naming the table, column, rule
-and example rows (keys and the offending non-PII value) before anything is written: read the source
+Validation is set-based SQL so that tens of millions of transactions are checked without loading
+them into pandas. The steps, each raising a `ContractError` naming the table, column, rule and example
+rows (keys and the offending non-PII value) before anything is written: read the source
 (`tagml.features.raw`), cast every column to its contract type, then the plausibility rules (row rules,
 unique key, known customers).
+
+The SQL is written once, in DuckDB's dialect and inside the portable subset, and run through an
+`SqlRunner`: DuckDB here, Spark (`tagml.features.spark_staging`) through `to_spark_sql`. Both engines
+therefore check the same rules and raise the same errors.
 """
 
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 
 from tagml.core.storage import quote, sql_literal, staged_path, write_parquet_atomically
 from tagml.features.contract import CUSTOMERS, TableSpec
-from tagml.features.raw import ContractError, Violation, bank_today, contract_error, find_source, open_source
+from tagml.features.raw import ContractError, RawSource, Violation, bank_today, contract_error, find_source, open_source
 
 MAX_EXAMPLES = 5
+
+
+class SqlRunner(Protocol):
+    """Where validation's (DuckDB-dialect, portable) SQL runs."""
+
+    def rows(self, sql: str) -> list[tuple]:
+        """The query's rows."""
+
+    def binds(self, sql: str) -> bool:
+        """Whether the query compiles (its casts fit the source's types), without reading data."""
+
+    def create_view(self, name: str, select_sql: str) -> None:
+        """A temporary view `name` over the query, for the steps that follow."""
+
+
+@dataclass(frozen=True)
+class DuckDBRunner:
+    con: duckdb.DuckDBPyConnection
+
+    def rows(self, sql: str) -> list[tuple]:
+        return self.con.execute(sql).fetchall()
+
+    def binds(self, sql: str) -> bool:
+        try:
+            self.con.execute(sql)
+        except duckdb.Error:
+            return False
+        return True
+
+    def create_view(self, name: str, select_sql: str) -> None:
+        self.con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {select_sql}")
 
 
 @dataclass(frozen=True)
@@ -43,12 +78,12 @@ class ValidatedTable:
     ignored_columns: tuple[str, ...]
 
 
-def _example_rows(con: duckdb.DuckDBPyConnection, spec: TableSpec, relation: str, predicate: str, column: str | None) -> tuple[dict, ...]:
+def _example_rows(runner: SqlRunner, spec: TableSpec, relation: str, predicate: str, column: str | None) -> tuple[dict, ...]:
     """A few offending rows, showing the key and the offending column but never PII."""
     shown = [c for c in dict.fromkeys((*spec.key, column)) if c and not spec.column(c).pii]
     shown = shown or [c.name for c in spec.columns if not c.pii][:3]
     cols = ", ".join(quote(c) for c in shown)
-    rows = con.execute(f"SELECT {cols} FROM {relation} WHERE {predicate} LIMIT {MAX_EXAMPLES}").fetchall()
+    rows = runner.rows(f"SELECT {cols} FROM {relation} WHERE {predicate} LIMIT {MAX_EXAMPLES}")
     return tuple({n: (v.isoformat() if hasattr(v, "isoformat") else v) for n, v in zip(shown, row)} for row in rows)
 
 
@@ -66,8 +101,9 @@ def _row_rules(spec: TableSpec, typed_columns: set[str], delivery_date: date) ->
             allowed = ", ".join(sql_literal(v) for v in col.allowed)
             checks.append((col.name, "allowed_values", f"{q} NOT IN ({allowed})", f"value not in {list(col.allowed)}"))
         if col.finite:
-            # NaN compares greater than every number in DuckDB: min/max bounds would not all catch it
-            checks.append((col.name, "finite", f"NOT isfinite({q})", "value is NaN or infinite"))
+            # NaN compares greater than every number (DuckDB and Spark): min/max bounds would not all catch
+            # it, and the comparison is false for NaN and +-inf alike (isfinite() has no Spark form)
+            checks.append((col.name, "finite", f"NOT (abs({q}) < CAST('Infinity' AS DOUBLE))", "value is NaN or infinite"))
         for bound, op in ((col.min, "<"), (col.max, ">")):
             if bound is None:
                 continue
@@ -91,14 +127,19 @@ def validate_table(
 ) -> ValidatedTable:
     """Check one raw table against the contract; `customers` is the relation known customer ids come
     from (None: the known-customer rule is not evaluated)."""
-    source = open_source(con, spec, raw_dir)
-    if source is None:  # an optional table that was not delivered
+    return validate_source(DuckDBRunner(con), spec, open_source(con, spec, raw_dir), delivery_date, customers)
+
+
+def validate_source(runner: SqlRunner, spec: TableSpec, source: RawSource | None, delivery_date: date, customers: str | None) -> ValidatedTable:
+    """Check an opened raw table (None: an optional table that was not delivered) on `runner`'s engine;
+    the returned `select_sql` (DuckDB dialect) selects the staged columns."""
+    if source is None:
         empty = ", ".join(f"CAST(NULL AS {c.sql_type}) AS {quote(c.name)}" for c in spec.staged_columns)
         return ValidatedTable(spec, f"SELECT {empty} LIMIT 0", "absent (optional table)", (), ())
-    typed = _cast_to_contract(con, spec, source.relation, source.column_types)
-    violations = _row_rule_violations(con, spec, typed, source.location, delivery_date)
-    violations += _key_violations(con, spec, typed)
-    violations += _unknown_customer_violations(con, spec, typed, customers)
+    typed = _cast_to_contract(runner, spec, source.relation, source.column_types)
+    violations = _row_rule_violations(runner, spec, typed, source.location, delivery_date)
+    violations += _key_violations(runner, spec, typed)
+    violations += _unknown_customer_violations(runner, spec, typed, customers)
     if violations:
         raise ContractError(violations)
     staged_cols = ", ".join(quote(c.name) for c in spec.staged_columns)
@@ -111,19 +152,20 @@ def validate_table(
     )
 
 
-def _cast_to_contract(con: duckdb.DuckDBPyConnection, spec: TableSpec, src: str, present: dict[str, str]) -> str:
+def _cast_to_contract(runner: SqlRunner, spec: TableSpec, src: str, present: dict[str, str]) -> str:
     """A view of `src` with every contract column cast to its type (absent optional columns null);
     a column or value that cannot be cast is a type violation."""
     violations: list[Violation] = []
     select_parts, cast_checks = [], []
+    casts = {c.name: f"TRY_CAST({quote(c.name)} AS {c.sql_type})" for c in spec.columns if c.name in present}
+    # one probe for the whole table (each costs a query plan on Spark); column by column only to name the ones that fail
+    all_bind = runner.binds(f"SELECT {', '.join(casts.values())} FROM {src} LIMIT 0") if casts else True
     for col in spec.columns:
         if col.name not in present:
             select_parts.append(f"CAST(NULL AS {col.sql_type}) AS {quote(col.name)}")
             continue
-        expr = f"TRY_CAST({quote(col.name)} AS {col.sql_type})"
-        try:
-            con.execute(f"SELECT {expr} FROM {src} LIMIT 0")
-        except duckdb.Error:
+        expr = casts[col.name]
+        if not all_bind and not runner.binds(f"SELECT {expr} FROM {src} LIMIT 0"):
             violations.append(Violation(spec.name, col.name, "type", f"source type {present[col.name]} cannot be read as {col.type}"))
             continue
         select_parts.append(f"{expr} AS {quote(col.name)}")
@@ -134,56 +176,56 @@ def _cast_to_contract(con: duckdb.DuckDBPyConnection, spec: TableSpec, src: str,
     if violations:
         raise ContractError(violations)
     if cast_checks:
-        counts = con.execute("SELECT " + ", ".join(f"count(*) FILTER (WHERE {bad})" for _, bad in cast_checks) + f" FROM {src}").fetchall()[0]
+        counts = runner.rows("SELECT " + ", ".join(f"count(*) FILTER (WHERE {bad})" for _, bad in cast_checks) + f" FROM {src}")[0]
         for (col, bad), n_bad in zip(cast_checks, counts):
             if not n_bad:
                 continue
             # the offending rows by key, plus the bad value unless the column is PII
-            examples = _example_rows(con, spec, src, bad, col.name)
+            examples = _example_rows(runner, spec, src, bad, col.name)
             violations.append(Violation(spec.name, col.name, "type", f"values are not valid {col.type}", int(n_bad), examples))
     if violations:
         raise ContractError(violations)
     typed = f"typed_{spec.name}"
-    con.execute(f"CREATE OR REPLACE TEMP VIEW {typed} AS SELECT {', '.join(select_parts)} FROM {src}")
+    runner.create_view(typed, f"SELECT {', '.join(select_parts)} FROM {src}")
     return typed
 
 
-def _row_rule_violations(con: duckdb.DuckDBPyConnection, spec: TableSpec, typed: str, location: str, delivery_date: date) -> list[Violation]:
+def _row_rule_violations(runner: SqlRunner, spec: TableSpec, typed: str, location: str, delivery_date: date) -> list[Violation]:
     """Every row-level rule, counted in one scan; an empty table is an error of its own."""
     checks = _row_rules(spec, {c.name for c in spec.columns}, delivery_date)
     counts_sql = ", ".join([f"count(*) FILTER (WHERE {pred})" for _, _, pred, _ in checks] + ["count(*)"])
-    counts = con.execute(f"SELECT {counts_sql} FROM {typed}").fetchall()[0]
+    counts = runner.rows(f"SELECT {counts_sql} FROM {typed}")[0]
     total = int(counts[-1])
     if total == 0:
         raise contract_error(spec, None, "non_empty", f"{location} has no rows")
     violations = []
     for (column, rule, predicate, description), n_bad in zip(checks, counts[:-1]):
         if n_bad:
-            violations.append(Violation(spec.name, column, rule, description, int(n_bad), _example_rows(con, spec, typed, predicate, column)))
+            violations.append(Violation(spec.name, column, rule, description, int(n_bad), _example_rows(runner, spec, typed, predicate, column)))
     return violations
 
 
-def _key_violations(con: duckdb.DuckDBPyConnection, spec: TableSpec, typed: str) -> list[Violation]:
+def _key_violations(runner: SqlRunner, spec: TableSpec, typed: str) -> list[Violation]:
     if not spec.key:
         return []
     key = ", ".join(quote(k) for k in spec.key)
-    dup_sql = f"SELECT {key}, count(*) AS n FROM {typed} GROUP BY ALL HAVING count(*) > 1"
-    n_dup = con.execute(f"SELECT count(*) FROM ({dup_sql})").fetchall()[0][0]
+    dup_sql = f"SELECT {key}, count(*) AS n FROM {typed} GROUP BY {key} HAVING count(*) > 1"
+    n_dup = runner.rows(f"SELECT count(*) FROM ({dup_sql}) AS duplicates")[0][0]
     if not n_dup:
         return []
-    rows = con.execute(f"{dup_sql} LIMIT {MAX_EXAMPLES}").fetchall()
+    rows = runner.rows(f"{dup_sql} LIMIT {MAX_EXAMPLES}")
     examples = tuple(dict(zip([*spec.key, "copies"], r)) for r in rows)
     return [Violation(spec.name, ",".join(spec.key), "unique_key", "key appears more than once", int(n_dup), examples)]
 
 
-def _unknown_customer_violations(con: duckdb.DuckDBPyConnection, spec: TableSpec, typed: str, customers: str | None) -> list[Violation]:
+def _unknown_customer_violations(runner: SqlRunner, spec: TableSpec, typed: str, customers: str | None) -> list[Violation]:
     if not spec.references_customers or customers is None:
         return []
     orphan = f"customer_id NOT IN (SELECT customer_id FROM {customers})"
-    n_orphan = con.execute(f"SELECT count(*) FROM {typed} WHERE {orphan}").fetchall()[0][0]
+    n_orphan = runner.rows(f"SELECT count(*) FROM {typed} WHERE {orphan}")[0][0]
     if not n_orphan:
         return []
-    examples = _example_rows(con, spec, typed, orphan, "customer_id")
+    examples = _example_rows(runner, spec, typed, orphan, "customer_id")
     return [Violation(spec.name, "customer_id", "known_customer", "customer_id not in customers", int(n_orphan), examples)]
 
 

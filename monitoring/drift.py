@@ -42,7 +42,7 @@ from tagml.monitoring.decision import DriftDecision, decide, feature_drifted
 from tagml.monitoring.history import FEATURES, PREDICTIONS, SUMMARY, DriftHistory
 from tagml.monitoring.measures import TagInputs, TagMeasures, measure_tag
 from tagml.monitoring.performance import realised_performance, registry_decision_threshold, registry_test_metric
-from tagml.monitoring.psi import ALL, parquet
+from tagml.monitoring.psi import ALL, BinCounter, parquet
 from tagml.monitoring.reference import SAMPLE_SALT, DriftInputError, monitored_model, reference_population, reference_profile
 from tagml.monitoring.report import VERDICT_KEYS, ReportJob, ReportSummary, run_reports
 from tagml.scoring.rules import slice_expressions
@@ -160,6 +160,7 @@ def compute_tag_drift(
     locations: DriftLocations,
     sample_rows: int = 5000,
     report: bool = True,
+    bin_counter: BinCounter | None = None,
 ) -> TagDrift:
     """Drift of one model tag's partition against the reference of the version that scored it: measure, decide, record."""
     started = time.perf_counter()
@@ -175,7 +176,7 @@ def compute_tag_drift(
         registry_test_metric(client, tag),
         registry_decision_threshold(client, tag),
     )
-    measures = measure_tag(con, inputs, performance)
+    measures = measure_tag(con, inputs, performance, bin_counter)
     decision = decide(measures.for_decision(), tag.drift)
     summary = summary_row(inputs, measures, decision)
     summary["seconds"] = time.perf_counter() - started
@@ -275,8 +276,13 @@ def compute_drift(
     tags: list[str] | None = None,
     sample_rows: int = 5000,
     report: bool = True,
+    bin_counter: BinCounter | None = None,
 ) -> DriftRun:
     """Drift of every (or the named) model tag for one as_of, written to the history in one go.
+
+    `bin_counter` counts the feature PSI's bins over every customer: DuckDB's `bin_counts` by default,
+    the engine's when the caller (orchestration's resources) passes one (monitoring/spark_psi.py).
+    Evidently always runs on the fixed samples.
 
     Every tag is computed before anything is written: a tag whose inputs are missing fails the run
     with a named error and leaves the history as it was.
@@ -287,7 +293,7 @@ def compute_drift(
         raise DriftInputError(f"drift is monitored for model tags only; {not_model} are rule tags")
     if not model_tags:
         raise DriftInputError("the catalog has no model tags to monitor")
-    results = [compute_tag_drift(con, client, catalog, tag, as_of, locations, sample_rows, report) for tag in model_tags]
+    results = [compute_tag_drift(con, client, catalog, tag, as_of, locations, sample_rows, report, bin_counter) for tag in model_tags]
     jobs = [r for r in results if r.report_job is not None]
     for result, summary in zip(jobs, run_reports([r.report_job for r in jobs])):
         result.attach_report(summary)

@@ -15,7 +15,7 @@ import pandas as pd
 from tagml.core.storage import quote, sql_literal
 from tagml.monitoring.decision import DriftMeasures, large_enough
 from tagml.monitoring.performance import RealisedPerformance
-from tagml.monitoring.psi import ALL, MISSING, feature_psi, parquet, psi_from_counts, rollup, slice_value_sql
+from tagml.monitoring.psi import ALL, MISSING, BinCounter, feature_psi, parquet, psi_from_counts, rollup, slice_value_sql
 from tagml.monitoring.reference import PROBABILITY_BINS, ReferenceProfile
 from tagml.training.catalog import TagSpec
 from tagml.training.versions import ModelVersionInfo
@@ -71,10 +71,10 @@ class TagMeasures:
         return per_slice.iloc[0] if len(per_slice) else None
 
 
-def measure_tag(con: duckdb.DuckDBPyConnection, inputs: TagInputs, performance: RealisedPerformance) -> TagMeasures:
-    """Feature PSI over every customer and the tag store's inferred classes against the version's reference predictions."""
+def measure_tag(con: duckdb.DuckDBPyConnection, inputs: TagInputs, performance: RealisedPerformance, bin_counter: BinCounter | None = None) -> TagMeasures:
+    """Feature PSI over every customer (counted by `bin_counter`, default DuckDB's) and the tag store's inferred classes against the version's reference predictions."""
     mm = inputs.model
-    features = feature_psi(con, inputs.population, inputs.features_path, mm.kinds, inputs.slices)
+    features = feature_psi(con, inputs.population, inputs.features_path, mm.kinds, inputs.slices, bin_counter)
     current_counts, current_bins = _current_predictions(con, inputs.tags_sql, inputs.features_path, inputs.tag.name, inputs.slices)
     predictions = _prediction_table(inputs.profile, current_counts, current_bins, mm.classes)
     return TagMeasures(features, predictions, performance, mm.classes)

@@ -20,7 +20,7 @@ a distance on the values (Evidently's Wasserstein) sees them.
 
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +46,16 @@ def parquet(path: Path | str) -> str:
 
 
 def _number(value: float) -> str:
-    """A bin edge or point mass as an SQL numeric literal; only a finite float can become one."""
+    """A bin edge or point mass as an SQL DOUBLE literal; only a finite float can become one.
+
+    Scientific notation with 17 significant digits is a DOUBLE in DuckDB, parsed to exactly this float;
+    a plain decimal literal is a DECIMAL, converted with a rounding of its own, so a value lying exactly
+    on an edge could land in another bin than the same edge puts it in on Spark (spark_psi.py).
+    """
     number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"a bin edge must be finite, not {number}")
-    return repr(number)
+    return f"{number:.17e}"
 
 
 @dataclass(frozen=True)
@@ -115,10 +120,15 @@ def _bins_from(con: duckdb.DuckDBPyConnection, source: str, numeric: Sequence[st
     return out
 
 
+def categorical_bin_sql(name: str) -> str:
+    """A categorical feature's bin: its value as text, a missing value in a bin of its own."""
+    return f"coalesce({quote(name)}::VARCHAR, {sql_literal(MISSING)})"
+
+
 def _bin_expression(name: str, kind: str, bins: Mapping[str, Bins]) -> str:
     column = quote(name)
     if kind == "categorical":
-        return f"coalesce({column}::VARCHAR, {sql_literal(MISSING)})"
+        return categorical_bin_sql(name)
     value = f"{column}::DOUBLE"
     spec = bins.get(name, Bins(()))
     # bin k holds edge[k-1] < x <= edge[k]; DuckDB evaluates each WHEN only on the rows still
@@ -216,26 +226,34 @@ def psi_from_counts(reference: pd.DataFrame, current: pd.DataFrame, keys: Sequen
     return out.drop(columns=["missing_ref", "missing_cur"])
 
 
+# (con, path, features, edges, slices, slice values) -> counts per (slice_column, slice, feature, bin):
+# `bin_counts` in DuckDB, or the same counts computed by another engine (monitoring/spark_psi.py)
+BinCounter = Callable[[duckdb.DuckDBPyConnection, Path | str, Mapping[str, str], Mapping[str, Bins], Mapping[str, str], Mapping[str, list[str]]], pd.DataFrame]
+
+
 def feature_psi(
     con: duckdb.DuckDBPyConnection,
     reference: Path | str,
     current: Path | str,
     features: Mapping[str, str],
     slices: Mapping[str, str] | None = None,
+    bin_counter: BinCounter | None = None,
 ) -> pd.DataFrame:
     """PSI of every feature between two Parquet files (reference, current), overall and per slice.
 
     `features` maps name -> 'numeric' | 'categorical'; `slices` maps a slice name to a SQL expression
     over the relations' columns (e.g. {"region": '"region"'}). Returns one row per (slice_column,
     slice, feature) with the PSI, row counts, number of bins and missing shares; slice_column and
-    slice are '(all)' for the whole population.
+    slice are '(all)' for the whole population. The bins come from the reference (DuckDB, a fixed
+    sample); `bin_counter` counts both populations in them (default `bin_counts`, DuckDB).
     """
+    count = bin_counter or bin_counts
     slices = dict(slices or {})
     numeric = [n for n, k in features.items() if k != "categorical"]
     edges = reference_bins(con, reference, numeric)
     values = slice_values(con, [reference, current], slices)
-    ref_counts = bin_counts(con, reference, features, edges, slices, values)
-    cur_counts = bin_counts(con, current, features, edges, slices, values)
+    ref_counts = count(con, reference, features, edges, slices, values)
+    cur_counts = count(con, current, features, edges, slices, values)
     out = psi_from_counts(ref_counts, cur_counts, ["slice_column", "slice", "feature"])
     out["kind"] = out["feature"].map(dict(features))
     feature_order = {n: i for i, n in enumerate(features)}

@@ -8,7 +8,7 @@ import pandas as pd
 
 from tagml.features.dictionary import FEATURES
 from tagml.features.quality import FEATURE_CHECKS, feature_summary
-from tagml.features.snapshot import FeatureQualityError, build_feature_snapshot
+from tagml.features.snapshot import FeatureQualityError
 from tagml.orchestration.checks import check_result, check_spec
 from tagml.orchestration.raw_assets import raw_asset_name
 from tagml.orchestration.resources import WarehouseResource
@@ -32,7 +32,7 @@ def build_customer_features_asset(partitions_def: dg.PartitionsDefinition) -> dg
         target = warehouse.features_path(as_of)
         with closing(warehouse.connect()) as con:
             try:
-                snapshot = build_feature_snapshot(con, warehouse.staged_dir, as_of, target)
+                snapshot = warehouse.build_features(con, as_of, target)
             except FeatureQualityError as err:
                 for outcome in err.outcomes:
                     yield check_result(outcome)

@@ -89,7 +89,17 @@ def build_tag_drift_asset(partitions_def: dg.PartitionsDefinition, catalog: Cata
         sample_rows = config.sample_rows or monitoring.sample_rows
         with closing(warehouse.connect()) as con:
             try:
-                run = compute_drift(con, mlflow_store.client(), catalog, as_of, monitoring.locations(warehouse), config.tags, sample_rows, config.report)
+                run = compute_drift(
+                    con,
+                    mlflow_store.client(),
+                    catalog,
+                    as_of,
+                    monitoring.locations(warehouse),
+                    config.tags,
+                    sample_rows,
+                    config.report,
+                    bin_counter=warehouse.drift_bin_counter(),
+                )
             except (DriftInputError, KeyError) as err:
                 raise dg.Failure(description=str(err)) from err
         metadata: dict = {

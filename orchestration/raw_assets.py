@@ -7,7 +7,6 @@ import dagster as dg
 from pydantic import Field
 
 from tagml.features.contract import RAW_TABLES
-from tagml.features.delivery import stage_delivery
 from tagml.features.raw import CONTRACT_CHECK, ContractError, bank_today
 from tagml.orchestration.checks import check_spec
 from tagml.orchestration.resources import WarehouseResource
@@ -52,7 +51,7 @@ def raw_delivery(context: dg.AssetExecutionContext, config: RawDeliveryConfig, w
     delivery_date = date.fromisoformat(config.delivery_date) if config.delivery_date else bank_today(warehouse.timezone)
     with closing(warehouse.connect()) as con:
         try:
-            delivery = stage_delivery(con, warehouse.raw_path, warehouse.staged_dir, delivery_date)
+            delivery = warehouse.stage(con, delivery_date)
         except ContractError as err:
             by_table: dict[str, list] = {}
             for v in err.violations:

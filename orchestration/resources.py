@@ -1,13 +1,30 @@
 """Resources: the Dagster side of the seams, built from `Settings`.
 
 `WarehouseResource` vends the `Warehouse` (tagml.core.storage) and the `TagStore` (tagml.scoring.store);
-the embedded DuckDB/Parquet implementations by default. Another engine or store is another
-implementation returned here (a subclass of the resource overriding `warehouse()` / `tag_store()`),
-with no change to the assets that use them.
+the embedded DuckDB/Parquet implementations by default. Another store is another implementation
+returned here (a subclass of the resource overriding `warehouse()` / `tag_store()`), with no change to
+the assets that use them.
+
+It is also the one place the engine is chosen (TAGML_ENGINE): the assets call `stage`, `build_features`,
+`score_partition` and `drift_bin_counter` here, and each runs today's DuckDB function or its Spark twin
+from the domain packages. Domain code never chooses; the Spark functions are imported only on the Spark
+branch, so the DuckDB default needs no pyspark and starts no JVM.
+
+Dagster on Spark is an in-process PySpark session owned by this resource (`spark()`), not Dagster Pipes
+with `spark-submit`: the step process is the Spark driver in client mode and `TAGML_SPARK_MASTER`
+says where the executors are (`local[N]`, `yarn`, `k8s://...`, `spark://...`). The driver runs the
+same Python code, venv and settings as every other step, so there is no second packaging of tagml
+(no zipped job script, no copy of the catalog), and the assets, partitions (by as_of), metadata and
+checks are the same on both engines. The executors need the same Python environment (PYSPARK_PYTHON),
+as they would under Pipes. The cost: the driver's memory is the step's, so the run launcher sizes the
+step's container for it. A platform that only accepts submitted jobs (EMR, Databricks, Dataproc) would
+replace this session with a Pipes client in the same methods.
 """
 
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
 import duckdb
@@ -16,13 +33,21 @@ from pydantic import Field
 
 from tagml.core.settings import DEFAULT_TIMEZONE, Settings
 from tagml.core.storage import EmbeddedWarehouse, Warehouse, WarehouseLayout
+from tagml.features.delivery import StagedDelivery, stage_delivery
+from tagml.features.snapshot import FeatureSnapshot, build_feature_snapshot
 from tagml.monitoring.drift import DriftLocations
+from tagml.monitoring.psi import BinCounter
+from tagml.scoring.score import DEFAULT_BATCH_ROWS, ScoringSummary, score_partition
 from tagml.scoring.store import ParquetTagStore, TagStore
+from tagml.training.catalog import Catalog
 from tagml.training.tracking import DEFAULT_UI_URL, connect_tracking
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """Raw input directory plus the embedded DuckDB/Parquet warehouse."""
+    """Raw input directory, the Parquet warehouse, and the engine (DuckDB or Spark) that computes it."""
 
     raw_dir: str = Field(description="Directory holding the raw contract tables (Parquet files/dirs or CSV).")
     warehouse_dir: str = Field(description="Directory of the Parquet warehouse (staged raw tables, features).")
@@ -30,6 +55,8 @@ class WarehouseResource(dg.ConfigurableResource):
     threads: int = Field(default=2, description="DuckDB threads; keep at or below the cores you can use.")
     memory_limit: str = Field(default="4GB", description="DuckDB memory limit; larger work spills to disk.")
     timezone: str = Field(default=DEFAULT_TIMEZONE, description="The bank's timezone: a delivery's default date is today there.")
+    engine: Literal["duckdb", "spark"] = Field(default="duckdb", description="Where staging, features and scoring run: duckdb or spark (TAGML_ENGINE).")
+    spark_master: str = Field(default="local[2]", description="Spark master of the in-process driver: local[N], yarn, k8s://..., spark://...")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "WarehouseResource":
@@ -40,7 +67,69 @@ class WarehouseResource(dg.ConfigurableResource):
             threads=settings.threads,
             memory_limit=settings.duckdb_memory_limit,
             timezone=settings.timezone,
+            engine=settings.engine,
+            spark_master=settings.spark_master,
         )
+
+    @property
+    def on_spark(self) -> bool:
+        return self.engine == "spark"
+
+    def spark(self) -> "SparkSession":
+        """The process's Spark session (started on first use) on `spark_master`."""
+        from tagml.core.spark import spark_session
+
+        return spark_session(self.spark_master)
+
+    def stage(self, con: duckdb.DuckDBPyConnection, delivery_date: date) -> StagedDelivery:
+        """Validate and stage the raw delivery as one new generation (all or nothing), on the engine."""
+        if self.on_spark:
+            from tagml.features.spark_staging import stage_delivery_spark
+
+            return stage_delivery_spark(self.spark(), self.raw_path, self.staged_dir, delivery_date)
+        return stage_delivery(con, self.raw_path, self.staged_dir, delivery_date)
+
+    def build_features(self, con: duckdb.DuckDBPyConnection, as_of: date, target: Path) -> FeatureSnapshot:
+        """The feature snapshot for `as_of`, computed on the engine and swapped into `target` only if its blocking checks pass."""
+        write = None
+        if self.on_spark:
+            from tagml.features.spark_features import build_customer_features_spark
+
+            spark = self.spark()
+
+            def write(candidate: Path) -> int:
+                return build_customer_features_spark(spark, self.staged_dir, as_of, candidate)
+
+        return build_feature_snapshot(con, self.staged_dir, as_of, target, write=write)
+
+    def score_partition(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        client: MlflowClient | None,
+        catalog: Catalog,
+        features_path: Path | None,
+        as_of: date,
+        target: Path,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        own_features: Mapping[str, Path] | None = None,
+        skip: Mapping[str, str] | None = None,
+    ) -> ScoringSummary:
+        """`tagml.scoring.score.score_partition` of the staged delivery, on the engine."""
+        args = (client, catalog, features_path, self.staged_dir, as_of, target)
+        kwargs = {"batch_rows": batch_rows, "own_features": own_features, "skip": skip}
+        if self.on_spark:
+            from tagml.scoring.spark_scoring import score_partition_spark
+
+            return score_partition_spark(self.spark(), con, *args, **kwargs)
+        return score_partition(con, *args, **kwargs)
+
+    def drift_bin_counter(self) -> BinCounter | None:
+        """What counts the feature PSI's bins over every customer in `compute_drift`: None is DuckDB's own."""
+        if self.on_spark:
+            from tagml.monitoring.spark_psi import spark_bin_counter
+
+            return spark_bin_counter(self.spark())
+        return None
 
     def warehouse(self) -> Warehouse:
         return EmbeddedWarehouse(Path(self.warehouse_dir), Path(self.duckdb_path), self.threads, self.memory_limit)

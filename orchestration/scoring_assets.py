@@ -12,7 +12,7 @@ from tagml.orchestration.own_table_assets import own_features_key
 from tagml.orchestration.resources import MlflowResource, WarehouseResource
 from tagml.orchestration.training_assets import tag_model_key
 from tagml.scoring.coverage import unstable_tags
-from tagml.scoring.score import CoverageError, ScoringError, UnscorableTagsError, score_partition
+from tagml.scoring.score import CoverageError, ScoringError, UnscorableTagsError
 from tagml.scoring.sources import needs_contract, own_features_table, own_tags
 from tagml.training.catalog import Catalog
 
@@ -71,7 +71,7 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
             client = mlflow_store.client() if catalog.model_tags else None
             try:
                 with store.write_partition(as_of) as staged:
-                    summary = score_partition(con, client, catalog, features, warehouse.staged_dir, as_of, staged, own_features=own, skip=skip)
+                    summary = warehouse.score_partition(con, client, catalog, features, as_of, staged, own_features=own, skip=skip)
             except UnscorableTagsError as err:
                 raise dg.Failure(description=str(err), metadata={"failed_tags": dg.MetadataValue.json(err.problems)}) from err
             except CoverageError as err:

@@ -2,7 +2,7 @@
 
 A band's `when:` was parsed and checked against an allow-list when the catalog loaded
 (training/catalog.py); the SQL here is generated again from that checked tree, never pasted from the
-catalog text. Rules are evaluated on a sandboxed DuckDB connection (`sandboxed_connection`): the
+catalog text. Rules are evaluated on a sandboxed DuckDB connection (`open_sandbox`): the
 feature columns arrive as Arrow batches and external access is off, so even a band that slipped
 past the check could not read or write a file.
 """
@@ -58,20 +58,25 @@ def feature_batches(path: Path, columns: Collection[str], batch_rows: int) -> pa
     return pa.RecordBatchReader.from_batches(schema, parquet.iter_batches(batch_size=batch_rows, columns=wanted))
 
 
-def sandboxed_connection(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.RecordBatchReader | pa.Table]) -> duckdb.DuckDBPyConnection:
+def sandbox_limits(con: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
+    """`con`'s thread count and memory limit (None when it has none: DuckDB prints that in PiB, a unit it does not accept)."""
+    threads, memory_limit = con.execute("SELECT current_setting('threads'), current_setting('memory_limit')").fetchall()[0]
+    return int(threads), (str(memory_limit) if MEMORY_LIMIT.match(str(memory_limit)) else None)
+
+
+def open_sandbox(threads: int, memory_limit: str | None, tables: dict[str, pa.RecordBatchReader | pa.Table]) -> duckdb.DuckDBPyConnection:
     """A fresh in-memory DuckDB with `tables` registered and external access disabled.
 
-    Thread and memory limits are the caller's. External access cannot be switched back on for a
-    running database, which is why this is a connection of its own: once it is off, read_text,
-    read_parquet, COPY and ATTACH fail with a Permission Error, while the registered Arrow inputs
-    stay readable.
+    External access cannot be switched back on for a running database, which is why this is a
+    connection of its own: once it is off, read_text, read_parquet, COPY and ATTACH fail with a
+    Permission Error, while the registered Arrow inputs stay readable. It needs no other connection,
+    so a Spark worker opens one over its partition's batches.
     """
-    threads, memory_limit = con.execute("SELECT current_setting('threads'), current_setting('memory_limit')").fetchall()[0]
-    if MEMORY_LIMIT.match(str(memory_limit)):
-        sandbox = connect(int(threads), str(memory_limit))
-    else:  # the caller has no limit (DuckDB prints it in PiB, a unit it does not accept): DuckDB's default
+    if memory_limit is not None:
+        sandbox = connect(threads, memory_limit)
+    else:  # no limit: DuckDB's default
         sandbox = duckdb.connect(":memory:")
-        sandbox.execute("SET threads = ?", [int(threads)])
+        sandbox.execute("SET threads = ?", [threads])
     try:
         for name, table in tables.items():
             sandbox.register(name, table)
@@ -82,14 +87,24 @@ def sandboxed_connection(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Re
     return sandbox
 
 
-def rule_batches(con: duckdb.DuckDBPyConnection, path: Path, tag: TagSpec, select_sql: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Evaluate `select_sql` (over a relation named `features`: customer_id and the rule's columns,
-    with `rule_case_sql(tag)` in it) on a sandboxed connection, as a stream of Arrow batches."""
-    sandbox = sandboxed_connection(con, {"features": feature_batches(path, ["customer_id", *rule_columns(tag)], batch_rows)})
+def sandboxed_connection(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.RecordBatchReader | pa.Table]) -> duckdb.DuckDBPyConnection:
+    """`open_sandbox` with the thread and memory limits of the caller's `con`."""
+    return open_sandbox(*sandbox_limits(con), tables)
+
+
+def evaluate_rule(features: pa.RecordBatchReader, select_sql: str, threads: int, memory_limit: str | None, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Evaluate `select_sql` (over a relation named `features`, with `rule_case_sql(tag)` in it) on a
+    sandboxed connection over a stream of feature batches, as a stream of Arrow batches."""
+    sandbox = open_sandbox(threads, memory_limit, {"features": features})
     try:
         yield from sandbox.sql(select_sql).to_arrow_reader(batch_rows)
     finally:
         sandbox.close()
+
+
+def rule_batches(con: duckdb.DuckDBPyConnection, path: Path, tag: TagSpec, select_sql: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """`evaluate_rule` over a feature snapshot's customer_id and rule columns, with `con`'s limits."""
+    yield from evaluate_rule(feature_batches(path, ["customer_id", *rule_columns(tag)], batch_rows), select_sql, *sandbox_limits(con), batch_rows)
 
 
 def slice_expressions(catalog: Catalog, columns: set[str], tag: TagSpec | None = None, sources: Sequence[str] | None = None) -> dict[str, str]:

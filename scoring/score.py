@@ -13,7 +13,7 @@ coverage check. Tags left out on purpose (`skip`, with a reason) are not expecte
 """
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -159,41 +159,51 @@ def _feature_problem(path: Path, champion: Champion, own: bool) -> str | None:
     return f"feature table {path} lacks {len(missing)} column(s) the champion {champion.info.producer} was trained on: {missing[:10]}{hint}"
 
 
-def _model_batches(
-    path: Path,
-    tag: TagSpec,
-    champion: Champion,
-    observed: pd.Series,
-    explainer: ReasonExplainer | None,
-    as_of: date,
-    scored_at: datetime,
-    batch_rows: int,
-    top_reasons: int,
-) -> Iterator[pa.RecordBatch]:
-    reader = pq.ParquetFile(path)
-    info = champion.info
+@dataclass(frozen=True)
+class ModelTagJob:
+    """What one model tag's rows need besides the model and the features; picklable, so a Spark job
+    ships it to its workers once (the model itself is loaded there from the registry)."""
+
+    tag: TagSpec
+    info: ModelVersionInfo  # the champion version, resolved once on the driver
+    observed: pd.Series  # customer_id -> observed label (observed_labels)
+    explainer: ReasonExplainer | None
+    as_of: date
+    scored_at: datetime
+    top_reasons: int
+
+    @property
+    def columns(self) -> list[str]:
+        """The snapshot columns each batch must hold."""
+        return ["customer_id", *self.info.features]
+
+
+def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelTagJob) -> Iterator[pa.RecordBatch]:
+    """The one scorer of a model tag, batch by batch (feature columns in, TAG_ROW_SCHEMA out): probabilities,
+    `unknown` below min_confidence, observed-label precedence and reason codes. DuckDB's path feeds it a
+    ParquetFile's batches, Spark's the batches of mapInArrow."""
+    tag, info, explainer = job.tag, job.info, job.explainer
     classes = np.array(info.classes, dtype=object)
-    # row group by row group: a dataset scan reads ahead and its memory grew with the file
-    for batch in reader.iter_batches(batch_size=batch_rows, columns=["customer_id", *info.features]):
+    value_index = {c: k for k, c in enumerate(info.classes)}
+    observed_wins = tag.label is not None and tag.label.observed_wins
+    for batch in batches:
         frame = batch.to_pandas()
         X = model_input(frame, info)
-        inference = infer(champion.model, X, info, tag.min_confidence)
+        inference = infer(model, X, info, tag.min_confidence)
         proba, top, confidence, inferred = inference.proba, inference.top, inference.confidence, inference.values
-        seen = observed.reindex(frame["customer_id"]).to_numpy()
+        seen = job.observed.reindex(frame["customer_id"]).to_numpy()
         has_observed = pd.notna(seen)
         seen = np.where(has_observed, seen, None)
-        observed_wins = tag.label is not None and tag.label.observed_wins
         value = np.where(has_observed & observed_wins, seen, inferred)
         source = np.where(has_observed & observed_wins, "observed", "model")
         mismatch = np.where(has_observed, seen != inferred, None)
-        value_index = {c: k for k, c in enumerate(info.classes)}
         prob_of_value = np.array([proba[i, value_index[v]] if v in value_index else confidence[i] for i, v in enumerate(value)])
-        reasons = explainer.reasons(X, top, top_reasons) if explainer else [[] for _ in range(len(frame))]
+        reasons = explainer.reasons(X, top, job.top_reasons) if explainer else [[] for _ in range(len(frame))]
         n = len(frame)
         yield pa.RecordBatch.from_arrays(
             [
                 pa.array(frame["customer_id"], pa.string()),
-                pa.array([as_of] * n, pa.date32()),
+                pa.array([job.as_of] * n, pa.date32()),
                 pa.array([tag.name] * n, pa.string()),
                 pa.array(value, pa.string()),
                 pa.array(prob_of_value, pa.float64()),
@@ -210,26 +220,39 @@ def _model_batches(
                 pa.array([info.producer] * n, pa.string()),
                 pa.array([info.version] * n, pa.string()),
                 pa.array([info.run_id] * n, pa.string()),
-                pa.array([scored_at] * n, pa.timestamp("s", tz="UTC")),
+                pa.array([job.scored_at] * n, pa.timestamp("s", tz="UTC")),
             ],
             schema=TAG_ROW_SCHEMA,
         )
 
 
-def _rule_batches(con: duckdb.DuckDBPyConnection, path: Path, tag: TagSpec, as_of: date, scored_at: datetime, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    producer = rule_version(tag)
-    sql = (
+def _model_batches(path: Path, model: Any, job: ModelTagJob, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    # row group by row group: a dataset scan reads ahead and its memory grew with the file
+    yield from model_tag_batches(pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=job.columns), model, job)
+
+
+def rule_tag_sql(tag: TagSpec, as_of: date, scored_at: datetime) -> str:
+    """A rule tag's rows in TAG_ROW_SCHEMA's columns, over a relation `features` (customer_id and the rule's columns)."""
+    return (
         f"SELECT customer_id::VARCHAR AS customer_id, DATE {sql_literal(as_of)} AS as_of, {sql_literal(tag.name)} AS tag, "
         f"{rule_case_sql(tag)} AS value, NULL::DOUBLE AS probability, NULL::MAP(VARCHAR, DOUBLE) AS probabilities, "
         f"[]::VARCHAR[] AS reasons, 'rule' AS source, NULL::VARCHAR AS inferred_value, NULL::VARCHAR AS observed_value, "
-        f"NULL::BOOLEAN AS observed_mismatch, {sql_literal(producer)} AS producer, NULL::VARCHAR AS model_version, "
+        f"NULL::BOOLEAN AS observed_mismatch, {sql_literal(rule_version(tag))} AS producer, NULL::VARCHAR AS model_version, "
         f"NULL::VARCHAR AS mlflow_run_id, TIMESTAMPTZ {sql_literal(scored_at.isoformat())} AS scored_at "
         "FROM features"
     )
+
+
+def as_tag_rows(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Rule rows as TAG_ROW_SCHEMA batches (DuckDB hands back its own timestamp unit)."""
+    for batch in batches:
+        yield batch.cast(TAG_ROW_SCHEMA) if batch.schema != TAG_ROW_SCHEMA else batch
+
+
+def _rule_batches(con: duckdb.DuckDBPyConnection, path: Path, tag: TagSpec, as_of: date, scored_at: datetime, batch_rows: int) -> Iterator[pa.RecordBatch]:
     # on a sandboxed connection (no file access) over the snapshot's columns as Arrow batches
     try:
-        for batch in rule_batches(con, path, tag, sql, batch_rows):
-            yield batch.cast(TAG_ROW_SCHEMA) if batch.schema != TAG_ROW_SCHEMA else batch
+        yield from as_tag_rows(rule_batches(con, path, tag, rule_tag_sql(tag, as_of, scored_at), batch_rows))
     except (duckdb.Error, RuleInputError) as exc:
         raise ScoringError(f"rule tag {tag.name!r}: its bands do not evaluate on {path}: {str(exc).splitlines()[0]}") from exc
 
@@ -350,7 +373,8 @@ def score_partition(
                 info = champion.info
                 explainer = ReasonExplainer.for_model(con, champion.model, info.features, info.categorical, path) if with_reasons else None
                 observed = observed_labels(con, staged_dir, tag, as_of)
-                for batch in _model_batches(path, tag, champion, observed.labels, explainer, as_of, scored_at, batch_rows, top_reasons):
+                job = ModelTagJob(tag, info, observed.labels, explainer, as_of, scored_at, top_reasons)
+                for batch in _model_batches(path, champion.model, job, batch_rows):
                     writer.write_batch(batch)
                     rows += batch.num_rows
                 per_tag[tag.name] = {
