@@ -19,6 +19,7 @@ missing on one side) are left out of its part and named in the header; their PSI
 
 import html
 import multiprocessing
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,8 +209,22 @@ def _run(job: ReportJob) -> ReportSummary:
     return drift_report(job.reference, job.current, job.numeric, job.categorical, job.drift_share, job.target, job.metadata, job.verdict)
 
 
+def report_start_method() -> str:
+    """How the report child starts: forked (no re-import of Evidently) unless this process drives Spark.
+
+    A child forked from a Spark driver inherits the py4j gateway's socket and objects, whose finalizers
+    then talk to the parent's JVM from the child: it segfaulted in the Spark loop test's drift report.
+    """
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    pyspark = sys.modules.get("pyspark")
+    if pyspark is not None and getattr(getattr(pyspark, "SparkContext", None), "_active_spark_context", None) is not None:
+        return "spawn"
+    return "fork"
+
+
 def run_reports(jobs: list[ReportJob]) -> list[ReportSummary]:
-    """Run the reports in one child process (forked where the platform allows).
+    """Run the reports in one child process (forked where that is safe: `report_start_method`).
 
     Evidently then never runs in the caller's process: its memory is returned when the child exits,
     and a Dagster process that had run Evidently next to DuckDB printed pages of DuckDB "leaked
@@ -218,6 +233,5 @@ def run_reports(jobs: list[ReportJob]) -> list[ReportSummary]:
     """
     if not jobs:
         return []
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method)) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(report_start_method())) as pool:
         return list(pool.map(_run, jobs))

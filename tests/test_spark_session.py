@@ -44,3 +44,11 @@ def test_a_part_that_does_not_fit_the_schema_leaves_the_old_file(spark, tmp_path
     with pytest.raises(WarehouseConfigError, match="no Parquet part files"):
         commit_parquet_parts(tmp_path / "nothing", target)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_drift_reports_are_not_forked_from_a_spark_driver(spark):
+    from tagml.monitoring.report import report_start_method
+
+    # a forked child inherits the py4j gateway; its finalizers crashed the child (segfault) in the loop test
+    assert spark.sparkContext is not None
+    assert report_start_method() == "spawn"
