@@ -11,7 +11,7 @@ from tagml.scoring.rules import slice_expressions
 from tagml.training.catalog import load_catalog
 from tests.conftest import MID_MONTH_DAY, MID_MONTH_END
 
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark, pytest.mark.slow]  # a JVM start (~15 s) and Spark jobs: out of the inner loop
 
 KEYS = ["slice_column", "slice", "feature"]
 

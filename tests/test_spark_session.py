@@ -7,7 +7,7 @@ import pytest
 from tagml.core.spark import spark_conf
 from tagml.core.storage import WarehouseConfigError, commit_parquet_parts
 
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark, pytest.mark.slow]  # a JVM start (~15 s) and Spark jobs: out of the inner loop
 
 
 def test_local_session_runs_in_utc_without_a_ui(spark):
