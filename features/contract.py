@@ -136,6 +136,11 @@ DIGITAL_EVENT_TYPES = (
     "support_chat",
 )
 LABEL_SOURCES = ("risk_questionnaire", "kyc", "relationship_manager", "observed_outcome")
+# The regulator's product risk ratings (R1 lowest to R5 highest); a C<k> investor may be sold R1..R<k> only.
+PRODUCT_RISK_LEVELS = ("R1", "R2", "R3", "R4", "R5")
+# What a customer may consent to (or refuse) the bank using their data for (PIPL Art. 13/24, PBOC rules).
+CONSENT_PURPOSES = ("marketing", "personalisation", "profiling")
+CONSENT_STATUSES = ("granted", "withdrawn")
 
 _CUSTOMER_ID = Column("customer_id", "string", "Bank customer identifier (joins to customers).")
 
@@ -280,7 +285,54 @@ TAG_LABELS = TableSpec(
     rules=(RowRule("known_after_label_date", "known_date", "known_date >= label_date", "A label cannot be known before the date it describes."),),
 )
 
-RAW_TABLES: tuple[TableSpec, ...] = (CUSTOMERS, BALANCES, LOANS, TRANSACTIONS, DIGITAL_EVENTS, TAG_LABELS)
+PRODUCTS_TABLE = TableSpec(
+    name="products",
+    description="The bank's shelf of rated investment products (optional table; suitability needs it): one row per product with the "
+    "regulator's risk rating R1 (lowest) to R5 (highest).",
+    key=("product_id",),
+    references_customers=False,
+    optional=True,
+    columns=(
+        Column("product_id", "string", "Product code (joins to holdings)."),
+        Column("product_line", "string", "The balance line the product is reported under.", allowed=PRODUCTS),
+        Column("risk_level", "string", "Product risk rating.", allowed=PRODUCT_RISK_LEVELS),
+        Column("product_name", "string", "Display name.", nullable=True, required=False),
+    ),
+)
+
+HOLDINGS = TableSpec(
+    name="holdings",
+    description="Month-end market value of each rated product a customer holds (optional table; suitability needs it). "
+    "The values of one product line add up to that line's balance in `balances`.",
+    key=("customer_id", "month_end", "product_id"),
+    event_time="month_end",
+    optional=True,
+    columns=(
+        _CUSTOMER_ID,
+        Column("month_end", "date", "Last day of the month the value is for."),
+        Column("product_id", "string", "Product code (joins to products)."),
+        Column("market_value", "double", "Market value in CNY.", min=0),
+    ),
+    rules=(RowRule("is_month_end", "month_end", "month_end = last_day(month_end)", "month_end must be the last day of a month."),),
+)
+
+CONSENTS = TableSpec(
+    name="consents",
+    description="Consent events per customer and purpose (optional table): a grant or a withdrawal with when it was recorded. "
+    "The newest event on or before a date decides; a customer with no event for a purpose has not consented to it.",
+    key=("customer_id", "purpose", "recorded_at"),
+    event_time="recorded_at",
+    optional=True,
+    columns=(
+        _CUSTOMER_ID,
+        Column("purpose", "string", "What the data may be used for.", allowed=CONSENT_PURPOSES),
+        Column("status", "string", "Granted or withdrawn.", allowed=CONSENT_STATUSES),
+        Column("recorded_at", "timestamp", "When the bank recorded the decision."),
+        Column("channel", "string", "Where the customer decided.", nullable=True, required=False, allowed=("branch", "app", "web", "call_centre")),
+    ),
+)
+
+RAW_TABLES: tuple[TableSpec, ...] = (CUSTOMERS, BALANCES, LOANS, TRANSACTIONS, DIGITAL_EVENTS, TAG_LABELS, PRODUCTS_TABLE, HOLDINGS, CONSENTS)
 TABLES_BY_NAME = {t.name: t for t in RAW_TABLES}
 
 

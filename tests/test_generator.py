@@ -64,7 +64,7 @@ def test_same_seed_same_bank_different_seed_different_bank(tmp_path):
 
 
 # Digests of every generated table (Arrow IPC bytes) for two small multi-chunk banks, recorded from
-# the generator before it was split into a package: a refactor must leave every draw where it was.
+# the generator before it was split into a package (the shelf and consents later): a refactor must leave every draw where it was.
 KNOWN_BANKS = {
     "market_shock": (
         BankConfig(customers=400, months=8, seed=21, drift="market_shock"),
@@ -78,6 +78,10 @@ KNOWN_BANKS = {
             "loans": "ea43d4a2b8bc3ada",
             "tag_labels": "53031a75be0b51bc",
             "transactions": "f12fd90d06a4e6c9",
+            # added with the product shelf and consents, from generators of their own
+            "consents": "12b6325fa640b99b",
+            "holdings": "b0767c70c3050db5",
+            "products": "b1ae56ced85d5aee",
         },
     ),
     "youth_campaign": (
@@ -92,6 +96,9 @@ KNOWN_BANKS = {
             "loans": "ce6c93449db35f95",
             "tag_labels": "2a35fcb568568e72",
             "transactions": "3128de9a93b34a9c",
+            "consents": "e62ff8674c149768",
+            "holdings": "6a67024e4091a804",
+            "products": "b1ae56ced85d5aee",
         },
     ),
 }

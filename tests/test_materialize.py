@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tagml.core.settings import Settings
+from tagml.features.contract import RAW_TABLES
 from tagml.features.dictionary import FEATURE_NAMES
 from tagml.features.synthetic import BankConfig, generate_bank
 from tagml.orchestration.definitions import build_definitions
@@ -32,7 +33,7 @@ def test_raw_then_features_materialize_with_passing_checks(home):
     raw = _run(home, RAW_INGEST_JOB)
     assert raw.success
     staged = {e.asset_key.to_user_string() for e in raw.get_asset_materialization_events()}
-    assert staged == {"raw_customers", "raw_balances", "raw_loans", "raw_transactions", "raw_digital_events", "raw_tag_labels"}
+    assert staged == {f"raw_{spec.name}" for spec in RAW_TABLES}
     customers = pq.read_table(home.warehouse_dir / "raw" / "customers.parquet")
     assert not {"full_name", "phone", "national_id", "address"} & set(customers.column_names)
 
@@ -75,7 +76,7 @@ def test_contract_violation_fails_the_asset_and_keeps_the_staged_table(home, tmp
     assert _run(home, RAW_INGEST_JOB).success
     staged_dir = home.warehouse_dir / "raw"
     before = {p.name: p.read_bytes() for p in staged_dir.glob("*.parquet")}
-    assert len(before) == 6
+    assert len(before) == len(RAW_TABLES)
     bad = tmp_path / "raw"
     shutil.copytree(home.raw_dir, bad)
     table = pq.read_table(bad / "customers" / "part-00000.parquet")

@@ -14,6 +14,7 @@ from tagml.features.synthetic.config import CHUNK_SIZE, DRIFT_SCENARIOS, BankCon
 from tagml.features.synthetic.customers import Chunk, customers_table
 from tagml.features.synthetic.holdings import balances_table, loans_table
 from tagml.features.synthetic.labels import labels_table
+from tagml.features.synthetic.shelf import consents_table, holdings_table, products_table
 
 
 def generate_bank(config: BankConfig, out: Path) -> dict:
@@ -23,7 +24,7 @@ def generate_bank(config: BankConfig, out: Path) -> dict:
     `out/_truth/manifest.json`.
     """
     out = Path(out)
-    tables = ("customers", "balances", "loans", "transactions", "digital_events", "tag_labels")
+    tables = ("customers", "balances", "loans", "transactions", "digital_events", "tag_labels", "products", "holdings", "consents")
     for name in (*tables, "_truth"):
         target = out / name
         if target.exists():
@@ -41,6 +42,9 @@ def generate_bank(config: BankConfig, out: Path) -> dict:
         produced = {"customers": customers_table(c), "loans": loans, "balances": balances_table(c)}
         produced |= {"transactions": transactions_table(c, loan_rows), "digital_events": digital_events_table(c)}
         produced["tag_labels"], truth = labels_table(c)
+        produced |= {"holdings": holdings_table(c, produced["balances"]), "consents": consents_table(c)}
+        if chunk == 0:
+            produced["products"] = products_table()
         for name, table in produced.items():
             pq.write_table(table, out / name / f"part-{chunk:05d}.parquet", compression="zstd")
             counts[name] += table.num_rows

@@ -20,7 +20,7 @@ DEMO_CUSTOMERS = 20_000
 Scenario = Enum("Scenario", {name: name for name in sorted(DRIFT_SCENARIOS)}, type=str)  # type: ignore[misc]
 
 
-GENERATED_TABLES = ("customers", "balances", "loans", "transactions", "digital_events", "tag_labels")
+GENERATED_TABLES = ("customers", "balances", "loans", "transactions", "digital_events", "tag_labels", "products", "holdings", "consents")
 
 
 def _watch_generation(out: Path, stop: threading.Event, advance: Callable[[int], None]) -> None:

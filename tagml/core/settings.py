@@ -72,6 +72,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "TAGML_ENGINE": ("engine", "duckdb or spark"),
     "TAGML_SPARK_MASTER": ("spark_master", "a Spark master URL such as local[2], yarn, k8s://https://host:443 or spark://host:7077"),
     "TAGML_RUN_RETENTION_DAYS": ("run_retention_days", "a whole number >= 1"),
+    "TAGML_GOVERNANCE_DB": ("governance_db", "a file path"),
 }
 _WARNED: set[str] = set()
 DEFAULT_TIMEZONE = "Asia/Shanghai"  # the bank's timezone: partitions, schedules, a delivery's default date
@@ -146,6 +147,8 @@ class Settings(BaseSettings):
     spark_master: str = Field(default="local[2]", pattern=r"^\S+$", validation_alias="TAGML_SPARK_MASTER")
     # Dagster runs (and their event log) older than this are deleted by purge_old_runs_schedule
     run_retention_days: int = Field(default=90, ge=1, validation_alias="TAGML_RUN_RETENTION_DAYS")
+    # tag lifecycle, export decisions and erasure receipts: kept apart from the catalog file's edit history
+    governance_db: Path = Field(validation_alias="TAGML_GOVERNANCE_DB")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
@@ -178,6 +181,7 @@ class Settings(BaseSettings):
             "reports_dir": home / "reports",
             "catalog_path": DEFAULT_CATALOG,
             "drift_dir": warehouse / "drift",
+            "governance_db": home / "governance" / "governance.db",
         }
         out: dict[str, Any] = {}
         for var, (field, _) in VARIABLES.items():
@@ -292,7 +296,7 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         """Create the data directories, the home manifest and a Dagster instance config (telemetry off)."""
         self.check_writable()
-        for directory in (self.raw_dir, self.warehouse_dir, self.dagster_home, self.reports_dir):
+        for directory in (self.raw_dir, self.warehouse_dir, self.dagster_home, self.reports_dir, self.governance_db.parent):
             directory.mkdir(parents=True, exist_ok=True)
         db = self.embedded_tracking_db
         if db is not None:
