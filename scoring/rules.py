@@ -42,9 +42,10 @@ def rule_columns(tag: TagSpec) -> tuple[str, ...]:
 
 
 def rule_version(tag: TagSpec) -> str:
-    """What every rule-tag row records as its producer: rule version plus the catalog entry hash."""
-    assert tag.rule is not None
-    return f"rule:{tag.rule.version}:{tag.content_hash()}"
+    """What every rule-tag row records as its producer: rule (or suitability) version plus the catalog entry hash."""
+    spec = tag.rule or tag.suitability
+    assert spec is not None, f"{tag.name} is not a rule tag"
+    return f"rule:{spec.version}:{tag.content_hash()}"
 
 
 def feature_batches(path: Path, columns: Collection[str], batch_rows: int) -> pa.RecordBatchReader:
@@ -120,7 +121,7 @@ def slice_expressions(catalog: Catalog, columns: set[str], tag: TagSpec | None =
     names = sources if sources is not None else (tag.slices if tag is not None and tag.slices is not None else CONTRACT_SLICES)
     out = {}
     for name in names:
-        rule = next((t for t in catalog.rule_tags if t.name == name), None)
+        rule = next((t for t in catalog.rule_tags if t.name == name and t.rule is not None), None)
         lacking = sorted(set(rule_columns(rule)) - columns) if rule is not None else ([] if name in columns else [name])
         if not lacking:
             out[name] = rule_case_sql(rule) if rule is not None else quote(name)

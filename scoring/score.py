@@ -33,6 +33,7 @@ from tagml.scoring.coverage import Coverage, check_coverage
 from tagml.scoring.reasons import ReasonExplainer
 from tagml.scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
 from tagml.scoring.sources import known_labels_sql, labels_input, own_source
+from tagml.scoring.suitability import holdings_month, suitability_batches
 from tagml.training.catalog import Catalog, TagSpec
 from tagml.training.inference import infer, model_input
 from tagml.training.registry import CHAMPION, IncompleteRegistrationError, alias_version, load_model, require_complete, version_info
@@ -53,6 +54,8 @@ TAG_ROW_SCHEMA = pa.schema(
         ("inferred_value", pa.string()),
         ("observed_value", pa.string()),
         ("observed_mismatch", pa.bool_()),
+        ("assessment", pa.string()),  # valid | expired | none where the tag's labels expire (label.valid_days), else NULL
+        ("assessed_on", pa.date32()),  # the label_date of the newest observed label (NULL when none)
         ("producer", pa.string()),  # registered model/version, or rule version
         ("model_version", pa.string()),
         ("mlflow_run_id", pa.string()),
@@ -124,15 +127,16 @@ def resolve_champion(client: MlflowClient, tag: TagSpec) -> Champion:
 
 @dataclass(frozen=True)
 class ObservedLabels:
-    """Per customer, the newest observed label within the tag's classes known on as_of, and how many
-    customers had labels outside the classes (a source's data error: never stored as a tag value)."""
+    """Per customer, the newest observed label within the tag's classes known on as_of and its label date,
+    and how many customers had labels outside the classes (a source's data error: never stored as a tag value)."""
 
     labels: pd.Series
     outside_classes: dict[str, int]
+    dates: pd.Series
 
 
 def observed_labels(con: duckdb.DuckDBPyConnection, staged_dir: Path | None, tag: TagSpec, as_of: date) -> ObservedLabels:
-    """The newest observed label per customer known on `as_of` (within the tag's max label age).
+    """The newest observed label per customer known on `as_of` (within the tag's max label age, unless its labels expire).
 
     Labels outside the tag's classes are left out (counted per value): the customer then keeps the
     model's inference, or an older label that is valid.
@@ -140,14 +144,18 @@ def observed_labels(con: duckdb.DuckDBPyConnection, staged_dir: Path | None, tag
     source = f"({known_labels_sql(tag, as_of, staged_dir)})"
     classes = list(tag.classes)
     rows = con.execute(
-        f"SELECT customer_id::VARCHAR, arg_max(label, label_date) FROM {source} WHERE list_contains(?, label) GROUP BY 1",
+        f"SELECT customer_id::VARCHAR, arg_max(label, label_date), max(label_date) FROM {source} WHERE list_contains(?, label) GROUP BY 1",
         [classes],
     ).fetchall()
     outside = con.execute(
         f"SELECT label, count(DISTINCT customer_id) FROM {source} WHERE NOT list_contains(?, label) GROUP BY label ORDER BY label",
         [classes],
     ).fetchall()
-    return ObservedLabels(pd.Series({cid: label for cid, label in rows}, dtype=object), {str(label): int(n) for label, n in outside})
+    return ObservedLabels(
+        pd.Series({cid: label for cid, label, _ in rows}, dtype=object),
+        {str(label): int(n) for label, n in outside},
+        pd.Series({cid: day for cid, _, day in rows}, dtype=object),
+    )
 
 
 def _feature_problem(path: Path, champion: Champion, own: bool) -> str | None:
@@ -167,6 +175,7 @@ class ModelTagJob:
     tag: TagSpec
     info: ModelVersionInfo  # the champion version, resolved once on the driver
     observed: pd.Series  # customer_id -> observed label (observed_labels)
+    observed_on: pd.Series  # customer_id -> that label's label_date
     explainer: ReasonExplainer | None
     as_of: date
     scored_at: datetime
@@ -178,10 +187,24 @@ class ModelTagJob:
         return ["customer_id", *self.info.features]
 
 
+def _assessments(job: ModelTagJob, customers: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per customer: the observed label (None), its label date (None) and the assessment (valid | expired | none;
+    None where the tag's labels do not expire)."""
+    seen = job.observed.reindex(customers).to_numpy()
+    has_observed = pd.notna(seen)
+    seen = np.where(has_observed, seen, None)
+    dates = np.where(has_observed, job.observed_on.reindex(customers).to_numpy(), None)
+    valid_from = job.tag.label.valid_from(job.as_of) if job.tag.label is not None else None
+    if valid_from is None:
+        return seen, dates, np.full(len(seen), None, dtype=object)
+    valid = np.array([d is not None and d >= valid_from for d in dates], dtype=bool)
+    return seen, dates, np.where(valid, "valid", np.where(has_observed, "expired", "none")).astype(object)
+
+
 def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelTagJob) -> Iterator[pa.RecordBatch]:
     """The one scorer of a model tag, batch by batch (feature columns in, TAG_ROW_SCHEMA out): probabilities,
-    `unknown` below min_confidence, observed-label precedence and reason codes. DuckDB's path feeds it a
-    ParquetFile's batches, Spark's the batches of mapInArrow."""
+    `unknown` below min_confidence, observed-label precedence (an expired assessment never wins) and reason
+    codes. DuckDB's path feeds it a ParquetFile's batches, Spark's the batches of mapInArrow."""
     tag, info, explainer = job.tag, job.info, job.explainer
     classes = np.array(info.classes, dtype=object)
     value_index = {c: k for k, c in enumerate(info.classes)}
@@ -191,11 +214,11 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
         X = model_input(frame, info)
         inference = infer(model, X, info, tag.min_confidence)
         proba, top, confidence, inferred = inference.proba, inference.top, inference.confidence, inference.values
-        seen = job.observed.reindex(frame["customer_id"]).to_numpy()
+        seen, assessed_on, assessment = _assessments(job, frame["customer_id"])
         has_observed = pd.notna(seen)
-        seen = np.where(has_observed, seen, None)
-        value = np.where(has_observed & observed_wins, seen, inferred)
-        source = np.where(has_observed & observed_wins, "observed", "model")
+        wins = has_observed & observed_wins & (assessment != "expired")
+        value = np.where(wins, seen, inferred)
+        source = np.where(wins, "observed", "model")
         mismatch = np.where(has_observed, seen != inferred, None)
         prob_of_value = np.array([proba[i, value_index[v]] if v in value_index else confidence[i] for i, v in enumerate(value)])
         reasons = explainer.reasons(X, top, job.top_reasons) if explainer else [[] for _ in range(len(frame))]
@@ -217,6 +240,8 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
                 pa.array(inferred, pa.string()),
                 pa.array(seen, pa.string()),
                 pa.array(mismatch, pa.bool_()),
+                pa.array(assessment, pa.string()),
+                pa.array(assessed_on, pa.date32()),
                 pa.array([info.producer] * n, pa.string()),
                 pa.array([info.version] * n, pa.string()),
                 pa.array([info.run_id] * n, pa.string()),
@@ -237,7 +262,7 @@ def rule_tag_sql(tag: TagSpec, as_of: date, scored_at: datetime) -> str:
         f"SELECT customer_id::VARCHAR AS customer_id, DATE {sql_literal(as_of)} AS as_of, {sql_literal(tag.name)} AS tag, "
         f"{rule_case_sql(tag)} AS value, NULL::DOUBLE AS probability, NULL::MAP(VARCHAR, DOUBLE) AS probabilities, "
         f"[]::VARCHAR[] AS reasons, 'rule' AS source, NULL::VARCHAR AS inferred_value, NULL::VARCHAR AS observed_value, "
-        f"NULL::BOOLEAN AS observed_mismatch, {sql_literal(rule_version(tag))} AS producer, NULL::VARCHAR AS model_version, "
+        f"NULL::BOOLEAN AS observed_mismatch, NULL::VARCHAR AS assessment, NULL::DATE AS assessed_on, {sql_literal(rule_version(tag))} AS producer, NULL::VARCHAR AS model_version, "
         f"NULL::VARCHAR AS mlflow_run_id, TIMESTAMPTZ {sql_literal(scored_at.isoformat())} AS scored_at "
         "FROM features"
     )
@@ -255,6 +280,30 @@ def _rule_batches(con: duckdb.DuckDBPyConnection, path: Path, tag: TagSpec, as_o
         yield from as_tag_rows(rule_batches(con, path, tag, rule_tag_sql(tag, as_of, scored_at), batch_rows))
     except (duckdb.Error, RuleInputError) as exc:
         raise ScoringError(f"rule tag {tag.name!r}: its bands do not evaluate on {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def rule_tag_rows(
+    con: duckdb.DuckDBPyConnection, catalog: Catalog, tag: TagSpec, path: Path, staged_dir: Path | None, as_of: date, scored_at: datetime, batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """A rule tag's rows on DuckDB: its bands over the snapshot, or, for a suitability tag, the holdings against the assessments
+    (`catalog`: the whole catalog, where the assessment tag is declared even when it is skipped)."""
+    if tag.suitability is None:
+        yield from _rule_batches(con, path, tag, as_of, scored_at, batch_rows)
+        return
+    assert staged_dir is not None  # plan_scoring refuses a suitability tag without one
+    try:
+        yield from as_tag_rows(suitability_batches(con, catalog, tag, path, staged_dir, as_of, scored_at, batch_rows))
+    except duckdb.Error as exc:
+        raise ScoringError(f"rule tag {tag.name!r}: suitability does not evaluate on the staged holdings and products: {str(exc).splitlines()[0]}") from exc
+
+
+def rule_tag_summary(con: duckdb.DuckDBPyConnection, tag: TagSpec, staged_dir: Path | None, as_of: date) -> dict[str, Any]:
+    """What a rule tag's step reports: its producer and, for suitability, the holdings month it read."""
+    summary: dict[str, Any] = {"producer": rule_version(tag)}
+    if tag.suitability is not None and staged_dir is not None:
+        month = holdings_month(con, staged_dir, as_of)
+        summary["holdings_month_end"] = month.isoformat() if month else "no holdings delivered"
+    return summary
 
 
 @dataclass(frozen=True)
@@ -293,8 +342,13 @@ def _labels_problem(tag: TagSpec, staged_dir: Path | None) -> str | None:
     return f"no labels file at {path}" + ("" if own_file else "; run the raw ingest (raw_ingest_job) first")
 
 
-def _tag_problem(client: MlflowClient, tag: TagSpec, path: Path | None, staged_dir: Path | None, as_of: date, champions: dict[str, Champion]) -> str | None:
+def _tag_problem(
+    client: MlflowClient, catalog: Catalog, tag: TagSpec, path: Path | None, staged_dir: Path | None, as_of: date, champions: dict[str, Champion]
+) -> str | None:
     problem = _snapshot_problem(path, tag, as_of)
+    if problem is None and tag.suitability is not None:
+        # the assessments are the assessment tag's observed labels, read even when that tag is skipped
+        problem = _labels_problem(catalog.get(tag.suitability.assessment_tag), staged_dir)
     if problem or tag.kind == "rule":
         return problem
     problem = _labels_problem(tag, staged_dir)
@@ -329,7 +383,7 @@ def plan_scoring(
         raise ScoringError("model tags need an MLflow client to resolve their champions")
     sources = {t.name: (own_features.get(t.name) if own_source(t) else features_path) for t in active}
     champions: dict[str, Champion] = {}
-    problems = {t.name: p for t in active if (p := _tag_problem(client, t, sources[t.name], staged_dir, as_of, champions))}
+    problems = {t.name: p for t in active if (p := _tag_problem(client, catalog, t, sources[t.name], staged_dir, as_of, champions))}
     if problems:
         raise UnscorableTagsError(as_of, problems)
     return ScoringPlan(catalog.model_copy(update={"tags": active}), sources, champions, dict(skip))
@@ -363,17 +417,17 @@ def score_partition(
         with pq.ParquetWriter(tmp, TAG_ROW_SCHEMA, compression="zstd") as writer:
             for tag in plan.catalog.rule_tags:
                 t0 = time.perf_counter()
-                for batch in _rule_batches(con, plan.sources[tag.name], tag, as_of, scored_at, batch_rows):
+                for batch in rule_tag_rows(con, catalog, tag, plan.sources[tag.name], staged_dir, as_of, scored_at, batch_rows):
                     writer.write_batch(batch)
                     rows += batch.num_rows
-                per_tag[tag.name] = {"producer": rule_version(tag), "seconds": time.perf_counter() - t0}
+                per_tag[tag.name] = {**rule_tag_summary(con, tag, staged_dir, as_of), "seconds": time.perf_counter() - t0}
             for tag in plan.catalog.model_tags:
                 t0 = time.perf_counter()
                 champion, path = plan.champions[tag.name], plan.sources[tag.name]
                 info = champion.info
                 explainer = ReasonExplainer.for_model(con, champion.model, info.features, info.categorical, path) if with_reasons else None
                 observed = observed_labels(con, staged_dir, tag, as_of)
-                job = ModelTagJob(tag, info, observed.labels, explainer, as_of, scored_at, top_reasons)
+                job = ModelTagJob(tag, info, observed.labels, observed.dates, explainer, as_of, scored_at, top_reasons)
                 for batch in _model_batches(path, champion.model, job, batch_rows):
                     writer.write_batch(batch)
                     rows += batch.num_rows

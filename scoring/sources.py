@@ -70,16 +70,18 @@ def labels_input(tag: TagSpec, staged_dir: Path | None) -> Path | None:
 
 
 def known_labels_sql(tag: TagSpec, as_of: date, staged_dir: Path | None) -> str:
-    """The tag's labels known on `as_of` (within its max label age): customer_id, label_date, label, known_date.
+    """The tag's labels known on `as_of`: customer_id, label_date, label, known_date.
 
-    A BYO tag's come from its labels file (known on their label date), or from the staged tag_labels
-    when it has none; a contract tag's from the staged tag_labels.
+    Within its max label age, unless the tag's labels expire (`valid_days`): then every label is read,
+    so that an expired assessment stays visible. A BYO tag's come from its labels file (known on their
+    label date), or from the staged tag_labels when it has none; a contract tag's from the staged tag_labels.
     """
+    bounded = tag.label.valid_days is None
     if own_source(tag) is None:
         assert staged_dir is not None, "contract tags read the staged tag_labels"
-        where = " AND ".join(label_conditions(tag, as_of))
+        where = " AND ".join(label_conditions(tag, as_of, bounded_age=bounded))
         return f"SELECT customer_id, label_date, label, known_date FROM read_parquet({sql_literal(staged_path(staged_dir, 'tag_labels'))}) WHERE {where}"
     sql = f"SELECT customer_id, label_date::DATE AS label_date, label, label_date::DATE AS known_date FROM ({wide_table_labels_sql(tag, as_of, staged_dir)})"
-    if tag.label.max_age_days:
+    if tag.label.max_age_days and bounded:
         sql += f" WHERE label_date >= DATE {sql_literal(as_of - timedelta(days=tag.label.max_age_days))}"
     return sql

@@ -153,7 +153,7 @@ def _score_model_tag(
     explainer = ReasonExplainer.for_model(run.con, champion.model, info.features, info.categorical, path) if with_reasons else None
     observed = observed_labels(run.con, staged_dir, tag, run.as_of)
     # one copy per worker (a broadcast), not one per task; the model is loaded there from the registry
-    shipped = run.spark.sparkContext.broadcast(ModelTagJob(tag, info, observed.labels, explainer, run.as_of, run.scored_at, top_reasons))
+    shipped = run.spark.sparkContext.broadcast(ModelTagJob(tag, info, observed.labels, observed.dates, explainer, run.as_of, run.scored_at, top_reasons))
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         job = shipped.value

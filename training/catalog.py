@@ -7,6 +7,7 @@ Assets, checks and jobs are generated from the catalog, so adding a tag means ad
 import hashlib
 import json
 import re
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,7 +23,7 @@ from pydantic import (
 )
 
 from tagml.core.settings import DEFAULT_CATALOG
-from tagml.features.contract import LABEL_SOURCES
+from tagml.features.contract import LABEL_SOURCES, PRODUCT_RISK_LEVELS
 from tagml.features.dictionary import FEATURE_NAMES, FEATURES
 from tagml.training.rule_predicates import bind_check, rule_predicate_sql
 
@@ -32,6 +33,8 @@ CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 UNKNOWN = "unknown"  # what scoring stores below a tag's min_confidence: no tag may use it as a class
 # the slices of a tag on the contract's customer_features unless it declares its own: the value_tier rule's bands and region
 CONTRACT_SLICES = ("value_tier", "region")
+# a suitability tag's values, in the order they are decided (scoring/suitability.py)
+SUITABILITY_CLASSES = ("no_rated_holdings", "no_valid_assessment", "above_appetite", "within")
 
 
 class CatalogError(ValueError):
@@ -104,6 +107,16 @@ class LabelSpec(_Strict):
     horizon_days: int = Field(0, ge=0, description="outcome labels: features are taken this many days before label_date")
     max_age_days: int | None = Field(None, ge=1, description="labels older than this (at training time) are ignored")
     observed_wins: bool = True  # at scoring: an observed label overrides the model's inference
+    valid_days: int | None = Field(
+        None,
+        ge=1,
+        description="an observed label (an assessment such as a risk questionnaire) older than this at scoring has expired: it is kept "
+        "visible (observed_value, assessed_on, assessment 'expired') but no longer counts as observed; training still reads max_age_days",
+    )
+
+    def valid_from(self, as_of: date) -> date | None:
+        """The oldest label_date that is still a valid assessment on `as_of` (None: labels never expire)."""
+        return None if self.valid_days is None else as_of - timedelta(days=self.valid_days)
 
     @field_validator("sources")
     @classmethod
@@ -279,6 +292,16 @@ class RuleSpec(_Strict):
     default: str
 
 
+class SuitabilitySpec(_Strict):
+    """A rule tag comparing the risk of each customer's held products (R1-R5) with their valid assessed level (C1-C5)."""
+
+    version: str = "1"
+    assessment_tag: str = Field(
+        description="the model tag whose observed labels are the assessments (its classes, lowest to highest, match R1-R5); "
+        "only a valid observed label counts, never the model's inference"
+    )
+
+
 class TagSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
     description: str
@@ -297,6 +320,7 @@ class TagSpec(_Strict):
     leakage: LeakageSpec = LeakageSpec()
     min_confidence: float = Field(0.0, ge=0, lt=1, description="below this top probability the tag is stored as 'unknown'")
     rule: RuleSpec | None = None
+    suitability: SuitabilitySpec | None = None
     decision: DecisionSpec = Field(
         DecisionSpec(), description="a binary tag's decision policy (its positive class is the second of `classes`); default: argmax"
     )
@@ -329,6 +353,8 @@ class TagSpec(_Strict):
         if self.kind == "model":
             if self.model is None or self.label is None:
                 raise ValueError("a model tag needs 'model' and 'label' sections")
+            if self.rule is not None or self.suitability is not None:
+                raise ValueError("a model tag takes no 'rule' or 'suitability' section")
             unknown = set(self.features.include) | set(self.features.exclude)
             unknown -= set(FEATURE_NAMES)
             if unknown and self.label.feature_source == "customer_features":
@@ -346,14 +372,23 @@ class TagSpec(_Strict):
             if allowed and self.label.feature_source == "customer_features":
                 raise ValueError(f"leakage.allow: unknown feature names {sorted(allowed)}")
         else:
-            if self.slices is not None:
-                raise ValueError("slices: only a model tag is sliced (its gate and drift); remove it from the rule tag")
-            if self.rule is None:
-                raise ValueError("a rule tag needs a 'rule' section")
-            labels = {b.label for b in self.rule.bands} | {self.rule.default}
-            if not labels <= set(self.classes):
-                raise ValueError(f"rule: labels {sorted(labels - set(self.classes))} are not in classes")
+            self._consistent_rule()
+        if self.label is not None and self.label.valid_days is not None and not self.label.observed_wins:
+            raise ValueError("label.valid_days: an assessment expires only where an observed label wins (observed_wins: true)")
         return self
+
+    def _consistent_rule(self) -> None:
+        if self.slices is not None:
+            raise ValueError("slices: only a model tag is sliced (its gate and drift); remove it from the rule tag")
+        if (self.rule is None) == (self.suitability is None):
+            raise ValueError("a rule tag needs exactly one of a 'rule' section (bands) and a 'suitability' section")
+        if self.suitability is not None:
+            if set(self.classes) != set(SUITABILITY_CLASSES):
+                raise ValueError(f"suitability: classes must be {list(SUITABILITY_CLASSES)}")
+            return
+        labels = {b.label for b in self.rule.bands} | {self.rule.default}
+        if not labels <= set(self.classes):
+            raise ValueError(f"rule: labels {sorted(labels - set(self.classes))} are not in classes")
 
     @property
     def label_tag(self) -> str:
@@ -396,12 +431,30 @@ class Catalog(_Strict):
     @model_validator(mode="after")
     def _known_slices(self) -> "Catalog":
         # a bring-your-own table's columns are known only when it is read: its slices are checked at training
-        rules = {t.name for t in self.rule_tags}
+        rules = {t.name for t in self.rule_tags if t.rule is not None}
         for tag in self.model_tags:
             if tag.slices is not None and tag.label is not None and tag.label.feature_source == "customer_features":
                 unknown = [s for s in tag.slices if s not in rules and s not in FEATURE_NAMES]
                 if unknown:
                     raise ValueError(f"tag {tag.name!r}: slices: {unknown} are neither rule tags of the catalog nor features")
+        return self
+
+    @model_validator(mode="after")
+    def _known_assessments(self) -> "Catalog":
+        for tag in self.rule_tags:
+            if tag.suitability is None:
+                continue
+            name = tag.suitability.assessment_tag
+            assessed = next((t for t in self.model_tags if t.name == name), None)
+            if assessed is None or assessed.label is None:
+                raise ValueError(f"tag {tag.name!r}: suitability.assessment_tag {name!r} is not a model tag of the catalog")
+            if assessed.label.valid_days is None:
+                raise ValueError(f"tag {tag.name!r}: suitability.assessment_tag {name!r} sets no label.valid_days (how long an assessment is valid)")
+            if not assessed.ordinal or len(assessed.classes) != len(PRODUCT_RISK_LEVELS):
+                raise ValueError(
+                    f"tag {tag.name!r}: suitability.assessment_tag {name!r} must be ordinal with {len(PRODUCT_RISK_LEVELS)} classes, "
+                    f"one per product risk level {list(PRODUCT_RISK_LEVELS)}"
+                )
         return self
 
     def get(self, name: str) -> TagSpec:

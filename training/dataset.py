@@ -71,13 +71,13 @@ def _check_staged(staged_dir: Path, tables: tuple[str, ...]) -> None:
         check_parquet(staged_path(staged_dir, table), f"re-run the raw ingest (raw_ingest_job) to stage {table} again")
 
 
-def label_conditions(tag: TagSpec, as_of: date) -> list[str]:
-    """SQL predicates over tag_labels: this tag's labels from its sources, known on `as_of`, not too old."""
+def label_conditions(tag: TagSpec, as_of: date, bounded_age: bool = True) -> list[str]:
+    """SQL predicates over tag_labels: this tag's labels from its sources, known on `as_of`, not too old (unless not `bounded_age`)."""
     assert tag.label is not None
     conditions = [f"tag = {sql_literal(tag.label_tag)}", f"known_date <= DATE {sql_literal(as_of)}"]
     if tag.label.sources:
         conditions.append("source IN (" + ", ".join(sql_literal(s) for s in tag.label.sources) + ")")
-    if tag.label.max_age_days:
+    if tag.label.max_age_days and bounded_age:
         conditions.append(f"label_date >= DATE {sql_literal(as_of - timedelta(days=tag.label.max_age_days))}")
     return conditions
 
