@@ -12,7 +12,19 @@ import duckdb
 from tagml.scoring.store import TagStore
 
 # what each tag row of the lookup carries, besides its probabilities, reasons and lineage
-TAG_FIELDS = ("tag", "value", "probability", "source", "producer", "model_version", "observed_value", "inferred_value", "observed_mismatch")
+TAG_FIELDS = (
+    "tag",
+    "value",
+    "probability",
+    "source",
+    "producer",
+    "model_version",
+    "observed_value",
+    "inferred_value",
+    "observed_mismatch",
+    "assessment",
+    "assessed_on",
+)
 
 Lineage = Callable[[str, str], dict[str, Any]]  # (tag, model version) -> where that version came from
 
@@ -42,6 +54,7 @@ def customer_tags(
     tags = []
     for record, row in zip(rows, frame.itertuples()):
         entry = {k: record.get(k) for k in TAG_FIELDS}
+        entry["assessed_on"] = entry["assessed_on"][:10] if entry["assessed_on"] else None  # a date, not pandas' midnight timestamp
         entry["probabilities"] = dict(row.probabilities) if is_present(row.probabilities) else None
         entry["reasons"] = list(row.reasons) if is_present(row.reasons) else []
         if lineage is not None and is_present(row.model_version):

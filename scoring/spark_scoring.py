@@ -5,7 +5,8 @@ Nothing about a tag row is decided here. `plan_scoring` resolves every tag (all 
 that version. Spark reads the feature snapshot and runs, per partition in `mapInArrow`, the scorer the
 DuckDB path runs: `model_tag_batches` (the model loaded once per Python worker from the registry; the
 observed labels and the reason explainer, built on the driver as the DuckDB path builds them, shipped
-once as a broadcast) and, for rule tags, `evaluate_rule` on a sandboxed DuckDB inside the worker.
+once as a broadcast) and, for rule tags, `evaluate_rule` on a sandboxed DuckDB inside the worker. Suitability (a join of staged holdings,
+products and labels, not a feature rule) is the one DuckDB step on the driver: scoring/suitability.py's rows, as one part.
 Each tag's job writes its own part files into a temporary
 directory beside the partition; the coverage check runs on those parts and only then are they committed
 as the one atomic `data.parquet` of the tag store (`commit_parquet_parts`): readers see the old
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
 from tagml.core.storage import commit_parquet_parts
@@ -44,7 +46,9 @@ from tagml.scoring.score import (
     model_tag_batches,
     observed_labels,
     plan_scoring,
+    rule_tag_rows,
     rule_tag_sql,
+    rule_tag_summary,
 )
 from tagml.training.catalog import Catalog, TagSpec
 from tagml.training.registry import load_model
@@ -143,6 +147,17 @@ def _score_rule_tag(run: _Run, tag: TagSpec, path: Path, order: int) -> dict[str
     return {"producer": rule_version(tag), "seconds": time.perf_counter() - started}
 
 
+def _score_suitability_tag(run: _Run, catalog: Catalog, tag: TagSpec, path: Path, staged_dir: Path | None, order: int) -> dict[str, Any]:
+    """Suitability joins the staged holdings, products and labels per customer: a DuckDB step on the driver (as on the DuckDB
+    path, so the rows are the same), written as one part file committed with the other tags' parts."""
+    started = time.perf_counter()
+    batches = rule_tag_rows(run.con, catalog, tag, path, staged_dir, run.as_of, run.scored_at, run.batch_rows)
+    with pq.ParquetWriter(run.parts / f"part-{order:04d}-00000.parquet", TAG_ROW_SCHEMA, compression="zstd") as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return {**rule_tag_summary(run.con, tag, staged_dir, run.as_of), "seconds": time.perf_counter() - started}
+
+
 def _score_model_tag(
     run: _Run, tracking_uri: str, tag: TagSpec, champion: Champion, path: Path, staged_dir: Path | None, top_reasons: int, with_reasons: bool, order: int
 ) -> dict[str, Any]:
@@ -193,7 +208,10 @@ def score_partition_spark(
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.spark-", dir=target.parent) as tmp:
         run = _Run(spark, con, Path(tmp), as_of, datetime.now(UTC).replace(microsecond=0), batch_rows)
         for order, tag in enumerate(plan.catalog.rule_tags):
-            per_tag[tag.name] = _score_rule_tag(run, tag, plan.sources[tag.name], order)
+            if tag.suitability is not None:
+                per_tag[tag.name] = _score_suitability_tag(run, catalog, tag, plan.sources[tag.name], staged_dir, order)
+            else:
+                per_tag[tag.name] = _score_rule_tag(run, tag, plan.sources[tag.name], order)
         for order, tag in enumerate(plan.catalog.model_tags, start=len(plan.catalog.rule_tags)):
             assert client is not None  # plan_scoring refuses model tags without one
             champion, path = plan.champions[tag.name], plan.sources[tag.name]

@@ -247,6 +247,8 @@ def _write_partition(store: ParquetTagStore, as_of: date, ids, p_churn, version:
             "inferred_value": ["churned" if p > 0.5 else "retained" for p in p_churn],
             "observed_value": [None] * n,
             "observed_mismatch": [None] * n,
+            "assessment": [None] * n,
+            "assessed_on": [None] * n,
             "producer": [f"tagml-churn_90d/{version}"] * n,
             "model_version": [version] * n,
             "mlflow_run_id": ["run"] * n,

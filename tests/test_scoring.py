@@ -208,6 +208,8 @@ def _rows(as_of: date, values: dict[str, str], producer: str) -> pa.Table:
             "inferred_value": list(values.values()),
             "observed_value": [None] * n,
             "observed_mismatch": [None] * n,
+            "assessment": [None] * n,
+            "assessed_on": [None] * n,
             "producer": [producer] * n,
             "model_version": [producer[-1]] * n,
             "mlflow_run_id": ["run" + producer[-1]] * n,
@@ -327,6 +329,41 @@ def test_observed_labels_outside_the_classes_are_never_stored_and_are_counted(wo
     outside = summary.per_tag["risk_appetite"]["observed_labels_outside_classes"]
     assert set(outside) == {"C9"} and outside["C9"] > 0
     assert (risk.source == "observed").sum() > 0  # the valid half of the labels still wins
+
+
+def test_an_expired_questionnaire_stays_visible_but_never_counts_as_observed(world, tmp_path, staged_copy, capsys):
+    """risk_appetite's questionnaires are valid for 365 days (label.valid_days): one of 13 months is expired
+    (the value is the model's, the old level and its date stay on the row), one of 11 months is observed."""
+    from tagml.cli.lookup import print_tags
+    from tagml.scoring.lookup import customer_tags
+
+    labels = pd.read_parquet(staged_copy / "tag_labels.parquet")
+    expired_id, valid_id = sorted(set(labels.customer_id[labels.tag == "risk_appetite"]))[:2]
+    expired_on, valid_on = AS_OF - pd.Timedelta(days=396), AS_OF - pd.Timedelta(days=335)
+    kept = labels[~(labels.customer_id.isin([expired_id, valid_id]) & (labels.tag == "risk_appetite"))]
+    extra = pd.DataFrame(
+        {
+            "customer_id": [expired_id, valid_id],
+            "tag": "risk_appetite",
+            "label": ["C1", "C5"],
+            "label_date": [expired_on, valid_on],
+            "source": "risk_questionnaire",
+        }
+    )
+    extra["known_date"] = extra.label_date
+    pd.concat([kept, extra[kept.columns]]).to_parquet(staged_copy / "tag_labels.parquet", index=False)
+    store = ParquetTagStore(tmp_path / "tags")
+    score_partition(world["con"], world["client"], world["catalog"], world["features"], staged_copy, AS_OF, store.partition_path(AS_OF))
+    risk = pd.read_parquet(store.partition_path(AS_OF), filters=[("tag", "=", "risk_appetite")]).set_index("customer_id")
+    old, new = risk.loc[expired_id], risk.loc[valid_id]
+    assert (old.assessment, old.source, old.value, old.observed_value, old.assessed_on) == ("expired", "model", old.inferred_value, "C1", expired_on)
+    assert old.observed_mismatch == (old.inferred_value != "C1")
+    assert (new.assessment, new.source, new.value, new.assessed_on) == ("valid", "observed", "C5", valid_on)
+    # over every customer: only a valid assessment is ever observed, and customers without one say so
+    assert ((risk.assessment == "valid") == (risk.source == "observed")).all()
+    assert set(risk.assessment) == {"valid", "expired", "none"} and risk.assessed_on.isna().eq(risk.assessment == "none").all()
+    print_tags(customer_tags(world["con"], store, expired_id))
+    assert f"assessment C1 of {expired_on:%Y-%m-%d} expired, inferred {old.inferred_value}" in capsys.readouterr().out
 
 
 def test_a_partition_failing_coverage_is_never_published(world, tmp_path, staged_copy):

@@ -46,7 +46,9 @@ def print_tags(result: dict[str, Any]) -> None:
         if is_present(row["probability"]):
             line += f" p={row['probability']:.2f}"
         line += f"  [{row['source']}"
-        if is_present(row["observed_value"]) and row["observed_mismatch"] is True:
+        if row["assessment"] == "expired":
+            line += f"; assessment {row['observed_value']} of {row['assessed_on']} expired, inferred {row['inferred_value']}"
+        elif is_present(row["observed_value"]) and row["observed_mismatch"] is True:
             line += f"; model says {row['inferred_value']}, observed {row['observed_value']}"
         line += f"]  by {row['producer']}"
         print(line)
