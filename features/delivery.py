@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -21,7 +21,7 @@ from filelock import FileLock
 
 from tagml.core.settings import DEFAULT_TIMEZONE
 from tagml.core.storage import sql_literal, staged_path
-from tagml.features.contract import CUSTOMERS, RAW_TABLES, TableSpec
+from tagml.features.contract import CUSTOMERS, PRODUCTS_TABLE, RAW_TABLES, TableSpec
 from tagml.features.raw import ContractError, Violation, bank_today
 from tagml.features.validation import StagedTable, ValidatedTable, validate_table, write_staged
 
@@ -127,8 +127,9 @@ def stage_delivery(
     """
     delivery_date = delivery_date or bank_today(timezone)
 
-    def validate(spec: TableSpec, customers: Path | None) -> ValidatedTable:
-        return validate_table(con, spec, raw_dir, delivery_date, None if customers is None else f"read_parquet({sql_literal(customers)})")
+    def validate(spec: TableSpec, staged: Mapping[str, Path]) -> ValidatedTable:
+        known = {name: f"read_parquet({sql_literal(path)})" for name, path in staged.items()}
+        return validate_table(con, spec, raw_dir, delivery_date, known.get(CUSTOMERS.name), known.get(PRODUCTS_TABLE.name))
 
     return stage_generation(staged_dir, delivery_date, validate, lambda valid, target: write_staged(con, valid, target))
 
@@ -136,12 +137,12 @@ def stage_delivery(
 def stage_generation(
     staged_dir: Path,
     delivery_date: date,
-    validate: Callable[[TableSpec, Path | None], ValidatedTable],
+    validate: Callable[[TableSpec, Mapping[str, Path]], ValidatedTable],
     write: Callable[[ValidatedTable, Path], StagedTable],
 ) -> StagedDelivery:
     """Stage every contract table into a new generation of `staged_dir` and make it current, or raise and change nothing.
 
-    The engine comes in as two functions: `validate(spec, staged customers file or None)` and
+    The engine comes in as two functions: `validate(spec, the tables staged so far: name -> file)` and
     `write(validated table, target file)`; everything else (the lock, the generation, the swap, which
     violations are reported together) is the same for every engine.
     """
@@ -170,23 +171,20 @@ def stage_generation(
 
 def _stage_into(
     building: Path,
-    validate: Callable[[TableSpec, Path | None], ValidatedTable],
+    validate: Callable[[TableSpec, Mapping[str, Path]], ValidatedTable],
     write: Callable[[ValidatedTable, Path], StagedTable],
 ) -> dict[str, StagedTable]:
     """Validate every table and write the valid ones into the generation being built; raise the
     violations of every table together if any."""
     violations: list[Violation] = []
     tables: dict[str, StagedTable] = {}
-    customers: Path | None = None
-    for spec in RAW_TABLES:  # customers first: the others are checked against it
+    for spec in RAW_TABLES:  # customers (and products) first: the others are checked against them
         try:
-            valid = validate(spec, customers)
+            valid = validate(spec, {name: t.path for name, t in tables.items()})
         except ContractError as err:
             violations.extend(err.violations)
             continue
         tables[spec.name] = write(valid, staged_path(building, spec.name))
-        if spec is CUSTOMERS:
-            customers = tables[spec.name].path
     if CUSTOMERS.name not in tables and violations:
         checked = ", ".join(s.name for s in RAW_TABLES if s.references_customers)
         violations.append(Violation(CUSTOMERS.name, None, "known_customer_not_checked", f"customers are invalid, so {checked} were not checked against them"))

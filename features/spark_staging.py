@@ -11,6 +11,7 @@ the file named, but without line numbers (Spark's parser has no rejects table).
 """
 
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from tagml.core.storage import commit_parquet_parts
-from tagml.features.contract import TableSpec
+from tagml.features.contract import CUSTOMERS, PRODUCTS_TABLE, TableSpec
 from tagml.features.delivery import StagedDelivery, stage_generation
 from tagml.features.portable_sql import to_spark_sql
 from tagml.features.raw import ContractError, RawSource, Violation, csv_header, locate_source, required_columns_present
@@ -127,12 +128,13 @@ def stage_delivery_spark(spark: "SparkSession", raw_dir: Path, staged_dir: Path,
     """`tagml.features.delivery.stage_delivery` on Spark: every table validated and staged together, or none."""
     runner = SparkRunner(spark)
 
-    def validate(spec: TableSpec, customers: Path | None) -> ValidatedTable:
-        known = None
-        if customers is not None:
-            known = "staged_customers"
-            spark.read.parquet(str(customers)).createOrReplaceTempView(known)
-        return validate_source(runner, spec, open_source_spark(spark, spec, raw_dir), delivery_date, known)
+    def validate(spec: TableSpec, staged: Mapping[str, Path]) -> ValidatedTable:
+        known: dict[str, str] = {}
+        for name in (CUSTOMERS.name, PRODUCTS_TABLE.name):
+            if name in staged:
+                known[name] = f"staged_{name}"
+                spark.read.parquet(str(staged[name])).createOrReplaceTempView(known[name])
+        return validate_source(runner, spec, open_source_spark(spark, spec, raw_dir), delivery_date, known.get(CUSTOMERS.name), known.get(PRODUCTS_TABLE.name))
 
     def write(valid: ValidatedTable, target: Path) -> StagedTable:
         return write_staged_spark(spark, valid, target)

@@ -4,7 +4,7 @@ Validation is set-based SQL so that tens of millions of transactions are checked
 them into pandas. The steps, each raising a `ContractError` naming the table, column, rule and example
 rows (keys and the offending non-PII value) before anything is written: read the source
 (`tagml.features.raw`), cast every column to its contract type, then the plausibility rules (row rules,
-unique key, known customers).
+unique key, known customers, and for holdings known products: every held product needs its risk rating).
 
 The SQL is written once, in DuckDB's dialect and inside the portable subset, and run through an
 `SqlRunner`: DuckDB here, Spark (`tagml.features.spark_staging`) through `to_spark_sql`. Both engines
@@ -19,10 +19,12 @@ from typing import Any, Protocol
 import duckdb
 
 from tagml.core.storage import quote, sql_literal, staged_path, write_parquet_atomically
-from tagml.features.contract import CUSTOMERS, TableSpec
+from tagml.features.contract import CUSTOMERS, HOLDINGS, PRODUCTS_TABLE, TableSpec
 from tagml.features.raw import ContractError, RawSource, Violation, bank_today, contract_error, find_source, open_source
 
 MAX_EXAMPLES = 5
+# tables whose product_id must be a product of the delivered `products` (suitability reads its risk rating)
+RATED_BY_PRODUCTS = frozenset({HOLDINGS.name})
 
 
 class SqlRunner(Protocol):
@@ -124,13 +126,16 @@ def validate_table(
     raw_dir: Path,
     delivery_date: date,
     customers: str | None,
+    products: str | None = None,
 ) -> ValidatedTable:
-    """Check one raw table against the contract; `customers` is the relation known customer ids come
-    from (None: the known-customer rule is not evaluated)."""
-    return validate_source(DuckDBRunner(con), spec, open_source(con, spec, raw_dir), delivery_date, customers)
+    """Check one raw table against the contract; `customers` (`products`) is the relation known customer
+    (product) ids come from (None: the known-customer (known-product) rule is not evaluated)."""
+    return validate_source(DuckDBRunner(con), spec, open_source(con, spec, raw_dir), delivery_date, customers, products)
 
 
-def validate_source(runner: SqlRunner, spec: TableSpec, source: RawSource | None, delivery_date: date, customers: str | None) -> ValidatedTable:
+def validate_source(
+    runner: SqlRunner, spec: TableSpec, source: RawSource | None, delivery_date: date, customers: str | None, products: str | None = None
+) -> ValidatedTable:
     """Check an opened raw table (None: an optional table that was not delivered) on `runner`'s engine;
     the returned `select_sql` (DuckDB dialect) selects the staged columns."""
     if source is None:
@@ -139,7 +144,10 @@ def validate_source(runner: SqlRunner, spec: TableSpec, source: RawSource | None
     typed = _cast_to_contract(runner, spec, source.relation, source.column_types)
     violations = _row_rule_violations(runner, spec, typed, source.location, delivery_date)
     violations += _key_violations(runner, spec, typed)
-    violations += _unknown_customer_violations(runner, spec, typed, customers)
+    if spec.references_customers:
+        violations += _unknown_key_violations(runner, spec, typed, "customer_id", customers, CUSTOMERS.name, "known_customer")
+    if spec.name in RATED_BY_PRODUCTS:
+        violations += _unknown_key_violations(runner, spec, typed, "product_id", products, PRODUCTS_TABLE.name, "known_product")
     if violations:
         raise ContractError(violations)
     staged_cols = ", ".join(quote(c.name) for c in spec.staged_columns)
@@ -218,21 +226,29 @@ def _key_violations(runner: SqlRunner, spec: TableSpec, typed: str) -> list[Viol
     return [Violation(spec.name, ",".join(spec.key), "unique_key", "key appears more than once", int(n_dup), examples)]
 
 
-def _unknown_customer_violations(runner: SqlRunner, spec: TableSpec, typed: str, customers: str | None) -> list[Violation]:
-    if not spec.references_customers or customers is None:
+def _unknown_key_violations(runner: SqlRunner, spec: TableSpec, typed: str, column: str, known: str | None, table: str, rule: str) -> list[Violation]:
+    """Rows whose `column` is not in the relation `known` of the delivered `table` (None: not evaluated)."""
+    if known is None:
         return []
-    orphan = f"customer_id NOT IN (SELECT customer_id FROM {customers})"
+    orphan = f"{quote(column)} NOT IN (SELECT {quote(column)} FROM {known})"
     n_orphan = runner.rows(f"SELECT count(*) FROM {typed} WHERE {orphan}")[0][0]
     if not n_orphan:
         return []
-    examples = _example_rows(runner, spec, typed, orphan, "customer_id")
-    return [Violation(spec.name, "customer_id", "known_customer", "customer_id not in customers", int(n_orphan), examples)]
+    examples = _example_rows(runner, spec, typed, orphan, column)
+    return [Violation(spec.name, column, rule, f"{column} not in {table}", int(n_orphan), examples)]
 
 
 def write_staged(con: duckdb.DuckDBPyConnection, valid: ValidatedTable, target: Path) -> StagedTable:
     """Write a validated table (PII dropped, types cast) to `target`, atomically."""
     rows = write_parquet_atomically(con, valid.select_sql, target)
     return StagedTable(valid.spec.name, target, rows, valid.source, valid.dropped_pii, valid.ignored_columns)
+
+
+def _staged_first(spec: TableSpec, staged_dir: Path, first: TableSpec, column: str) -> str:
+    path = staged_path(staged_dir, first.name)
+    if not path.exists():
+        raise contract_error(spec, column, f"{first.name}_staged_first", f"stage {first.name} before {spec.name}")
+    return f"read_parquet({sql_literal(path)})"
 
 
 def validate_and_stage(
@@ -249,11 +265,8 @@ def validate_and_stage(
     the tables consistent with each other.
     """
     delivery_date = delivery_date or bank_today()
-    customers = None
-    if spec.references_customers and find_source(raw_dir, spec.name) is not None:
-        path = staged_path(staged_dir, CUSTOMERS.name)
-        if not path.exists():
-            raise contract_error(spec, "customer_id", "customers_staged_first", f"stage customers before {spec.name}")
-        customers = f"read_parquet({sql_literal(path)})"
-    valid = validate_table(con, spec, raw_dir, delivery_date, customers)
+    delivered = find_source(raw_dir, spec.name) is not None
+    customers = _staged_first(spec, staged_dir, CUSTOMERS, "customer_id") if spec.references_customers and delivered else None
+    products = _staged_first(spec, staged_dir, PRODUCTS_TABLE, "product_id") if spec.name in RATED_BY_PRODUCTS and delivered else None
+    valid = validate_table(con, spec, raw_dir, delivery_date, customers, products)
     return write_staged(con, valid, staged_path(staged_dir, spec.name))

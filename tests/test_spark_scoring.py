@@ -7,7 +7,9 @@ import pytest
 
 from tagml.scoring.score import TAG_ROW_SCHEMA, CoverageError, ScoringError, UnscorableTagsError, resolve_champion, score_partition
 from tagml.scoring.spark_scoring import score_partition_spark
+from tagml.training.catalog import load_catalog
 from tests import test_scoring
+from tests.conftest import write_test_catalog
 from tests.test_scoring import AS_OF
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
@@ -15,11 +17,23 @@ pytestmark = [pytest.mark.spark, pytest.mark.slow]
 world = test_scoring.world  # a trained, promoted risk_appetite champion and a feature snapshot (fixture)
 
 KEYS = ["tag", "customer_id"]
-EXACT = ["as_of", "value", "source", "inferred_value", "observed_value", "observed_mismatch", "producer", "model_version", "mlflow_run_id"]
+EXACT = [
+    "as_of",
+    "value",
+    "source",
+    "inferred_value",
+    "observed_value",
+    "observed_mismatch",
+    "assessment",
+    "assessed_on",
+    "producer",
+    "model_version",
+    "mlflow_run_id",
+]
 
 
-def _both(spark, world, tmp_path, features=None, **kwargs):
-    args = (world["client"], world["catalog"], features or world["features"], world["staged"], AS_OF)
+def _both(spark, world, tmp_path, features=None, catalog=None, **kwargs):
+    args = (world["client"], catalog or world["catalog"], features or world["features"], world["staged"], AS_OF)
     duck = score_partition(world["con"], *args, tmp_path / "duckdb" / "data.parquet", **kwargs)
     on_spark = score_partition_spark(spark, world["con"], *args, tmp_path / "spark" / "data.parquet", **kwargs)
     return duck, on_spark
@@ -30,11 +44,13 @@ def _rows(path):
 
 
 def test_spark_scores_every_tag_as_duckdb_does(spark, world, tmp_path):
-    duck, on_spark = _both(spark, world, tmp_path)
+    # suitability too: the DuckDB step on the driver, committed with Spark's parts
+    catalog = load_catalog(write_test_catalog(tmp_path / "catalog.yaml", ("risk_appetite", "value_tier", "lifecycle_stage", "suitability")))
+    duck, on_spark = _both(spark, world, tmp_path, catalog=catalog)
     # the same file schema as the DuckDB path's (Parquet keeps TAG_ROW_SCHEMA's second timestamps as milliseconds)
     assert pq.read_schema(on_spark.path) == pq.read_schema(duck.path) and pq.read_schema(on_spark.path).names == TAG_ROW_SCHEMA.names
     assert (on_spark.rows, on_spark.customers) == (duck.rows, duck.customers) and on_spark.coverage.passed
-    assert set(on_spark.per_tag) == {"risk_appetite", "value_tier", "lifecycle_stage"}
+    assert set(on_spark.per_tag) == {"risk_appetite", "value_tier", "lifecycle_stage", "suitability"}
     a, b = _rows(duck.path), _rows(on_spark.path)
     pd.testing.assert_frame_equal(a[KEYS + EXACT], b[KEYS + EXACT])
     assert a.reasons.map(list).tolist() == b.reasons.map(list).tolist()
@@ -43,10 +59,12 @@ def test_spark_scores_every_tag_as_duckdb_does(spark, world, tmp_path):
     assert ((a.probability[model] - b.probability[model]).abs() < 1e-6).all() and b.probability[~model].isna().all()
     proba_a, proba_b = a.probabilities[model].map(dict), b.probabilities[model].map(dict)
     assert all(x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-6 for k in x) for x, y in zip(proba_a, proba_b))
-    assert b.probabilities[~model].isna().all() and (b.reasons[~model].map(len) == 0).all()
+    banded = b.tag.isin(["value_tier", "lifecycle_stage"])
+    assert b.probabilities[~model].isna().all() and (b.reasons[banded].map(len) == 0).all() and (b.reasons[b.tag == "suitability"].map(len) > 0).all()
     # the comparison means something: the model tag has observed overrides and reasons, the rule tags several values
     assert (b.source[model] == "observed").any() and (b.reasons[model].map(len) > 0).mean() > 0.95
-    assert b[b.tag == "value_tier"].value.nunique() > 1
+    assert b[b.tag == "value_tier"].value.nunique() > 1 and b[b.tag == "suitability"].value.nunique() == 4
+    assert b.assessment[model].notna().all() and b.assessed_on[model].notna().any()
     assert [p.name for p in on_spark.path.parent.iterdir()] == ["data.parquet"]
 
 

@@ -61,6 +61,11 @@ BAD_DELIVERIES = {
         "SELECT * REPLACE (CASE WHEN txn_id = (SELECT min(txn_id) FROM {src}) THEN 'C999999999' ELSE customer_id END AS customer_id) FROM {src}",
         ("transactions", "customer_id", "known_customer"),
     ),
+    "unrated_product_in_holdings": (
+        "holdings",
+        "SELECT * REPLACE (CASE WHEN row_number() OVER (ORDER BY customer_id, month_end, product_id) = 1 THEN 'XX-UNRATED' ELSE product_id END AS product_id) FROM {src}",
+        ("holdings", "product_id", "known_product"),
+    ),
     "values_of_the_wrong_type": (
         "customers",
         "SELECT * REPLACE (CASE WHEN customer_id = (SELECT min(customer_id) FROM {src}) THEN '1.5' ELSE num_children::VARCHAR END AS num_children) FROM {src}",

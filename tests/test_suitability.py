@@ -1,5 +1,6 @@
 """Suitability and questionnaire validity with real stores: staged Parquet tables, the real scorer and tag-store partition."""
 
+import shutil
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -157,3 +158,33 @@ def test_the_shipped_bank_has_every_suitability_class(bank, con, tmp_path):
     assert 0.02 < shares["above_appetite"] / len(rows) < 0.5
     above = rows[rows.value == "above_appetite"]
     assert above.reasons.map(lambda r: len(r) > 0 and r[0].startswith("holds ") and " above the assessed C" in r[0]).all()
+
+
+def test_a_held_product_missing_from_products_is_a_named_violation(con, bank, tmp_path):
+    """holdings.product_id must be a delivered product (its risk rating is what suitability reads): an unrated id, or
+    holdings delivered without products, fails the delivery by table, column and rule, and nothing is staged."""
+    from tagml.core.storage import sql_literal
+    from tagml.features.delivery import stage_delivery
+    from tagml.features.raw import ContractError
+
+    raw = tmp_path / "raw"
+    shutil.copytree(bank["raw"], raw)
+    source = f"read_parquet({sql_literal(str(bank['raw'] / 'holdings' / '*.parquet'))})"
+    first = "row_number() OVER (ORDER BY customer_id, month_end, product_id) = 1"
+    con.execute(
+        f"COPY (SELECT * REPLACE (CASE WHEN {first} THEN 'XX-UNRATED' ELSE product_id END AS product_id) FROM {source}) "
+        f"TO {sql_literal(raw / 'holdings.parquet')} (FORMAT PARQUET)"
+    )
+    shutil.rmtree(raw / "holdings")
+    staged = tmp_path / "warehouse" / "raw"
+    with pytest.raises(ContractError) as unrated:
+        stage_delivery(con, raw, staged, date(2026, 11, 5))
+    [violation] = unrated.value.violations
+    assert (violation.table, violation.column, violation.rule, violation.detail) == ("holdings", "product_id", "known_product", "product_id not in products")
+    assert violation.n_rows == 1 and violation.examples[0]["product_id"] == "XX-UNRATED"
+    shutil.rmtree(raw / "products")
+    with pytest.raises(ContractError) as unshelved:
+        stage_delivery(con, raw, staged, date(2026, 11, 5))
+    [violation] = unshelved.value.violations
+    assert violation.rule == "known_product" and violation.n_rows == con.execute(f"SELECT count(*) FROM {source}").fetchall()[0][0]
+    assert not staged.exists()
