@@ -198,12 +198,15 @@ def test_psi_and_slices_over_hostile_regions_and_ids(hostile_bank, tmp_path):
 
 def test_rule_tags_score_hostile_customer_ids_unchanged(hostile_bank, tmp_path):
     catalog = load_catalog()
-    rules_only = Catalog(tags=catalog.rule_tags)
+    # suitability's assessments are risk_appetite's labels: the model tag is in the catalog, skipped
+    rules_only = Catalog(tags=(*catalog.rule_tags, catalog.get("risk_appetite")))
     store = ParquetTagStore(tmp_path / "tags [prod] 'x'")  # glob characters and a quote in the store's own path
     target = store.partition_path(AS_OF)
     con = connect(1, "1GB")
     try:
-        summary = score_partition(con, None, rules_only, hostile_bank["features"][AS_OF], hostile_bank["staged"], AS_OF, target)
+        summary = score_partition(
+            con, None, rules_only, hostile_bank["features"][AS_OF], hostile_bank["staged"], AS_OF, target, skip={"risk_appetite": "rule tags only"}
+        )
         some_id = pd.read_parquet(hostile_bank["features"][AS_OF], columns=["customer_id"])["customer_id"].iloc[0]
         looked_up = store.customer_tags(con, some_id, AS_OF)
         history = store.history(con, some_id)
@@ -211,9 +214,15 @@ def test_rule_tags_score_hostile_customer_ids_unchanged(hostile_bank, tmp_path):
         con.close()
     rows = pd.read_parquet(target)
     ids = set(pd.read_parquet(hostile_bank["features"][AS_OF], columns=["customer_id"])["customer_id"])
-    assert summary.rows == 2 * len(ids) and set(rows["customer_id"]) == ids
-    assert set(looked_up["tag"]) == {"value_tier", "lifecycle_stage"} and set(looked_up["customer_id"]) == {some_id}
-    assert len(history) == 2 and set(history["as_of"].astype(str)) == {AS_OF.isoformat()}
+    assert summary.rows == 3 * len(ids) and set(rows["customer_id"]) == ids
+    assert set(looked_up["tag"]) == {"value_tier", "lifecycle_stage", "suitability"} and set(looked_up["customer_id"]) == {some_id}
+    # hostile product ids are data: they join holdings to products and appear verbatim in the reasons
+    from tagml.features.synthetic.shelf import products_table
+
+    shelf = {hostile(p) for p in products_table().column("product_id").to_pylist()}
+    reasons = [r for rs in rows[rows["tag"] == "suitability"]["reasons"] for r in rs]
+    assert any(f"holds {p} (R" in r for r in reasons for p in shelf)
+    assert len(history) == 3 and set(history["as_of"].astype(str)) == {AS_OF.isoformat()}
 
 
 def test_a_band_naming_hostile_values_matches_them_exactly(hostile_bank, tmp_path):

@@ -104,7 +104,7 @@ def test_allowed_constructs_load_and_run_as_sql_generated_from_the_parse_tree(tm
 
 
 def test_every_shipped_band_is_checked_against_the_feature_columns():
-    for tag in SHIPPED.rule_tags:
+    for tag in (t for t in SHIPPED.rule_tags if t.rule is not None):  # suitability has no bands
         assert set(rule_columns(tag)) <= set(FEATURE_NAMES)
         assert "CASE WHEN (" in rule_case_sql(tag)
 
