@@ -114,3 +114,26 @@ def suitability_batches(
     """The suitability rows as Arrow batches (DuckDB's types; the caller casts them to TAG_ROW_SCHEMA)."""
     sql, params = suitability_sql(catalog, tag, features_path, staged_dir, as_of, scored_at)
     yield from con.sql(sql, params=params).to_arrow_reader(batch_rows)
+
+
+def suitability_mismatch(con: duckdb.DuckDBPyConnection, tags_path: Path, tag: str = "suitability", assessment_tag: str = "risk_appetite") -> dict | None:
+    """One `above_appetite` customer of a scored partition with its reasons and its assessment tag's row (assessed
+    vs inferred), preferring one whose inferred appetite disagrees with the assessment; None when there is none."""
+    rows = con.execute(
+        "SELECT s.customer_id, s.reasons, s.assessment, CAST(s.assessed_on AS VARCHAR), r.observed_value, r.inferred_value "
+        "FROM read_parquet($path) s LEFT JOIN (SELECT * FROM read_parquet($path) WHERE tag = $assessed) r USING (customer_id) "
+        "WHERE s.tag = $tag AND s.value = 'above_appetite' "
+        "ORDER BY (r.observed_value IS DISTINCT FROM r.inferred_value AND r.inferred_value IS NOT NULL) DESC, s.customer_id LIMIT 1",
+        {"path": str(tags_path), "tag": tag, "assessed": assessment_tag},
+    ).fetchall()
+    if not rows:
+        return None
+    customer_id, reasons, assessment, assessed_on, assessed, inferred = rows[0]
+    return {
+        "customer_id": customer_id,
+        "reasons": list(reasons),
+        "assessment": assessment,
+        "assessed_on": assessed_on,
+        "assessed": assessed,
+        "inferred": inferred,
+    }

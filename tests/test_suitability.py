@@ -12,6 +12,7 @@ import yaml
 
 from tagml.core.storage import staged_path
 from tagml.scoring.score import TAG_ROW_SCHEMA, UnscorableTagsError, score_partition
+from tagml.scoring.suitability import suitability_mismatch
 from tagml.training.catalog import CatalogError, load_catalog
 from tests.conftest import WINDOW_END, write_test_catalog
 
@@ -158,6 +159,9 @@ def test_the_shipped_bank_has_every_suitability_class(bank, con, tmp_path):
     assert 0.02 < shares["above_appetite"] / len(rows) < 0.5
     above = rows[rows.value == "above_appetite"]
     assert above.reasons.map(lambda r: len(r) > 0 and r[0].startswith("holds ") and " above the assessed C" in r[0]).all()
+    example = suitability_mismatch(con, target)
+    assert example["customer_id"] in set(above.customer_id) and example["reasons"] and example["assessment"] == "valid"
+    assert example["inferred"] is None  # risk_appetite was skipped: no inferred value to compare
 
 
 def test_a_held_product_missing_from_products_is_a_named_violation(con, bank, tmp_path):
