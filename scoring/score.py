@@ -3,8 +3,10 @@
 Each tag is scored from its own feature source (scoring/sources.py): rule and contract model tags
 from the as_of's customer_features, a bring-your-own tag from its own snapshot. Snapshots are
 streamed in batches (memory does not grow with the number of customers); model tags use their
-`champion` (resolved by alias when the run starts), rule tags their SQL bands. Every row records
-what produced it.
+`champion` (resolved by alias when the run starts), rule tags their SQL bands, the suitability tag
+the staged holdings against the valid assessments (scoring/suitability.py). An observed label wins
+over the inference only while it is valid (`label.valid_days`): an expired one stays on the row
+(`observed_value`, `assessed_on`, `assessment`). Every row records what produced it.
 
 The partition is all or nothing: every tag's inputs are resolved and checked before anything is
 written, and one error names every tag that cannot be scored and why. All tags go to one temporary
