@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -32,6 +33,7 @@ CUSTOMERS = {
     "C4": (None, ["MF-QDII"]),  # no questionnaire: an inferred C5 is not an assessment
     "C5": (("C1", 1), []),  # nothing held
     "C6": (("C5", 30), ["MF-BOND"]),  # older than max_age_days (730): still visible as expired
+    "C7": (("C1", 3), ["MF-BOND"]),  # a C1 customer holding an R2 fund
 }
 
 
@@ -87,6 +89,7 @@ def test_suitability_compares_held_risk_with_the_valid_assessment(con, catalog, 
         "C4": "no_valid_assessment",
         "C5": "no_rated_holdings",
         "C6": "no_valid_assessment",
+        "C7": "above_appetite",
     }
     assert list(rows.reasons["C1"]) == [f"holds MF-EQ (R4) above the assessed C2 of {_months_ago(2)}"]
     assert list(rows.reasons["C2"]) == [f"highest risk held MF-BAL (R3), within the assessed C3 of {_months_ago(11)}"]
@@ -96,7 +99,7 @@ def test_suitability_compares_held_risk_with_the_valid_assessment(con, catalog, 
     ]
     assert list(rows.reasons["C4"]) == ["no risk assessment on record", "holds MF-QDII (R5) (an inferred appetite is not an assessment)"]
     assert list(rows.reasons["C5"]) == ["no rated product held at 2026-10-31"]
-    assert rows.assessment.to_dict() == {"C1": "valid", "C2": "valid", "C3": "expired", "C4": "none", "C5": "valid", "C6": "expired"}
+    assert rows.assessment.to_dict() == {"C1": "valid", "C2": "valid", "C3": "expired", "C4": "none", "C5": "valid", "C6": "expired", "C7": "valid"}
     assert rows.assessed_on["C3"] == _months_ago(13) and pd.isna(rows.assessed_on["C4"])
     assert (rows.source == "rule").all() and rows.producer.str.startswith("rule:2026.1:").all() and rows.inferred_value.isna().all()
 
@@ -192,3 +195,17 @@ def test_a_held_product_missing_from_products_is_a_named_violation(con, bank, tm
     [violation] = unshelved.value.violations
     assert violation.rule == "known_product" and violation.n_rows == con.execute(f"SELECT count(*) FROM {source}").fetchall()[0][0]
     assert not staged.exists()
+
+
+def test_the_mismatch_example_prefers_an_inferred_appetite_that_disagrees(con, catalog, tmp_path):
+    staged, features = staged_bank(tmp_path)
+    target = tmp_path / "data.parquet"
+    _score(con, catalog, features, staged, target)
+    suitability = pq.read_table(target).cast(TAG_ROW_SCHEMA)
+    # risk_appetite rows as the model tag writes them: C1's inference agrees with its questionnaire, C7's does not
+    risk = suitability.filter(pc.is_in(suitability["customer_id"], pa.array(["C1", "C7"]))).to_pandas()
+    risk["tag"], risk["source"], risk["observed_value"], risk["inferred_value"] = "risk_appetite", "observed", ["C2", "C1"], ["C2", "C3"]
+    pq.write_table(pa.concat_tables([suitability, pa.Table.from_pandas(risk, schema=TAG_ROW_SCHEMA, preserve_index=False)]), target)
+    example = suitability_mismatch(con, target)
+    assert (example["customer_id"], example["assessed"], example["inferred"], example["assessment"]) == ("C7", "C1", "C3", "valid")
+    assert example["reasons"] == [f"holds MF-BOND (R2) above the assessed C1 of {_months_ago(3)}"]
