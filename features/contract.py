@@ -310,7 +310,7 @@ HOLDINGS = TableSpec(
     columns=(
         _CUSTOMER_ID,
         Column("month_end", "date", "Last day of the month the value is for."),
-        Column("product_id", "string", "Product code; must be a product of the delivered `products` (rule known_product: its risk rating is what suitability reads)."),
+        Column("product_id", "string", "Product code; must be in the delivered `products` (rule known_product: suitability reads its rating)."),
         Column("market_value", "double", "Market value in CNY.", min=0),
     ),
     rules=(RowRule("is_month_end", "month_end", "month_end = last_day(month_end)", "month_end must be the last day of a month."),),

@@ -78,7 +78,14 @@ def risk_data(bank, tmp_path_factory):
 
 def test_shipped_catalog_has_the_required_tags():
     kinds = {t.name: t.kind for t in SHIPPED.tags}
-    assert kinds == {"risk_appetite": "model", "life_stage": "model", "churn_90d": "model", "value_tier": "rule", "lifecycle_stage": "rule", "suitability": "rule"}
+    assert kinds == {
+        "risk_appetite": "model",
+        "life_stage": "model",
+        "churn_90d": "model",
+        "value_tier": "rule",
+        "lifecycle_stage": "rule",
+        "suitability": "rule",
+    }
     assert SHIPPED.get("risk_appetite").classes == ("C1", "C2", "C3", "C4", "C5")
     assert "gender" not in SHIPPED.get("risk_appetite").feature_names
 
