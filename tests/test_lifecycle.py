@@ -15,7 +15,7 @@ from tagml.core.settings import Settings
 from tagml.training.catalog import load_catalog
 from tagml.training.tracking import connect_tracking
 
-HOSTILE = "x'); DROP TABLE tag_status_events; --\n\u2603 \"quoted\" \x1b[31m"
+HOSTILE = 'x\'); DROP TABLE tag_status_events; --\n\u2603 "quoted" \x1b[31m'
 
 
 @pytest.fixture
