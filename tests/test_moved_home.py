@@ -194,6 +194,12 @@ def test_lookups_on_the_moved_home_close_their_connections_and_name_what_is_miss
         with pytest.raises(duckdb.ConnectionException):
             con.execute("SELECT 1")  # closed
 
+    # a marketing export leaves out the synthetic bank's customers without marketing consent, and its record says how many
+    code, out, err = _cli(capsys, "export", "--out", str(tmp_path / "marketing.parquet"), "--purpose", "marketing", "--include-confidential", "--json")
+    record = json.loads(out)
+    assert code == 0 and record["tags"] == ["risk_appetite", "value_tier"] and record["excluded"]["no_consent"] > 0, err
+    assert json.loads((tmp_path / "marketing.parquet.manifest.json").read_text()) == record
+
     # `tagml drift | head`: the reader goes away; the command ends quietly with 141, no traceback
     read, write = os.pipe()
     os.close(read)

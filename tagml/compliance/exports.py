@@ -146,6 +146,8 @@ def export_tags(
 ) -> ExportRecord:
     """Export the published tags of the partition on or before `as_of` for `purpose`, and record the decision."""
     check_purpose(purpose)
+    if not by or not by.strip():
+        raise ExportError("an export records who made it: a name (--by) is required")
     partition = sources.store.latest_on_or_before(as_of)
     partition_sql = sources.store.read_sql(partition)
     present = [row[0] for row in con.execute(f"SELECT DISTINCT tag FROM {partition_sql} ORDER BY 1").fetchall()]
