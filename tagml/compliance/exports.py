@@ -180,7 +180,7 @@ def export_tags(
                 confidential_included=include_confidential,
                 left_out=left_out,
                 format=fmt,
-                out=str(out),
+                out=str(out.resolve()),
                 sha256=digest[-1],
             )
             with atomic_replace(manifest_path(out)) as tmp:
