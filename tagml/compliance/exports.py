@@ -106,7 +106,7 @@ def choose_tags(sources: ExportSources, present: Sequence[str], asked: Sequence[
         raise ExportError(f"unknown tags {unknown} for the export; the catalog has: {', '.join(known)}")
     status = lifecycle.statuses(sources.governance, sources.catalog)
     chosen, left_out = [], {}
-    for name in asked if asked else sorted(set(present)):
+    for name in dict.fromkeys(asked) if asked else sorted(set(present)):  # a tag asked twice is exported once
         if name not in known:
             left_out[name] = "not in the catalog"
         elif name not in present:
