@@ -1,9 +1,12 @@
 """One customer's current tags as plain data: values, probabilities, reasons and, for model tags,
-the lineage of the model version that produced them (what a CRM lookup, `tagml tags` and an API return)."""
+the lineage of the model version that produced them (what a CRM lookup, `tagml tags` and an API return).
+
+Only published tags are shown (the caller passes them, from the governance store's tag lifecycle);
+the others are named under `hidden`, without their values."""
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import date
 from typing import Any
 
@@ -44,15 +47,23 @@ def is_present(value: object) -> bool:
 
 
 def customer_tags(
-    con: duckdb.DuckDBPyConnection, store: TagStore, customer_id: str, as_of: date | None = None, lineage: Lineage | None = None
+    con: duckdb.DuckDBPyConnection,
+    store: TagStore,
+    customer_id: str,
+    as_of: date | None = None,
+    lineage: Lineage | None = None,
+    *,
+    published: Collection[str],
 ) -> dict[str, Any]:
-    """The customer's tags in the partition of `as_of` (default: the newest), JSON-ready; `lineage`
-    is asked once per model-tag row (None: no lineage)."""
+    """The customer's published tags in the partition of `as_of` (default: the newest), JSON-ready; the
+    names of the unpublished ones under `hidden`. `lineage` is asked once per model-tag row (None: no lineage)."""
     frame = store.customer_tags(con, customer_id, as_of)
+    hidden = sorted(set(frame["tag"]) - set(published))
+    shown = frame[frame["tag"].isin(list(published))].reset_index(drop=True)
     # through JSON: NaN -> null, timestamps ISO, numpy scalars -> plain numbers
-    rows = json.loads(frame.to_json(orient="records", date_format="iso", default_handler=str))
+    rows = json.loads(shown.to_json(orient="records", date_format="iso", default_handler=str))
     tags = []
-    for record, row in zip(rows, frame.itertuples()):
+    for record, row in zip(rows, shown.itertuples()):
         entry = {k: record.get(k) for k in TAG_FIELDS}
         entry["assessed_on"] = entry["assessed_on"][:10] if entry["assessed_on"] else None  # a date, not pandas' midnight timestamp
         entry["probabilities"] = dict(row.probabilities) if is_present(row.probabilities) else None
@@ -65,4 +76,5 @@ def customer_tags(
         "as_of": f"{frame['as_of'].iloc[0]:%Y-%m-%d}",
         "scored_at": f"{frame['scored_at'].iloc[0]:%Y-%m-%d %H:%M}",
         "tags": tags,
+        "hidden": hidden,
     }

@@ -5,7 +5,7 @@ partition on or before it) and which model or rule version produced them, change
 partitions and the transition matrix of a tag, and exports for downstream systems.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from contextlib import AbstractContextManager
 from datetime import date
 from pathlib import Path
@@ -54,7 +54,16 @@ class TagStore(Protocol):
 
     def transition_matrix(self, con: duckdb.DuckDBPyConnection, tag: str, before: date, after: date) -> pd.DataFrame: ...
 
-    def export(self, con: duckdb.DuckDBPyConnection, as_of: date, fmt: str, out: Path) -> int: ...
+    def export(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        as_of: date,
+        fmt: str,
+        out: Path,
+        tags: Collection[str] | None = None,
+        customers: str | None = None,
+        before_publish: Callable[[Path], None] | None = None,
+    ) -> int: ...
 
     def distribution(self, con: duckdb.DuckDBPyConnection, as_of: date) -> pd.DataFrame: ...
 
@@ -155,12 +164,23 @@ class ParquetTagStore:
         ).df()
         return counts.pivot(index="from_value", columns="to_value", values="customers").fillna(0).astype(int)
 
-    def export(self, con: duckdb.DuckDBPyConnection, as_of: date, fmt: str, out: Path) -> int:
-        """Write one partition for downstream systems: Parquet as stored, or CSV with JSON-encoded maps and lists.
+    def export(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        as_of: date,
+        fmt: str,
+        out: Path,
+        tags: Collection[str] | None = None,
+        customers: str | None = None,
+        before_publish: Callable[[Path], None] | None = None,
+    ) -> int:
+        """Write a partition's rows for downstream systems: Parquet as stored, or CSV with JSON-encoded maps and lists.
 
-        The output may not lie inside the tag store or a protected directory: a file there would be read
-        as a partition (or overwrite one). In CSV, text cells starting with = + - @ tab or CR get a
-        leading `'` so that a spreadsheet shows them as text instead of evaluating them (OWASP, CSV injection).
+        `tags`: only these tags (None: all); `customers`: only the customers of this relation (a query with a
+        customer_id column, built from validated names); `before_publish(tmp)` sees the finished file before it
+        replaces `out` and may raise to abort. The output may not lie inside the tag store or a protected
+        directory: a file there would be read as a partition (or overwrite one). In CSV, text cells starting
+        with = + - @ tab or CR get a leading `'` so that a spreadsheet shows them as text (OWASP, CSV injection).
         """
         if fmt not in ("parquet", "csv"):
             raise ValueError(f"unknown export format {fmt!r}; use parquet or csv")
@@ -169,10 +189,14 @@ class ParquetTagStore:
         for directory in self.protected:
             if resolved.is_relative_to(directory.resolve()):
                 raise TagStoreError(f"export output {out} is inside {directory}; exports go outside the warehouse and the tag store")
-        source = self._partition(as_of)
+        where = ["true" if tags is None else "list_contains(?, tag)"]
+        params = [] if tags is None else [sorted(tags)]
+        if customers is not None:
+            where.append(f"customer_id IN (SELECT customer_id FROM ({customers}))")
+        source = f"(SELECT * FROM {self._partition(as_of)} WHERE {' AND '.join(where)})"
         if fmt == "parquet":
-            return write_parquet_atomically(con, f"SELECT * FROM {source} ORDER BY customer_id, tag", out)
-        columns = con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
+            return write_parquet_atomically(con, f"SELECT * FROM {source} ORDER BY customer_id, tag", out, validate=before_publish, params=params)
+        columns = con.execute(f"DESCRIBE SELECT * FROM {source}", params).fetchall()
         prefixes = ", ".join(sql_literal(p) for p in FORMULA_PREFIXES)
         cells = []
         for name, kind, *_ in columns:
@@ -184,8 +208,10 @@ class ParquetTagStore:
                 continue
             cells.append(f"CASE WHEN left({cell}, 1) IN ({prefixes}) THEN {sql_literal(chr(39))} || {cell} ELSE {cell} END AS {quote(name)}")
         with atomic_replace(out) as tmp:
-            con.execute(f"COPY (SELECT {', '.join(cells)} FROM {source} ORDER BY customer_id, tag) TO {sql_literal(tmp)} (FORMAT CSV, HEADER)")
-        return con.execute(f"SELECT count(*) FROM {source}").fetchall()[0][0]
+            con.execute(f"COPY (SELECT {', '.join(cells)} FROM {source} ORDER BY customer_id, tag) TO {sql_literal(tmp)} (FORMAT CSV, HEADER)", params)
+            if before_publish is not None:
+                before_publish(tmp)
+        return con.execute(f"SELECT count(*) FROM {source}", params).fetchall()[0][0]
 
     def distribution(self, con: duckdb.DuckDBPyConnection, as_of: date) -> pd.DataFrame:
         """Share of customers per value of each tag, with the observed share."""

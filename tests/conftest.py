@@ -150,3 +150,18 @@ def write_test_catalog(path: Path, names: tuple[str, ...], trials: int = 1, mode
         entries.append(entry)
     path.write_text(yaml.safe_dump({"version": 1, "tags": entries}))
     return path
+
+
+def publish_tags(settings, names: tuple[str, ...] | None = None) -> None:
+    """Approve and publish catalog tags through the real lifecycle (two people: four-eyes), so that lookups and exports
+    show them; tags already published are left as they are."""
+    from tagml.compliance import lifecycle
+    from tagml.compliance.governance import GovernanceStore
+    from tagml.training.catalog import load_catalog
+
+    catalog, governance = load_catalog(settings.catalog_path), GovernanceStore(settings.governance_db)
+    status = lifecycle.statuses(governance, catalog)
+    for spec in catalog.tags:
+        if (names is None or spec.name in names) and status[spec.name].status != lifecycle.PUBLISHED:
+            lifecycle.approve(governance, spec, by="model-validation", reason="validated for the test")
+            lifecycle.publish(governance, spec, by="tag-owner")

@@ -98,7 +98,7 @@ def test_catalog_prints_the_resolved_catalog(capsys, home):
         ("leaderboard", "risk_appetite"),
         ("tags", "C000000001"),
         ("drift",),
-        ("export", "--out", "tags.parquet"),
+        ("export", "--out", "tags.parquet", "--purpose", "service"),
         ("promote", "risk_appetite", "1", "--reason", "test"),
         ("rollback", "risk_appetite"),
         ("mlflow-ui",),
@@ -136,6 +136,8 @@ def test_an_unknown_variable_is_a_one_line_warning(capsys, home, monkeypatch):
         (("drift", "--as-of", "2026-13-01"), "'2026-13-01' is not a date"),
         (("tags", "C000000001", "--as-of", "yesterday"), "'yesterday' is not a date"),
         (("export", "--out", "x", "--format", "xml"), "xml"),
+        (("export", "--out", "x"), "--purpose"),  # an export names what it is for
+        (("export", "--out", "x", "--purpose", "anything"), "anything"),
         (("generate", "--drift", "meteor"), "meteor"),
         (("generate", "--end-month", "2026-1"), "not a month"),
         (("leaderboard",), "Missing argument"),

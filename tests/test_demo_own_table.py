@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tagml.core.settings import DEFAULT_CATALOG
+from tagml.core.settings import DEFAULT_CATALOG, Settings
+from tests.conftest import publish_tags
 
 ROOT = Path(__file__).resolve().parents[1]
 PII_COLUMNS = ("CustomerName", "PhoneNumber", "EmailAddress", "客户名称", "身份证号", "手机号", "contact", "ref_no", "memo")
@@ -72,6 +73,7 @@ def test_the_demo_passes_with_the_documented_own_table_tag_added_to_the_shipped_
     assert "credit_risk" in drift.stdout
 
     customer = credit["customer_id"].iloc[0]
+    publish_tags(Settings.from_env({"TAGML_HOME": str(home), "TAGML_CATALOG": str(home / "catalog.yaml")}))  # lookups show published tags only
     lookup = run(home, "tags", customer, "--json", timeout=600)
     assert lookup.returncode == 0, lookup.stderr
     shown = json.loads(lookup.stdout)

@@ -11,6 +11,7 @@ from tagml.scoring.lookup import customer_tags, is_present
 from tagml.scoring.store import ParquetTagStore, TagStore, TagStoreError
 
 AS_OF = date(2026, 9, 30)
+BOTH = frozenset({"risk_appetite", "value_tier"})  # published (the lifecycle's own tests are in test_lifecycle/test_consent)
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def test_a_customers_tags_are_plain_data_with_lineage_for_model_tags_only(store)
         return {"model": f"tagml-{tag}/{version}"}
 
     with duckdb.connect() as con:
-        result = customer_tags(con, store, "C1", None, lineage)
+        result = customer_tags(con, store, "C1", None, lineage, published=BOTH)
     assert (result["customer_id"], result["as_of"], result["scored_at"]) == ("C1", "2026-09-30", "2026-10-01 02:13")
     model, rule = result["tags"]
     assert asked == [("risk_appetite", "3")]
@@ -55,10 +56,19 @@ def test_a_customers_tags_are_plain_data_with_lineage_for_model_tags_only(store)
 
 def test_without_lineage_nothing_is_asked_and_a_missing_customer_is_named(store):
     with duckdb.connect() as con:
-        result = customer_tags(con, store, "C1")
-        assert all("lineage" not in row for row in result["tags"])
+        result = customer_tags(con, store, "C1", published=BOTH)
+        assert all("lineage" not in row for row in result["tags"]) and result["hidden"] == []
         with pytest.raises(TagStoreError, match="'C9' has no tags"):
-            customer_tags(con, store, "C9")
+            customer_tags(con, store, "C9", published=BOTH)
+
+
+def test_unpublished_tags_are_named_not_shown(store):
+    with duckdb.connect() as con:
+        result = customer_tags(con, store, "C1", published={"value_tier"})
+        assert [row["tag"] for row in result["tags"]] == ["value_tier"] and result["hidden"] == ["risk_appetite"]
+        assert "balanced" not in str(result)  # the hidden tag's value is not in the answer
+        nothing = customer_tags(con, store, "C2", published=())
+        assert nothing["tags"] == [] and nothing["hidden"] == ["value_tier"]
 
 
 def test_is_present():

@@ -34,7 +34,7 @@ from tagml.orchestration.jobs import (
 )
 from tagml.orchestration.training_assets import tag_model_key
 from tagml.scoring.store import ParquetTagStore
-from tests.conftest import write_test_catalog
+from tests.conftest import publish_tags, write_test_catalog
 
 TRAINED, FIRST, SECOND = date(2026, 8, 31), date(2026, 9, 30), date(2026, 10, 31)
 NO_REPORT = {"ops": {"tag_drift": {"config": {"report": False}}}}
@@ -75,6 +75,7 @@ def homes(tmp_path_factory):
             assert defs.resolve_job_def(RAW_INGEST_JOB).execute_in_process(instance=instance).success
             assert defs.resolve_job_def(TRAIN_ALL_JOB).execute_in_process(instance=instance, run_config=train).success
             assert _nightly(defs, instance, FIRST).success
+        publish_tags(settings)  # the governance store moves with the home
         new.parent.mkdir(parents=True)
         shutil.move(old, new)
         shutil.rmtree(root / "laptop")  # the old path vanishes: anything written there would recreate it
@@ -186,12 +187,18 @@ def test_lookups_on_the_moved_home_close_their_connections_and_name_what_is_miss
     customer = _customer(settings, FIRST)
     assert _cli(capsys, "tags", customer, "--no-lineage")[0] == 0
     assert _cli(capsys, "drift")[0] == 0
-    assert _cli(capsys, "export", "--as-of", FIRST.isoformat(), "--format", "csv", "--out", str(tmp_path / "tags.csv"))[0] == 0
+    assert _cli(capsys, "export", "--as-of", FIRST.isoformat(), "--format", "csv", "--out", str(tmp_path / "tags.csv"), "--purpose", "service")[0] == 0
     assert (tmp_path / "tags.csv").stat().st_size > 0
     assert len(opened) == 3
     for con in opened:
         with pytest.raises(duckdb.ConnectionException):
             con.execute("SELECT 1")  # closed
+
+    # a marketing export leaves out the synthetic bank's customers without marketing consent, and its record says how many
+    code, out, err = _cli(capsys, "export", "--out", str(tmp_path / "marketing.parquet"), "--purpose", "marketing", "--include-confidential", "--json")
+    record = json.loads(out)
+    assert code == 0 and record["tags"] == ["risk_appetite", "value_tier"] and record["excluded"]["no_consent"] > 0, err
+    assert json.loads((tmp_path / "marketing.parquet.manifest.json").read_text()) == record
 
     # `tagml drift | head`: the reader goes away; the command ends quietly with 141, no traceback
     read, write = os.pipe()

@@ -23,7 +23,7 @@ from tagml.orchestration.own_table_assets import own_features_key
 from tagml.scoring.sources import own_features_table
 from tagml.scoring.store import ParquetTagStore
 from tagml.training.catalog import load_catalog
-from tests.conftest import make_connection, write_test_catalog
+from tests.conftest import make_connection, publish_tags, write_test_catalog
 
 pytestmark = pytest.mark.slow  # five trainings and four nightly runs on the 3,000-customer session bank
 
@@ -183,6 +183,7 @@ def test_drift_history_has_rows_for_the_byo_tags(nightly):
 
 def test_lookup_and_export_show_byo_tags_next_to_the_contract_tags(nightly, tmp_path):
     customer = str(nightly["tables"]["crm_ids"][0])
+    publish_tags(nightly["settings"])
     result = lookup_tags(nightly["settings"], customer, BEFORE, lineage=True)
     by_tag = {t["tag"]: t for t in result["tags"]}
     assert set(by_tag) == {*CONTRACT_TAGS, "big_spender", "wealth_band"}

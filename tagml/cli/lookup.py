@@ -1,4 +1,4 @@
-"""The tag store: `tagml tags` (one customer) and `tagml export` (one partition)."""
+"""The tag store: `tagml tags` (one customer's published tags) and `tagml export` (a partition's published tags, for a purpose)."""
 
 import functools
 from contextlib import closing
@@ -11,7 +11,7 @@ import typer
 
 from tagml.cli import common
 from tagml.cli.app import app
-from tagml.cli.common import load_settings, parse_date, print_json, tracking_client
+from tagml.cli.common import current_user, load_settings, parse_date, print_json, tracking_client
 from tagml.core.settings import Settings
 
 
@@ -20,10 +20,22 @@ class ExportFormat(str, Enum):
     csv = "csv"
 
 
+class ExportPurpose(str, Enum):
+    """tagml.compliance.consent.EXPORT_PURPOSES (tests/test_consent.py holds them equal)."""
+
+    marketing = "marketing"
+    personalisation = "personalisation"
+    profiling = "profiling"
+    service = "service"
+
+
 def customer_tags(settings: Settings, customer_id: str, as_of: date | None, lineage: bool) -> dict[str, Any]:
-    """One customer's tags as plain data (printed as text or JSON); MLflow is opened only for a model tag's lineage."""
+    """One customer's published tags as plain data (printed as text or JSON); MLflow is opened only for a model tag's lineage."""
+    from tagml.compliance.governance import GovernanceStore
+    from tagml.compliance.lifecycle import published_tags
     from tagml.scoring.lookup import customer_tags as lookup
     from tagml.scoring.store import ParquetTagStore
+    from tagml.training.catalog import load_catalog
     from tagml.training.registry import lineage as model_lineage
 
     @functools.cache
@@ -34,7 +46,9 @@ def customer_tags(settings: Settings, customer_id: str, as_of: date | None, line
         return model_lineage(client(), tag, version)
 
     with closing(common.connect(settings)) as con:
-        return lookup(con, ParquetTagStore.in_warehouse(settings.warehouse_dir), customer_id, as_of, version_lineage if lineage else None)
+        published = published_tags(GovernanceStore(settings.governance_db), load_catalog(settings.catalog_path))
+        store = ParquetTagStore.in_warehouse(settings.warehouse_dir)
+        return lookup(con, store, customer_id, as_of, version_lineage if lineage else None, published=published)
 
 
 def print_tags(result: dict[str, Any]) -> None:
@@ -62,6 +76,8 @@ def print_tags(result: dict[str, Any]) -> None:
                 f"      lineage: {info['model']} <- run {info['mlflow_run_id']} <- snapshot {info['data_snapshot']} "
                 f"(catalog {info['catalog_hash']}, code {info['code_version']})"
             )
+    if result["hidden"]:
+        print(f"  not shown (not published): {', '.join(result['hidden'])}")
 
 
 @app.command("tags")
@@ -83,22 +99,38 @@ def tags_command(
 
 @app.command("export")
 def export_command(
-    out: Annotated[Path, typer.Option(help="file to write")],
+    out: Annotated[Path, typer.Option(help="file to write (a manifest is written beside it: <out>.manifest.json)")],
+    purpose: Annotated[ExportPurpose, typer.Option(help="what the export is for: customers without that consent are left out; 'service' needs no consent")],
     as_of: Annotated[str | None, typer.Option(help="YYYY-MM-DD (default: the newest partition)")] = None,
     format: Annotated[ExportFormat, typer.Option(help="file format")] = ExportFormat.parquet,
-    as_json: Annotated[bool, typer.Option("--json", help="print what was written as JSON")] = False,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="export only this tag (repeatable; default: every published tag)")] = None,
+    include_confidential: Annotated[bool, typer.Option("--include-confidential", help="also export confidential and restricted tags")] = False,
+    by: Annotated[str, typer.Option(help="who (recorded); default: the current user")] = current_user(),
+    as_json: Annotated[bool, typer.Option("--json", help="print the export's record as JSON")] = False,
 ) -> None:
-    """Write one tag partition for downstream systems (CRM, marketing)."""
-    from tagml.scoring.store import ParquetTagStore
+    """Write the published tags of one partition for downstream systems (CRM, marketing), for a purpose; the decision is recorded."""
+    from tagml.compliance.exports import ExportSources, export_tags, manifest_path
 
     day = parse_date(as_of)
-    settings = load_settings(require_home=True)
-    # an export inside the warehouse would be read back as data (a fake tag partition): refused by name
-    store = ParquetTagStore.in_warehouse(settings.warehouse_dir)
-    partition = store.latest_on_or_before(day)
+    settings = load_settings(require_home=True, writes=True)
     with closing(common.connect(settings)) as con:
-        rows = store.export(con, partition, format.value, out)
+        record = export_tags(
+            con,
+            ExportSources.from_settings(settings),
+            purpose=purpose.value,
+            out=out,
+            by=by,
+            as_of=day,
+            fmt=format.value,
+            tags=tag or None,
+            include_confidential=include_confidential,
+        )
     if as_json:
-        print_json({"as_of": partition.isoformat(), "rows": rows, "format": format.value, "out": str(out)})
-    else:
-        print(f"exported {rows:,} tag rows of {partition} to {out}")
+        print_json(record.as_dict())
+        return
+    print(f"exported {record.rows:,} tag rows of {record.customers:,} customers ({', '.join(record.tags)}) of {record.as_of} to {out} for {record.purpose}")
+    if record.excluded:
+        print("  customers left out: " + ", ".join(f"{reason} {n:,}" for reason, n in record.excluded.items()))
+    for name, why in record.left_out.items():
+        print(f"  tag {name} left out: {why}")
+    print(f"  recorded as export {record.export_id}; manifest {manifest_path(out)}")

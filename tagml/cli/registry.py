@@ -1,49 +1,62 @@
 """The catalog and the registry: `tagml catalog`, `leaderboard`, `promote`, `rollback`."""
 
 import math
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from tagml.cli.app import app
-from tagml.cli.common import console, current_user, load_settings, print_json, records, tag_spec, tracking_client
+from tagml.cli.common import console, current_user, load_settings, note, print_json, records, tag_spec, tracking_client
+from tagml.core.settings import Settings
+
+
+def champions(settings: Settings, catalog: Any) -> dict[str, str | None] | None:
+    """Each model tag's champion, or None when the registry cannot be asked. A SQLite store that was
+    never created has no champions (and is not created just to say so)."""
+    from tagml.compliance.dictionary import current_champions
+    from tagml.training.tracking import TrackingUnavailableError, sqlite_path
+
+    db = sqlite_path(settings.mlflow_tracking_uri)
+    if db is not None and not db.exists():
+        return {t.name: None for t in catalog.model_tags}
+    try:
+        return current_champions(tracking_client(settings), catalog)
+    except TrackingUnavailableError:
+        return None
 
 
 @app.command("catalog")
 def catalog_command(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the dictionary as a markdown document")] = False,
 ) -> None:
-    """The resolved tag catalog: each tag's kind, classes, features, owner and sensitivity."""
+    """The tag dictionary: each tag's owner, meaning, classes, kind, source, refresh, sensitivity, lifecycle status and current producer."""
+    from tagml.compliance.dictionary import REGISTRY_UNAVAILABLE, dictionary_markdown, tag_dictionary
+    from tagml.compliance.governance import GovernanceStore, utc_now
+    from tagml.compliance.lifecycle import statuses
     from tagml.training.catalog import load_catalog
 
     settings = load_settings()
     catalog = load_catalog(settings.catalog_path)
-    rows = [
-        {
-            "tag": t.name,
-            "kind": t.kind,
-            "classes": list(t.classes),
-            "features": len(t.feature_names) if t.kind == "model" else 0,
-            "owner": t.owner,
-            "sensitivity": t.sensitivity,
-            "refresh": t.refresh,
-            "promotion_metric": t.promotion.metric if t.kind == "model" else None,
-            "description": " ".join(t.description.split()),
-        }
-        for t in catalog.tags
-    ]
+    champion = champions(settings, catalog)
+    if champion is None:
+        note(f"the MLflow registry {settings.mlflow_tracking_uri} is unavailable: model tags' producers are shown as {REGISTRY_UNAVAILABLE!r}")
+    rows = tag_dictionary(catalog, statuses(GovernanceStore(settings.governance_db), catalog), champion)
     if as_json:
         print_json({"catalog": str(settings.catalog_path), "tags": rows})
         return
+    if markdown:
+        print(dictionary_markdown(rows, str(settings.catalog_path), utc_now()), end="")
+        return
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"tag catalog {settings.catalog_path}", title_justify="left")
-    for column in ("tag", "kind", "classes", "features", "owner", "sensitivity", "refresh"):
-        table.add_column(column, justify="right" if column == "features" else "left")
+    table = Table(title=f"tag dictionary {settings.catalog_path}", title_justify="left")
+    columns = ("tag", "owner", "description", "classes", "kind", "source", "refresh", "sensitivity", "status", "producer")
+    for column in columns:
+        table.add_column(column)
     for r in rows:
-        table.add_row(
-            r["tag"], r["kind"], ", ".join(r["classes"]), str(r["features"]) if r["kind"] == "model" else "-", r["owner"], r["sensitivity"], r["refresh"]
-        )
+        table.add_row(*(Text(", ".join(r[c]) if isinstance(r[c], list) else str(r[c])) for c in columns))
     console().print(table)
 
 
