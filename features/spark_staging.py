@@ -11,7 +11,7 @@ the file named, but without line numbers (Spark's parser has no rejects table).
 """
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from tagml.core.storage import commit_parquet_parts
 from tagml.features.contract import TableSpec
-from tagml.features.delivery import StagedDelivery, stage_generation
+from tagml.features.delivery import SUPPRESSED_VIEW, StagedDelivery, Suppressor, stage_generation
 from tagml.features.portable_sql import to_spark_sql
 from tagml.features.raw import ContractError, RawSource, Violation, csv_header, locate_source, required_columns_present
 from tagml.features.validation import StagedTable, ValidatedTable, validate_source
@@ -123,18 +123,25 @@ def write_staged_spark(spark: "SparkSession", valid: ValidatedTable, target: Pat
     return StagedTable(valid.spec.name, target, rows, valid.source, valid.dropped_pii, valid.ignored_columns)
 
 
-def stage_delivery_spark(spark: "SparkSession", raw_dir: Path, staged_dir: Path, delivery_date: date) -> StagedDelivery:
-    """`tagml.features.delivery.stage_delivery` on Spark: every table validated and staged together, or none."""
+def stage_delivery_spark(spark: "SparkSession", raw_dir: Path, staged_dir: Path, delivery_date: date, governance_db: Path | None = None) -> StagedDelivery:
+    """`tagml.features.delivery.stage_delivery` on Spark: every table validated and staged together, or none;
+    erased customers' rows dropped by the same SQL."""
     runner = SparkRunner(spark)
+
+    def register(hashes: list[str]) -> None:
+        spark.createDataFrame([(h,) for h in hashes], "customer_hash string").createOrReplaceTempView(SUPPRESSED_VIEW)
+
+    suppressor = Suppressor(governance_db, runner, register)
 
     def validate(spec: TableSpec, customers: Path | None) -> ValidatedTable:
         known = None
         if customers is not None:
             known = "staged_customers"
             spark.read.parquet(str(customers)).createOrReplaceTempView(known)
-        return validate_source(runner, spec, open_source_spark(spark, spec, raw_dir), delivery_date, known)
+        return validate_source(runner, spec, suppressor.apply(spec, open_source_spark(spark, spec, raw_dir)), delivery_date, known)
 
     def write(valid: ValidatedTable, target: Path) -> StagedTable:
         return write_staged_spark(spark, valid, target)
 
-    return stage_generation(staged_dir, delivery_date, validate, write)
+    delivery = stage_generation(staged_dir, delivery_date, validate, write)
+    return replace(delivery, suppressed_rows=suppressor.counts)
