@@ -45,6 +45,9 @@ EXIT_CODES: dict[str, ExitCode] = {
     "tagml.scoring.rules.RuleInputError": ExitCode.CONFIG,
     "tagml.core.files.CorruptFileError": ExitCode.CONFIG,
     "tagml.orchestration.commands.UnknownPartitionError": ExitCode.NOT_FOUND,
+    "tagml.compliance.erasure.ErasureRequestError": ExitCode.USAGE,
+    "tagml.compliance.governance.GovernanceUnavailableError": ExitCode.UNAVAILABLE,
+    "tagml.compliance.scan.ScanError": ExitCode.UNAVAILABLE,
 }
 
 

@@ -17,7 +17,6 @@ leaves the customers suppressed (a re-run finishes the job):
    bank must erase itself, and the verification. No customer id is ever part of it.
 """
 
-import getpass
 import hashlib
 import json
 import time
@@ -39,6 +38,7 @@ from tagml.core.storage import PARTITION_FILE, WarehouseLayout, atomic_replace, 
 from tagml.features.delivery import generations_dir
 
 RECEIPTS_DIR = "erasures"
+REQUESTS_DIR = "erasure_requests"  # request files of the Dagster job: the ids stay out of the run config
 REWRITTEN_STORES = ("staged raw tables", "customer_features", "customer_tags", "training_sets", "own_features", "drift", "warehouse (other files)")
 ERASURES_DDL = (
     "CREATE TABLE IF NOT EXISTS erasures (erasure_id TEXT PRIMARY KEY, erased_at TEXT NOT NULL, requested_by TEXT NOT NULL, reason TEXT NOT NULL,"
@@ -101,6 +101,24 @@ def requested_ids(customer_ids: Sequence[str]) -> list[str]:
     return ids
 
 
+def read_id_file(path: Path) -> list[str]:
+    """A file of customer ids, one a line; blank lines skipped, nothing else changed (an id is data)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ErasureRequestError(f"no file of customer ids at {path}") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def request_file(settings: Settings, name: str) -> Path:
+    """A request file of the erasure job: under `<governance dir>/erasure_requests/` (a relative name is taken from there)."""
+    folder = (Path(settings.governance_db).parent / REQUESTS_DIR).resolve()
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder):
+        raise ErasureRequestError(f"an erasure request file must be under {folder}; {path} is not")
+    return path
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -155,7 +173,7 @@ def _rewrite(con: duckdb.DuckDBPyConnection, path: Path) -> int:
     match = parquet_match_sql(path)
     if match is None:
         return 0
-    before = int(con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(path)})").fetchone()[0])
+    before = int(con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(path)})").fetchall()[0][0])
     after = write_parquet_atomically(con, f"SELECT * FROM read_parquet({sql_literal(path)}) WHERE NOT ({match})", path)
     return before - after
 
@@ -208,9 +226,9 @@ def _export_count(settings: Settings) -> int:
         return 0
     con = sqlite3.connect(f"{Path(settings.governance_db).resolve().as_uri()}?mode=ro", uri=True)
     try:
-        if not con.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'exports'").fetchone()[0]:
+        if not con.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'exports'").fetchall()[0][0]:
             return 0
-        return int(con.execute("SELECT count(*) FROM exports").fetchone()[0])
+        return int(con.execute("SELECT count(*) FROM exports").fetchall()[0][0])
     finally:
         con.close()
 
@@ -252,15 +270,15 @@ def _record(settings: Settings, receipt: ErasureReceipt) -> ErasureReceipt:
     return receipt
 
 
-def erase(settings: Settings, customer_ids: Sequence[str], requested_by: str | None, reason: str, client: Any | None = None) -> ErasureReceipt:
+def erase(settings: Settings, customer_ids: Sequence[str], requested_by: str, reason: str, client: Any | None = None) -> ErasureReceipt:
     """Remove the customers from every store tagml writes, suppress them at staging, verify and record a receipt.
 
     `client` is the MLflow client asked which versions were trained on the customers (default: the home's store).
     Unknown ids are not an error: the receipt says how many were found (0 rows for the others).
     """
     ids = requested_ids(customer_ids)
-    if not reason or not reason.strip():
-        raise ErasureRequestError("an erasure needs a reason (--reason): it is part of the receipt")
+    if not reason.strip() or not requested_by.strip():
+        raise ErasureRequestError("an erasure needs who asked for it and a reason (--by, --reason): both are part of the receipt")
     started = time.perf_counter()
     erasure_id = f"erasure-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     when = utc_now()
@@ -293,7 +311,7 @@ def erase(settings: Settings, customer_ids: Sequence[str], requested_by: str | N
     receipt = ErasureReceipt(
         erasure_id=erasure_id,
         erased_at=when,
-        requested_by=requested_by or getpass.getuser(),
+        requested_by=requested_by.strip(),
         reason=reason.strip(),
         customers=len(ids),
         customers_found=found,

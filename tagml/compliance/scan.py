@@ -114,7 +114,7 @@ def parquet_hits(con: duckdb.DuckDBPyConnection, path: Path) -> int:
     match = parquet_match_sql(path)
     if match is None:
         return 0
-    return int(con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(path)}) WHERE {match}").fetchone()[0])
+    return int(con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(path)}) WHERE {match}").fetchall()[0][0])
 
 
 def _sqlite_hits(path: Path, pattern: re.Pattern[bytes]) -> int:
@@ -149,9 +149,11 @@ def _duckdb_hits(path: Path, customer_ids: Sequence[str]) -> int:
             "SELECT table_name, column_name FROM duckdb_columns() WHERE NOT internal AND data_type = 'VARCHAR' AND database_name = current_database()"
         )
         for table, column in columns.fetchall():
-            kind = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND database_name = current_database()", [table]).fetchone()[0]
+            kind = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND database_name = current_database()", [table]).fetchall()[0][0]
             if kind:  # base tables only: the views read the Parquet files scanned as such
-                hits += con.execute(f"SELECT count(*) FROM {quote(table)} WHERE {quote(column)} IN (SELECT customer_id FROM {ERASED_IDS_VIEW})").fetchone()[0]
+                hits += con.execute(f"SELECT count(*) FROM {quote(table)} WHERE {quote(column)} IN (SELECT customer_id FROM {ERASED_IDS_VIEW})").fetchall()[0][
+                    0
+                ]
         return int(hits)
     finally:
         con.close()
