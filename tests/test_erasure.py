@@ -6,13 +6,16 @@ erasure job from a request file."""
 
 import json
 import sqlite3
+import time
 from datetime import date
 from pathlib import Path
 
+import duckdb
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
-from tagml.compliance.erasure import ErasureRequestError, erase
+from tagml.compliance.erasure import REQUESTS_DIR, ErasureRequestError, erase
 from tagml.compliance.governance import GovernanceStore
 from tagml.compliance.scan import id_pattern, scan_for_customers
 from tagml.compliance.suppression import SUPPRESSED, customer_hash, home_salt, load_suppression, suppress
@@ -101,3 +104,108 @@ def test_erase_treats_hostile_ids_as_data_and_reports_unknown_ones(small_store):
 def test_the_scan_counts_ids_as_whole_tokens_only():
     pattern = id_pattern(["C0001"])
     assert len(pattern.findall(b'{"id": "C0001", "x": "C00012", "y": "AC0001"} C0001')) == 2
+
+
+# --- the whole loop, real stores ------------------------------------------------------------------------
+
+TRAINED, NIGHT, NEXT_NIGHT = date(2026, 8, 31), date(2026, 9, 30), date(2026, 10, 31)
+
+
+def _rows_of(con, path: Path, ids: list[str]) -> int:
+    return con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(path)}) WHERE customer_id IN (SELECT unnest(?))", [ids]).fetchall()[0][0]
+
+
+@pytest.fixture(scope="module")
+def pipeline_home(tmp_path_factory):
+    """ingest -> train (risk_appetite, value_tier) -> nightly for one as_of, in a Dagster instance stored under the home."""
+    import dagster as dg
+
+    from tagml.features.synthetic import BankConfig, generate_bank
+    from tagml.orchestration.definitions import build_definitions
+    from tagml.orchestration.jobs import NIGHTLY_SCORING_JOB, RAW_INGEST_JOB, TRAIN_ALL_JOB, reevaluation_run_config
+    from tests.conftest import write_test_catalog
+
+    root = tmp_path_factory.mktemp("erasure_home")
+    write_test_catalog(root / "catalog.yaml", ("risk_appetite", "value_tier"))
+    settings = Settings.from_env(
+        {"TAGML_HOME": str(root / "home"), "TAGML_CATALOG": str(root / "catalog.yaml"), "TAGML_DRIFT_SAMPLE_ROWS": "500", "TAGML_THREADS": "1"}
+    )
+    settings.ensure_dirs()
+    generate_bank(BankConfig(customers=1500, months=12, seed=5), settings.raw_dir)
+    defs = build_definitions(settings)
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    assert defs.resolve_job_def(RAW_INGEST_JOB).execute_in_process(instance=instance).success
+    train = reevaluation_run_config("risk_appetite", TRAINED.isoformat())
+    assert defs.resolve_job_def(TRAIN_ALL_JOB).execute_in_process(instance=instance, run_config=train).success
+    assert defs.resolve_job_def(NIGHTLY_SCORING_JOB).execute_in_process(instance=instance, partition_key=NIGHT.isoformat()).success
+    return {"settings": settings, "defs": defs, "instance": instance}
+
+
+@pytest.mark.slow
+def test_erasure_leaves_no_trace_in_any_store_and_survives_the_next_nightly(pipeline_home):
+    from tagml.orchestration.compliance_jobs import ERASURE_JOB
+    from tagml.orchestration.jobs import NIGHTLY_SCORING_JOB
+
+    settings, defs, instance = pipeline_home["settings"], pipeline_home["defs"], pipeline_home["instance"]
+    staged = settings.warehouse_dir / "raw"
+    with duckdb.connect() as con:
+        # two labelled customers: they are in the training snapshot, so the model version is named
+        erased = [
+            r[0]
+            for r in con.execute(
+                f"SELECT DISTINCT customer_id FROM read_parquet({sql_literal(staged / 'tag_labels.parquet')}) WHERE tag = 'risk_appetite' ORDER BY 1 LIMIT 2"
+            ).fetchall()
+        ]
+        tags_partition = settings.warehouse_dir / "customer_tags" / f"as_of={NIGHT}" / "data.parquet"
+        expected_tag_rows = _rows_of(con, tags_partition, erased)
+    before = scan_for_customers(settings, erased)
+    assert before["customer_tags"] == expected_tag_rows > 0 and before["customer_features"] > 0 and before["training_sets"] > 0
+
+    started = time.perf_counter()
+    receipt = erase(settings, erased, "dpo@bank", "DSR-2026-0042")
+    erase_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    after = scan_for_customers(settings, erased)
+    scan_seconds = time.perf_counter() - started
+    print(f"\nERASURE-MEASURE erase {erase_seconds:.1f} s ({receipt.rows_removed} rows), scan {scan_seconds:.1f} s ({receipt.verification['files_scanned']} files)")
+    print("ERASURE-MEASURE", json.dumps({"before": before, **{k: v for k, v in receipt.to_dict().items() if k in ("stores", "verification", "seconds")}}))
+
+    assert receipt.verified and receipt.customers == receipt.customers_found == 2
+    assert {k: v for k, v in after.items() if k != "raw delivery"} == dict.fromkeys([k for k in after if k != "raw delivery"], 0)
+    assert after["raw delivery"] > 0  # the bank's own directory: named in the receipt, not rewritten
+    assert receipt.stores["customer_tags"].rows_removed == expected_tag_rows
+    assert receipt.rows_removed == sum(before[s] for s in receipt.stores if s in before and receipt.stores[s].rows_removed) - 0
+    assert receipt.model_versions == ["tagml-risk_appetite/1"] or receipt.model_versions[0].endswith("/1")
+    [snapshot] = receipt.snapshots
+    assert snapshot["sha256_before"] != snapshot["sha256_after"]
+    assert any("raw delivery directory" in a for a in receipt.bank_actions)
+
+    # the next nightly stages again from the raw directory that still holds them: suppressed, never back
+    night = defs.resolve_job_def(NIGHTLY_SCORING_JOB).execute_in_process(instance=instance, partition_key=NEXT_NIGHT.isoformat())
+    assert night.success
+    staged_meta = {
+        e.asset_key.path[-1]: e.step_materialization_data.materialization.metadata
+        for e in night.get_asset_materialization_events()
+        if e.asset_key.path[-1].startswith("raw_")
+    }
+    assert staged_meta["raw_customers"]["erased_rows_suppressed"].value == 2
+    assert (settings.reports_dir / "risk_appetite" / f"{NEXT_NIGHT}.html").exists()
+    again = scan_for_customers(settings, erased)
+    assert {k: v for k, v in again.items() if k != "raw delivery"} == dict.fromkeys([k for k in again if k != "raw delivery"], 0), again
+
+    # the Dagster job: the id travels in a request file, never in the run config, and the file is gone after
+    with duckdb.connect() as con:
+        [(third,)] = con.execute(f"SELECT customer_id FROM read_parquet({sql_literal(staged / 'customers.parquet')}) ORDER BY 1 DESC LIMIT 1").fetchall()
+    request = settings.governance_db.parent / REQUESTS_DIR / "dsr-43.txt"
+    request.parent.mkdir(parents=True, exist_ok=True)
+    request.write_text(third + "\n")
+    config = {"ops": {"erase_customers": {"config": {"request_file": "dsr-43.txt", "reason": "DSR-2026-0043", "requested_by": "dpo@bank"}}}}
+    result = defs.resolve_job_def(ERASURE_JOB).execute_in_process(instance=instance, run_config=config)
+    assert result.success and not request.exists()
+    [output] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    assert output.event_specific_data.metadata["verified"].value is True
+    final = scan_for_customers(settings, [third, *erased])
+    assert {k: v for k, v in final.items() if k != "raw delivery"} == dict.fromkeys([k for k in final if k != "raw delivery"], 0), final
+    with GovernanceStore(settings.governance_db).read() as governance:
+        assert governance.execute("SELECT count(*) FROM erasures").fetchall()[0][0] == 2
+    assert pq.read_table(settings.warehouse_dir / "customer_tags" / f"as_of={NEXT_NIGHT}" / "data.parquet").num_rows > 0

@@ -31,14 +31,24 @@ import duckdb
 from filelock import FileLock
 
 from tagml.compliance.governance import GovernanceStore, Table, utc_now
-from tagml.compliance.scan import ScanResult, home_stores, parquet_hits, parquet_ids_found, parquet_match_sql, register_ids, scan_home, store_files
+from tagml.compliance.scan import (
+    REQUESTS_DIR,
+    UNVERIFIED_STORES,
+    ScanResult,
+    home_stores,
+    parquet_hits,
+    parquet_ids_found,
+    parquet_match_sql,
+    register_ids,
+    scan_home,
+    store_files,
+)
 from tagml.compliance.suppression import SUPPRESSED, home_salt, suppress
 from tagml.core.settings import Settings
 from tagml.core.storage import PARTITION_FILE, WarehouseLayout, atomic_replace, connect, sql_literal, write_parquet_atomically
 from tagml.features.delivery import generations_dir
 
 RECEIPTS_DIR = "erasures"
-REQUESTS_DIR = "erasure_requests"  # request files of the Dagster job: the ids stay out of the run config
 REWRITTEN_STORES = ("staged raw tables", "customer_features", "customer_tags", "training_sets", "own_features", "drift", "warehouse (other files)")
 ERASURES_DDL = (
     "CREATE TABLE IF NOT EXISTS erasures (erasure_id TEXT PRIMARY KEY, erased_at TEXT NOT NULL, requested_by TEXT NOT NULL, reason TEXT NOT NULL,"
@@ -234,11 +244,11 @@ def _export_count(settings: Settings) -> int:
 
 
 def _verification(scan: ScanResult) -> dict[str, Any]:
-    tagml_stores = {s: n for s, n in scan.hits.items() if s != "raw delivery"}
+    tagml_stores = {s: n for s, n in scan.hits.items() if s not in UNVERIFIED_STORES}
     return {
         "verified": scan.tagml_hits() == 0,
         "stores_scanned": len(tagml_stores),
-        "files_scanned": sum(n for s, n in scan.files.items() if s != "raw delivery"),
+        "files_scanned": sum(n for s, n in scan.files.items() if s not in UNVERIFIED_STORES),
         "hits": tagml_stores,
         "stores_with_hits": sorted(s for s, n in tagml_stores.items() if n),
     }

@@ -26,8 +26,10 @@ ERASED_IDS_VIEW = "erased_customer_ids"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PARQUET_MAGIC = b"PAR1"
 DUCKDB_MAGIC = b"DUCK"
-# stores tagml rewrites, and those only the bank can clear (tagml reads them, never writes them)
-BANK_STORES = ("raw delivery",)
+# places that hold ids on purpose and are not part of the verification: the bank's own delivery (tagml reads it,
+# never writes it) and the erasure job's pending request files (deleted by the job once the erasure is verified)
+UNVERIFIED_STORES = ("raw delivery", "erasure requests")
+REQUESTS_DIR = "erasure_requests"  # the erasure job's request files, under the governance directory: ids stay out of Dagster's run config
 
 
 class ScanError(RuntimeError):
@@ -55,6 +57,7 @@ def home_stores(settings: Settings) -> list[Store]:
         Store("evidently reports", settings.reports_dir),
         Store("mlflow artifacts", settings.mlflow_artifact_dir),
         Store("dagster", settings.dagster_home),
+        Store("erasure requests", settings.governance_db.parent / REQUESTS_DIR),
         Store("governance", settings.governance_db.parent),
         Store("raw delivery", settings.raw_dir),
     ]
@@ -185,7 +188,7 @@ class ScanResult:
     files_with_hits: dict[str, list[Path]]
 
     def tagml_hits(self) -> int:
-        return sum(n for store, n in self.hits.items() if store not in BANK_STORES)
+        return sum(n for store, n in self.hits.items() if store not in UNVERIFIED_STORES)
 
 
 def scan_home(settings: Settings, customer_ids: Sequence[str], con: duckdb.DuckDBPyConnection | None = None) -> ScanResult:
