@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tagml.compliance.erasure import REQUESTS_DIR, ErasureRequestError, erase
+from tagml.compliance.erasure import REQUESTS_DIR, REWRITTEN_STORES, ErasureRequestError, erase
 from tagml.compliance.governance import GovernanceStore
 from tagml.compliance.scan import id_pattern, scan_for_customers
 from tagml.compliance.suppression import SUPPRESSED, customer_hash, home_salt, load_suppression, suppress
@@ -23,6 +23,7 @@ from tagml.core.settings import Settings
 from tagml.core.storage import sql_literal
 from tagml.features.contract import RAW_TABLES
 from tagml.features.delivery import stage_delivery
+from tagml.training.versions import registered_model_name
 
 DELIVERY = date(2026, 11, 5)
 HOSTILE = ["O'Brien'; DROP TABLE erasures; --", "line\nbreak", "客户-7\u200b"]
@@ -101,6 +102,20 @@ def test_erase_treats_hostile_ids_as_data_and_reports_unknown_ones(small_store):
     assert scan_for_customers(small_store, ["C000000001"])["customer_tags"] == 1  # the others are untouched
 
 
+def test_tagml_erase_prints_the_receipt_and_refuses_an_empty_request(small_store, monkeypatch, capsys):
+    from tagml.cli import main
+
+    monkeypatch.setenv("TAGML_HOME", str(small_store.home))
+    assert main(["erase", "--reason", "DSR-1"]) == 2
+    ids = small_store.home / "ids.txt"
+    ids.write_text("C000000002\n\nC404\n")
+    capsys.readouterr()
+    assert main(["erase", "C000000001", "--from-file", str(ids), "--reason", "DSR-1", "--by", "dpo"]) == 0
+    out = capsys.readouterr().out
+    assert "3 requested, 2 found" in out and "2 rows removed" in out and "1 of the ids had no row" in out and "verified: 0 hits in" in out
+    assert "C00000000" not in out and "C404" not in out
+
+
 def test_the_scan_counts_ids_as_whole_tokens_only():
     pattern = id_pattern(["C0001"])
     assert len(pattern.findall(b'{"id": "C0001", "x": "C00012", "y": "AC0001"} C0001')) == 2
@@ -167,15 +182,18 @@ def test_erasure_leaves_no_trace_in_any_store_and_survives_the_next_nightly(pipe
     started = time.perf_counter()
     after = scan_for_customers(settings, erased)
     scan_seconds = time.perf_counter() - started
-    print(f"\nERASURE-MEASURE erase {erase_seconds:.1f} s ({receipt.rows_removed} rows), scan {scan_seconds:.1f} s ({receipt.verification['files_scanned']} files)")
+    print(
+        f"\nERASURE-MEASURE erase {erase_seconds:.1f} s ({receipt.rows_removed} rows), scan {scan_seconds:.1f} s ({receipt.verification['files_scanned']} files)"
+    )
     print("ERASURE-MEASURE", json.dumps({"before": before, **{k: v for k, v in receipt.to_dict().items() if k in ("stores", "verification", "seconds")}}))
 
     assert receipt.verified and receipt.customers == receipt.customers_found == 2
     assert {k: v for k, v in after.items() if k != "raw delivery"} == dict.fromkeys([k for k in after if k != "raw delivery"], 0)
     assert after["raw delivery"] > 0  # the bank's own directory: named in the receipt, not rewritten
     assert receipt.stores["customer_tags"].rows_removed == expected_tag_rows
-    assert receipt.rows_removed == sum(before[s] for s in receipt.stores if s in before and receipt.stores[s].rows_removed) - 0
-    assert receipt.model_versions == ["tagml-risk_appetite/1"] or receipt.model_versions[0].endswith("/1")
+    assert receipt.rows_removed == sum(before[s] for s in REWRITTEN_STORES)
+    assert receipt.model_versions == [f"{registered_model_name('risk_appetite')}/1"]
+    assert receipt.stores["evidently reports"].files_removed == 1 and not (settings.reports_dir / "risk_appetite" / f"{NIGHT}.html").exists()
     [snapshot] = receipt.snapshots
     assert snapshot["sha256_before"] != snapshot["sha256_after"]
     assert any("raw delivery directory" in a for a in receipt.bank_actions)
