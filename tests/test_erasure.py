@@ -227,3 +227,25 @@ def test_erasure_leaves_no_trace_in_any_store_and_survives_the_next_nightly(pipe
     with GovernanceStore(settings.governance_db).read() as governance:
         assert governance.execute("SELECT count(*) FROM erasures").fetchall()[0][0] == 2
     assert pq.read_table(settings.warehouse_dir / "customer_tags" / f"as_of={NEXT_NIGHT}" / "data.parquet").num_rows > 0
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_spark_staging_suppresses_the_same_rows_as_duckdb(spark, con, bank, tmp_path):
+    from tagml.features.spark_staging import stage_delivery_spark
+
+    governance = tmp_path / "governance" / "governance.db"
+    salt = home_salt(governance)
+    # Spark's sha2 over the same concatenation: the hash of a hostile id agrees with Python's (and so DuckDB's)
+    for customer in HOSTILE:
+        assert spark.sql("SELECT sha2(concat(:salt, :id), 256) AS h", args={"salt": salt, "id": customer}).collect()[0]["h"] == customer_hash(salt, customer)
+    _suppress(governance, ["C000000003", "C000000011", HOSTILE[0]])
+    duck = stage_delivery(con, bank["raw"], tmp_path / "duck" / "raw", DELIVERY, governance_db=governance)
+    on_spark = stage_delivery_spark(spark, bank["raw"], tmp_path / "spark" / "raw", DELIVERY, governance_db=governance)
+    assert on_spark.suppressed_rows == duck.suppressed_rows and duck.suppressed_rows["customers"] == 2
+    for name, staged in duck.tables.items():
+        ours = pq.read_table(on_spark.tables[name].path).to_pandas()
+        theirs = pq.read_table(staged.path).to_pandas()
+        assert len(ours) == len(theirs) == staged.rows, name
+        if "customer_id" in theirs:
+            assert set(ours["customer_id"]) == set(theirs["customer_id"]) and not {"C000000003", "C000000011"} & set(ours["customer_id"]), name
