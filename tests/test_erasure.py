@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tagml.compliance.erasure import REQUESTS_DIR, REWRITTEN_STORES, ErasureRequestError, erase
-from tagml.compliance.governance import GovernanceStore
+from tagml.compliance.governance import GovernanceStore, GovernanceUnavailableError
 from tagml.compliance.scan import id_pattern, scan_for_customers
 from tagml.compliance.suppression import SUPPRESSED, customer_hash, home_salt, load_suppression, suppress
 from tagml.core.settings import Settings
@@ -52,6 +52,11 @@ def test_staging_drops_erased_customers_from_every_table_and_counts_them(con, ba
     _suppress(governance, erased)
     assert (governance.parent / "erasure.salt").stat().st_mode & 0o777 == 0o600
     delivery = stage_delivery(con, bank["raw"], tmp_path / "raw", DELIVERY, governance_db=governance)
+    salt = (governance.parent / "erasure.salt").read_text()
+    (governance.parent / "erasure.salt").unlink()
+    with pytest.raises(GovernanceUnavailableError, match="2 erased customers but the erasure salt"):
+        stage_delivery(con, bank["raw"], tmp_path / "raw", DELIVERY, governance_db=governance)
+    (governance.parent / "erasure.salt").write_text(salt)
     expected = {
         t: con.execute(
             f"SELECT count(*) FROM read_parquet({sql_literal(str(bank['raw'] / t / '*.parquet'))}) WHERE customer_id IN (SELECT unnest(?))", [erased]

@@ -219,12 +219,26 @@ def _bank_actions(settings: Settings, scan: ScanResult) -> list[str]:
             f"the raw delivery directory ({settings.raw_dir}) still holds the customers ({raw_hits} rows/occurrences in "
             f"{len(scan.files_with_hits.get('raw delivery', []))} files): delete them at the source; staging drops them meanwhile"
         )
+    actions += _own_table_actions(settings)
     exports = _export_count(settings)
     actions.append(
         f"{exports} export(s) recorded in the governance store went to systems outside tagml: erase the customers there"
         if exports
         else "no export is recorded in the governance store; files exported earlier by hand (tagml export) are outside tagml: erase the customers there"
     )
+    return actions
+
+
+def _own_table_actions(settings: Settings) -> list[str]:
+    """The bank's own tables (and labels files) of bring-your-own tags: tagml reads them at every snapshot, so only the bank can erase there."""
+    from tagml.scoring.sources import own_tags
+    from tagml.training.catalog import load_catalog
+
+    actions = []
+    for tag in own_tags(load_catalog(settings.catalog_path)):
+        source = tag.label.feature_source
+        files = ", ".join(p for p in (source.path, source.labels_path) if p)
+        actions.append(f"tag {tag.name} reads the bank's own table(s) {files}: erase the customers there before the next own_features snapshot re-reads them")
     return actions
 
 

@@ -65,14 +65,22 @@ def customer_hash(salt: str, customer_id: str) -> str:
 
 
 def load_suppression(governance_db: Path) -> Suppression | None:
-    """The suppression list, or None while nobody was erased in this home (the store is not created by reading)."""
-    path = salt_path(governance_db)
-    if not path.exists() or not Path(governance_db).exists():
+    """The suppression list, or None while nobody was erased in this home (no governance file is created by reading).
+
+    Hashes without their salt cannot be matched: that is an error, never a silent "nobody is suppressed".
+    """
+    if not Path(governance_db).exists():
         return None
-    salt = _read_salt(path)
     with GovernanceStore(governance_db).read(SUPPRESSED) as con:
         hashes = frozenset(row[0] for row in con.execute("SELECT customer_hash FROM suppressed_customers"))
-    return Suppression(salt, hashes) if hashes else None
+    if not hashes:
+        return None
+    path = salt_path(governance_db)
+    if not path.exists():
+        raise GovernanceUnavailableError(
+            f"the governance store lists {len(hashes)} erased customers but the erasure salt {path} is missing: restore it from the home's backup"
+        )
+    return Suppression(_read_salt(path), hashes)
 
 
 def suppress(con, salt: str, customer_ids: Iterable[str], erasure_id: str, when: str) -> int:
