@@ -324,9 +324,10 @@ def erase(settings: Settings, customer_ids: Sequence[str], requested_by: str, re
         with GovernanceStore(settings.governance_db).transaction(SUPPRESSED) as gcon:
             suppress(gcon, salt, ids, erasure_id, when)
         with FileLock(str(staged_lock)):
-            # a scoring run that read a file before it was rewritten may write the customers back: one more pass catches it
+            # looked for again under the lock (a delivery staged meanwhile); a scoring run that read a file before it
+            # was rewritten may write the customers back: one more pass catches it
             for _ in range(2):
-                again = _held(con, _rewritable_files(settings)) if held else {}
+                again = _held(con, _rewritable_files(settings))
                 for path, (store, _rows) in again.items():
                     stores[store].files_rewritten += 1
                     stores[store].rows_removed += _rewrite(con, path)
