@@ -12,23 +12,26 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 from filelock import FileLock
 
+from tagml.compliance.suppression import load_suppression
 from tagml.core.settings import DEFAULT_TIMEZONE
 from tagml.core.storage import sql_literal, staged_path
 from tagml.features.contract import CUSTOMERS, PRODUCTS_TABLE, RAW_TABLES, TableSpec
-from tagml.features.raw import ContractError, Violation, bank_today
-from tagml.features.validation import StagedTable, ValidatedTable, validate_table, write_staged
+from tagml.features.raw import ContractError, RawSource, Violation, bank_today, open_source
+from tagml.features.validation import DuckDBRunner, SqlRunner, StagedTable, ValidatedTable, validate_source, write_staged
 
 # The current generation and the one before it: a reader that resolved the old link just before a
 # swap can finish reading it.
 KEEP_GENERATIONS = 2
 STALE_BUILD_SECONDS = 6 * 3600
+SUPPRESSED_VIEW = "suppressed_customer_hashes"
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,47 @@ class StagedDelivery:
     delivery_date: date
     generation: Path
     tables: dict[str, StagedTable]
+    suppressed_rows: dict[str, int] = field(default_factory=dict)  # table -> rows of erased customers dropped (counts only)
+
+
+@dataclass
+class Suppressor:
+    """Drops the rows of erased customers (tagml.compliance.suppression) from each delivered table before it is validated.
+
+    The list is read on first use, which is inside the staging lock (`stage_generation`): an erasure that
+    committed before the lock was taken is always seen. `register(hashes)` makes the hashes the engine's
+    view `SUPPRESSED_VIEW`; the hash itself is computed in the engine's SQL, the same on DuckDB and Spark.
+    """
+
+    governance_db: Path | None
+    runner: SqlRunner
+    register: Callable[[list[str]], None]
+    counts: dict[str, int] = field(default_factory=dict)
+    _salt: str | None = None
+    _loaded: bool = False
+
+    def _load(self) -> str | None:
+        if not self._loaded:
+            self._loaded = True
+            suppression = load_suppression(self.governance_db) if self.governance_db is not None else None
+            if suppression is not None:
+                self.register(sorted(suppression.hashes))
+                self._salt = suppression.salt
+        return self._salt
+
+    def apply(self, spec: TableSpec, source: RawSource | None) -> RawSource | None:
+        if source is None or "customer_id" not in source.column_types or self._load() is None:
+            return source
+        # the salt is 64 hex characters (checked when read); a NULL id is kept for the not_null rule to report
+        hashed = f"sha256({sql_literal(self._salt)} || TRY_CAST(customer_id AS VARCHAR))"
+        keep = f"customer_id IS NULL OR {hashed} NOT IN (SELECT customer_hash FROM {SUPPRESSED_VIEW})"
+        dropped = int(self.runner.rows(f"SELECT count(*) FROM {source.relation} WHERE NOT ({keep})")[0][0])
+        self.counts[spec.name] = dropped
+        if not dropped:
+            return source
+        view = f"unsuppressed_{spec.name}"
+        self.runner.create_view(view, f"SELECT * FROM {source.relation} WHERE {keep}")
+        return replace(source, relation=view)
 
 
 def generations_dir(staged_dir: Path) -> Path:
@@ -116,6 +160,7 @@ def stage_delivery(
     staged_dir: Path,
     delivery_date: date | None = None,
     timezone: str = DEFAULT_TIMEZONE,
+    governance_db: Path | None = None,
 ) -> StagedDelivery:
     """Validate every contract table of `raw_dir` and stage them all together, or none of them.
 
@@ -123,15 +168,20 @@ def stage_delivery(
     runs against the *delivered* customers; violations of every table are reported together. Only
     when all tables are valid does one atomic rename make the new generation current, so what was
     staged before stays byte-identical on any failure. `delivery_date` (default: today in
-    `timezone`) bounds every date: nothing may happen after the data was delivered.
+    `timezone`) bounds every date: nothing may happen after the data was delivered. The rows of customers
+    erased in the home of `governance_db` are dropped before validation (`Suppressor`).
     """
     delivery_date = delivery_date or bank_today(timezone)
+    runner = DuckDBRunner(con)
+    suppressor = Suppressor(governance_db, runner, lambda hashes: con.register(SUPPRESSED_VIEW, pa.table({"customer_hash": pa.array(hashes, pa.string())})))
 
     def validate(spec: TableSpec, staged: Mapping[str, Path]) -> ValidatedTable:
         known = {name: f"read_parquet({sql_literal(path)})" for name, path in staged.items()}
-        return validate_table(con, spec, raw_dir, delivery_date, known.get(CUSTOMERS.name), known.get(PRODUCTS_TABLE.name))
+        source = suppressor.apply(spec, open_source(con, spec, raw_dir))
+        return validate_source(runner, spec, source, delivery_date, known.get(CUSTOMERS.name), known.get(PRODUCTS_TABLE.name))
 
-    return stage_generation(staged_dir, delivery_date, validate, lambda valid, target: write_staged(con, valid, target))
+    delivery = stage_generation(staged_dir, delivery_date, validate, lambda valid, target: write_staged(con, valid, target))
+    return replace(delivery, suppressed_rows=suppressor.counts)
 
 
 def stage_generation(

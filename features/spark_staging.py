@@ -12,7 +12,7 @@ the file named, but without line numbers (Spark's parser has no rejects table).
 
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from tagml.core.storage import commit_parquet_parts
 from tagml.features.contract import CUSTOMERS, PRODUCTS_TABLE, TableSpec
-from tagml.features.delivery import StagedDelivery, stage_generation
+from tagml.features.delivery import SUPPRESSED_VIEW, StagedDelivery, Suppressor, stage_generation
 from tagml.features.portable_sql import to_spark_sql
 from tagml.features.raw import ContractError, RawSource, Violation, csv_header, locate_source, required_columns_present
 from tagml.features.validation import StagedTable, ValidatedTable, validate_source
@@ -124,9 +124,15 @@ def write_staged_spark(spark: "SparkSession", valid: ValidatedTable, target: Pat
     return StagedTable(valid.spec.name, target, rows, valid.source, valid.dropped_pii, valid.ignored_columns)
 
 
-def stage_delivery_spark(spark: "SparkSession", raw_dir: Path, staged_dir: Path, delivery_date: date) -> StagedDelivery:
-    """`tagml.features.delivery.stage_delivery` on Spark: every table validated and staged together, or none."""
+def stage_delivery_spark(spark: "SparkSession", raw_dir: Path, staged_dir: Path, delivery_date: date, governance_db: Path | None = None) -> StagedDelivery:
+    """`tagml.features.delivery.stage_delivery` on Spark: every table validated and staged together, or none;
+    erased customers' rows dropped by the same SQL."""
     runner = SparkRunner(spark)
+
+    def register(hashes: list[str]) -> None:
+        spark.createDataFrame([(h,) for h in hashes], "customer_hash string").createOrReplaceTempView(SUPPRESSED_VIEW)
+
+    suppressor = Suppressor(governance_db, runner, register)
 
     def validate(spec: TableSpec, staged: Mapping[str, Path]) -> ValidatedTable:
         known: dict[str, str] = {}
@@ -134,9 +140,11 @@ def stage_delivery_spark(spark: "SparkSession", raw_dir: Path, staged_dir: Path,
             if name in staged:
                 known[name] = f"staged_{name}"
                 spark.read.parquet(str(staged[name])).createOrReplaceTempView(known[name])
-        return validate_source(runner, spec, open_source_spark(spark, spec, raw_dir), delivery_date, known.get(CUSTOMERS.name), known.get(PRODUCTS_TABLE.name))
+        source = suppressor.apply(spec, open_source_spark(spark, spec, raw_dir))
+        return validate_source(runner, spec, source, delivery_date, known.get(CUSTOMERS.name), known.get(PRODUCTS_TABLE.name))
 
     def write(valid: ValidatedTable, target: Path) -> StagedTable:
         return write_staged_spark(spark, valid, target)
 
-    return stage_generation(staged_dir, delivery_date, validate, write)
+    delivery = stage_generation(staged_dir, delivery_date, validate, write)
+    return replace(delivery, suppressed_rows=suppressor.counts)

@@ -10,6 +10,7 @@ import dagster as dg
 
 from tagml.core.runtime import open_home
 from tagml.core.settings import Settings
+from tagml.orchestration.compliance_jobs import build_erasure_job
 from tagml.orchestration.feature_assets import build_customer_features_asset
 from tagml.orchestration.jobs import build_jobs, build_nightly_scoring_job, build_reevaluation_jobs
 from tagml.orchestration.maintenance import build_purge_job, build_purge_schedule
@@ -44,7 +45,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             build_customer_tags_asset(partitions, catalog),
             build_tag_drift_asset(partitions, catalog),
         ],
-        jobs=[*build_jobs(partitions, catalog), build_nightly_scoring_job(partitions, catalog), *reevaluation, purge],
+        jobs=[*build_jobs(partitions, catalog), build_nightly_scoring_job(partitions, catalog), *reevaluation, purge, build_erasure_job(settings)],
         schedules=[*build_schedules(settings, catalog), build_purge_schedule(settings, purge)],
         sensors=[build_reevaluation_sensor(catalog, reevaluation)],
         resources={

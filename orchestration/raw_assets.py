@@ -76,6 +76,7 @@ def raw_delivery(context: dg.AssetExecutionContext, config: RawDeliveryConfig, w
                 "generation": delivery.generation.name,
                 "pii_columns_dropped": list(staged.dropped_pii),
                 "ignored_columns": list(staged.ignored_columns),
+                "erased_rows_suppressed": delivery.suppressed_rows.get(name, 0),
             },
             check_results=[dg.AssetCheckResult(asset_key=raw_asset_name(name), check_name=CONTRACT_CHECK.name, passed=True, metadata={"rows": staged.rows})],
         )

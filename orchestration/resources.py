@@ -57,6 +57,7 @@ class WarehouseResource(dg.ConfigurableResource):
     timezone: str = Field(default=DEFAULT_TIMEZONE, description="The bank's timezone: a delivery's default date is today there.")
     engine: Literal["duckdb", "spark"] = Field(default="duckdb", description="Where staging, features and scoring run: duckdb or spark (TAGML_ENGINE).")
     spark_master: str = Field(default="local[2]", description="Spark master of the in-process driver: local[N], yarn, k8s://..., spark://...")
+    governance_db: str | None = Field(default=None, description="The governance store (TAGML_GOVERNANCE_DB): staging drops the rows of erased customers it lists.")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "WarehouseResource":
@@ -69,6 +70,7 @@ class WarehouseResource(dg.ConfigurableResource):
             timezone=settings.timezone,
             engine=settings.engine,
             spark_master=settings.spark_master,
+            governance_db=str(settings.governance_db),
         )
 
     @property
@@ -86,8 +88,12 @@ class WarehouseResource(dg.ConfigurableResource):
         if self.on_spark:
             from tagml.features.spark_staging import stage_delivery_spark
 
-            return stage_delivery_spark(self.spark(), self.raw_path, self.staged_dir, delivery_date)
-        return stage_delivery(con, self.raw_path, self.staged_dir, delivery_date)
+            return stage_delivery_spark(self.spark(), self.raw_path, self.staged_dir, delivery_date, self.governance_path)
+        return stage_delivery(con, self.raw_path, self.staged_dir, delivery_date, governance_db=self.governance_path)
+
+    @property
+    def governance_path(self) -> Path | None:
+        return Path(self.governance_db) if self.governance_db else None
 
     def build_features(self, con: duckdb.DuckDBPyConnection, as_of: date, target: Path) -> FeatureSnapshot:
         """The feature snapshot for `as_of`, computed on the engine and swapped into `target` only if its blocking checks pass."""

@@ -45,11 +45,13 @@ EXIT_CODES: dict[str, ExitCode] = {
     "tagml.scoring.rules.RuleInputError": ExitCode.CONFIG,
     "tagml.core.files.CorruptFileError": ExitCode.CONFIG,
     "tagml.orchestration.commands.UnknownPartitionError": ExitCode.NOT_FOUND,
-    "tagml.compliance.governance.GovernanceUnavailableError": ExitCode.UNAVAILABLE,
     "tagml.compliance.lifecycle.LifecycleError": ExitCode.USAGE,  # an illegal transition, four-eyes, a missing reason
     "tagml.compliance.consent.ConsentUnavailableError": ExitCode.CONFIG,  # a purpose needs consent and no consents table was delivered
     "tagml.compliance.consent.UnknownPurposeError": ExitCode.USAGE,
     "tagml.compliance.exports.ExportError": ExitCode.NOT_FOUND,  # an unknown tag, nothing published to export
+    "tagml.compliance.erasure.ErasureRequestError": ExitCode.USAGE,
+    "tagml.compliance.governance.GovernanceUnavailableError": ExitCode.UNAVAILABLE,
+    "tagml.compliance.scan.ScanError": ExitCode.UNAVAILABLE,
 }
 
 
