@@ -1,6 +1,7 @@
 """Registering a trained model as a tag's new challenger version: the version's lineage and contents as
 registry tags (read back by tagml.training.versions), its signature and the code version."""
 
+import hashlib
 import json
 import subprocess
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from tagml.training.dataset import TrainingSet
 from tagml.training.tracking import is_missing
 from tagml.training.versions import REGISTRATION_COMPLETE, REGISTRATION_PENDING, REGISTRATION_TAG, registered_model_name
 
+SNAPSHOT_HASH_TAG = "snapshot_sha256"  # the training snapshot's sha256 at registration: a later rewrite (e.g. an erasure) changes it
 PIP_REQUIREMENTS = ["scikit-learn>=1.6,<2", "xgboost>=3.0,<3.3", "pandas>=2.2,<3", "numpy>=2.0,<2.5"]
 
 
@@ -26,6 +28,15 @@ def code_version() -> str:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (a training snapshot: what a validator checks before reproducing a version)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def model_signature(data: TrainingSet, n_classes: int) -> ModelSignature:
@@ -62,6 +73,7 @@ def register_version(
         **extra_tags,
         "data_snapshot": home_relative(data.snapshot_path),
         "snapshot_id": data.snapshot_id,
+        SNAPSHOT_HASH_TAG: file_sha256(data.snapshot_path),
         "feature_list": json.dumps(list(data.feature_names)),
         "feature_types": json.dumps(data.feature_types or {n: ("categorical" if n in data.categorical else "numeric") for n in data.feature_names}),
         "classes": json.dumps(list(tag.classes)),
