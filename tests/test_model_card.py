@@ -5,6 +5,7 @@ overrides, and a validator reproduces the version's metrics from it."""
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -80,7 +81,10 @@ def test_every_registered_version_has_a_card_whose_numbers_are_the_runs_metrics(
         assert card["data"]["sha256"] and card["data"]["labels"]["sources"] == ["risk_questionnaire"]
         files = {a.path for a in client.list_artifacts(version.run_id, CARD_DIR)}
         assert {f"{CARD_DIR}/model_card.md", f"{CARD_DIR}/model_card.html", f"{CARD_DIR}/model_card.json"} <= files
-        assert {a.path for a in client.list_artifacts(version.run_id, f"{CARD_DIR}/revisions")} == {f"{CARD_DIR}/revisions/r1.md", f"{CARD_DIR}/revisions/r2.md"}
+        assert {a.path for a in client.list_artifacts(version.run_id, f"{CARD_DIR}/revisions")} == {
+            f"{CARD_DIR}/revisions/r1.md",
+            f"{CARD_DIR}/revisions/r2.md",
+        }
     second = read_card_record(client, "risk_appetite", trained["results"][1].version)
     assert second["comparison"]["champion"]["version"] == trained["results"][0].version
 
@@ -99,13 +103,13 @@ def test_the_card_holds_no_customer_id(trained):
     client, data = trained["client"], trained["data"]
     run_id = trained["results"][0].run_id
     local = client.download_artifacts(run_id, CARD_DIR, str(trained["root"] / "download"))
-    text = " ".join(p.read_text() for p in __import__("pathlib").Path(local).rglob("*") if p.is_file())
+    text = " ".join(p.read_text() for p in Path(local).rglob("*") if p.is_file())
     ids = set(data.frame["customer_id"].astype(str))
     assert text and not [i for i in ids if i in text]
 
 
 def test_overrides_appear_on_the_card_with_who_and_why(trained):
-    client, first, second = trained["client"], *trained["results"]
+    client, first = trained["client"], trained["results"][0]
     promote(client, "risk_appetite", first.version, by="validator-ana", reason="back to v1 while v2 is reviewed", force=True)
     card = build_model_card(client, "risk_appetite", first.version)
     assert any(h["by"] == "validator-ana" and h["version"] == first.version for h in card.record["overrides"])

@@ -23,11 +23,11 @@ class Section:
 
 
 def text(value: object) -> str:
-    """A value as card text: floats to 4 decimals, None as a dash."""
+    """A value as card text: floats to 4 decimals (whole ones as integers: counts), None as a dash."""
     if value is None:
         return "—"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4f}"
     return str(value)
 
 
