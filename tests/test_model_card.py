@@ -58,7 +58,7 @@ def trained(bank, bank_features, tmp_path_factory):
         seconds.append(result.seconds["model_card"] + time.perf_counter() - started)
         versions.append(result)
     print(f"model card seconds per version (at registration + after the gate): {[round(s, 2) for s in seconds]}")
-    return {"client": client, "tag": tag, "data": data, "results": versions, "root": root}
+    return {"client": client, "tag": tag, "data": data, "results": versions, "root": root, "uri": f"sqlite:///{root / 'mlflow.db'}"}
 
 
 def test_every_registered_version_has_a_card_whose_numbers_are_the_runs_metrics(trained):
@@ -140,3 +140,20 @@ def test_hostile_text_stays_text_in_both_renderings():
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "<script>" not in markdown and "\n# heading" not in markdown and "\\| col" in markdown
     assert json.dumps(hostile)  # the record keeps the text itself
+
+
+def test_the_card_command_prints_or_writes_a_versions_card(trained, tmp_path, monkeypatch, capsys):
+    from tagml.cli import main
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("TAGML_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
+    version = trained["results"][1].version
+    assert main(["card", "risk_appetite", "--version", version]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# Model card: tagml-risk_appetite version {version}") and "## Fairness slices" in out
+    assert main(["card", "risk_appetite", "--version", version, "--html", "--out", str(tmp_path / "card.html")]) == 0
+    assert (tmp_path / "card.html").read_text().startswith("<!doctype html>")
+    assert main(["card", "risk_appetite", "--version", "99"]) == 3  # not found: one line, its own code
+    assert "has no version 99" in capsys.readouterr().err

@@ -45,6 +45,8 @@ EXIT_CODES: dict[str, ExitCode] = {
     "tagml.scoring.rules.RuleInputError": ExitCode.CONFIG,
     "tagml.core.files.CorruptFileError": ExitCode.CONFIG,
     "tagml.orchestration.commands.UnknownPartitionError": ExitCode.NOT_FOUND,
+    "tagml.training.model_card.ModelCardError": ExitCode.NOT_FOUND,
+    "tagml.training.reproduce.ReproductionError": ExitCode.CONFIG,
 }
 
 
