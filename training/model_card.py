@@ -199,7 +199,8 @@ def _features(tags: Mapping[str, str], columns: Mapping[str, Mapping[str, Any]],
     return {
         "used": [{"name": n, "kind": kinds.get(n)} for n in _json(tags.get("feature_list"), [])],
         "excluded": excluded,
-        "pii_dropped_at_staging": {t.name: list(t.pii_columns) for t in RAW_TABLES if t.pii_columns},
+        # how many, not which: the names are in the data contract, and no PII column name needs to reach MLflow
+        "pii_dropped_at_staging": {t.name: len(t.pii_columns) for t in RAW_TABLES if t.pii_columns},
         "leakage": {"max_single_feature_auc": (entry.get("leakage") or {}).get("max_single_feature_auc"), "highest": scored[:5]},
     }
 

@@ -82,7 +82,7 @@ def _data(data: Mapping[str, Any]) -> Section:
 def _features(features: Mapping[str, Any]) -> Section:
     used = ", ".join(f"{f['name']} ({f['kind']})" for f in features["used"])
     excluded = Table(("excluded column", "reason"), tuple((e["column"], e["reason"]) for e in features["excluded"]))
-    pii = "; ".join(f"{t}: {', '.join(cols)}" for t, cols in features["pii_dropped_at_staging"].items())
+    pii = "; ".join(f"{n} column(s) of {t}" for t, n in features["pii_dropped_at_staging"].items()) + " (named in the data contract, docs/DATA_CONTRACT.md)"
     leakage = features["leakage"]
     highest = ", ".join(f"{c} {auc:.3f}" for c, auc in leakage["highest"]) or NOT_RECORDED
     return Section(
