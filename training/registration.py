@@ -73,7 +73,6 @@ def register_version(
         **extra_tags,
         "data_snapshot": home_relative(data.snapshot_path),
         "snapshot_id": data.snapshot_id,
-        SNAPSHOT_HASH_TAG: file_sha256(data.snapshot_path),
         "feature_list": json.dumps(list(data.feature_names)),
         "feature_types": json.dumps(data.feature_types or {n: ("categorical" if n in data.categorical else "numeric") for n in data.feature_names}),
         "classes": json.dumps(list(tag.classes)),
@@ -82,6 +81,8 @@ def register_version(
         "promotion_metric": tag.promotion.metric,
         f"test_{tag.promotion.metric}": f"{metrics[tag.promotion.metric]:.6f}",
     }
+    if data.snapshot_path.exists():  # a training set built in memory (tests) has no file to hash
+        tags[SNAPSHOT_HASH_TAG] = file_sha256(data.snapshot_path)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_model_version_tag(name, version, REGISTRATION_TAG, REGISTRATION_COMPLETE)  # last: everything above is in place
