@@ -9,6 +9,7 @@ only names, counts and aggregates.
 """
 
 import json
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 CARD_DIR, EVIDENCE_DIR, FAIRNESS_DIR = "model_card", "evidence", "fairness"
 CARD_REVISION_TAG, CARD_GATE_TAG, CARD_AT_TAG = "model_card.revision", "model_card.gate", "model_card.generated_at"
 PENDING = "pending"
+TAG_NAME = re.compile(r"[a-z][a-z0-9_]*")  # the catalog's tag name pattern
 
 
 class ModelCardError(RuntimeError):
@@ -274,6 +276,8 @@ def card_version(client: MlflowClient, tag: str, version: str | None) -> str:
     """`version`, or the champion's, or the newest version's when there is no champion (ModelCardError if none)."""
     if version is not None:
         return str(version)
+    if not TAG_NAME.fullmatch(tag):  # it goes into a registry search filter below
+        raise ModelCardError(f"{tag!r} is not a tag name (lowercase letters, digits and '_')")
     name = registered_model_name(tag)
     try:
         return str(client.get_model_version_by_alias(name, CHAMPION).version)

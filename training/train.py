@@ -200,7 +200,9 @@ def _train(
         against_baseline = _against_baseline(fit, proba, threshold, baseline) if baseline is not None and chosen is not baseline else None
         started = time.perf_counter()
         _log_evaluation(fit, chosen.pipeline, proba, slice_values, threshold)
+        evidence_started = time.perf_counter()
         record_evidence(fit, proba, threshold, {"seed": seed, "threads": threads, "trials": trials or tag.model.trials, "slices": dict(slices)}, demographics)
+        fit.add_time("evidence", evidence_started)
         logged, version = register(fit, model, metrics, chosen, baseline_metrics, threshold, against_baseline)
         fit.add_time("logging", started)
         started = time.perf_counter()
