@@ -6,9 +6,11 @@ from datetime import date
 from typing import Any
 
 import dagster as dg
+from mlflow.tracking import MlflowClient
 from pydantic import Field
 
 from tagml.core.settings import home_relative, resolve_home_path
+from tagml.monitoring.stability import score_stability
 from tagml.orchestration.raw_assets import raw_asset_name
 from tagml.orchestration.resources import MlflowResource, WarehouseResource
 from tagml.scoring.rules import slice_expressions
@@ -22,6 +24,8 @@ from tagml.training.dataset import (
     load_training_set,
 )
 from tagml.training.evaluate import slice_sources
+from tagml.training.fairness import load_demographics
+from tagml.training.model_card import ModelCard, card_location, log_model_card
 from tagml.training.registry import GateDecision, apply_gate, evaluate_gate
 from tagml.training.tracking import model_version_url, run_url, ui_base_url
 from tagml.training.train import TrainResult, train_tag
@@ -130,11 +134,15 @@ def _tag_model_asset(tag: TagSpec, catalog: Catalog) -> dg.AssetsDefinition:
             threads=warehouse.threads,
             trials=config.trials,
             run_tags={"dagster_run_id": context.run.run_id},
+            demographics=load_demographics(warehouse.staged_dir),  # the fairness slices' gender and age, never features
         )
         decision = apply_gate(client, evaluate_gate(client, tag, result.version, data, slices))
         context.log.info(decision.summary())
+        # the card's next revision, now with the gate's decision and the score stability against the newest features
+        card = log_model_card(client, tag.name, result.version, score_stability(client, tag, result.version, warehouse.layout.customer_features))
         ui = ui_base_url(mlflow_store.tracking_uri, mlflow_store.ui_url)
-        yield dg.MaterializeResult(metadata=_model_metadata(tag, result, ui), check_results=[_gate_check_result(decision)])
+        metadata = {**_model_metadata(tag, result, ui), **_card_metadata(client, tag, card)}
+        yield dg.MaterializeResult(metadata=metadata, check_results=[_gate_check_result(decision)])
 
     return tag_model
 
@@ -153,6 +161,13 @@ def _model_metadata(tag: TagSpec, result: TrainResult, ui: str) -> dict[str, Any
         "best_params": dg.MetadataValue.json(result.best_params),
         "seconds": dg.MetadataValue.json({k: round(v, 1) for k, v in result.seconds.items()}),
     }
+
+
+def _card_metadata(client: MlflowClient, tag: TagSpec, card: ModelCard) -> dict[str, Any]:
+    """Where the version's model card is (the run's artifacts), and which revision and gate decision it shows."""
+    location = card_location(client, tag.name, card.version)
+    link = dg.MetadataValue.url(location) if "://" in location and not location.startswith("file:") else dg.MetadataValue.path(location.removeprefix("file://"))
+    return {"model_card": link, "model_card_revision": card.revision, "model_card_gate": card.record["gate"]["decision"]}
 
 
 def _gate_check_result(decision: GateDecision) -> dg.AssetCheckResult:

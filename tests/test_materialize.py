@@ -2,6 +2,7 @@
 
 import shutil
 from datetime import date
+from pathlib import Path
 
 import dagster as dg
 import pyarrow.parquet as pq
@@ -116,6 +117,10 @@ def test_training_job_trains_registers_and_gates_one_tag(home):
     registered = client.get_model_version("tagml-risk_appetite", version)
     assert registered.tags["gate.decision"] == gate.metadata["decision"].value
     assert registered.tags["data_snapshot"] == str(materialized["risk_appetite/training_set"]["snapshot_path"].value)
+    # the version's model card, re-logged after the gate, is linked from the materialization
+    model = materialized["risk_appetite/tag_model"]
+    assert model["model_card_revision"].value == 2 and model["model_card_gate"].value == gate.metadata["decision"].value
+    assert Path(model["model_card"].value).is_file()
     # the run fails only when a blocking gate fails with no champion to fall back on
     assert result.success == (gate.passed or gate.severity.value == "WARN")
 

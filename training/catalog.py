@@ -305,6 +305,8 @@ class SuitabilitySpec(_Strict):
 class TagSpec(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
     description: str
+    intended_use: str | None = Field(None, description="what the tag may be used for (the model card's intended use)")
+    limitations: str | None = Field(None, description="what it must not be used for, and known weaknesses (the model card's limits)")
     kind: Literal["rule", "model"]
     classes: tuple[str, ...] = Field(min_length=2)
     ordinal: bool = False

@@ -2,7 +2,7 @@
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -120,6 +120,55 @@ def improvement_interval(
     return {"improvement": float(point), "low": low, "high": high, "level": BOOTSTRAP_LEVEL, "draws": len(draws)}
 
 
+INTERVAL_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "log_loss", "roc_auc_ovr")  # the card's overall intervals
+
+
+def metric_interval(
+    y: np.ndarray,
+    proba: np.ndarray,
+    n_classes: int,
+    metric: str,
+    threshold: float | None = None,
+    seed: int = 0,
+    score: Callable[[np.ndarray, np.ndarray], float] | None = None,
+) -> dict[str, float]:
+    """`metric` on these rows with its percentile bootstrap interval (BOOTSTRAP_DRAWS resamples, BOOTSTRAP_LEVEL);
+    `score(y, proba)` replaces the metric (a slice's own macro F1). Resamples lacking a class AUC needs are skipped."""
+    measure = score or (lambda yy, pp: metric_value(yy, pp, n_classes, metric, threshold))
+    point = measure(y, proba)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(BOOTSTRAP_DRAWS):
+        rows = rng.integers(0, len(y), len(y))
+        if metric == "roc_auc_ovr" and len(np.unique(y[rows])) < len(np.unique(y)):
+            continue
+        draws.append(measure(y[rows], proba[rows]))
+    draws = [d for d in draws if np.isfinite(d)]
+    tail = (1 - BOOTSTRAP_LEVEL) / 2
+    low, high = (float(np.quantile(draws, q)) for q in (tail, 1 - tail)) if draws else (float(point), float(point))
+    return {"value": float(point), "low": low, "high": high, "level": BOOTSTRAP_LEVEL, "draws": len(draws)}
+
+
+def reliability_bins(y: np.ndarray, proba: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """The top-label reliability table behind `expected_calibration_error`: per non-empty confidence bin its
+    range, rows, mean confidence and observed accuracy."""
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    return [
+        {
+            "low": float(edges[b]),
+            "high": float(edges[b + 1]),
+            "rows": int(mask.sum()),
+            "confidence": float(confidence[mask].mean()),
+            "accuracy": float(correct[mask].mean()),
+        }
+        for b in range(bins)
+        if (mask := which == b).any()
+    ]
+
+
 def core_metrics(y: np.ndarray, proba: np.ndarray, n_classes: int, threshold: float | None = None) -> dict[str, float]:
     """Every metric; the class-decision ones (macro_f1, accuracy, balanced_accuracy) at a binary tag's `threshold`."""
     pred = decide(proba, threshold)
@@ -228,7 +277,7 @@ def slices(frame: pd.DataFrame, expressions: Mapping[str, str]) -> dict[str, pd.
     return {name: values[name].set_axis(frame.index) for name in expressions}
 
 
-def _slice_score(y: np.ndarray, proba: np.ndarray, metric: str, n_classes: int, threshold: float | None) -> float:
+def slice_score(y: np.ndarray, proba: np.ndarray, metric: str, n_classes: int, threshold: float | None) -> float:
     if metric == "macro_f1":
         # averaged over the classes that occur in the slice: retirees are rarely young families
         return float(f1_score(y, decide(proba, threshold), average="macro", labels=np.unique(y), zero_division=0))
@@ -251,7 +300,32 @@ def slice_metrics(
         for value in sorted(values.unique()):
             mask = (values == value).to_numpy()
             if mask.sum() >= min_rows:
-                out[f"{name}={value}"] = _slice_score(y[mask], proba[mask], metric, n_classes, threshold)
+                out[f"{name}={value}"] = slice_score(y[mask], proba[mask], metric, n_classes, threshold)
+    return out
+
+
+def slice_intervals(
+    frame: pd.DataFrame,
+    y: np.ndarray,
+    proba: np.ndarray,
+    metric: str,
+    n_classes: int,
+    expressions: Mapping[str, str],
+    threshold: float | None = None,
+    seed: int = 0,
+    min_rows: int = 30,
+) -> dict[str, dict[str, float]]:
+    """`slice_metrics` with each value's bootstrap interval and rows (the same slices, the same score)."""
+    out = {}
+
+    def score(yy: np.ndarray, pp: np.ndarray) -> float:
+        return slice_score(yy, pp, metric, n_classes, threshold)
+
+    for name, values in slices(frame, expressions).items():
+        for value in sorted(values.unique()):
+            mask = (values == value).to_numpy()
+            if mask.sum() >= min_rows:
+                out[f"{name}={value}"] = {**metric_interval(y[mask], proba[mask], n_classes, metric, threshold, seed, score), "rows": int(mask.sum())}
     return out
 
 

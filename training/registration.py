@@ -1,6 +1,7 @@
 """Registering a trained model as a tag's new challenger version: the version's lineage and contents as
 registry tags (read back by tagml.training.versions), its signature and the code version."""
 
+import hashlib
 import json
 import subprocess
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from tagml.training.dataset import TrainingSet
 from tagml.training.tracking import is_missing
 from tagml.training.versions import REGISTRATION_COMPLETE, REGISTRATION_PENDING, REGISTRATION_TAG, registered_model_name
 
+SNAPSHOT_HASH_TAG = "snapshot_sha256"  # the training snapshot's sha256 at registration: a later rewrite (e.g. an erasure) changes it
 PIP_REQUIREMENTS = ["scikit-learn>=1.6,<2", "xgboost>=3.0,<3.3", "pandas>=2.2,<3", "numpy>=2.0,<2.5"]
 
 
@@ -26,6 +28,15 @@ def code_version() -> str:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (a training snapshot: what a validator checks before reproducing a version)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def model_signature(data: TrainingSet, n_classes: int) -> ModelSignature:
@@ -70,6 +81,8 @@ def register_version(
         "promotion_metric": tag.promotion.metric,
         f"test_{tag.promotion.metric}": f"{metrics[tag.promotion.metric]:.6f}",
     }
+    if data.snapshot_path.exists():  # a training set built in memory (tests) has no file to hash
+        tags[SNAPSHOT_HASH_TAG] = file_sha256(data.snapshot_path)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_model_version_tag(name, version, REGISTRATION_TAG, REGISTRATION_COMPLETE)  # last: everything above is in place

@@ -34,6 +34,7 @@ from tagml.training.evaluate import (
     slice_metric_name,
     slice_metrics,
 )
+from tagml.training.model_card import log_model_card, record_evidence
 from tagml.training.models import build_pipeline
 from tagml.training.registration import PIP_REQUIREMENTS, code_version, model_signature, register_version
 from tagml.training.tracking import (
@@ -81,6 +82,7 @@ def train_tag(
     run_tags: Mapping[str, str] | None = None,
     lock_dir: Path | None = None,
     lock_timeout_seconds: float = 0,
+    demographics: pd.DataFrame | None = None,
 ) -> TrainResult:
     """Tune, fit, calibrate, evaluate, log and register a model for `tag`; the new version becomes `challenger`.
 
@@ -88,13 +90,15 @@ def train_tag(
     training set's features): the test metric is also measured per slice value and logged.
     `artifact_location` applies to local stores only (a server chooses its own artifact store).
     `run_tags` (e.g. the Dagster run id) go on the MLflow runs and the model version. One training of a tag
-    runs at a time per store: a second one waits `lock_timeout_seconds`, then fails by name."""
+    runs at a time per store: a second one waits `lock_timeout_seconds`, then fails by name. `demographics`
+    (tagml.training.fairness.load_demographics) gives the fairness slices their gender and birth date; the version's
+    model card is logged with it (tagml.training.model_card)."""
     assert tag.model is not None
     tracking_uri = client.tracking_uri
     with training_lock(tracking_uri, tag.name, lock_dir, lock_timeout_seconds):
         experiment_id = _experiment(client, tag.name, artifact_location if is_local_store(tracking_uri) else None)
         mark_stale_runs(client, experiment_id, local=is_local_store(tracking_uri))
-        return _train(client, tag, data, slices, experiment_id, seed, threads, trials, dict(run_tags or {}))
+        return _train(client, tag, data, slices, experiment_id, seed, threads, trials, dict(run_tags or {}), demographics)
 
 
 def _experiment(client: MlflowClient, tag: str, artifact_location: str | None) -> str:
@@ -168,6 +172,7 @@ def _train(
     threads: int,
     trials: int | None,
     run_tags: dict[str, str],
+    demographics: pd.DataFrame | None,
 ) -> TrainResult:
     assert tag.model is not None
     with tracked_run(client, experiment_id, f"{tag.name}-train", {**run_tags, **owner_tags()}) as parent_id:
@@ -195,8 +200,14 @@ def _train(
         against_baseline = _against_baseline(fit, proba, threshold, baseline) if baseline is not None and chosen is not baseline else None
         started = time.perf_counter()
         _log_evaluation(fit, chosen.pipeline, proba, slice_values, threshold)
+        evidence_started = time.perf_counter()
+        record_evidence(fit, proba, threshold, {"seed": seed, "threads": threads, "trials": trials or tag.model.trials, "slices": dict(slices)}, demographics)
+        fit.add_time("evidence", evidence_started)
         logged, version = register(fit, model, metrics, chosen, baseline_metrics, threshold, against_baseline)
         fit.add_time("logging", started)
+        started = time.perf_counter()
+        log_model_card(client, tag.name, version)
+        fit.add_time("model_card", started)
         log_metrics(client, parent_id, {f"seconds_{k}": v for k, v in fit.timings.items()})
     return TrainResult(
         tag.name,

@@ -52,6 +52,8 @@ EXIT_CODES: dict[str, ExitCode] = {
     "tagml.compliance.erasure.ErasureRequestError": ExitCode.USAGE,
     "tagml.compliance.governance.GovernanceUnavailableError": ExitCode.UNAVAILABLE,
     "tagml.compliance.scan.ScanError": ExitCode.UNAVAILABLE,
+    "tagml.training.model_card.ModelCardError": ExitCode.NOT_FOUND,
+    "tagml.training.reproduce.ReproductionError": ExitCode.CONFIG,
 }
 
 
