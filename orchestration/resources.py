@@ -57,7 +57,9 @@ class WarehouseResource(dg.ConfigurableResource):
     timezone: str = Field(default=DEFAULT_TIMEZONE, description="The bank's timezone: a delivery's default date is today there.")
     engine: Literal["duckdb", "spark"] = Field(default="duckdb", description="Where staging, features and scoring run: duckdb or spark (TAGML_ENGINE).")
     spark_master: str = Field(default="local[2]", description="Spark master of the in-process driver: local[N], yarn, k8s://..., spark://...")
-    governance_db: str | None = Field(default=None, description="The governance store (TAGML_GOVERNANCE_DB): staging drops the rows of erased customers it lists.")
+    governance_db: str | None = Field(
+        default=None, description="The governance store (TAGML_GOVERNANCE_DB): staging drops the rows of erased customers it lists."
+    )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "WarehouseResource":

@@ -258,7 +258,14 @@ def evaluate_gate(client: MlflowClient, tag: TagSpec, challenger: str, data: Tra
         metric=metric,
         challenger_metric=scores[metric],
         champion_metric=champion_score,
-        checks={"metrics": scores, "slices": slice_scores, "never_predicted": never, "baseline": baseline_checks, "decision_threshold": threshold, "champion": {"version": current, metric: champion_score}},
+        checks={
+            "metrics": scores,
+            "slices": slice_scores,
+            "never_predicted": never,
+            "baseline": baseline_checks,
+            "decision_threshold": threshold,
+            "champion": {"version": current, metric: champion_score},
+        },
     )
 
 
