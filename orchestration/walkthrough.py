@@ -223,3 +223,62 @@ def feature_snapshot_shape(settings: Settings, as_of: date) -> tuple[Any, int, i
     path = WarehouseLayout(settings.warehouse_dir).customer_features.path(as_of)
     meta = pq.read_metadata(path)
     return path, meta.num_rows, meta.num_columns - 2  # customer_id and as_of are not features
+
+
+@dataclass(frozen=True)
+class ComplianceDemo:
+    """What the demo's compliance step did, as plain data: the tags it published, one suitability mismatch,
+    and one purpose-marked export with its consent exclusions."""
+
+    published: list[str]
+    mismatch: dict[str, Any] | None
+    export: dict[str, Any]
+    manifest: str
+    seconds: float
+
+
+# the demo plays two people: four-eyes forbids the approver of a tag from publishing it too
+DEMO_APPROVER, DEMO_PUBLISHER = "model-validation", "tag-owner"
+
+
+def run_compliance_demo(settings: Settings, as_of: date) -> ComplianceDemo:
+    """Approve and publish the catalog's tags, find a suitability mismatch and export the partition for marketing with consent."""
+    from contextlib import closing
+
+    from tagml.compliance import lifecycle
+    from tagml.compliance.exports import ExportSources, export_tags, manifest_path
+    from tagml.compliance.governance import GovernanceStore
+    from tagml.core.storage import connect
+    from tagml.scoring.store import ParquetTagStore
+    from tagml.scoring.suitability import suitability_mismatch
+
+    started = time.perf_counter()
+    governance = GovernanceStore(settings.governance_db)
+    catalog = load_catalog(settings.catalog_path)
+    for spec in catalog.tags:
+        current = lifecycle.statuses(governance, catalog)[spec.name].status
+        if current == lifecycle.DRAFT:
+            lifecycle.approve(governance, spec, by=DEMO_APPROVER, reason="demo bank: validated on the synthetic bank's test set")
+        if current != lifecycle.PUBLISHED:
+            lifecycle.publish(governance, spec, by=DEMO_PUBLISHER, reason="demo bank")
+    out = settings.home / "exports" / f"marketing_{as_of.isoformat()}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with closing(connect(settings.threads, settings.duckdb_memory_limit)) as con:
+        mismatch = suitability_mismatch(con, ParquetTagStore.in_warehouse(settings.warehouse_dir).partition_path(as_of))
+        record = export_tags(con, ExportSources.from_settings(settings), purpose="marketing", out=out, by=DEMO_PUBLISHER, as_of=as_of)
+    published = [spec.name for spec in catalog.tags]
+    return ComplianceDemo(published, mismatch, record.as_dict(), str(manifest_path(out)), time.perf_counter() - started)
+
+
+def erase_demo_customer(settings: Settings, as_of: date, keep: set[str]) -> dict[str, Any]:
+    """Erase one customer of the `as_of` partition not in `keep` (the customers the demo showed) and return the receipt."""
+    from contextlib import closing
+
+    from tagml.compliance.erasure import erase
+    from tagml.core.storage import connect
+    from tagml.scoring.store import ParquetTagStore
+
+    partition = ParquetTagStore.in_warehouse(settings.warehouse_dir).partition_path(as_of)
+    with closing(connect(settings.threads, settings.duckdb_memory_limit)) as con:
+        row = con.execute("SELECT max(customer_id) FROM read_parquet(?) WHERE NOT list_contains(?, customer_id)", [str(partition), sorted(keep)]).fetchone()
+    return erase(settings, [row[0]], requested_by="privacy-office", reason="demo: a customer's erasure request (PIPL Art. 47)").to_dict()
