@@ -20,9 +20,9 @@ import duckdb
 import pyarrow as pa
 from filelock import FileLock
 
-from tagml.compliance.suppression import load_suppression
 from tagml.core.settings import DEFAULT_TIMEZONE
 from tagml.core.storage import sql_literal, staged_path
+from tagml.core.suppression import load_suppression
 from tagml.features.contract import CUSTOMERS, PRODUCTS_TABLE, RAW_TABLES, TableSpec
 from tagml.features.raw import ContractError, RawSource, Violation, bank_today, open_source
 from tagml.features.validation import DuckDBRunner, SqlRunner, StagedTable, ValidatedTable, validate_source, write_staged
@@ -46,7 +46,7 @@ class StagedDelivery:
 
 @dataclass
 class Suppressor:
-    """Drops the rows of erased customers (tagml.compliance.suppression) from each delivered table before it is validated.
+    """Drops the rows of erased customers (tagml.core.suppression) from each delivered table before it is validated.
 
     The list is read on first use, which is inside the staging lock (`stage_generation`): an erasure that
     committed before the lock was taken is always seen. `register(hashes)` makes the hashes the engine's

@@ -247,7 +247,7 @@ def run_compliance_demo(settings: Settings, as_of: date) -> ComplianceDemo:
 
     from tagml.compliance import lifecycle
     from tagml.compliance.exports import ExportSources, export_tags, manifest_path
-    from tagml.compliance.governance import GovernanceStore
+    from tagml.core.governance import GovernanceStore
     from tagml.core.storage import connect
     from tagml.scoring.store import ParquetTagStore
     from tagml.scoring.suitability import suitability_mismatch

@@ -156,7 +156,7 @@ def publish_tags(settings, names: tuple[str, ...] | None = None) -> None:
     """Approve and publish catalog tags through the real lifecycle (two people: four-eyes), so that lookups and exports
     show them; tags already published are left as they are."""
     from tagml.compliance import lifecycle
-    from tagml.compliance.governance import GovernanceStore
+    from tagml.core.governance import GovernanceStore
     from tagml.training.catalog import load_catalog
 
     catalog, governance = load_catalog(settings.catalog_path), GovernanceStore(settings.governance_db)

@@ -17,7 +17,7 @@ from tagml.cli.lookup import ExportPurpose
 from tagml.compliance import lifecycle
 from tagml.compliance.consent import EXPORT_PURPOSES, ConsentUnavailableError, consent_states_sql
 from tagml.compliance.exports import ExportError, ExportSources, export_tags, manifest_path, recorded_exports
-from tagml.compliance.governance import GovernanceStore, GovernanceUnavailableError
+from tagml.core.governance import GovernanceStore, GovernanceUnavailableError
 from tagml.core.storage import sql_literal, staged_path
 from tagml.scoring.lookup import customer_tags
 from tagml.scoring.store import ParquetTagStore

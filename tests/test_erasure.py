@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from tagml.compliance.erasure import REQUESTS_DIR, REWRITTEN_STORES, ErasureRequestError, erase
-from tagml.compliance.governance import GovernanceStore, GovernanceUnavailableError
 from tagml.compliance.scan import id_pattern, scan_for_customers
-from tagml.compliance.suppression import SUPPRESSED, customer_hash, home_salt, load_suppression, suppress
+from tagml.core.governance import GovernanceStore, GovernanceUnavailableError
 from tagml.core.settings import Settings
 from tagml.core.storage import sql_literal
+from tagml.core.suppression import SUPPRESSED, customer_hash, home_salt, load_suppression, suppress
 from tagml.features.contract import RAW_TABLES
 from tagml.features.delivery import stage_delivery
 from tagml.training.versions import registered_model_name

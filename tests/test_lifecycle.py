@@ -9,8 +9,8 @@ import pytest
 from tagml.cli import main
 from tagml.cli.errors import ExitCode
 from tagml.compliance import lifecycle
-from tagml.compliance.governance import GovernanceStore
 from tagml.compliance.lifecycle import FourEyesError, LifecycleError
+from tagml.core.governance import GovernanceStore
 from tagml.core.settings import Settings
 from tagml.training.catalog import load_catalog
 from tagml.training.tracking import connect_tracking

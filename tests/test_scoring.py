@@ -362,7 +362,7 @@ def test_an_expired_questionnaire_stays_visible_but_never_counts_as_observed(wor
     # over every customer: only a valid assessment is ever observed, and customers without one say so
     assert ((risk.assessment == "valid") == (risk.source == "observed")).all()
     assert set(risk.assessment) == {"valid", "expired", "none"} and risk.assessed_on.isna().eq(risk.assessment == "none").all()
-    print_tags(customer_tags(world["con"], store, expired_id))
+    print_tags(customer_tags(world["con"], store, expired_id, published=["risk_appetite"]))
     assert f"assessment C1 of {expired_on:%Y-%m-%d} expired, inferred {old.inferred_value}" in capsys.readouterr().out
 
 

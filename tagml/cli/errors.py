@@ -50,7 +50,7 @@ EXIT_CODES: dict[str, ExitCode] = {
     "tagml.compliance.consent.UnknownPurposeError": ExitCode.USAGE,
     "tagml.compliance.exports.ExportError": ExitCode.NOT_FOUND,  # an unknown tag, nothing published to export
     "tagml.compliance.erasure.ErasureRequestError": ExitCode.USAGE,
-    "tagml.compliance.governance.GovernanceUnavailableError": ExitCode.UNAVAILABLE,
+    "tagml.core.governance.GovernanceUnavailableError": ExitCode.UNAVAILABLE,
     "tagml.compliance.scan.ScanError": ExitCode.UNAVAILABLE,
     "tagml.training.model_card.ModelCardError": ExitCode.NOT_FOUND,
     "tagml.training.reproduce.ReproductionError": ExitCode.CONFIG,

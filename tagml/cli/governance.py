@@ -16,7 +16,7 @@ def printable(text: str) -> str:
 
 
 def _governance(settings):
-    from tagml.compliance.governance import GovernanceStore
+    from tagml.core.governance import GovernanceStore
 
     return GovernanceStore(settings.governance_db)
 

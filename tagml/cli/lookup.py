@@ -31,8 +31,8 @@ class ExportPurpose(str, Enum):
 
 def customer_tags(settings: Settings, customer_id: str, as_of: date | None, lineage: bool) -> dict[str, Any]:
     """One customer's published tags as plain data (printed as text or JSON); MLflow is opened only for a model tag's lineage."""
-    from tagml.compliance.governance import GovernanceStore
     from tagml.compliance.lifecycle import published_tags
+    from tagml.core.governance import GovernanceStore
     from tagml.scoring.lookup import customer_tags as lookup
     from tagml.scoring.store import ParquetTagStore
     from tagml.training.catalog import load_catalog

@@ -32,8 +32,8 @@ def catalog_command(
 ) -> None:
     """The tag dictionary: each tag's owner, meaning, classes, kind, source, refresh, sensitivity, lifecycle status and current producer."""
     from tagml.compliance.dictionary import REGISTRY_UNAVAILABLE, dictionary_markdown, tag_dictionary
-    from tagml.compliance.governance import GovernanceStore, utc_now
     from tagml.compliance.lifecycle import statuses
+    from tagml.core.governance import GovernanceStore, utc_now
     from tagml.training.catalog import load_catalog
 
     settings = load_settings()

@@ -29,6 +29,8 @@ def current_champions(client: "MlflowClient", catalog: Catalog) -> dict[str, str
 
 def source_of(spec: TagSpec) -> str:
     """Model tags: their label sources and feature source; rule tags: the features their bands read."""
+    if spec.suitability is not None:
+        return f"suitability: the staged holdings and products against the valid {spec.suitability.assessment_tag} assessment"
     if spec.kind == "rule":
         return f"rule over {', '.join(rule_columns(spec))}"
     assert spec.label is not None

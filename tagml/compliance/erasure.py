@@ -5,7 +5,7 @@ leaves the customers suppressed (a re-run finishes the job):
 
 1. find every Parquet file of the warehouse and drift directory holding the customers, and the
    registered model versions trained on a training snapshot that held them (before it is rewritten);
-2. add the customers' salted hashes to the suppression list (tagml.compliance.suppression): from the
+2. add the customers' salted hashes to the suppression list (tagml.core.suppression): from the
    commit on, no staging brings them back from the bank's raw directory;
 3. holding the staging lock (no delivery is staged meanwhile), rewrite each file that holds them
    without their rows, atomically (readers see the old file or the new one); remove the Evidently
@@ -30,7 +30,6 @@ from typing import Any
 import duckdb
 from filelock import FileLock
 
-from tagml.compliance.governance import GovernanceStore, Table, utc_now
 from tagml.compliance.scan import (
     REQUESTS_DIR,
     UNVERIFIED_STORES,
@@ -43,9 +42,10 @@ from tagml.compliance.scan import (
     scan_home,
     store_files,
 )
-from tagml.compliance.suppression import SUPPRESSED, home_salt, suppress
+from tagml.core.governance import GovernanceStore, Table, utc_now
 from tagml.core.settings import Settings
 from tagml.core.storage import PARTITION_FILE, WarehouseLayout, atomic_replace, connect, sql_literal, write_parquet_atomically
+from tagml.core.suppression import SUPPRESSED, home_salt, suppress
 from tagml.features.delivery import generations_dir
 
 RECEIPTS_DIR = "erasures"

@@ -18,7 +18,7 @@ import duckdb
 
 from tagml.compliance import lifecycle
 from tagml.compliance.consent import check_purpose, exclusions_sql, needs_consent
-from tagml.compliance.governance import GovernanceStore, Table, utc_now
+from tagml.core.governance import GovernanceStore, Table, utc_now
 from tagml.core.settings import Settings
 from tagml.core.storage import WarehouseLayout, atomic_replace, sql_literal
 from tagml.scoring.store import ParquetTagStore, TagStore

@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Mapping
 from dataclasses import astuple, dataclass
 
-from tagml.compliance.governance import GovernanceStore, Table, utc_now
+from tagml.core.governance import GovernanceStore, Table, utc_now
 from tagml.training.catalog import Catalog, TagSpec
 
 DRAFT, APPROVED, PUBLISHED, RETIRED = "draft", "approved", "published", "retired"

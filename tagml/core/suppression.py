@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tagml.compliance.governance import GovernanceStore, GovernanceUnavailableError, Table
+from tagml.core.governance import GovernanceStore, GovernanceUnavailableError, Table
 
 SALT_FILE = "erasure.salt"
 SALT = re.compile(r"^[0-9a-f]{64}$")
