@@ -10,8 +10,12 @@ from datetime import date
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from tagml.core.storage import glob_literal, quote, sql_literal, write_parquet_atomically
+from tagml.core.suppression import Suppression
+
+SUPPRESSED_OWN_VIEW = "suppressed_own_customers"
 
 
 def table_relation(path: str) -> str:
@@ -30,8 +34,20 @@ class OwnTableSnapshotError(ValueError):
     """A BYO table cannot give the feature snapshot of an as_of (named tag, file and column); nothing was written."""
 
 
-def own_table_snapshot(con: duckdb.DuckDBPyConnection, tag: str, path: str, id_column: str, features: Mapping[str, str], as_of: date, target: Path) -> int:
+def own_table_snapshot(
+    con: duckdb.DuckDBPyConnection,
+    tag: str,
+    path: str,
+    id_column: str,
+    features: Mapping[str, str],
+    as_of: date,
+    target: Path,
+    suppression: Suppression | None = None,
+) -> int:
     """Write the feature snapshot of a BYO table on `as_of` to `target` atomically; returns its rows.
+
+    The bank's table is not tagml's to rewrite: the customers of `suppression` (erased) are dropped here,
+    so no snapshot brings them back.
 
     `customer_id` (the id column as VARCHAR), `as_of`, and only the `features` given (name -> numeric |
     categorical, cast as training casts them): a table's other columns (PII among them) never reach the
@@ -52,6 +68,11 @@ def own_table_snapshot(con: duckdb.DuckDBPyConnection, tag: str, path: str, id_c
         raise OwnTableSnapshotError(f"tag {tag!r}: feature table {path} lacks {len(missing)} feature column(s) the model uses: {missing[:10]}")
     cols = ", ".join(f"{quote(f)}::{'VARCHAR' if kind == 'categorical' else 'DOUBLE'} AS {quote(f)}" for f, kind in features.items())
     rows = f"SELECT * FROM {relation} WHERE {quote(id_column)} IS NOT NULL"
+    if suppression is not None and suppression.hashes:
+        con.register(SUPPRESSED_OWN_VIEW, pa.table({"customer_hash": pa.array(sorted(suppression.hashes), pa.string())}))
+        # the salt is 64 hex characters (checked when read): the same hash as staging's
+        hashed = f"sha256({sql_literal(suppression.salt)} || {quote(id_column)}::VARCHAR)"
+        rows += f" AND {hashed} NOT IN (SELECT customer_hash FROM {SUPPRESSED_OWN_VIEW})"
     if "as_of" in columns:
         # point in time: per id the newest snapshot on or before as_of (rank keeps ties, counted as duplicates)
         rows = (

@@ -37,6 +37,7 @@ from mlflow.tracking import MlflowClient
 
 from tagml.core.files import CorruptFileError, check_parquet
 from tagml.core.storage import WarehouseLayout, quote, sql_literal
+from tagml.core.suppression import load_suppression
 from tagml.features.snapshot import open_feature_snapshot
 from tagml.monitoring.decision import DriftDecision, decide, feature_drifted
 from tagml.monitoring.history import FEATURES, PREDICTIONS, SUMMARY, DriftHistory
@@ -59,6 +60,7 @@ class DriftLocations:
     tag_store: TagStore  # read through its interface: the embedded store or a bank's
     drift_dir: Path
     reports_dir: Path
+    governance_db: Path | None = None  # erased customers are kept out of a BYO tag's reference population
 
     @property
     def staged_dir(self) -> Path:
@@ -146,7 +148,8 @@ def tag_inputs(
     # model's columns); a contract tag: the catalog's over the whole feature snapshot (value tier slices
     # life_stage's drift although aum_total is not one of its features)
     slices = slice_expressions(catalog, columns, tag, mm.slices if own_source(tag) is not None else None)
-    population = reference_population(con, tag, mm, locations.warehouse_dir, locations.staged_dir, locations.reference_dir)
+    suppression = load_suppression(locations.governance_db) if locations.governance_db is not None else None
+    population = reference_population(con, tag, mm, locations.warehouse_dir, locations.staged_dir, locations.reference_dir, suppression)
     profile = reference_profile(con, client, mm, tag, population, slices, locations.reference_dir, sample_rows)
     return TagInputs(tag, as_of, mm, current, tags_sql, slices, population, profile)
 

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
 from tagml.core.storage import PartitionedTable, WarehouseLayout, atomic_replace, quote, sql_literal, write_parquet_atomically
+from tagml.core.suppression import Suppression
 from tagml.features.own_table import OwnTableSnapshotError
 from tagml.features.snapshot import build_feature_snapshot
 from tagml.monitoring.psi import MISSING, feature_psi, parquet
@@ -74,14 +75,22 @@ def monitored_model(client: MlflowClient, tag: TagSpec, version: str) -> ModelVe
     return info
 
 
-def reference_population(con: duckdb.DuckDBPyConnection, tag: TagSpec, model: ModelVersionInfo, warehouse_dir: Path, staged_dir: Path, cache_dir: Path) -> Path:
+def reference_population(
+    con: duckdb.DuckDBPyConnection,
+    tag: TagSpec,
+    model: ModelVersionInfo,
+    warehouse_dir: Path,
+    staged_dir: Path,
+    cache_dir: Path,
+    suppression: Suppression | None = None,
+) -> Path:
     """Every customer's features on the version's train_as_of: the stored partition, or built once into the cache.
 
     A bring-your-own tag's population is its own table's snapshot on that date, taken by the scorer's
     function (`write_own_features`): the stored partition when it holds the version's features.
     """
     if own_source(tag) is not None:
-        return _own_reference_population(con, tag, model, warehouse_dir, cache_dir)
+        return _own_reference_population(con, tag, model, warehouse_dir, cache_dir, suppression)
     stored = WarehouseLayout(warehouse_dir).customer_features.path(model.train_as_of)
     if stored.exists():
         return stored
@@ -93,7 +102,9 @@ def reference_population(con: duckdb.DuckDBPyConnection, tag: TagSpec, model: Mo
     return cached
 
 
-def _own_reference_population(con: duckdb.DuckDBPyConnection, tag: TagSpec, model: ModelVersionInfo, warehouse_dir: Path, cache_dir: Path) -> Path:
+def _own_reference_population(
+    con: duckdb.DuckDBPyConnection, tag: TagSpec, model: ModelVersionInfo, warehouse_dir: Path, cache_dir: Path, suppression: Suppression | None
+) -> Path:
     stored = own_features_table(warehouse_dir, tag.name).path(model.train_as_of)
     if stored.exists() and set(model.features) <= set(pq.read_schema(stored).names):
         return stored
@@ -102,7 +113,7 @@ def _own_reference_population(con: duckdb.DuckDBPyConnection, tag: TagSpec, mode
     cached = PartitionedTable(cache_dir / "own_features" / tag.name / f"v{model.version}").path(model.train_as_of)
     if not cached.exists():
         try:
-            write_own_features(con, tag, model, model.train_as_of, cached)
+            write_own_features(con, tag, model, model.train_as_of, cached, suppression)
         except OwnTableSnapshotError as err:
             raise DriftInputError(f"{err} (the reference population of {model.producer} on its training date)") from err
     return cached

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from tagml.core.suppression import load_suppression
 from tagml.features.own_table import OwnTableSnapshotError
 from tagml.orchestration.resources import MlflowResource, WarehouseResource
 from tagml.orchestration.training_assets import tag_model_key
@@ -46,7 +47,8 @@ def _own_features_asset(tag: TagSpec, partitions_def: dg.PartitionsDefinition) -
         target = own_features_table(Path(warehouse.warehouse_dir), tag.name).path(as_of)
         with closing(warehouse.connect()) as con:
             try:
-                rows = write_own_features(con, tag, info, as_of, target)
+                suppression = load_suppression(warehouse.governance_path) if warehouse.governance_path is not None else None
+                rows = write_own_features(con, tag, info, as_of, target, suppression)
             except OwnTableSnapshotError as err:
                 raise dg.Failure(description=str(err)) from err
         # aggregates and column names only: never a value of the bank's table

@@ -204,4 +204,4 @@ class MonitoringResource(dg.ConfigurableResource):
         )
 
     def locations(self, warehouse: WarehouseResource) -> DriftLocations:
-        return DriftLocations(Path(warehouse.warehouse_dir), warehouse.tag_store(), Path(self.drift_dir), Path(self.reports_dir))
+        return DriftLocations(Path(warehouse.warehouse_dir), warehouse.tag_store(), Path(self.drift_dir), Path(self.reports_dir), warehouse.governance_path)

@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 
 from tagml.core.storage import PartitionedTable, WarehouseLayout, sql_literal, staged_path
+from tagml.core.suppression import Suppression
 from tagml.features.own_table import own_table_snapshot
 from tagml.training.catalog import Catalog, TagSpec, WideTableSource
 from tagml.training.dataset import label_conditions, wide_table_labels_sql
@@ -53,12 +54,15 @@ def feature_path(tag: TagSpec, warehouse_dir: Path, as_of: date) -> Path:
     return own_features_table(warehouse_dir, tag.name).path(as_of)
 
 
-def write_own_features(con: duckdb.DuckDBPyConnection, tag: TagSpec, model: ModelVersionInfo, as_of: date, target: Path) -> int:
-    """The BYO tag's snapshot of `as_of` with the features (and types) `model` was trained on; returns its rows."""
+def write_own_features(
+    con: duckdb.DuckDBPyConnection, tag: TagSpec, model: ModelVersionInfo, as_of: date, target: Path, suppression: Suppression | None = None
+) -> int:
+    """The BYO tag's snapshot of `as_of` with the features (and types) `model` was trained on, erased customers
+    (`suppression`) left out; returns its rows."""
     source = own_source(tag)
     if source is None:
         raise ValueError(f"tag {tag.name!r} is scored from customer_features, not from a table of its own")
-    return own_table_snapshot(con, tag.name, source.path, source.id_column, model.kinds, as_of, target)
+    return own_table_snapshot(con, tag.name, source.path, source.id_column, model.kinds, as_of, target, suppression)
 
 
 def labels_input(tag: TagSpec, staged_dir: Path | None) -> Path | None:

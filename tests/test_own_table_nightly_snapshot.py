@@ -6,6 +6,7 @@ from datetime import date
 import pandas as pd
 import pytest
 
+from tagml.core.suppression import Suppression, customer_hash
 from tagml.features.own_table import OwnTableSnapshotError, own_table_snapshot
 from tests.conftest import make_connection
 
@@ -37,6 +38,17 @@ def test_latest_row_on_or_before_as_of_with_only_the_requested_columns(tmp_path)
     assert frame['spend "monthly"; DROP'].dtype == "float64"
     later = own_table_snapshot(con, "t", _monthly(tmp_path), "cust_no", FEATURES, date(2026, 12, 31), target)
     assert later == 3 and pd.read_parquet(target)["segment"].tolist() == ["b", "c", "c"]
+
+
+def test_erased_customers_never_come_back_from_the_banks_own_table(tmp_path):
+    # the bank's table still holds customer 2 (tagml cannot rewrite it): the snapshot must leave them out
+    con = make_connection(tmp_path)
+    salt = "ab" * 32
+    erased = Suppression(salt, frozenset({customer_hash(salt, "2"), customer_hash(salt, "someone else")}))
+    target = tmp_path / "out" / "data.parquet"
+    rows = own_table_snapshot(con, "t", _monthly(tmp_path), "cust_no", FEATURES, date(2026, 12, 31), target, erased)
+    assert rows == 2 and pd.read_parquet(target)["customer_id"].tolist() == ["1", "3"]
+    assert own_table_snapshot(con, "t", _monthly(tmp_path), "cust_no", FEATURES, date(2026, 12, 31), target, Suppression(salt, frozenset())) == 3
 
 
 def test_a_static_csv_is_taken_whole_and_duplicates_are_a_named_error(tmp_path):
