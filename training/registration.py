@@ -1,7 +1,6 @@
 """Registering a trained model as a tag's new challenger version: the version's lineage and contents as
 registry tags (read back by tagml.training.versions), its signature and the code version."""
 
-import hashlib
 import json
 import subprocess
 from collections.abc import Mapping
@@ -13,6 +12,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema, TensorSpec
 
+from tagml.core.files import file_sha256
 from tagml.core.settings import home_relative
 from tagml.training.catalog import TagSpec
 from tagml.training.dataset import TrainingSet
@@ -28,15 +28,6 @@ def code_version() -> str:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes (a training snapshot: what a validator checks before reproducing a version)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_signature(data: TrainingSet, n_classes: int) -> ModelSignature:

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tagml.core.files import file_sha256
 from tagml.core.settings import resolve_home_path
 from tagml.training.catalog import TagSpec
 from tagml.training.dataset import load_training_set
-from tagml.training.registration import code_version, file_sha256
+from tagml.training.registration import code_version
 from tagml.training.tracking import connect_tracking
 from tagml.training.train import train_tag
 

@@ -17,7 +17,6 @@ leaves the customers suppressed (a re-run finishes the job):
    bank must erase itself, and the verification. No customer id is ever part of it.
 """
 
-import hashlib
 import json
 import time
 import uuid
@@ -42,6 +41,7 @@ from tagml.compliance.scan import (
     scan_home,
     store_files,
 )
+from tagml.core.files import file_sha256
 from tagml.core.governance import GovernanceStore, Table, utc_now
 from tagml.core.settings import Settings
 from tagml.core.storage import PARTITION_FILE, WarehouseLayout, atomic_replace, connect, sql_literal, write_parquet_atomically
@@ -127,14 +127,6 @@ def request_file(settings: Settings, name: str) -> Path:
     if not path.is_relative_to(folder):
         raise ErasureRequestError(f"an erasure request file must be under {folder}; {path} is not")
     return path
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _rewritable_files(settings: Settings) -> list[tuple[str, Path]]:
@@ -319,7 +311,7 @@ def erase(settings: Settings, customer_ids: Sequence[str], requested_by: str, re
 
             client = connect_tracking(settings.mlflow_tracking_uri)
         versions = _trained_versions(client, settings, snapshots)
-        old_hashes = {p: _file_sha256(p) for p in snapshots}
+        old_hashes = {p: file_sha256(p) for p in snapshots}
         salt = home_salt(settings.governance_db)
         with GovernanceStore(settings.governance_db).transaction(SUPPRESSED) as gcon:
             suppress(gcon, salt, ids, erasure_id, when)
@@ -341,7 +333,7 @@ def erase(settings: Settings, customer_ids: Sequence[str], requested_by: str, re
         customers=len(ids),
         customers_found=found,
         stores=stores,
-        snapshots=[{"path": settings.stored_path(p), "sha256_before": old_hashes[p], "sha256_after": _file_sha256(p)} for p in sorted(snapshots)],
+        snapshots=[{"path": settings.stored_path(p), "sha256_before": old_hashes[p], "sha256_after": file_sha256(p)} for p in sorted(snapshots)],
         model_versions=versions,
         bank_actions=_bank_actions(settings, scan),
         verification=_verification(scan),

@@ -5,7 +5,6 @@ The record holds counts, never customer ids. The file is written atomically; the
 manifest exist only when the file does (a failure after the file was placed removes it again).
 """
 
-import hashlib
 import json
 import uuid
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ import duckdb
 
 from tagml.compliance import lifecycle
 from tagml.compliance.consent import check_purpose, exclusions_sql, needs_consent
+from tagml.core.files import file_sha256
 from tagml.core.governance import GovernanceStore, Table, utc_now
 from tagml.core.settings import Settings
 from tagml.core.storage import WarehouseLayout, atomic_replace, sql_literal
@@ -90,14 +90,6 @@ def manifest_path(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".manifest.json")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def choose_tags(sources: ExportSources, present: Sequence[str], asked: Sequence[str] | None, include_confidential: bool) -> tuple[list[str], dict[str, str]]:
     """The tags to export and, for every other asked (or present) tag, why it is left out."""
     known = {t.name: t for t in sources.catalog.tags}
@@ -161,7 +153,7 @@ def export_tags(
     written = False
     try:
         with sources.governance.transaction(EXPORTS) as db:
-            rows = sources.store.export(con, partition, fmt, out, tags=chosen, customers=allowed, before_publish=lambda tmp: digest.append(_sha256(tmp)))
+            rows = sources.store.export(con, partition, fmt, out, tags=chosen, customers=allowed, before_publish=lambda tmp: digest.append(file_sha256(tmp)))
             written = True
             customers = con.execute(
                 f"SELECT count(DISTINCT customer_id) FROM {partition_sql} WHERE list_contains({_literal_list(chosen)}, tag)"

@@ -4,6 +4,7 @@ A truncated or overwritten partition otherwise surfaces as a bare ArrowInvalid o
 "No magic bytes found" traceback far from the file that caused it.
 """
 
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,3 +35,12 @@ def check_parquet(path: Path, remedy: str) -> pq.FileMetaData:
     except (pa.ArrowException, OSError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CorruptFileError(path, remedy, reason) from exc
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (a training snapshot's identity, an export's checksum)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
