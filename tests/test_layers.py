@@ -1,6 +1,6 @@
 """The layering of docs/ARCHITECTURE.md, held over every import in the tree (also imports inside functions).
 
-Bottom to top: tagml.core -> features -> training -> scoring -> monitoring -> compliance -> orchestration -> cli. A module
+Bottom to top: tagml.core -> features -> training -> scoring -> monitoring -> compliance -> serving -> orchestration -> cli. A module
 imports only from its own package and the layers below; only orchestration imports Dagster.
 """
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("core", "features", "training", "scoring", "monitoring", "compliance", "orchestration", "cli")
+LAYERS = ("core", "features", "training", "scoring", "monitoring", "compliance", "serving", "orchestration", "cli")
 # the layers whose code lives in tagml/<name>/; the others are top-level folders installed as tagml.<folder>
-IN_TAGML = ("core", "compliance", "cli")
+IN_TAGML = ("core", "compliance", "serving", "cli")
 FOLDERS = {name: (ROOT / "tagml" / name if name in IN_TAGML else ROOT / name) for name in LAYERS}
 GENERIC = {name for name in LAYERS if name not in IN_TAGML}
 

@@ -6,7 +6,7 @@ Domain errors are named exceptions of the packages; `errors.EXIT_CODES` maps eac
 """
 
 # each module registers its commands on the app; imported in the order `tagml --help` lists them
-from tagml.cli import generate, jobs, demo, uis, registry, card, governance, lookup, drift, documents, erasure  # noqa: F401, I001
+from tagml.cli import generate, jobs, demo, uis, registry, card, governance, lookup, online, audience, serving, drift, documents, erasure  # noqa: F401, I001
 from tagml.cli.app import main
 
 __all__ = ["main"]

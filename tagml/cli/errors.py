@@ -54,6 +54,11 @@ EXIT_CODES: dict[str, ExitCode] = {
     "tagml.compliance.scan.ScanError": ExitCode.UNAVAILABLE,
     "tagml.training.model_card.ModelCardError": ExitCode.NOT_FOUND,
     "tagml.training.reproduce.ReproductionError": ExitCode.CONFIG,
+    "tagml.scoring.online.OnlineStoreError": ExitCode.NOT_FOUND,  # the online store not loaded yet
+    "tagml.scoring.online.OnlineStoreUnavailableError": ExitCode.UNAVAILABLE,  # its Postgres cannot be reached
+    "tagml.serving.audiences.AudienceQueryError": ExitCode.CONFIG,
+    "tagml.serving.audiences.AudienceError": ExitCode.NOT_FOUND,
+    "tagml.serving.auth.ApiKeyError": ExitCode.USAGE,
 }
 
 

@@ -73,6 +73,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "TAGML_SPARK_MASTER": ("spark_master", "a Spark master URL such as local[2], yarn, k8s://https://host:443 or spark://host:7077"),
     "TAGML_RUN_RETENTION_DAYS": ("run_retention_days", "a whole number >= 1"),
     "TAGML_GOVERNANCE_DB": ("governance_db", "a file path"),
+    "TAGML_ONLINE_STORE": ("online_store", "a file path (SQLite) or a postgresql://user@host:port/db URL"),
+    "TAGML_API_KEYS": ("api_keys_path", "a file path"),
+    "TAGML_CONTACT_CAP_AUDIENCES": ("contact_cap_audiences", "a whole number >= 0 (0: no contact-frequency cap)"),
+    "TAGML_CONTACT_CAP_DAYS": ("contact_cap_days", "a whole number >= 1"),
 }
 _WARNED: set[str] = set()
 DEFAULT_TIMEZONE = "Asia/Shanghai"  # the bank's timezone: partitions, schedules, a delivery's default date
@@ -113,6 +117,11 @@ def valid_cron(expression: str) -> bool:
     return len(fields) == 5 and all(_cron_field_ok(f, lo, hi, names) for f, (lo, hi), names in zip(fields, CRON_RANGES, CRON_NAMES))
 
 
+def is_database_url(value: str) -> bool:
+    """A Postgres URL (the online store at a bank) rather than a file path."""
+    return value.strip().startswith(("postgresql://", "postgres://"))
+
+
 def _resolve(value: Any) -> Path:
     return Path(value).expanduser().resolve()
 
@@ -149,6 +158,14 @@ class Settings(BaseSettings):
     run_retention_days: int = Field(default=90, ge=1, validation_alias="TAGML_RUN_RETENTION_DAYS")
     # tag lifecycle, export decisions and erasure receipts: kept apart from the catalog file's edit history
     governance_db: Path = Field(validation_alias="TAGML_GOVERNANCE_DB")
+    # the online tag store the API reads: a SQLite file swapped atomically (default) or a Postgres database
+    online_store: str = Field(validation_alias="TAGML_ONLINE_STORE")
+    # the API's keys: names, scopes and the keys' sha256 (never a key itself)
+    api_keys_path: Path = Field(validation_alias="TAGML_API_KEYS")
+    # contact-frequency cap of audience exports: a customer already in this many audiences of the same
+    # purpose in the last contact_cap_days days is left out of the next one (0: no cap)
+    contact_cap_audiences: int = Field(default=3, ge=0, validation_alias="TAGML_CONTACT_CAP_AUDIENCES")
+    contact_cap_days: int = Field(default=30, ge=1, validation_alias="TAGML_CONTACT_CAP_DAYS")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
@@ -182,6 +199,8 @@ class Settings(BaseSettings):
             "catalog_path": DEFAULT_CATALOG,
             "drift_dir": warehouse / "drift",
             "governance_db": home / "governance" / "governance.db",
+            "online_store": str(home / "online" / "tags.sqlite"),
+            "api_keys_path": home / "api" / "keys.json",
         }
         out: dict[str, Any] = {}
         for var, (field, _) in VARIABLES.items():
@@ -190,7 +209,9 @@ class Settings(BaseSettings):
                 if field in defaults:
                     out[field] = defaults[field]
                 continue
-            if field in defaults and field != "mlflow_tracking_uri":
+            if field == "online_store" and isinstance(value, str) and not is_database_url(value):
+                value = str(_resolve(value))
+            elif field in defaults and field not in ("mlflow_tracking_uri", "online_store"):
                 value = _resolve(value)
             out[field] = value.strip() if isinstance(value, str) else value
         out["home"], out["warehouse_dir"] = home, warehouse
@@ -257,6 +278,11 @@ class Settings(BaseSettings):
     @property
     def manifest_path(self) -> Path:
         return self.home / HOME_MANIFEST
+
+    @property
+    def online_store_path(self) -> Path | None:
+        """The SQLite file of the online tag store when it is the embedded one (else None: a Postgres URL)."""
+        return None if is_database_url(self.online_store) else Path(self.online_store)
 
     @property
     def embedded_tracking_db(self) -> Path | None:

@@ -1,0 +1,1 @@
+"""`tagml online refresh|status`: the online tag store the API reads."""

@@ -1,0 +1,1 @@
+"""`tagml serve` (the tag API under uvicorn) and `tagml api-key create|list|revoke`."""
