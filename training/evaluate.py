@@ -108,19 +108,93 @@ def improvement_interval(
     alone; the gate reads the interval so that a difference of that size is not taken for a verdict."""
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     point = sign * (metric_value(y, proba, n_classes, metric, threshold) - metric_value(y, other, n_classes, metric))
+    ours, theirs = resample_measure(y, proba, n_classes, metric, threshold), resample_measure(y, other, n_classes, metric)
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(BOOTSTRAP_DRAWS):
         rows = rng.integers(0, len(y), len(y))
         if metric == "roc_auc_ovr" and len(np.unique(y[rows])) < n_classes:
             continue  # AUC needs every class in the resample
-        draws.append(sign * (metric_value(y[rows], proba[rows], n_classes, metric, threshold) - metric_value(y[rows], other[rows], n_classes, metric)))
+        draws.append(sign * (ours(rows) - theirs(rows)))
     tail = (1 - BOOTSTRAP_LEVEL) / 2
     low, high = (float(np.quantile(draws, q)) for q in (tail, 1 - tail)) if draws else (point, point)
     return {"improvement": float(point), "low": low, "high": high, "level": BOOTSTRAP_LEVEL, "draws": len(draws)}
 
 
 INTERVAL_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "log_loss", "roc_auc_ovr")  # the card's overall intervals
+
+
+def _confusion_measure(metric: str, n_classes: int, present_classes_only: bool) -> Callable[[np.ndarray], float]:
+    """A decision metric from the confusion matrix (rows observed, columns decided), computed as sklearn does.
+
+    Bootstrap draws count the resampled rows into a matrix with one bincount instead of calling sklearn per
+    draw: sklearn's input validation made 200 draws per metric and slice most of a model card's cost.
+    `present_classes_only`: macro F1 over the classes observed in the rows (a slice's own macro F1)."""
+
+    def macro_f1(cm: np.ndarray) -> float:
+        tp = np.diag(cm).astype(float)
+        denominator = 2 * tp + (cm.sum(axis=0) - tp) + (cm.sum(axis=1) - tp)
+        f1 = np.divide(2 * tp, denominator, out=np.zeros(n_classes), where=denominator > 0)
+        return float(f1[cm.sum(axis=1) > 0].mean() if present_classes_only else f1.mean())
+
+    def accuracy(cm: np.ndarray) -> float:
+        return float(np.trace(cm) / cm.sum())
+
+    def balanced_accuracy(cm: np.ndarray) -> float:
+        observed = cm.sum(axis=1)
+        return float((np.diag(cm)[observed > 0] / observed[observed > 0]).mean())
+
+    return {"macro_f1": macro_f1, "accuracy": accuracy, "balanced_accuracy": balanced_accuracy}[metric]
+
+
+def _row_log_loss(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """Each row's log loss as `_log_loss` computes the mean (clipped, renormalised, then clipped to [eps, 1 - eps] as sklearn does)."""
+    clipped = np.clip(proba, 1e-12, 1)
+    normalised = clipped / clipped.sum(axis=1, keepdims=True)
+    eps = np.finfo(normalised.dtype).eps
+    return -np.log(np.clip(normalised[np.arange(len(y)), y], eps, 1 - eps))
+
+
+def _resampled_auc(y: np.ndarray, proba: np.ndarray, n_classes: int) -> Callable[[np.ndarray], float]:
+    """One-vs-rest macro AUC (binary: of the positive class) of a resample, from each row's resample count.
+
+    The Mann-Whitney form of what sklearn's roc_auc_score computes: per class, rows grouped by equal score;
+    each positive weight counts the negative weight below its score plus half the tied one."""
+    columns = [1] if n_classes == 2 else list(range(n_classes))
+    prepared = []
+    for column in columns:
+        scores, group = np.unique(proba[:, column], return_inverse=True)
+        prepared.append((group.ravel(), (y == column).astype(float), len(scores)))
+
+    def measure(rows: np.ndarray) -> float:
+        counts = np.bincount(rows, minlength=len(y)).astype(float)
+        aucs = []
+        for group, positive, groups in prepared:
+            pos = np.bincount(group, weights=counts * positive, minlength=groups)
+            neg = np.bincount(group, weights=counts * (1 - positive), minlength=groups)
+            below = np.cumsum(neg) - neg
+            aucs.append(float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum())))
+        return float(np.mean(aucs))
+
+    return measure
+
+
+def resample_measure(
+    y: np.ndarray, proba: np.ndarray, n_classes: int, metric: str, threshold: float | None = None, present_classes_only: bool = False
+) -> Callable[[np.ndarray], float]:
+    """`metric` of the resample given by row indices (duplicates allowed): from counts, ranks and per-row losses
+    where it can be, else sklearn on the resampled rows (a class missing overall: AUC is nan either way)."""
+    y = np.asarray(y)
+    if metric in _DECISION_METRICS:
+        codes = y * n_classes + decide(proba, threshold)
+        confusion = _confusion_measure(metric, n_classes, present_classes_only and metric == "macro_f1")
+        return lambda rows: confusion(np.bincount(codes[rows], minlength=n_classes * n_classes).reshape(n_classes, n_classes))
+    if metric == "roc_auc_ovr" and len(np.unique(y)) == n_classes:
+        return _resampled_auc(y, proba, n_classes)
+    if metric == "log_loss":
+        losses = _row_log_loss(y, proba)
+        return lambda rows: float(losses[rows].mean())
+    return lambda rows: metric_value(y[rows], proba[rows], n_classes, metric, threshold)
 
 
 def metric_interval(
@@ -130,19 +204,22 @@ def metric_interval(
     metric: str,
     threshold: float | None = None,
     seed: int = 0,
-    score: Callable[[np.ndarray, np.ndarray], float] | None = None,
+    present_classes_only: bool = False,
 ) -> dict[str, float]:
     """`metric` on these rows with its percentile bootstrap interval (BOOTSTRAP_DRAWS resamples, BOOTSTRAP_LEVEL);
-    `score(y, proba)` replaces the metric (a slice's own macro F1). Resamples lacking a class AUC needs are skipped."""
-    measure = score or (lambda yy, pp: metric_value(yy, pp, n_classes, metric, threshold))
-    point = measure(y, proba)
+    `present_classes_only`: macro F1 over the classes observed (a slice's score, `slice_score`). Resamples lacking a
+    class AUC needs are skipped. Decision metrics, AUC and log loss are resampled from counts, ranks and per-row losses
+    (the same resamples, the same numbers as sklearn on each: tests/test_bootstrap.py)."""
+    y = np.asarray(y)
+    point = slice_score(y, proba, metric, n_classes, threshold) if present_classes_only else metric_value(y, proba, n_classes, metric, threshold)
+    measure = resample_measure(y, proba, n_classes, metric, threshold, present_classes_only)
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(BOOTSTRAP_DRAWS):
         rows = rng.integers(0, len(y), len(y))
         if metric == "roc_auc_ovr" and len(np.unique(y[rows])) < len(np.unique(y)):
             continue
-        draws.append(measure(y[rows], proba[rows]))
+        draws.append(measure(rows))
     draws = [d for d in draws if np.isfinite(d)]
     tail = (1 - BOOTSTRAP_LEVEL) / 2
     low, high = (float(np.quantile(draws, q)) for q in (tail, 1 - tail)) if draws else (float(point), float(point))
@@ -317,15 +394,12 @@ def slice_intervals(
 ) -> dict[str, dict[str, float]]:
     """`slice_metrics` with each value's bootstrap interval and rows (the same slices, the same score)."""
     out = {}
-
-    def score(yy: np.ndarray, pp: np.ndarray) -> float:
-        return slice_score(yy, pp, metric, n_classes, threshold)
-
     for name, values in slices(frame, expressions).items():
         for value in sorted(values.unique()):
             mask = (values == value).to_numpy()
             if mask.sum() >= min_rows:
-                out[f"{name}={value}"] = {**metric_interval(y[mask], proba[mask], n_classes, metric, threshold, seed, score), "rows": int(mask.sum())}
+                interval = metric_interval(y[mask], proba[mask], n_classes, metric, threshold, seed, present_classes_only=True)
+                out[f"{name}={value}"] = {**interval, "rows": int(mask.sum())}
     return out
 
 
