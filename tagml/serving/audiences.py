@@ -50,7 +50,7 @@ from tagml.core.governance import GovernanceStore, Table
 from tagml.core.settings import Settings
 from tagml.core.storage import PARQUET_OPTIONS, WarehouseLayout, atomic_replace, quote, sql_literal, staged_path
 from tagml.scoring.store import FORMULA_PREFIXES, ParquetTagStore, TagStoreError
-from tagml.serving.audience_query import AudienceQueryError, Query, compile_predicate, parse_query
+from tagml.serving.audience_query import Query, compile_predicate, parse_query
 
 __all__ = [
     "AudienceCount",
@@ -85,6 +85,10 @@ AUDIENCES = Table(
         ),
     ),
 )
+
+
+class AudienceQueryError(ValueError):
+    """A query that does not parse, or names an unknown tag, class or purpose (says where, as a path into the query)."""
 
 
 class AudienceError(LookupError):
