@@ -81,6 +81,9 @@ class Query:
         """The tags the query uses, sorted."""
         return sorted({n.tag for n in _walk(self.root) if not isinstance(n, Boolean | Consent)})
 
+    def changed_conditions(self) -> list[Changed]:
+        return [n for n in _walk(self.root) if isinstance(n, Changed)]
+
     def since_dates(self) -> list[date]:
         return sorted({n.since for n in _walk(self.root) if isinstance(n, Changed)})
 
