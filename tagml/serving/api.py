@@ -175,6 +175,8 @@ def create_app(settings: Settings, *, store: OnlineTagStore | None = None, catal
         title="tagml tag API",
         version=__version__,
         description="A bank's customer tags for the systems that use them (CRM, relationship managers, campaigns). Guide: docs/API.md.",
+        # FastAPI's native OpenTelemetry spans carry the request path, i.e. a customer id, to whatever exporter a host configures
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.store, app.state.catalog, app.state.lifecycle, app.state.keys = store, catalog, lifecycle, keys
     app.add_middleware(InternalErrors)
