@@ -94,6 +94,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
         "tags": create_key(settings.api_keys_path, "crm", ["read:tags"])[0],
         "confidential": create_key(settings.api_keys_path, "rm-desk", ["read:tags", "read:confidential"])[0],
         "audiences": create_key(settings.api_keys_path, "campaigns", ["read:audiences"])[0],
+        "exporter": create_key(settings.api_keys_path, "campaign-tool", ["read:audiences", "export:audiences"])[0],
     }
     process, url = start_server(settings, base / "server.log")
     try:
@@ -269,3 +270,52 @@ def test_not_loaded_store_is_503(tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+def expected_count(settings: Settings, tag: str, values: list[str]) -> int:
+    """Customers with `tag` in `values` in the newest partition, counted independently of the API (plain DuckDB over the file)."""
+    store = ParquetTagStore.in_warehouse(settings.warehouse_dir)
+    with closing(connect()) as con:
+        sql = f"SELECT count(DISTINCT customer_id) FROM {store.read_sql(store.latest_on_or_before(None))} WHERE tag = ? AND list_contains(?, value)"
+        return con.execute(sql, [tag, values]).fetchone()[0]
+
+
+def test_audience_count_and_export(server):
+    import io
+
+    import pyarrow.parquet as pq
+
+    catalog = load_catalog(server.settings.catalog_path)
+    values = list(catalog.get("life_stage").classes[:2])
+    query = {"tag": "life_stage", "in": values}
+    with server.client("audiences") as counter, server.client("exporter") as exporter, server.client("tags") as reader:
+        counted = counter.post("/audiences/count", json={"query": query})
+        assert counted.status_code == 200, counted.text
+        body = counted.json()
+        assert body["matched"] == body["selected"] == expected_count(server.settings, "life_stage", values) and body["excluded"] == {}
+        confidential = counter.post("/audiences/count", json={"query": {"tag": "risk_appetite", "in": ["C1"]}})
+        assert confidential.status_code == 422 and "risk_appetite" in error_of(confidential)["message"]
+        bad_class = counter.post("/audiences/count", json={"query": {"tag": "life_stage", "in": ["astronaut"]}})
+        assert bad_class.status_code == 422 and "astronaut" in error_of(bad_class)["message"]
+        hostile = counter.post("/audiences/count", json={"query": {"tag": "life_stage'; DROP TABLE x; --", "in": ["single"]}})
+        assert hostile.status_code == 422 and error_of(hostile)["code"] == "invalid_query"
+        assert counter.post("/audiences", json={"query": query, "purpose": "service", "name": "x"}).status_code == 403
+        made = exporter.post("/audiences", json={"query": query, "purpose": "service", "name": "spring campaign", "format": "parquet"})
+        assert made.status_code == 201, made.text
+        record = made.json()
+        assert record["selected"] == body["selected"] and "out" not in record and record["file"] == f"/audiences/{record['audience_id']}/file"
+        assert counter.get(f"/audiences/{record['audience_id']}").json()["selected"] == record["selected"]
+        assert counter.get(f"/audiences/{record['audience_id']}/file").status_code == 403
+        download = exporter.get(record["file"])
+        assert download.status_code == 200
+        table = pq.read_table(io.BytesIO(download.content))
+        assert table.num_rows == record["selected"] and "customer_id" in table.column_names
+        assert reader.get("/audiences/0123abcd").status_code == 403
+        unknown = counter.get("/audiences/0123abcd")
+        assert unknown.status_code == 404 and error_of(unknown)["code"] == "unknown_audience"
+        no_purpose = exporter.post("/audiences", json={"query": query, "name": "x"})
+        assert no_purpose.status_code == 422 and "purpose" in error_of(no_purpose)["message"]
+        bad_format = exporter.post("/audiences", json={"query": query, "purpose": "service", "name": "x", "format": "xlsx"})
+        assert bad_format.status_code == 422 and "body.format" in error_of(bad_format)["message"]
+    exported = list((server.settings.home / "audiences").glob("*.parquet"))
+    assert len(exported) == 1  # under the home, named by the server

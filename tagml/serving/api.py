@@ -347,9 +347,16 @@ def create_app(settings: Settings, *, store: OnlineTagStore | None = None, catal
 
 
 def _audience_endpoints(app: FastAPI, settings: Settings, catalog: Any, lifecycle: PublishedTags, confidential: frozenset[str], require: Callable) -> None:
-    """POST /audiences/count, POST /audiences, GET /audiences/{id}, GET /audiences/{id}/file: thin calls into tagml.serving.audiences."""
+    """POST /audiences/count, POST /audiences, GET /audiences/{id}, GET /audiences/{id}/file: thin calls into tagml.serving.audiences.
+
+    One DuckDB connection for the app, used by one request at a time: audiences cache the partition's wide table in it
+    (a count after the first is set-based SQL over a table in memory), and a DuckDB connection is not for concurrent use."""
+    from tagml.core.storage import connect
     from tagml.serving import audiences
 
+    sources = audiences.AudienceSources.from_settings(settings)
+    con = connect(settings.threads, settings.duckdb_memory_limit)
+    con_lock = threading.Lock()
     Counter = Annotated[ApiKey, Security(require(READ_AUDIENCES), scopes=[READ_AUDIENCES])]
     Exporter = Annotated[ApiKey, Security(require(EXPORT_AUDIENCES), scopes=[EXPORT_AUDIENCES])]
 
@@ -358,75 +365,71 @@ def _audience_endpoints(app: FastAPI, settings: Settings, catalog: Any, lifecycl
         return published if READ_CONFIDENTIAL in caller.scopes else published - confidential
 
     def run(work: Callable[[Any], Any]) -> Any:
-        from contextlib import closing
-
-        from tagml.core.storage import connect
-
         try:
-            with closing(connect(settings.threads, settings.duckdb_memory_limit)) as con:
+            with con_lock:
                 return work(con)
         except audiences.AudienceQueryError as exc:
             raise ApiError(422, "invalid_query", str(exc)) from None
         except audiences.AudienceError as exc:
-            raise ApiError(404, "audience_not_found", str(exc)) from None
+            raise ApiError(404, "audience_not_possible", str(exc)) from None
 
     @app.post("/audiences/count", tags=["audiences"], summary="How many customers a query selects")
     def count(body: AudienceRequest, caller: Counter) -> Response:
+        """Matched, excluded (no consent, withdrawn, contact cap) and selected customers of the query on the partition."""
         tags = visible(caller)
-
-        def work(con: Any) -> Any:
-            query = audiences.parse_query(body.query, catalog, visible_tags=tags)
-            sources = audiences.AudienceSources.from_settings(settings)
-            return audiences.count_audience(
-                con, sources, query, purpose=body.purpose, as_of=body.as_of, cap=audiences.ContactCap.from_settings(settings), visible_tags=tags
-            )
-
-        return json_response(run(work).as_dict())
+        cap = audiences.ContactCap.from_settings(settings)
+        result = run(lambda db: audiences.count_audience(db, sources, body.query, purpose=body.purpose, as_of=body.as_of, cap=cap, visible_tags=tags))
+        return json_response(result.as_dict())
 
     @app.post("/audiences", tags=["audiences"], summary="Export an audience (written under the home)", status_code=201)
     def export(body: AudienceExportRequest, caller: Exporter) -> Response:
+        """Select the audience and write its file under the home's audiences/ (never a path from the request), with its
+        manifest, contact history and a counts-only record; download it from /audiences/{id}/file."""
         tags = visible(caller)
-        export_audience = getattr(audiences, "export_audience", None)
-        if export_audience is None:
-            raise ApiError(501, "not_implemented", "audience exports are not available in this version")
-
-        def work(con: Any) -> Any:
-            query = audiences.parse_query(body.query, catalog, visible_tags=tags)
-            return export_audience(
-                con,
-                audiences.AudienceSources.from_settings(settings),
-                query,
+        cap = audiences.ContactCap.from_settings(settings)
+        if body.purpose is None:
+            raise ApiError(422, "invalid_request", "body.purpose: an export needs a purpose")
+        record = run(
+            lambda db: audiences.export_audience(
+                db,
+                sources,
+                body.query,
                 name=body.name,
                 purpose=body.purpose,
-                as_of=body.as_of,
+                by=f"api-key:{caller.name}",
                 fmt=body.format,
-                by=f"api:{caller.name}",
-                cap=audiences.ContactCap.from_settings(settings),
+                as_of=body.as_of,
+                cap=cap,
                 visible_tags=tags,
             )
-
-        record = run(work)
-        payload = record.as_dict() if hasattr(record, "as_dict") else dict(record)
-        response = json_response(payload)
+        )
+        response = json_response(public_record(record.as_dict()))
         response.status_code = 201
         return response
 
-    def audience_record(audience_id: str) -> Any:
-        read = getattr(audiences, "audience_record", None)
-        if read is None:
-            raise ApiError(501, "not_implemented", "audience records are not available in this version")
-        return run(lambda _con: read(audiences.AudienceSources.from_settings(settings), audience_id))
+    def public_record(record: dict[str, Any]) -> dict[str, Any]:
+        """The record without the server's file paths (the file is downloaded through the API)."""
+        return {k: v for k, v in record.items() if k not in ("out", "contact_history")} | {"file": f"/audiences/{record['audience_id']}/file"}
+
+    def audience_record(audience_id: str) -> dict[str, Any]:
+        if not audience_id.isalnum() or len(audience_id) > 64:
+            raise ApiError(404, "unknown_audience", "no audience with this id")
+        # recorded_audiences reads newest first; an id lookup of its own would be cheaper (asked of tagml.serving.audiences)
+        found = next((r for r in audiences.recorded_audiences(sources.governance, limit=100_000) if r["audience_id"] == audience_id), None)
+        if found is None:
+            raise ApiError(404, "unknown_audience", "no audience with this id")
+        return found
 
     @app.get("/audiences/{audience_id}", tags=["audiences"], summary="An exported audience's record")
     def audience(audience_id: str, caller: Counter) -> Response:
-        record = audience_record(audience_id)
-        return json_response(record.as_dict() if hasattr(record, "as_dict") else dict(record))
+        return json_response(public_record(audience_record(audience_id)))
 
     @app.get("/audiences/{audience_id}/file", tags=["audiences"], summary="Download an exported audience's file")
     def audience_file(audience_id: str, caller: Exporter) -> Response:
         record = audience_record(audience_id)
-        payload = record.as_dict() if hasattr(record, "as_dict") else dict(record)
-        path = Path(payload["path"]) if "path" in payload else None
-        if path is None or not path.is_file():
+        path = Path(record["out"])
+        if not path.resolve().is_relative_to(Path(sources.audiences_dir).resolve()):
+            raise ApiError(404, "audience_file_elsewhere", "this audience was written outside the home's audiences directory (by the CLI); fetch it there")
+        if not path.is_file():
             raise ApiError(404, "audience_file_missing", "the audience's file is no longer there (erased or removed)")
-        return FileResponse(path, filename=path.name)
+        return FileResponse(path, filename=path.name, media_type="application/octet-stream")
