@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tagml import __version__
 from tagml.core.settings import Settings
-from tagml.scoring.online import OnlineStoreError, OnlineStoreUnavailableError, OnlineTagStore, freshness_days, open_online_store
+from tagml.scoring.online import OnlineStoreError, OnlineStoreUnavailableError, OnlineTagStore, SQLiteOnlineStore, freshness_days, open_online_store
 from tagml.serving.auth import EXPORT_AUDIENCES, READ_AUDIENCES, READ_CONFIDENTIAL, READ_TAGS, SCOPES, ApiKey, KeyRing
 from tagml.serving.explain import explain_tag
 
@@ -208,7 +208,7 @@ def create_app(settings: Settings, *, store: OnlineTagStore | None = None, catal
         return error_response(503, "store_unavailable", "the online tag store cannot be reached; try again later")
 
     def require(scope: str) -> Callable[..., ApiKey]:
-        def caller(
+        async def caller(  # async: a key check takes microseconds, a worker thread hop costs more
             bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)], header_key: Annotated[str | None, Security(_api_key_header)]
         ) -> ApiKey:
             key = header_key or (bearer.credentials if bearer is not None else None)
@@ -241,14 +241,7 @@ def create_app(settings: Settings, *, store: OnlineTagStore | None = None, catal
 
     # --- customers -------------------------------------------------------------------------------
 
-    @app.get("/customers/{customer_id}/tags", tags=["customers"], summary="A customer's published tags")
-    def customer_tags(
-        customer_id: str,
-        caller: Reader,
-        tag: Annotated[list[str] | None, Query(description="only these tags (repeatable)")] = None,
-    ) -> Response:
-        """Published tags with value, probabilities, reasons, source, observed vs inferred, producer and model version.
-        Unpublished tags, and confidential/restricted ones without `read:confidential`, are named under `hidden` with why."""
+    def tags_of(caller: ApiKey, customer_id: str, tag: list[str] | None) -> Response:
         wanted = None
         if tag:
             wanted = set(tag)
@@ -269,6 +262,25 @@ def create_app(settings: Settings, *, store: OnlineTagStore | None = None, catal
             else:
                 shown.append(entry)
         return json_response({"customer_id": customer_id, "as_of": record["as_of"], "scored_at": record["scored_at"], "tags": shown, "hidden": hidden})
+
+    summary = "A customer's published tags"
+    doc = """Published tags with value, probabilities, reasons, source, observed vs inferred, producer and model version.
+        Unpublished tags, and confidential/restricted ones without `read:confidential`, are named under `hidden` with why."""
+    if isinstance(store, SQLiteOnlineStore):
+        # a primary-key read of a local file takes tens of microseconds: on the event loop, not a worker thread
+        @app.get("/customers/{customer_id}/tags", tags=["customers"], summary=summary, description=doc)
+        async def customer_tags(
+            customer_id: str, caller: Reader, tag: Annotated[list[str] | None, Query(description="only these tags (repeatable)")] = None
+        ) -> Response:
+            return tags_of(caller, customer_id, tag)
+    else:
+        # a database over the network: a worker thread, so that a slow answer does not stall every other request
+
+        @app.get("/customers/{customer_id}/tags", tags=["customers"], summary=summary, description=doc)
+        def customer_tags(
+            customer_id: str, caller: Reader, tag: Annotated[list[str] | None, Query(description="only these tags (repeatable)")] = None
+        ) -> Response:
+            return tags_of(caller, customer_id, tag)
 
     @app.get("/customers/{customer_id}/tags/{tag}/explanation", tags=["customers"], summary="Why a customer has a tag, in words")
     def explanation(customer_id: str, tag: str, caller: Reader) -> Response:
