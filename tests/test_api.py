@@ -319,3 +319,17 @@ def test_audience_count_and_export(server):
         assert bad_format.status_code == 422 and "body.format" in error_of(bad_format)["message"]
     exported = list((server.settings.home / "audiences").glob("*.parquet"))
     assert len(exported) == 1  # under the home, named by the server
+
+
+def test_reason_codes_in_words():
+    from tagml.features.dictionary import FEATURES
+    from tagml.serving.explain import explain_reason
+
+    feature = FEATURES[0]
+    low = explain_reason(f"{feature.name} low")
+    assert low["kind"] == "feature" and low["feature"] == feature.name and "not higher than for most customers" in low["sentence"]
+    assert feature.description.rstrip(".").lower() in low["sentence"].lower()
+    rule = explain_reason("holds P1 (R4) above the assessed C2 of 2026-01-31")  # the suitability rule's own sentence
+    assert rule == {"code": rule["code"], "kind": "text", "sentence": "Holds P1 (R4) above the assessed C2 of 2026-01-31."}
+    unknown = explain_reason("no_such_feature high")
+    assert unknown["kind"] == "text" and unknown["sentence"] == "No_such_feature high."  # passed through, never dropped
