@@ -16,6 +16,7 @@ The world (risk_appetite is a model tag, value_tier a rule tag; both published, 
 """
 
 import json
+import os
 import re
 import sqlite3
 from datetime import UTC, date, datetime, timedelta
@@ -392,3 +393,31 @@ def test_erasure_rewrites_the_contact_history(world):
     assert receipt.rows_removed >= 2 + 2 * 3 * 2  # history rows, and both partitions' rows of the two customers
     # erased customers are gone from the counts too (the partitions were rewritten: a new cache table)
     assert _select(world, RISK_HIGH) == ["C3", "C4", "C5", "C6"]
+
+
+def test_the_cli_counts_exports_and_lists(world, tmp_path, monkeypatch, capsys):
+    from tagml.cli import main
+
+    for name in list(os.environ):
+        if name.startswith("TAGML_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TAGML_HOME", str(world["settings"].home))
+    world["settings"].embedded_tracking_db.parent.mkdir(parents=True, exist_ok=True)
+    sqlite3.connect(world["settings"].embedded_tracking_db).close()  # a home where something was trained (read commands require it)
+    query = tmp_path / "q.json"
+    query.write_text(json.dumps(RISK_HIGH))
+    assert main(["audience", "count", "--query", str(query), "--purpose", "marketing", "--json"]) == 4  # confidential without the flag
+    assert "not available to this caller" in capsys.readouterr().err
+    assert main(["audience", "count", "--query", str(query), "--purpose", "marketing", "--include-confidential", "--json"]) == 0
+    counted = json.loads(capsys.readouterr().out)
+    assert (counted["matched"], counted["selected"], counted["excluded"]) == (6, 4, {"no_consent": 1, "withdrawn": 1})
+    out = tmp_path / "crm" / "a.csv"
+    args = ["audience", "export", "--query", str(query), "--name", "n", "--purpose", "marketing", "--include-confidential", "--format", "csv"]
+    assert main([*args, "--out", str(out), "--by", "me", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["selected"] == 4 and out.exists() and record["by"] == "me"
+    assert main(["audience", "list"]) == 0
+    assert "'n' for marketing as of 2026-09-30: 4 of 6 (left out: no_consent 1, withdrawn 1) by me" in capsys.readouterr().out
+    query.write_text("{not json")
+    assert main(["audience", "count", "--query", str(query)]) == 4
+    assert "--query: " in capsys.readouterr().err

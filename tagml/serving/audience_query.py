@@ -26,10 +26,6 @@ MAX_LIST = 100  # entries of one list (all/any items, classes)
 COMPARISONS = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<"}
 
 
-class AudienceQueryError(ValueError):
-    """A query that does not parse, or names an unknown tag, class or purpose (says where, as a path into the query)."""
-
-
 @dataclass(frozen=True)
 class Boolean:
     op: str  # all | any | not
@@ -85,6 +81,9 @@ class Query:
         """The tags the query uses, sorted."""
         return sorted({n.tag for n in _walk(self.root) if not isinstance(n, Boolean | Consent)})
 
+    def changed_conditions(self) -> list[Changed]:
+        return [n for n in _walk(self.root) if isinstance(n, Changed)]
+
     def since_dates(self) -> list[date]:
         return sorted({n.since for n in _walk(self.root) if isinstance(n, Changed)})
 
@@ -128,7 +127,10 @@ class _Parser:
         self.visible = None if visible_tags is None else frozenset(visible_tags)
         self.nodes = 0
 
-    def fail(self, path: str, message: str) -> AudienceQueryError:
+    def fail(self, path: str, message: str) -> Exception:
+        # the error class lives in tagml.serving.audiences (the CLI maps it by that name); imported here, not at the top, to avoid a cycle
+        from tagml.serving.audiences import AudienceQueryError
+
         return AudienceQueryError(f"{path}: {message}")
 
     def node(self, raw: Any, path: str, depth: int) -> Node:
@@ -231,7 +233,7 @@ class _Parser:
 
 
 def parse_query(payload: Any, catalog: Any, visible_tags: Collection[str] | None = None) -> Query:
-    """The validated query (raises AudienceQueryError naming the path); `visible_tags`: the tags the caller may use (None: any catalog tag)."""
+    """The validated query (raises tagml.serving.audiences.AudienceQueryError naming the path); `visible_tags`: the tags the caller may use (None: any catalog tag)."""
     if isinstance(payload, Query):
         payload = payload.given
     root = _Parser(catalog, visible_tags).node(payload, "query", 0)
