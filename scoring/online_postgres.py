@@ -255,7 +255,9 @@ class PostgresOnlineStore:
         writer.autocommit = False
         try:
             with writer.cursor() as cursor:
-                cursor.execute(sql.SQL("CREATE TABLE {} (customer_id TEXT NOT NULL, tags TEXT NOT NULL)").format(table))
+                # no autovacuum: the table is analyzed below and never updated (an erasure's few deleted rows stay dead); an
+                # autovacuum worker on it would make the DROP after the next swap wait, and lookups queue behind that DROP
+                cursor.execute(sql.SQL("CREATE TABLE {} (customer_id TEXT NOT NULL, tags TEXT NOT NULL) WITH (autovacuum_enabled = false)").format(table))
                 copy = sql.SQL("COPY {} (customer_id, tags) FROM STDIN").format(table).as_string(writer)
                 for bucket in range(buckets):
                     stream = _CopyStream(iter(con.sql(customer_json_sql(partition_sql, bucket, buckets)).to_arrow_reader(INSERT_BATCH)))

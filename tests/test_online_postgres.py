@@ -258,3 +258,26 @@ def test_open_online_store_takes_a_postgresql_url(world, url):
     online.refresh(world["con"], world["store"])  # the newest partition
     _same_snapshot(online.snapshot(), world["expected"][HANDMADE]["snapshot"])
     online.close()
+
+
+def test_a_read_only_role_with_the_documented_grants_reads_every_generation(world, url, server):
+    """docs/DEPLOYMENT.md: the API may read with SELECT on the three views only; the grants survive refreshes."""
+    expected, database = world["expected"], url.rsplit("/", 1)[1]
+    online = PostgresOnlineStore(url)
+    online.refresh(world["con"], world["store"], FIRST)
+    role = f"reader_{database}"
+    with server.connect(database) as connection, connection.cursor() as cursor:
+        cursor.execute(f"CREATE ROLE {role} LOGIN PASSWORD %s", [server.password])
+        cursor.execute(f"GRANT CONNECT ON DATABASE {database} TO {role}; GRANT USAGE ON SCHEMA public TO {role}")
+        cursor.execute(f"GRANT SELECT ON tagml_online_customers, tagml_online_snapshot, tagml_online_tag_quality TO {role}")
+    connection.close()
+    reader = PostgresOnlineStore(f"postgresql://{role}@{server.host}:{server.port}/{database}")
+    cid = expected[FIRST]["ids"][9]
+    assert reader.customer(cid) == expected[FIRST]["records"][cid]
+    online.refresh(world["con"], world["store"], SECOND)  # a new table the role was never granted
+    assert reader.customer(cid) == expected[SECOND]["records"][cid]
+    assert reader.quality() == expected[SECOND]["quality"] and reader.snapshot().as_of == SECOND.isoformat()
+    with pytest.raises(OnlineStoreError, match="permission denied"):
+        reader.erase([cid])
+    reader.close()
+    online.close()
