@@ -145,13 +145,24 @@ class PostgresOnlineStore:
         return f"the online tag store on PostgreSQL ({self._where()})"
 
     def _unavailable(self, exc: Exception) -> OnlineStoreUnavailableError:
-        reason = self._redact(" ".join(str(exc).split())) or type(exc).__name__
+        diag = getattr(exc, "diag", None)
+        primary = diag.message_primary if diag is not None else None  # a server's own words, without its context (which may quote a row)
+        reason = self._redact(" ".join((primary or str(exc)).split())) or type(exc).__name__
         return OnlineStoreUnavailableError(f"cannot reach {self.describe()}: {reason}")
 
     def _failed(self, what: str, exc: psycopg2.Error) -> OnlineStoreError:
         """A database error as our message: its primary text and SQLSTATE only (its context may quote a row's values)."""
         primary = exc.diag.message_primary if getattr(exc, "diag", None) is not None and exc.diag.message_primary else type(exc).__name__
         return OnlineStoreError(f"{what} in {self.describe()} failed: {self._redact(primary)} (SQLSTATE {exc.pgcode})")
+
+    @staticmethod
+    def _lost(exc: psycopg2.Error) -> bool:
+        """The connection is gone (no answer from a server, a connection error, the server shutting down), not a statement's error."""
+        code = exc.pgcode or ""
+        return not code or code.startswith("08") or code in ("57P01", "57P02", "57P03")
+
+    def _error(self, what: str, exc: psycopg2.Error) -> OnlineStoreError | OnlineStoreUnavailableError:
+        return self._unavailable(exc) if self._lost(exc) else self._failed(what, exc)
 
     def _connect(self, autocommit: bool) -> Any:
         try:
@@ -197,16 +208,12 @@ class PostgresOnlineStore:
                 retired = self._swap(writer, generation)
             except BaseException as exc:
                 self._discard(writer, generation)
-                if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
-                    raise self._unavailable(exc) from None
                 if isinstance(exc, psycopg2.Error):
-                    raise self._failed(f"loading the partition {partition.isoformat()}", exc) from None
+                    raise self._error(f"loading the partition {partition.isoformat()}", exc) from None
                 raise
             self._drop_generations(writer, retired)
-        except psycopg2.OperationalError as exc:
-            raise self._unavailable(exc) from None
         except psycopg2.Error as exc:
-            raise self._failed("refreshing", exc) from None
+            raise self._error("refreshing", exc) from None
         finally:
             writer.close()  # also releases the advisory lock
         return snapshot
@@ -407,10 +414,8 @@ class PostgresOnlineStore:
                 )
             writer.commit()
             return int(removed)
-        except psycopg2.OperationalError as exc:
-            raise self._unavailable(exc) from None
         except psycopg2.Error as exc:
-            raise self._failed("erasing customers", exc) from None
+            raise self._error("erasing customers", exc) from None
         finally:
             writer.close()
 
@@ -434,7 +439,13 @@ class PostgresOnlineStore:
             try:
                 with connection.cursor() as cursor:
                     return run(cursor)
-            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            except psycopg2.errors.UndefinedTable:
+                raise OnlineStoreError(
+                    f"{self.describe()} has not been loaded yet: run the nightly scoring job (it refreshes the store) or `tagml online refresh`"
+                ) from None
+            except psycopg2.Error as exc:
+                if not (self._lost(exc) or connection.closed):
+                    raise self._failed("reading", exc) from None
                 try:
                     connection.close()
                 except psycopg2.Error:
@@ -442,12 +453,6 @@ class PostgresOnlineStore:
                 self._local.connection = None
                 if attempt == 1:
                     raise self._unavailable(exc) from None
-            except psycopg2.errors.UndefinedTable:
-                raise OnlineStoreError(
-                    f"{self.describe()} has not been loaded yet: run the nightly scoring job (it refreshes the store) or `tagml online refresh`"
-                ) from None
-            except psycopg2.Error as exc:
-                raise self._failed("reading", exc) from None
         raise AssertionError("unreachable")
 
     def _lookup(self, cursor: Any, customer_ids: Sequence[str]) -> list[tuple[str, str, str, str]]:
@@ -485,8 +490,7 @@ class PostgresOnlineStore:
         """The records of the customers that are in the store, by id (in the order asked); one statement for all of them."""
         wanted = list(dict.fromkeys(customer_ids))
         if not wanted:
-            self._read(lambda cursor: self._lookup(cursor, []))  # an unloaded store still says so
-            return {}
+            return {}  # as the SQLite store: no question, no answer (and no round trip)
         found = {cid: (tags, as_of, scored_at) for cid, tags, as_of, scored_at in self._read(lambda cursor: self._lookup(cursor, wanted))}
         return {
             cid: {"customer_id": cid, "as_of": found[cid][1], "scored_at": found[cid][2], "tags": json.loads(found[cid][0])} for cid in wanted if cid in found
