@@ -284,11 +284,15 @@ class SQLiteOnlineStore:
             for lo, hi in customer_ranges(con, partition_sql, rows):
                 bounds = [(f"customer_id {op} ?", value) for op, value in ((">=", lo), ("<", hi)) if value is not None]
                 where = ("WHERE " + " AND ".join(cond for cond, _ in bounds)) if bounds else ""
-                reader = con.execute(entry_json_sql(partition_sql, where), [value for _, value in bounds]).to_arrow_reader(INSERT_BATCH)
+                # con.sql, not con.execute: a DB-API result's Arrow batches come out of order when preserve_insertion_order is off
+                reader = con.sql(entry_json_sql(partition_sql, where), params=[value for _, value in bounds]).to_arrow_reader(INSERT_BATCH)
                 for ids, tags in grouped_customers(reader):
                     db.executemany("INSERT INTO customers VALUES (?, '[' || ? || ']')", zip(ids.to_pylist(), tags.to_pylist()))
                     customers += len(ids)
-            db.execute(CREATE_INDEX)
+            try:
+                db.execute(CREATE_INDEX)
+            except sqlite3.IntegrityError as err:  # a customer's rows did not arrive together: never publish such a file
+                raise OnlineStoreError(f"the tag partition {partition_sql} was not grouped by customer ({err}); {self.describe()} was left as it was") from err
             db.commit()
         finally:
             db.close()
