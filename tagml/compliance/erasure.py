@@ -30,6 +30,7 @@ import duckdb
 from filelock import FileLock
 
 from tagml.compliance.scan import (
+    ONLINE_STORE,
     REQUESTS_DIR,
     UNVERIFIED_STORES,
     ScanResult,
@@ -203,6 +204,18 @@ def _remove_derived(settings: Settings, held: dict[Path, tuple[str, int]], store
                     drift.files_removed += 1
 
 
+def _erase_online(settings: Settings, ids: Sequence[str]) -> StoreErasure:
+    """The online tag store without the customers (its rows are one per customer: rows_removed counts customers)."""
+    from tagml.scoring.online import open_online_store
+
+    online = open_online_store(settings.online_store)
+    try:
+        removed = online.erase(ids)
+    finally:
+        online.close()
+    return StoreErasure(files_rewritten=1 if removed and settings.online_store_path is not None else 0, rows_removed=removed)
+
+
 def _bank_actions(settings: Settings, scan: ScanResult) -> list[str]:
     actions = []
     raw_hits = scan.hits.get("raw delivery", 0)
@@ -324,6 +337,7 @@ def erase(settings: Settings, customer_ids: Sequence[str], requested_by: str, re
                     stores[store].files_rewritten += 1
                     stores[store].rows_removed += _rewrite(con, path)
             _remove_derived(settings, held, stores)
+            stores[ONLINE_STORE] = _erase_online(settings, ids)
         scan = scan_home(settings, ids, con)
     receipt = ErasureReceipt(
         erasure_id=erasure_id,
