@@ -274,3 +274,16 @@ def test_online_tags_asset_refreshes_to_the_newest_partition_and_a_backfill_keep
     os.unlink(settings.online_store)  # nothing loaded yet: even a backfill loads the newest partition
     meta, _ = materialize(OCT)
     assert (meta["as_of"].value, meta["refreshed"].value) == ("2026-11-30", True)
+
+
+def test_every_job_that_scores_tags_also_refreshes_the_online_store(tmp_path):
+    from tagml.orchestration.definitions import build_definitions
+    from tagml.orchestration.jobs import NIGHTLY_SCORING_JOB, reevaluate_job_name
+    from tagml.orchestration.walkthrough import NIGHTLY_ASSETS
+
+    loaded = build_definitions(Settings.from_env({"TAGML_HOME": str(tmp_path / "home")}))
+    scoring = [NIGHTLY_SCORING_JOB, *(reevaluate_job_name(t.name) for t in CATALOG.model_tags)]
+    for name in scoring:
+        keys = loaded.resolve_job_def(name).asset_layer.executable_asset_keys
+        assert dg.AssetKey("customer_tags") in keys and dg.AssetKey("online_tags") in keys, name
+    assert "online_tags" in NIGHTLY_ASSETS and loaded.resources["online_store"].location == str(tmp_path / "home" / "online" / "tags.sqlite")
