@@ -26,6 +26,7 @@ from tagml.orchestration.resources import (
 from tagml.orchestration.schedules import build_schedules
 from tagml.orchestration.scoring_assets import build_customer_tags_asset
 from tagml.orchestration.sensors import build_reevaluation_sensor
+from tagml.orchestration.serving_assets import OnlineStoreResource, build_online_tags_asset
 from tagml.orchestration.training_assets import build_all_training_assets
 from tagml.training.catalog import load_catalog
 
@@ -44,6 +45,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             *build_own_features_assets(partitions, catalog),
             build_customer_tags_asset(partitions, catalog),
             build_tag_drift_asset(partitions, catalog),
+            build_online_tags_asset(partitions, catalog),
         ],
         jobs=[*build_jobs(partitions, catalog), build_nightly_scoring_job(partitions, catalog), *reevaluation, purge, build_erasure_job(settings)],
         schedules=[*build_schedules(settings, catalog), build_purge_schedule(settings, purge)],
@@ -52,6 +54,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             "warehouse": WarehouseResource.from_settings(settings),
             "mlflow_store": MlflowResource.from_settings(settings),
             "monitoring": MonitoringResource.from_settings(settings),
+            "online_store": OnlineStoreResource.from_settings(settings),
             "io_manager": dg.FilesystemIOManager(base_dir=str(settings.dagster_home / "storage")),
         },
     )

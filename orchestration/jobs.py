@@ -43,9 +43,9 @@ def build_reevaluation_jobs(partitions_def: dg.PartitionsDefinition, catalog: Ca
             reevaluate_job_name(tag.name),
             # a bring-your-own tag's snapshot is re-taken with the (new) champion's features before re-scoring
             dg.AssetSelection.assets(
-                training_set_key(tag.name), tag_model_key(tag.name), *([own_features_key(tag.name)] if own_source(tag) else []), "customer_tags"
+                training_set_key(tag.name), tag_model_key(tag.name), *([own_features_key(tag.name)] if own_source(tag) else []), "customer_tags", "online_tags"
             ),
-            f"Re-evaluate {tag.name} for one as_of: retrain on the labels known then, gate the challenger, re-score the partition.",
+            f"Re-evaluate {tag.name} for one as_of: retrain on the labels known then, gate the challenger, re-score the partition, refresh the online store.",
             partitions_def,
         )
         for tag in catalog.model_tags
@@ -58,8 +58,8 @@ def build_nightly_scoring_job(partitions_def: dg.PartitionsDefinition, catalog: 
     return _in_process_job(
         NIGHTLY_SCORING_JOB,
         dg.AssetSelection.groups(*contract, OWN_FEATURES_GROUP, SCORING_GROUP, MONITORING_GROUP),
-        "Ingest raw data, build the as_of's features (the contract's, and each own table's snapshot), score every customer's tags "
-        "and measure each model tag's drift.",
+        "Ingest raw data, build the as_of's features (the contract's, and each own table's snapshot), score every customer's tags, "
+        "refresh the online store and measure each model tag's drift.",
         partitions_def,
     )
 

@@ -28,7 +28,7 @@ from tagml.training.catalog import load_catalog
 # the job logs say what Dagster does step by step; the walkthrough's results say what it did
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 # the raw tables are staged by the ingest step: each nightly run of the walkthrough starts at the features
-NIGHTLY_ASSETS = ("customer_features", "customer_tags", "tag_drift")
+NIGHTLY_ASSETS = ("customer_features", "customer_tags", "online_tags", "tag_drift")
 
 
 @dataclass(frozen=True)

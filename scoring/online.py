@@ -18,18 +18,24 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from tagml.core.storage import atomic_replace
 from tagml.scoring.store import TagStore
 
-SCHEMA_VERSION = "1"
+if TYPE_CHECKING:
+    from tagml.training.catalog import Catalog
+
+SCHEMA_VERSION = "2"
 # the fields of each tag entry, in the order the tag store's rows have them (scoring/lookup.py's TAG_FIELDS + maps)
 ENTRY_FIELDS = (
     "tag",
@@ -47,8 +53,23 @@ ENTRY_FIELDS = (
     "assessment",
     "assessed_on",
 )
-INSERT_BATCH = 50_000
-ROWS_PER_BUCKET = 1_000_000  # tag rows grouped into customers' JSON at a time (memory)
+INSERT_BATCH = 100_000
+# tag rows sorted at a time: each range of customers is sorted and grouped on its own, so memory stays near
+# ROWS_PER_BUCKET rows of JSON (a whole 1M-customer partition sorted at once needs ~3 GB)
+ROWS_PER_BUCKET = 1_000_000
+# A tag is stale when its as_of is older than its catalog cadence allows: the cadence's period plus a day for
+# the nightly run that scores it (the catalog's `refresh`, read when quality is shown; the cadence lives there only).
+REFRESH_MAX_AGE_DAYS = {"daily": 2, "weekly": 8, "monthly": 32, "quarterly": 93}
+# the file's tables: rows of ~2 KB do not suit a WITHOUT ROWID b-tree (overflow pages doubled the file and
+# quadrupled the insert time at 1M customers), so customers is a rowid table with a unique index; big pages
+# keep a row on one page
+CREATE_TABLES = (
+    "PRAGMA page_size = 65536; PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;"
+    "CREATE TABLE customers (customer_id TEXT NOT NULL, tags TEXT NOT NULL);"
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
+    "CREATE TABLE tag_quality (tag TEXT PRIMARY KEY, quality TEXT NOT NULL) WITHOUT ROWID;"
+)
+CREATE_INDEX = "CREATE UNIQUE INDEX customers_by_id ON customers (customer_id)"
 
 
 class OnlineStoreError(LookupError):
@@ -100,6 +121,31 @@ def freshness_days(as_of: str, today: date | None = None) -> int:
     return ((today or datetime.now(UTC).date()) - date.fromisoformat(as_of)).days
 
 
+def quality_report(quality: Sequence[TagQuality], catalog: "Catalog | None" = None, today: date | None = None) -> list[dict[str, Any]]:
+    """Per tag: coverage, changed_share, freshness_days and, where the catalog knows the tag, its `refresh`
+    cadence and `stale` (older than the cadence allows, REFRESH_MAX_AGE_DAYS). Read at show time: freshness
+    moves with the clock, and the cadence stays in the catalog (a tag the catalog does not know: stale None)."""
+    specs = {spec.name: spec for spec in catalog.tags} if catalog is not None else {}
+    report = []
+    for q in quality:
+        entry = q.as_dict(today)
+        spec = specs.get(q.tag)
+        entry["refresh"] = spec.refresh if spec is not None else None
+        entry["stale"] = entry["freshness_days"] > REFRESH_MAX_AGE_DAYS[spec.refresh] if spec is not None else None
+        report.append(entry)
+    return report
+
+
+def quality_markdown(report: Sequence[dict[str, Any]]) -> str:
+    """`quality_report` as a markdown table (Dagster metadata, `tagml online status`)."""
+    lines = ["| tag | coverage | changed since previous | as_of | freshness (days) | refresh | stale |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for q in report:
+        changed = "n/a" if q["changed_share"] is None else f"{q['changed_share']:.2%}"
+        stale = "n/a" if q["stale"] is None else ("yes" if q["stale"] else "no")
+        lines.append(f"| {q['tag']} | {q['coverage']:.2%} | {changed} | {q['as_of']} | {q['freshness_days']} | {q['refresh'] or 'n/a'} | {stale} |")
+    return "\n".join(lines)
+
+
 class OnlineTagStore(Protocol):
     """The seam where an online store plugs in: the embedded SQLite file, or Postgres at a bank."""
 
@@ -120,15 +166,54 @@ class OnlineTagStore(Protocol):
     def close(self) -> None: ...
 
 
-def customer_json_sql(partition_sql: str, bucket: int = 0, buckets: int = 1) -> str:
-    """(customer_id, tags): each customer's tag rows of one partition as a JSON array ordered by tag, for the
-    customers of one hash bucket (grouping a whole 1M-customer partition at once needs more than 4 GB)."""
+def entry_json_sql(partition_sql: str, where: str = "") -> str:
+    """(customer_id, entry): each tag row of one partition as the JSON of its entry, sorted by customer and tag
+    (a sort, not a GROUP BY: DuckDB's hash aggregation of 1M customers' JSON lists was 5x slower and needed GBs)."""
     fields = ", ".join(f"{name} := {name}" for name in ENTRY_FIELDS)
-    where = f"WHERE hash(customer_id) % {int(buckets)} = {int(bucket)}" if buckets > 1 else ""
-    return (
-        f"SELECT customer_id, to_json(list(struct_pack({fields}) ORDER BY tag))::VARCHAR AS tags FROM {partition_sql} {where} "
-        "GROUP BY customer_id ORDER BY customer_id"
-    )
+    return f"SELECT customer_id, to_json(struct_pack({fields}))::VARCHAR AS entry FROM {partition_sql} {where} ORDER BY customer_id, tag"
+
+
+def customer_ranges(con: duckdb.DuckDBPyConnection, partition_sql: str, rows: int) -> list[tuple[str | None, str | None]]:
+    """[lo, hi) customer-id ranges of about ROWS_PER_BUCKET tag rows each (None: open end), in id order."""
+    buckets = max(1, -(-rows // ROWS_PER_BUCKET))
+    if buckets == 1:
+        return [(None, None)]
+    quantiles = ", ".join(str(i / buckets) for i in range(1, buckets))
+    bounds = sorted(set(con.execute(f"SELECT quantile_disc(customer_id, [{quantiles}]) FROM {partition_sql}").fetchall()[0][0]))
+    edges: list[str | None] = [None, *bounds, None]
+    return list(pairwise(edges))
+
+
+def grouped_customers(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[pa.Array, pa.Array]]:
+    """From (customer_id, entry) batches sorted by customer: (ids, JSON array bodies of their entries), grouped in
+    Arrow (a Python loop over 6M rows cost ~10 s). A customer's rows may straddle two batches: the last customer
+    of a batch is held back until the next batch (or the end) shows it complete."""
+    ids = pa.array([], pa.string())
+    entries = pa.array([], pa.string())
+    for batch in batches:
+        ids = pa.concat_arrays([ids, batch.column(0).cast(pa.string())])
+        entries = pa.concat_arrays([entries, batch.column(1).cast(pa.string())])
+        starts = _run_starts(ids)
+        if len(starts) > 1:
+            yield _join_runs(ids, entries, starts)
+            last = starts[-1].as_py()
+            ids, entries = ids.slice(last), entries.slice(last)
+    if len(ids):
+        yield _join_runs(ids, entries, pa.concat_arrays([_run_starts(ids), pa.array([len(ids)], pa.int32())]))
+
+
+def _run_starts(ids: pa.Array) -> pa.Array:
+    """Where each run of equal ids starts (int32 offsets)."""
+    if len(ids) < 2:
+        return pa.array([0], pa.int32())
+    changes = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+    return pa.concat_arrays([pa.array([0], pa.int32()), pc.add(pc.indices_nonzero(changes), 1).cast(pa.int32())])
+
+
+def _join_runs(ids: pa.Array, entries: pa.Array, offsets: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """The ids and 'entry,entry,...' of the complete runs that `offsets` bound (the last offset closes the last run)."""
+    runs = pa.ListArray.from_arrays(offsets, entries.slice(0, offsets[-1].as_py()))
+    return ids.take(offsets.slice(0, len(offsets) - 1)), pc.binary_join(runs, ",")
 
 
 def quality_rows(con: duckdb.DuckDBPyConnection, store: TagStore, as_of: date, scored_at: str) -> list[TagQuality]:
@@ -186,56 +271,68 @@ class SQLiteOnlineStore:
         return snapshot
 
     def _build(self, tmp: Path, con: duckdb.DuckDBPyConnection, partition_sql: str) -> tuple[int, int]:
+        """Fill the new file: JSON per tag row in DuckDB, sorted per range of customers, grouped per customer in
+        Arrow and inserted in id order (the index is built once at the end: cheaper than keeping a b-tree sorted)."""
+        rows = int(con.execute(f"SELECT count(*) FROM {partition_sql}").fetchall()[0][0])
+        if rows == 0:
+            raise OnlineStoreError(f"the tag partition {partition_sql} has no rows; {self.describe()} was left as it was")
         tmp.unlink(missing_ok=True)
         db = sqlite3.connect(tmp)
         try:
-            # a file nobody reads until it is complete: no journal, no fsync per statement (one at the end)
-            db.executescript(
-                "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;"
-                "CREATE TABLE customers (customer_id TEXT PRIMARY KEY, tags TEXT NOT NULL) WITHOUT ROWID;"
-                "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
-                "CREATE TABLE tag_quality (tag TEXT PRIMARY KEY, quality TEXT NOT NULL) WITHOUT ROWID;"
-            )
-            rows = int(con.execute(f"SELECT count(*) FROM {partition_sql}").fetchall()[0][0])
-            buckets = max(1, -(-rows // ROWS_PER_BUCKET))
+            db.executescript(CREATE_TABLES)  # a file nobody reads until it is complete: no journal, one fsync at the end
             customers = 0
-            for bucket in range(buckets):
-                reader = con.sql(customer_json_sql(partition_sql, bucket, buckets)).to_arrow_reader(INSERT_BATCH)
-                for batch in reader:
-                    db.executemany("INSERT INTO customers VALUES (?, ?)", zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()))
-                    customers += batch.num_rows
+            for lo, hi in customer_ranges(con, partition_sql, rows):
+                bounds = [(f"customer_id {op} ?", value) for op, value in ((">=", lo), ("<", hi)) if value is not None]
+                where = ("WHERE " + " AND ".join(cond for cond, _ in bounds)) if bounds else ""
+                # con.sql, not con.execute: a DB-API result's Arrow batches come out of order when preserve_insertion_order is off
+                reader = con.sql(entry_json_sql(partition_sql, where), params=[value for _, value in bounds]).to_arrow_reader(INSERT_BATCH)
+                for ids, tags in grouped_customers(reader):
+                    db.executemany("INSERT INTO customers VALUES (?, '[' || ? || ']')", zip(ids.to_pylist(), tags.to_pylist()))
+                    customers += len(ids)
+            try:
+                db.execute(CREATE_INDEX)
+            except sqlite3.IntegrityError as err:  # a customer's rows did not arrive together: never publish such a file
+                raise OnlineStoreError(f"the tag partition {partition_sql} was not grouped by customer ({err}); {self.describe()} was left as it was") from err
             db.commit()
         finally:
             db.close()
         return customers, rows
 
     def erase(self, customer_ids: Iterable[str]) -> int:
-        """Rebuild the file without these customers and swap it in; returns the customers removed."""
+        """Rebuild the file without these customers and swap it in; returns the customers removed.
+
+        meta's `customers` and `rows` drop by the removed customers and their tag rows; the quality figures
+        stay those of the partition as loaded (they are shares of the partition, which an erasure does not rewrite)."""
         ids = sorted(set(customer_ids))
         if not ids or not self.path.exists():
             return 0
+        self._require()  # a corrupt or foreign file: the store's own error, not SQLite's
         with atomic_replace(self.path) as tmp:
             tmp.unlink(missing_ok=True)
             db = sqlite3.connect(tmp)
             try:
+                db.executescript(CREATE_TABLES)
                 db.execute("ATTACH DATABASE ? AS current", [f"file:{self.path}?mode=ro&immutable=1"])
-                db.executescript(
-                    "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;"
-                    "CREATE TABLE customers (customer_id TEXT PRIMARY KEY, tags TEXT NOT NULL) WITHOUT ROWID;"
-                    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
-                    "CREATE TABLE tag_quality (tag TEXT PRIMARY KEY, quality TEXT NOT NULL) WITHOUT ROWID;"
-                    "CREATE TEMP TABLE erased (customer_id TEXT PRIMARY KEY);"
-                )
+                db.execute("CREATE TEMP TABLE erased (customer_id TEXT PRIMARY KEY)")
                 db.executemany("INSERT OR IGNORE INTO erased VALUES (?)", [(i,) for i in ids])
-                db.execute("INSERT INTO customers SELECT * FROM current.customers WHERE customer_id NOT IN (SELECT customer_id FROM erased)")
-                removed = db.execute("SELECT count(*) FROM current.customers WHERE customer_id IN (SELECT customer_id FROM erased)").fetchone()[0]
+                removed, removed_rows = db.execute(
+                    "SELECT count(*), coalesce(sum(json_array_length(tags)), 0) FROM current.customers WHERE customer_id IN (SELECT customer_id FROM erased)"
+                ).fetchone()
+                db.execute(
+                    "INSERT INTO customers SELECT customer_id, tags FROM current.customers "
+                    "WHERE customer_id NOT IN (SELECT customer_id FROM erased) ORDER BY customer_id"
+                )
+                db.execute(CREATE_INDEX)
                 db.execute("INSERT INTO meta SELECT * FROM current.meta")
                 db.execute("INSERT INTO tag_quality SELECT * FROM current.tag_quality")
                 db.execute("UPDATE meta SET value = CAST(value AS INTEGER) - ? WHERE key = 'customers'", [removed])
+                db.execute("UPDATE meta SET value = CAST(value AS INTEGER) - ? WHERE key = 'rows'", [removed_rows])
                 db.commit()
                 db.execute("DETACH DATABASE current")
             finally:
                 db.close()
+            with open(tmp, "rb+") as handle:  # on disk before the name points to it
+                os.fsync(handle.fileno())
         return int(removed)
 
     # --- reading -------------------------------------------------------------------------------
@@ -252,6 +349,18 @@ class SQLiteOnlineStore:
         if held is not None:
             held[1].close()
         db = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('schema_version', 'as_of')").fetchall())
+            db.execute("SELECT customer_id, tags FROM customers LIMIT 0").fetchall()
+        except sqlite3.Error as err:
+            db.close()
+            raise OnlineStoreError(f"{self.describe()} is not a readable online store ({err}); rebuild it with `tagml online refresh`") from err
+        if meta.get("schema_version") != SCHEMA_VERSION or "as_of" not in meta:
+            db.close()
+            raise OnlineStoreError(
+                f"{self.describe()} has layout version {meta.get('schema_version')!r}, this tagml reads {SCHEMA_VERSION!r}; "
+                "rebuild it with `tagml online refresh`"
+            )
         self._local.held = (inode, db)
         return db
 
@@ -259,7 +368,7 @@ class SQLiteOnlineStore:
         db = self._connection()
         if db is None:
             return None
-        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        meta = self._meta(db)
         return OnlineSnapshot(
             as_of=meta["as_of"],
             scored_at=meta["scored_at"],

@@ -30,6 +30,7 @@ import duckdb
 from filelock import FileLock
 
 from tagml.compliance.scan import (
+    ONLINE_STORE,
     REQUESTS_DIR,
     UNVERIFIED_STORES,
     ScanResult,
@@ -89,7 +90,8 @@ class ErasureReceipt:
 
     @property
     def rows_removed(self) -> int:
-        return sum(s.rows_removed for s in self.stores.values())
+        # the online store's records are copies of customer_tags rows, counted there (its own count is in `stores`)
+        return sum(s.rows_removed for name, s in self.stores.items() if name != ONLINE_STORE)
 
     @property
     def verified(self) -> bool:
@@ -201,6 +203,18 @@ def _remove_derived(settings: Settings, held: dict[Path, tuple[str, int]], store
                 if cached.exists():
                     cached.unlink()
                     drift.files_removed += 1
+
+
+def _erase_online(settings: Settings, ids: Sequence[str]) -> StoreErasure:
+    """The online tag store without the customers (its rows are one per customer: rows_removed counts customers)."""
+    from tagml.scoring.online import open_online_store
+
+    online = open_online_store(settings.online_store)
+    try:
+        removed = online.erase(ids)
+    finally:
+        online.close()
+    return StoreErasure(files_rewritten=1 if removed and settings.online_store_path is not None else 0, rows_removed=removed)
 
 
 def _bank_actions(settings: Settings, scan: ScanResult) -> list[str]:
@@ -324,6 +338,7 @@ def erase(settings: Settings, customer_ids: Sequence[str], requested_by: str, re
                     stores[store].files_rewritten += 1
                     stores[store].rows_removed += _rewrite(con, path)
             _remove_derived(settings, held, stores)
+            stores[ONLINE_STORE] = _erase_online(settings, ids)
         scan = scan_home(settings, ids, con)
     receipt = ErasureReceipt(
         erasure_id=erasure_id,

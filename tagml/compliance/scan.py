@@ -32,6 +32,9 @@ UNVERIFIED_STORES = ("raw delivery", "erasure requests")
 REQUESTS_DIR = "erasure_requests"  # the erasure job's request files, under the governance directory: ids stay out of Dagster's run config
 
 
+ONLINE_STORE = "online tag store"
+
+
 class ScanError(RuntimeError):
     """A store could not be read to look for customers (names the file); the erasure is then not verified."""
 
@@ -64,6 +67,9 @@ def home_stores(settings: Settings) -> list[Store]:
     db = settings.embedded_tracking_db
     if db is not None:
         stores.insert(0, Store("mlflow tracking db", db))
+    online = settings.online_store_path
+    if online is not None:  # the embedded online store's SQLite file (a Postgres one is asked by `scan_home`)
+        stores.insert(0, Store(ONLINE_STORE, online))
     return stores
 
 
@@ -213,10 +219,25 @@ def scan_home(settings: Settings, customer_ids: Sequence[str], con: duckdb.DuckD
             hits[store.name] += n
             if n:
                 with_hits.setdefault(store.name, []).append(path)
+        if settings.online_store_path is None:
+            hits[ONLINE_STORE] = _online_database_hits(settings, customer_ids)
     finally:
         if own:
             con.close()
     return ScanResult(hits, files, with_hits)
+
+
+def _online_database_hits(settings: Settings, customer_ids: Sequence[str]) -> int:
+    """Customers of the ids the online store's database (Postgres) still answers for."""
+    from tagml.scoring.online import OnlineStoreError, open_online_store
+
+    online = open_online_store(settings.online_store)
+    try:
+        return len(online.customers(list(customer_ids)))
+    except OnlineStoreError:  # never loaded: it holds nobody
+        return 0
+    finally:
+        online.close()
 
 
 def scan_for_customers(settings: Settings, customer_ids: Sequence[str]) -> dict[str, int]:
