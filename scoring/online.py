@@ -76,6 +76,10 @@ class OnlineStoreError(LookupError):
     """The online store has not been loaded yet, or cannot be read (names the store and what to run)."""
 
 
+class OnlineStoreUnreadableError(OnlineStoreError):
+    """The online store's file is there but is not a store this tagml reads (damaged, foreign, an older layout)."""
+
+
 class OnlineStoreUnavailableError(RuntimeError):
     """The online store's database cannot be reached (Postgres down, wrong URL); the message never holds a password."""
 
@@ -216,6 +220,24 @@ def _join_runs(ids: pa.Array, entries: pa.Array, offsets: pa.Array) -> tuple[pa.
     return ids.take(offsets.slice(0, len(offsets) - 1)), pc.binary_join(runs, ",")
 
 
+def partition_scored_at(con: duckdb.DuckDBPyConnection, partition_sql: str) -> str:
+    """When the partition was scored, as every online store records it ('YYYY-MM-DD HH:MM:SS', UTC)."""
+    return con.execute(f"SELECT strftime(max(scored_at), '%Y-%m-%d %H:%M:%S') FROM {partition_sql}").fetchall()[0][0]
+
+
+def customer_records(con: duckdb.DuckDBPyConnection, partition_sql: str, rows: int) -> Iterator[tuple[list[str], list[str]]]:
+    """Batches of (customer ids, their records: the JSON array of their tag entries), in id order; what every online store loads.
+
+    JSON per tag row in DuckDB, sorted per range of customers, grouped per customer in Arrow."""
+    for lo, hi in customer_ranges(con, partition_sql, rows):
+        bounds = [(f"customer_id {op} ?", value) for op, value in ((">=", lo), ("<", hi)) if value is not None]
+        where = ("WHERE " + " AND ".join(cond for cond, _ in bounds)) if bounds else ""
+        # con.sql, not con.execute: a DB-API result's Arrow batches come out of order when preserve_insertion_order is off
+        reader = con.sql(entry_json_sql(partition_sql, where), params=[value for _, value in bounds]).to_arrow_reader(INSERT_BATCH)
+        for ids, bodies in grouped_customers(reader):
+            yield ids.to_pylist(), pc.binary_join_element_wise("[", bodies, "]", "").to_pylist()
+
+
 def quality_rows(con: duckdb.DuckDBPyConnection, store: TagStore, as_of: date, scored_at: str) -> list[TagQuality]:
     """Coverage per tag of the partition, and the share changed since the previous partition."""
     partition_sql = store.read_sql(as_of)
@@ -254,7 +276,7 @@ class SQLiteOnlineStore:
         """Load the partition on or before `as_of` (default: the newest) into a new file and swap it in."""
         partition = store.latest_on_or_before(as_of)
         partition_sql = store.read_sql(partition)
-        scored_at = con.execute(f"SELECT strftime(max(scored_at), '%Y-%m-%d %H:%M:%S') FROM {partition_sql}").fetchall()[0][0]
+        scored_at = partition_scored_at(con, partition_sql)
         quality = quality_rows(con, store, partition, scored_at)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_replace(self.path) as tmp:
@@ -271,8 +293,8 @@ class SQLiteOnlineStore:
         return snapshot
 
     def _build(self, tmp: Path, con: duckdb.DuckDBPyConnection, partition_sql: str) -> tuple[int, int]:
-        """Fill the new file: JSON per tag row in DuckDB, sorted per range of customers, grouped per customer in
-        Arrow and inserted in id order (the index is built once at the end: cheaper than keeping a b-tree sorted)."""
+        """Fill the new file with `customer_records`, inserted in id order (the index is built once at the end:
+        cheaper than keeping a b-tree sorted)."""
         rows = int(con.execute(f"SELECT count(*) FROM {partition_sql}").fetchall()[0][0])
         if rows == 0:
             raise OnlineStoreError(f"the tag partition {partition_sql} has no rows; {self.describe()} was left as it was")
@@ -281,14 +303,9 @@ class SQLiteOnlineStore:
         try:
             db.executescript(CREATE_TABLES)  # a file nobody reads until it is complete: no journal, one fsync at the end
             customers = 0
-            for lo, hi in customer_ranges(con, partition_sql, rows):
-                bounds = [(f"customer_id {op} ?", value) for op, value in ((">=", lo), ("<", hi)) if value is not None]
-                where = ("WHERE " + " AND ".join(cond for cond, _ in bounds)) if bounds else ""
-                # con.sql, not con.execute: a DB-API result's Arrow batches come out of order when preserve_insertion_order is off
-                reader = con.sql(entry_json_sql(partition_sql, where), params=[value for _, value in bounds]).to_arrow_reader(INSERT_BATCH)
-                for ids, tags in grouped_customers(reader):
-                    db.executemany("INSERT INTO customers VALUES (?, '[' || ? || ']')", zip(ids.to_pylist(), tags.to_pylist()))
-                    customers += len(ids)
+            for ids, records in customer_records(con, partition_sql, rows):
+                db.executemany("INSERT INTO customers VALUES (?, ?)", zip(ids, records))
+                customers += len(ids)
             try:
                 db.execute(CREATE_INDEX)
             except sqlite3.IntegrityError as err:  # a customer's rows did not arrive together: never publish such a file
@@ -354,10 +371,10 @@ class SQLiteOnlineStore:
             db.execute("SELECT customer_id, tags FROM customers LIMIT 0").fetchall()
         except sqlite3.Error as err:
             db.close()
-            raise OnlineStoreError(f"{self.describe()} is not a readable online store ({err}); rebuild it with `tagml online refresh`") from err
+            raise OnlineStoreUnreadableError(f"{self.describe()} is not a readable online store ({err}); rebuild it with `tagml online refresh`") from err
         if meta.get("schema_version") != SCHEMA_VERSION or "as_of" not in meta:
             db.close()
-            raise OnlineStoreError(
+            raise OnlineStoreUnreadableError(
                 f"{self.describe()} has layout version {meta.get('schema_version')!r}, this tagml reads {SCHEMA_VERSION!r}; "
                 "rebuild it with `tagml online refresh`"
             )

@@ -35,14 +35,13 @@ from psycopg2 import sql
 from psycopg2.extensions import parse_dsn
 
 from tagml.scoring.online import (
-    INSERT_BATCH,
-    ROWS_PER_BUCKET,
     SCHEMA_VERSION,
     OnlineSnapshot,
     OnlineStoreError,
     OnlineStoreUnavailableError,
     TagQuality,
-    customer_json_sql,
+    customer_records,
+    partition_scored_at,
     quality_rows,
 )
 from tagml.scoring.store import TagStore
@@ -76,9 +75,9 @@ def _copy_text(value: str) -> str:
 
 
 class _CopyStream:
-    """A read()-able stream of COPY text lines from DuckDB's Arrow batches of (customer_id, tags); counts the customers."""
+    """A read()-able stream of COPY text lines from `customer_records` batches of (ids, records); counts the customers."""
 
-    def __init__(self, batches: Iterator[Any]):
+    def __init__(self, batches: Iterator[tuple[list[str], list[str]]]):
         self._batches = batches
         self._buffer = b""
         self.customers = 0
@@ -87,8 +86,8 @@ class _CopyStream:
         batch = next(self._batches, None)
         if batch is None:
             return b""
-        self.customers += batch.num_rows
-        ids, tags = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        ids, tags = batch
+        self.customers += len(ids)
         return "".join(f"{_copy_text(c)}\t{_copy_text(t)}\n" for c, t in zip(ids, tags)).encode("utf-8")
 
     def read(self, size: int = -1) -> bytes:
@@ -178,7 +177,7 @@ class PostgresOnlineStore:
         """Load the partition on or before `as_of` (default: the newest) into a new generation and swap it in."""
         partition = store.latest_on_or_before(as_of)
         partition_sql = store.read_sql(partition)  # a missing or corrupt partition fails here, before Postgres is touched
-        scored_at = con.execute(f"SELECT strftime(max(scored_at), '%Y-%m-%d %H:%M:%S') FROM {partition_sql}").fetchall()[0][0]
+        scored_at = partition_scored_at(con, partition_sql)
         quality = quality_rows(con, store, partition, scored_at)
         rows = int(con.execute(f"SELECT count(*) FROM {partition_sql}").fetchall()[0][0])
         writer = self._connect(autocommit=True)
@@ -257,7 +256,6 @@ class PostgresOnlineStore:
     def _load(self, writer: Any, con: duckdb.DuckDBPyConnection, partition_sql: str, rows: int, generation: int) -> int:
         """COPY the customers' JSON into the generation's new table, then index it; one transaction (a failure leaves no table)."""
         table = sql.Identifier(generation_table(generation))
-        buckets = max(1, -(-rows // ROWS_PER_BUCKET))
         customers = 0
         writer.autocommit = False
         try:
@@ -266,10 +264,9 @@ class PostgresOnlineStore:
                 # autovacuum worker on it would make the DROP after the next swap wait, and lookups queue behind that DROP
                 cursor.execute(sql.SQL("CREATE TABLE {} (customer_id TEXT NOT NULL, tags TEXT NOT NULL) WITH (autovacuum_enabled = false)").format(table))
                 copy = sql.SQL("COPY {} (customer_id, tags) FROM STDIN").format(table).as_string(writer)
-                for bucket in range(buckets):
-                    stream = _CopyStream(iter(con.sql(customer_json_sql(partition_sql, bucket, buckets)).to_arrow_reader(INSERT_BATCH)))
-                    cursor.copy_expert(copy, stream, size=COPY_CHUNK)
-                    customers += stream.customers
+                stream = _CopyStream(customer_records(con, partition_sql, rows))
+                cursor.copy_expert(copy, stream, size=COPY_CHUNK)
+                customers += stream.customers
                 # the index after the load: one sort instead of a million inserts into a b-tree
                 cursor.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (customer_id)").format(table))
                 cursor.execute(sql.SQL("ANALYZE {}").format(table))

@@ -2,7 +2,9 @@
 a real online store (SQLite, loaded from a synthetic tag partition), the real tag lifecycle and API keys."""
 
 import os
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -234,13 +236,27 @@ def test_refresh_while_serving_and_a_forced_internal_error(server):
         assert client.get("/health").json()["as_of"] == DAY2.isoformat()
         assert client.get(f"/customers/{CUSTOMER}/tags").json()["as_of"] == DAY2.isoformat()
         assert client.get("/tags/life_stage").json()["quality"]["previous_as_of"] == DAY1.isoformat()
-        # a damaged store file (swapped in whole, as a refresh would): the reader fails inside; the caller gets no stack trace
+        # a damaged store file (swapped in whole, as a refresh would): 503, the operator must rebuild it
         store = server.settings.online_store_path
-        damaged = store.with_name("damaged.sqlite")
-        damaged.write_bytes(b"this is not a database" * 100)
         kept = store.with_name("kept.sqlite")
         os.link(store, kept)
+        damaged = store.with_name("damaged.sqlite")
+        damaged.write_bytes(b"this is not a database" * 100)
         os.replace(damaged, store)
+        try:
+            unreadable = client.get(f"/customers/{CUSTOMER}/tags")
+        finally:
+            os.replace(kept, store)
+        assert unreadable.status_code == 503 and error_of(unreadable)["code"] == "store_unreadable"
+        assert "Traceback" not in unreadable.text and str(store) not in unreadable.text
+        # a readable store with one broken record: the reader fails inside; the caller gets no stack trace
+        os.link(store, kept)
+        broken_copy = store.with_name("broken.sqlite")
+        shutil.copyfile(store, broken_copy)
+        with closing(sqlite3.connect(broken_copy)) as db:
+            db.execute("UPDATE customers SET tags = '[{not json' WHERE customer_id = ?", [CUSTOMER])
+            db.commit()
+        os.replace(broken_copy, store)
         try:
             broken = client.get(f"/customers/{CUSTOMER}/tags")
         finally:
@@ -248,7 +264,7 @@ def test_refresh_while_serving_and_a_forced_internal_error(server):
         assert broken.status_code == 500
         error = error_of(broken)
         assert error["code"] == "internal_error" and error["request_id"] in error["message"]
-        assert "Traceback" not in broken.text and "sqlite" not in broken.text.lower()
+        assert "Traceback" not in broken.text and "json" not in broken.text.lower()
         assert client.get(f"/customers/{CUSTOMER}/tags").status_code == 200  # back once the store is
     log = server.log.read_text()
     assert error["request_id"] in log  # the operator can find it

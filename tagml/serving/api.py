@@ -31,13 +31,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tagml import __version__
+from tagml.compliance.exports import CONFIDENTIAL
 from tagml.core.settings import Settings
-from tagml.scoring.online import OnlineStoreError, OnlineStoreUnavailableError, OnlineTagStore, SQLiteOnlineStore, freshness_days, open_online_store
+from tagml.scoring.online import (
+    OnlineStoreError,
+    OnlineStoreUnavailableError,
+    OnlineStoreUnreadableError,
+    OnlineTagStore,
+    SQLiteOnlineStore,
+    freshness_days,
+    open_online_store,
+)
 from tagml.serving.auth import EXPORT_AUDIENCES, READ_AUDIENCES, READ_CONFIDENTIAL, READ_TAGS, SCOPES, ApiKey, KeyRing
 from tagml.serving.explain import explain_tag
 
 log = logging.getLogger("tagml.serving.api")
-CONFIDENTIAL = ("confidential", "restricted")  # sensitivities shown only with read:confidential
 PUBLISHED_CHECK_SECONDS = 1.0  # how often the governance database's file is looked at for a change of the tag lifecycle
 MAX_CUSTOMER_ID = 128
 
@@ -201,6 +209,9 @@ def create_app(settings: Settings, *, store: OnlineTagStore | None = None, catal
 
     @app.exception_handler(OnlineStoreError)
     async def _not_loaded(request: Request, exc: OnlineStoreError) -> Response:
+        if isinstance(exc, OnlineStoreUnreadableError):  # the operator's log names the file; the caller learns only that it must wait
+            log.error("the online tag store cannot be read (%s): rebuild it with `tagml online refresh`", type(exc).__name__)
+            return error_response(503, "store_unreadable", "the online tag store cannot be read; the operator must rebuild it (`tagml online refresh`)")
         return error_response(503, "store_not_loaded", "the online tag store has not been loaded yet: run the nightly scoring job or `tagml online refresh`")
 
     @app.exception_handler(OnlineStoreUnavailableError)
