@@ -20,6 +20,7 @@ import os
 import re
 import sqlite3
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -384,12 +385,19 @@ def test_a_refreshed_partition_invalidates_the_cached_wide_table(world):
     assert cached.fetchone()[0] == 1  # the stale table was dropped
 
 
-def test_erasure_rewrites_the_contact_history(world):
+def test_erasure_rewrites_the_contact_history_and_the_audience_files(world):
     record = _export(world, RISK_HIGH, purpose="service", now=NOW)
     assert record.selected == 6
+    as_csv = _export(world, RISK_HIGH, purpose="service", fmt="csv", name="as csv")
+    files = [Path(r.out) for r in (record, as_csv)]
+    assert all(f.is_relative_to(world["settings"].audiences_dir) for f in files)
     receipt = erase(world["settings"], ["C1", H2], "dpo", "DSR-1")
-    [history] = (world["settings"].warehouse_dir / "contact_history").rglob("*.parquet")
+    [history, _] = sorted((world["settings"].warehouse_dir / "contact_history").rglob("*.parquet"))
     assert sorted(pd.read_parquet(history)["customer_id"]) == ["C3", "C4", "C5", "C6"]
+    # tagml's own copies of the audience files are rewritten too (what a CRM downloaded is the bank's to erase)
+    assert sorted(pd.read_parquet(files[0])["customer_id"]) == ["C3", "C4", "C5", "C6"]
+    assert sorted(pd.read_csv(files[1])["customer_id"]) == ["C3", "C4", "C5", "C6"]
+    assert receipt.stores["audience exports"].files_rewritten == 2 and receipt.verification["verified"]
     assert receipt.rows_removed >= 2 + 2 * 3 * 2  # history rows, and both partitions' rows of the two customers
     # erased customers are gone from the counts too (the partitions were rewritten: a new cache table)
     assert _select(world, RISK_HIGH) == ["C3", "C4", "C5", "C6"]

@@ -30,6 +30,7 @@ import duckdb
 from filelock import FileLock
 
 from tagml.compliance.scan import (
+    AUDIENCE_EXPORTS,
     ONLINE_STORE,
     REQUESTS_DIR,
     UNVERIFIED_STORES,
@@ -41,6 +42,7 @@ from tagml.compliance.scan import (
     register_ids,
     scan_home,
     store_files,
+    table_sql,
 )
 from tagml.core.files import file_sha256
 from tagml.core.governance import GovernanceStore, Table, utc_now
@@ -50,7 +52,16 @@ from tagml.core.suppression import SUPPRESSED, home_salt, suppress
 from tagml.features.delivery import generations_dir
 
 RECEIPTS_DIR = "erasures"
-REWRITTEN_STORES = ("staged raw tables", "customer_features", "customer_tags", "training_sets", "own_features", "drift", "warehouse (other files)")
+REWRITTEN_STORES = (
+    "staged raw tables",
+    "customer_features",
+    "customer_tags",
+    "training_sets",
+    "own_features",
+    "drift",
+    "warehouse (other files)",
+    AUDIENCE_EXPORTS,
+)
 ERASURES_DDL = (
     "CREATE TABLE IF NOT EXISTS erasures (erasure_id TEXT PRIMARY KEY, erased_at TEXT NOT NULL, requested_by TEXT NOT NULL, reason TEXT NOT NULL,"
     " customers INTEGER NOT NULL, customers_found INTEGER NOT NULL, rows_removed INTEGER NOT NULL, verified INTEGER NOT NULL, receipt_json TEXT NOT NULL)"
@@ -132,11 +143,13 @@ def request_file(settings: Settings, name: str) -> Path:
 
 
 def _rewritable_files(settings: Settings) -> list[tuple[str, Path]]:
-    """The warehouse's and drift directory's Parquet files, by store (temporaries and Spark parts left out)."""
+    """The warehouse's and drift directory's Parquet files and the audience exports (Parquet or CSV), by store
+    (temporaries and Spark parts left out)."""
     stores = [s for s in home_stores(settings) if s.name in REWRITTEN_STORES]
     out = []
     for store, path in store_files(stores):
-        if path.suffix == ".parquet" and not path.name.startswith(".") and ".parts" not in path.parent.name:
+        kinds = (".parquet", ".csv") if store.name == AUDIENCE_EXPORTS else (".parquet",)
+        if path.suffix in kinds and not path.name.startswith(".") and ".parts" not in path.parent.name:
             out.append((store.name, path))
     return out
 
@@ -173,12 +186,17 @@ def _trained_versions(client: Any, settings: Settings, snapshots: set[Path]) -> 
 
 
 def _rewrite(con: duckdb.DuckDBPyConnection, path: Path) -> int:
-    """Rewrite one Parquet file without the erased customers' rows, atomically; returns rows removed."""
+    """Rewrite one Parquet (or CSV audience) file without the erased customers' rows, atomically; returns rows removed."""
     match = parquet_match_sql(path)
     if match is None:
         return 0
-    before = int(con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(path)})").fetchall()[0][0])
-    after = write_parquet_atomically(con, f"SELECT * FROM read_parquet({sql_literal(path)}) WHERE NOT ({match})", path)
+    before = int(con.execute(f"SELECT count(*) FROM {table_sql(path)}").fetchall()[0][0])
+    if path.suffix == ".csv":
+        with atomic_replace(path) as tmp:
+            con.execute(f"COPY (SELECT * FROM {table_sql(path)} WHERE NOT ({match})) TO {sql_literal(tmp)} (FORMAT CSV, HEADER)")
+        after = int(con.execute(f"SELECT count(*) FROM {table_sql(path)}").fetchall()[0][0])
+    else:
+        after = write_parquet_atomically(con, f"SELECT * FROM {table_sql(path)} WHERE NOT ({match})", path)
     return before - after
 
 
@@ -249,16 +267,17 @@ def _own_table_actions(settings: Settings) -> list[str]:
 
 
 def _export_count(settings: Settings) -> int:
-    """Exports recorded by the governance store's `exports` table, if this home has one."""
+    """Exports and audience exports recorded in the governance store (`exports`, `audiences`): files handed to other systems
+    (tagml rewrites its own copies of audience files; what a CRM downloaded is out of its reach)."""
     import sqlite3
 
     if not Path(settings.governance_db).exists():
         return 0
     con = sqlite3.connect(f"{Path(settings.governance_db).resolve().as_uri()}?mode=ro", uri=True)
     try:
-        if not con.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'exports'").fetchall()[0][0]:
-            return 0
-        return int(con.execute("SELECT count(*) FROM exports").fetchall()[0][0])
+        present = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('exports', 'audiences')").fetchall()}
+        # table names are our two constants above, never data
+        return sum(int(con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]) for table in sorted(present))
     finally:
         con.close()
 

@@ -11,6 +11,7 @@ import re
 import sqlite3
 import zipfile
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ REQUESTS_DIR = "erasure_requests"  # the erasure job's request files, under the 
 
 
 ONLINE_STORE = "online tag store"
+AUDIENCE_EXPORTS = "audience exports"  # the audience files tagml writes under its home (tagml.serving.audiences)
 
 
 class ScanError(RuntimeError):
@@ -60,6 +62,7 @@ def home_stores(settings: Settings) -> list[Store]:
         Store("evidently reports", settings.reports_dir),
         Store("mlflow artifacts", settings.mlflow_artifact_dir),
         Store("dagster", settings.dagster_home),
+        Store(AUDIENCE_EXPORTS, settings.audiences_dir),
         Store("erasure requests", settings.governance_db.parent / REQUESTS_DIR),
         Store("governance", settings.governance_db.parent),
         Store("raw delivery", settings.raw_dir),
@@ -96,7 +99,17 @@ def register_ids(con: duckdb.DuckDBPyConnection, customer_ids: Sequence[str]) ->
     con.register(ERASED_IDS_VIEW, pa.table({"customer_id": pa.array(sorted(set(customer_ids)), pa.string())}))
 
 
+def table_sql(path: Path) -> str:
+    """A DuckDB relation over one rewritable file: Parquet, or a CSV audience export read as text (its header names the columns)."""
+    if path.suffix == ".csv":
+        return f"read_csv({sql_literal(path)}, all_varchar = true, header = true)"
+    return f"read_parquet({sql_literal(path)})"
+
+
 def _string_columns(path: Path) -> list[str]:
+    if path.suffix == ".csv":
+        with closing(duckdb.connect()) as con:
+            return [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {table_sql(path)}").fetchall()]
     schema = pq.read_schema(path)
     return [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_dictionary(f.type)]
 
@@ -106,7 +119,28 @@ def parquet_match_sql(path: Path) -> str | None:
     names = _string_columns(path)
     if not names:
         return None
-    return " OR ".join(f"coalesce({quote(n)}::VARCHAR IN (SELECT customer_id FROM {ERASED_IDS_VIEW}), false)" for n in names)
+    return " OR ".join(f"coalesce({quote(n)}::VARCHAR IN (SELECT {ids} FROM {ERASED_IDS_VIEW}), false)" for n in names for ids in _forms(path))
+
+
+GUARDED_ID = "'''' || customer_id"  # an erased id behind the `'` an export puts before a formula-like cell
+
+
+def _forms(path: Path) -> tuple[str, ...]:
+    """How an erased id appears in a file's cells: as itself, and in a CSV export also behind the `'` that guards
+    a cell starting like a spreadsheet formula (scoring/store.py's FORMULA_PREFIXES)."""
+    return ("customer_id", GUARDED_ID) if path.suffix == ".csv" else ("customer_id",)
+
+
+def _guarded_cells(con: duckdb.DuckDBPyConnection, path: Path) -> int:
+    """Cells of a CSV file holding an erased id behind the formula guard (0 when it is not a table with a header)."""
+    try:
+        names = _string_columns(path)
+    except duckdb.Error:
+        return 0
+    if not names:
+        return 0
+    cells = " + ".join(f"count_if({quote(n)} IN (SELECT {GUARDED_ID} FROM {ERASED_IDS_VIEW}))" for n in names)
+    return int(con.execute(f"SELECT {cells} FROM {table_sql(path)}").fetchall()[0][0])
 
 
 def parquet_ids_found(con: duckdb.DuckDBPyConnection, path: Path) -> set[str]:
@@ -114,8 +148,8 @@ def parquet_ids_found(con: duckdb.DuckDBPyConnection, path: Path) -> set[str]:
     names = _string_columns(path)
     if not names:
         return set()
-    on = " OR ".join(f"t.{quote(n)}::VARCHAR = e.customer_id" for n in names)
-    rows = con.execute(f"SELECT DISTINCT e.customer_id FROM {ERASED_IDS_VIEW} e JOIN read_parquet({sql_literal(path)}) t ON {on}").fetchall()
+    on = " OR ".join(f"t.{quote(n)}::VARCHAR = {form.replace('customer_id', 'e.customer_id')}" for n in names for form in _forms(path))
+    rows = con.execute(f"SELECT DISTINCT e.customer_id FROM {ERASED_IDS_VIEW} e JOIN {table_sql(path)} t ON {on}").fetchall()
     return {r[0] for r in rows}
 
 
@@ -123,7 +157,7 @@ def parquet_hits(con: duckdb.DuckDBPyConnection, path: Path) -> int:
     match = parquet_match_sql(path)
     if match is None:
         return 0
-    return int(con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(path)}) WHERE {match}").fetchall()[0][0])
+    return int(con.execute(f"SELECT count(*) FROM {table_sql(path)} WHERE {match}").fetchall()[0][0])
 
 
 def _sqlite_hits(path: Path, pattern: re.Pattern[bytes]) -> int:
@@ -179,6 +213,8 @@ def file_hits(con: duckdb.DuckDBPyConnection, path: Path, customer_ids: Sequence
             return _sqlite_hits(path, pattern)
         if head[8:12] == DUCKDB_MAGIC:
             return _duckdb_hits(path, customer_ids)
+        if path.suffix == ".csv":  # the bytes, and the cells an export guarded (CSV-quoted: no byte match)
+            return len(pattern.findall(path.read_bytes())) + _guarded_cells(con, path)
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 return sum(len(pattern.findall(archive.read(member))) for member in archive.namelist())

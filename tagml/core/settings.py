@@ -280,6 +280,11 @@ class Settings(BaseSettings):
         return self.home / HOME_MANIFEST
 
     @property
+    def audiences_dir(self) -> Path:
+        """Where audience exports made through the API (and by default from the CLI) are written, with their manifests."""
+        return self.home / "audiences"
+
+    @property
     def online_store_path(self) -> Path | None:
         """The SQLite file of the online tag store when it is the embedded one (else None: a Postgres URL)."""
         return None if is_database_url(self.online_store) else Path(self.online_store)

@@ -181,7 +181,7 @@ class AudienceSources:
             WarehouseLayout(warehouse).staged_dir,
             load_catalog(settings.catalog_path),
             GovernanceStore(settings.governance_db),
-            Path(settings.home) / "audiences",
+            settings.audiences_dir,
             warehouse / CONTACT_HISTORY,
             (warehouse,),
         )
