@@ -270,6 +270,52 @@ def run_compliance_demo(settings: Settings, as_of: date) -> ComplianceDemo:
     return ComplianceDemo(published, mismatch, record.as_dict(), str(manifest_path(out)), time.perf_counter() - started)
 
 
+# the demo's audience: customers inferred or assessed as growth-minded, with money to invest
+DEMO_AUDIENCE = {"all": [{"tag": "risk_appetite", "in": ["C4", "C5"]}, {"tag": "value_tier", "in": ["affluent", "high_net_worth", "private_banking"]}]}
+
+
+@dataclass(frozen=True)
+class ServingDemo:
+    """What the demo's serving step found: the online store the API reads, its quality, one audience count and a lookup."""
+
+    snapshot: dict[str, Any]
+    quality: list[dict[str, Any]]
+    audience: dict[str, Any]
+    lookup_ms: float
+    customer: str
+    seconds: float
+
+
+def run_serving_demo(settings: Settings, customer_id: str) -> ServingDemo:
+    """Read the online store the nightly runs refreshed (as the API does), and count the demo audience for marketing."""
+    from contextlib import closing
+
+    from tagml.core.storage import connect
+    from tagml.scoring.online import open_online_store, quality_report
+    from tagml.serving.audiences import AudienceSources, ContactCap, count_audience, visible_tags
+
+    started = time.perf_counter()
+    catalog = load_catalog(settings.catalog_path)
+    online = open_online_store(settings.online_store)
+    try:
+        snapshot = online.snapshot()
+        if snapshot is None:
+            raise RuntimeError(f"{online.describe()} was not refreshed by the nightly runs")
+        online.customer(customer_id)  # opens the store; the second read is what a lookup costs
+        timer = time.perf_counter()
+        online.customer(customer_id)
+        lookup_ms = (time.perf_counter() - timer) * 1000
+        quality = quality_report(online.quality(), catalog)
+    finally:
+        online.close()
+    sources = AudienceSources.from_settings(settings)
+    with closing(connect(settings.threads, settings.duckdb_memory_limit)) as con:
+        counted = count_audience(
+            con, sources, DEMO_AUDIENCE, purpose="marketing", cap=ContactCap.from_settings(settings), visible_tags=visible_tags(sources, confidential=True)
+        )
+    return ServingDemo(snapshot.as_dict(), quality, counted.as_dict(), lookup_ms, customer_id, time.perf_counter() - started)
+
+
 def erase_demo_customer(settings: Settings, as_of: date, keep: set[str]) -> dict[str, Any]:
     """Erase one customer of the `as_of` partition not in `keep` (the customers the demo showed) and return the receipt."""
     from contextlib import closing

@@ -97,7 +97,7 @@ def test_the_demo_makes_no_network_call_and_writes_nothing_under_home(tmp_path):
         [sys.executable, "-m", "tagml.cli", "demo", "--customers", "3000"], check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1500
     )
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-    assert "[7/7]" in demo.stdout and "re-scored customer_tags" in demo.stdout and "verified: 0 hits" in demo.stdout
+    assert "[8/8]" in demo.stdout and "re-scored customer_tags" in demo.stdout and "verified: 0 hits" in demo.stdout
     assert "$ tagml tags C" in demo.stdout and "lineage: tagml-risk_appetite/" in demo.stdout  # the example lookup ran
     assert not log.exists(), f"non-loopback network use:\n{log.read_text()}"
     written = sorted(str(p.relative_to(user_home)) for p in user_home.rglob("*"))

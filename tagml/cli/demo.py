@@ -39,48 +39,55 @@ def demo(
 def _demo(settings: Settings, customers: int, seed: int, drift: str | None) -> bool:
     from tagml.cli.erasure import print_receipt
     from tagml.orchestration.sensors import REEVALUATE_ON_DRIFT_SENSOR
-    from tagml.orchestration.walkthrough import Walkthrough, erase_demo_customer, plan_demo, run_compliance_demo
+    from tagml.orchestration.walkthrough import Walkthrough, erase_demo_customer, plan_demo, run_compliance_demo, run_serving_demo
 
     status = console(stderr=True)
     plan = plan_demo(customers, seed, drift)
     train_as_of, as_of = plan.train_as_of, plan.as_of
     scenario = f", {drift} from {as_of:%Y-%m}" if drift else ""
-    print(f"[1/7] generating a synthetic bank: {plan.bank.customers:,} customers x {plan.bank.months} months{scenario} -> {settings.raw_dir}", flush=True)
+    print(f"[1/8] generating a synthetic bank: {plan.bank.customers:,} customers x {plan.bank.months} months{scenario} -> {settings.raw_dir}", flush=True)
     started = time.perf_counter()
     summary = generate_with_progress(plan.bank, settings.raw_dir)
     # and the bank's own tables (docs/OWN_TABLE.md): a catalog entry on them trains and scores in this demo too
     own = generate_own_tables(settings.raw_dir, own_tables_beside(settings.raw_dir), seed=seed)
     print(f"      {summary['rows']} in {time.perf_counter() - started:.1f}s; the bank's own tables (for bring-your-own tags) -> {own['out']}", flush=True)
     with Walkthrough.open(settings) as walk:
-        print("[2/7] raw_ingest_job: validate the raw contract, drop PII, stage Parquet", flush=True)
+        print("[2/8] raw_ingest_job: validate the raw contract, drop PII, stage Parquet", flush=True)
         with status.status("raw_ingest_job running"):
             ingested = walk.ingest()
         print(f"      {ingested.seconds:.0f}s", flush=True)
-        print(f"[3/7] train_all_tags_job on the labels known on {train_as_of}: training sets, Optuna + MLflow, registry, promotion gate", flush=True)
+        print(f"[3/8] train_all_tags_job on the labels known on {train_as_of}: training sets, Optuna + MLflow, registry, promotion gate", flush=True)
         names = ", ".join(walk.model_tags)
         with status.status(f"training {len(walk.model_tags)} model tags ({names}): Optuna trials logged to MLflow, then the gate"):
             trained = walk.train(train_as_of)
         print(f"      {trained.seconds:.0f}s", flush=True)
         nightly = {}
         for step, day in ((4, train_as_of), (5, as_of)):
-            print(f"[{step}/7] nightly_scoring_job for as_of={day}: features, rule + model tags from the champions, tag_drift", flush=True)
+            print(f"[{step}/8] nightly_scoring_job for as_of={day}: features, rule + model tags from the champions, tag_drift", flush=True)
             with status.status(f"nightly_scoring_job for {day} running"):
                 nightly[day] = walk.score_nightly(day)
             outcome = ", ".join(f"{r.job} (run key {r.run_key})" for r in nightly[day].requests) or f"nothing ({nightly[day].skip_message})"
             print(f"      {nightly[day].seconds:.0f}s; then {REEVALUATE_ON_DRIFT_SENSOR} requests {outcome}", flush=True)
         print(f"      the sensor evaluated again on the same drift requests {walk.sensor_again()} runs", flush=True)
-        print("[6/7] the re-evaluation the sensor requested: retrain -> gate -> re-score", flush=True)
+        print("[6/8] the re-evaluation the sensor requested: retrain -> gate -> re-score", flush=True)
         reevaluated = []
         for request in (r for day in (train_as_of, as_of) for r in nightly[day].requests):
             with status.status(f"{request.job} for {request.partition_key} running"):
                 reevaluated.append(walk.reevaluate(request))
             print(f"      {reevaluated[-1].run.seconds:.0f}s", flush=True)
-    print("[7/7] compliance: publish the tags (approved, then published by someone else), suitability, a marketing export with consent", flush=True)
+    print("[7/8] compliance: publish the tags (approved, then published by someone else), suitability, a marketing export with consent", flush=True)
     with status.status("compliance steps running"):
         compliance = run_compliance_demo(settings, as_of)
     print(f"      {compliance.seconds:.0f}s", flush=True)
+    print("[8/8] serving: the online store the tag API reads (refreshed by every scoring run), an audience count", flush=True)
+    example = compliance.mismatch["customer_id"] if compliance.mismatch else None
+    serving = run_serving_demo(settings, example) if example else None
+    if serving:
+        print(f"      {serving.seconds:.0f}s", flush=True)
     shown = _print_demo_results(settings, plan, trained, {day: n.run for day, n in nightly.items()}, reevaluated)
     _print_compliance(compliance)
+    if serving:
+        _print_serving(settings, serving)
     # last: an erasure removes the customer's drift reports too, which the results above print from
     print("  $ tagml erase (one customer's erasure request, after the nightly run):")
     print_receipt(erase_demo_customer(settings, as_of, keep=shown | ({compliance.mismatch["customer_id"]} if compliance.mismatch else set())))
@@ -139,6 +146,32 @@ def _print_demo_results(settings: Settings, plan: Any, trained: Any, scored: dic
     print(f"MLflow:             {settings.mlflow_tracking_uri}")
     print("open the UIs with:  tagml ui (Dagster, http://127.0.0.1:3000)   tagml mlflow-ui (http://127.0.0.1:5000)")
     return {example} if scored[as_of].success and example else set()
+
+
+def _print_serving(settings: Settings, done: Any) -> None:
+    import json
+
+    from tagml.orchestration.walkthrough import DEMO_AUDIENCE
+
+    snap, counted = done.snapshot, done.audience
+    print(f"\nserving ({done.seconds:.0f}s):")
+    print(f"  online store: {snap['customers']:,} customers of {snap['as_of']} (loaded {snap['loaded_at']}) -> {settings.online_store}")
+    print(f"    a lookup of {done.customer}: {done.lookup_ms:.2f} ms; quality (tagml online status):")
+    for q in done.quality:
+        changed = "n/a" if q["changed_share"] is None else f"{q['changed_share']:.1%}"
+        print(f"    {q['tag']:<16} coverage {q['coverage']:.1%}  changed since {q['previous_as_of'] or '-'}: {changed}  fresh: {q['freshness_days']} days")
+    left_out = ", ".join(f"{reason} {n:,}" for reason, n in counted["excluded"].items()) or "none"
+    print(f"  $ tagml audience count --purpose marketing --query '{json.dumps(DEMO_AUDIENCE)}'")
+    print(
+        f"    matched {counted['matched']:,}, selected {counted['selected']:,} (left out: {left_out}) in {counted['seconds'] * 1000:.0f} ms (cold: the API keeps the table it builds cached)"
+    )
+    print("  the tag API (docs/API.md):")
+    print("    tagml api-key create --name crm --scope read:tags --scope read:confidential --scope read:audiences  # prints it once")
+    print("    tagml serve                                                                 # http://127.0.0.1:8000/docs")
+    print(f'    curl -H "Authorization: Bearer $KEY" http://127.0.0.1:8000/customers/{done.customer}/tags')
+    print(
+        f'    curl -H "Authorization: Bearer $KEY" -H \'Content-Type: application/json\' -d \'{{"query": {json.dumps(DEMO_AUDIENCE)}, "purpose": "marketing"}}\' http://127.0.0.1:8000/audiences/count'
+    )
 
 
 def _print_compliance(done: Any) -> None:
