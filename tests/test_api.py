@@ -187,7 +187,7 @@ def test_explanation_in_words(server):
         by_code = {r["code"]: r for r in body["reasons"]}
         assert "share_equity high" in by_code  # every synthetic model row starts with it
         assert by_code["share_equity high"]["sentence"] == (
-            "The customer's share of AUM in equity is higher than for most customers (the median of all customers at the tags' date)."
+            "The customer's share of AUM in equity is above the typical customer's (the median of all customers at the tags' date)."
         )
         if "region=east" in by_code:
             assert by_code["region=east"]["sentence"] == "The customer's home-branch region is east."
@@ -343,7 +343,7 @@ def test_reason_codes_in_words():
 
     feature = FEATURES[0]
     low = explain_reason(f"{feature.name} low")
-    assert low["kind"] == "feature" and low["feature"] == feature.name and "not higher than for most customers" in low["sentence"]
+    assert low["kind"] == "feature" and low["feature"] == feature.name and "at or below the typical customer" in low["sentence"]
     assert feature.description.rstrip(".").lower() in low["sentence"].lower()
     rule = explain_reason("holds P1 (R4) above the assessed C2 of 2026-01-31")  # the suitability rule's own sentence
     assert rule == {"code": rule["code"], "kind": "text", "sentence": "Holds P1 (R4) above the assessed C2 of 2026-01-31."}

@@ -437,11 +437,10 @@ def _audience_endpoints(app: FastAPI, settings: Settings, catalog: Any, lifecycl
     def audience_record(audience_id: str) -> dict[str, Any]:
         if not audience_id.isalnum() or len(audience_id) > 64:
             raise ApiError(404, "unknown_audience", "no audience with this id")
-        # recorded_audiences reads newest first; an id lookup of its own would be cheaper (asked of tagml.serving.audiences)
-        found = next((r for r in audiences.recorded_audiences(sources.governance, limit=100_000) if r["audience_id"] == audience_id), None)
-        if found is None:
+        found = audiences.recorded_audiences(sources.governance, limit=1, audience_id=audience_id)
+        if not found:
             raise ApiError(404, "unknown_audience", "no audience with this id")
-        return found
+        return found[0]
 
     @app.get("/audiences/{audience_id}", tags=["audiences"], summary="An exported audience's record")
     def audience(audience_id: str, caller: Counter) -> Response:

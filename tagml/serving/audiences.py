@@ -575,12 +575,13 @@ def export_audience(
     return record
 
 
-def recorded_audiences(governance: GovernanceStore, limit: int = 20) -> list[dict[str, Any]]:
-    """The newest audience records, newest first (counts only)."""
+def recorded_audiences(governance: GovernanceStore, limit: int = 20, audience_id: str | None = None) -> list[dict[str, Any]]:
+    """The newest audience records, newest first (counts only); `audience_id`: only that one (its primary key)."""
     if not governance.path.exists():
         return []
+    where, params = ("WHERE audience_id = ?", [audience_id]) if audience_id is not None else ("", [])
     with governance.read(AUDIENCES) as db:
-        cursor = db.execute("SELECT * FROM audiences ORDER BY at DESC, rowid DESC LIMIT ?", [int(limit)])
+        cursor = db.execute(f"SELECT * FROM audiences {where} ORDER BY at DESC, rowid DESC LIMIT ?", [*params, int(limit)])
         names = [d[0] for d in cursor.description]
         rows = [dict(zip(names, row)) for row in cursor.fetchall()]
     for row in rows:

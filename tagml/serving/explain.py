@@ -40,8 +40,8 @@ def explain_reason(code: str) -> dict[str, Any]:
     features = _features()
     if (m := CODE.match(code)) and m["feature"] in features:
         feature = features[m["feature"]]
-        level = "higher" if m["direction"] == "high" else "not higher"
-        sentence = f"The customer's {_meaning(feature)} is {level} than for most customers (the median of all customers at the tags' date)."
+        level = "above" if m["direction"] == "high" else "at or below"
+        sentence = f"The customer's {_meaning(feature)} is {level} the typical customer's (the median of all customers at the tags' date)."
         return {"code": code, "kind": "feature", "feature": feature.name, "sentence": sentence}
     if (m := CATEGORY.match(code)) and m["feature"] in features:
         feature = features[m["feature"]]
