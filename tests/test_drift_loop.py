@@ -198,7 +198,8 @@ def test_reevaluation_retrains_gates_with_a_recorded_reason_and_rescores(loop):
     run = loop["reevaluated"]
     assert run.success
     materialized = {e.asset_key.to_user_string(): e.materialization.metadata for e in run.get_asset_materialization_events()}
-    assert set(materialized) == {"risk_appetite/training_set", "risk_appetite/tag_model", "customer_tags"}
+    # the re-scored partition is loaded into the online store by the same run (online_tags)
+    assert set(materialized) == {"risk_appetite/training_set", "risk_appetite/tag_model", "customer_tags", "online_tags"}
     assert materialized["risk_appetite/training_set"]["train_as_of"].value == "2026-10-31"
     [gate] = [e for e in run.get_asset_check_evaluations() if e.check_name == "promotion_gate"]
     version = materialized["risk_appetite/tag_model"]["model_version"].value
