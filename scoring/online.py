@@ -98,6 +98,11 @@ class OnlineSnapshot:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def loaded_now(cls, as_of: date, scored_at: str, customers: int, rows: int, source: str) -> "OnlineSnapshot":
+        """The snapshot of a partition being loaded at this moment (every store stamps it so)."""
+        return cls(as_of.isoformat(), scored_at, datetime.now(UTC).isoformat(timespec="seconds"), customers, rows, source)
+
 
 @dataclass(frozen=True)
 class TagQuality:
@@ -281,14 +286,7 @@ class SQLiteOnlineStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_replace(self.path) as tmp:
             customers, rows = self._build(tmp, con, partition_sql)
-            snapshot = OnlineSnapshot(
-                as_of=partition.isoformat(),
-                scored_at=scored_at,
-                loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                customers=customers,
-                rows=rows,
-                source=store.location(partition),
-            )
+            snapshot = OnlineSnapshot.loaded_now(partition, scored_at, customers, rows, store.location(partition))
             _write_meta(tmp, snapshot, quality)
         return snapshot
 

@@ -25,7 +25,7 @@ import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
-from datetime import UTC, date, datetime
+from datetime import date
 from typing import Any
 
 import duckdb
@@ -195,14 +195,7 @@ class PostgresOnlineStore:
                 generation = int(cursor.fetchone()[0])
             try:
                 customers = self._load(writer, con, partition_sql, rows, generation)
-                snapshot = OnlineSnapshot(
-                    as_of=partition.isoformat(),
-                    scored_at=scored_at,
-                    loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                    customers=customers,
-                    rows=rows,
-                    source=store.location(partition),
-                )
+                snapshot = OnlineSnapshot.loaded_now(partition, scored_at, customers, rows, store.location(partition))
                 self._write_meta(writer, generation, snapshot, quality)
                 retired = self._swap(writer, generation)
             except BaseException as exc:
