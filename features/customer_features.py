@@ -19,7 +19,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from tagml.core.storage import connect, sql_literal, staged_path, write_parquet_atomically
+from tagml.core.storage import connect, sql_literal, staged_relation, write_parquet_atomically
 from tagml.features.contract import PRODUCTS
 from tagml.features.delivery import current_generation
 from tagml.features.dictionary import FEATURE_NAMES, FEATURES
@@ -39,11 +39,12 @@ def balance_month_end_sql(day: str) -> str:
 STAGED_TABLES = ("customers", "balances", "loans", "transactions", "digital_events")
 
 
-def staged_relations(staged_dir: Path) -> dict[str, str]:
+def staged_relations(staged_dir: Path, first: date | None = None, last: date | None = None) -> dict[str, str]:
     """The staged tables as DuckDB relations, all from the current generation: every table from one
-    delivery, even if another is swapped in while the query is built or run."""
+    delivery, even if another is swapped in while the query is built or run. A table staged by period
+    is read from its files within [`first`, `last`] only (`staged_relation`)."""
     generation = current_generation(staged_dir)
-    return {t: f"read_parquet({sql_literal(staged_path(generation, t))})" for t in STAGED_TABLES}
+    return {t: staged_relation(generation, t, first, last) for t in STAGED_TABLES}
 
 
 def features_select(relations: Mapping[str, str], spine_sql: str, first_as_of: date, last_as_of: date) -> str:
@@ -71,9 +72,16 @@ def features_select(relations: Mapping[str, str], spine_sql: str, first_as_of: d
     return "WITH " + ",\n".join(ctes) + _joined_select()
 
 
+def history_start(first_as_of: date) -> date:
+    """The first day any feature of `first_as_of` can read (the 12-month windows, rounded down to a
+    whole month with a month to spare): period files before it are not opened at all."""
+    months = first_as_of.year * 12 + first_as_of.month - 1 - 13
+    return date(months // 12, months % 12 + 1, 1)
+
+
 def features_sql(staged_dir: Path, spine_sql: str, first_as_of: date, last_as_of: date) -> str:
     """`features_select` over the staged Parquet files of `staged_dir` (DuckDB)."""
-    return features_select(staged_relations(staged_dir), spine_sql, first_as_of, last_as_of)
+    return features_select(staged_relations(staged_dir, history_start(first_as_of), last_as_of), spine_sql, first_as_of, last_as_of)
 
 
 def _balance_ctes(balances: str, lo: str, hi: str) -> list[str]:

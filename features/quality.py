@@ -7,7 +7,7 @@ from typing import Any
 import duckdb
 
 from tagml.core.files import check_parquet
-from tagml.core.storage import quote, sql_literal, staged_path
+from tagml.core.storage import quote, sql_literal, staged_path, staged_relation
 from tagml.features.checks import CheckOutcome, QualityCheck
 from tagml.features.contract import CUSTOMERS, TABLES_BY_NAME
 from tagml.features.customer_features import balance_month_end_sql
@@ -61,7 +61,7 @@ def features_without_history(con: duckdb.DuckDBPyConnection, staged_dir: Path, a
         back = f"{snap if table.name == 'balances' else d} - INTERVAL {int(f.history_months)} MONTH"
         needed = f"last_day({back})" if table.name == "balances" else f"({back})::DATE"
         reaches = con.execute(
-            f"SELECT coalesce(min({quote(table.event_time)})::DATE <= {needed}, false) FROM read_parquet({sql_literal(staged_path(staged_dir, table.name))})"
+            f"SELECT coalesce(min({quote(table.event_time)})::DATE <= {needed}, false) FROM {staged_relation(staged_dir, table.name)}"
         ).fetchall()[0][0]
         if not reaches:
             out.append(f.name)
@@ -145,7 +145,7 @@ def check_feature_snapshot(con: duckdb.DuckDBPyConnection, path: Path, staged_di
     outcomes.append(check_unseen_categories(con, snap, columns))
     outcomes.append(check_constant_features(con, snap, present))
     latest_txn = con.execute(
-        f"SELECT max(txn_ts)::DATE FROM read_parquet({sql_literal(staged_path(staged_dir, 'transactions'))}) WHERE txn_ts < {d} + INTERVAL 1 DAY"
+        f"SELECT max(txn_ts)::DATE FROM {staged_relation(staged_dir, 'transactions', last=as_of)} WHERE txn_ts < {d} + INTERVAL 1 DAY"
     ).fetchall()[0][0]
     lag = (as_of - latest_txn).days if latest_txn else None
     outcomes.append(FRESHNESS.outcome(lag is not None and lag <= MAX_DATA_LAG_DAYS, {"latest_transaction_date": str(latest_txn), "lag_days": lag}))

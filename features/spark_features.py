@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tagml.core.files import check_parquet
-from tagml.core.storage import commit_parquet_parts, staged_path
+from tagml.core.storage import commit_parquet_parts, staged_files, staged_path
 from tagml.features.customer_features import STAGED_TABLES, snapshot_schema, snapshot_select
 from tagml.features.delivery import current_generation
 from tagml.features.portable_sql import to_spark_sql
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 def check_staged_tables(generation: Path) -> None:
     """Every staged table is a readable Parquet file, or a `CorruptFileError` naming it and the re-ingest."""
     for table in STAGED_TABLES:
-        check_parquet(staged_path(generation, table), f"re-run the raw ingest (raw_ingest_job) to stage {table} again")
+        files = staged_files(generation, table)
+        for path in files or [staged_path(generation, table)]:
+            check_parquet(path, f"re-run the raw ingest (raw_ingest_job) to stage {table} again")
 
 
 @contextmanager
@@ -43,7 +45,7 @@ def staged_views(spark: "SparkSession", generation: Path) -> Iterator[dict[str, 
     views = {table: f"tagml_staged_{table}_{suffix}" for table in STAGED_TABLES}
     try:
         for table, view in views.items():
-            spark.read.parquet(str(staged_path(generation, table))).createOrReplaceTempView(view)
+            spark.read.parquet(*[str(f) for f in staged_files(generation, table)]).createOrReplaceTempView(view)
         yield views
     finally:
         for view in views.values():

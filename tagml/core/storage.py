@@ -86,8 +86,51 @@ def glob_literal(directory: Path | str, pattern: str) -> str:
 
 
 def staged_path(staged_dir: Path, table: str) -> Path:
-    """The validated (PII removed) raw table `table` in the staged directory."""
+    """The validated (PII removed) raw table `table` in the staged directory, staged whole as one file.
+
+    A table staged by period (`staged_files`: one file per day or month end) is a directory instead;
+    read any staged table through `staged_files` / `staged_relation`, which know both forms.
+    """
     return staged_dir / f"{table}.parquet"
+
+
+def staged_period_dir(staged_dir: Path, table: str) -> Path:
+    """The directory of a table staged by period: one `<YYYY-MM-DD>.parquet` per day (or month end) of its event time."""
+    return staged_dir / table
+
+
+def staged_period(path: Path) -> date:
+    """The period (day or month end) a staged period file holds, from its name."""
+    return date.fromisoformat(Path(path).stem)
+
+
+def staged_files(staged_dir: Path, table: str, first: date | None = None, last: date | None = None) -> list[Path]:
+    """The Parquet files of staged `table`, in period order: `[<table>.parquet]` for a table staged
+    whole, else its period files whose period is within [`first`, `last`] (either bound optional).
+
+    Selecting by file name is what lets a nightly read only the days it needs, whatever the history.
+    """
+    whole = staged_path(staged_dir, table)
+    if whole.is_file():
+        return [whole]
+    periods = staged_period_dir(staged_dir, table)
+    if not periods.is_dir():
+        return []
+    files = sorted(periods.glob("????-??-??.parquet"))
+    return [f for f in files if (first is None or staged_period(f) >= first) and (last is None or staged_period(f) <= last)]
+
+
+def staged_relation(staged_dir: Path, table: str, first: date | None = None, last: date | None = None) -> str:
+    """`read_parquet([...])` over `staged_files(...)`: the files listed one by one (no DuckDB glob, so no
+    pattern characters of the home's path are ever read as a pattern). A table with no file in the range
+    is the table's first file filtered to no rows, so the relation keeps its columns."""
+    files = staged_files(staged_dir, table, first, last)
+    if files:
+        return f"read_parquet([{', '.join(sql_literal(f) for f in files)}])"
+    every = staged_files(staged_dir, table)
+    if not every:
+        raise FileNotFoundError(f"staged table {table} is missing from {staged_dir}: re-run the raw ingest (raw_ingest_job)")
+    return f"(SELECT * FROM read_parquet({sql_literal(every[0])}) LIMIT 0)"
 
 
 @dataclass(frozen=True)
@@ -313,7 +356,9 @@ def publish_views(duckdb_path: Path, warehouse_dir: Path) -> list[str]:
     Views are a convenience: if another process holds the file, they are left as they were.
     """
     layout = WarehouseLayout(Path(warehouse_dir))
-    views = {f"raw_{p.stem}": f"SELECT * FROM read_parquet({sql_literal(p)}, hive_partitioning = false)" for p in sorted(layout.staged_dir.glob("*.parquet"))}
+    staged = layout.staged_dir
+    tables = sorted({p.stem for p in staged.glob("*.parquet")} | {d.name for d in staged.glob("*") if d.is_dir() and staged_files(staged, d.name)})
+    views = {f"raw_{t}": f"SELECT * FROM {staged_relation(staged, t)}" for t in tables}
     if layout.customer_features.files():
         views["customer_features"] = f"SELECT * FROM {layout.customer_features.read_all_sql()}"
     if layout.customer_tags.files():
