@@ -99,7 +99,6 @@ def base_ctes(relations: Mapping[str, str], spine_sql: str, first_as_of: date, l
     ]
 
 
-
 def history_start(first_as_of: date) -> date:
     """The first day any feature of `first_as_of` can read (the 12-month windows, rounded down to a
     whole month with a month to spare): period files before it are not opened at all."""

@@ -78,7 +78,6 @@ _RISKY = "(p_mutual_fund + p_equity)"
 _INVEST = "(" + " + ".join(f"p_{p}" for p in INVESTMENT_PRODUCTS) + ")"
 
 
-
 # ---- measures: what the transactions and digital features are computed from -------------------------
 
 WINDOWS = (1, 3, 12)  # months; a window of k months ending on as_of is [as_of - k months + 1 day, as_of]
@@ -203,7 +202,13 @@ FEATURES: tuple[Feature, ...] = (
     ),
     # ---- assets under management and product mix (balances) ----
     Feature(
-        "aum_total", "balances", f"CAST({_latest('aum')} AS DOUBLE)", "Assets under management at the latest month end (excl. credit card).", "month end", group="aum", fill=0.0
+        "aum_total",
+        "balances",
+        f"CAST({_latest('aum')} AS DOUBLE)",
+        "Assets under management at the latest month end (excl. credit card).",
+        "month end",
+        group="aum",
+        fill=0.0,
     ),
     Feature(
         "aum_avg_3m",
@@ -268,12 +273,26 @@ FEATURES: tuple[Feature, ...] = (
         fill=0,
     ),
     Feature(
-        "credit_card_balance", "balances", f"CAST({_latest('p_credit_card')} AS DOUBLE)", "Credit card amount owed at the latest month end.", "month end", group="credit", fill=0.0
+        "credit_card_balance",
+        "balances",
+        f"CAST({_latest('p_credit_card')} AS DOUBLE)",
+        "Credit card amount owed at the latest month end.",
+        "month end",
+        group="credit",
+        fill=0.0,
     ),
     # ---- income and cash flow (transactions) ----
     # Every transactions/digital feature is an expression over measures `m_<measure>_w<months>` (see
     # `MEASURES`): the full query and the monthly aggregates both compute the measures, exactly.
-    Feature("salary_income_3m", "transactions", f"{_money('salary', 3)} / 3", "Monthly salary and pension credited, 3-month average.", "3m", group="income", fill=0.0),
+    Feature(
+        "salary_income_3m",
+        "transactions",
+        f"{_money('salary', 3)} / 3",
+        "Monthly salary and pension credited, 3-month average.",
+        "3m",
+        group="income",
+        fill=0.0,
+    ),
     Feature("inflow_3m", "transactions", f"{_money('inflow', 3)} / 3", "Monthly money in, 3-month average.", "3m", group="income", fill=0.0),
     Feature("outflow_3m", "transactions", f"{_money('outflow', 3)} / 3", "Monthly money out, 3-month average.", "3m", group="income", fill=0.0),
     Feature("spend_1m", "transactions", _money("spend", 1), "Consumer spending in the last month.", "1m", group="spending", fill=0.0),
