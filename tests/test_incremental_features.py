@@ -116,7 +116,10 @@ AS_OFS = {
 }
 
 
-@pytest.mark.parametrize("as_of", list(AS_OFS.values()), ids=list(AS_OFS))
+SLOW_AS_OFS = {"march_29", "march_31", "last_day"}  # the inner loop keeps one of each kind
+
+
+@pytest.mark.parametrize("as_of", [pytest.param(d, id=k, marks=[pytest.mark.slow] if k in SLOW_AS_OFS else []) for k, d in AS_OFS.items()])
 def test_incremental_equals_full_by_period(as_of, period_bank, period_aggregates, mcon, tmp_path):
     full, inc = full_and_incremental(mcon, period_bank, period_aggregates, as_of, tmp_path)
     assert (full.method, inc.method) == ("full", "incremental")
@@ -141,6 +144,7 @@ def test_incremental_equals_full_staged_whole(bank, module_dir, mcon, tmp_path):
         assert len(inc.months_from_aggregates["digital"]) == (as_of.year - 2025) * 12 + as_of.month - 11 + (as_of.day == 30)
 
 
+@pytest.mark.slow
 def test_leap_day_and_windows_through_february(bank, module_dir, mcon, tmp_path):
     """The bank moved 730 days back (2026-02-28 becomes 2024-02-29): a leap-day as_of, and the 1-month window
     of Mar 29-31 2024 starting on Mar 1 (Feb 29 + 1 day)."""
@@ -159,6 +163,7 @@ def test_leap_day_and_windows_through_february(bank, module_dir, mcon, tmp_path)
 RESTATED_DAY = date(2026, 3, 10)
 
 
+@pytest.mark.slow
 def test_restated_day_rebuilds_its_month_and_changes_exactly_the_as_of_it_reaches(period_bank, mcon, tmp_path):
     staged = tmp_path / "staged"
     shutil.copytree(period_bank, staged)
@@ -197,3 +202,46 @@ def test_restated_day_rebuilds_its_month_and_changes_exactly_the_as_of_it_reache
         assert not pq.read_table(old[d]).equals(pq.read_table(new[d])), d
         full = build_feature_snapshot(mcon, staged, d, tmp_path / f"full-{d}.parquet")
         assert_identical(full.path, new[d])
+
+
+def test_dagster_materializes_monthly_aggregates_then_incremental_features(bank, tmp_path):
+    """Real materializations: monthly_aggregates, then a customer_features partition computed from them,
+    equal to the full recompute; the metadata holds months and counts, no customer id."""
+    import dagster as dg
+
+    from tagml.core.settings import Settings
+    from tagml.orchestration.feature_assets import build_customer_features_asset, monthly_aggregates
+    from tagml.orchestration.partitions import as_of_partitions
+    from tagml.orchestration.resources import WarehouseResource
+
+    settings = Settings.from_env({"TAGML_HOME": str(tmp_path / "home")})
+    settings.ensure_dirs()
+    warehouse = WarehouseResource.from_settings(settings)
+    shutil.copytree(bank["staged"], warehouse.staged_dir)
+    resources = {"warehouse": warehouse}
+
+    aggregated = dg.materialize([monthly_aggregates], resources=resources, instance=dg.DagsterInstance.ephemeral())
+    assert aggregated.success
+    [event] = aggregated.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    assert len(metadata["built_transactions"].value) == 12 and metadata["months_kept"].value == 0
+    again = dg.materialize([monthly_aggregates], resources=resources, instance=dg.DagsterInstance.ephemeral())
+    [event] = again.get_asset_materialization_events()
+    assert event.materialization.metadata["built_transactions"].value == [] and event.materialization.metadata["months_kept"].value == 24
+
+    as_of = date(2026, 8, 20)
+    features = build_customer_features_asset(as_of_partitions(settings))
+    result = dg.materialize([features], resources=resources, partition_key=as_of.isoformat(), instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    [event] = result.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    assert metadata["method"].value == "incremental" and metadata["months_from_aggregates"].value == {"transactions": 9, "digital": 9}
+    customers = pq.read_table(staged_path(warehouse.staged_dir, "customers")).column("customer_id").to_pylist()
+    shown = " ".join(str(v.value) for e in (*aggregated.get_asset_materialization_events(), event) for v in e.materialization.metadata.values())
+    assert not [c for c in customers if c in shown]
+    con = make_connection(tmp_path)
+    try:
+        full = build_feature_snapshot(con, warehouse.staged_dir, as_of, tmp_path / "full.parquet")
+    finally:
+        con.close()
+    assert_identical(full.path, Path(warehouse.features_path(as_of)))
