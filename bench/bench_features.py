@@ -160,7 +160,7 @@ def step_incremental(args) -> dict:
     timer = Timer()
     update = update_monthly_aggregates(con, _periods_dir(args), d / "aggregates")
     check_s = time.perf_counter() - timer.wall0
-    plan = incremental_snapshot_plan(_periods_dir(args), as_of, d / "aggregates")
+    plan = incremental_snapshot_plan(con, _periods_dir(args), as_of, d / "aggregates")
     rows = write_parquet_atomically(con, plan.sql, d / "features_incremental.parquet")
     result = timer.done(rows=rows, update_check_s=round(check_s, 2), rebuilt_months=sum(len(v) for v in update.built.values()))
     full = d / "features_full_periods.parquet"
@@ -384,10 +384,14 @@ def markdown(results: dict, months, seed, as_of) -> str:
             out.append(line)
         fp, inc = steps.get("full_periods"), steps.get("incremental")
         if fp and inc and fp.get("ok") and inc.get("ok"):
-            line = f"- full recompute / incremental (same layout, same run): **{fp['wall_median_s'] / inc['wall_median_s']:.1f}× wall time** (medians of all runs)"
+            line = (
+                f"- full recompute / incremental (same layout, same run): **{fp['wall_median_s'] / inc['wall_median_s']:.1f}× wall time** (medians of all runs)"
+            )
             if fp["quiet_median_s"] and inc["quiet_median_s"]:
                 line += f", **{fp['quiet_median_s'] / inc['quiet_median_s']:.1f}×** (quiet runs)"
-            out.append(line + f", {statistics.median(fp['cpu_s']) / statistics.median(inc['cpu_s']):.1f}× CPU time, {fp['peak_mb'] / inc['peak_mb']:.1f}× peak RSS.")
+            out.append(
+                line + f", {statistics.median(fp['cpu_s']) / statistics.median(inc['cpu_s']):.1f}× CPU time, {fp['peak_mb'] / inc['peak_mb']:.1f}× peak RSS."
+            )
         if d and p and d.get("ok") and not p.get("ok"):
             out.append(f"- pandas did not finish within the cap; DuckDB took {d['wall_median_s']:.1f} s at {d['peak_mb'] / 1024:.2f} GB.")
         out.append("")
@@ -557,7 +561,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--wait-idle-max", type=float, default=600, help="give up waiting for an idle machine after this many seconds")
     p.add_argument("--reuse-raw", action="store_true", help="do not regenerate raw data that already exists (generate is then not timed)")
     p.add_argument("--skip", nargs="*", default=[], choices=["stage", "duckdb", "pandas"], help="steps not to run (their inputs must exist)")
-    p.add_argument("--incremental", action="store_true", help="also: lay the staged tables out by period, build the monthly aggregates, and time full vs incremental")
+    p.add_argument(
+        "--incremental", action="store_true", help="also: lay the staged tables out by period, build the monthly aggregates, and time full vs incremental"
+    )
     p.add_argument("--json", type=Path, help="where to write the results (default: WORKDIR/results-<time>.json)")
     p.add_argument(
         "--render",

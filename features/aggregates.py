@@ -26,6 +26,7 @@ import duckdb
 from tagml.core.storage import sql_literal, staged_files, staged_path, staged_period, staged_relation, write_parquet_atomically
 from tagml.features.customer_features import (
     EVENT_SOURCES,
+    balances_select,
     base_ctes,
     history_start,
     joined_select,
@@ -314,12 +315,50 @@ class IncrementalPlan:
     day_ranges: dict[str, list[tuple[date, date]]]
 
 
-def incremental_snapshot_plan(staged_dir: Path, as_of: date, aggregates_dir: Path) -> IncrementalPlan:
+def snap_of(as_of: date) -> date:
+    """The latest month end on or before `as_of` (`balance_month_end_sql`)."""
+    return as_of if as_of == month_end(as_of) else month_start(as_of) - timedelta(days=1)
+
+
+def balances_features_path(con: duckdb.DuckDBPyConnection, generation: Path, aggregates_dir: Path, snap: date) -> Path:
+    """The balances features at month end `snap` (`balances_select`), stored once per snap with the identity of
+    the staged files they were computed from: reused by every as_of of the month while those files are unchanged."""
+    first = minus_months(snap, 12) + timedelta(days=1)
+    files = staged_files(generation, "balances", first, snap) + staged_files(generation, "customers")
+    inputs = input_identity(generation, files)
+    path = Path(aggregates_dir) / "balances" / f"{snap}.parquet"
+    stamp = path.with_suffix(".json")
+    try:
+        if path.is_file() and json.loads(stamp.read_text()) == {"inputs": inputs, "signature": _balances_signature()}:
+            return path
+    except (OSError, ValueError):
+        pass  # missing or unreadable: computed again
+    path.parent.mkdir(parents=True, exist_ok=True)
+    relations = staged_relations(generation, history_start(snap), snap)
+    write_parquet_atomically(con, balances_select(relations, snap), path)
+    tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"inputs": inputs, "signature": _balances_signature()}))
+    os.replace(tmp, stamp)
+    return path
+
+
+def _balances_signature() -> str:
+    from tagml.features.dictionary import FEATURES
+
+    text = "\n".join(f"{f.name}|{f.sql}" for f in FEATURES if f.source == "balances") + balances_select(
+        {"customers": "c", "balances": "b", "loans": "l"}, date(2000, 1, 31)
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def incremental_snapshot_plan(con: duckdb.DuckDBPyConnection, staged_dir: Path, as_of: date, aggregates_dir: Path) -> IncrementalPlan:
     """The snapshot for `as_of` from the fresh monthly aggregates plus the staged daily rows at the windows'
-    edges (and of any month without a fresh aggregate). Customers, balances and loans as in the full query."""
+    edges (and of any month without a fresh aggregate), and the balances features stored for its month end
+    (computed and stored first if missing or stale). Customers and loans as in the full query."""
     generation = current_generation(staged_dir)
     relations = staged_relations(generation, history_start(as_of), as_of)
-    ctes = base_ctes(relations, snapshot_spine_select(relations["customers"], as_of), as_of, as_of)
+    balances = f"read_parquet({sql_literal(balances_features_path(con, generation, aggregates_dir, snap_of(as_of)))})"
+    ctes = base_ctes(relations, snapshot_spine_select(relations["customers"], as_of), as_of, as_of, balances=balances)
     months, ranges = {}, {}
     for source in EVENT_SOURCES:
         fresh = fresh_months(generation, aggregates_dir, source)

@@ -85,18 +85,36 @@ def features_select(relations: Mapping[str, str], spine_sql: str, first_as_of: d
     return "WITH " + ",\n".join(ctes) + joined_select()
 
 
-def base_ctes(relations: Mapping[str, str], spine_sql: str, first_as_of: date, last_as_of: date) -> list[str]:
-    """The spine and the customers, balances and loans features (every path computes these the same way)."""
+def base_ctes(relations: Mapping[str, str], spine_sql: str, first_as_of: date, last_as_of: date, balances: str | None = None) -> list[str]:
+    """The spine and the customers, balances and loans features (every path computes these the same way).
+
+    `balances`: a relation of stored balances features per customer for the spine's one snap (columns
+    customer_id and the balances features) to reuse instead of aggregating the balances again."""
     bounds = (f"DATE {sql_literal(first_as_of)} - INTERVAL 12 MONTH", f"DATE {sql_literal(last_as_of)} + INTERVAL 1 DAY")
     customer_cols = ",\n    ".join(f"{f.sql} AS {f.name}" for f in FEATURES if f.source == "customer")
+    if balances is None:
+        balance_ctes = [*_balance_ctes(relations["balances"], *bounds), _block("balances", "bal")]
+    else:
+        names = ", ".join(f"b.{f.name}" for f in FEATURES if f.source == "balances")
+        balance_ctes = [
+            f"balances_features AS (\n  SELECT s.customer_id, s.as_of, {names}\n  FROM spine s JOIN {balances} b ON b.customer_id = s.customer_id\n)"
+        ]
     return [
         (f"spine AS (\n  SELECT DISTINCT customer_id, as_of::DATE AS as_of,\n    {balance_month_end_sql('as_of::DATE')} AS snap\n  FROM ({spine_sql})\n)"),
         f"customer_features AS (\n  SELECT s.customer_id, s.as_of,\n    {customer_cols}\n  FROM spine s JOIN {relations['customers']} c USING (customer_id)\n)",
-        *_balance_ctes(relations["balances"], *bounds),
-        _block("balances", "bal"),
+        *balance_ctes,
         _loan_cte(relations["loans"]),
         _block("loans", "loan"),
     ]
+
+
+def balances_select(relations: Mapping[str, str], snap: date) -> str:
+    """The balances features of every staged customer with balances at the month end `snap`: what any as_of whose
+    latest month end is `snap` gets (they depend on as_of only through it)."""
+    spine = f"SELECT customer_id, DATE {sql_literal(snap)} AS as_of FROM {relations['customers']}"
+    names = ", ".join(f.name for f in FEATURES if f.source == "balances")
+    ctes = base_ctes(relations, spine, snap, snap)
+    return "WITH " + ",\n".join(ctes) + f"\nSELECT customer_id, {names} FROM balances_features ORDER BY customer_id"
 
 
 def history_start(first_as_of: date) -> date:

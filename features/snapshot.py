@@ -75,7 +75,7 @@ def build_feature_snapshot(
         return FeatureSnapshot(as_of, target, rows, outcomes)
     if update_aggregates:
         update_monthly_aggregates(con, staged_dir, aggregates_dir)
-    plan = incremental_snapshot_plan(staged_dir, as_of, aggregates_dir)
+    plan = incremental_snapshot_plan(con, staged_dir, as_of, aggregates_dir)
     rows = write_parquet_atomically(con, plan.sql, target, validate=gate)
     return FeatureSnapshot(as_of, target, rows, outcomes, method="incremental", months_from_aggregates=plan.months)
 

@@ -155,7 +155,7 @@ def test_leap_day_and_windows_through_february(bank, module_dir, mcon, tmp_path)
     for as_of in (date(2024, 2, 29), date(2024, 3, 30), date(2024, 2, 28)):
         # compared as queries: the shifted bank is only for the calendar (its balances are moved by months)
         full = mcon.sql(features_sql(staged, snapshot_spine_sql(staged, as_of), as_of, as_of)).df()
-        inc = mcon.sql(incremental_snapshot_plan(staged, as_of, aggregates).sql).df()
+        inc = mcon.sql(incremental_snapshot_plan(mcon, staged, as_of, aggregates).sql).df()
         assert len(full) > 1000
         pd.testing.assert_frame_equal(full, inc, check_exact=True)
 

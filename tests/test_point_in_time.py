@@ -413,7 +413,7 @@ def test_hand_bank_incremental_features_equal_the_full_recompute(layout, hand_ba
         assert update.built["transactions"][-1] == date(2026, 6, 1)  # July has one day staged: not complete
         for as_of in (AS_OF, date(2026, 6, 15), date(2026, 5, 31), date(2026, 7, 1)):
             full = con.sql(features_sql(staged, snapshot_spine_sql(staged, as_of), as_of, as_of)).df()
-            plan = incremental_snapshot_plan(staged, as_of, tmp_path / "aggregates")
+            plan = incremental_snapshot_plan(con, staged, as_of, tmp_path / "aggregates")
             assert plan.months["transactions"], as_of
             pd.testing.assert_frame_equal(full, con.sql(plan.sql).df(), check_exact=True)
     finally:
