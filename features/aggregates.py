@@ -35,7 +35,7 @@ from tagml.features.customer_features import (
     staged_relations,
 )
 from tagml.features.delivery import current_generation
-from tagml.features.dictionary import MEASURES, WINDOWS, Measure, source_measures
+from tagml.features.dictionary import MEASURES, WINDOWS, Measure, event_rows, source_measures
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -199,8 +199,9 @@ def monthly_select(source: str, relation: str, month: date) -> str:
     cols = ",\n  ".join(f"{x.over_rows()} AS m_{x.name}" for x in _measures(source))
     first, after = sql_literal(month), sql_literal(next_month(month))
     return (
-        f"SELECT customer_id, DATE {first} AS month,\n  {cols}\nFROM {relation}\n"
-        f"WHERE {ts} >= DATE {first} AND {ts} < DATE {after}\nGROUP BY customer_id ORDER BY customer_id"
+        f"SELECT customer_id, DATE {first} AS month,\n  {cols}\n"
+        f"FROM (SELECT customer_id, {', '.join(event_rows(source))} FROM {relation} WHERE {ts} >= DATE {first} AND {ts} < DATE {after})\n"
+        f"GROUP BY customer_id ORDER BY customer_id"
     )
 
 
@@ -289,7 +290,7 @@ def _pieces_cte(source: str, generation: Path, plan: WindowPlan, months: Mapping
         cols = ", ".join(f"{x.over_rows()} AS m_{x.name}" for x in used)
         parts.append(
             f"  SELECT customer_id, as_of, {', '.join(flags)}, {cols}\n"
-            f"  FROM (SELECT s.customer_id, s.as_of, t.* EXCLUDE (customer_id), {row_flags}\n"
+            f"  FROM (SELECT s.customer_id, s.as_of, {', '.join(event_rows(source))}, {row_flags}\n"
             f"        FROM spine s JOIN {relation} t ON t.customer_id = s.customer_id WHERE {_in_ranges('t.' + ts, ranges)})\n"
             f"  GROUP BY customer_id, as_of, {', '.join(flags)}"
         )

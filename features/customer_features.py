@@ -22,7 +22,7 @@ import pyarrow as pa
 from tagml.core.storage import connect, sql_literal, staged_relation, write_parquet_atomically
 from tagml.features.contract import PRODUCTS
 from tagml.features.delivery import current_generation
-from tagml.features.dictionary import FEATURE_NAMES, FEATURES, source_measures
+from tagml.features.dictionary import FEATURE_NAMES, FEATURES, event_rows, source_measures
 
 
 def _block(source: str, relation: str) -> str:
@@ -75,10 +75,10 @@ def features_select(relations: Mapping[str, str], spine_sql: str, first_as_of: d
     bounds = (f"DATE {sql_literal(first_as_of)} - INTERVAL 12 MONTH", f"DATE {sql_literal(last_as_of)} + INTERVAL 1 DAY")
     ctes = [
         *base_ctes(relations, spine_sql, first_as_of, last_as_of),
-        _windowed_events_cte("txn", "t", relations["transactions"], ("txn_ts", "amount", "direction", "category", "channel"), "txn_ts", *bounds),
+        _windowed_events_cte("txn", "t", relations["transactions"], "transactions", *bounds),
         measures_cte("transactions", "txn"),
         measure_features_cte("transactions"),
-        _windowed_events_cte("dig", "e", relations["digital_events"], ("event_ts", "event_type"), "event_ts", *bounds),
+        _windowed_events_cte("dig", "e", relations["digital_events"], "digital", *bounds),
         measures_cte("digital", "dig"),
         measure_features_cte("digital"),
     ]
@@ -146,12 +146,13 @@ def _balance_ctes(balances: str, lo: str, hi: str) -> list[str]:
     ]
 
 
-def _windowed_events_cte(name: str, alias: str, relation: str, columns: tuple[str, ...], ts: str, lo: str, hi: str) -> str:
-    """The events of `relation` in the 12 months up to each as_of (inclusive), flagged `w1`/`w3` when
-    in the last 1 or 3 months; `lo`/`hi` let the Parquet scan skip what no as_of can use."""
-    t = f"{alias}.{ts}"
+def _windowed_events_cte(name: str, alias: str, relation: str, source: str, lo: str, hi: str) -> str:
+    """The events of `relation` in the 12 months up to each as_of (inclusive), as the measures read them
+    (`event_rows`), flagged `w1`/`w3` when in the last 1 or 3 months; `lo`/`hi` let the Parquet scan skip
+    what no as_of can use."""
+    t = f"{alias}.{EVENT_SOURCES[source][1]}"
     return (
-        f"{name} AS (\n  SELECT s.customer_id, s.as_of, {', '.join(f'{alias}.{c}' for c in columns)},\n"
+        f"{name} AS (\n  SELECT s.customer_id, s.as_of, {', '.join(event_rows(source))},\n"
         f"    {t} >= s.as_of - INTERVAL 1 MONTH + INTERVAL 1 DAY AS w1,\n"
         f"    {t} >= s.as_of - INTERVAL 3 MONTH + INTERVAL 1 DAY AS w3\n"
         f"  FROM spine s JOIN {relation} {alias} ON {alias}.customer_id = s.customer_id\n"

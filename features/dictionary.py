@@ -85,7 +85,10 @@ MEASURE_AGGS = ("sum", "count", "max", "bit_or")
 # Money is summed as DECIMAL(18,2) (cents, exact): DuckDB's parallel aggregation adds DOUBLEs in no fixed
 # order, so a 12-month sum taken row by row and one taken as a sum of monthly sums would differ in the last
 # bits. In cents they are the same number, whichever way and order they are added; DOUBLE only in the feature.
-MONEY = "CAST(amount AS DECIMAL(18,2))"
+MONEY = "amount_cents"
+# The row columns the measures read, computed once per event row (`event_rows`): the amount in cents, and each
+# distinct row predicate as a boolean flag, so the ~40 FILTERs test a boolean instead of comparing strings again.
+EVENT_ROW_COLUMNS = {"transactions": ("txn_ts", "CAST(amount AS DECIMAL(18,2)) AS amount_cents"), "digital": ("event_ts",)}
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,10 @@ class Measure:
             raise ValueError(f"measure {self.name}: aggregate {self.agg} with value {self.value!r}")
 
     def over_rows(self, rows: str = "true") -> str:
-        """The measure over the event rows where `rows` (a boolean SQL expression, e.g. a window flag) holds."""
-        cond = f"{rows} AND ({self.where})" if rows != "true" else self.where
+        """The measure over the event rows (`event_rows`: flagged) where `rows` (a boolean SQL expression, e.g. a
+        window flag) holds."""
+        flag = row_flags(self.source).get(self.where, "true")
+        cond = " AND ".join(c for c in (rows, flag) if c != "true") or "true"
         return f"count(*) FILTER (WHERE {cond})" if self.agg == "count" else f"{self.agg}({self.value}) FILTER (WHERE {cond})"
 
     def merged(self, column: str, parts: str) -> str:
@@ -114,6 +119,20 @@ class Measure:
         if self.agg == "count":
             return f"CAST(coalesce(sum({column}) FILTER (WHERE {parts}), 0) AS BIGINT)"
         return f"{self.agg}({column}) FILTER (WHERE {parts})"
+
+
+def row_flags(source: str) -> dict[str, str]:
+    """Each distinct row predicate of the source's measures -> the flag column `event_rows` computes it into."""
+    flags: dict[str, str] = {}
+    for x in MEASURES:
+        if x.source == source and x.where != "true":
+            flags.setdefault(x.where, f"f_{x.name}")
+    return flags
+
+
+def event_rows(source: str) -> list[str]:
+    """The projection of an event row the measures read (unqualified column names of the staged table)."""
+    return [*EVENT_ROW_COLUMNS[source], *(f"({where}) AS {flag}" for where, flag in row_flags(source).items())]
 
 
 def _cents(name: str, where: str) -> Measure:
