@@ -117,7 +117,7 @@ def _measures(source: str) -> list[Measure]:
 
 def measures_signature(source: str) -> str:
     """What a month's aggregate depends on besides its input files: the measures' definitions."""
-    text = "\n".join(f"{x.name}|{x.agg}|{x.where}|{x.value}" for x in _measures(source))
+    text = "\n".join(f"{x.name}|{_monthly_value(x)}" for x in _measures(source))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -196,7 +196,7 @@ def fresh_months(generation: Path, aggregates_dir: Path, source: str) -> dict[da
 def monthly_select(source: str, relation: str, month: date) -> str:
     """Every measure of `source` per customer over `month`'s rows of `relation`."""
     ts = EVENT_SOURCES[source][1]
-    cols = ",\n  ".join(f"{x.over_rows()} AS m_{x.name}" for x in _measures(source))
+    cols = ",\n  ".join(f"{_monthly_value(x)} AS m_{x.name}" for x in _measures(source))
     first, after = sql_literal(month), sql_literal(next_month(month))
     return (
         f"SELECT customer_id, DATE {first} AS month,\n  {cols}\n"
@@ -269,30 +269,41 @@ def _in_ranges(ts: str, ranges: list[tuple[date, date]]) -> str:
     return "(" + " OR ".join(f"({ts} >= DATE {sql_literal(lo)} AND {ts} < DATE {sql_literal(hi + timedelta(days=1))})" for lo, hi in ranges) + ")"
 
 
+def _monthly_value(x: Measure) -> str:
+    """A measure over a month's (or fewer days') rows, as stored: a sum in cents fits DECIMAL(18,2) (BIGINT-backed,
+    cheaper to store and merge than the DECIMAL(38,2) a sum returns; an overflow is an error, never a wrong value)."""
+    return f"CAST({x.over_rows()} AS DECIMAL(18,2))" if x.agg == "sum" else x.over_rows()
+
+
 def _pieces_cte(source: str, generation: Path, plan: WindowPlan, months: Mapping[date, Path]) -> str:
-    """`<source>_pieces`: per customer of the spine, the source's monthly measure values of the aggregated months
-    and of the daily rows at the windows' edges, each flagged with the windows (in_w1/in_w3/in_w12) it counts in."""
+    """`<source>_pieces`: per customer, the source's monthly measure values of the aggregated months and of the
+    daily rows at the windows' edges, each flagged with the windows (in_w1/in_w3/in_w12) it counts in.
+
+    Not joined to the spine: the snapshot has one as_of, and the final LEFT JOIN from the spine's customers
+    drops anyone else (customers onboarded after as_of)."""
     table, ts = EVENT_SOURCES[source]
     used = [x for x in _measures(source) if any(x is y for y, _ in source_measures(source))]
     flags = [f"in_w{k}" for k in WINDOWS]
+    as_of = f"DATE {sql_literal(plan.as_of)} AS as_of"
     parts = []
-    for month, windows in plan.months.items():
-        consts = ", ".join(f"{str(k in windows).lower()} AS in_w{k}" for k in WINDOWS)
-        cols = ", ".join(f"a.m_{x.name}" for x in used)
-        parts.append(
-            f"  SELECT s.customer_id, s.as_of, {consts}, {cols}\n  FROM spine s JOIN read_parquet({sql_literal(months[month])}) a ON a.customer_id = s.customer_id"
+    if plan.months:
+        files = ", ".join(sql_literal(months[m]) for m in plan.months)
+        month_flags = ", ".join(
+            f"month IN ({', '.join(f'DATE {sql_literal(m)}' for m, ks in plan.months.items() if k in ks) or 'NULL'}) AS in_w{k}" for k in WINDOWS
         )
+        cols = ", ".join(f"m_{x.name}" for x in used)
+        parts.append(f"  SELECT customer_id, {as_of}, {month_flags}, {cols}\n  FROM read_parquet([{files}])")
     ranges = plan.day_ranges
     if ranges:
         files = list(dict.fromkeys(f for lo, hi in ranges for f in staged_files(generation, table, lo, hi)))
         relation = f"read_parquet([{', '.join(sql_literal(f) for f in files)}])" if files else staged_relation(generation, table, *ranges[0])
         row_flags = ", ".join(f"{_in_ranges(ts, plan.days[k])} AS in_w{k}" for k in WINDOWS)
-        cols = ", ".join(f"{x.over_rows()} AS m_{x.name}" for x in used)
+        cols = ", ".join(f"{_monthly_value(x)} AS m_{x.name}" for x in used)
         parts.append(
-            f"  SELECT customer_id, as_of, {', '.join(flags)}, {cols}\n"
-            f"  FROM (SELECT s.customer_id, s.as_of, {', '.join(event_rows(source))}, {row_flags}\n"
-            f"        FROM spine s JOIN {relation} t ON t.customer_id = s.customer_id WHERE {_in_ranges('t.' + ts, ranges)})\n"
-            f"  GROUP BY customer_id, as_of, {', '.join(flags)}"
+            f"  SELECT customer_id, {as_of}, {', '.join(flags)}, {cols}\n"
+            f"  FROM (SELECT customer_id, {', '.join(event_rows(source))}, {row_flags}\n"
+            f"        FROM {relation} WHERE {_in_ranges(ts, ranges)})\n"
+            f"  GROUP BY customer_id, {', '.join(flags)}"
         )
     if not parts:  # no window day at all cannot happen (as_of is in every window); kept total for safety
         raise ValueError(f"no month or day covers the windows of {plan.as_of}")
