@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORKDIR = HERE / "out"
-STEPS = ("generate", "stage", "duckdb", "pandas")
+STEPS = ("generate", "stage", "duckdb", "pandas", "periods", "aggregate", "full_periods", "incremental")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -96,6 +96,79 @@ def step_duckdb(args) -> dict:
     return timer.done(rows=rows)
 
 
+def _periods_dir(args) -> Path:
+    return bank_dir(args.workdir, args.size) / "staged_periods"
+
+
+def step_periods(args) -> dict:
+    """The staged tables laid out by period (a file per day, balances per month end), as incremental staging writes them."""
+    import shutil
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from test_incremental_features import write_period_bank  # the tests' layout writer: one home
+
+    from tagml.core.storage import connect
+
+    shutil.rmtree(_periods_dir(args), ignore_errors=True)
+    con = connect(args.threads, args.memory_limit)
+    timer = Timer()
+    write_period_bank(con, bank_dir(args.workdir, args.size) / "staged", _periods_dir(args))
+    return timer.done(rows=0)
+
+
+def step_aggregate(args) -> dict:
+    """Every monthly aggregate built from scratch (the one-time cost; a nightly rebuilds at most a month)."""
+    import shutil
+
+    from tagml.core.storage import connect
+    from tagml.features.aggregates import update_monthly_aggregates
+
+    aggregates = bank_dir(args.workdir, args.size) / "aggregates"
+    shutil.rmtree(aggregates, ignore_errors=True)
+    con = connect(args.threads, args.memory_limit)
+    con.execute("SET enable_progress_bar = false")
+    timer = Timer()
+    update = update_monthly_aggregates(con, _periods_dir(args), aggregates)
+    return timer.done(rows=update.rows, months=sum(len(v) for v in update.built.values()))
+
+
+def step_full_periods(args) -> dict:
+    """The full recompute over the by-period layout (what the incremental build is compared with)."""
+    from tagml.core.storage import connect
+    from tagml.features.customer_features import build_customer_features
+
+    d = bank_dir(args.workdir, args.size)
+    con = connect(args.threads, args.memory_limit)
+    con.execute("SET enable_progress_bar = false")
+    timer = Timer()
+    rows = build_customer_features(con, _periods_dir(args), date.fromisoformat(args.as_of), d / "features_full_periods.parquet")
+    return timer.done(rows=rows)
+
+
+def step_incremental(args) -> dict:
+    """The snapshot from the monthly aggregates plus the windows' edge days (aggregates already up to date:
+    the check that they are is timed too), then checked == the full recompute (not timed)."""
+    import pyarrow.parquet as pq
+
+    from tagml.core.storage import connect, write_parquet_atomically
+    from tagml.features.aggregates import incremental_snapshot_plan, update_monthly_aggregates
+
+    d = bank_dir(args.workdir, args.size)
+    con = connect(args.threads, args.memory_limit)
+    con.execute("SET enable_progress_bar = false")
+    as_of = date.fromisoformat(args.as_of)
+    timer = Timer()
+    update = update_monthly_aggregates(con, _periods_dir(args), d / "aggregates")
+    check_s = time.perf_counter() - timer.wall0
+    plan = incremental_snapshot_plan(con, _periods_dir(args), as_of, d / "aggregates")
+    rows = write_parquet_atomically(con, plan.sql, d / "features_incremental.parquet")
+    result = timer.done(rows=rows, update_check_s=round(check_s, 2), rebuilt_months=sum(len(v) for v in update.built.values()))
+    full = d / "features_full_periods.parquet"
+    if full.exists():
+        result["equal_to_full"] = pq.read_table(full).equals(pq.read_table(d / "features_incremental.parquet"))
+    return result
+
+
 def step_pandas(args) -> dict:
     sys.path.insert(0, str(HERE))
     from pandas_features import build_pandas_features
@@ -108,7 +181,16 @@ def step_pandas(args) -> dict:
 
 
 def run_step_in_child(args) -> None:
-    fn = {"generate": step_generate, "stage": step_stage, "duckdb": step_duckdb, "pandas": step_pandas}[args.step]
+    fn = {
+        "generate": step_generate,
+        "stage": step_stage,
+        "duckdb": step_duckdb,
+        "pandas": step_pandas,
+        "periods": step_periods,
+        "aggregate": step_aggregate,
+        "full_periods": step_full_periods,
+        "incremental": step_incremental,
+    }[args.step]
     result = fn(args)
     result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
@@ -257,6 +339,10 @@ def markdown(results: dict, months, seed, as_of) -> str:
         "stage": "validate + stage all raw tables (DuckDB)",
         "duckdb": "features, DuckDB",
         "pandas": "features, pandas",
+        "periods": "lay the staged tables out by period (setup)",
+        "aggregate": "monthly aggregates from scratch (one-time)",
+        "full_periods": "features, DuckDB full recompute (by-period layout)",
+        "incremental": "features, DuckDB incremental (aggregates + edge days)",
     }
     for size, steps in results.items():
         raw_rows = steps.get("generate", {}).get("rows")
@@ -296,7 +382,17 @@ def markdown(results: dict, months, seed, as_of) -> str:
                 line += f", **{p['quiet_median_s'] / d['quiet_median_s']:.1f}×** (quiet runs)"
             line += f", {statistics.median(p['cpu_s']) / statistics.median(d['cpu_s']):.1f}× CPU time, **{p['peak_mb'] / d['peak_mb']:.1f}× peak RSS**."
             out.append(line)
-        elif d and p and d.get("ok"):
+        fp, inc = steps.get("full_periods"), steps.get("incremental")
+        if fp and inc and fp.get("ok") and inc.get("ok"):
+            line = (
+                f"- full recompute / incremental (same layout, same run): **{fp['wall_median_s'] / inc['wall_median_s']:.1f}× wall time** (medians of all runs)"
+            )
+            if fp["quiet_median_s"] and inc["quiet_median_s"]:
+                line += f", **{fp['quiet_median_s'] / inc['quiet_median_s']:.1f}×** (quiet runs)"
+            out.append(
+                line + f", {statistics.median(fp['cpu_s']) / statistics.median(inc['cpu_s']):.1f}× CPU time, {fp['peak_mb'] / inc['peak_mb']:.1f}× peak RSS."
+            )
+        if d and p and d.get("ok") and not p.get("ok"):
             out.append(f"- pandas did not finish within the cap; DuckDB took {d['wall_median_s']:.1f} s at {d['peak_mb'] / 1024:.2f} GB.")
         out.append("")
     return "\n".join(out)
@@ -346,6 +442,8 @@ def run_bench(args) -> None:
             steps["generate"] = {"runs": 0, "ok": 0, "errors": [], "rows": json.loads(raw_manifest.read_text())["rows"], "skipped": True}
         todo = [("generate", 1)] if "generate" not in steps else []
         todo += [(s, args.repeats) for s in ("stage", "duckdb", "pandas") if s not in args.skip]
+        if args.incremental:
+            todo += [("periods", 1), ("aggregate", 1), ("full_periods", args.repeats), ("incremental", args.repeats)]
         for step, n in todo:
             runs = []
             for i in range(n):
@@ -463,6 +561,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--wait-idle-max", type=float, default=600, help="give up waiting for an idle machine after this many seconds")
     p.add_argument("--reuse-raw", action="store_true", help="do not regenerate raw data that already exists (generate is then not timed)")
     p.add_argument("--skip", nargs="*", default=[], choices=["stage", "duckdb", "pandas"], help="steps not to run (their inputs must exist)")
+    p.add_argument(
+        "--incremental", action="store_true", help="also: lay the staged tables out by period, build the monthly aggregates, and time full vs incremental"
+    )
     p.add_argument("--json", type=Path, help="where to write the results (default: WORKDIR/results-<time>.json)")
     p.add_argument(
         "--render",

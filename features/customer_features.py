@@ -22,12 +22,29 @@ import pyarrow as pa
 from tagml.core.storage import connect, sql_literal, staged_relation, write_parquet_atomically
 from tagml.features.contract import PRODUCTS
 from tagml.features.delivery import current_generation
-from tagml.features.dictionary import FEATURE_NAMES, FEATURES
+from tagml.features.dictionary import FEATURE_NAMES, FEATURES, event_rows, source_measures
 
 
 def _block(source: str, relation: str) -> str:
     exprs = [f"    {f.sql} AS {f.name}" for f in FEATURES if f.source == source]
     return f"{source}_features AS (\n  SELECT customer_id, as_of,\n" + ",\n".join(exprs) + f"\n  FROM {relation}\n  GROUP BY customer_id, as_of\n)"
+
+
+WINDOW_FLAGS = {1: "w1", 3: "w3", 12: "true"}  # the flags of `_windowed_events_cte` (its rows are the 12 months)
+EVENT_SOURCES = {"transactions": ("transactions", "txn_ts"), "digital": ("digital_events", "event_ts")}  # source -> staged table, time column
+
+
+def measures_cte(source: str, rows: str) -> str:
+    """`<source>_measures`: every measure the source's features read, per (customer_id, as_of), over the
+    windowed event rows `rows` (flagged w1/w3)."""
+    cols = [f"    {x.over_rows(WINDOW_FLAGS[k])} AS m_{x.name}_w{k}" for x, k in source_measures(source)]
+    return f"{source}_measures AS (\n  SELECT customer_id, as_of,\n" + ",\n".join(cols) + f"\n  FROM {rows}\n  GROUP BY customer_id, as_of\n)"
+
+
+def measure_features_cte(source: str) -> str:
+    """`<source>_features`: the source's features, each an expression over its measures (`<source>_measures`)."""
+    exprs = [f"    {f.sql} AS {f.name}" for f in FEATURES if f.source == source]
+    return f"{source}_features AS (\n  SELECT customer_id, as_of,\n" + ",\n".join(exprs) + f"\n  FROM {source}_measures\n)"
 
 
 def balance_month_end_sql(day: str) -> str:
@@ -56,20 +73,48 @@ def features_select(relations: Mapping[str, str], spine_sql: str, first_as_of: d
     as_of can use.
     """
     bounds = (f"DATE {sql_literal(first_as_of)} - INTERVAL 12 MONTH", f"DATE {sql_literal(last_as_of)} + INTERVAL 1 DAY")
-    customer_cols = ",\n    ".join(f"{f.sql} AS {f.name}" for f in FEATURES if f.source == "customer")
     ctes = [
+        *base_ctes(relations, spine_sql, first_as_of, last_as_of),
+        _windowed_events_cte("txn", "t", relations["transactions"], "transactions", *bounds),
+        measures_cte("transactions", "txn"),
+        measure_features_cte("transactions"),
+        _windowed_events_cte("dig", "e", relations["digital_events"], "digital", *bounds),
+        measures_cte("digital", "dig"),
+        measure_features_cte("digital"),
+    ]
+    return "WITH " + ",\n".join(ctes) + joined_select()
+
+
+def base_ctes(relations: Mapping[str, str], spine_sql: str, first_as_of: date, last_as_of: date, balances: str | None = None) -> list[str]:
+    """The spine and the customers, balances and loans features (every path computes these the same way).
+
+    `balances`: a relation of stored balances features per customer for the spine's one snap (columns
+    customer_id and the balances features) to reuse instead of aggregating the balances again."""
+    bounds = (f"DATE {sql_literal(first_as_of)} - INTERVAL 12 MONTH", f"DATE {sql_literal(last_as_of)} + INTERVAL 1 DAY")
+    customer_cols = ",\n    ".join(f"{f.sql} AS {f.name}" for f in FEATURES if f.source == "customer")
+    if balances is None:
+        balance_ctes = [*_balance_ctes(relations["balances"], *bounds), _block("balances", "bal")]
+    else:
+        names = ", ".join(f"b.{f.name}" for f in FEATURES if f.source == "balances")
+        balance_ctes = [
+            f"balances_features AS (\n  SELECT s.customer_id, s.as_of, {names}\n  FROM spine s JOIN {balances} b ON b.customer_id = s.customer_id\n)"
+        ]
+    return [
         (f"spine AS (\n  SELECT DISTINCT customer_id, as_of::DATE AS as_of,\n    {balance_month_end_sql('as_of::DATE')} AS snap\n  FROM ({spine_sql})\n)"),
         f"customer_features AS (\n  SELECT s.customer_id, s.as_of,\n    {customer_cols}\n  FROM spine s JOIN {relations['customers']} c USING (customer_id)\n)",
-        *_balance_ctes(relations["balances"], *bounds),
-        _block("balances", "bal"),
-        _windowed_events_cte("txn", "t", relations["transactions"], ("txn_ts", "amount", "direction", "category", "channel"), "txn_ts", *bounds),
-        _block("transactions", "txn"),
+        *balance_ctes,
         _loan_cte(relations["loans"]),
         _block("loans", "loan"),
-        _windowed_events_cte("dig", "e", relations["digital_events"], ("event_ts", "event_type"), "event_ts", *bounds),
-        _block("digital", "dig"),
     ]
-    return "WITH " + ",\n".join(ctes) + _joined_select()
+
+
+def balances_select(relations: Mapping[str, str], snap: date) -> str:
+    """The balances features of every staged customer with balances at the month end `snap`: what any as_of whose
+    latest month end is `snap` gets (they depend on as_of only through it)."""
+    spine = f"SELECT customer_id, DATE {sql_literal(snap)} AS as_of FROM {relations['customers']}"
+    names = ", ".join(f.name for f in FEATURES if f.source == "balances")
+    ctes = base_ctes(relations, spine, snap, snap)
+    return "WITH " + ",\n".join(ctes) + f"\nSELECT customer_id, {names} FROM balances_features ORDER BY customer_id"
 
 
 def history_start(first_as_of: date) -> date:
@@ -86,7 +131,7 @@ def features_sql(staged_dir: Path, spine_sql: str, first_as_of: date, last_as_of
 
 def _balance_ctes(balances: str, lo: str, hi: str) -> list[str]:
     """One row per customer, as_of and month end (products pivoted to columns), then AUM."""
-    product_cols = ",\n      ".join(f"sum(balance) FILTER (WHERE product = {sql_literal(p)}) AS p_{p}" for p in PRODUCTS)
+    product_cols = ",\n      ".join(f"sum(CAST(balance AS DECIMAL(18,2))) FILTER (WHERE product = {sql_literal(p)}) AS p_{p}" for p in PRODUCTS)
     return [
         (
             f"bal_month AS (\n  SELECT s.customer_id, s.as_of, s.snap, b.month_end,\n      {product_cols},\n      count(*) AS n_products\n"
@@ -101,12 +146,13 @@ def _balance_ctes(balances: str, lo: str, hi: str) -> list[str]:
     ]
 
 
-def _windowed_events_cte(name: str, alias: str, relation: str, columns: tuple[str, ...], ts: str, lo: str, hi: str) -> str:
-    """The events of `relation` in the 12 months up to each as_of (inclusive), flagged `w1`/`w3` when
-    in the last 1 or 3 months; `lo`/`hi` let the Parquet scan skip what no as_of can use."""
-    t = f"{alias}.{ts}"
+def _windowed_events_cte(name: str, alias: str, relation: str, source: str, lo: str, hi: str) -> str:
+    """The events of `relation` in the 12 months up to each as_of (inclusive), as the measures read them
+    (`event_rows`), flagged `w1`/`w3` when in the last 1 or 3 months; `lo`/`hi` let the Parquet scan skip
+    what no as_of can use."""
+    t = f"{alias}.{EVENT_SOURCES[source][1]}"
     return (
-        f"{name} AS (\n  SELECT s.customer_id, s.as_of, {', '.join(f'{alias}.{c}' for c in columns)},\n"
+        f"{name} AS (\n  SELECT s.customer_id, s.as_of, {', '.join(event_rows(source))},\n"
         f"    {t} >= s.as_of - INTERVAL 1 MONTH + INTERVAL 1 DAY AS w1,\n"
         f"    {t} >= s.as_of - INTERVAL 3 MONTH + INTERVAL 1 DAY AS w3\n"
         f"  FROM spine s JOIN {relation} {alias} ON {alias}.customer_id = s.customer_id\n"
@@ -132,7 +178,7 @@ def _loan_cte(loans: str) -> str:
     )
 
 
-def _joined_select() -> str:
+def joined_select() -> str:
     """Every source's features joined to the customers (a customer without rows gets each feature's
     `fill`), the derived features on top, in dictionary order."""
     joined_cols = []

@@ -5,6 +5,7 @@ How the declarations become one point-in-time query is tagml.features.customer_f
 is long because it is a table (79 entries of data, no logic); it stays one list so each feature is read in one place.
 """
 
+import re
 from dataclasses import dataclass
 
 from tagml.core.storage import sql_literal
@@ -77,9 +78,131 @@ _RISKY = "(p_mutual_fund + p_equity)"
 _INVEST = "(" + " + ".join(f"p_{p}" for p in INVESTMENT_PRODUCTS) + ")"
 
 
-def _cat_sum(category: str, window: str) -> str:
+# ---- measures: what the transactions and digital features are computed from -------------------------
+
+WINDOWS = (1, 3, 12)  # months; a window of k months ending on as_of is [as_of - k months + 1 day, as_of]
+MEASURE_AGGS = ("sum", "count", "max", "bit_or")
+# Money is summed as DECIMAL(18,2) (cents, exact): DuckDB's parallel aggregation adds DOUBLEs in no fixed
+# order, so a 12-month sum taken row by row and one taken as a sum of monthly sums would differ in the last
+# bits. In cents they are the same number, whichever way and order they are added; DOUBLE only in the feature.
+MONEY = "amount_cents"
+# The row columns the measures read, computed once per event row (`event_rows`): the amount in cents, and each
+# distinct row predicate as a boolean flag, so the ~40 FILTERs test a boolean instead of comparing strings again.
+EVENT_ROW_COLUMNS = {"transactions": ("txn_ts", "CAST(amount AS DECIMAL(18,2)) AS amount_cents"), "digital": ("event_ts",)}
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A per-customer quantity of an event table that merges exactly: its value over a window is `agg`
+    (sum, count, max, bit_or) of its values over any split of the window's rows (e.g. calendar months)."""
+
+    name: str
+    source: str  # transactions | digital
+    agg: str
+    where: str = "true"  # the rows it counts
+    value: str = ""  # the row value summed, maxed or or-ed (none for count)
+
+    def __post_init__(self) -> None:
+        if self.agg not in MEASURE_AGGS or (self.agg == "count") != (not self.value):
+            raise ValueError(f"measure {self.name}: aggregate {self.agg} with value {self.value!r}")
+
+    def over_rows(self, rows: str = "true") -> str:
+        """The measure over the event rows (`event_rows`: flagged) where `rows` (a boolean SQL expression, e.g. a
+        window flag) holds."""
+        flag = row_flags(self.source).get(self.where, "true")
+        cond = " AND ".join(c for c in (rows, flag) if c != "true") or "true"
+        return f"count(*) FILTER (WHERE {cond})" if self.agg == "count" else f"{self.agg}({self.value}) FILTER (WHERE {cond})"
+
+    def merged(self, column: str, parts: str) -> str:
+        """The measure merged from its values over parts of the rows (column `column`) where `parts` holds:
+        the same value and type as `over_rows` over those rows (a count over no rows is 0, not NULL)."""
+        if self.agg == "count":
+            return f"CAST(coalesce(sum({column}) FILTER (WHERE {parts}), 0) AS BIGINT)"
+        return f"{self.agg}({column}) FILTER (WHERE {parts})"
+
+
+def row_flags(source: str) -> dict[str, str]:
+    """Each distinct row predicate of the source's measures -> the flag column `event_rows` computes it into."""
+    flags: dict[str, str] = {}
+    for x in MEASURES:
+        if x.source == source and x.where != "true":
+            flags.setdefault(x.where, f"f_{x.name}")
+    return flags
+
+
+def event_rows(source: str) -> list[str]:
+    """The projection of an event row the measures read (unqualified column names of the staged table)."""
+    return [*EVENT_ROW_COLUMNS[source], *(f"({where}) AS {flag}" for where, flag in row_flags(source).items())]
+
+
+def _cents(name: str, where: str) -> Measure:
+    return Measure(name, "transactions", "sum", where, MONEY)
+
+
+def _txns(name: str, where: str) -> Measure:
+    return Measure(name, "transactions", "count", where)
+
+
+def _events(name: str, where: str) -> Measure:
+    return Measure(name, "digital", "count", where)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} = {sql_literal(values[0])}" if len(values) == 1 else f"{column} IN ({', '.join(sql_literal(v) for v in values)})"
+
+
+_SHARE_CATEGORIES = ("groceries", "dining", "shopping", "luxury", "travel", "entertainment", "rent", "childcare", "education", "medical", "insurance_premium")
+_INVEST_TRADES = ("investment_buy", "investment_sell")
+
+MEASURES: tuple[Measure, ...] = (
+    _cents("salary", _in("category", ("salary", "pension"))),
+    _cents("inflow", "direction = 'credit'"),
+    _cents("outflow", "direction = 'debit'"),
+    _cents("spend", _SPEND),
     # debits only: a refund booked as a credit in a spending category is not spending
-    return f"sum(amount) FILTER (WHERE {window} AND direction = 'debit' AND category = {sql_literal(category)})"
+    *(_cents(f"spend_{c}", f"direction = 'debit' AND category = {sql_literal(c)}") for c in _SHARE_CATEGORIES),
+    _cents("invest_bought", "category = 'investment_buy'"),
+    _cents("invest_sold", "category = 'investment_sell'"),
+    _cents("invest_traded", _in("category", _INVEST_TRADES)),
+    _txns("txns", "true"),
+    _txns("mortgage_payments", "category = 'mortgage_payment'"),
+    _txns("digital_txns", _in("channel", ("mobile", "online"))),
+    _txns("branch_txns", _in("channel", ("branch", "atm"))),
+    _txns("invest_buys", "category = 'investment_buy'"),
+    _txns("invest_sells", "category = 'investment_sell'"),
+    _txns("invest_trades", _in("category", _INVEST_TRADES)),
+    Measure("last_txn", "transactions", "max", "true", "txn_ts"),
+    # a bitmask of calendar months (unique within any 13-month window): count(DISTINCT ...) made
+    # DuckDB copy the whole joined transaction set first, and a bitmask merges across months by bit_or.
+    # Signed BIGINT because Spark has no unsigned types, and % 60 because DuckDB rejects a shift into
+    # the sign bit (any modulus >= 13 keeps the months of a window apart).
+    Measure("active_months", "transactions", "bit_or", "true", "CAST(1 AS BIGINT) << ((year(txn_ts) * 12 + month(txn_ts)) % 60)"),
+    _events("logins", "event_type = 'login'"),
+    _events("fund_equity_views", _in("event_type", ("view_fund", "view_equity"))),
+    _events("deposit_views", "event_type = 'view_deposit'"),
+    _events("app_trades", "event_type = 'trade'"),
+    _events("loan_insurance_views", _in("event_type", ("view_loan", "view_insurance"))),
+    _events("support_chats", "event_type = 'support_chat'"),
+    Measure("last_login", "digital", "max", "event_type = 'login'", "event_ts"),
+)
+MEASURES_BY_NAME = {x.name: x for x in MEASURES}
+_MEASURE_REF = re.compile(r"\bm_([a-z0-9_]+?)_w(\d+)\b")
+
+
+def m(measure: str, months: int) -> str:
+    """The column of `measure` over the window of the last `months` months (in a feature's SQL)."""
+    if measure not in MEASURES_BY_NAME or months not in WINDOWS:
+        raise ValueError(f"no measure {measure} over {months} months")
+    return f"m_{measure}_w{months}"
+
+
+def _money(measure: str, months: int) -> str:
+    return f"CAST({m(measure, months)} AS DOUBLE)"
+
+
+def measures_of(sql: str) -> list[tuple[Measure, int]]:
+    """The (measure, window months) a feature's SQL reads, in order of appearance."""
+    return [(MEASURES_BY_NAME[name], int(k)) for name, k in dict.fromkeys(_MEASURE_REF.findall(sql))]
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -98,7 +221,13 @@ FEATURES: tuple[Feature, ...] = (
     ),
     # ---- assets under management and product mix (balances) ----
     Feature(
-        "aum_total", "balances", _latest("aum"), "Assets under management at the latest month end (excl. credit card).", "month end", group="aum", fill=0.0
+        "aum_total",
+        "balances",
+        f"CAST({_latest('aum')} AS DOUBLE)",
+        "Assets under management at the latest month end (excl. credit card).",
+        "month end",
+        group="aum",
+        fill=0.0,
     ),
     Feature(
         "aum_avg_3m",
@@ -163,85 +292,71 @@ FEATURES: tuple[Feature, ...] = (
         fill=0,
     ),
     Feature(
-        "credit_card_balance", "balances", _latest("p_credit_card"), "Credit card amount owed at the latest month end.", "month end", group="credit", fill=0.0
+        "credit_card_balance",
+        "balances",
+        f"CAST({_latest('p_credit_card')} AS DOUBLE)",
+        "Credit card amount owed at the latest month end.",
+        "month end",
+        group="credit",
+        fill=0.0,
     ),
     # ---- income and cash flow (transactions) ----
+    # Every transactions/digital feature is an expression over measures `m_<measure>_w<months>` (see
+    # `MEASURES`): the full query and the monthly aggregates both compute the measures, exactly.
     Feature(
         "salary_income_3m",
         "transactions",
-        "CAST(sum(amount) FILTER (WHERE w3 AND category IN ('salary', 'pension')) AS DOUBLE) / 3",
+        f"{_money('salary', 3)} / 3",
         "Monthly salary and pension credited, 3-month average.",
         "3m",
         group="income",
         fill=0.0,
     ),
-    Feature(
-        "inflow_3m",
-        "transactions",
-        "CAST(sum(amount) FILTER (WHERE w3 AND direction = 'credit') AS DOUBLE) / 3",
-        "Monthly money in, 3-month average.",
-        "3m",
-        group="income",
-        fill=0.0,
-    ),
-    Feature(
-        "outflow_3m",
-        "transactions",
-        "CAST(sum(amount) FILTER (WHERE w3 AND direction = 'debit') AS DOUBLE) / 3",
-        "Monthly money out, 3-month average.",
-        "3m",
-        group="income",
-        fill=0.0,
-    ),
-    Feature(
-        "spend_1m", "transactions", f"sum(amount) FILTER (WHERE w1 AND {_SPEND})", "Consumer spending in the last month.", "1m", group="spending", fill=0.0
-    ),
-    Feature("spend_3m", "transactions", f"sum(amount) FILTER (WHERE w3 AND {_SPEND})", "Consumer spending over 3 months.", "3m", group="spending", fill=0.0),
-    Feature("spend_12m", "transactions", f"sum(amount) FILTER (WHERE {_SPEND})", "Consumer spending over 12 months.", "12m", group="spending", fill=0.0),
+    Feature("inflow_3m", "transactions", f"{_money('inflow', 3)} / 3", "Monthly money in, 3-month average.", "3m", group="income", fill=0.0),
+    Feature("outflow_3m", "transactions", f"{_money('outflow', 3)} / 3", "Monthly money out, 3-month average.", "3m", group="income", fill=0.0),
+    Feature("spend_1m", "transactions", _money("spend", 1), "Consumer spending in the last month.", "1m", group="spending", fill=0.0),
+    Feature("spend_3m", "transactions", _money("spend", 3), "Consumer spending over 3 months.", "3m", group="spending", fill=0.0),
+    Feature("spend_12m", "transactions", _money("spend", 12), "Consumer spending over 12 months.", "12m", group="spending", fill=0.0),
     *(
         Feature(
             f"spend_share_{c}_12m",
             "transactions",
-            _share(_cat_sum(c, "true"), f"sum(amount) FILTER (WHERE {_SPEND})"),
+            _share(m(f"spend_{c}", 12), m("spend", 12)),
             f"Share of 12-month spending on {c.replace('_', ' ')}.",
             "12m",
             group="spending",
         )
-        for c in ("groceries", "dining", "shopping", "luxury", "travel", "entertainment", "rent", "childcare", "education", "medical", "insurance_premium")
+        for c in _SHARE_CATEGORIES
     ),
     *(
-        Feature(f"spend_{c}_3m", "transactions", _cat_sum(c, "w3"), f"Spending on {c} over 3 months.", "3m", group="spending", fill=0.0)
+        Feature(f"spend_{c}_3m", "transactions", _money(f"spend_{c}", 3), f"Spending on {c} over 3 months.", "3m", group="spending", fill=0.0)
         for c in ("childcare", "education", "medical", "travel")
     ),
     Feature(
         "has_mortgage_payment_3m",
         "transactions",
-        "(count(*) FILTER (WHERE w3 AND category = 'mortgage_payment') > 0)::INT",
+        f"({m('mortgage_payments', 3)} > 0)::INT",
         "Paid a mortgage instalment in 3 months.",
         "3m",
         group="credit",
         fill=0,
     ),
     # ---- recency and frequency ----
-    Feature("txn_count_1m", "transactions", "count(*) FILTER (WHERE w1)", "Transactions in the last month.", "1m", group="activity", fill=0),
-    Feature("txn_count_3m", "transactions", "count(*) FILTER (WHERE w3)", "Transactions over 3 months.", "3m", group="activity", fill=0),
-    Feature("txn_count_12m", "transactions", "count(*)", "Transactions over 12 months.", "12m", group="activity", fill=0),
+    Feature("txn_count_1m", "transactions", m("txns", 1), "Transactions in the last month.", "1m", group="activity", fill=0),
+    Feature("txn_count_3m", "transactions", m("txns", 3), "Transactions over 3 months.", "3m", group="activity", fill=0),
+    Feature("txn_count_12m", "transactions", m("txns", 12), "Transactions over 12 months.", "12m", group="activity", fill=0),
     Feature(
         "days_since_last_txn",
         "transactions",
-        "date_diff('day', max(txn_ts)::DATE, any_value(as_of))",
+        f"date_diff('day', CAST({m('last_txn', 12)} AS DATE), as_of)",
         "Days since the last transaction (empty if none in 12 months).",
         "12m",
         group="activity",
     ),
-    # a bitmask of calendar months (unique within any 13-month window): count(DISTINCT ...) made
-    # DuckDB copy the whole joined transaction set first. Signed BIGINT because Spark has no unsigned
-    # types, and % 60 because DuckDB rejects a shift into the sign bit (any modulus >= 13 keeps the
-    # months of a window apart).
     Feature(
         "active_months_12m",
         "transactions",
-        "bit_count(bit_or(CAST(1 AS BIGINT) << ((year(txn_ts) * 12 + month(txn_ts)) % 60)))",
+        f"bit_count({m('active_months', 12)})",
         "Months with at least one transaction in 12 months.",
         "12m",
         group="activity",
@@ -250,7 +365,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "digital_txn_share_3m",
         "transactions",
-        _share("count(*) FILTER (WHERE w3 AND channel IN ('mobile', 'online'))", "count(*) FILTER (WHERE w3)"),
+        _share(m("digital_txns", 3), m("txns", 3)),
         "Share of transactions in mobile/online channels over 3 months.",
         "3m",
         group="digital",
@@ -258,55 +373,20 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "branch_txn_share_12m",
         "transactions",
-        _share("count(*) FILTER (WHERE channel IN ('branch', 'atm'))", "count(*)"),
+        _share(m("branch_txns", 12), m("txns", 12)),
         "Share of transactions at branches and ATMs over 12 months.",
         "12m",
         group="activity",
     ),
     # ---- investment behaviour ----
-    Feature(
-        "invest_buy_count_3m",
-        "transactions",
-        "count(*) FILTER (WHERE w3 AND category = 'investment_buy')",
-        "Investment purchases over 3 months.",
-        "3m",
-        group="investment",
-        fill=0,
-    ),
-    Feature(
-        "invest_sell_count_3m",
-        "transactions",
-        "count(*) FILTER (WHERE w3 AND category = 'investment_sell')",
-        "Investment redemptions over 3 months.",
-        "3m",
-        group="investment",
-        fill=0,
-    ),
-    Feature(
-        "invest_trade_count_12m",
-        "transactions",
-        "count(*) FILTER (WHERE category IN ('investment_buy', 'investment_sell'))",
-        "Investment trades over 12 months.",
-        "12m",
-        group="investment",
-        fill=0,
-    ),
-    Feature(
-        "invest_buy_amount_3m",
-        "transactions",
-        "sum(amount) FILTER (WHERE w3 AND category = 'investment_buy')",
-        "Amount invested over 3 months.",
-        "3m",
-        group="investment",
-        fill=0.0,
-    ),
+    Feature("invest_buy_count_3m", "transactions", m("invest_buys", 3), "Investment purchases over 3 months.", "3m", group="investment", fill=0),
+    Feature("invest_sell_count_3m", "transactions", m("invest_sells", 3), "Investment redemptions over 3 months.", "3m", group="investment", fill=0),
+    Feature("invest_trade_count_12m", "transactions", m("invest_trades", 12), "Investment trades over 12 months.", "12m", group="investment", fill=0),
+    Feature("invest_buy_amount_3m", "transactions", _money("invest_bought", 3), "Amount invested over 3 months.", "3m", group="investment", fill=0.0),
     Feature(
         "invest_sell_ratio_3m",
         "transactions",
-        _share(
-            "sum(amount) FILTER (WHERE w3 AND category = 'investment_sell')",
-            "sum(amount) FILTER (WHERE w3 AND category IN ('investment_buy', 'investment_sell'))",
-        ),
+        _share(m("invest_sold", 3), m("invest_traded", 3)),
         "Redemptions as a share of traded amount over 3 months.",
         "3m",
         group="investment",
@@ -350,57 +430,17 @@ FEATURES: tuple[Feature, ...] = (
         group="credit",
     ),
     # ---- digital engagement ----
-    Feature("logins_1m", "digital", "count(*) FILTER (WHERE w1 AND event_type = 'login')", "App/web logins in the last month.", "1m", group="digital", fill=0),
-    Feature("logins_3m", "digital", "count(*) FILTER (WHERE w3 AND event_type = 'login')", "App/web logins over 3 months.", "3m", group="digital", fill=0),
-    Feature(
-        "fund_equity_views_3m",
-        "digital",
-        "count(*) FILTER (WHERE w3 AND event_type IN ('view_fund', 'view_equity'))",
-        "Fund and equity page views over 3 months.",
-        "3m",
-        group="investment",
-        fill=0,
-    ),
-    Feature(
-        "deposit_views_3m",
-        "digital",
-        "count(*) FILTER (WHERE w3 AND event_type = 'view_deposit')",
-        "Deposit product page views over 3 months.",
-        "3m",
-        group="digital",
-        fill=0,
-    ),
-    Feature(
-        "app_trades_3m",
-        "digital",
-        "count(*) FILTER (WHERE w3 AND event_type = 'trade')",
-        "Trades placed in the app over 3 months.",
-        "3m",
-        group="investment",
-        fill=0,
-    ),
-    Feature(
-        "loan_insurance_views_3m",
-        "digital",
-        "count(*) FILTER (WHERE w3 AND event_type IN ('view_loan', 'view_insurance'))",
-        "Loan and insurance page views over 3 months.",
-        "3m",
-        group="digital",
-        fill=0,
-    ),
-    Feature(
-        "support_chats_3m",
-        "digital",
-        "count(*) FILTER (WHERE w3 AND event_type = 'support_chat')",
-        "Support chats over 3 months.",
-        "3m",
-        group="digital",
-        fill=0,
-    ),
+    Feature("logins_1m", "digital", m("logins", 1), "App/web logins in the last month.", "1m", group="digital", fill=0),
+    Feature("logins_3m", "digital", m("logins", 3), "App/web logins over 3 months.", "3m", group="digital", fill=0),
+    Feature("fund_equity_views_3m", "digital", m("fund_equity_views", 3), "Fund and equity page views over 3 months.", "3m", group="investment", fill=0),
+    Feature("deposit_views_3m", "digital", m("deposit_views", 3), "Deposit product page views over 3 months.", "3m", group="digital", fill=0),
+    Feature("app_trades_3m", "digital", m("app_trades", 3), "Trades placed in the app over 3 months.", "3m", group="investment", fill=0),
+    Feature("loan_insurance_views_3m", "digital", m("loan_insurance_views", 3), "Loan and insurance page views over 3 months.", "3m", group="digital", fill=0),
+    Feature("support_chats_3m", "digital", m("support_chats", 3), "Support chats over 3 months.", "3m", group="digital", fill=0),
     Feature(
         "days_since_last_login",
         "digital",
-        "date_diff('day', max(event_ts) FILTER (WHERE event_type = 'login')::DATE, any_value(as_of))",
+        f"date_diff('day', CAST({m('last_login', 12)} AS DATE), as_of)",
         "Days since the last login (empty if none in 12 months).",
         "12m",
         group="digital",
@@ -435,6 +475,26 @@ FEATURES: tuple[Feature, ...] = (
     ),
 )
 
+
+def _check_measure_features() -> None:
+    """A transactions/digital feature reads its source only through measures of that source (so the
+    full query and the monthly aggregates compute the same thing); other features read no measure."""
+    for f in FEATURES:
+        used = measures_of(f.sql)
+        if f.source in ("transactions", "digital") and (not used or any(x.source != f.source for x, _ in used)):
+            raise ValueError(f"feature {f.name}: must be an expression over {f.source} measures (m(...))")
+        if f.source not in ("transactions", "digital") and used:
+            raise ValueError(f"feature {f.name}: a {f.source} feature cannot read measures")
+
+
+_check_measure_features()
+
+
+def source_measures(source: str) -> list[tuple[Measure, int]]:
+    """Every (measure, window months) the features of `source` read, in dictionary order."""
+    return list(dict.fromkeys(pair for f in FEATURES if f.source == source for pair in measures_of(f.sql)))
+
+
 FEATURE_NAMES = tuple(f.name for f in FEATURES)
 CATEGORICAL_FEATURES = tuple(f.name for f in FEATURES if f.kind == "categorical")
 KEY_COLUMNS = ("customer_id", "as_of")
@@ -460,6 +520,11 @@ def feature_dictionary_markdown() -> str:
         "Each feature's SQL is DuckDB SQL inside a portable subset (`features/portable_sql.py`: explicit columns, signed types,",
         "`CAST(... AS DOUBLE)` on every division, month differences as `year * 12 + month` arithmetic), so with",
         "`TAGML_ENGINE=spark` the same text runs on Spark and writes the same snapshot.",
+        "",
+        "Money (amounts, balances) is added exactly, in cents (`DECIMAL(18,2)`: a raw value with more decimals is rounded to",
+        "the cent), and becomes DOUBLE only in the feature's final expression: the transactions and digital features are",
+        "expressions over mergeable measures (sums, counts, maxima, bit-ors over a window of 1, 3 or 12 months), so a snapshot",
+        "from monthly aggregates plus the days at the windows' edges (`features/aggregates.py`) equals the full recompute exactly.",
         "",
         "| feature | group | type | window | source | null when | meaning |",
         "| --- | --- | --- | --- | --- | --- | --- |",

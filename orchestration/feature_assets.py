@@ -1,4 +1,5 @@
-"""customer_features: the point-in-time feature snapshot for one as_of, behind its quality checks."""
+"""monthly_aggregates and customer_features: the event tables' per-customer monthly measures, and the
+point-in-time feature snapshot for one as_of (from them plus the windows' edge days), behind its quality checks."""
 
 from contextlib import closing
 from datetime import date
@@ -6,15 +7,54 @@ from datetime import date
 import dagster as dg
 import pandas as pd
 
+from tagml.features.aggregates import update_monthly_aggregates
 from tagml.features.dictionary import FEATURES
 from tagml.features.quality import FEATURE_CHECKS, feature_summary
-from tagml.features.snapshot import FeatureQualityError
+from tagml.features.snapshot import FeatureQualityError, build_feature_snapshot
 from tagml.orchestration.checks import check_result, check_spec
 from tagml.orchestration.raw_assets import raw_asset_name
 from tagml.orchestration.resources import WarehouseResource
 
 FEATURES_GROUP = "features"
 FEATURE_SOURCES = ("customers", "balances", "loans", "transactions", "digital_events")
+AGGREGATED_SOURCES = ("transactions", "digital_events")
+MONTHLY_AGGREGATES = "monthly_aggregates"
+
+
+@dg.asset(
+    name=MONTHLY_AGGREGATES,
+    group_name=FEATURES_GROUP,
+    deps=[raw_asset_name(t) for t in AGGREGATED_SOURCES],
+    kinds={"duckdb", "parquet"},
+    description="Per customer and calendar month, every mergeable measure of the transactions and digital events "
+    "(only months complete in the staged data; rebuilt only when their staged files change).",
+)
+def monthly_aggregates(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    with closing(warehouse.connect()) as con:
+        update = update_monthly_aggregates(con, warehouse.staged_dir, warehouse.layout.aggregates_dir)
+    # months and counts only: no customer-level values in Dagster's stores
+    months = {
+        f"{what}_{source}": [m.strftime("%Y-%m") for m in done[source]]
+        for what, done in (("built", update.built), ("removed", update.removed))
+        for source in done
+    }
+    return dg.MaterializeResult(
+        metadata={
+            **{k: dg.MetadataValue.json(v) for k, v in months.items()},
+            "months_kept": sum(len(v) for v in update.kept.values()),
+            "months_incomplete": dg.MetadataValue.json({s: [m.strftime("%Y-%m") for m in v] for s, v in update.incomplete.items()}),
+            "rows_written": update.rows,
+        }
+    )
+
+
+def _build_snapshot(warehouse: WarehouseResource, con, as_of: date, target):
+    """DuckDB: from the monthly aggregates (months missing or stale there are read from the staged rows, so the
+    snapshot is exact whatever their state; they are not updated here, concurrent partitions would race);
+    Spark: the full recompute on the engine."""
+    if warehouse.on_spark:
+        return warehouse.build_features(con, as_of, target)
+    return build_feature_snapshot(con, warehouse.staged_dir, as_of, target, aggregates_dir=warehouse.layout.aggregates_dir, update_aggregates=False)
 
 
 def build_customer_features_asset(partitions_def: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -22,7 +62,7 @@ def build_customer_features_asset(partitions_def: dg.PartitionsDefinition) -> dg
         name="customer_features",
         group_name=FEATURES_GROUP,
         partitions_def=partitions_def,
-        deps=[raw_asset_name(t) for t in FEATURE_SOURCES],
+        deps=[*(raw_asset_name(t) for t in FEATURE_SOURCES), MONTHLY_AGGREGATES],
         check_specs=[check_spec("customer_features", check) for check in FEATURE_CHECKS],
         kinds={"duckdb", "parquet"},
         description="Point-in-time customer features (one row per customer) as of the partition date.",
@@ -32,7 +72,7 @@ def build_customer_features_asset(partitions_def: dg.PartitionsDefinition) -> dg
         target = warehouse.features_path(as_of)
         with closing(warehouse.connect()) as con:
             try:
-                snapshot = warehouse.build_features(con, as_of, target)
+                snapshot = _build_snapshot(warehouse, con, as_of, target)
             except FeatureQualityError as err:
                 for outcome in err.outcomes:
                     yield check_result(outcome)
@@ -45,6 +85,8 @@ def build_customer_features_asset(partitions_def: dg.PartitionsDefinition) -> dg
                 "rows": snapshot.rows,
                 "features": len(FEATURES),
                 "as_of": as_of.isoformat(),
+                "method": snapshot.method,
+                "months_from_aggregates": dg.MetadataValue.json({s: len(v) for s, v in snapshot.months_from_aggregates.items()}),
                 "path": dg.MetadataValue.path(str(target)),
                 "feature_summary": dg.MetadataValue.md(summary.to_markdown(index=False)),
             },

@@ -395,3 +395,26 @@ def test_pii_never_reaches_features(con, hand_bank, hand_features):
         assert not any(isinstance(v, str) and "SECRET" in v for v in row.values())
     staged = (hand_bank / "customers.parquet").read_bytes()
     assert b"SECRET" not in staged and b"13800000001" not in staged
+
+
+@pytest.mark.parametrize("layout", ["whole", "by_period"])
+def test_hand_bank_incremental_features_equal_the_full_recompute(layout, hand_bank, tmp_path):
+    """The snapshot from monthly aggregates plus the windows' edge days is the full recompute's, value for
+    value (==), on the hand bank at its month end, mid-month, the month end before and the first of a month."""
+    from test_incremental_features import write_period_bank
+
+    from tagml.features.aggregates import incremental_snapshot_plan, update_monthly_aggregates
+    from tagml.features.customer_features import features_sql, snapshot_spine_sql
+
+    con = make_connection(tmp_path)
+    try:
+        staged = hand_bank if layout == "whole" else write_period_bank(con, hand_bank, tmp_path / "staged")
+        update = update_monthly_aggregates(con, staged, tmp_path / "aggregates")
+        assert update.built["transactions"][-1] == date(2026, 6, 1)  # July has one day staged: not complete
+        for as_of in (AS_OF, date(2026, 6, 15), date(2026, 5, 31), date(2026, 7, 1)):
+            full = con.sql(features_sql(staged, snapshot_spine_sql(staged, as_of), as_of, as_of)).df()
+            plan = incremental_snapshot_plan(con, staged, as_of, tmp_path / "aggregates")
+            assert plan.months["transactions"], as_of
+            pd.testing.assert_frame_equal(full, con.sql(plan.sql).df(), check_exact=True)
+    finally:
+        con.close()

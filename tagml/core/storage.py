@@ -188,6 +188,12 @@ class WarehouseLayout:
     def training_sets_dir(self) -> Path:
         return Path(self.root) / "training_sets"
 
+    @property
+    def aggregates_dir(self) -> Path:
+        """Monthly aggregates of the staged event tables (per customer and month; `tagml.features.aggregates`).
+        They hold customer ids: erasure must rebuild them (`update_monthly_aggregates`) or delete them."""
+        return Path(self.root) / "aggregates"
+
 
 def _temporaries(target: Path) -> list[Path]:
     """Temporary files of `target`, also those named only by a lock file (the writer died before creating it).
