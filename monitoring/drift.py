@@ -269,6 +269,7 @@ class DriftRun:
     results: list[TagDrift]
     paths: dict[str, Path]
     report_plan: ReportPlan | None = None  # which tags got an Evidently report, and why
+    report_processes: int = 0  # Evidently child processes the call started (shared by every as_of of a range)
 
     def result(self, tag: str) -> TagDrift:
         return next(r for r in self.results if r.tag == tag)
@@ -335,6 +336,7 @@ def compute_drifts(
     for result, summary in zip(jobs, run_reports([r.report_job for r in jobs])):
         result.attach_report(summary)
         result.report_job = None
+    processes = 1 if jobs else 0  # run_reports: one child for all of them
     runs = []
     for as_of, results, plan in nights:
         frames = {
@@ -342,5 +344,5 @@ def compute_drifts(
             FEATURES: pd.concat([r.features for r in results], ignore_index=True),
             PREDICTIONS: pd.concat([r.predictions for r in results], ignore_index=True),
         }
-        runs.append(DriftRun(as_of, results, locations.history.write(con, as_of, frames), plan))
+        runs.append(DriftRun(as_of, results, locations.history.write(con, as_of, frames), plan, processes))
     return runs

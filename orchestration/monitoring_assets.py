@@ -149,6 +149,7 @@ def _metadata(runs: list[DriftRun]) -> dict:
         "history": dg.MetadataValue.path(str(newest.paths["drift_summary"])),
         # which report path ran and why (the PSI and the decisions above ran for every tag either way)
         "report_policy": newest.report_plan.policy if newest.report_plan else "always",
+        "evidently_processes": newest.report_processes,  # one for a whole range: Evidently imported once
         "reports": dg.MetadataValue.json({d: list(p.tags) if p else [] for d, p in plans.items()}),
         "report_why": dg.MetadataValue.json({d: p.why if p else "" for d, p in plans.items()})
         if len(runs) > 1
