@@ -5,8 +5,8 @@ Per history length (--history-months, default 12; e.g. 6 12 24 to show that the 
 with the day's rows, not with history), on a generated bank of --customers:
 
   setup        generate the bank (cached), stage its history up to the day before AS_OF (both homes) and
-               bring the monthly aggregates up to date; one warm-up night so that drift's reference
-               profile is cached, as on any night after the first (not measured)
+               bring the monthly aggregates up to date; one warm-up night per home so that drift's
+               reference profile is cached, as on any night after the first (not measured)
   incremental  ingest_inc    stage_delivery of the new day's delivery files (H1: only new/changed files)
                features_inc  update_monthly_aggregates + build_feature_snapshot(..., aggregates_dir=...) (H2)
   full         ingest_full   re-validate and re-stage every raw table (stage_delivery(..., full=True))
@@ -87,9 +87,10 @@ class Home:
         self.warehouse = self.root / "warehouse"
         self.layout = WarehouseLayout(self.warehouse)
         self.aggregates = self.warehouse / "aggregates"
-        # drift's reference cache is shared by the two paths (the same champions and population)
-        self.drift = bank / "drift"
-        self.reports = bank / "reports"
+        # each path its own drift directory: the reference cache is keyed by the population's path,
+        # which is the path's own features partition when the champions were trained on the nightly's date
+        self.drift = self.root / "drift"
+        self.reports = self.root / "reports"
         self.online = self.root / "online.sqlite"
 
     @property
@@ -115,7 +116,7 @@ def step_setup(work: Path, customers: int, months: int, threads: int) -> dict:
     raw = bank / "raw"
     if not (raw / "customers").exists():
         generate_bank(BankConfig(customers=customers, months=months, seed=9), raw)
-    for path in ("inc", "full", "deliveries", "drift", "reports"):
+    for path in ("inc", "full", "deliveries"):
         shutil.rmtree(bank / path, ignore_errors=True)
     con = connect(threads, "6GB")
     yesterday = AS_OF - timedelta(days=1)
@@ -137,9 +138,10 @@ def step_setup(work: Path, customers: int, months: int, threads: int) -> dict:
     # the warm-up night (not measured): drift's reference profile of the champions is cached from here on
     from tagml.features.snapshot import build_feature_snapshot
 
-    build_feature_snapshot(con, full.layout.staged_dir, AS_OF, full.features)
-    _score(con, work, full)
-    _drift(con, work, full, "never")
+    for home in (inc, full):
+        build_feature_snapshot(con, home.layout.staged_dir, AS_OF, home.features)
+        _score(con, work, home)
+        _drift(con, work, home, "never")
     if caps["incremental_ingest"]:
         # the new day arrives: its delivery files are written (the nightly's ingest then stages them)
         split_deliveries(raw, bank / "deliveries", AS_OF)
