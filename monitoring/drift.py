@@ -20,7 +20,8 @@ Per tag: **measure** (monitoring/measures.py: the numbers above, nothing decided
 (monitoring/decision.py: a pure function of those numbers and the tag's catalog `drift:` spec; the
 place to change a drift rule) -> **record** (here: the summary row and the per-feature and
 per-class tables go to the drift history, monitoring/history.py, and an Evidently report on a fixed
-sample is saved per tag and partition, monitoring/report.py). Locations come from the caller
+sample is saved per tag and partition when the report policy asks for it, monitoring/report.py and
+monitoring/report_policy.py). Locations come from the caller
 (`DriftLocations`, built by orchestration's resources).
 """
 
@@ -46,6 +47,7 @@ from tagml.monitoring.performance import realised_performance, registry_decision
 from tagml.monitoring.psi import ALL, BinCounter, parquet
 from tagml.monitoring.reference import SAMPLE_SALT, DriftInputError, monitored_model, reference_population, reference_profile
 from tagml.monitoring.report import VERDICT_KEYS, ReportJob, ReportSummary, run_reports
+from tagml.monitoring.report_policy import DEFAULT_REPORT_WEEKDAY, ReportPlan, plan_reports, report_policy
 from tagml.scoring.rules import slice_expressions
 from tagml.scoring.sources import feature_path, own_source
 from tagml.scoring.store import TagStore, TagStoreError
@@ -88,6 +90,7 @@ class TagDrift:
     features: pd.DataFrame
     predictions: pd.DataFrame
     report_job: ReportJob | None = None
+    inputs: TagInputs | None = None  # kept until the report plan is known (the report's samples come from them)
 
     def attach_report(self, report: ReportSummary) -> None:
         """Evidently's per-column statistic and verdict on the samples, next to the PSI of everyone."""
@@ -186,7 +189,7 @@ def compute_tag_drift(
     job = _report_job(con, inputs, summary, locations.report_path(tag.name, as_of), sample_rows) if report else None
     features = measures.features.assign(threshold=tag.drift.feature_psi, drifted=feature_drifted(measures.features, tag.drift))
     meta = {"as_of": as_of, "tag": tag.name, "model_version": inputs.model.version}
-    return TagDrift(summary, features.assign(**meta), measures.predictions.assign(**meta), job)
+    return TagDrift(summary, features.assign(**meta), measures.predictions.assign(**meta), job, inputs)
 
 
 def summary_row(inputs: TagInputs, measures: TagMeasures, decision: DriftDecision) -> dict[str, Any]:
@@ -265,6 +268,8 @@ class DriftRun:
     as_of: date
     results: list[TagDrift]
     paths: dict[str, Path]
+    report_plan: ReportPlan | None = None  # which tags got an Evidently report, and why
+    report_processes: int = 0  # Evidently child processes the call started (shared by every as_of of a range)
 
     def result(self, tag: str) -> TagDrift:
         return next(r for r in self.results if r.tag == tag)
@@ -278,33 +283,66 @@ def compute_drift(
     locations: DriftLocations,
     tags: list[str] | None = None,
     sample_rows: int = 5000,
-    report: bool = True,
+    report: bool | str = True,
     bin_counter: BinCounter | None = None,
+    report_weekday: int = DEFAULT_REPORT_WEEKDAY,
 ) -> DriftRun:
-    """Drift of every (or the named) model tag for one as_of, written to the history in one go.
+    """Drift of every (or the named) model tag for one as_of, written to the history in one go (`compute_drifts` of one day)."""
+    return compute_drifts(con, client, catalog, [as_of], locations, tags, sample_rows, report, bin_counter, report_weekday)[0]
+
+
+def compute_drifts(
+    con: duckdb.DuckDBPyConnection,
+    client: MlflowClient,
+    catalog: Catalog,
+    as_ofs: list[date],
+    locations: DriftLocations,
+    tags: list[str] | None = None,
+    sample_rows: int = 5000,
+    report: bool | str = True,
+    bin_counter: BinCounter | None = None,
+    report_weekday: int = DEFAULT_REPORT_WEEKDAY,
+) -> list[DriftRun]:
+    """Drift of every (or the named) model tag for each as_of (a night, or a backfill's range of nights).
 
     `bin_counter` counts the feature PSI's bins over every customer: DuckDB's `bin_counts` by default,
     the engine's when the caller (orchestration's resources) passes one (monitoring/spark_psi.py).
-    Evidently always runs on the fixed samples.
+    `report` is the Evidently report policy (monitoring/report_policy.py; True = always, False = never):
+    the PSI and the decisions are computed for every tag and as_of whatever it says. Evidently always
+    runs on the fixed samples, and all the reports of the call run in one child process: a backfill of
+    a month of nights imports Evidently once. Each (tag, version) reference is profiled once and
+    cached (monitoring/reference.py), so the nights after the first read it.
 
-    Every tag is computed before anything is written: a tag whose inputs are missing fails the run
-    with a named error and leaves the history as it was.
+    Every tag of every as_of is computed before anything is written: a tag whose inputs are missing
+    fails the call with a named error and leaves the history as it was.
     """
+    report_policy(report)  # an unknown policy fails before any work
     model_tags = [catalog.get(t) for t in tags] if tags else list(catalog.model_tags)
     not_model = [t.name for t in model_tags if t.kind != "model"]
     if not_model:
         raise DriftInputError(f"drift is monitored for model tags only; {not_model} are rule tags")
     if not model_tags:
         raise DriftInputError("the catalog has no model tags to monitor")
-    results = [compute_tag_drift(con, client, catalog, tag, as_of, locations, sample_rows, report, bin_counter) for tag in model_tags]
-    jobs = [r for r in results if r.report_job is not None]
+    nights: list[tuple[date, list[TagDrift], ReportPlan]] = []
+    for as_of in as_ofs:
+        results = [compute_tag_drift(con, client, catalog, tag, as_of, locations, sample_rows, False, bin_counter) for tag in model_tags]
+        plan = plan_reports(report, as_of, {r.tag: r.drifted for r in results}, report_weekday)
+        for result in results:
+            if result.tag in plan.tags and result.inputs is not None:
+                result.report_job = _report_job(con, result.inputs, result.summary, locations.report_path(result.tag, as_of), sample_rows)
+            result.inputs = None
+        nights.append((as_of, results, plan))
+    jobs = [r for _, results, _ in nights for r in results if r.report_job is not None]
     for result, summary in zip(jobs, run_reports([r.report_job for r in jobs])):
         result.attach_report(summary)
         result.report_job = None
-    frames = {
-        SUMMARY: pd.DataFrame([r.summary for r in results]),
-        FEATURES: pd.concat([r.features for r in results], ignore_index=True),
-        PREDICTIONS: pd.concat([r.predictions for r in results], ignore_index=True),
-    }
-    paths = locations.history.write(con, as_of, frames)
-    return DriftRun(as_of, results, paths)
+    processes = 1 if jobs else 0  # run_reports: one child for all of them
+    runs = []
+    for as_of, results, plan in nights:
+        frames = {
+            SUMMARY: pd.DataFrame([r.summary for r in results]),
+            FEATURES: pd.concat([r.features for r in results], ignore_index=True),
+            PREDICTIONS: pd.concat([r.predictions for r in results], ignore_index=True),
+        }
+        runs.append(DriftRun(as_of, results, locations.history.write(con, as_of, frames), plan, processes))
+    return runs

@@ -129,8 +129,15 @@ def drift_verdict(drifted: bool, reasons: Iterable[str]) -> dict[str, Any]:
     return {"drifted": bool(drifted), "reasons": [str(r) for r in reasons]}
 
 
-def events_from_result(position: int, as_of: date, by_tag: Mapping[str, Mapping[str, Any]]) -> list[DriftEvent]:
-    """DriftEvents of one stored drift result: per tag a `drift_verdict`."""
+# A single-run backfill records one materialization per partition with the same metadata: its verdicts are
+# keyed by as_of under this key (not a valid tag name), and each partition's events take their night's.
+BY_AS_OF = "(by as_of)"
+
+
+def events_from_result(position: int, as_of: date, by_tag: Mapping[str, Any]) -> list[DriftEvent]:
+    """DriftEvents of one stored drift result: per tag a `drift_verdict` (of the result's as_of, for a backfilled range)."""
+    if BY_AS_OF in by_tag:
+        by_tag = by_tag[BY_AS_OF].get(as_of.isoformat(), {})
     return [
         DriftEvent(tag, as_of, bool(result["drifted"]), tuple(str(r) for r in result.get("reasons") or ()), position) for tag, result in sorted(by_tag.items())
     ]

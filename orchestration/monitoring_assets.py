@@ -1,5 +1,17 @@
 """tag_drift: per as_of, every model tag's feature, prediction and performance drift, with one
-non-blocking asset check per tag that turns red (ERROR) when the tag's catalog thresholds are crossed."""
+non-blocking asset check per tag that turns red (ERROR) when the tag's catalog thresholds are crossed.
+
+The PSI and the decisions run for every tag every night; the Evidently report only as the report
+policy says (monitoring/report_policy.py, TAGML_DRIFT_REPORT: by default a drifted tag's report that
+night and every tag's on the weekly day), and the materialization says which path ran and why.
+
+A backfill of a range of as_of partitions runs as one Dagster run (BackfillPolicy.single_run,
+orchestration/partitions.py): the body computes every night of `context.partition_keys` in one
+`compute_drifts` call (one Evidently child for all the reports, each reference profiled once).
+Dagster records one materialization per partition of a range with the same metadata, so a range's
+per-tag verdicts are keyed by as_of (`drift_by_tag` = {BY_AS_OF: {as_of: {tag: verdict}}}, read by
+monitoring/reevaluation.py's `events_from_result`), and each tag's check covers the whole range.
+"""
 
 from contextlib import closing
 from datetime import date
@@ -10,9 +22,10 @@ import pandas as pd
 from pydantic import Field
 
 from tagml.monitoring.decision import describe_rules
-from tagml.monitoring.drift import DriftRun, compute_drift
-from tagml.monitoring.reevaluation import drift_verdict
+from tagml.monitoring.drift import DriftRun, compute_drifts
+from tagml.monitoring.reevaluation import BY_AS_OF, drift_verdict
 from tagml.monitoring.reference import DriftInputError
+from tagml.orchestration.partitions import SINGLE_RUN_BACKFILL, as_of_dates
 from tagml.orchestration.resources import (
     MlflowResource,
     MonitoringResource,
@@ -30,7 +43,11 @@ DRIFT_BY_TAG = "drift_by_tag"
 class DriftConfig(dg.Config):
     tags: list[str] | None = Field(default=None, description="Model tags to monitor (default: every model tag of the catalog).")
     sample_rows: int | None = Field(default=None, description="Rows per side in the Evidently report (default from TAGML_DRIFT_SAMPLE_ROWS).")
-    report: bool = Field(default=True, description="Write the Evidently HTML report (the PSI numbers are computed either way).")
+    report: bool | None = Field(
+        default=None,
+        description="Evidently HTML reports: None = the monitoring resource's policy (TAGML_DRIFT_REPORT), True = every tag's now "
+        "(e.g. on demand for a stored partition), False = none. The PSI numbers and decisions are computed either way.",
+    )
 
 
 def drift_check_name(tag: str) -> str:
@@ -72,11 +89,12 @@ def build_tag_drift_asset(partitions_def: dg.PartitionsDefinition, catalog: Cata
         name="tag_drift",
         group_name=MONITORING_GROUP,
         partitions_def=partitions_def,
+        backfill_policy=SINGLE_RUN_BACKFILL,
         deps=["customer_tags", *feature_deps(catalog)],
         check_specs=checks,
         kinds={"evidently", "duckdb", "parquet"},
         description="Per model tag: PSI of every feature and of the inferred classes against the population the scoring model was trained on, "
-        "realised performance of matured labels, an Evidently report; numbers in the drift history.",
+        "realised performance of matured labels, an Evidently report (by the report policy); numbers in the drift history.",
     )
     def tag_drift(
         context: dg.AssetExecutionContext,
@@ -85,42 +103,98 @@ def build_tag_drift_asset(partitions_def: dg.PartitionsDefinition, catalog: Cata
         mlflow_store: MlflowResource,
         monitoring: MonitoringResource,
     ):
-        as_of = date.fromisoformat(context.partition_key)
+        as_ofs = as_of_dates(context)
         sample_rows = config.sample_rows or monitoring.sample_rows
+        policy = monitoring.report_policy if config.report is None else config.report
         with closing(warehouse.connect()) as con:
             try:
-                run = compute_drift(
+                runs = compute_drifts(
                     con,
                     mlflow_store.client(),
                     catalog,
-                    as_of,
+                    as_ofs,
                     monitoring.locations(warehouse),
                     config.tags,
                     sample_rows,
-                    config.report,
+                    policy,
                     bin_counter=warehouse.drift_bin_counter(),
+                    report_weekday=monitoring.report_weekday,
                 )
-            except (DriftInputError, KeyError) as err:
+            except (DriftInputError, KeyError, ValueError) as err:
                 raise dg.Failure(description=str(err)) from err
-        metadata: dict = {
-            "as_of": as_of.isoformat(),
-            "drifted_tags": dg.MetadataValue.json([r.tag for r in run.results if r.drifted]),
-            "summary": dg.MetadataValue.md(_summary_markdown(run)),
-            "history": dg.MetadataValue.path(str(run.paths["drift_summary"])),
-            DRIFT_BY_TAG: dg.MetadataValue.json({r.tag: drift_verdict(r.drifted, r.reasons) for r in run.results}),
-        }
-        for result in run.results:
-            if result.summary.get("report_path"):
-                metadata[f"report_{result.tag}"] = dg.MetadataValue.path(result.summary["report_path"])
-                # a link the UI opens (the report is a local file next to the warehouse)
-                metadata[f"report_{result.tag}_url"] = dg.MetadataValue.url(Path(result.summary["report_path"]).resolve().as_uri())
-        yield dg.MaterializeResult(metadata=metadata)
-        computed = {r.tag: r.summary for r in run.results}
-        stored = _stored_summaries(warehouse, monitoring, as_of, [t.name for t in catalog.model_tags if t.name not in computed])
+        yield dg.MaterializeResult(metadata=_metadata(runs))
+        newest = runs[-1]
+        computed = {r.tag: r.summary for r in newest.results}
+        stored = _stored_summaries(warehouse, monitoring, newest.as_of, [t.name for t in catalog.model_tags if t.name not in computed])
         for tag in catalog.model_tags:
-            yield _check_result(tag.name, computed.get(tag.name) or stored.get(tag.name), fresh=tag.name in computed)
+            check = _check_result(tag.name, computed.get(tag.name) or stored.get(tag.name), fresh=tag.name in computed)
+            yield check if len(runs) == 1 else _range_check(check, tag.name, runs)
 
     return tag_drift
+
+
+def _metadata(runs: list[DriftRun]) -> dict:
+    """One night's metadata as before #14; a range's keyed by as_of where it differs between nights (Dagster copies it to each partition)."""
+    newest = runs[-1]
+    plans = {run.as_of.isoformat(): run.report_plan for run in runs}
+    metadata: dict = {
+        "as_of": newest.as_of.isoformat() if len(runs) == 1 else f"{runs[0].as_of.isoformat()}..{newest.as_of.isoformat()}",
+        "partitions": len(runs),
+        "drifted_tags": dg.MetadataValue.json(
+            [r.tag for r in newest.results if r.drifted] if len(runs) == 1 else {d: [r.tag for r in run.results if r.drifted] for d, run in _by_day(runs)}
+        ),
+        "summary": dg.MetadataValue.md(
+            "\n\n".join(f"**{d}**\n\n{_summary_markdown(run)}" if len(runs) > 1 else _summary_markdown(run) for d, run in _by_day(runs))
+        ),
+        "history": dg.MetadataValue.path(str(newest.paths["drift_summary"])),
+        # which report path ran and why (the PSI and the decisions above ran for every tag either way)
+        "report_policy": newest.report_plan.policy if newest.report_plan else "always",
+        "evidently_processes": newest.report_processes,  # one for a whole range: Evidently imported once
+        "reports": dg.MetadataValue.json({d: list(p.tags) if p else [] for d, p in plans.items()}),
+        "report_why": dg.MetadataValue.json({d: p.why if p else "" for d, p in plans.items()})
+        if len(runs) > 1
+        else (newest.report_plan.why if newest.report_plan else ""),
+        DRIFT_BY_TAG: dg.MetadataValue.json(
+            _verdicts(newest) if len(runs) == 1 else {BY_AS_OF: {d: _verdicts(run) for d, run in _by_day(runs)}},
+        ),
+    }
+    for result in newest.results if len(runs) == 1 else []:
+        if result.summary.get("report_path"):
+            metadata[f"report_{result.tag}"] = dg.MetadataValue.path(result.summary["report_path"])
+            # a link the UI opens (the report is a local file next to the warehouse)
+            metadata[f"report_{result.tag}_url"] = dg.MetadataValue.url(Path(result.summary["report_path"]).resolve().as_uri())
+    if len(runs) > 1:
+        paths = {f"{d}/{r.tag}": r.summary["report_path"] for d, run in _by_day(runs) for r in run.results if r.summary.get("report_path")}
+        metadata["report_paths"] = dg.MetadataValue.json(paths)
+    return metadata
+
+
+def _by_day(runs: list[DriftRun]) -> list[tuple[str, DriftRun]]:
+    return [(run.as_of.isoformat(), run) for run in runs]
+
+
+def _verdicts(run: DriftRun) -> dict:
+    return {r.tag: drift_verdict(r.drifted, r.reasons) for r in run.results}
+
+
+def _range_check(newest: dg.AssetCheckResult, tag: str, runs: list[DriftRun]) -> dg.AssetCheckResult:
+    """A tag's check over a backfilled range: red when the tag drifted on any night (Dagster takes one result per check and run)."""
+    evaluated = [run for run in runs if any(r.tag == tag for r in run.results)]
+    if not evaluated:
+        return newest
+    drifted = [run.as_of.isoformat() for run in evaluated if run.result(tag).drifted]
+    return dg.AssetCheckResult(
+        check_name=newest.check_name,
+        passed=not drifted,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=(
+            f"drifted on {len(drifted)} of {len(evaluated)} nights: {', '.join(drifted)}"
+            if drifted
+            else f"within the catalog's drift thresholds on all {len(evaluated)} nights"
+        )
+        + f"; the newest ({runs[-1].as_of.isoformat()}): {newest.description}",
+        metadata={**newest.metadata, "nights": len(evaluated), "drifted_nights": dg.MetadataValue.json(drifted)},
+    )
 
 
 def _stored_summaries(warehouse: WarehouseResource, monitoring: MonitoringResource, as_of: date, tags: list[str]) -> dict[str, dict]:

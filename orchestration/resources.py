@@ -193,6 +193,10 @@ class MonitoringResource(dg.ConfigurableResource):
     reports_dir: str = Field(description="Evidently HTML reports, one per tag and as_of: <reports_dir>/<tag>/<as_of>.html.")
     sample_rows: int = Field(default=5000, description="Rows per side in the Evidently report; PSI always uses every customer.")
     reevaluation_cooldown_days: int = Field(default=7, ge=0, description="Data days after a tag's drift re-evaluation before the sensor re-evaluates it again.")
+    report_policy: str = Field(
+        default="on_drift_or_weekly", description="When the Evidently report runs (TAGML_DRIFT_REPORT): on_drift_or_weekly, on_drift, always, never."
+    )
+    report_weekday: int = Field(default=6, ge=0, le=6, description="The weekly report's weekday of the as_of, 0 = Monday (TAGML_DRIFT_REPORT_WEEKDAY).")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "MonitoringResource":
@@ -201,6 +205,8 @@ class MonitoringResource(dg.ConfigurableResource):
             reports_dir=str(settings.reports_dir),
             sample_rows=settings.drift_sample_rows,
             reevaluation_cooldown_days=settings.reevaluation_cooldown_days,
+            report_policy=settings.drift_report,
+            report_weekday=settings.drift_report_weekday,
         )
 
     def locations(self, warehouse: WarehouseResource) -> DriftLocations:

@@ -2,17 +2,20 @@
 source (customer_features, or a bring-your-own tag's `<tag>/own_features`) by its champion."""
 
 from contextlib import closing
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 from pydantic import Field
 
 from tagml.orchestration.own_table_assets import own_features_key
+from tagml.orchestration.partitions import SINGLE_RUN_BACKFILL, as_of_dates
 from tagml.orchestration.resources import MlflowResource, WarehouseResource
 from tagml.orchestration.training_assets import tag_model_key
 from tagml.scoring.coverage import unstable_tags
-from tagml.scoring.score import CoverageError, ScoringError, UnscorableTagsError
+from tagml.scoring.score import CoverageError, ScoringError, ScoringSummary, UnscorableTagsError
 from tagml.scoring.sources import needs_contract, own_features_table, own_tags
 from tagml.training.catalog import Catalog
 
@@ -49,65 +52,109 @@ def feature_deps(catalog: Catalog) -> list:
     return [*(["customer_features"] if needs_contract(catalog) else []), *(own_features_key(t.name) for t in own_tags(catalog))]
 
 
+@dataclass
+class _ScoredNight:
+    as_of: date
+    summary: ScoringSummary
+    distribution: pd.DataFrame
+    changed: dict[str, float]
+    unstable: dict[str, float]
+    previous: date | None
+
+
 def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: Catalog) -> dg.AssetsDefinition:
     @dg.asset(
         name="customer_tags",
         group_name=SCORING_GROUP,
         partitions_def=partitions_def,
+        backfill_policy=SINGLE_RUN_BACKFILL,
         deps=[*feature_deps(catalog), *(tag_model_key(t.name) for t in catalog.model_tags)],
         check_specs=CHECK_SPECS,
         kinds={"parquet", "mlflow"},
         description="Every customer's rule and model tags for the as_of: value, class probabilities, reasons, observed vs inferred, and the model or rule version.",
     )
     def customer_tags(context: dg.AssetExecutionContext, config: ScoringConfig, warehouse: WarehouseResource, mlflow_store: MlflowResource):
-        as_of = date.fromisoformat(context.partition_key)
         if config.skip_tags and not (config.skip_reason or "").strip():
             raise dg.Failure(description=f"skip_tags {config.skip_tags} needs a skip_reason (it is recorded with the partition)")
         skip = dict.fromkeys(config.skip_tags, config.skip_reason or "")
         store = warehouse.tag_store()
-        features = warehouse.features_path(as_of) if needs_contract(catalog) else None
-        own = {t.name: own_features_table(Path(warehouse.warehouse_dir), t.name).path(as_of) for t in own_tags(catalog)}
+        nights: list[_ScoredNight] = []
         with closing(warehouse.connect()) as con:
             client = mlflow_store.client() if catalog.model_tags else None
-            try:
-                with store.write_partition(as_of) as staged:
-                    summary = warehouse.score_partition(con, client, catalog, features, as_of, staged, own_features=own, skip=skip)
-            except UnscorableTagsError as err:
-                raise dg.Failure(description=str(err), metadata={"failed_tags": dg.MetadataValue.json(err.problems)}) from err
-            except CoverageError as err:
-                # the file that failed was never published; report what was validated, then fail the step
-                yield dg.AssetCheckResult(check_name="coverage", passed=False, metadata=err.coverage.metadata(), description=str(err))
-                raise dg.Failure(description=str(err)) from err
-            except ScoringError as err:
-                raise dg.Failure(description=str(err)) from err
-            distribution = store.distribution(con, as_of)
-            previous = [d for d in store.partitions() if d < as_of]
-            changed = store.changed_share(con, previous[-1], as_of) if previous else {}
-            unstable = unstable_tags(changed, catalog)
+            # a backfill's range in one run, oldest first: each night's stability compares with the night before it
+            for as_of in as_of_dates(context):
+                features = warehouse.features_path(as_of) if needs_contract(catalog) else None
+                own = {t.name: own_features_table(Path(warehouse.warehouse_dir), t.name).path(as_of) for t in own_tags(catalog)}
+                try:
+                    with store.write_partition(as_of) as staged:
+                        summary = warehouse.score_partition(con, client, catalog, features, as_of, staged, own_features=own, skip=skip)
+                except UnscorableTagsError as err:
+                    raise dg.Failure(description=f"{as_of}: {err}", metadata={"failed_tags": dg.MetadataValue.json(err.problems)}) from err
+                except CoverageError as err:
+                    # the file that failed was never published; report what was validated, then fail the step
+                    yield dg.AssetCheckResult(check_name="coverage", passed=False, metadata=err.coverage.metadata(), description=str(err))
+                    raise dg.Failure(description=str(err)) from err
+                except ScoringError as err:
+                    raise dg.Failure(description=str(err)) from err
+                previous = [d for d in store.partitions() if d < as_of]
+                changed = store.changed_share(con, previous[-1], as_of) if previous else {}
+                nights.append(
+                    _ScoredNight(as_of, summary, store.distribution(con, as_of), changed, unstable_tags(changed, catalog), previous[-1] if previous else None)
+                )
         warehouse.publish_views()
+        if len(nights) == 1:
+            night = nights[0]
+            yield dg.MaterializeResult(
+                metadata=_night_metadata(store, night),
+                check_results=[
+                    dg.AssetCheckResult(check_name="coverage", passed=night.summary.coverage.passed, metadata=night.summary.coverage.metadata()),
+                    _stability_result(night.changed, night.unstable, night.previous),
+                ],
+            )
+            return
+        # a range: Dagster records this metadata on every partition of the range, so it is keyed by as_of
+        unstable = {f"{n.as_of}:{tag}": share for n in nights for tag, share in n.unstable.items()}
         yield dg.MaterializeResult(
             metadata={
-                "rows": summary.rows,
-                "customers": summary.customers,
-                "path": dg.MetadataValue.path(store.location(as_of)),
-                "producers": dg.MetadataValue.json({t: v["producer"] for t, v in summary.per_tag.items()}),
-                # labels a source delivered outside the tag's classes: counted, never stored as values
-                "observed_labels_outside_classes": dg.MetadataValue.json(
-                    {t: v["observed_labels_outside_classes"] for t, v in summary.per_tag.items() if v.get("observed_labels_outside_classes")}
+                "partitions": len(nights),
+                "as_of": f"{nights[0].as_of}..{nights[-1].as_of}",
+                "seconds": round(sum(n.summary.seconds for n in nights), 1),
+                "by_as_of": dg.MetadataValue.json(
+                    {n.as_of.isoformat(): {"rows": n.summary.rows, "customers": n.summary.customers, "seconds": round(n.summary.seconds, 1)} for n in nights}
                 ),
-                "seconds": round(summary.seconds, 1),
-                "skipped_tags": dg.MetadataValue.json(summary.skipped),
-                "distribution": dg.MetadataValue.md(distribution.to_markdown(index=False)),
-                "changed_share_since_previous": dg.MetadataValue.json(changed),
-                "previous_partition": previous[-1].isoformat() if previous else "none",
+                "changed_share_since_previous": dg.MetadataValue.json({n.as_of.isoformat(): n.changed for n in nights}),
+                "skipped_tags": dg.MetadataValue.json(nights[-1].summary.skipped),
             },
             check_results=[
-                dg.AssetCheckResult(check_name="coverage", passed=summary.coverage.passed, metadata=summary.coverage.metadata()),
-                _stability_result(changed, unstable, previous[-1] if previous else None),
+                dg.AssetCheckResult(
+                    check_name="coverage",
+                    passed=all(n.summary.coverage.passed for n in nights),
+                    metadata={"partitions": len(nights), **nights[-1].summary.coverage.metadata()},
+                ),
+                _stability_result({f"{n.as_of}:{tag}": share for n in nights for tag, share in n.changed.items()}, unstable, nights[0].previous),
             ],
         )
 
     return customer_tags
+
+
+def _night_metadata(store, night: "_ScoredNight") -> dict:
+    summary = night.summary
+    return {
+        "rows": summary.rows,
+        "customers": summary.customers,
+        "path": dg.MetadataValue.path(store.location(night.as_of)),
+        "producers": dg.MetadataValue.json({t: v["producer"] for t, v in summary.per_tag.items()}),
+        # labels a source delivered outside the tag's classes: counted, never stored as values
+        "observed_labels_outside_classes": dg.MetadataValue.json(
+            {t: v["observed_labels_outside_classes"] for t, v in summary.per_tag.items() if v.get("observed_labels_outside_classes")}
+        ),
+        "seconds": round(summary.seconds, 1),
+        "skipped_tags": dg.MetadataValue.json(summary.skipped),
+        "distribution": dg.MetadataValue.md(night.distribution.to_markdown(index=False)),
+        "changed_share_since_previous": dg.MetadataValue.json(night.changed),
+        "previous_partition": night.previous.isoformat() if night.previous else "none",
+    }
 
 
 def _stability_result(changed: dict[str, float], unstable: dict[str, float], previous: date | None) -> dg.AssetCheckResult:

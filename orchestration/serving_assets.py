@@ -13,6 +13,7 @@ import dagster as dg
 from pydantic import Field
 
 from tagml.core.settings import Settings
+from tagml.orchestration.partitions import SINGLE_RUN_BACKFILL, as_of_dates
 from tagml.orchestration.resources import WarehouseResource
 from tagml.orchestration.scoring_assets import SCORING_GROUP
 from tagml.scoring.online import OnlineSnapshot, OnlineTagStore, open_online_store, quality_markdown, quality_report
@@ -48,6 +49,7 @@ def build_online_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: Ca
         name=ONLINE_TAGS,
         group_name=SCORING_GROUP,  # in the nightly scoring job with customer_tags, by group
         partitions_def=partitions_def,
+        backfill_policy=SINGLE_RUN_BACKFILL,  # a backfilled range loads the store once, from the newest partition
         deps=["customer_tags"],
         check_specs=CHECK_SPECS,
         kinds={"sqlite"},
@@ -55,7 +57,7 @@ def build_online_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: Ca
         "per-tag coverage, stability and freshness.",
     )
     def online_tags(context: dg.AssetExecutionContext, warehouse: WarehouseResource, online_store: OnlineStoreResource):
-        as_of = date.fromisoformat(context.partition_key)
+        as_of = as_of_dates(context)[-1]  # the newest night of the run (a range's last)
         store = warehouse.tag_store()
         newest = store.latest_on_or_before(None)
         online = online_store.open()

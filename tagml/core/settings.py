@@ -68,6 +68,8 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "TAGML_SCORING_CRON": ("scoring_cron", "a 5-field cron expression such as '0 2 * * *'"),
     "TAGML_DRIFT_SAMPLE_ROWS": ("drift_sample_rows", "a whole number >= 1"),
     "TAGML_REEVALUATION_COOLDOWN_DAYS": ("reevaluation_cooldown_days", "a whole number >= 0"),
+    "TAGML_DRIFT_REPORT": ("drift_report", "one of on_drift_or_weekly, on_drift, always, never"),
+    "TAGML_DRIFT_REPORT_WEEKDAY": ("drift_report_weekday", "a weekday number 0 (Monday) .. 6 (Sunday)"),
     "TAGML_REFRESH_TIME": ("refresh_time", "a time of day HH:MM"),
     "TAGML_ENGINE": ("engine", "duckdb or spark"),
     "TAGML_SPARK_MASTER": ("spark_master", "a Spark master URL such as local[2], yarn, k8s://https://host:443 or spark://host:7077"),
@@ -150,6 +152,9 @@ class Settings(BaseSettings):
     scoring_cron: str = Field(default="0 2 * * *", validation_alias="TAGML_SCORING_CRON")
     drift_sample_rows: int = Field(default=5000, ge=1, validation_alias="TAGML_DRIFT_SAMPLE_ROWS")
     reevaluation_cooldown_days: int = Field(default=7, ge=0, validation_alias="TAGML_REEVALUATION_COOLDOWN_DAYS")
+    # when tag_drift renders the Evidently report (monitoring/report_policy.py); PSI and decisions run every night
+    drift_report: Literal["on_drift_or_weekly", "on_drift", "always", "never"] = Field(default="on_drift_or_weekly", validation_alias="TAGML_DRIFT_REPORT")
+    drift_report_weekday: int = Field(default=6, ge=0, le=6, validation_alias="TAGML_DRIFT_REPORT_WEEKDAY")
     refresh_time: str = Field(default="04:30", validation_alias="TAGML_REFRESH_TIME")
     # where features, staging, scoring and drift's bin counts run; chosen here only (settings -> resources)
     engine: Literal["duckdb", "spark"] = Field(default="duckdb", validation_alias="TAGML_ENGINE")

@@ -1,0 +1,334 @@
+"""The whole nightly, measured end to end: ingest of one new day -> features -> tags with reasons -> drift
+(and the online refresh, reported separately), incremental vs the full recompute, in the same run.
+
+Per history length (--history-months, default 12; e.g. 6 12 24 to show that the incremental night grows
+with the day's rows, not with history), on a generated bank of --customers:
+
+  setup        generate the bank (cached), stage its history up to the day before AS_OF (both homes) and
+               bring the monthly aggregates up to date; one warm-up night per home so that drift's
+               reference profile is cached, as on any night after the first (not measured)
+  incremental  ingest_inc    stage_delivery of the new day's delivery files (H1: only new/changed files)
+               features_inc  update_monthly_aggregates + build_feature_snapshot(..., aggregates_dir=...) (H2)
+  full         ingest_full   re-validate and re-stage every raw table (stage_delivery(..., full=True))
+               features_full build_feature_snapshot from the staged rows (no aggregates)
+  both         tags          score_partition with reason codes into the tag store, as customer_tags does
+               drift         compute_drift with the report policy of the nightly asset (TAGML_DRIFT_REPORT default)
+               online        the online store refresh from the newest partition (reported separately)
+
+Every stage runs in its own subprocess: its wall time and its peak RSS (ru_maxrss) are its own.
+Champions are trained once per workdir as bench/bench_scoring.py does (a small bank, few trials) and promoted.
+
+Until H1's incremental staging (features/synthetic/deliveries.py `split_deliveries`, `stage_delivery(...,
+full=...)`) and H2's aggregates (`update_monthly_aggregates`, `build_feature_snapshot(..., aggregates_dir=)`)
+are merged, the incremental stages fall back to the full ones and the results say so
+(`incremental_available`): the script runs today, its ratio is then 1 by construction.
+
+    nice .venv/bin/python bench/bench_nightly.py --customers 1000000 --history-months 6 12 24
+    .venv/bin/python bench/bench_nightly.py --customers 20000 --train-customers 20000 --skip-full
+"""
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+AS_OF = date(2026, 10, 31)  # the new day: the last day of the generated bank (end month 2026-10)
+STAGES_INC = ("ingest_inc", "features_inc", "tags", "drift")
+STAGES_FULL = ("ingest_full", "features_full", "tags", "drift")
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def capabilities() -> dict[str, bool]:
+    """Which of the parallel #14 APIs this checkout has (the incremental stages need both)."""
+    from tagml.features.delivery import stage_delivery
+    from tagml.features.snapshot import build_feature_snapshot
+
+    try:
+        from tagml.features.synthetic.deliveries import split_deliveries  # noqa: F401  (H1)
+
+        deliveries = True
+    except ImportError:
+        deliveries = False
+    try:
+        from tagml.features.aggregates import update_monthly_aggregates  # noqa: F401  (H2)
+
+        aggregates = "aggregates_dir" in inspect.signature(build_feature_snapshot).parameters
+    except ImportError:
+        aggregates = False
+    return {
+        "incremental_ingest": deliveries and "full" in inspect.signature(stage_delivery).parameters,
+        "aggregates": aggregates,
+    }
+
+
+class Home:
+    """One path's warehouse (its staged generations, features, tags), drift and online store under the bank's directory."""
+
+    def __init__(self, bank: Path, path: str):
+        from tagml.core.storage import WarehouseLayout
+
+        self.root = bank / path
+        self.warehouse = self.root / "warehouse"
+        self.layout = WarehouseLayout(self.warehouse)
+        self.aggregates = self.warehouse / "aggregates"
+        # each path its own drift directory: the reference cache is keyed by the population's path,
+        # which is the path's own features partition when the champions were trained on the nightly's date
+        self.drift = self.root / "drift"
+        self.reports = self.root / "reports"
+        self.online = self.root / "online.sqlite"
+
+    @property
+    def features(self) -> Path:
+        return self.layout.customer_features.path(AS_OF)
+
+
+def _stage(con, raw: Path, home: Home, delivery_date: date, full: bool | None) -> dict:
+    from tagml.features.delivery import stage_delivery
+
+    kwargs = {} if full is None else {"full": full}
+    delivery = stage_delivery(con, raw, home.layout.staged_dir, delivery_date, **kwargs)
+    changed = getattr(delivery, "changed_periods", None)
+    return {"tables": len(delivery.tables), "changed_periods": {t: len(p) for t, p in changed.items()} if changed else None}
+
+
+def step_setup(work: Path, customers: int, months: int, threads: int) -> dict:
+    from tagml.core.storage import connect
+    from tagml.features.synthetic import BankConfig, generate_bank
+
+    caps = capabilities()
+    bank = work / f"c{customers}_m{months}"
+    raw = bank / "raw"
+    if not (raw / "customers").exists():
+        generate_bank(BankConfig(customers=customers, months=months, seed=9), raw)
+    for path in ("inc", "full", "deliveries"):
+        shutil.rmtree(bank / path, ignore_errors=True)
+    con = connect(threads, "6GB")
+    yesterday = AS_OF - timedelta(days=1)
+    inc, full = Home(bank, "inc"), Home(bank, "full")
+    if caps["incremental_ingest"]:
+        from tagml.features.synthetic.deliveries import split_deliveries
+
+        # the history already staged: every delivery up to yesterday, staged once
+        split_deliveries(raw, bank / "deliveries", yesterday)
+        _stage(con, bank / "deliveries", inc, yesterday, full=True)
+        _stage(con, bank / "deliveries", full, yesterday, full=True)
+    else:
+        _stage(con, raw, inc, AS_OF, None)
+        _stage(con, raw, full, AS_OF, None)
+    if caps["aggregates"]:
+        from tagml.features.aggregates import update_monthly_aggregates
+
+        update_monthly_aggregates(con, inc.layout.staged_dir, inc.aggregates)
+    # the warm-up night (not measured): drift's reference profile of the champions is cached from here on
+    from tagml.features.snapshot import build_feature_snapshot
+
+    for home in (inc, full):
+        build_feature_snapshot(con, home.layout.staged_dir, AS_OF, home.features)
+        _score(con, work, home)
+        _drift(con, work, home, "never")
+    if caps["incremental_ingest"]:
+        # the new day arrives: its delivery files are written (the nightly's ingest then stages them)
+        split_deliveries(raw, bank / "deliveries", AS_OF)
+    return {"capabilities": caps, "raw_gb": round(_du(raw) / 1e9, 2)}
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _client(work: Path):
+    from tagml.training.tracking import connect_tracking
+
+    return connect_tracking(f"sqlite:///{work / 'mlflow.db'}")
+
+
+def _score(con, work: Path, home: Home) -> dict:
+    from tagml.scoring.score import score_partition
+    from tagml.scoring.store import ParquetTagStore
+    from tagml.training.catalog import load_catalog
+
+    store = ParquetTagStore.in_warehouse(home.warehouse)
+    # as customer_tags does: into the store's partition, atomically
+    with store.write_partition(AS_OF) as staged:
+        summary = score_partition(con, _client(work), load_catalog(), home.features, home.layout.staged_dir, AS_OF, staged)
+    return {"rows": summary.rows, "per_tag_seconds": {k: round(v["seconds"], 1) for k, v in summary.per_tag.items()}}
+
+
+def _drift(con, work: Path, home: Home, policy: str) -> dict:
+    from tagml.monitoring.drift import DriftLocations, compute_drift
+    from tagml.scoring.store import ParquetTagStore
+    from tagml.training.catalog import load_catalog
+
+    locations = DriftLocations(home.warehouse, ParquetTagStore.in_warehouse(home.warehouse), home.drift, home.reports)
+    run = compute_drift(con, _client(work), load_catalog(), AS_OF, locations, sample_rows=5000, report=policy)
+    plan = run.report_plan
+    return {"drifted": [r.tag for r in run.results if r.drifted], "reports": list(plan.tags) if plan else None, "report_why": plan.why if plan else None}
+
+
+def step(work: Path, name: str, customers: int, months: int, threads: int, policy: str) -> dict:
+    from tagml.core.storage import connect
+
+    caps = capabilities()
+    bank = work / f"c{customers}_m{months}"
+    home = Home(bank, "full" if name.endswith("_full") or name.startswith("full_") else "inc")
+    con = connect(threads, "3GB")
+    started = time.perf_counter()
+    out: dict = {}
+    if name == "ingest_inc":
+        if caps["incremental_ingest"]:
+            out = _stage(con, bank / "deliveries", home, AS_OF, full=False)
+        else:
+            out = _stage(con, bank / "raw", home, AS_OF, None)
+    elif name == "ingest_full":
+        source = bank / "deliveries" if caps["incremental_ingest"] else bank / "raw"
+        out = _stage(con, source, home, AS_OF, True if caps["incremental_ingest"] else None)
+    elif name == "features_inc":
+        from tagml.features.snapshot import build_feature_snapshot
+
+        if caps["aggregates"]:
+            from tagml.features.aggregates import update_monthly_aggregates
+
+            update_monthly_aggregates(con, home.layout.staged_dir, home.aggregates)
+            out = {"rows": build_feature_snapshot(con, home.layout.staged_dir, AS_OF, home.features, aggregates_dir=home.aggregates).rows}
+        else:
+            out = {"rows": build_feature_snapshot(con, home.layout.staged_dir, AS_OF, home.features).rows}
+    elif name == "features_full":
+        from tagml.features.snapshot import build_feature_snapshot
+
+        out = {"rows": build_feature_snapshot(con, home.layout.staged_dir, AS_OF, home.features).rows}
+    elif name.startswith(("tags", "full_tags")):
+        out = _score(con, work, home)
+    elif name.startswith(("drift", "full_drift")):
+        out = _drift(con, work, home, policy)
+    elif name.startswith(("online", "full_online")):
+        from tagml.scoring.online import open_online_store
+        from tagml.scoring.store import ParquetTagStore
+
+        online = open_online_store(str(home.online))
+        try:
+            snapshot = online.refresh(con, ParquetTagStore.in_warehouse(home.warehouse), AS_OF)
+        finally:
+            online.close()
+        out = {"customers": snapshot.customers, "rows": snapshot.rows}
+    else:
+        raise ValueError(f"unknown stage {name!r}")
+    out["seconds"] = round(time.perf_counter() - started, 2)
+    return out
+
+
+def run_step(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "_step", *args], capture_output=True, text=True, cwd=ROOT, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"step {args} failed:\n{out.stderr[-4000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {args[0]:<14} {json.dumps(result)}", flush=True)
+    return result
+
+
+def _totals(stages: dict[str, dict]) -> dict:
+    return {"seconds": round(sum(s["seconds"] for s in stages.values()), 2), "peak_rss_gb": max(s["peak_rss_gb"] for s in stages.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--customers", type=int, default=1_000_000)
+    parser.add_argument("--history-months", nargs="*", type=int, default=[12], help="one nightly per history length (the full path on the first only)")
+    parser.add_argument("--skip-full", action="store_true", help="the incremental nightly only")
+    parser.add_argument("--train-customers", type=int, default=50_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report-policy", default="on_drift_or_weekly", help="drift's Evidently report policy (TAGML_DRIFT_REPORT)")
+    parser.add_argument("--workdir", default="bench/out/nightly")
+    parser.add_argument("--out", default=None, help="results JSON (default bench/out/nightly_<customers>.json)")
+    args = parser.parse_args()
+    work = (ROOT / args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "mlflow.db").exists():
+        print(f"training champions on a {args.train_customers:,}-customer bank ...", flush=True)
+        run_step(["train", "--workdir", str(work), "--threads", str(args.threads), "--train-customers", str(args.train_customers)])
+    results: dict = {"customers": args.customers, "as_of": AS_OF.isoformat(), "threads": args.threads, "report_policy": args.report_policy, "runs": {}}
+    for i, months in enumerate(args.history_months):
+        common = ["--workdir", str(work), "--threads", str(args.threads), "--customers", str(args.customers), "--months", str(months)]
+        print(f"{args.customers:,} customers, {months} months of history: setup ...", flush=True)
+        setup = run_step(["setup", *common])
+        entry: dict = {"setup": setup, "incremental_available": all(setup["capabilities"].values())}
+        policy = ["--policy", args.report_policy]
+        entry["incremental"] = {s: run_step([s, *common, *policy]) for s in STAGES_INC}
+        entry["incremental_online"] = run_step(["online", *common])
+        entry["incremental_total"] = _totals(entry["incremental"])
+        if not args.skip_full and i == 0:
+            full = {}
+            for s in STAGES_FULL:
+                full[s] = run_step([s if s.endswith("_full") else f"full_{s}", *common, *policy])
+            entry["full"] = full
+            entry["full_online"] = run_step(["full_online", *common])
+            entry["full_total"] = _totals(full)
+            entry["full_over_incremental"] = round(entry["full_total"]["seconds"] / entry["incremental_total"]["seconds"], 2)
+        results["runs"][months] = entry
+        print(f"  incremental total {entry['incremental_total']}" + (f", full total {entry['full_total']}" if "full_total" in entry else ""), flush=True)
+    results["machine"] = {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_after": os.getloadavg(),
+        "disk_free_gb": round(shutil.disk_usage(work).free / 1e9, 1),
+    }
+    out = Path(args.out) if args.out else ROOT / "bench" / "out" / f"nightly_{args.customers}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results: {out}")
+    print("| history months | path | ingest | features | tags | drift | total s | peak GB | online s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for months, entry in results["runs"].items():
+        for path, stages in (("incremental", STAGES_INC), ("full", STAGES_FULL)):
+            if path not in entry:
+                continue
+            cells = " | ".join(f"{entry[path][s]['seconds']:.1f}" for s in stages)
+            total = entry[f"{path}_total"]
+            print(f"| {months} | {path} | {cells} | {total['seconds']:.1f} | {total['peak_rss_gb']:.2f} | {entry[f'{path}_online']['seconds']:.1f} |")
+
+
+def _step_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("step")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--customers", type=int)
+    parser.add_argument("--months", type=int)
+    parser.add_argument("--train-customers", type=int, default=50_000)
+    parser.add_argument("--policy", default="on_drift_or_weekly")
+    args = parser.parse_args(argv)
+    work = Path(args.workdir)
+    if args.step == "train":
+        import bench_scoring
+
+        bench_scoring.TRAIN_CUSTOMERS = args.train_customers  # its helper reads the module's size
+        out = bench_scoring.step_train(work, args.threads)
+    elif args.step == "setup":
+        out = step_setup(work, args.customers, args.months, args.threads)
+    else:
+        out = step(work, args.step, args.customers, args.months, args.threads, args.policy)
+    out["peak_rss_gb"] = round(_peak_gb(), 3)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_step":
+        _step_main(sys.argv[2:])
+    else:
+        main()
