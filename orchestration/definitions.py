@@ -11,7 +11,7 @@ import dagster as dg
 from tagml.core.runtime import open_home
 from tagml.core.settings import Settings
 from tagml.orchestration.compliance_jobs import build_erasure_job
-from tagml.orchestration.feature_assets import build_customer_features_asset
+from tagml.orchestration.feature_assets import build_customer_features_asset, monthly_aggregates
 from tagml.orchestration.jobs import build_jobs, build_nightly_scoring_job, build_reevaluation_jobs
 from tagml.orchestration.maintenance import build_purge_job, build_purge_schedule
 from tagml.orchestration.monitoring_assets import build_tag_drift_asset
@@ -40,6 +40,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     return dg.Definitions(
         assets=[
             *RAW_ASSETS,
+            monthly_aggregates,
             build_customer_features_asset(partitions),
             *build_all_training_assets(catalog),
             *build_own_features_assets(partitions, catalog),
