@@ -153,12 +153,14 @@ def main() -> None:
         entry = {}
         for name in ("tagml", "plain", "naive"):
             entry[name] = run_step([name, *sized])
+            # the machine is shared: the 1-minute load average after each step says how contended it was
+            entry[name]["load_after"] = round(os.getloadavg()[0], 2)
             print(size, name, json.dumps(entry[name]), flush=True)
         results["sizes"][size] = entry
     results["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}
     (work / "results.json").write_text(json.dumps(results, indent=2))
-    print("| customers | path | wall s | customers/s | peak RSS GB |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| customers | path | wall s | customers/s | peak RSS GB | load after |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for size, entry in results["sizes"].items():
         for name, label in (
             ("tagml", "tagml scorer, all tags + reasons"),
@@ -166,7 +168,8 @@ def main() -> None:
             ("naive", "naive pyfunc predict, model tags only"),
         ):
             r = entry[name]
-            print(f"| {size:,} | {label} | {r['seconds']:.1f} | {size / r['seconds']:,.0f} | {r['peak_rss_gb']:.2f} |")
+            print(f"| {size:,} | {label} | {r['seconds']:.1f} | {size / r['seconds']:,.0f} | {r['peak_rss_gb']:.2f} | {r['load_after']} |")
+        print(f"| {size:,} | reasons / plain | {entry['tagml']['seconds'] / entry['plain']['seconds']:.2f}x | | | |")
 
 
 def _step_main(argv: list[str]) -> None:

@@ -145,19 +145,19 @@ def observed_labels(con: duckdb.DuckDBPyConnection, staged_dir: Path | None, tag
     """
     source = f"({known_labels_sql(tag, as_of, staged_dir)})"
     classes = list(tag.classes)
+    # a DataFrame, not Python tuples: a delayed-label tag has an outcome for most customers
     rows = con.execute(
-        f"SELECT customer_id::VARCHAR, arg_max(label, label_date), max(label_date) FROM {source} WHERE list_contains(?, label) GROUP BY 1",
+        f"SELECT customer_id::VARCHAR AS customer_id, arg_max(label, label_date) AS label, max(label_date) AS label_date FROM {source} "
+        "WHERE list_contains(?, label) GROUP BY 1",
         [classes],
-    ).fetchall()
+    ).df()
     outside = con.execute(
         f"SELECT label, count(DISTINCT customer_id) FROM {source} WHERE NOT list_contains(?, label) GROUP BY label ORDER BY label",
         [classes],
     ).fetchall()
-    return ObservedLabels(
-        pd.Series({cid: label for cid, label, _ in rows}, dtype=object),
-        {str(label): int(n) for label, n in outside},
-        pd.Series({cid: day for cid, _, day in rows}, dtype=object),
-    )
+    index = pd.Index(rows["customer_id"].to_numpy(dtype=object))
+    days = pd.Series(rows["label_date"].dt.date.to_numpy(dtype=object), index=index, dtype=object)  # datetime.date, as the validity rule compares
+    return ObservedLabels(pd.Series(rows["label"].to_numpy(dtype=object), index=index, dtype=object), {str(label): int(n) for label, n in outside}, days)
 
 
 def _feature_problem(path: Path, champion: Champion, own: bool) -> str | None:
@@ -212,6 +212,8 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
     value_index = {c: k for k, c in enumerate(info.classes)}
     observed_wins = tag.label is not None and tag.label.observed_wins
     for batch in batches:
+        n = batch.num_rows
+        customers = batch.column("customer_id").cast(pa.string())
         frame = batch.to_pandas()
         X = model_input(frame, info)
         inference = infer(model, X, info, tag.min_confidence)
@@ -222,14 +224,16 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
         value = np.where(wins, seen, inferred)
         source = np.where(wins, "observed", "model")
         mismatch = np.where(has_observed, seen != inferred, None)
-        prob_of_value = np.array([proba[i, value_index[v]] if v in value_index else confidence[i] for i, v in enumerate(value)])
-        reasons = explainer.reasons(X, top, job.top_reasons) if explainer else [[] for _ in range(len(frame))]
-        n = len(frame)
+        # the probability of the stored value: its class's, or the top class's confidence for `unknown`
+        uniques, inverse = np.unique(value, return_inverse=True)
+        column = np.array([value_index.get(v, -1) for v in uniques], dtype=np.int64)[inverse.ravel()]
+        prob_of_value = np.where(column >= 0, proba[np.arange(n), np.maximum(column, 0)], confidence)
+        reasons = explainer.reason_codes(X, top, job.top_reasons) if explainer else pa.array([[]] * n, pa.list_(pa.string()))
         yield pa.RecordBatch.from_arrays(
             [
-                pa.array(frame["customer_id"], pa.string()),
-                pa.array([job.as_of] * n, pa.date32()),
-                pa.array([tag.name] * n, pa.string()),
+                customers,
+                _constant(job.as_of, pa.date32(), n),
+                _constant(tag.name, pa.string(), n),
                 pa.array(value, pa.string()),
                 pa.array(prob_of_value, pa.float64()),
                 pa.MapArray.from_arrays(
@@ -237,20 +241,25 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
                     pa.array(np.tile(classes, n), pa.string()),
                     pa.array(proba.astype("float64").ravel()),
                 ),
-                pa.array(reasons, pa.list_(pa.string())),
+                reasons,
                 pa.array(source, pa.string()),
                 pa.array(inferred, pa.string()),
                 pa.array(seen, pa.string()),
                 pa.array(mismatch, pa.bool_()),
                 pa.array(assessment, pa.string()),
                 pa.array(assessed_on, pa.date32()),
-                pa.array([info.producer] * n, pa.string()),
-                pa.array([info.version] * n, pa.string()),
-                pa.array([info.run_id] * n, pa.string()),
-                pa.array([job.scored_at] * n, pa.timestamp("s", tz="UTC")),
+                _constant(info.producer, pa.string(), n),
+                _constant(info.version, pa.string(), n),
+                _constant(info.run_id, pa.string(), n),
+                _constant(job.scored_at, pa.timestamp("s", tz="UTC"), n),
             ],
             schema=TAG_ROW_SCHEMA,
         )
+
+
+def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
+    """One value on every row of a batch (lineage and partition columns)."""
+    return pa.repeat(pa.scalar(value, type_), n)
 
 
 def _model_batches(path: Path, model: Any, job: ModelTagJob, batch_rows: int) -> Iterator[pa.RecordBatch]:
