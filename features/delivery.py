@@ -43,6 +43,7 @@ T = TypeVar("T")
 # the column a period is written under while a table is split into period files (never part of a staged file)
 PERIOD_COLUMN = "__tagml_period"
 FILE_COLUMN = "__tagml_file"
+REMOVED_CUSTOMERS = "removed_customers"
 
 # The current generation and the one before it: a reader that resolved the old link just before a
 # swap can finish reading it.
@@ -314,6 +315,7 @@ class _Incremental:
     tables_out: dict[str, dict[str, Any]] = field(default_factory=dict)
     changed_tables: set[str] = field(default_factory=set)
     restated_used: set[date] = field(default_factory=set)
+    _removed: int | None = None
 
     def _previous_table(self, name: str) -> dict[str, Any] | None:
         return (self.manifest or {}).get("tables", {}).get(name)
@@ -375,9 +377,12 @@ class _Incremental:
         return [input_sha256(item, self._previous_input(item.relpath), self.full) for item in delivered.inputs]
 
     def _carry(self, spec: TableSpec, previous: dict[str, Any], ingest: TableIngest) -> None:
+        linked = []
         for relpath, source in self._previous_files(spec.name).items():
             _link(source, self.building / relpath)
+            linked.append(self.building / relpath)
         if spec.name in PERIOD_TABLES:
+            self._check_history(spec, linked)
             for relpath, entry in self.inputs_of(previous).items():
                 self.inputs_out.setdefault(relpath, entry)
         self.tables_out[spec.name] = previous
@@ -414,6 +419,41 @@ class _Incremental:
             violations = known_key_violations(self.runner, spec, relation, customers, products)
             if violations:
                 raise ContractError(violations)
+
+    def _check_history(self, spec: TableSpec, linked: list[Path]) -> None:
+        """Staged history kept by link is not validated again, but customers dropped from a new customers delivery must not
+        orphan it: only then (rare: customers normally only grow) are the linked files scanned, for those customers only."""
+        if not linked or not spec.references_customers or not self._removed_customers():
+            return
+        files = ", ".join(sql_literal(f) for f in linked)
+        orphan = int(
+            self.con.execute(f"SELECT count(*) FROM read_parquet([{files}]) WHERE customer_id IN (SELECT customer_id FROM {REMOVED_CUSTOMERS})").fetchone()[0]
+        )
+        if orphan:
+            raise ContractError(
+                [
+                    Violation(
+                        spec.name,
+                        "customer_id",
+                        "known_customer",
+                        f"customer_id not in customers: the delivered customers drop customers whose staged {spec.name} history ({len(linked)} staged files) stays",
+                        orphan,
+                    )
+                ]
+            )
+
+    def _removed_customers(self) -> int:
+        """How many previously staged customers the newly delivered customers no longer have (temporary table `REMOVED_CUSTOMERS`)."""
+        if self._removed is None:
+            self._removed = 0
+            old = staged_files(self.previous, CUSTOMERS.name) if self.previous is not None else []
+            if CUSTOMERS.name in self.changed_tables and old and CUSTOMERS.name in self.tables:
+                self.con.execute(
+                    f"CREATE OR REPLACE TEMP TABLE {REMOVED_CUSTOMERS} AS SELECT customer_id FROM {staged_relation(self.previous, CUSTOMERS.name)} "
+                    f"EXCEPT SELECT customer_id FROM {staged_relation(self.building, CUSTOMERS.name)}"
+                )
+                self._removed = int(self.con.execute(f"SELECT count(*) FROM {REMOVED_CUSTOMERS}").fetchone()[0])
+        return self._removed
 
     def _stage_whole(self, spec: TableSpec, delivered: TableInputs | None, hashes: Any) -> None:
         """A table delivered whole (or an optional one not delivered): validated in full, and it replaces the staged table."""
@@ -529,15 +569,18 @@ class _Incremental:
             raise ContractError(violations)
         files = dict(previous_table.get("files", {})) if previous_table else {}
         replaced = {item.period for item in fresh}
+        linked = []
         for day, rel in staged_periods.items():
             if day not in replaced:
                 _link(previous[rel], self.building / rel)
+                linked.append(self.building / rel)
                 files.setdefault(rel, {"rows": _parquet_rows(previous[rel]), "hash": None})
             else:
                 files.pop(rel, None)
         for rel, entry in carried_inputs.items():
             if entry.get("period") and date.fromisoformat(entry["period"]) not in replaced:
                 self.inputs_out.setdefault(rel, entry)
+        self._check_history(spec, linked)
         source_note = previous_table.get("source", f"{spec.name}/ (dated files)")
         dropped, ignored = previous_table.get("dropped_pii", []), previous_table.get("ignored_columns", [])
         rows_new = 0
