@@ -500,24 +500,30 @@ class _Incremental:
         target = staged_period_dir(self.building, spec.name)
         stats = write_period_files(self.con, valid.select_sql, PERIOD_TABLES[spec.name], target, [c.name for c in spec.staged_columns])
         previous = self._previous_files(spec.name)
-        previous_entry = (self._previous_table(spec.name) or {}).get("files", {})
-        old_stats = {staged_period(Path(rel)): previous_entry[rel] for rel in previous if rel in previous_entry and previous[rel].parent.name == spec.name}
-        files, changed, rows_new = {}, [], 0
+        # staged before manifests (or whole): no hashes to compare, so every period counts as changed
+        changed, rows_new = self._keep_unchanged(spec, stats)
+        files = {f"{spec.name}/{day.isoformat()}.parquet": {"rows": rows, "hash": digest} for day, (rows, digest) in stats.items()}
+        removed = {staged_period(Path(rel)) for rel in previous if previous[rel].parent.name == spec.name} - set(stats)
+        return files, sorted(set(changed) | removed), rows_new
+
+    def _keep_unchanged(self, spec: TableSpec, stats: dict[date, tuple[int, str]]) -> tuple[list[date], int]:
+        """Newly written period files whose rows hash as the previous generation's file of the period are replaced by
+        a link to that file (same inode: readers and aggregates see it unchanged); returns the periods that did change
+        (compared by row hash and count) and their rows."""
+        previous = self._previous_files(spec.name)
+        entries = (self._previous_table(spec.name) or {}).get("files", {})
+        target = staged_period_dir(self.building, spec.name)
+        changed, rows_new = [], 0
         for day, (rows, digest) in stats.items():
             relpath = f"{spec.name}/{day.isoformat()}.parquet"
-            old = old_stats.get(day)
-            if old is not None and old.get("hash") == digest and int(old.get("rows", -1)) == rows and relpath in previous:
+            old = entries.get(relpath)
+            if old is not None and relpath in previous and old.get("hash") == digest and old.get("rows") == rows:
                 os.unlink(target / f"{day.isoformat()}.parquet")
                 _link(previous[relpath], target / f"{day.isoformat()}.parquet")
             else:
                 changed.append(day)
                 rows_new += rows
-            files[relpath] = {"rows": rows, "hash": digest}
-        removed = {staged_period(Path(rel)) for rel in previous if previous[rel].parent.name == spec.name} - set(stats)
-        if not previous_entry and previous:  # staged before manifests (or whole): no hashes to compare, so every period counts as changed
-            changed = sorted(set(stats))
-            rows_new = sum(rows for rows, _ in stats.values())
-        return files, sorted(set(changed) | removed), rows_new
+        return changed, rows_new
 
     def _stage_dated(self, spec: TableSpec, delivered: TableInputs) -> None:
         """Dated files: the new and restated periods are validated together and written; every other staged period is linked."""
@@ -584,12 +590,13 @@ class _Incremental:
         source_note = previous_table.get("source", f"{spec.name}/ (dated files)")
         dropped, ignored = previous_table.get("dropped_pii", []), previous_table.get("ignored_columns", [])
         rows_new = 0
+        changed: list[date] = []
         stats: dict[date, tuple[int, str]] = {}
         if fresh:
             source = self.suppressor.apply(spec, open_dated_source(self.con, spec, fresh, period.raw_sql()))
             valid = validate_source(self.runner, spec, source, self.delivery_date, self._known(CUSTOMERS.name), self._known(PRODUCTS_TABLE.name))
             stats = write_period_files(self.con, valid.select_sql, period, staged_period_dir(self.building, spec.name), [c.name for c in spec.staged_columns])
-            rows_new = sum(rows for rows, _ in stats.values())
+            changed, rows_new = self._keep_unchanged(spec, stats)
             source_note = f"{self.raw_dir / spec.name} (dated files)"
             dropped = sorted(set(dropped) | set(valid.dropped_pii))
             ignored = sorted(set(ignored) | set(valid.ignored_columns))
@@ -613,8 +620,10 @@ class _Incremental:
             validated=tuple(item.relpath for item in fresh), skipped=skipped, hashed=hashed, restated=tuple(sorted(restated)), rows_new=rows_new
         )
         self.tables[spec.name] = self._staged_table(spec, entry)
-        self.changed_periods[spec.name] = sorted(replaced)
-        if fresh:
+        # a period restated (or re-validated by `full`) with the same rows is not a change; one whose file now has no row is
+        changed_days = set(changed) | {d for d in replaced if d not in stats and d in staged_periods}
+        self.changed_periods[spec.name] = sorted(changed_days)
+        if changed_days:
             self.changed_tables.add(spec.name)
 
 

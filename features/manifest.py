@@ -120,6 +120,10 @@ def table_inputs(raw_dir: Path, spec: TableSpec) -> TableInputs | None:
                 raise contract_error(spec, None, "dated_file_name", f"{path.name}: {match.group(1)} is not a date") from None
             if PERIOD_TABLES[spec.name].month_end and not is_month_end(period):
                 raise contract_error(spec, None, "dated_file_name", f"{path.name}: a {spec.name} file is named after a month end, and {period} is not one")
+            if any(other.period == period for other in inputs):
+                raise contract_error(
+                    spec, None, "one_file_per_period", f"{folder} holds two files for {period} ({period}.parquet and {period}.csv): deliver one"
+                )
             inputs.append(_input(raw_dir, spec.name, path, match.group(2), period))
         return TableInputs(spec, "dated", tuple(inputs))
     if whole is not None:
