@@ -81,6 +81,10 @@ class Suppressor:
     _salt: str | None = None
     _loaded: bool = False
 
+    def load(self) -> str | None:
+        """The suppression salt (None: nobody erased), reading the list on first use."""
+        return self._load()
+
     def _load(self) -> str | None:
         if not self._loaded:
             self._loaded = True
@@ -217,6 +221,8 @@ def stage_delivery(
     suppressor = Suppressor(governance_db, runner, lambda hashes: con.register(SUPPRESSED_VIEW, pa.table({"customer_hash": pa.array(hashes, pa.string())})))
 
     def build(building: Path, previous: Path | None) -> _Build:
+        # read under the lock even if nothing new is validated: a suppression list without its salt is refused every night
+        suppressor.load()
         job = _Incremental(con, runner, suppressor, Path(raw_dir), building, previous, read_manifest(previous), delivery_date, restate_periods, full)
         return job.run()
 

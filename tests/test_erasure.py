@@ -19,7 +19,7 @@ from tagml.compliance.erasure import REQUESTS_DIR, REWRITTEN_STORES, ErasureRequ
 from tagml.compliance.scan import id_pattern, scan_for_customers
 from tagml.core.governance import GovernanceStore, GovernanceUnavailableError
 from tagml.core.settings import Settings
-from tagml.core.storage import sql_literal
+from tagml.core.storage import sql_literal, staged_relation
 from tagml.core.suppression import SUPPRESSED, customer_hash, home_salt, load_suppression, suppress
 from tagml.features.contract import RAW_TABLES
 from tagml.features.delivery import stage_delivery
@@ -66,9 +66,8 @@ def test_staging_drops_erased_customers_from_every_table_and_counts_them(con, ba
     assert delivery.suppressed_rows == expected and expected["customers"] == 2 and expected["transactions"] > 0
     for name, staged in delivery.tables.items():
         if name in expected:
-            left = con.execute(f"SELECT count(*) FROM read_parquet({sql_literal(staged.path)}) WHERE customer_id IN (SELECT unnest(?))", [erased]).fetchall()[
-                0
-            ][0]
+            relation = staged_relation(delivery.generation, name)  # an event table is staged as a directory of period files
+            left = con.execute(f"SELECT count(*) FROM {relation} WHERE customer_id IN (SELECT unnest(?))", [erased]).fetchall()[0][0]
             assert left == 0, name
             assert staged.rows == bank["staged_tables"][name].rows - expected[name], name
 
