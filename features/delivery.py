@@ -467,11 +467,14 @@ class _Incremental:
         valid = validate_source(self.runner, spec, source, self.delivery_date, self._known(CUSTOMERS.name), self._known(PRODUCTS_TABLE.name))
         self.changed_tables.add(spec.name)
         inputs = [item.relpath for item in delivered.inputs] if delivered else []
-        if spec.name in PERIOD_TABLES:
+        by_period = spec.name in PERIOD_TABLES and delivered is not None  # an absent optional table: one empty file keeps its columns
+        if by_period:
             files, changed, rows_new = self._replace_periods(spec, valid)
         else:
             staged = write_staged(self.con, valid, staged_path(self.building, spec.name))
-            files, changed, rows_new = {f"{spec.name}.parquet": {"rows": staged.rows, "hash": None}}, [], staged.rows
+            # an event table no longer delivered at all is empty now: every period it had is a changed one
+            gone = sorted(staged_period(f) for rel, f in self._previous_files(spec.name).items() if "/" in rel) if spec.name in PERIOD_TABLES else []
+            files, changed, rows_new = {f"{spec.name}.parquet": {"rows": staged.rows, "hash": None}}, gone, staged.rows
         rows = sum(f["rows"] for f in files.values())
         for item, (digest, _) in zip(delivered.inputs if delivered else (), hashes):
             staged_names = sorted(files)
@@ -485,7 +488,7 @@ class _Incremental:
                 "staged": staged_names,
             }
         entry = {
-            "form": "period" if spec.name in PERIOD_TABLES else "whole",
+            "form": "period" if by_period else "whole",
             "inputs_form": "whole" if delivered else "absent",
             "inputs": inputs,
             "signature": sorted([item.relpath, digest] for item, (digest, _) in zip(delivered.inputs, hashes)) if delivered else [],
