@@ -394,7 +394,8 @@ class _Incremental:
         self.tables_out[spec.name] = previous
         self.ingest[spec.name] = ingest
         self.tables[spec.name] = self._staged_table(spec, previous)
-        self.changed_periods.setdefault(spec.name, []) if spec.name in PERIOD_TABLES else None
+        if spec.name in PERIOD_TABLES:
+            self.changed_periods[spec.name] = []
 
     def inputs_of(self, previous_table: dict[str, Any]) -> dict[str, Any]:
         """The previous manifest's raw inputs that staged this table (a dated table's history keeps its inputs' hashes)."""
