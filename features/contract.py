@@ -344,16 +344,21 @@ def contract_markdown() -> str:
         "Generated from `features/contract.py` by `tagml contract`; do not edit by hand.",
         (
             "Each table is a Parquet file `<table>.parquet`, a directory `<table>/` of Parquet parts, "
-            "or a CSV file `<table>.csv` (header row) in the raw directory. Columns not listed are ignored. "
+            "or a CSV file `<table>.csv` (header row) in the raw directory: a *whole* delivery of the table. "
+            "The event tables may instead be delivered as *dated files*, one per period of their event time: "
+            "`transactions/YYYY-MM-DD.parquet|csv` (a day of `txn_ts`), `digital_events/YYYY-MM-DD.*` (a day of `event_ts`), "
+            "`balances/YYYY-MM-DD.*` (a month end); every row of a dated file must fall in its period. "
+            "Columns not listed are ignored. "
             "PII columns are accepted, validated as text and dropped before anything downstream sees them."
         ),
         "",
         (
-            "A delivery is staged as one unit: every table is validated (including that each `customer_id` "
-            "exists in the *delivered* customers) before any staged table is replaced, and then all are "
+            "A delivery is staged as one unit: what is new or changed is validated (including that each `customer_id` "
+            "exists in the staged or newly delivered customers) before any staged table is replaced, and then all are "
             "replaced together. Each delivery has a delivery date (by default today in the bank's timezone): "
             "dates and timestamps after it are rejected, as are NaN and infinite numbers. A CSV row with more "
-            "or fewer fields than the header is reported by file and line number, never by its content."
+            "or fewer fields than the header is reported by file and line number, never by its content. "
+            "How incremental deliveries, restatements and the manifest work: docs/RAW_DELIVERIES.md."
         ),
         "",
     ]

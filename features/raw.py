@@ -7,6 +7,7 @@ is `tagml.features.delivery`.
 """
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -216,3 +217,51 @@ def required_columns_present(spec: TableSpec, source: RawSource) -> RawSource:
             ]
         )
     return source
+
+
+def open_dated_source(con: duckdb.DuckDBPyConnection, spec: TableSpec, inputs: Sequence[Any], period_sql: str) -> RawSource:
+    """The dated raw files `inputs` (tagml.features.manifest.RawInput: path, relpath, kind, period) of one event
+    table as one relation, with every required column present, after checking that every row of each file falls
+    in the file's period (`period_sql`: a row's period in SQL, NULL when unreadable; the type rule reports those).
+
+    Parquet files are read together (by name); each CSV is parsed in full as in `open_source`.
+    """
+    parquet = [item for item in inputs if item.kind == "parquet"]
+    selects = []
+    if parquet:
+        view = f"src_{spec.name}_dated_parquet"
+        files = ", ".join(sql_literal(item.path) for item in parquet)
+        try:
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM read_parquet([{files}], union_by_name = true, filename = '__tagml_file')")
+            con.execute(f"SELECT * FROM {view} LIMIT 1").fetchall()
+        except duckdb.Error as exc:
+            raise _unreadable(spec, f"{spec.name}/ ({len(parquet)} dated Parquet files)", exc) from exc
+        selects.append(f"SELECT * FROM {view}")
+    for i, item in enumerate(item for item in inputs if item.kind == "csv"):
+        table, _ = _read_csv(con, spec, str(item.path), f"src_{spec.name}_dated_csv{i}")
+        selects.append(f"SELECT *, {sql_literal(item.path)} AS __tagml_file FROM {table}")
+    union = f"src_{spec.name}_dated"
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {union} AS {' UNION ALL BY NAME '.join(selects)}")
+    names = [row[0] for row in con.execute(f"DESCRIBE {union}").fetchall()]
+    column = spec.event_time
+    if column in names:
+        periods = ", ".join(f"({sql_literal(item.path)}, DATE {sql_literal(item.period.isoformat())}, {sql_literal(item.relpath)})" for item in inputs)
+        outside = con.execute(
+            f"SELECT f.relpath, f.period, count(*) FROM {union} AS s JOIN (VALUES {periods}) AS f(path, period, relpath) ON s.__tagml_file = f.path "
+            f"WHERE {period_sql} IS NOT NULL AND {period_sql} <> f.period GROUP BY 1, 2 ORDER BY 1"
+        ).fetchall()
+        if outside:
+            raise ContractError(
+                [
+                    Violation(spec.name, column, "in_period", f"{relpath}: rows whose {column} is not in the file's period {period.isoformat()}", int(n))
+                    for relpath, period, n in outside
+                ]
+            )
+    source = f"src_{spec.name}_dated_rows"
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {source} AS SELECT * EXCLUDE (__tagml_file) FROM {union}")
+    contract_names = {c.name for c in spec.columns}
+    described = con.execute(f"DESCRIBE {source}").fetchall()
+    present = {row[0]: row[1] for row in described if row[0] in contract_names}
+    ignored = [row[0] for row in described if row[0] not in contract_names]
+    location = inputs[0].relpath if len(inputs) == 1 else f"{spec.name}/ ({len(inputs)} dated files, {inputs[0].period} to {inputs[-1].period})"
+    return required_columns_present(spec, RawSource(source, location, present, ignored))

@@ -270,3 +270,13 @@ def validate_and_stage(
     products = _staged_first(spec, staged_dir, PRODUCTS_TABLE, "product_id") if spec.name in RATED_BY_PRODUCTS and delivered else None
     valid = validate_table(con, spec, raw_dir, delivery_date, customers, products)
     return write_staged(con, valid, staged_path(staged_dir, spec.name))
+
+
+def known_key_violations(runner: SqlRunner, spec: TableSpec, relation: str, customers: str | None, products: str | None) -> list[Violation]:
+    """The known-customer (known-product) rule alone, for a staged table carried over while customers (products) changed."""
+    violations = (
+        _unknown_key_violations(runner, spec, relation, "customer_id", customers, CUSTOMERS.name, "known_customer") if spec.references_customers else []
+    )
+    if spec.name in RATED_BY_PRODUCTS:
+        violations += _unknown_key_violations(runner, spec, relation, "product_id", products, PRODUCTS_TABLE.name, "known_product")
+    return violations

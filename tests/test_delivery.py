@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import raw_glob
 
-from tagml.core.storage import sql_literal, staged_path
+from tagml.core.storage import sql_literal, staged_files
 from tagml.features.contract import CUSTOMERS, RAW_TABLES, TRANSACTIONS
 from tagml.features.delivery import current_generation, generations_dir, stage_delivery
 from tagml.features.raw import ContractError
@@ -22,7 +22,8 @@ def good(raw: Path, table: str) -> str:
 
 
 def tables_bytes(staged: Path) -> dict[str, bytes]:
-    return {spec.name: staged_path(staged, spec.name).read_bytes() for spec in RAW_TABLES}
+    """Every staged file's bytes (an event table is a directory of period files)."""
+    return {f"{spec.name}/{f.name}": f.read_bytes() for spec in RAW_TABLES for f in staged_files(staged, spec.name)}
 
 
 def copy_raw(bank, tmp_path: Path) -> Path:

@@ -25,13 +25,18 @@ def _source(raw: Path, table: str) -> str:
     return f"read_parquet({sql_literal(str(raw / table / '*.parquet'))})"
 
 
+def _files(path: Path) -> list[Path]:
+    # DuckDB stages an event table by period (a directory of files), Spark whole (one file)
+    return sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+
+
 def _types(path: Path) -> list[tuple[str, str]]:
     # names and types; DuckDB also carries a raw file's NOT NULL over, which no reader relies on
-    return [(f.name, str(f.type)) for f in pq.read_schema(path)]
+    return [(f.name, str(f.type)) for f in pq.read_schema(_files(path)[0])]
 
 
 def _frame(path: Path) -> pd.DataFrame:
-    frame = pq.read_table(path).to_pandas()
+    frame = pd.concat([pq.read_table(f).to_pandas() for f in _files(path)], ignore_index=True)
     return frame.sort_values(list(frame.columns)).reset_index(drop=True)
 
 
@@ -108,8 +113,8 @@ def test_a_bad_delivery_fails_the_same_way_and_leaves_the_current_generation(cas
     _replace(con, raw, table, select)
     staged = tmp_path / "warehouse" / "raw"
     stage_delivery(con, bank["raw"], staged, DELIVERY)
-    before = {p.name: p.read_bytes() for p in current_generation(staged).iterdir()}
     generation = current_generation(staged)
+    before = {str(p.relative_to(generation)): p.read_bytes() for p in generation.rglob("*.parquet")}
 
     with pytest.raises(ContractError) as on_duckdb:
         stage_delivery(con, raw, tmp_path / "duck" / "raw", DELIVERY)
@@ -119,7 +124,7 @@ def test_a_bad_delivery_fails_the_same_way_and_leaves_the_current_generation(cas
     assert expected in {(v.table, v.column, v.rule) for v in on_spark.value.violations}
     assert sorted(map(_comparable, on_spark.value.violations), key=str) == sorted(map(_comparable, on_duckdb.value.violations), key=str)
     assert current_generation(staged) == generation
-    assert {p.name: p.read_bytes() for p in current_generation(staged).iterdir()} == before
+    assert {str(p.relative_to(generation)): p.read_bytes() for p in generation.rglob("*.parquet")} == before
     assert [p.name for p in generations_dir(staged).iterdir() if p.name.startswith(".") and p.name != ".lock"] == []
 
 

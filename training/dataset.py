@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from tagml.core.files import check_parquet
-from tagml.core.storage import atomic_replace, connect, quote, sql_literal, staged_path, write_parquet_atomically
+from tagml.core.storage import atomic_replace, connect, quote, sql_literal, staged_files, staged_path, write_parquet_atomically
 from tagml.features.column_audit import (
     CATEGORICAL,
     EXCLUDED,
@@ -68,7 +68,9 @@ class TrainingSet:
 def _check_staged(staged_dir: Path, tables: tuple[str, ...]) -> None:
     """Every staged input is a readable Parquet file, or a `CorruptFileError` naming it."""
     for table in tables:
-        check_parquet(staged_path(staged_dir, table), f"re-run the raw ingest (raw_ingest_job) to stage {table} again")
+        # an event table staged by period is a directory of files: each footer is checked (a missing table: the whole path, named)
+        for path in staged_files(staged_dir, table) or [staged_path(staged_dir, table)]:
+            check_parquet(path, f"re-run the raw ingest (raw_ingest_job) to stage {table} again")
 
 
 def label_conditions(tag: TagSpec, as_of: date, bounded_age: bool = True) -> list[str]:
