@@ -58,6 +58,7 @@ REWRITTEN_STORES = (
     "customer_tags",
     "training_sets",
     "own_features",
+    "monthly_aggregates",
     "drift",
     "warehouse (other files)",
     AUDIENCE_EXPORTS,

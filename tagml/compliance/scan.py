@@ -56,6 +56,7 @@ def home_stores(settings: Settings) -> list[Store]:
         Store("customer_tags", warehouse / "customer_tags"),
         Store("training_sets", warehouse / "training_sets"),
         Store("own_features", warehouse / "own_features"),
+        Store("monthly_aggregates", WarehouseLayout(warehouse).aggregates_dir),
         Store("drift", settings.drift_dir),
         Store("duckdb", settings.duckdb_path),
         Store("warehouse (other files)", warehouse),

@@ -191,7 +191,7 @@ class WarehouseLayout:
     @property
     def aggregates_dir(self) -> Path:
         """Monthly aggregates of the staged event tables (per customer and month; `tagml.features.aggregates`).
-        They hold customer ids: erasure must rebuild them (`update_monthly_aggregates`) or delete them."""
+        They hold customer ids: erasure rewrites them like every other Parquet store (store "monthly_aggregates")."""
         return Path(self.root) / "aggregates"
 
 
