@@ -45,7 +45,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-AS_OF = date(2026, 10, 31)  # the new day: the last day of the generated bank (end month 2026-10)
+# the new day (--as-of): by default the last day of the generated bank (end month 2026-10), a month-end night
+# (a new balances month end, a month of aggregates to build); 2026-10-15 is an ordinary mid-month night
+AS_OF = date.fromisoformat(os.environ.get("TAGML_BENCH_AS_OF", "2026-10-31"))
 STAGES_INC = ("ingest_inc", "features_inc", "tags", "drift")
 STAGES_FULL = ("ingest_full", "features_full", "tags", "drift")
 
@@ -248,6 +250,7 @@ def _totals(stages: dict[str, dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--customers", type=int, default=1_000_000)
+    parser.add_argument("--as-of", default=None, help="the new day (default 2026-10-31, the bank's last day; every stage's subprocess reads it)")
     parser.add_argument("--history-months", nargs="*", type=int, default=[12], help="one nightly per history length (the full path on the first only)")
     parser.add_argument("--skip-full", action="store_true", help="the incremental nightly only")
     parser.add_argument("--train-customers", type=int, default=50_000)
@@ -256,6 +259,10 @@ def main() -> None:
     parser.add_argument("--workdir", default="bench/out/nightly")
     parser.add_argument("--out", default=None, help="results JSON (default bench/out/nightly_<customers>.json)")
     args = parser.parse_args()
+    global AS_OF
+    if args.as_of:
+        AS_OF = date.fromisoformat(args.as_of)
+        os.environ["TAGML_BENCH_AS_OF"] = AS_OF.isoformat()  # each stage's subprocess reads it at import
     work = (ROOT / args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "mlflow.db").exists():

@@ -40,8 +40,10 @@ def test_raw_then_features_materialize_with_passing_checks(home):
 
     result = _run(home, CUSTOMER_FEATURES_JOB, partition_key=AS_OF)
     assert result.success
-    [materialization] = result.get_asset_materialization_events()
-    metadata = materialization.materialization.metadata
+    by_asset = {e.asset_key.to_user_string(): e for e in result.get_asset_materialization_events()}
+    assert set(by_asset) == {"monthly_aggregates", "customer_features"}  # the job keeps the aggregates up to date first
+    metadata = by_asset["customer_features"].materialization.metadata
+    assert metadata["method"].value == "incremental"
     assert metadata["rows"].value == customers.num_rows  # every demo customer is onboarded by the end
     evaluations = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert evaluations == {
@@ -76,8 +78,9 @@ def test_rerunning_a_partition_replaces_it(home):
 def test_contract_violation_fails_the_asset_and_keeps_the_staged_table(home, tmp_path):
     assert _run(home, RAW_INGEST_JOB).success
     staged_dir = home.warehouse_dir / "raw"
-    before = {p.name: p.read_bytes() for p in staged_dir.glob("*.parquet")}
-    assert len(before) == len(RAW_TABLES)
+    # snapshot tables staged whole (<table>.parquet), event tables by period (<table>/<YYYY-MM-DD>.parquet)
+    before = {str(p.relative_to(staged_dir)): p.read_bytes() for p in staged_dir.rglob("*.parquet")}
+    assert {name.split("/")[0].removesuffix(".parquet") for name in before} == {spec.name for spec in RAW_TABLES}
     bad = tmp_path / "raw"
     shutil.copytree(home.raw_dir, bad)
     table = pq.read_table(bad / "customers" / "part-00000.parquet")
@@ -95,7 +98,7 @@ def test_contract_violation_fails_the_asset_and_keeps_the_staged_table(home, tmp
     assert "customers.region" in failure.event_specific_data.error.message
     assert "allowed_values" in failure.event_specific_data.error.message
     # the delivery is one unit: no table was replaced, not only customers
-    assert {p.name: p.read_bytes() for p in staged_dir.glob("*.parquet")} == before
+    assert {str(p.relative_to(staged_dir)): p.read_bytes() for p in staged_dir.rglob("*.parquet")} == before
 
 
 def test_training_job_trains_registers_and_gates_one_tag(home):
