@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 # the new day (--as-of): by default the last day of the generated bank (end month 2026-10), a month-end night
 # (a new balances month end, a month of aggregates to build); 2026-10-15 is an ordinary mid-month night
-AS_OF = date.fromisoformat(os.environ.get("TAGML_BENCH_AS_OF", "2026-10-31"))
+AS_OF = date.fromisoformat(os.environ.get("BENCH_NIGHTLY_AS_OF", "2026-10-31"))
 STAGES_INC = ("ingest_inc", "features_inc", "tags", "drift")
 STAGES_FULL = ("ingest_full", "features_full", "tags", "drift")
 
@@ -97,7 +97,10 @@ class Home:
 
     @property
     def features(self) -> Path:
-        return self.layout.customer_features.path(AS_OF)
+        return self.features_of(AS_OF)
+
+    def features_of(self, night: date) -> Path:
+        return self.layout.customer_features.path(night)
 
 
 def _stage(con, raw: Path, home: Home, delivery_date: date, full: bool | None) -> dict:
@@ -109,15 +112,20 @@ def _stage(con, raw: Path, home: Home, delivery_date: date, full: bool | None) -
     return {"tables": len(delivery.tables), "changed_periods": {t: len(p) for t, p in changed.items()} if changed else None}
 
 
+def bank_dir(work: Path, customers: int, months: int) -> Path:
+    """The generated bank ends with AS_OF's month, so the new day is inside it and the history is everything before."""
+    return work / f"c{customers}_m{months}_{AS_OF:%Y-%m}"
+
+
 def step_setup(work: Path, customers: int, months: int, threads: int) -> dict:
     from tagml.core.storage import connect
     from tagml.features.synthetic import BankConfig, generate_bank
 
     caps = capabilities()
-    bank = work / f"c{customers}_m{months}"
+    bank = bank_dir(work, customers, months)
     raw = bank / "raw"
     if not (raw / "customers").exists():
-        generate_bank(BankConfig(customers=customers, months=months, seed=9), raw)
+        generate_bank(BankConfig(customers=customers, months=months, seed=9, end_month=f"{AS_OF:%Y-%m}"), raw)
     for path in ("inc", "full", "deliveries"):
         shutil.rmtree(bank / path, ignore_errors=True)
     con = connect(threads, "6GB")
@@ -126,27 +134,28 @@ def step_setup(work: Path, customers: int, months: int, threads: int) -> dict:
     if caps["incremental_ingest"]:
         from tagml.features.synthetic.deliveries import split_deliveries
 
-        # the history already staged: every delivery up to yesterday, staged once
+        # the history already staged: every delivery up to yesterday, staged once; the full path's home is a
+        # hard-linked copy of it (staging never rewrites a staged file in place)
         split_deliveries(raw, bank / "deliveries", yesterday)
         _stage(con, bank / "deliveries", inc, yesterday, full=True)
-        _stage(con, bank / "deliveries", full, yesterday, full=True)
     else:
         _stage(con, raw, inc, AS_OF, None)
-        _stage(con, raw, full, AS_OF, None)
     if caps["aggregates"]:
         from tagml.features.aggregates import update_monthly_aggregates
 
         update_monthly_aggregates(con, inc.layout.staged_dir, inc.aggregates)
-    # the warm-up night (not measured): drift's reference profile of the champions is cached from here on
+    shutil.copytree(inc.root, full.root, symlinks=True, copy_function=os.link)
+    shutil.rmtree(full.aggregates, ignore_errors=True)  # the full recompute reads no aggregates
+    # the warm-up night (yesterday, not measured): drift's reference profile of the champions is cached from here on
     from tagml.features.snapshot import build_feature_snapshot
 
     for home in (inc, full):
-        build_feature_snapshot(con, home.layout.staged_dir, AS_OF, home.features)
-        _score(con, work, home)
-        _drift(con, work, home, "never")
+        build_feature_snapshot(con, home.layout.staged_dir, yesterday, home.features_of(yesterday))
+        _score(con, work, home, yesterday)
+        _drift(con, work, home, "never", yesterday)
     if caps["incremental_ingest"]:
         # the new day arrives: its delivery files are written (the nightly's ingest then stages them)
-        split_deliveries(raw, bank / "deliveries", AS_OF)
+        split_deliveries(raw, bank / "deliveries", AS_OF, days=[AS_OF])
     return {"capabilities": caps, "raw_gb": round(_du(raw) / 1e9, 2)}
 
 
@@ -160,25 +169,26 @@ def _client(work: Path):
     return connect_tracking(f"sqlite:///{work / 'mlflow.db'}")
 
 
-def _score(con, work: Path, home: Home) -> dict:
+def _score(con, work: Path, home: Home, night: date | None = None) -> dict:
     from tagml.scoring.score import score_partition
     from tagml.scoring.store import ParquetTagStore
     from tagml.training.catalog import load_catalog
 
     store = ParquetTagStore.in_warehouse(home.warehouse)
     # as customer_tags does: into the store's partition, atomically
-    with store.write_partition(AS_OF) as staged:
-        summary = score_partition(con, _client(work), load_catalog(), home.features, home.layout.staged_dir, AS_OF, staged)
+    night = night or AS_OF
+    with store.write_partition(night) as staged:
+        summary = score_partition(con, _client(work), load_catalog(), home.features_of(night), home.layout.staged_dir, night, staged)
     return {"rows": summary.rows, "per_tag_seconds": {k: round(v["seconds"], 1) for k, v in summary.per_tag.items()}}
 
 
-def _drift(con, work: Path, home: Home, policy: str) -> dict:
+def _drift(con, work: Path, home: Home, policy: str, night: date | None = None) -> dict:
     from tagml.monitoring.drift import DriftLocations, compute_drift
     from tagml.scoring.store import ParquetTagStore
     from tagml.training.catalog import load_catalog
 
     locations = DriftLocations(home.warehouse, ParquetTagStore.in_warehouse(home.warehouse), home.drift, home.reports)
-    run = compute_drift(con, _client(work), load_catalog(), AS_OF, locations, sample_rows=5000, report=policy)
+    run = compute_drift(con, _client(work), load_catalog(), night or AS_OF, locations, sample_rows=5000, report=policy)
     plan = run.report_plan
     return {"drifted": [r.tag for r in run.results if r.drifted], "reports": list(plan.tags) if plan else None, "report_why": plan.why if plan else None}
 
@@ -187,7 +197,7 @@ def step(work: Path, name: str, customers: int, months: int, threads: int, polic
     from tagml.core.storage import connect
 
     caps = capabilities()
-    bank = work / f"c{customers}_m{months}"
+    bank = bank_dir(work, customers, months)
     home = Home(bank, "full" if name.endswith("_full") or name.startswith("full_") else "inc")
     con = connect(threads, "3GB")
     started = time.perf_counter()
@@ -262,7 +272,7 @@ def main() -> None:
     global AS_OF
     if args.as_of:
         AS_OF = date.fromisoformat(args.as_of)
-        os.environ["TAGML_BENCH_AS_OF"] = AS_OF.isoformat()  # each stage's subprocess reads it at import
+        os.environ["BENCH_NIGHTLY_AS_OF"] = AS_OF.isoformat()  # each stage's subprocess reads it at import
     work = (ROOT / args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "mlflow.db").exists():
