@@ -128,15 +128,22 @@ def step_setup(work: Path, customers: int, months: int, threads: int) -> dict:
         generate_bank(BankConfig(customers=customers, months=months, seed=9, end_month=f"{AS_OF:%Y-%m}"), raw)
     for path in ("inc", "full", "deliveries"):
         shutil.rmtree(bank / path, ignore_errors=True)
-    con = connect(threads, "6GB")
     yesterday = AS_OF - timedelta(days=1)
+    con = connect(threads, "6GB")
     inc, full = Home(bank, "inc"), Home(bank, "full")
     if caps["incremental_ingest"]:
         from tagml.features.synthetic.deliveries import split_deliveries
 
         # the history already staged: every delivery up to yesterday, staged once; the full path's home is a
         # hard-linked copy of it (staging never rewrites a staged file in place)
-        split_deliveries(raw, bank / "deliveries", yesterday)
+        history = bank / f"deliveries_through_{yesterday.isoformat()}"
+        if not (history / ".complete").exists():
+            # the split of the history is kept between setups (same bank, same night); the night's own copy is
+            # hard-linked from it, which is safe because split_deliveries replaces files, never writes into them
+            shutil.rmtree(history, ignore_errors=True)
+            split_deliveries(raw, history, yesterday)
+            (history / ".complete").touch()
+        shutil.copytree(history, bank / "deliveries", copy_function=os.link, ignore=shutil.ignore_patterns(".complete"))
         _stage(con, bank / "deliveries", inc, yesterday, full=True)
     else:
         _stage(con, raw, inc, AS_OF, None)
