@@ -262,3 +262,27 @@ def test_a_byo_only_catalog_scores_without_any_raw_contract_data(nightly):
     tags = _partition(nightly, BYO_ONLY)
     assert tags.groupby("tag")["customer_id"].nunique().to_dict() == {"big_spender": STATIC_CUSTOMERS, "wealth_band": MONTHLY_CUSTOMERS}
     assert not (settings.warehouse_dir / "customer_features" / f"as_of={BYO_ONLY}").exists()
+
+
+def test_own_features_backfill_a_range_in_one_run(nightly):
+    """A range of nights of a BYO snapshot as ONE run (BackfillPolicy.single_run): every night's file as a
+    nightly run writes it, the champion resolved once, the metadata keyed by as_of."""
+    defs, instance, settings = nightly["defs"], nightly["instance"], nightly["settings"]
+    table = own_features_table(settings.warehouse_dir, "wealth_band")
+    job = defs.resolve_job_def(NIGHTLY_SCORING_JOB)
+    single = job.execute_in_process(instance=instance, partition_key=AFTER.isoformat(), asset_selection=[own_features_key("wealth_band")])
+    assert single.success
+    nightly_file = pd.read_parquet(table.path(AFTER))  # a nightly run's snapshot of 2026-10-31
+    nights = [date(2026, 10, 29), date(2026, 10, 30), AFTER]
+    tags = {"dagster/asset_partition_range_start": nights[0].isoformat(), "dagster/asset_partition_range_end": nights[-1].isoformat()}
+    run = job.execute_in_process(instance=instance, asset_selection=[own_features_key("wealth_band")], tags=tags)
+    assert run.success
+    materializations = [e for e in run.get_asset_materialization_events() if e.asset_key == own_features_key("wealth_band")]
+    assert sorted(e.partition for e in materializations) == [n.isoformat() for n in nights]
+    assert len({e.step_key for e in materializations}) == 1  # one step for the whole range
+    rows = materializations[0].materialization.metadata["rows_by_as_of"].value
+    # the monthly table's latest snapshot on or before each night: 2026-09-30's customers, then October's
+    assert rows == {"2026-10-29": MONTHLY_CUSTOMERS, "2026-10-30": MONTHLY_CUSTOMERS, "2026-10-31": MONTHLY_CUSTOMERS + LATE_CUSTOMERS}
+    pd.testing.assert_frame_equal(pd.read_parquet(table.path(AFTER)), nightly_file)
+    for night in nights[:2]:
+        assert len(pd.read_parquet(table.path(night))) == MONTHLY_CUSTOMERS
