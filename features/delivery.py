@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from filelock import FileLock
 
 from tagml.core.settings import DEFAULT_TIMEZONE
-from tagml.core.storage import PARQUET_OPTIONS, quote, sql_literal, staged_files, staged_path, staged_period, staged_period_dir, staged_relation
+from tagml.core.storage import quote, sql_literal, staged_files, staged_path, staged_period, staged_period_dir, staged_relation, write_parquet_by_period
 from tagml.core.suppression import load_suppression
 from tagml.features.contract import CUSTOMERS, PRODUCTS_TABLE, RAW_TABLES, TableSpec
 from tagml.features.manifest import PERIOD_TABLES, PeriodSpec, RawInput, TableInputs, input_sha256, read_manifest, table_inputs, write_manifest
@@ -40,8 +40,6 @@ from tagml.features.validation import (
 )
 
 T = TypeVar("T")
-# the column a period is written under while a table is split into period files (never part of a staged file)
-PERIOD_COLUMN = "__tagml_period"
 FILE_COLUMN = "__tagml_file"
 REMOVED_CUSTOMERS = "removed_customers"
 
@@ -265,26 +263,8 @@ def write_period_files(
 ) -> dict[date, tuple[int, str]]:
     """Write the query's rows as one `<period>.parquet` per period into `target_dir` (a generation being built);
     returns period -> (rows, order-independent hash of the rows)."""
-    scratch = target_dir.parent / f".{target_dir.name}.{uuid.uuid4().hex}.periods"
-    try:
-        con.execute(
-            f"COPY (SELECT *, {period.staged_sql()} AS {PERIOD_COLUMN} FROM ({select_sql}) AS rows) TO {sql_literal(scratch)} "
-            f"({PARQUET_OPTIONS}, PARTITION_BY ({PERIOD_COLUMN}))"
-        )
-        target_dir.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
-        for part in sorted(scratch.glob(f"{PERIOD_COLUMN}=*")) if scratch.is_dir() else []:
-            day = date.fromisoformat(part.name.split("=", 1)[1])
-            files = sorted(part.glob("*.parquet"))
-            target = target_dir / f"{day.isoformat()}.parquet"
-            if len(files) == 1:
-                os.rename(files[0], target)
-            else:
-                con.execute(f"COPY (SELECT * FROM read_parquet([{', '.join(sql_literal(f) for f in files)}])) TO {sql_literal(target)} ({PARQUET_OPTIONS})")
-            written.append(target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return period_file_stats(con, written, columns)
+    written = write_parquet_by_period(con, select_sql, period.staged_sql(), target_dir)
+    return period_file_stats(con, list(written.values()), columns)
 
 
 def period_file_stats(con: duckdb.DuckDBPyConnection, files: list[Path], columns: list[str]) -> dict[date, tuple[int, str]]:

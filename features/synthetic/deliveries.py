@@ -17,12 +17,11 @@ from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
 
-from tagml.core.storage import PARQUET_OPTIONS, connect, quote, sql_literal
+from tagml.core.storage import PARQUET_OPTIONS, connect, quote, sql_literal, write_parquet_by_period
 from tagml.features.contract import CUSTOMERS, RAW_TABLES, TableSpec
 from tagml.features.manifest import PERIOD_TABLES, is_month_end
 from tagml.features.raw import find_source
 
-PERIOD = "__split_period"
 KNOWN = "split_known_customers"
 
 
@@ -111,22 +110,6 @@ def _split_events(con, spec: TableSpec, relation: str, out_dir: Path, through: d
         stale.unlink(missing_ok=True)
     for part in target.glob("part-*.parquet"):  # a whole-table form left by an earlier copy of the bank
         part.unlink()
-    scratch = out_dir / f".{spec.name}.{uuid.uuid4().hex}.split"
-    try:
-        con.execute(f"COPY (SELECT *, {day} AS {PERIOD} FROM {relation} WHERE {where}) TO {sql_literal(scratch)} ({PARQUET_OPTIONS}, PARTITION_BY ({PERIOD}))")
-        files = rows = 0
-        for part in sorted(scratch.glob(f"{PERIOD}=*")) if scratch.is_dir() else []:
-            name = date.fromisoformat(part.name.split("=", 1)[1]).isoformat()
-            pieces = sorted(part.glob("*.parquet"))
-            tmp = target / f".{name}.{uuid.uuid4().hex}.tmp"
-            if len(pieces) == 1:
-                os.rename(pieces[0], tmp)
-            else:
-                con.execute(f"COPY (SELECT * FROM read_parquet([{', '.join(sql_literal(p) for p in pieces)}])) TO {sql_literal(tmp)} ({PARQUET_OPTIONS})")
-            os.replace(tmp, target / f"{name}.parquet")
-            files += 1
-        if files:
-            rows = con.execute(f"SELECT count(*) FROM {relation} WHERE {where}").fetchone()[0]
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return {"files": files, "rows": int(rows)}
+    written = write_parquet_by_period(con, f"SELECT * FROM {relation} WHERE {where}", day, target)
+    rows = con.execute(f"SELECT count(*) FROM {relation} WHERE {where}").fetchone()[0] if written else 0
+    return {"files": len(written), "rows": int(rows)}

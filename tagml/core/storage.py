@@ -4,6 +4,7 @@ import fcntl
 import glob
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -310,6 +311,41 @@ def write_parquet_atomically(
         if validate is not None:
             validate(tmp)
     return int(rows)
+
+
+def write_parquet_by_period(con: duckdb.DuckDBPyConnection, select_sql: str, period_sql: str, target_dir: Path) -> dict[date, Path]:
+    """Write the query's rows as one `<YYYY-MM-DD>.parquet` per value of `period_sql` (a DATE expression over the
+    query's columns) into `target_dir`; returns period -> file written, in period order.
+
+    One partitioned COPY into a scratch directory beside `target_dir`, then each period's file moved in by
+    `os.replace` (a period DuckDB wrote in several pieces is merged first), so a reader of `target_dir` sees a
+    period's old file or its new one, never half; the scratch directory is removed whatever happens. A period with
+    no row gets no file. The period column exists only during the write, never in a written file.
+    """
+    target_dir = Path(target_dir)
+    scratch = target_dir.parent / f".{target_dir.name}.{uuid.uuid4().hex}.periods"
+    column = "__tagml_write_period"
+    written: dict[date, Path] = {}
+    try:
+        con.execute(
+            f"COPY (SELECT *, {period_sql} AS {column} FROM ({select_sql}) AS period_rows) TO {sql_literal(scratch)} "
+            f"({PARQUET_OPTIONS}, PARTITION_BY ({column}))"
+        )
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for part in sorted(scratch.glob(f"{column}=*")) if scratch.is_dir() else []:
+            period = date.fromisoformat(part.name.split("=", 1)[1])
+            pieces = sorted(part.glob("*.parquet"))
+            tmp = part / f".{period.isoformat()}.{uuid.uuid4().hex}.tmp"
+            if len(pieces) == 1:
+                os.rename(pieces[0], tmp)
+            else:
+                con.execute(f"COPY (SELECT * FROM read_parquet([{', '.join(sql_literal(p) for p in pieces)}])) TO {sql_literal(tmp)} ({PARQUET_OPTIONS})")
+            target = target_dir / f"{period.isoformat()}.parquet"
+            os.replace(tmp, target)
+            written[period] = target
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return written
 
 
 def commit_parquet_parts(parts_dir: Path, target: Path, schema: pa.Schema | None = None) -> int:
