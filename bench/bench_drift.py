@@ -323,6 +323,166 @@ def nightly_drift(home: Path, as_of: str, policy: str) -> dict:
     }
 
 
+# columns that record when and how long, not what: left out of the old-vs-new comparison
+TIMING_COLUMNS = ("computed_at", "seconds", "generation")
+HISTORY_KEYS = {
+    "drift_summary": ["tag"],
+    "drift_features": ["tag", "slice_column", "slice", "feature"],
+    "drift_predictions": ["tag", "slice_column", "slice", "class"],
+}
+
+
+def _monitoring_from(checkout: Path) -> None:
+    """Import tagml.monitoring from another checkout (e.g. the base commit) so old and new code run on the same data.
+
+    Only the monitoring package is swapped: the rest of tagml is this checkout's, which a drift branch leaves as the base had it.
+    """
+    import importlib.util
+
+    import tagml  # noqa: F401  (the parent package first)
+
+    init = checkout / "monitoring" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("tagml.monitoring", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tagml.monitoring"] = module
+    spec.loader.exec_module(module)
+
+
+def drifted_catalog(out: Path, tag: str) -> Path:
+    """The shipped catalog with `tag`'s class PSI threshold at 0, so that it drifts on any night: a night with one report."""
+    import yaml
+
+    from tagml.training.catalog import DEFAULT_CATALOG
+
+    raw = yaml.safe_load(Path(DEFAULT_CATALOG).read_text())
+    entry = next(t for t in raw["tags"] if t["name"] == tag)
+    entry["drift"] = {**entry.get("drift", {}), "prediction_psi": 0.0}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"catalog_{tag}_drifted.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def night_drift(home: Path, mlflow_db: Path, drift_dir: Path, as_of: str, policy: str, catalog: str | None, threads: int, profile: Path | None) -> dict:
+    """compute_drift of one night on a staged, featurized and scored home, as bench/bench_nightly.py's drift stage calls it."""
+    import cProfile
+
+    from tagml.core.storage import connect
+    from tagml.monitoring.drift import DriftLocations, compute_drift
+    from tagml.scoring.store import ParquetTagStore
+    from tagml.training.catalog import DEFAULT_CATALOG, load_catalog
+    from tagml.training.tracking import connect_tracking
+
+    warehouse = home / "warehouse"
+    locations = DriftLocations(warehouse, ParquetTagStore.in_warehouse(warehouse), drift_dir, drift_dir.parent / "reports")
+    con = connect(threads, "3GB")
+    client = connect_tracking(f"sqlite:///{mlflow_db}")
+    tags = load_catalog(catalog or DEFAULT_CATALOG)
+    before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    profiler = cProfile.Profile() if profile else None
+    started = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    run = compute_drift(con, client, tags, date.fromisoformat(as_of), locations, sample_rows=SAMPLE_ROWS, report=policy)
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(str(profile))
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = [a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before)]
+    return {
+        "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(cpu[0], 2),
+        "report_child_cpu_seconds": round(cpu[1], 2),
+        "drifted": [r.tag for r in run.results if r.drifted],
+        "reports": list(run.report_plan.tags) if run.report_plan else [],
+        "per_tag_seconds": {r.tag: round(r.summary["seconds"], 2) for r in run.results},
+        "peak_gb": round(_peak_gb(), 2),
+    }
+
+
+def _history(drift_dir: Path, as_of: date) -> dict:
+    import duckdb
+    import numpy as np
+
+    from tagml.monitoring.history import DriftHistory
+
+    history = DriftHistory(drift_dir)
+    con = duckdb.connect()
+    frames = {}
+    for table, keys in HISTORY_KEYS.items():
+        frame = con.execute(f"SELECT * FROM read_parquet('{history.path(table, as_of)}')").df()
+        frame = frame.drop(columns=[c for c in TIMING_COLUMNS if c in frame])
+        for column in frame.columns:  # list cells (reasons, drifted features) compare as tuples
+            if frame[column].dtype == object:
+                frame[column] = frame[column].map(lambda v: tuple(v) if isinstance(v, (list, np.ndarray)) else v)
+        frames[table] = frame.sort_values(keys).reset_index(drop=True)
+    return frames
+
+
+def compare_histories(old: Path, new: Path, as_of: date) -> dict:
+    """Per history table: rows, whether every cell is equal (==, NaN equal to NaN) and the largest float difference."""
+    import numpy as np
+
+    a, b = _history(old, as_of), _history(new, as_of)
+    out = {}
+    for table in HISTORY_KEYS:
+        x, y = a[table], b[table]
+        entry = {"rows": [len(x), len(y)], "columns_equal": list(x.columns) == list(y.columns)}
+        if len(x) == len(y) and entry["columns_equal"]:
+            unequal, max_diff = [], 0.0
+            for column in x.columns:
+                left, right = x[column], y[column]
+                same = (left == right) | (left.isna() & right.isna())
+                if not same.all():
+                    unequal.append(column)
+                    if np.issubdtype(left.dtype, np.floating):
+                        max_diff = max(max_diff, float(np.nanmax(np.abs(left.to_numpy() - right.to_numpy()))))
+            entry.update(identical=not unequal, unequal_columns=unequal, max_float_difference=max_diff)
+        out[table] = entry
+    return out
+
+
+def night_bench(args: argparse.Namespace) -> int:
+    """Old (--compare-with checkout) vs new monitoring code on one night, alternated --repeat times, each from the same warm drift directory."""
+    import shutil
+
+    home, out = Path(args.night_home), Path(args.out_dir)
+    warm = home / "drift"
+    catalog = str(drifted_catalog(out, args.drifted_tag)) if args.drifted_tag else None
+    codes = ["old", "new"] if args.compare_with else ["new"]
+    runs: list[dict] = []
+    for i in range(args.repeat):
+        for code in codes:
+            drift_dir = out / f"{code}_{i}" / "drift"
+            shutil.rmtree(drift_dir.parent, ignore_errors=True)
+            shutil.copytree(warm, drift_dir)  # the warm-up night's reference cache and history, never the original
+            argv = [sys.executable, __file__, "--child", "night", "--night-home", str(home), "--mlflow-db", args.mlflow_db, "--drift-dir", str(drift_dir)]
+            argv += ["--as-of", args.as_of, "--policies", args.policies[0], "--threads", str(args.threads)]
+            argv += ["--out", str(drift_dir.parent / "result.json")]
+            if catalog:
+                argv += ["--catalog", catalog]
+            if args.profile:
+                argv += ["--profile-out", str(drift_dir.parent / "drift.prof")]
+            if code == "old":
+                argv += ["--compare-with", args.compare_with]
+            load = os.getloadavg()
+            subprocess.run(argv, check=True)
+            result = {"code": code, "repeat": i, "load_before": load[0], **json.loads((drift_dir.parent / "result.json").read_text())}
+            print(json.dumps(result), flush=True)
+            runs.append(result)
+    summary: dict = {"as_of": args.as_of, "policy": args.policies[0], "drifted_tag": args.drifted_tag, "runs": runs}
+    if args.compare_with:
+        summary["equality"] = compare_histories(out / "old_0" / "drift", out / "new_0" / "drift", date.fromisoformat(args.as_of))
+        for metric in ("wall_seconds", "cpu_seconds"):
+            old = sorted(r[metric] for r in runs if r["code"] == "old")
+            new = sorted(r[metric] for r in runs if r["code"] == "new")
+            summary[f"old_over_new_{metric}"] = round(old[len(old) // 2] / new[len(new) // 2], 2)
+    (out / "night_bench.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nightly-home", help="a finished home (a copy: drift results are rewritten): time its tag_drift under each --policies")
@@ -337,7 +497,34 @@ def main() -> int:
     parser.add_argument("--child")
     parser.add_argument("--n", type=int)
     parser.add_argument("--out")
+    parser.add_argument("--night-home", help="a staged, featurized and scored home with a warm drift/ directory: time compute_drift of --as-of")
+    parser.add_argument("--mlflow-db", help="the champions' MLflow SQLite file (--night-home)")
+    parser.add_argument("--compare-with", help="a checkout whose monitoring package is the old code (--night-home): old vs new, same data")
+    parser.add_argument("--repeat", type=int, default=1, help="old/new pairs (--night-home); ratios of the medians")
+    parser.add_argument("--drifted-tag", help="make this tag drift (its class PSI threshold 0): a night with one report")
+    parser.add_argument("--out-dir", default=str(OUT / "night"))
+    parser.add_argument("--profile", action="store_true", help="cProfile each night run (drift.prof beside its result)")
+    parser.add_argument("--profile-out")
+    parser.add_argument("--drift-dir")
+    parser.add_argument("--catalog")
     args = parser.parse_args()
+    if args.child == "night":
+        if args.compare_with:
+            _monitoring_from(Path(args.compare_with))
+        result = night_drift(
+            Path(args.night_home),
+            Path(args.mlflow_db),
+            Path(args.drift_dir),
+            args.as_of,
+            args.policies[0],
+            args.catalog,
+            args.threads,
+            Path(args.profile_out) if args.profile_out else None,
+        )
+        Path(args.out).write_text(json.dumps(result))
+        return 0
+    if args.night_home:
+        return night_bench(args)
     if args.nightly_home and args.child == "nightly":
         Path(args.out).write_text(json.dumps(nightly_drift(Path(args.nightly_home), args.as_of, args.policies[0])))
         return 0

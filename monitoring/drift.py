@@ -42,10 +42,17 @@ from tagml.core.suppression import load_suppression
 from tagml.features.snapshot import open_feature_snapshot
 from tagml.monitoring.decision import DriftDecision, decide, feature_drifted
 from tagml.monitoring.history import FEATURES, PREDICTIONS, SUMMARY, DriftHistory
-from tagml.monitoring.measures import TagInputs, TagMeasures, measure_tag
-from tagml.monitoring.performance import realised_performance, registry_decision_threshold, registry_test_metric
+from tagml.monitoring.measures import TagInputs, TagMeasures, measure_tags
+from tagml.monitoring.performance import RealisedPerformance, realised_performance, registry_decision_threshold, registry_test_metric
 from tagml.monitoring.psi import ALL, BinCounter, parquet
-from tagml.monitoring.reference import SAMPLE_SALT, DriftInputError, monitored_model, reference_population, reference_profile
+from tagml.monitoring.reference import (
+    SAMPLE_SALT,
+    DriftInputError,
+    monitored_model,
+    reference_feature_counts,
+    reference_population,
+    reference_profile,
+)
 from tagml.monitoring.report import VERDICT_KEYS, ReportJob, ReportSummary, run_reports
 from tagml.monitoring.report_policy import DEFAULT_REPORT_WEEKDAY, ReportPlan, plan_reports, report_policy
 from tagml.scoring.rules import slice_expressions
@@ -121,7 +128,14 @@ class TagDrift:
 
 
 def tag_inputs(
-    con: duckdb.DuckDBPyConnection, client: MlflowClient, catalog: Catalog, tag: TagSpec, as_of: date, locations: DriftLocations, sample_rows: int
+    con: duckdb.DuckDBPyConnection,
+    client: MlflowClient,
+    catalog: Catalog,
+    tag: TagSpec,
+    as_of: date,
+    locations: DriftLocations,
+    sample_rows: int,
+    bin_counter: BinCounter | None = None,
 ) -> TagInputs:
     """The checked partitions of `as_of`, the version that scored the tag there and its reference; a named error for each gap."""
     current = locations.features_path(tag, as_of)
@@ -154,42 +168,60 @@ def tag_inputs(
     suppression = load_suppression(locations.governance_db) if locations.governance_db is not None else None
     population = reference_population(con, tag, mm, locations.warehouse_dir, locations.staged_dir, locations.reference_dir, suppression)
     profile = reference_profile(con, client, mm, tag, population, slices, locations.reference_dir, sample_rows)
-    return TagInputs(tag, as_of, mm, current, tags_sql, slices, population, profile)
+    reference_features = reference_feature_counts(con, mm, tag, population, slices, locations.reference_dir, bin_counter)
+    return TagInputs(tag, as_of, mm, current, tags_sql, slices, population, profile, reference_features)
 
 
-def compute_tag_drift(
+def compute_night_drift(
     con: duckdb.DuckDBPyConnection,
     client: MlflowClient,
     catalog: Catalog,
-    tag: TagSpec,
+    tags: list[TagSpec],
     as_of: date,
     locations: DriftLocations,
     sample_rows: int = 5000,
-    report: bool = True,
     bin_counter: BinCounter | None = None,
-) -> TagDrift:
-    """Drift of one model tag's partition against the reference of the version that scored it: measure, decide, record."""
+) -> list[TagDrift]:
+    """Drift of each model tag's partition on `as_of` against the reference of the version that scored it: measure
+    (the tags' current sides counted together, monitoring/measures.py), decide, record; no report (the caller plans it).
+
+    A tag's `seconds` is its own inputs, performance and decision plus an equal share of the shared scans.
+    """
+    own: list[float] = []
+    night: list[TagInputs] = []
+    performances: list[RealisedPerformance] = []
+    for tag in tags:
+        started = time.perf_counter()
+        inputs = tag_inputs(con, client, catalog, tag, as_of, locations, sample_rows, bin_counter)
+        night.append(inputs)
+        # realised performance of the partition whose labels have matured
+        performances.append(
+            realised_performance(
+                con,
+                tag,
+                as_of,
+                locations.tag_store,
+                locations.staged_dir,
+                inputs.model.version,
+                registry_test_metric(client, tag),
+                registry_decision_threshold(client, tag),
+            )
+        )
+        own.append(time.perf_counter() - started)
     started = time.perf_counter()
-    inputs = tag_inputs(con, client, catalog, tag, as_of, locations, sample_rows)
-    # realised performance of the partition whose labels have matured
-    performance = realised_performance(
-        con,
-        tag,
-        as_of,
-        locations.tag_store,
-        locations.staged_dir,
-        inputs.model.version,
-        registry_test_metric(client, tag),
-        registry_decision_threshold(client, tag),
-    )
-    measures = measure_tag(con, inputs, performance, bin_counter)
-    decision = decide(measures.for_decision(), tag.drift)
-    summary = summary_row(inputs, measures, decision)
-    summary["seconds"] = time.perf_counter() - started
-    job = _report_job(con, inputs, summary, locations.report_path(tag.name, as_of), sample_rows) if report else None
-    features = measures.features.assign(threshold=tag.drift.feature_psi, drifted=feature_drifted(measures.features, tag.drift))
-    meta = {"as_of": as_of, "tag": tag.name, "model_version": inputs.model.version}
-    return TagDrift(summary, features.assign(**meta), measures.predictions.assign(**meta), job, inputs)
+    measured = measure_tags(con, night, performances, bin_counter)
+    shared = (time.perf_counter() - started) / len(tags)
+    results = []
+    for inputs, measures, seconds in zip(night, measured, own):
+        started = time.perf_counter()
+        tag = inputs.tag
+        decision = decide(measures.for_decision(), tag.drift)
+        summary = summary_row(inputs, measures, decision)
+        features = measures.features.assign(threshold=tag.drift.feature_psi, drifted=feature_drifted(measures.features, tag.drift))
+        meta = {"as_of": as_of, "tag": tag.name, "model_version": inputs.model.version}
+        summary["seconds"] = seconds + shared + time.perf_counter() - started
+        results.append(TagDrift(summary, features.assign(**meta), measures.predictions.assign(**meta), None, inputs))
+    return results
 
 
 def summary_row(inputs: TagInputs, measures: TagMeasures, decision: DriftDecision) -> dict[str, Any]:
@@ -325,7 +357,7 @@ def compute_drifts(
         raise DriftInputError("the catalog has no model tags to monitor")
     nights: list[tuple[date, list[TagDrift], ReportPlan]] = []
     for as_of in as_ofs:
-        results = [compute_tag_drift(con, client, catalog, tag, as_of, locations, sample_rows, False, bin_counter) for tag in model_tags]
+        results = compute_night_drift(con, client, catalog, model_tags, as_of, locations, sample_rows, bin_counter)
         plan = plan_reports(report, as_of, {r.tag: r.drifted for r in results}, report_weekday)
         for result in results:
             if result.tag in plan.tags and result.inputs is not None:

@@ -231,6 +231,49 @@ def psi_from_counts(reference: pd.DataFrame, current: pd.DataFrame, keys: Sequen
 BinCounter = Callable[[duckdb.DuckDBPyConnection, Path | str, Mapping[str, str], Mapping[str, Bins], Mapping[str, str], Mapping[str, list[str]]], pd.DataFrame]
 
 
+@dataclass(frozen=True)
+class ReferenceCounts:
+    """The reference side of a feature PSI: the bins (from the reference) and the reference's counts in them.
+
+    Both depend on the reference alone, so drift computes them once per model version and reuses
+    them every night (monitoring/reference.py `reference_feature_counts`).
+    """
+
+    edges: dict[str, Bins]
+    counts: pd.DataFrame  # slice_column, slice, feature, bin, n
+
+
+def reference_counts(
+    con: duckdb.DuckDBPyConnection,
+    reference: Path | str,
+    features: Mapping[str, str],
+    slices: Mapping[str, str] | None = None,
+    bin_counter: BinCounter | None = None,
+) -> ReferenceCounts:
+    """The bins of every numeric feature from `reference` and the reference's counts in them, overall and per slice.
+
+    Each side's counts need only its own slice values: a value one side lacks has no rows there to count.
+    """
+    count = bin_counter or bin_counts
+    slices = dict(slices or {})
+    edges = reference_bins(con, reference, [n for n, k in features.items() if k != "categorical"])
+    return ReferenceCounts(edges, count(con, reference, features, edges, slices, slice_values(con, [reference], slices)))
+
+
+def psi_table(reference: pd.DataFrame, current: pd.DataFrame, features: Mapping[str, str], slices: Mapping[str, str]) -> pd.DataFrame:
+    """`feature_psi`'s table from the two sides' counts (slice_column, slice, feature, bin, n) in the same bins.
+
+    The order the counts come in does not matter: `psi_from_counts`'s outer merge sorts the keys before any sum.
+    """
+    out = psi_from_counts(reference, current, ["slice_column", "slice", "feature"])
+    out["kind"] = out["feature"].map(dict(features))
+    feature_order = {n: i for i, n in enumerate(features)}
+    slice_order = {ALL: -1, **{n: i for i, n in enumerate(slices)}}
+    out["_f"], out["_s"] = out["feature"].map(feature_order), out["slice_column"].map(slice_order)
+    out = out.sort_values(["_s", "slice", "_f"]).drop(columns=["_f", "_s"])
+    return out.reset_index(drop=True)
+
+
 def feature_psi(
     con: duckdb.DuckDBPyConnection,
     reference: Path | str,
@@ -249,18 +292,9 @@ def feature_psi(
     """
     count = bin_counter or bin_counts
     slices = dict(slices or {})
-    numeric = [n for n, k in features.items() if k != "categorical"]
-    edges = reference_bins(con, reference, numeric)
-    values = slice_values(con, [reference, current], slices)
-    ref_counts = count(con, reference, features, edges, slices, values)
-    cur_counts = count(con, current, features, edges, slices, values)
-    out = psi_from_counts(ref_counts, cur_counts, ["slice_column", "slice", "feature"])
-    out["kind"] = out["feature"].map(dict(features))
-    feature_order = {n: i for i, n in enumerate(features)}
-    slice_order = {ALL: -1, **{n: i for i, n in enumerate(slices)}}
-    out["_f"], out["_s"] = out["feature"].map(feature_order), out["slice_column"].map(slice_order)
-    out = out.sort_values(["_s", "slice", "_f"]).drop(columns=["_f", "_s"])
-    return out.reset_index(drop=True)
+    ref = reference_counts(con, reference, features, slices, count)
+    cur = count(con, current, features, ref.edges, slices, slice_values(con, [current], slices))
+    return psi_table(ref.counts, cur, features, slices)
 
 
 def distribution_psi(reference: Mapping[str, float], current: Mapping[str, float]) -> float:

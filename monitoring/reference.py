@@ -36,7 +36,7 @@ from tagml.core.storage import PartitionedTable, WarehouseLayout, atomic_replace
 from tagml.core.suppression import Suppression
 from tagml.features.own_table import OwnTableSnapshotError
 from tagml.features.snapshot import build_feature_snapshot
-from tagml.monitoring.psi import MISSING, feature_psi, parquet
+from tagml.monitoring.psi import EDGE_ROWS, MISSING, BinCounter, Bins, ReferenceCounts, feature_psi, parquet, reference_counts
 from tagml.scoring.sources import own_features_table, own_source, write_own_features
 from tagml.training.catalog import TagSpec
 from tagml.training.inference import infer, model_input
@@ -46,6 +46,7 @@ from tagml.training.versions import ModelVersionInfo, registered_model_name
 PROBABILITY_BINS = 10  # fixed-width bins of each class probability
 SAMPLE_SALT = "tagml-drift-sample"  # the Evidently sample is the rows with the smallest hash(id, salt)
 PROFILE_VERSION = 1  # bump when the cached profile's content changes
+FEATURE_COUNTS_VERSION = 1  # bump when the cached feature bins or counts change
 
 
 class DriftInputError(ValueError):
@@ -255,3 +256,54 @@ def reference_profile(
         },
     )
     return ReferenceProfile(population, rows, class_counts, probability_bins, probability_sums, training_gap_share, sample_path)
+
+
+def _file_signature(path: Path) -> dict[str, int]:
+    """What changes when a partition is rewritten (every write is a new file swapped in): its size and mtime."""
+    stat = Path(path).stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def reference_feature_counts(
+    con: duckdb.DuckDBPyConnection,
+    mm: ModelVersionInfo,
+    tag: TagSpec,
+    population: Path,
+    slices: dict[str, str],
+    cache_dir: Path,
+    bin_counter: BinCounter | None = None,
+) -> ReferenceCounts:
+    """The feature PSI's reference side for a version (its bins and the population's counts in them, overall and
+    per slice), computed once and cached next to its profile: every night after the first only counts the current side.
+
+    The cache is keyed by the population file's size and mtime as well as its path, so a rewritten
+    reference partition (a restated day) is counted again rather than compared against stale counts.
+    """
+    path = cache_dir / tag.name / f"v{mm.version}" / "feature_counts.json"
+    key = {
+        "feature_counts_version": FEATURE_COUNTS_VERSION,
+        "population": str(population),
+        "population_file": _file_signature(population),
+        "features": dict(mm.kinds),
+        "slices": slices,
+        "edge_rows": EDGE_ROWS,
+    }
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            edges = {name: Bins(tuple(spec["edges"]), spec["mass"]) for name, spec in cached["edges"].items()}
+            return ReferenceCounts(edges, pd.DataFrame(cached["counts"]).astype({"n": "int64"}))
+    computed = reference_counts(con, population, mm.kinds, slices, bin_counter)
+    counts = computed.counts[["slice_column", "slice", "feature", "bin", "n"]]
+    _atomic_json(
+        path,
+        {
+            "key": key,
+            "tag": tag.name,
+            "version": mm.version,
+            # floats as Python writes them (repr): read back to exactly the same edges
+            "edges": {name: {"edges": list(b.edges), "mass": b.mass} for name, b in computed.edges.items()},
+            "counts": {column: counts[column].tolist() for column in counts.columns},
+        },
+    )
+    return computed
