@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import BANK, WINDOW_END, WINDOW_START, raw_glob, stage_all
@@ -65,13 +66,14 @@ def test_same_seed_same_bank_different_seed_different_bank(tmp_path):
 
 # Digests of every generated table (Arrow IPC bytes) for two small multi-chunk banks, recorded from
 # the generator before it was split into a package (the shelf and consents later): a refactor must leave every draw where it was.
+TRUTH_DECIMALS = 9  # the hidden truth tables' floats, digested rounded (see table_digest)
 KNOWN_BANKS = {
     "market_shock": (
         BankConfig(customers=400, months=8, seed=21, drift="market_shock"),
         {
-            "_truth/churn_90d": "8a439586ee84e2d4",
+            "_truth/churn_90d": "22f0783fae60083b",
             "_truth/life_stage": "6c5535f4ce33ee20",
-            "_truth/risk_appetite": "bcea0d4be22ef6cf",
+            "_truth/risk_appetite": "56833f260daae757",
             "balances": "d7e57ce7b31dddd6",
             "customers": "54f37226b5b82e06",
             "digital_events": "e4ef8283e96e0b6f",
@@ -87,9 +89,9 @@ KNOWN_BANKS = {
     "youth_campaign": (
         BankConfig(customers=300, months=8, seed=22, drift="youth_campaign"),
         {
-            "_truth/churn_90d": "9d17251cc082c65a",
+            "_truth/churn_90d": "0961abf1699a3bd9",
             "_truth/life_stage": "87d200f82e701f9e",
-            "_truth/risk_appetite": "5d107ba651391f0e",
+            "_truth/risk_appetite": "0095fe27dbe538a9",
             "balances": "041cd584f85c5e0f",
             "customers": "368da3bb6645d2fb",
             "digital_events": "3a2e4afacdc3d549",
@@ -104,7 +106,13 @@ KNOWN_BANKS = {
 }
 
 
-def table_digest(table: pa.Table) -> str:
+def table_digest(table: pa.Table, decimals: int | None = None) -> str:
+    if decimals is not None:
+        # latent probabilities go through np.exp & co., whose last bit depends on the CPU's vector unit:
+        # rounded, the digest holds the generator to every draw without holding it to one machine's libm
+        for i, field in enumerate(table.schema):
+            if pa.types.is_floating(field.type):
+                table = table.set_column(i, field, pc.round(table.column(i), decimals))
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
@@ -117,7 +125,7 @@ def test_a_seed_still_generates_the_known_bank(scenario, tmp_path, monkeypatch):
     config, expected = KNOWN_BANKS[scenario]
     generate_bank(config, tmp_path)
     assert len(list((tmp_path / "customers").glob("*.parquet"))) == -(-config.customers // 150)
-    got = {name: table_digest(table) for name, table in read_all(tmp_path).items()}
+    got = {name: table_digest(table, TRUTH_DECIMALS if name.startswith("_truth/") else None) for name, table in read_all(tmp_path).items()}
     assert got == expected
 
 
