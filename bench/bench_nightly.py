@@ -5,8 +5,12 @@ Per history length (--history-months, default 12; e.g. 6 12 24 to show that the 
 with the day's rows, not with history), on a generated bank of --customers:
 
   setup        generate the bank (cached), stage its history up to the day before AS_OF (both homes) and
-               bring the monthly aggregates up to date; one warm-up night per home so that drift's
-               reference profile is cached, as on any night after the first (not measured)
+               bring the monthly aggregates up to date; one warm-up night (yesterday) per home, built as that
+               home's own nightly builds it, so that drift's reference profile is cached and the measured night
+               finds what any night after the first finds (not measured): the incremental home's warm-up is
+               update_monthly_aggregates + build_feature_snapshot(..., aggregates_dir=), which stores the
+               balances features of the last month end (a mid-month night reuses them; a month-end night
+               computes its new month end's); the full home's warm-up is the full build
   incremental  ingest_inc    stage_delivery of the new day's delivery files (H1: only new/changed files)
                features_inc  update_monthly_aggregates + build_feature_snapshot(..., aggregates_dir=...) (H2)
   full         ingest_full   re-validate and re-stage every raw table (stage_delivery(..., full=True))
@@ -157,7 +161,12 @@ def step_setup(work: Path, customers: int, months: int, threads: int) -> dict:
     from tagml.features.snapshot import build_feature_snapshot
 
     for home in (inc, full):
-        build_feature_snapshot(con, home.layout.staged_dir, yesterday, home.features_of(yesterday))
+        if home is inc and caps["aggregates"]:
+            # as the incremental nightly runs: without this the measured night would also pay for the stored
+            # balances features of the month end, which only the month's first night computes
+            build_feature_snapshot(con, home.layout.staged_dir, yesterday, home.features_of(yesterday), aggregates_dir=home.aggregates)
+        else:
+            build_feature_snapshot(con, home.layout.staged_dir, yesterday, home.features_of(yesterday))
         _score(con, work, home, yesterday)
         _drift(con, work, home, "never", yesterday)
     if caps["incremental_ingest"]:

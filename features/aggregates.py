@@ -7,6 +7,12 @@ was built from. A snapshot for `as_of` then merges, per window of 1/3/12 months,
 window from the aggregates and the days at its edges (the start month's tail, the current month up to as_of) from
 the staged daily rows: the same measures, merged exactly, so the features equal the full recompute's bit for bit.
 
+The months a snapshot takes whole fall into groups by the windows they count in (for a mid-November as_of:
+Dec..Aug in the 12-month window only, Sep..Oct in the 3- and 12-month ones); every as_of of a month has the same
+groups, so each group of two or more months is merged once into a stored piece (`merged_months_path`), keyed by the
+identity of its months' aggregates, and a night merges 2 such pieces instead of 11 months (the measures merge
+associatively: sums, counts, maxima, bit-ors).
+
 A month is built only once the staged data reaches its last day (before that it is read day by day), and rebuilt
 only when the staged files it was built from change (a restated day, a rewritten whole-table file, erasure) or the
 measures' definitions do. A month whose aggregate is missing or stale is read from the daily rows instead: a
@@ -275,23 +281,71 @@ def _monthly_value(x: Measure) -> str:
     return f"CAST({x.over_rows()} AS DECIMAL(18,2))" if x.agg == "sum" else x.over_rows()
 
 
-def _pieces_cte(source: str, generation: Path, plan: WindowPlan, months: Mapping[date, Path]) -> str:
+MERGED_DIR = "merged"
+
+
+def month_groups(plan: WindowPlan) -> list[tuple[frozenset[int], list[date]]]:
+    """The plan's whole months grouped by the windows they count in, in month order of each group's first."""
+    groups: dict[frozenset[int], list[date]] = {}
+    for month, ks in plan.months.items():
+        groups.setdefault(ks, []).append(month)
+    return sorted(groups.items(), key=lambda g: g[1][0])
+
+
+def _group_identity(aggregates_dir: Path, source: str, months: list[date]) -> str:
+    """What a merged group depends on: the measures' definitions and each month aggregate's own input identity
+    (as the manifest holds it), so a restated day, an erasure or a rebuilt month gives another identity."""
+    entries = read_manifest(aggregates_dir)["sources"][source]["months"]
+    text = json.dumps([measures_signature(source), [[f"{m:%Y-%m}", entries[f"{m:%Y-%m}"]["inputs"]] for m in months]])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def merged_months_path(con: duckdb.DuckDBPyConnection, aggregates_dir: Path, source: str, months: list[date], paths: Mapping[date, Path]) -> Path:
+    """The source's measures per customer merged over `months` (fresh aggregates, `paths`), stored once under a
+    name holding the identity of its inputs: a stale file is never read, only replaced. The other identities of
+    the same months (from before a restatement) are removed once the new one is written."""
+    folder = Path(aggregates_dir) / MERGED_DIR / source
+    stem = f"{months[0]:%Y-%m}_{months[-1]:%Y-%m}_{len(months)}"
+    path = folder / f"{stem}_{_group_identity(aggregates_dir, source, months)}.parquet"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    # stored as the month aggregates are (`_monthly_value` types), so the night's merge reads one type per measure
+    cols = ",\n  ".join(
+        f"CAST({x.merged(f'm_{x.name}', 'true')} AS DECIMAL(18,2)) AS m_{x.name}" if x.agg == "sum" else f"{x.merged(f'm_{x.name}', 'true')} AS m_{x.name}"
+        for x in _measures(source)
+    )
+    files = ", ".join(sql_literal(paths[m]) for m in months)
+    write_parquet_atomically(con, f"SELECT customer_id,\n  {cols}\nFROM read_parquet([{files}])\nGROUP BY customer_id ORDER BY customer_id", path)
+    for old in folder.glob(f"{stem}_*.parquet"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def _pieces_cte(source: str, generation: Path, plan: WindowPlan, months: Mapping[date, Path], merged: Mapping[frozenset[int], Path] | None = None) -> str:
     """`<source>_pieces`: per customer, the source's monthly measure values of the aggregated months and of the
     daily rows at the windows' edges, each flagged with the windows (in_w1/in_w3/in_w12) it counts in.
 
     Not joined to the spine: the snapshot has one as_of, and the final LEFT JOIN from the spine's customers
-    drops anyone else (customers onboarded after as_of)."""
+    drops anyone else (customers onboarded after as_of). `merged`: window set -> a stored merge of all the plan's
+    months counting in exactly those windows (`merged_months_path`), read instead of those months one by one."""
+    merged = merged or {}
     table, ts = EVENT_SOURCES[source]
     used = [x for x in _measures(source) if any(x is y for y, _ in source_measures(source))]
     flags = [f"in_w{k}" for k in WINDOWS]
     as_of = f"DATE {sql_literal(plan.as_of)} AS as_of"
     parts = []
-    if plan.months:
-        files = ", ".join(sql_literal(months[m]) for m in plan.months)
+    cols = ", ".join(f"m_{x.name}" for x in used)
+    for ks, path in merged.items():
+        group_flags = ", ".join(f"{'true' if k in ks else 'false'} AS in_w{k}" for k in WINDOWS)
+        parts.append(f"  SELECT customer_id, {as_of}, {group_flags}, {cols}\n  FROM read_parquet({sql_literal(path)})")
+    single = {m: ks for m, ks in plan.months.items() if ks not in merged}
+    if single:
+        files = ", ".join(sql_literal(months[m]) for m in single)
         month_flags = ", ".join(
-            f"month IN ({', '.join(f'DATE {sql_literal(m)}' for m, ks in plan.months.items() if k in ks) or 'NULL'}) AS in_w{k}" for k in WINDOWS
+            f"month IN ({', '.join(f'DATE {sql_literal(m)}' for m, ks in single.items() if k in ks) or 'NULL'}) AS in_w{k}" for k in WINDOWS
         )
-        cols = ", ".join(f"m_{x.name}" for x in used)
         parts.append(f"  SELECT customer_id, {as_of}, {month_flags}, {cols}\n  FROM read_parquet([{files}])")
     ranges = plan.day_ranges
     if ranges:
@@ -334,9 +388,10 @@ def snap_of(as_of: date) -> date:
 
 def balances_features_path(con: duckdb.DuckDBPyConnection, generation: Path, aggregates_dir: Path, snap: date) -> Path:
     """The balances features at month end `snap` (`balances_select`), stored once per snap with the identity of
-    the staged files they were computed from: reused by every as_of of the month while those files are unchanged."""
+    the staged files they were computed from: reused by every as_of of the month while those files are unchanged.
+    The customers file is not among them (`balances_select` does not read it): it is restaged every night."""
     first = minus_months(snap, 12) + timedelta(days=1)
-    files = staged_files(generation, "balances", first, snap) + staged_files(generation, "customers")
+    files = staged_files(generation, "balances", first, snap)
     inputs = input_identity(generation, files)
     path = Path(aggregates_dir) / "balances" / f"{snap}.parquet"
     stamp = path.with_suffix(".json")
@@ -375,6 +430,7 @@ def incremental_snapshot_plan(con: duckdb.DuckDBPyConnection, staged_dir: Path, 
     for source in EVENT_SOURCES:
         fresh = fresh_months(generation, aggregates_dir, source)
         plan = window_plan(as_of, set(fresh))
-        ctes += [_pieces_cte(source, generation, plan, fresh), _merged_measures_cte(source), measure_features_cte(source)]
+        merged = {ks: merged_months_path(con, aggregates_dir, source, group, fresh) for ks, group in month_groups(plan) if len(group) > 1}
+        ctes += [_pieces_cte(source, generation, plan, fresh, merged), _merged_measures_cte(source), measure_features_cte(source)]
         months[source], ranges[source] = list(plan.months), plan.day_ranges
     return IncrementalPlan("WITH " + ",\n".join(ctes) + joined_select(), months, ranges)

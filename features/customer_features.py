@@ -110,9 +110,13 @@ def base_ctes(relations: Mapping[str, str], spine_sql: str, first_as_of: date, l
 
 
 def balances_select(relations: Mapping[str, str], snap: date) -> str:
-    """The balances features of every staged customer with balances at the month end `snap`: what any as_of whose
-    latest month end is `snap` gets (they depend on as_of only through it)."""
-    spine = f"SELECT customer_id, DATE {sql_literal(snap)} AS as_of FROM {relations['customers']}"
+    """The balances features of every customer with staged balances at the month end `snap`: what any as_of whose
+    latest month end is `snap` gets (they depend on as_of only through it).
+
+    The spine is the balances' own customers, not the customers table: the features of a customer depend only on
+    their balance rows, and the snapshot's join from its spine drops anyone it does not have. So the result (and
+    its stored copy's identity) does not change when the customers file does, which is every night."""
+    spine = f"SELECT DISTINCT customer_id, DATE {sql_literal(snap)} AS as_of FROM {relations['balances']}"
     names = ", ".join(f.name for f in FEATURES if f.source == "balances")
     ctes = base_ctes(relations, spine, snap, snap)
     return "WITH " + ",\n".join(ctes) + f"\nSELECT customer_id, {names} FROM balances_features ORDER BY customer_id"

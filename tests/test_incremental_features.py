@@ -175,6 +175,7 @@ def test_restated_day_rebuilds_its_month_and_changes_exactly_the_as_of_it_reache
     old = {d: tmp_path / f"old-{d}.parquet" for d in before + after}
     update, _ = build_feature_snapshots(mcon, staged, list(old), list(old.values()), aggregates)
     assert not any(update.built.values())  # already up to date
+    merged_before = {p.relative_to(aggregates): p.stat().st_mtime_ns for p in (aggregates / "merged").rglob("*.parquet")}
 
     # the restatement: that day's spending doubled (a corrected file replacing the staged day)
     day_file = staged_period_dir(staged, "transactions") / f"{RESTATED_DAY}.parquet"
@@ -196,12 +197,68 @@ def test_restated_day_rebuilds_its_month_and_changes_exactly_the_as_of_it_reache
     assert update.built == {"transactions": [date(2026, 3, 1)], "digital": []}
     rebuilt = [p for p, t in before_files.items() if p.stat().st_mtime_ns != t]
     assert rebuilt == [aggregate_path(aggregates, "transactions", date(2026, 3, 1))]
+    # a merged group of transactions months covering March has a new identity (the old file removed); every other
+    # group, and digital's covering March, is the same file (the stale snapshot above added a group without March)
+    merged_after = {p.relative_to(aggregates): p.stat().st_mtime_ns for p in (aggregates / "merged").rglob("*.parquet")}
+    replaced = {p for p in merged_before if p.parts[1] == "transactions" and p.name[:7] <= "2026-03" <= p.name[8:15]}
+    assert len(replaced) == 2 and not replaced & merged_after.keys()
+    assert {p.name[:18] for p in replaced} <= {p.name[:18] for p in merged_after}
+    assert {p: t for p, t in merged_before.items() if p not in replaced} == {p: t for p, t in merged_after.items() if p in merged_before}
     for d in before:
         assert_identical(old[d], new[d])
     for d in after:
         assert not pq.read_table(old[d]).equals(pq.read_table(new[d])), d
         full = build_feature_snapshot(mcon, staged, d, tmp_path / f"full-{d}.parquet")
         assert_identical(full.path, new[d])
+
+
+def _stored_pieces(aggregates: Path) -> dict[Path, int]:
+    """The stored merged month groups and balances features, with their mtimes."""
+    return {p: p.stat().st_mtime_ns for sub in ("merged", "balances") for p in (aggregates / sub).rglob("*.parquet")}
+
+
+def test_stored_pieces_are_reused_within_the_month_and_follow_their_inputs_only(period_bank, mcon, tmp_path):
+    """A month's merged groups and month-end balances features are computed on its first night and reused by the
+    next, though the customers file is restaged (a customer onboarded); a restated balances month end replaces
+    exactly the balances features that read it. Every snapshot equals the full recompute."""
+    staged = tmp_path / "staged"
+    shutil.copytree(period_bank, staged)
+    aggregates = tmp_path / "aggregates"
+    update_monthly_aggregates(mcon, staged, aggregates)
+    full, inc = full_and_incremental(mcon, staged, aggregates, date(2026, 6, 15), tmp_path)
+    assert_identical(full.path, inc.path)
+    stored = _stored_pieces(aggregates)
+    # Nov..Mar (12-month window only) and Apr..May (3 and 12) per source; the balances of 2026-05-31
+    assert sorted(p.name.split("_")[0] + "_" + p.name.split("_")[1] for p in stored if "merged" in p.parts) == [
+        "2025-11_2026-03",
+        "2025-11_2026-03",
+        "2026-04_2026-05",
+        "2026-04_2026-05",
+    ]
+    assert [p.name for p in stored if "balances" in p.parts] == ["2026-05-31.parquet"]
+
+    customers = staged_path(staged, "customers")
+    tmp = customers.with_name(".customers.parquet")
+    mcon.execute(
+        f"COPY (SELECT * FROM read_parquet({sql_literal(customers)}) UNION ALL "
+        f"SELECT * REPLACE ('C999999999' AS customer_id, DATE '2026-06-16' AS onboarding_date) FROM (SELECT * FROM read_parquet({sql_literal(customers)}) LIMIT 1)) "
+        f"TO {sql_literal(tmp)} (FORMAT PARQUET)"
+    )
+    os.replace(tmp, customers)
+    full, inc = full_and_incremental(mcon, staged, aggregates, date(2026, 6, 16), tmp_path)
+    assert_identical(full.path, inc.path)
+    assert "C999999999" in pq.read_table(inc.path, columns=["customer_id"]).column("customer_id").to_pylist()
+    assert _stored_pieces(aggregates) == stored  # nothing recomputed, nothing added
+
+    month_end = staged_period_dir(staged, "balances") / "2026-05-31.parquet"
+    tmp = month_end.with_name(".restated.parquet")
+    mcon.execute(f"COPY (SELECT * REPLACE (balance * 2 AS balance) FROM read_parquet({sql_literal(month_end)})) TO {sql_literal(tmp)} (FORMAT PARQUET)")
+    os.replace(tmp, month_end)
+    full, inc = full_and_incremental(mcon, staged, aggregates, date(2026, 6, 17), tmp_path)
+    assert_identical(full.path, inc.path)
+    now = _stored_pieces(aggregates)
+    assert now.keys() == stored.keys()
+    assert [p.name for p in stored if now[p] != stored[p]] == ["2026-05-31.parquet"]
 
 
 def test_dagster_materializes_monthly_aggregates_then_incremental_features(bank, tmp_path):
