@@ -30,11 +30,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tagml.core.files import CorruptFileError, check_parquet
+from tagml.scoring.reasons import unwrap_pipeline
 from tagml.training.inference import model_input
 from tagml.training.versions import ModelVersionInfo
 
 SCORED_FROM_KEY = b"tagml.scored_from"  # the tag partition's Parquet key-value metadata
 NAN_CODE = -1
+NO_PREVIOUS = "no earlier tag partition to reuse"
 
 
 def file_identity(path: Path) -> dict[str, int]:
@@ -214,7 +216,7 @@ def load_previous_output(
 def reuse_problem(partition: Path | None, tag: str, info: ModelVersionInfo, top_reasons: int) -> tuple[str | None, dict[str, Any]]:
     """Why last night's output of `tag` cannot be reused (None when it can), and what the partition recorded for it."""
     if partition is None:
-        return "no earlier tag partition", {}
+        return NO_PREVIOUS, {}
     try:
         check_parquet(partition, "")
         recorded = read_scored_from(partition).get(tag)
@@ -251,8 +253,8 @@ class TagReuse:
 def plan_reuse(partition: Path | None, tag: str, info: ModelVersionInfo, model: Any, top_reasons: int, batch_rows: int) -> tuple[TagReuse | None, str | None]:
     """Tonight's reuse of last night's output of `tag` from `partition`, or None and why not. Never raises:
     reuse only saves work, so a night whose previous partition cannot be used is scored in full."""
-    from tagml.scoring.reasons import unwrap_pipeline  # reasons imports this module's neighbours, not the reverse
-
+    if partition is None:
+        return None, NO_PREVIOUS
     pipeline = unwrap_pipeline(model)
     if pipeline is None or type(pipeline.named_steps.get("model")).__name__ != "XGBClassifier":
         return None, "only tree models (xgboost) reuse unchanged customers' output"

@@ -477,11 +477,7 @@ def score_partition(
                 info = champion.info
                 explainer = ReasonExplainer.for_model(con, champion.model, info.features, info.categorical, path) if with_reasons else None
                 observed = observed_labels(con, staged_dir, tag, as_of)
-                reuse, no_reuse = (
-                    plan_reuse(previous_partition, tag.name, info, champion.model, top_reasons if with_reasons else 0, batch_rows)
-                    if previous_partition is not None
-                    else (None, "not asked")
-                )
+                reuse, no_reuse = plan_reuse(previous_partition, tag.name, info, champion.model, top_reasons if with_reasons else 0, batch_rows)
                 job = ModelTagJob(tag, info, observed.labels, observed.dates, explainer, as_of, scored_at, top_reasons, reuse)
                 for batch in _model_batches(path, champion.model, job, batch_rows):
                     writer.write_batch(batch)
