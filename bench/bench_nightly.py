@@ -15,7 +15,8 @@ with the day's rows, not with history), on a generated bank of --customers:
                features_inc  update_monthly_aggregates + build_feature_snapshot(..., aggregates_dir=...) (H2)
   full         ingest_full   re-validate and re-stage every raw table (stage_delivery(..., full=True))
                features_full build_feature_snapshot from the staged rows (no aggregates)
-  both         tags          score_partition with reason codes into the tag store, as customer_tags does
+  both         tags          score_partition with reason codes into the tag store, as customer_tags does (the
+                             incremental night reuses yesterday's output of unchanged customers, the full one does not)
                drift         compute_drift with the report policy of the nightly asset (TAGML_DRIFT_REPORT default)
                online        the online store refresh from the newest partition (reported separately)
 
@@ -185,17 +186,25 @@ def _client(work: Path):
     return connect_tracking(f"sqlite:///{work / 'mlflow.db'}")
 
 
-def _score(con, work: Path, home: Home, night: date | None = None) -> dict:
+def _score(con, work: Path, home: Home, night: date | None = None, reuse: bool = False) -> dict:
     from tagml.scoring.score import score_partition
     from tagml.scoring.store import ParquetTagStore
     from tagml.training.catalog import load_catalog
 
     store = ParquetTagStore.in_warehouse(home.warehouse)
-    # as customer_tags does: into the store's partition, atomically
+    # as customer_tags does: into the store's partition, atomically; the incremental night reuses the previous
+    # partition's output for unchanged customers (customer_tags' default), the full recompute scores everyone
     night = night or AS_OF
+    previous = store.partition_before(night) if reuse else None
     with store.write_partition(night) as staged:
-        summary = score_partition(con, _client(work), load_catalog(), home.features_of(night), home.layout.staged_dir, night, staged)
-    return {"rows": summary.rows, "per_tag_seconds": {k: round(v["seconds"], 1) for k, v in summary.per_tag.items()}}
+        summary = score_partition(
+            con, _client(work), load_catalog(), home.features_of(night), home.layout.staged_dir, night, staged, previous_partition=previous
+        )
+    return {
+        "rows": summary.rows,
+        "per_tag_seconds": {k: round(v["seconds"], 1) for k, v in summary.per_tag.items()},
+        "reuse": {k: v["reuse"] for k, v in summary.per_tag.items() if "reuse" in v},
+    }
 
 
 def _drift(con, work: Path, home: Home, policy: str, night: date | None = None) -> dict:
@@ -241,7 +250,7 @@ def step(work: Path, name: str, customers: int, months: int, threads: int, polic
 
         out = {"rows": build_feature_snapshot(con, home.layout.staged_dir, AS_OF, home.features).rows}
     elif name.startswith(("tags", "full_tags")):
-        out = _score(con, work, home)
+        out = _score(con, work, home, reuse=name == "tags")
     elif name.startswith(("drift", "full_drift")):
         out = _drift(con, work, home, policy)
     elif name.startswith(("online", "full_online")):

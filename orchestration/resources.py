@@ -121,15 +121,17 @@ class WarehouseResource(dg.ConfigurableResource):
         batch_rows: int = DEFAULT_BATCH_ROWS,
         own_features: Mapping[str, Path] | None = None,
         skip: Mapping[str, str] | None = None,
+        previous_partition: Path | None = None,
     ) -> ScoringSummary:
-        """`tagml.scoring.score.score_partition` of the staged delivery, on the engine."""
+        """`tagml.scoring.score.score_partition` of the staged delivery, on the engine. `previous_partition` (reuse of
+        unchanged customers' output) is DuckDB's only: Spark scores every customer."""
         args = (client, catalog, features_path, self.staged_dir, as_of, target)
         kwargs = {"batch_rows": batch_rows, "own_features": own_features, "skip": skip}
         if self.on_spark:
             from tagml.scoring.spark_scoring import score_partition_spark
 
             return score_partition_spark(self.spark(), con, *args, **kwargs)
-        return score_partition(con, *args, **kwargs)
+        return score_partition(con, *args, **kwargs, previous_partition=previous_partition)
 
     def drift_bin_counter(self) -> BinCounter | None:
         """What counts the feature PSI's bins over every customer in `compute_drift`: None is DuckDB's own."""

@@ -45,6 +45,11 @@ class ScoringConfig(dg.Config):
         description="Publish the partition without these tags (e.g. one whose own table is late); recorded in the metadata as skipped_tags with skip_reason.",
     )
     skip_reason: str | None = Field(default=None, description="Why skip_tags are left out (required with skip_tags).")
+    reuse_unchanged: bool = Field(
+        default=True,
+        description="Reuse the previous partition's model output, exactly, for customers whose tree-model input crossed no split since "
+        "(false: score every customer again; the partition is the same either way).",
+    )
 
 
 def feature_deps(catalog: Catalog) -> list:
@@ -87,7 +92,10 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
                 own = {t.name: own_features_table(Path(warehouse.warehouse_dir), t.name).path(as_of) for t in own_tags(catalog)}
                 try:
                     with store.write_partition(as_of) as staged:
-                        summary = warehouse.score_partition(con, client, catalog, features, as_of, staged, own_features=own, skip=skip)
+                        previous_file = store.partition_before(as_of) if config.reuse_unchanged else None
+                        summary = warehouse.score_partition(
+                            con, client, catalog, features, as_of, staged, own_features=own, skip=skip, previous_partition=previous_file
+                        )
                 except UnscorableTagsError as err:
                     raise dg.Failure(description=f"{as_of}: {err}", metadata={"failed_tags": dg.MetadataValue.json(err.problems)}) from err
                 except CoverageError as err:
@@ -120,7 +128,15 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
                 "as_of": f"{nights[0].as_of}..{nights[-1].as_of}",
                 "seconds": round(sum(n.summary.seconds for n in nights), 1),
                 "by_as_of": dg.MetadataValue.json(
-                    {n.as_of.isoformat(): {"rows": n.summary.rows, "customers": n.summary.customers, "seconds": round(n.summary.seconds, 1)} for n in nights}
+                    {
+                        n.as_of.isoformat(): {
+                            "rows": n.summary.rows,
+                            "customers": n.summary.customers,
+                            "seconds": round(n.summary.seconds, 1),
+                            "reuse": _reuse(n.summary),
+                        }
+                        for n in nights
+                    }
                 ),
                 "changed_share_since_previous": dg.MetadataValue.json({n.as_of.isoformat(): n.changed for n in nights}),
                 "skipped_tags": dg.MetadataValue.json(nights[-1].summary.skipped),
@@ -138,6 +154,10 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
     return customer_tags
 
 
+def _reuse(summary: ScoringSummary) -> dict:
+    return {t: v["reuse"] for t, v in summary.per_tag.items() if "reuse" in v}
+
+
 def _night_metadata(store, night: "_ScoredNight") -> dict:
     summary = night.summary
     return {
@@ -150,6 +170,8 @@ def _night_metadata(store, night: "_ScoredNight") -> dict:
             {t: v["observed_labels_outside_classes"] for t, v in summary.per_tag.items() if v.get("observed_labels_outside_classes")}
         ),
         "seconds": round(summary.seconds, 1),
+        # per model tag: rows whose output was the previous partition's (reused) and rows scored again, or why not
+        "reuse": dg.MetadataValue.json(_reuse(summary)),
         "skipped_tags": dg.MetadataValue.json(summary.skipped),
         "distribution": dg.MetadataValue.md(night.distribution.to_markdown(index=False)),
         "changed_share_since_previous": dg.MetadataValue.json(night.changed),

@@ -157,10 +157,15 @@ class ReasonExplainer:
             medians = dict(zip(numeric, row))
         return cls(pipeline, medians, categorical)
 
-    def contributions(self, X: pd.DataFrame, predicted: np.ndarray) -> np.ndarray:
+    def model_values(self, X: pd.DataFrame) -> np.ndarray:
+        """The booster's float32 input for `X` (the pipeline's own preparation)."""
+        return np.ascontiguousarray(self.prepare.transform(X), dtype=np.float32)
+
+    def contributions(self, X: pd.DataFrame, predicted: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
         """(rows, features) Saabas contributions toward each row's predicted class: the leaves each row reaches in
-        that class's trees (its leaf booster), then one sparse product with the precomputed path contributions."""
-        values = np.ascontiguousarray(self.prepare.transform(X), dtype=np.float32)
+        that class's trees (its leaf booster), then one sparse product with the precomputed path contributions.
+        `values`: `model_values(X)` when the caller has it already."""
+        values = self.model_values(X) if values is None else values
         n = len(X)
         out = np.zeros((n, len(self.names)), np.float64)
         for k in range(self.groups):
@@ -186,32 +191,45 @@ class ReasonExplainer:
         """For each row, up to `top` codes of the features pushing hardest toward its predicted class."""
         return self.reason_codes(X, predicted, top).to_pylist()
 
-    def reason_codes(self, X: pd.DataFrame, predicted: np.ndarray, top: int = 3) -> pa.ListArray:
-        """`reasons` as the tag store's list<string> column, built from numpy without a Python list per row."""
-        toward = self.contributions(X, predicted)
-        n = len(X)
+    def reason_features(self, X: pd.DataFrame, predicted: np.ndarray, top: int = 3, values: np.ndarray | None = None) -> np.ndarray:
+        """(rows, top) index (into `names`) of the features pushing hardest toward each row's predicted class,
+        strongest first; -1 where fewer than `top` features push toward it at all."""
+        toward = self.contributions(X, predicted, values)
         order = np.argsort(-toward, axis=1)[:, :top]
         strength = np.take_along_axis(toward, order, axis=1)
+        chosen = np.full((len(X), top), -1, np.int64)
+        chosen[:, : order.shape[1]] = np.where(strength > 0, order, -1)
+        return chosen
+
+    def reason_codes(self, X: pd.DataFrame, predicted: np.ndarray, top: int = 3) -> pa.ListArray:
+        """`reasons` as the tag store's list<string> column, built from numpy without a Python list per row."""
+        return self.codes(X, self.reason_features(X, predicted, top))
+
+    def codes(self, X: pd.DataFrame, features: np.ndarray) -> pa.ListArray:
+        """The reason codes of `reason_features`: `name high|low` against the snapshot's median, `name=value` for a
+        categorical feature (both read from `X`, so the same features give tonight's codes)."""
+        n = len(X)
+        if features.shape[1] == 0:
+            return pa.array([[] for _ in range(n)], pa.list_(pa.string()))
         numeric_values = np.column_stack(
             [np.full(n, np.nan) if cat else X[name].to_numpy(dtype=float, na_value=np.nan) for name, cat in zip(self.names, self.categorical)]
         )
         columns = []
-        for j in range(order.shape[1]):
-            idx = order[:, j]
+        for j in range(features.shape[1]):
+            present = features[:, j] >= 0
+            idx = np.where(present, features[:, j], 0)
             codes = np.empty(n, dtype=object)
-            numeric_rows = ~self.categorical[idx]
+            numeric_rows = present & ~self.categorical[idx]
             if numeric_rows.any():
                 rows = np.nonzero(numeric_rows)[0]
                 above = numeric_values[rows, idx[rows]] > self._median[idx[rows]]
                 codes[rows] = np.where(above, self._high[idx[rows]], self._low[idx[rows]])
-            for position in np.unique(idx[~numeric_rows]):
-                rows = np.nonzero(idx == position)[0]
+            categorical_rows = present & self.categorical[idx]
+            for position in np.unique(idx[categorical_rows]):
+                rows = np.nonzero(categorical_rows & (idx == position))[0]
                 name = self.names[position]
                 codes[rows] = [f"{name}={value}" for value in X[name].to_numpy()[rows]]
-            codes[strength[:, j] <= 0] = None
             columns.append(codes)
-        if not columns:
-            return pa.array([[] for _ in range(n)], pa.list_(pa.string()))
         codes = np.column_stack(columns)
         kept = pd.notna(codes)
         offsets = np.concatenate([[0], np.cumsum(kept.sum(axis=1))]).astype(np.int32)

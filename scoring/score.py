@@ -14,6 +14,7 @@ Parquet file that replaces the partition only when everything succeeded and the 
 coverage check. Tags left out on purpose (`skip`, with a reason) are not expected by the check.
 """
 
+import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,11 +34,12 @@ from tagml.core.storage import atomic_replace, sql_literal
 from tagml.features.snapshot import open_feature_snapshot
 from tagml.scoring.coverage import Coverage, check_coverage
 from tagml.scoring.reasons import ReasonExplainer
+from tagml.scoring.reuse import SCORED_FROM_KEY, TagReuse, plan_reuse, scored_from_entry
 from tagml.scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
 from tagml.scoring.sources import known_labels_sql, labels_input, own_source
 from tagml.scoring.suitability import holdings_month, suitability_batches
 from tagml.training.catalog import Catalog, TagSpec
-from tagml.training.inference import infer, model_input
+from tagml.training.inference import Inference, infer, inference_of, model_input
 from tagml.training.registry import CHAMPION, IncompleteRegistrationError, alias_version, load_model, require_complete, version_info
 from tagml.training.versions import ModelVersionInfo, registered_model_name
 
@@ -182,6 +184,7 @@ class ModelTagJob:
     as_of: date
     scored_at: datetime
     top_reasons: int
+    reuse: TagReuse | None = None  # last night's output for customers whose model input did not move (scoring/reuse.py)
 
     @property
     def columns(self) -> list[str]:
@@ -216,8 +219,12 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
         customers = batch.column("customer_id").cast(pa.string())
         frame = batch.to_pandas()
         X = model_input(frame, info)
-        inference = infer(model, X, info, tag.min_confidence)
-        proba, top, confidence, inferred = inference.proba, inference.top, inference.confidence, inference.values
+        if job.reuse is None:
+            inference = infer(model, X, info, tag.min_confidence)
+            reasons = explainer.reason_codes(X, inference.top, job.top_reasons) if explainer else _no_reasons(n)
+        else:
+            inference, reasons = _reusing(model, X, customers, job, job.reuse)
+        proba, confidence, inferred = inference.proba, inference.confidence, inference.values
         seen, assessed_on, assessment = _assessments(job, frame["customer_id"])
         has_observed = pd.notna(seen)
         wins = has_observed & observed_wins & (assessment != "expired")
@@ -228,7 +235,6 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
         uniques, inverse = np.unique(value, return_inverse=True)
         column = np.array([value_index.get(v, -1) for v in uniques], dtype=np.int64)[inverse.ravel()]
         prob_of_value = np.where(column >= 0, proba[np.arange(n), np.maximum(column, 0)], confidence)
-        reasons = explainer.reason_codes(X, top, job.top_reasons) if explainer else pa.array([[]] * n, pa.list_(pa.string()))
         yield pa.RecordBatch.from_arrays(
             [
                 customers,
@@ -255,6 +261,34 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
             ],
             schema=TAG_ROW_SCHEMA,
         )
+
+
+def _no_reasons(n: int) -> pa.Array:
+    return pa.array([[]] * n, pa.list_(pa.string()))
+
+
+def _reusing(model: Any, X: pd.DataFrame, customers: pa.Array, job: ModelTagJob, reuse: TagReuse) -> tuple[Inference, pa.Array]:
+    """A batch's inference and reasons, last night's for the rows whose split codes did not move and the model's
+    for the rest; the reason text is tonight's for every row."""
+    n = len(X)
+    values = np.ascontiguousarray(reuse.prepare.transform(X), dtype=np.float32)
+    same, positions = reuse.previous.match(customers.to_numpy(zero_copy_only=False), reuse.intervals.codes(values))
+    fresh = np.nonzero(~same)[0]
+    kept = np.nonzero(same)[0]
+    reuse.reused += kept.size
+    reuse.rescored += fresh.size
+    proba = np.empty((n, len(job.info.classes)), np.float64)
+    proba[kept] = reuse.previous.proba[positions[kept]]
+    if fresh.size:
+        proba[fresh] = model.predict_proba(X.iloc[fresh])
+    inference = inference_of(proba, job.info, job.tag.min_confidence)
+    if job.explainer is None:
+        return inference, _no_reasons(n)
+    features = np.full((n, job.top_reasons), -1, np.int64)
+    features[kept] = reuse.previous.reason_features[positions[kept]]
+    if fresh.size:
+        features[fresh] = job.explainer.reason_features(X.iloc[fresh], inference.top[fresh], job.top_reasons, values[fresh])
+    return inference, job.explainer.codes(X, features)
 
 
 def _constant(value: Any, type_: pa.DataType, n: int) -> pa.Array:
@@ -413,19 +447,24 @@ def score_partition(
     with_reasons: bool = True,
     own_features: Mapping[str, Path] | None = None,
     skip: Mapping[str, str] | None = None,
+    previous_partition: Path | None = None,
 ) -> ScoringSummary:
     """Score every catalog tag (but the `skip`ped: tag -> reason) for every customer of its snapshot and replace `target` atomically.
 
     `features_path` is the as_of's customer_features (None when no tag reads it); `own_features` the
     snapshot of each bring-your-own tag; `staged_dir` holds the staged tag_labels (observed labels).
+    `previous_partition`: an earlier night's tag partition whose model output is reused, exactly, for the
+    customers whose tree-model input did not cross a split since (scoring/reuse.py); None scores everyone.
     """
     started = time.perf_counter()
     plan = plan_scoring(client, catalog, features_path, own_features or {}, staged_dir, as_of, skip or {})
     scored_at = datetime.now(UTC).replace(microsecond=0)
     per_tag: dict[str, dict[str, Any]] = {}
     rows = 0
+    scored_from = {t.name: scored_from_entry(plan.sources[t.name], plan.champions[t.name].info, top_reasons, with_reasons) for t in plan.catalog.model_tags}
+    schema = TAG_ROW_SCHEMA.with_metadata({SCORED_FROM_KEY: json.dumps(scored_from).encode()})
     with atomic_replace(target) as tmp:
-        with pq.ParquetWriter(tmp, TAG_ROW_SCHEMA, compression="zstd") as writer:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for tag in plan.catalog.rule_tags:
                 t0 = time.perf_counter()
                 for batch in rule_tag_rows(con, catalog, tag, plan.sources[tag.name], staged_dir, as_of, scored_at, batch_rows):
@@ -438,7 +477,8 @@ def score_partition(
                 info = champion.info
                 explainer = ReasonExplainer.for_model(con, champion.model, info.features, info.categorical, path) if with_reasons else None
                 observed = observed_labels(con, staged_dir, tag, as_of)
-                job = ModelTagJob(tag, info, observed.labels, observed.dates, explainer, as_of, scored_at, top_reasons)
+                reuse, no_reuse = plan_reuse(previous_partition, tag.name, info, champion.model, top_reasons if with_reasons else 0, batch_rows)
+                job = ModelTagJob(tag, info, observed.labels, observed.dates, explainer, as_of, scored_at, top_reasons, reuse)
                 for batch in _model_batches(path, champion.model, job, batch_rows):
                     writer.write_batch(batch)
                     rows += batch.num_rows
@@ -446,6 +486,7 @@ def score_partition(
                     "producer": info.producer,
                     "seconds": time.perf_counter() - t0,
                     "observed_labels_outside_classes": observed.outside_classes,
+                    "reuse": reuse.summary() if reuse else {"off": no_reuse},
                 }
         # the blocking check runs on the file about to be published: readers never see a partition that fails it
         coverage = check_coverage(con, tmp, plan.catalog, plan.sources)

@@ -38,6 +38,8 @@ class TagStore(Protocol):
 
     def latest_on_or_before(self, as_of: date | None) -> date: ...
 
+    def partition_before(self, as_of: date) -> Path | None: ...
+
     def write_partition(self, as_of: date) -> AbstractContextManager[Path]: ...
 
     def location(self, as_of: date) -> str: ...
@@ -116,6 +118,11 @@ class ParquetTagStore:
         except CorruptFileError as err:
             raise TagStoreError(str(err)) from err
         return self.table.read_sql(as_of)
+
+    def partition_before(self, as_of: date) -> Path | None:
+        """The newest partition's file strictly before `as_of` (what a night's scoring may reuse), or None."""
+        earlier = [d for d in self.partitions() if d < as_of]
+        return self.partition_path(earlier[-1]) if earlier else None
 
     def latest_on_or_before(self, as_of: date | None) -> date:
         candidates = [d for d in self.partitions() if as_of is None or d <= as_of]

@@ -18,6 +18,7 @@ from tagml.monitoring.history import DriftHistory
 from tagml.monitoring.reevaluation import events_from_result
 from tagml.orchestration.definitions import build_definitions
 from tagml.orchestration.jobs import NIGHTLY_SCORING_JOB, RAW_INGEST_JOB, TRAIN_ALL_JOB, reevaluation_run_config
+from tagml.scoring.reuse import NO_PREVIOUS
 from tagml.scoring.store import ParquetTagStore
 from tagml.training.catalog import load_catalog
 from tests.conftest import make_connection, write_test_catalog
@@ -128,3 +129,21 @@ def test_the_online_store_ends_on_the_newest_partition(home):
     event = _materializations(home["backfill"], "online_tags")[0]
     assert event.materialization.metadata["as_of"].value == NIGHTS[-1].isoformat()
     assert event.materialization.metadata["refreshed"].value is True
+
+
+def test_each_night_reuses_the_previous_partition_or_says_why_not(home):
+    """customer_tags' `reuse` metadata: the first night has nothing to reuse; each later night reuses the night
+    before for a tree champion (its rows split into reused and rescored) or names why it cannot."""
+    for position, (day, run) in enumerate(home["nightly"].items()):
+        metadata = _materializations(run, "customer_tags")[0].materialization.metadata
+        reuse, customers = metadata["reuse"].value, metadata["customers"].value
+        assert set(reuse) == {t.name for t in home["catalog"].model_tags}
+        for tag, entry in reuse.items():
+            if position == 0:
+                assert entry == {"off": NO_PREVIOUS}, (day, tag)
+            elif "off" in entry:
+                assert entry["off"].startswith("only tree models"), (day, tag, entry)
+            else:
+                assert entry["reused_rows"] + entry["rescored_rows"] == customers and entry["reused_rows"] > 0, (day, tag, entry)
+    by_as_of = _materializations(home["backfill"], "customer_tags")[0].materialization.metadata["by_as_of"].value
+    assert all(set(night["reuse"]) == {t.name for t in home["catalog"].model_tags} for night in by_as_of.values())

@@ -42,7 +42,11 @@ def decide(proba: np.ndarray, threshold: float | None) -> np.ndarray:
 
 def infer(model: Any, X: pd.DataFrame, version: ModelVersionInfo, min_confidence: float | None) -> Inference:
     """Probabilities and inferred values of `model` on `X` (from `model_input`), decided by the version's threshold."""
-    proba = model.predict_proba(X)
+    return inference_of(model.predict_proba(X), version, min_confidence)
+
+
+def inference_of(proba: np.ndarray, version: ModelVersionInfo, min_confidence: float | None) -> Inference:
+    """The inferred values of probabilities `proba` (the model's, or the same model's from an earlier night)."""
     top = decide(proba, version.decision_threshold)
     confidence = proba[np.arange(len(top)), top]
     values = np.array(version.classes, dtype=object)[top]
