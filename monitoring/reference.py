@@ -263,7 +263,7 @@ def reference_profile(
     meta_path, sample_path = folder / "profile.json", folder / "sample.parquet"
     key = {
         "profile_version": PROFILE_VERSION,
-        "population": str(population),
+        "population": _population_key(population, cache_dir),
         "population_file": file_identity(population)._asdict(),
         "slices": slices,
         "sample_rows": sample_rows,
@@ -305,6 +305,15 @@ def reference_profile(
     return ReferenceProfile(population, rows, class_counts, probability_bins, probability_sums, training_gap_share, sample_path)
 
 
+def _population_key(population: Path, cache_dir: Path) -> str:
+    """The population as a cache key names it: relative to the cache when built into it, so that a moved or copied
+    drift directory (a restored backup, bench_drift's copies) keeps its caches; the file's identity guards the content."""
+    try:
+        return "cache:" + Path(population).relative_to(cache_dir).as_posix()
+    except ValueError:
+        return str(population)
+
+
 def reference_feature_counts(
     con: duckdb.DuckDBPyConnection,
     mm: ModelVersionInfo,
@@ -323,7 +332,7 @@ def reference_feature_counts(
     path = cache_dir / tag.name / f"v{mm.version}" / "feature_counts.json"
     key = {
         "feature_counts_version": FEATURE_COUNTS_VERSION,
-        "population": str(population),
+        "population": _population_key(population, cache_dir),
         "population_file": file_identity(population)._asdict(),
         "features": dict(mm.kinds),
         "slices": slices,

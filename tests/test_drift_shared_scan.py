@@ -251,3 +251,27 @@ def test_a_corrupt_or_hostile_cache_is_recounted_never_read_into_a_wrong_psi(hom
         with make_connection(tmp_path) as con:
             _assert_features_match(con, results[0])
         assert json.loads(path.read_text())["counts"] == payload["counts"], what  # rewritten whole
+
+
+def test_a_copied_drift_directory_keeps_its_reference_cache(home, tmp_path):
+    import shutil
+
+    # no customer_features partition on the training dates: drift builds each reference population into its own directory
+    warehouse = tmp_path / "warehouse"
+    (warehouse / "customer_features").mkdir(parents=True)
+    for name in ("raw", "customer_tags"):
+        (warehouse / name).symlink_to(home["warehouse"] / name)
+    for day in NIGHTS:
+        (warehouse / "customer_features" / f"as_of={day}").symlink_to(home["features"][day].parent)
+    moved = {**home, "warehouse": warehouse}
+    first = _night(moved, tmp_path / "drift", NIGHTS[1])
+    assert all(r.inputs.population.is_relative_to(tmp_path / "drift") for r in first)
+    shutil.copytree(tmp_path / "drift", tmp_path / "copy")  # copy2: the files keep their size and mtime
+    counter = CountingBinCounter()
+    copied = _night(moved, tmp_path / "copy", NIGHTS[1], counter)
+    assert set(counter.paths) == {warehouse / "customer_features" / f"as_of={NIGHTS[1]}" / "data.parquet"}, (
+        "a copied drift directory counted its references again"
+    )
+    for a, b in zip(first, copied):
+        pd.testing.assert_frame_equal(a.features, b.features)
+        pd.testing.assert_frame_equal(a.predictions, b.predictions)
