@@ -216,7 +216,7 @@ def _cached_profile(meta_path: Path, sample_path: Path, key: dict[str, Any], pop
         return None
     try:
         class_counts = _counts_frame(meta["class_counts"], ["slice_column", "slice", "class"])
-        probability_bins = _counts_frame(meta["probability_bins"], ["class", "bin"], text=False)
+        probability_bins = _counts_frame(meta["probability_bins"], ["class", "bin"], ("bin",))
         probability_sums = {str(c): _finite(v) for c, v in meta["probability_sums"].items()}
         rows, gap = meta["rows"], _finite(meta["training_gap_share"])
     except (KeyError, TypeError, ValueError, AttributeError):
@@ -232,15 +232,14 @@ def _finite(value: Any) -> float:
     return float(value)
 
 
-def _counts_frame(columns: Any, keys: list[str], text: bool = True) -> pd.DataFrame:
-    """A cached counts table (column -> list): the `keys` as text (or integers) and `n` as non-negative integers, all of one length."""
+def _counts_frame(columns: Any, keys: list[str], integer_keys: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A cached counts table (column -> list): the `keys` as text (the `integer_keys` as integers) and `n` as non-negative integers, all of one length."""
     if not isinstance(columns, dict) or set(columns) != {*keys, "n"}:
         raise ValueError("not a counts table")
     lengths = {len(v) if isinstance(v, list) else -1 for v in columns.values()}
     if len(lengths) != 1 or -1 in lengths:
         raise ValueError("columns of different lengths")
-    key_type = str if text else int
-    if not all(type(v) is key_type for k in keys for v in columns[k]):
+    if not all(type(v) is (int if k in integer_keys else str) for k in keys for v in columns[k]):
         raise ValueError("a key of the wrong type")
     if not all(type(n) is int and n >= 0 for n in columns["n"]):
         raise ValueError("a count that is not a non-negative integer")

@@ -164,12 +164,12 @@ def test_the_reference_counts_are_read_from_the_cache_and_recounted_when_the_pop
     first = _night(home, drift_dir, NIGHTS[0], first_counter)
     populations = {r.inputs.population for r in first}
     assert populations <= set(first_counter.paths)
-    caches = {r.tag: _cache_file(drift_dir, r) for r in first}
-    before = {tag: (os.stat(path).st_ino, os.stat(path).st_mtime_ns, path.read_bytes()) for tag, path in caches.items()}
+    caches = {(r.tag, name): _cache_file(drift_dir, r).with_name(name) for r in first for name in ("feature_counts.json", "profile.json")}
+    before = {key: (os.stat(path).st_ino, os.stat(path).st_mtime_ns, path.read_bytes()) for key, path in caches.items()}
 
     second = _night(home, drift_dir, NIGHTS[1], second_counter)
     assert not populations & set(second_counter.paths), "the second night counted a reference again"
-    assert {tag: (os.stat(path).st_ino, os.stat(path).st_mtime_ns, path.read_bytes()) for tag, path in caches.items()} == before
+    assert {key: (os.stat(path).st_ino, os.stat(path).st_mtime_ns, path.read_bytes()) for key, path in caches.items()} == before
     with make_connection(tmp_path) as con:
         for result in second:
             _assert_features_match(con, result)
