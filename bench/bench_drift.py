@@ -413,6 +413,8 @@ def _history(drift_dir: Path, as_of: date) -> dict:
     for table, keys in HISTORY_KEYS.items():
         frame = con.execute(f"SELECT * FROM read_parquet('{history.path(table, as_of)}')").df()
         frame = frame.drop(columns=[c for c in TIMING_COLUMNS if c in frame])
+        if "reference_population" in frame:  # each code's own drift directory holds the populations it built
+            frame["reference_population"] = frame["reference_population"].str.replace(str(drift_dir), "<drift_dir>", regex=False)
         for column in frame.columns:  # list cells (reasons, drifted features) compare as tuples
             if frame[column].dtype == object:
                 frame[column] = frame[column].map(lambda v: tuple(v) if isinstance(v, (list, np.ndarray)) else v)
@@ -444,36 +446,47 @@ def compare_histories(old: Path, new: Path, as_of: date) -> dict:
 
 
 def night_bench(args: argparse.Namespace) -> int:
-    """Old (--compare-with checkout) vs new monitoring code on one night, alternated --repeat times, each from the same warm drift directory."""
+    """Old (--compare-with checkout) vs new monitoring code on one night, alternated --repeat times.
+
+    Each code gets its own drift directory, started from a copy of the home's and warmed by one untimed run of that
+    code: the two codes' reference caches differ in format and location (a cache keyed by an absolute path is cold in
+    any copy), and a night after the first is what a nightly pays. The timed runs then reuse that directory in place.
+    """
     import shutil
 
     home, out = Path(args.night_home), Path(args.out_dir)
-    warm = home / "drift"
     catalog = str(drifted_catalog(out, args.drifted_tag)) if args.drifted_tag else None
     codes = ["old", "new"] if args.compare_with else ["new"]
+
+    def child(code: str, result: Path, profile: Path | None) -> dict:
+        drift_dir = out / code / "drift"
+        argv = [sys.executable, __file__, "--child", "night", "--night-home", str(home), "--mlflow-db", args.mlflow_db, "--drift-dir", str(drift_dir)]
+        argv += ["--as-of", args.as_of, "--policies", args.policies[0], "--threads", str(args.threads), "--out", str(result)]
+        if catalog:
+            argv += ["--catalog", catalog]
+        if profile:
+            argv += ["--profile-out", str(profile)]
+        if code == "old":
+            argv += ["--compare-with", args.compare_with]
+        load = os.getloadavg()
+        subprocess.run(argv, check=True)
+        return {"code": code, "load_before": round(load[0], 2), **json.loads(result.read_text())}
+
+    warmups = {}
+    for code in codes:
+        shutil.rmtree(out / code, ignore_errors=True)
+        shutil.copytree(home / "drift", out / code / "drift", symlinks=True)  # never the original
+        warmups[code] = child(code, out / code / "warmup.json", None)
+        print(json.dumps({"warm_up": True, **warmups[code]}), flush=True)
     runs: list[dict] = []
     for i in range(args.repeat):
         for code in codes:
-            drift_dir = out / f"{code}_{i}" / "drift"
-            shutil.rmtree(drift_dir.parent, ignore_errors=True)
-            shutil.copytree(warm, drift_dir)  # the warm-up night's reference cache and history, never the original
-            argv = [sys.executable, __file__, "--child", "night", "--night-home", str(home), "--mlflow-db", args.mlflow_db, "--drift-dir", str(drift_dir)]
-            argv += ["--as-of", args.as_of, "--policies", args.policies[0], "--threads", str(args.threads)]
-            argv += ["--out", str(drift_dir.parent / "result.json")]
-            if catalog:
-                argv += ["--catalog", catalog]
-            if args.profile:
-                argv += ["--profile-out", str(drift_dir.parent / "drift.prof")]
-            if code == "old":
-                argv += ["--compare-with", args.compare_with]
-            load = os.getloadavg()
-            subprocess.run(argv, check=True)
-            result = {"code": code, "repeat": i, "load_before": load[0], **json.loads((drift_dir.parent / "result.json").read_text())}
+            result = {"repeat": i, **child(code, out / code / f"result_{i}.json", out / code / f"drift_{i}.prof" if args.profile else None)}
             print(json.dumps(result), flush=True)
             runs.append(result)
-    summary: dict = {"as_of": args.as_of, "policy": args.policies[0], "drifted_tag": args.drifted_tag, "runs": runs}
+    summary: dict = {"as_of": args.as_of, "policy": args.policies[0], "drifted_tag": args.drifted_tag, "warm_ups": warmups, "runs": runs}
     if args.compare_with:
-        summary["equality"] = compare_histories(out / "old_0" / "drift", out / "new_0" / "drift", date.fromisoformat(args.as_of))
+        summary["equality"] = compare_histories(out / "old" / "drift", out / "new" / "drift", date.fromisoformat(args.as_of))
         for metric in ("wall_seconds", "cpu_seconds"):
             old = sorted(r[metric] for r in runs if r["code"] == "old")
             new = sorted(r[metric] for r in runs if r["code"] == "new")

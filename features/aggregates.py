@@ -29,7 +29,7 @@ from pathlib import Path
 
 import duckdb
 
-from tagml.core.storage import sql_literal, staged_files, staged_path, staged_period, staged_relation, write_parquet_atomically
+from tagml.core.storage import file_identity, sql_literal, staged_files, staged_path, staged_period, staged_relation, write_parquet_atomically
 from tagml.features.customer_features import (
     EVENT_SOURCES,
     balances_select,
@@ -138,11 +138,7 @@ def _month_files(generation: Path, table: str, month: date) -> list[Path]:
 def input_identity(generation: Path, files: list[Path]) -> list[list]:
     """The identity of the staged files a month is built from: name within the generation, size and mtime
     (generations share unchanged files by hard link, so an unchanged file keeps all three)."""
-    out = []
-    for f in files:
-        st = f.stat()
-        out.append([f.relative_to(generation).as_posix(), st.st_size, st.st_mtime_ns])
-    return out
+    return [[f.relative_to(generation).as_posix(), *file_identity(f)] for f in files]
 
 
 def read_manifest(aggregates_dir: Path) -> dict:

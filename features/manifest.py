@@ -21,6 +21,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+from tagml.core.storage import file_identity
 from tagml.features.contract import BALANCES, DIGITAL_EVENTS, TRANSACTIONS, TableSpec
 from tagml.features.raw import contract_error
 
@@ -84,8 +85,7 @@ class TableInputs:
 
 
 def _input(raw_dir: Path, table: str, path: Path, kind: str, period: date | None) -> RawInput:
-    st = path.stat()
-    return RawInput(table, path, path.relative_to(raw_dir).as_posix(), kind, period, st.st_size, st.st_mtime_ns)
+    return RawInput(table, path, path.relative_to(raw_dir).as_posix(), kind, period, *file_identity(path))
 
 
 def table_inputs(raw_dir: Path, spec: TableSpec) -> TableInputs | None:

@@ -112,12 +112,15 @@ def _compatible(shared: Mapping[str, object], own: Mapping[str, object]) -> bool
     return all(shared[k] == v for k, v in own.items() if k in shared)
 
 
-def _shared_scans(night: Sequence[TagInputs], by: Callable[[TagInputs], object]) -> list[list[int]]:
-    """Positions of the tags one scan can serve together: the same `by` (snapshot, partition), and for every feature
-    and slice name two tags share, the same kind, bins and slice SQL (a version on another reference bins differently)."""
+def _shared_scans(night: Sequence[TagInputs], by: Callable[[TagInputs], object], binned: bool = True) -> list[list[int]]:
+    """Positions of the tags one scan can serve together: the same `by` (snapshot, partition), and for every slice
+    name two tags share the same slice SQL; when the scan bins features (`binned`), also for every feature two tags
+    share the same kind and bins (a version on another reference bins differently). The predictions' scan bins no
+    feature, so tags trained on different dates still share it."""
     groups: list[tuple[object, dict, dict, dict, list[int]]] = []
     for i, inputs in enumerate(night):
-        kinds, edges, slices = dict(inputs.model.kinds), inputs.reference_features.edges, inputs.slices
+        kinds, edges = (dict(inputs.model.kinds), inputs.reference_features.edges) if binned else ({}, {})
+        slices = inputs.slices
         for key, g_kinds, g_edges, g_slices, members in groups:
             if key == by(inputs) and _compatible(g_kinds, kinds) and _compatible(g_edges, edges) and _compatible(g_slices, slices):
                 g_kinds.update(kinds)
@@ -155,7 +158,7 @@ def _current_predictions(con: duckdb.DuckDBPyConnection, night: Sequence[TagInpu
     """Per tag, (class counts overall and per slice, probability bins per class) in the tag-store partition: one
     join of the partition with the snapshot's slice columns, and one pass over the probabilities, for every tag at once."""
     out: list[tuple[pd.DataFrame, pd.DataFrame]] = [(pd.DataFrame(), pd.DataFrame())] * len(night)
-    for members in _shared_scans(night, lambda inputs: (inputs.tags_sql, inputs.features_path)):
+    for members in _shared_scans(night, lambda inputs: (inputs.tags_sql, inputs.features_path), binned=False):
         first = night[members[0]]
         names = [night[i].tag.name for i in members]
         slices: dict[str, str] = {}

@@ -21,7 +21,9 @@ and probability histograms of the version's predictions, overall and per slice, 
 of feature rows with predictions for the Evidently report (features only, never a customer id).
 """
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from tagml.core.storage import PartitionedTable, WarehouseLayout, atomic_replace, quote, sql_literal, write_parquet_atomically
+from tagml.core.storage import PartitionedTable, WarehouseLayout, atomic_replace, file_identity, quote, sql_literal, write_parquet_atomically
 from tagml.core.suppression import Suppression
 from tagml.features.own_table import OwnTableSnapshotError
 from tagml.features.snapshot import build_feature_snapshot
@@ -45,8 +47,8 @@ from tagml.training.versions import ModelVersionInfo, registered_model_name
 
 PROBABILITY_BINS = 10  # fixed-width bins of each class probability
 SAMPLE_SALT = "tagml-drift-sample"  # the Evidently sample is the rows with the smallest hash(id, salt)
-PROFILE_VERSION = 1  # bump when the cached profile's content changes
-FEATURE_COUNTS_VERSION = 1  # bump when the cached feature bins or counts change
+PROFILE_VERSION = 2  # bump when the cached profile's content changes (2: a digest, the population file's identity)
+FEATURE_COUNTS_VERSION = 2  # bump when the cached feature bins or counts change (2: a digest)
 
 
 class DriftInputError(ValueError):
@@ -133,9 +135,31 @@ class ReferenceProfile:
     sample_path: Path
 
 
+def _digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write a cache file with the digest of its content, which `_read_cache` checks before trusting a number of it."""
+    plain = json.loads(json.dumps(payload, default=str))  # the payload exactly as it will read back
     with atomic_replace(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=1, default=str))
+        tmp.write_text(json.dumps({**plain, "digest": _digest(plain)}, indent=1))
+
+
+def _read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """A cache file's payload when it was written whole by `_atomic_json` for the same inputs (`key`), else None.
+
+    Anything else (a truncated or hand-edited file, another version's format) is recomputed by the caller:
+    a cache may cost a recount, never a wrong PSI.
+    """
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(payload, dict) or payload.get("key") != key:
+        return None
+    digest = payload.pop("digest", None)
+    return payload if digest == _digest(payload) else None
 
 
 def sample_sql(path: Path | str, columns: list[str], rows: int) -> str:
@@ -185,20 +209,41 @@ def _profile_predictions(
 
 def _cached_profile(meta_path: Path, sample_path: Path, key: dict[str, Any], population: Path) -> ReferenceProfile | None:
     """The cached profile when it was computed with the same inputs (`key`), else None."""
-    if not (meta_path.exists() and sample_path.exists()):
+    if not sample_path.exists():
         return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("key") != key:
+    meta = _read_cache(meta_path, key)
+    if meta is None:
         return None
-    return ReferenceProfile(
-        population_path=population,
-        rows=meta["rows"],
-        class_counts=pd.DataFrame(meta["class_counts"]),
-        probability_bins=pd.DataFrame(meta["probability_bins"]),
-        probability_sums=meta["probability_sums"],
-        training_gap_share=meta["training_gap_share"],
-        sample_path=sample_path,
-    )
+    try:
+        class_counts = _counts_frame(meta["class_counts"], ["slice_column", "slice", "class"])
+        probability_bins = _counts_frame(meta["probability_bins"], ["class", "bin"], ("bin",))
+        probability_sums = {str(c): _finite(v) for c, v in meta["probability_sums"].items()}
+        rows, gap = meta["rows"], _finite(meta["training_gap_share"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if type(rows) is not int or rows <= 0:
+        return None
+    return ReferenceProfile(population, rows, class_counts, probability_bins, probability_sums, gap, sample_path)
+
+
+def _finite(value: Any) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ValueError(f"not a finite number: {value!r}")
+    return float(value)
+
+
+def _counts_frame(columns: Any, keys: list[str], integer_keys: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A cached counts table (column -> list): the `keys` as text (the `integer_keys` as integers) and `n` as non-negative integers, all of one length."""
+    if not isinstance(columns, dict) or set(columns) != {*keys, "n"}:
+        raise ValueError("not a counts table")
+    lengths = {len(v) if isinstance(v, list) else -1 for v in columns.values()}
+    if len(lengths) != 1 or -1 in lengths:
+        raise ValueError("columns of different lengths")
+    if not all(type(v) is (int if k in integer_keys else str) for k in keys for v in columns[k]):
+        raise ValueError("a key of the wrong type")
+    if not all(type(n) is int and n >= 0 for n in columns["n"]):
+        raise ValueError("a count that is not a non-negative integer")
+    return pd.DataFrame({c: columns[c] for c in [*keys, "n"]}).astype({"n": "int64"})
 
 
 def reference_profile(
@@ -217,7 +262,8 @@ def reference_profile(
     meta_path, sample_path = folder / "profile.json", folder / "sample.parquet"
     key = {
         "profile_version": PROFILE_VERSION,
-        "population": str(population),
+        "population": _population_key(population, cache_dir),
+        "population_file": file_identity(population)._asdict(),
         "slices": slices,
         "sample_rows": sample_rows,
         "min_confidence": tag.min_confidence,
@@ -258,10 +304,13 @@ def reference_profile(
     return ReferenceProfile(population, rows, class_counts, probability_bins, probability_sums, training_gap_share, sample_path)
 
 
-def _file_signature(path: Path) -> dict[str, int]:
-    """What changes when a partition is rewritten (every write is a new file swapped in): its size and mtime."""
-    stat = Path(path).stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def _population_key(population: Path, cache_dir: Path) -> str:
+    """The population as a cache key names it: relative to the cache when built into it, so that a moved or copied
+    drift directory (a restored backup, bench_drift's copies) keeps its caches; the file's identity guards the content."""
+    try:
+        return "cache:" + Path(population).relative_to(cache_dir).as_posix()
+    except ValueError:
+        return str(population)
 
 
 def reference_feature_counts(
@@ -282,17 +331,18 @@ def reference_feature_counts(
     path = cache_dir / tag.name / f"v{mm.version}" / "feature_counts.json"
     key = {
         "feature_counts_version": FEATURE_COUNTS_VERSION,
-        "population": str(population),
-        "population_file": _file_signature(population),
+        "population": _population_key(population, cache_dir),
+        "population_file": file_identity(population)._asdict(),
         "features": dict(mm.kinds),
         "slices": slices,
         "edge_rows": EDGE_ROWS,
     }
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            edges = {name: Bins(tuple(spec["edges"]), spec["mass"]) for name, spec in cached["edges"].items()}
-            return ReferenceCounts(edges, pd.DataFrame(cached["counts"]).astype({"n": "int64"}))
+    cached = _read_cache(path, key)
+    if cached is not None:
+        try:
+            return _cached_counts(cached, mm.kinds)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass  # a payload of another shape under a matching key and digest: counted again below
     computed = reference_counts(con, population, mm.kinds, slices, bin_counter)
     counts = computed.counts[["slice_column", "slice", "feature", "bin", "n"]]
     _atomic_json(
@@ -307,3 +357,19 @@ def reference_feature_counts(
         },
     )
     return computed
+
+
+def _cached_counts(cached: dict[str, Any], kinds: dict[str, str]) -> ReferenceCounts:
+    """The bins and counts of a cache file, checked against the version's features; ValueError (or a KeyError, TypeError) if they do not fit."""
+    edges = {}
+    for name, spec in cached["edges"].items():
+        if kinds.get(name) in (None, "categorical") or set(spec) != {"edges", "mass"} or not isinstance(spec["edges"], list):
+            raise ValueError(f"the bins of {name!r} are not a numeric feature's")
+        values = tuple(_finite(e) for e in spec["edges"])
+        if list(values) != sorted(set(values)):
+            raise ValueError(f"the edges of {name!r} are not increasing")
+        edges[name] = Bins(values, None if spec["mass"] is None else _finite(spec["mass"]))
+    counts = _counts_frame(cached["counts"], ["slice_column", "slice", "feature", "bin"])
+    if set(counts["feature"]) - set(kinds):
+        raise ValueError("counts of a feature the version does not use")
+    return ReferenceCounts(edges, counts)

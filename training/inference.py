@@ -27,7 +27,8 @@ class Inference:
 def model_input(frame: pd.DataFrame, version: ModelVersionInfo) -> pd.DataFrame:
     """The version's features from `frame`, numeric ones as float64 (as the model was trained)."""
     X = frame[list(version.features)].copy()
-    numeric = [f for f in version.features if f not in version.categorical]
+    categorical = set(version.categorical)
+    numeric = [f for f in version.features if f not in categorical]
     X[numeric] = X[numeric].astype("float64")
     return X
 

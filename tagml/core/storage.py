@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import duckdb
 import pyarrow as pa
@@ -54,6 +54,21 @@ def connect(threads: int = 2, memory_limit: str = "4GB", database: str | Path = 
         con.close()
         raise
     return con
+
+
+class FileIdentity(NamedTuple):
+    """What changes when a file is rewritten: size and mtime in nanoseconds (every write here swaps in a new file)."""
+
+    size: int
+    mtime_ns: int
+
+
+def file_identity(path: Path | str) -> FileIdentity:
+    """One definition of "the same file as before" for every cache and manifest keyed on an input file
+    (drift's reference counts, the monthly aggregates, the raw delivery manifest): a content hash would
+    read every byte of a 1M-customer partition each night to learn what the stat already says."""
+    st = os.stat(path)
+    return FileIdentity(st.st_size, st.st_mtime_ns)
 
 
 def quote(identifier: str) -> str:
