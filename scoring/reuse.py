@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tagml.core.files import CorruptFileError, check_parquet
+from tagml.core.storage import file_identity
 from tagml.scoring.reasons import unwrap_pipeline
 from tagml.training.inference import model_input
 from tagml.training.versions import ModelVersionInfo
@@ -39,17 +40,11 @@ NAN_CODE = -1
 NO_PREVIOUS = "no earlier tag partition to reuse"
 
 
-def file_identity(path: Path) -> dict[str, int]:
-    """What changes when a snapshot is rewritten (every write is a new file swapped in): size and mtime."""
-    stat = Path(path).stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
 def scored_from_entry(source: Path, info: ModelVersionInfo, top_reasons: int, with_reasons: bool) -> dict[str, Any]:
     """What a model tag's rows were computed from, as recorded with its partition."""
     return {
         "source": str(source),
-        "source_identity": file_identity(source),
+        "source_identity": file_identity(source)._asdict(),
         "model_version": info.version,
         "run_id": info.run_id,
         "top_reasons": top_reasons if with_reasons else 0,
@@ -231,7 +226,7 @@ def reuse_problem(partition: Path | None, tag: str, info: ModelVersionInfo, top_
     source = Path(str(recorded.get("source", "")))
     if not source.is_file():
         return f"the previous night's features file {source} is gone", recorded
-    if file_identity(source) != recorded.get("source_identity"):
+    if file_identity(source)._asdict() != recorded.get("source_identity"):
         return f"the previous night's features file {source} was rewritten after that night was scored", recorded
     return None, recorded
 
