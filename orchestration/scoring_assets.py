@@ -15,6 +15,7 @@ from tagml.orchestration.partitions import SINGLE_RUN_BACKFILL, as_of_dates
 from tagml.orchestration.resources import MlflowResource, WarehouseResource
 from tagml.orchestration.training_assets import tag_model_key
 from tagml.scoring.coverage import unstable_tags
+from tagml.scoring.reuse import REUSE_OFF
 from tagml.scoring.score import CoverageError, ScoringError, ScoringSummary, UnscorableTagsError
 from tagml.scoring.sources import needs_contract, own_features_table, own_tags
 from tagml.training.catalog import Catalog
@@ -46,9 +47,11 @@ class ScoringConfig(dg.Config):
     )
     skip_reason: str | None = Field(default=None, description="Why skip_tags are left out (required with skip_tags).")
     reuse_unchanged: bool = Field(
-        default=True,
+        default=False,
         description="Reuse the previous partition's model output, exactly, for customers whose tree-model input crossed no split since "
-        "(false: score every customer again; the partition is the same either way).",
+        "(the partition is the same either way). Off by default: it pays only where most customers keep their split intervals "
+        "overnight (inputs that move by month); with day-granular recency features few do, and loading last night's output "
+        "then costs more than it saves (bench/RESULTS.md).",
     )
 
 
@@ -113,7 +116,7 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
         if len(nights) == 1:
             night = nights[0]
             yield dg.MaterializeResult(
-                metadata=_night_metadata(store, night),
+                metadata=_night_metadata(store, night, config.reuse_unchanged),
                 check_results=[
                     dg.AssetCheckResult(check_name="coverage", passed=night.summary.coverage.passed, metadata=night.summary.coverage.metadata()),
                     _stability_result(night.changed, night.unstable, night.previous),
@@ -133,7 +136,7 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
                             "rows": n.summary.rows,
                             "customers": n.summary.customers,
                             "seconds": round(n.summary.seconds, 1),
-                            "reuse": _reuse(n.summary),
+                            "reuse": _reuse(n.summary, config.reuse_unchanged),
                         }
                         for n in nights
                     }
@@ -154,11 +157,13 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
     return customer_tags
 
 
-def _reuse(summary: ScoringSummary) -> dict:
+def _reuse(summary: ScoringSummary, enabled: bool) -> dict:
+    if not enabled:
+        return {t: {"off": REUSE_OFF} for t, v in summary.per_tag.items() if "reuse" in v}
     return {t: v["reuse"] for t, v in summary.per_tag.items() if "reuse" in v}
 
 
-def _night_metadata(store, night: "_ScoredNight") -> dict:
+def _night_metadata(store, night: "_ScoredNight", reuse_enabled: bool) -> dict:
     summary = night.summary
     return {
         "rows": summary.rows,
@@ -171,7 +176,7 @@ def _night_metadata(store, night: "_ScoredNight") -> dict:
         ),
         "seconds": round(summary.seconds, 1),
         # per model tag: rows whose output was the previous partition's (reused) and rows scored again, or why not
-        "reuse": dg.MetadataValue.json(_reuse(summary)),
+        "reuse": dg.MetadataValue.json(_reuse(summary, reuse_enabled)),
         "skipped_tags": dg.MetadataValue.json(summary.skipped),
         "distribution": dg.MetadataValue.md(night.distribution.to_markdown(index=False)),
         "changed_share_since_previous": dg.MetadataValue.json(night.changed),

@@ -18,7 +18,7 @@ from tagml.monitoring.history import DriftHistory
 from tagml.monitoring.reevaluation import events_from_result
 from tagml.orchestration.definitions import build_definitions
 from tagml.orchestration.jobs import NIGHTLY_SCORING_JOB, RAW_INGEST_JOB, TRAIN_ALL_JOB, reevaluation_run_config
-from tagml.scoring.reuse import NO_PREVIOUS
+from tagml.scoring.reuse import NO_PREVIOUS, REUSE_OFF
 from tagml.scoring.store import ParquetTagStore
 from tagml.training.catalog import load_catalog
 from tests.conftest import make_connection, write_test_catalog
@@ -48,7 +48,10 @@ def home(tmp_path_factory):
     train = {"ops": {k: v for t in catalog.model_tags for k, v in reevaluation_run_config(t.name, TRAINED.isoformat())["ops"].items()}}
     assert defs.resolve_job_def(TRAIN_ALL_JOB).execute_in_process(instance=instance, run_config=train).success
     job = defs.resolve_job_def(NIGHTLY_SCORING_JOB)
-    nightly = {day: job.execute_in_process(instance=instance, partition_key=day.isoformat()) for day in NIGHTS}
+    # the nightly runs reuse the previous partition's output where they can, the backfill below does not:
+    # the equality of the two is the equality of reuse and full scoring through Dagster
+    reuse = {"ops": {"customer_tags": {"config": {"reuse_unchanged": True}}}}
+    nightly = {day: job.execute_in_process(instance=instance, partition_key=day.isoformat(), run_config=reuse) for day in NIGHTS}
     assert all(r.success for r in nightly.values())
     store = ParquetTagStore.in_warehouse(settings.warehouse_dir)
     with make_connection(root) as con:
@@ -146,4 +149,5 @@ def test_each_night_reuses_the_previous_partition_or_says_why_not(home):
             else:
                 assert entry["reused_rows"] + entry["rescored_rows"] == customers and entry["reused_rows"] > 0, (day, tag, entry)
     by_as_of = _materializations(home["backfill"], "customer_tags")[0].materialization.metadata["by_as_of"].value
-    assert all(set(night["reuse"]) == {t.name for t in home["catalog"].model_tags} for night in by_as_of.values())
+    models = {t.name for t in home["catalog"].model_tags}
+    assert all(night["reuse"] == {tag: {"off": REUSE_OFF} for tag in models} for night in by_as_of.values())  # off by default
