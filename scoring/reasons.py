@@ -110,6 +110,18 @@ def leaves(leaf_booster: Any, values: np.ndarray) -> np.ndarray:
     return np.asarray(margins, dtype=np.float32).reshape(values.shape[0], -1).astype(np.int64)
 
 
+def numeric_code(feature: str, above: bool) -> str:
+    """A numeric feature's reason code: above or below the snapshot's median (a categorical one's is `feature=value`)."""
+    return f"{feature} {'high' if above else 'low'}"
+
+
+def code_features(names: list[str], categorical: np.ndarray) -> tuple[dict[str, int], dict[str, int]]:
+    """How a stored reason code maps back to its feature's index in `names`: every numeric code, and the
+    categorical features by name (their codes are `name=value`)."""
+    numeric = {numeric_code(n, above): j for j, n in enumerate(names) if not categorical[j] for above in (True, False)}
+    return numeric, {n: j for j, n in enumerate(names) if categorical[j]}
+
+
 class ReasonExplainer:
     ROWS_PER_PASS = 16_384  # bounds the (rows x trees) leaf and one-hot arrays to a few tens of MB
 
@@ -119,8 +131,8 @@ class ReasonExplainer:
         self.names = list(self.prepare.get_feature_names_out())
         self.categorical = np.array([n in categorical for n in self.names])
         self._median = np.array([medians.get(n, np.nan) for n in self.names])
-        self._high = np.array([f"{n} high" for n in self.names], dtype=object)
-        self._low = np.array([f"{n} low" for n in self.names], dtype=object)
+        self._high = np.array([numeric_code(n, above=True) for n in self.names], dtype=object)
+        self._low = np.array([numeric_code(n, above=False) for n in self.names], dtype=object)
         ensemble = TreeEnsemble(self.booster)
         classifier = pipeline.named_steps["model"]
         classes = getattr(classifier, "n_classes_", 2)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from tagml.core.files import CorruptFileError, check_parquet
 from tagml.core.storage import file_identity
-from tagml.scoring.reasons import unwrap_pipeline
+from tagml.scoring.reasons import code_features, unwrap_pipeline
 from tagml.training.inference import model_input
 from tagml.training.versions import ModelVersionInfo
 
@@ -129,19 +129,9 @@ class PreviousOutput:
         return same, positions
 
 
-def reason_feature_lookup(names: list[str], categorical: np.ndarray) -> tuple[dict[str, int], dict[str, int]]:
-    """How a stored reason code maps back to its feature: `name high|low` for numeric, `name=value` for categorical."""
-    numeric = {}
-    for j, name in enumerate(names):
-        if not categorical[j]:
-            numeric[f"{name} high"] = j
-            numeric[f"{name} low"] = j
-    return numeric, {name: j for j, name in enumerate(names) if categorical[j]}
-
-
 def _reason_features(reasons: pa.ListArray, names: list[str], categorical: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, top) feature index of each stored reason code, -1 past the last; and per row whether every code was understood."""
-    numeric, categorical_names = reason_feature_lookup(names, categorical)
+    numeric, categorical_names = code_features(names, categorical)
     offsets = reasons.offsets.to_numpy()
     flat = pd.Series(reasons.values.to_numpy(zero_copy_only=False), dtype=object)
     index = flat.map(numeric)
