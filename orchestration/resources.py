@@ -122,16 +122,24 @@ class WarehouseResource(dg.ConfigurableResource):
         own_features: Mapping[str, Path] | None = None,
         skip: Mapping[str, str] | None = None,
         previous_partition: Path | None = None,
+        honour_refresh: bool = True,
+        reuse_unchanged: bool = False,
     ) -> ScoringSummary:
-        """`tagml.scoring.score.score_partition` of the staged delivery, on the engine. `previous_partition` (reuse of
-        unchanged customers' output) is DuckDB's only: Spark scores every customer."""
+        """`tagml.scoring.score.score_partition` of the staged delivery, on the engine (both carry inferences under the
+        catalog's refresh from `previous_partition`; `reuse_unchanged` is DuckDB's only: Spark infers the others anew)."""
         args = (client, catalog, features_path, self.staged_dir, as_of, target)
-        kwargs = {"batch_rows": batch_rows, "own_features": own_features, "skip": skip}
+        kwargs = {
+            "batch_rows": batch_rows,
+            "own_features": own_features,
+            "skip": skip,
+            "previous_partition": previous_partition,
+            "honour_refresh": honour_refresh,
+        }
         if self.on_spark:
             from tagml.scoring.spark_scoring import score_partition_spark
 
             return score_partition_spark(self.spark(), con, *args, **kwargs)
-        return score_partition(con, *args, **kwargs, previous_partition=previous_partition)
+        return score_partition(con, *args, **kwargs, reuse_unchanged=reuse_unchanged)
 
     def drift_bin_counter(self) -> BinCounter | None:
         """What counts the feature PSI's bins over every customer in `compute_drift`: None is DuckDB's own."""

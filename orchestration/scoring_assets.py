@@ -15,7 +15,6 @@ from tagml.orchestration.partitions import SINGLE_RUN_BACKFILL, as_of_dates
 from tagml.orchestration.resources import MlflowResource, WarehouseResource
 from tagml.orchestration.training_assets import tag_model_key
 from tagml.scoring.coverage import unstable_tags
-from tagml.scoring.reuse import REUSE_OFF
 from tagml.scoring.score import CoverageError, ScoringError, ScoringSummary, UnscorableTagsError
 from tagml.scoring.sources import needs_contract, own_features_table, own_tags
 from tagml.training.catalog import Catalog
@@ -46,6 +45,12 @@ class ScoringConfig(dg.Config):
         description="Publish the partition without these tags (e.g. one whose own table is late); recorded in the metadata as skipped_tags with skip_reason.",
     )
     skip_reason: str | None = Field(default=None, description="Why skip_tags are left out (required with skip_tags).")
+    refresh_all: bool = Field(
+        default=False,
+        description="Infer every model tag for every customer tonight, whatever its catalog refresh (e.g. after a feature fix). "
+        "Otherwise a weekly, monthly or quarterly tag keeps the inferences its period already made (from the previous partition) "
+        "and infers only the customers without one; the metadata's `refresh` says, per tag, how many rows each way and why.",
+    )
     reuse_unchanged: bool = Field(
         default=False,
         description="Reuse the previous partition's model output, exactly, for customers whose tree-model input crossed no split since "
@@ -95,9 +100,18 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
                 own = {t.name: own_features_table(Path(warehouse.warehouse_dir), t.name).path(as_of) for t in own_tags(catalog)}
                 try:
                     with store.write_partition(as_of) as staged:
-                        previous_file = store.partition_before(as_of) if config.reuse_unchanged else None
                         summary = warehouse.score_partition(
-                            con, client, catalog, features, as_of, staged, own_features=own, skip=skip, previous_partition=previous_file
+                            con,
+                            client,
+                            catalog,
+                            features,
+                            as_of,
+                            staged,
+                            own_features=own,
+                            skip=skip,
+                            previous_partition=store.partition_before(as_of),
+                            honour_refresh=not config.refresh_all,
+                            reuse_unchanged=config.reuse_unchanged,
                         )
                 except UnscorableTagsError as err:
                     raise dg.Failure(description=f"{as_of}: {err}", metadata={"failed_tags": dg.MetadataValue.json(err.problems)}) from err
@@ -116,7 +130,7 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
         if len(nights) == 1:
             night = nights[0]
             yield dg.MaterializeResult(
-                metadata=_night_metadata(store, night, config.reuse_unchanged),
+                metadata=_night_metadata(store, night),
                 check_results=[
                     dg.AssetCheckResult(check_name="coverage", passed=night.summary.coverage.passed, metadata=night.summary.coverage.metadata()),
                     _stability_result(night.changed, night.unstable, night.previous),
@@ -136,7 +150,8 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
                             "rows": n.summary.rows,
                             "customers": n.summary.customers,
                             "seconds": round(n.summary.seconds, 1),
-                            "reuse": _reuse(n.summary, config.reuse_unchanged),
+                            "reuse": _reuse(n.summary),
+                            "refresh": _refresh(n.summary),
                         }
                         for n in nights
                     }
@@ -157,13 +172,15 @@ def build_customer_tags_asset(partitions_def: dg.PartitionsDefinition, catalog: 
     return customer_tags
 
 
-def _reuse(summary: ScoringSummary, enabled: bool) -> dict:
-    if not enabled:
-        return {t: {"off": REUSE_OFF} for t, v in summary.per_tag.items() if "reuse" in v}
+def _refresh(summary: ScoringSummary) -> dict:
+    return {t: v["refresh"] for t, v in summary.per_tag.items() if "refresh" in v}
+
+
+def _reuse(summary: ScoringSummary) -> dict:
     return {t: v["reuse"] for t, v in summary.per_tag.items() if "reuse" in v}
 
 
-def _night_metadata(store, night: "_ScoredNight", reuse_enabled: bool) -> dict:
+def _night_metadata(store, night: "_ScoredNight") -> dict:
     summary = night.summary
     return {
         "rows": summary.rows,
@@ -176,7 +193,9 @@ def _night_metadata(store, night: "_ScoredNight", reuse_enabled: bool) -> dict:
         ),
         "seconds": round(summary.seconds, 1),
         # per model tag: rows whose output was the previous partition's (reused) and rows scored again, or why not
-        "reuse": dg.MetadataValue.json(_reuse(summary, reuse_enabled)),
+        "reuse": dg.MetadataValue.json(_reuse(summary)),
+        # per model tag: rows that kept the refresh period's inference and rows inferred tonight, or why all were
+        "refresh": dg.MetadataValue.json(_refresh(summary)),
         "skipped_tags": dg.MetadataValue.json(summary.skipped),
         "distribution": dg.MetadataValue.md(night.distribution.to_markdown(index=False)),
         "changed_share_since_previous": dg.MetadataValue.json(night.changed),

@@ -27,6 +27,7 @@ TAG_FIELDS = (
     "observed_mismatch",
     "assessment",
     "assessed_on",
+    "inferred_as_of",
 )
 
 Lineage = Callable[[str, str], dict[str, Any]]  # (tag, model version) -> where that version came from
@@ -65,7 +66,8 @@ def customer_tags(
     tags = []
     for record, row in zip(rows, shown.itertuples()):
         entry = {k: record.get(k) for k in TAG_FIELDS}
-        entry["assessed_on"] = entry["assessed_on"][:10] if entry["assessed_on"] else None  # a date, not pandas' midnight timestamp
+        for day in ("assessed_on", "inferred_as_of"):  # dates, not pandas' midnight timestamps
+            entry[day] = entry[day][:10] if entry[day] else None
         entry["probabilities"] = dict(row.probabilities) if is_present(row.probabilities) else None
         entry["reasons"] = list(row.reasons) if is_present(row.reasons) else []
         if lineage is not None and is_present(row.model_version):

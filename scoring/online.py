@@ -52,6 +52,7 @@ ENTRY_FIELDS = (
     "observed_mismatch",
     "assessment",
     "assessed_on",
+    "inferred_as_of",
 )
 INSERT_BATCH = 100_000
 # tag rows sorted at a time: each range of customers is sorted and grouped on its own, so memory stays near

@@ -38,7 +38,7 @@ from tagml.training.versions import ModelVersionInfo
 SCORED_FROM_KEY = b"tagml.scored_from"  # the tag partition's Parquet key-value metadata
 NAN_CODE = -1
 NO_PREVIOUS = "no earlier tag partition to reuse"
-REUSE_OFF = "customer_tags config reuse_unchanged is false: every customer scored"
+REUSE_OFF = "customer_tags config reuse_unchanged is false: every customer inferred tonight goes through the model"
 
 
 def scored_from_entry(source: Path, info: ModelVersionInfo, top_reasons: int, with_reasons: bool) -> dict[str, Any]:

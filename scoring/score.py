@@ -34,7 +34,8 @@ from tagml.core.storage import atomic_replace, sql_literal
 from tagml.features.snapshot import open_feature_snapshot
 from tagml.scoring.coverage import Coverage, check_coverage
 from tagml.scoring.reasons import ReasonExplainer
-from tagml.scoring.reuse import SCORED_FROM_KEY, TagReuse, plan_reuse, scored_from_entry
+from tagml.scoring.refresh import CARRY_OFF, CarriedInference, plan_carry
+from tagml.scoring.reuse import REUSE_OFF, SCORED_FROM_KEY, TagReuse, plan_reuse, scored_from_entry
 from tagml.scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
 from tagml.scoring.sources import known_labels_sql, labels_input, own_source
 from tagml.scoring.suitability import holdings_month, suitability_batches
@@ -64,6 +65,9 @@ TAG_ROW_SCHEMA = pa.schema(
         ("model_version", pa.string()),
         ("mlflow_run_id", pa.string()),
         ("scored_at", pa.timestamp("s", tz="UTC")),
+        # the as_of of the features the value was inferred from: the partition's own, or an earlier night's where the
+        # tag's catalog refresh (weekly, monthly, ...) carried the period's inference (scoring/refresh.py)
+        ("inferred_as_of", pa.date32()),
     ]
 )
 
@@ -185,6 +189,7 @@ class ModelTagJob:
     scored_at: datetime
     top_reasons: int
     reuse: TagReuse | None = None  # last night's output for customers whose model input did not move (scoring/reuse.py)
+    carry: CarriedInference | None = None  # the refresh period's inferences, kept tonight (scoring/refresh.py)
 
     @property
     def columns(self) -> list[str]:
@@ -210,7 +215,7 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
     """The one scorer of a model tag, batch by batch (feature columns in, TAG_ROW_SCHEMA out): probabilities,
     `unknown` below min_confidence, observed-label precedence (an expired assessment never wins) and reason
     codes. DuckDB's path feeds it a ParquetFile's batches, Spark's the batches of mapInArrow."""
-    tag, info, explainer = job.tag, job.info, job.explainer
+    tag, info = job.tag, job.info
     classes = np.array(info.classes, dtype=object)
     value_index = {c: k for k, c in enumerate(info.classes)}
     observed_wins = tag.label is not None and tag.label.observed_wins
@@ -219,11 +224,11 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
         customers = batch.column("customer_id").cast(pa.string())
         frame = batch.to_pandas()
         X = model_input(frame, info)
-        if job.reuse is None:
-            inference = infer(model, X, info, tag.min_confidence)
-            reasons = explainer.reason_codes(X, inference.top, job.top_reasons) if explainer else _no_reasons(n)
+        if job.carry is None:
+            inference, reasons = _inferred(model, X, customers, job)
+            scored_at, inferred_as_of = _constant(job.scored_at, pa.timestamp("s", tz="UTC"), n), _constant(job.as_of, pa.date32(), n)
         else:
-            inference, reasons = _reusing(model, X, customers, job, job.reuse)
+            inference, reasons, scored_at, inferred_as_of = _carrying(model, X, customers, job, job.carry)
         proba, confidence, inferred = inference.proba, inference.confidence, inference.values
         seen, assessed_on, assessment = _assessments(job, frame["customer_id"])
         has_observed = pd.notna(seen)
@@ -257,7 +262,8 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
                 _constant(info.producer, pa.string(), n),
                 _constant(info.version, pa.string(), n),
                 _constant(info.run_id, pa.string(), n),
-                _constant(job.scored_at, pa.timestamp("s", tz="UTC"), n),
+                scored_at,
+                inferred_as_of,
             ],
             schema=TAG_ROW_SCHEMA,
         )
@@ -265,6 +271,47 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
 
 def _no_reasons(n: int) -> pa.Array:
     return pa.array([[]] * n, pa.list_(pa.string()))
+
+
+def _inferred(model: Any, X: pd.DataFrame, customers: pa.Array, job: ModelTagJob) -> tuple[Inference, pa.Array]:
+    """Tonight's inference and reasons of a batch (reusing last night's output of unchanged customers where on)."""
+    if job.reuse is not None:
+        return _reusing(model, X, customers, job, job.reuse)
+    inference = infer(model, X, job.info, job.tag.min_confidence)
+    return inference, job.explainer.reason_codes(X, inference.top, job.top_reasons) if job.explainer else _no_reasons(len(X))
+
+
+def _carrying(model: Any, X: pd.DataFrame, customers: pa.Array, job: ModelTagJob, carry: CarriedInference) -> tuple[Inference, pa.Array, pa.Array, pa.Array]:
+    """A batch's inference, reasons, scored_at and inferred_as_of: the period's carried inference where a customer has
+    one, tonight's for the others."""
+    n = len(X)
+    positions = carry.positions(customers.to_numpy(zero_copy_only=False))
+    kept = np.nonzero(positions >= 0)[0]
+    fresh = np.nonzero(positions < 0)[0]
+    carry.carried += kept.size
+    carry.inferred += fresh.size
+    proba = np.empty((n, len(job.info.classes)), np.float64)
+    proba[kept] = carry.proba[positions[kept]]
+    parts_reasons = [carry.reasons.take(positions[kept])]
+    parts_scored = [carry.scored_at.take(positions[kept])]
+    parts_inferred = [carry.inferred_as_of.take(positions[kept])]
+    if fresh.size:
+        subset = X if fresh.size == n else X.iloc[fresh]
+        fresh_inference, fresh_reasons = _inferred(model, subset, customers.take(fresh), job)
+        proba[fresh] = fresh_inference.proba
+        parts_reasons.append(fresh_reasons)
+        parts_scored.append(_constant(job.scored_at, pa.timestamp("s", tz="UTC"), fresh.size))
+        parts_inferred.append(_constant(job.as_of, pa.date32(), fresh.size))
+    # rows were laid out kept first, then fresh: put each back at its place in the batch
+    order = np.empty(n, np.int64)
+    order[np.concatenate([kept, fresh])] = np.arange(n)
+    back = pa.array(order)
+
+    def placed(parts: list[pa.Array]) -> pa.Array:
+        return pa.concat_arrays([p.combine_chunks() if isinstance(p, pa.ChunkedArray) else p for p in parts]).take(back)
+
+    inference = inference_of(proba, job.info, job.tag.min_confidence)
+    return inference, placed(parts_reasons), placed(parts_scored), placed(parts_inferred)
 
 
 def _reusing(model: Any, X: pd.DataFrame, customers: pa.Array, job: ModelTagJob, reuse: TagReuse) -> tuple[Inference, pa.Array]:
@@ -308,7 +355,7 @@ def rule_tag_sql(tag: TagSpec, as_of: date, scored_at: datetime) -> str:
         f"{rule_case_sql(tag)} AS value, NULL::DOUBLE AS probability, NULL::MAP(VARCHAR, DOUBLE) AS probabilities, "
         f"[]::VARCHAR[] AS reasons, 'rule' AS source, NULL::VARCHAR AS inferred_value, NULL::VARCHAR AS observed_value, "
         f"NULL::BOOLEAN AS observed_mismatch, NULL::VARCHAR AS assessment, NULL::DATE AS assessed_on, {sql_literal(rule_version(tag))} AS producer, NULL::VARCHAR AS model_version, "
-        f"NULL::VARCHAR AS mlflow_run_id, TIMESTAMPTZ {sql_literal(scored_at.isoformat())} AS scored_at "
+        f"NULL::VARCHAR AS mlflow_run_id, TIMESTAMPTZ {sql_literal(scored_at.isoformat())} AS scored_at, DATE {sql_literal(as_of)} AS inferred_as_of "
         "FROM features"
     )
 
@@ -448,13 +495,18 @@ def score_partition(
     own_features: Mapping[str, Path] | None = None,
     skip: Mapping[str, str] | None = None,
     previous_partition: Path | None = None,
+    honour_refresh: bool = True,
+    reuse_unchanged: bool = False,
 ) -> ScoringSummary:
     """Score every catalog tag (but the `skip`ped: tag -> reason) for every customer of its snapshot and replace `target` atomically.
 
     `features_path` is the as_of's customer_features (None when no tag reads it); `own_features` the
     snapshot of each bring-your-own tag; `staged_dir` holds the staged tag_labels (observed labels).
-    `previous_partition`: an earlier night's tag partition whose model output is reused, exactly, for the
-    customers whose tree-model input did not cross a split since (scoring/reuse.py); None scores everyone.
+    `previous_partition`: the newest earlier tag partition. With `honour_refresh`, a model tag whose catalog
+    refresh is weekly, monthly or quarterly keeps that partition's inferences made within tonight's period and
+    infers only the customers without one (scoring/refresh.py); with `reuse_unchanged`, the customers inferred
+    tonight whose tree-model input crossed no split since reuse its output exactly (scoring/reuse.py).
+    None infers every customer.
     """
     started = time.perf_counter()
     plan = plan_scoring(client, catalog, features_path, own_features or {}, staged_dir, as_of, skip or {})
@@ -477,8 +529,12 @@ def score_partition(
                 info = champion.info
                 explainer = ReasonExplainer.for_model(con, champion.model, info.features, info.categorical, path) if with_reasons else None
                 observed = observed_labels(con, staged_dir, tag, as_of)
-                reuse, no_reuse = plan_reuse(previous_partition, tag.name, info, champion.model, top_reasons if with_reasons else 0, batch_rows)
-                job = ModelTagJob(tag, info, observed.labels, observed.dates, explainer, as_of, scored_at, top_reasons, reuse)
+                reasons_kept = top_reasons if with_reasons else 0
+                carry, no_carry = plan_carry(previous_partition, tag, info, reasons_kept, as_of) if honour_refresh else (None, CARRY_OFF)
+                reuse, no_reuse = (
+                    plan_reuse(previous_partition, tag.name, info, champion.model, reasons_kept, batch_rows) if reuse_unchanged else (None, REUSE_OFF)
+                )
+                job = ModelTagJob(tag, info, observed.labels, observed.dates, explainer, as_of, scored_at, top_reasons, reuse, carry)
                 for batch in _model_batches(path, champion.model, job, batch_rows):
                     writer.write_batch(batch)
                     rows += batch.num_rows
@@ -487,6 +543,7 @@ def score_partition(
                     "seconds": time.perf_counter() - t0,
                     "observed_labels_outside_classes": observed.outside_classes,
                     "reuse": reuse.summary() if reuse else {"off": no_reuse},
+                    "refresh": {"cadence": tag.refresh, **(carry.summary() if carry else {"inferred_rows": "all", "why": no_carry})},
                 }
         # the blocking check runs on the file about to be published: readers never see a partition that fails it
         coverage = check_coverage(con, tmp, plan.catalog, plan.sources)

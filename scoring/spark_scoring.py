@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 from tagml.core.storage import commit_parquet_parts
 from tagml.scoring.coverage import check_coverage
 from tagml.scoring.reasons import ReasonExplainer
+from tagml.scoring.refresh import CARRY_OFF, CarriedInference, carried_counts, plan_carry
 from tagml.scoring.rules import evaluate_rule, rule_columns, rule_version, sandbox_limits
 from tagml.scoring.score import (
     DEFAULT_BATCH_ROWS,
@@ -159,7 +160,17 @@ def _score_suitability_tag(run: _Run, catalog: Catalog, tag: TagSpec, path: Path
 
 
 def _score_model_tag(
-    run: _Run, tracking_uri: str, tag: TagSpec, champion: Champion, path: Path, staged_dir: Path | None, top_reasons: int, with_reasons: bool, order: int
+    run: _Run,
+    tracking_uri: str,
+    tag: TagSpec,
+    champion: Champion,
+    path: Path,
+    staged_dir: Path | None,
+    top_reasons: int,
+    with_reasons: bool,
+    order: int,
+    carry: CarriedInference | None,
+    no_carry: str | None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     info = champion.info
@@ -168,7 +179,8 @@ def _score_model_tag(
     explainer = ReasonExplainer.for_model(run.con, champion.model, info.features, info.categorical, path) if with_reasons else None
     observed = observed_labels(run.con, staged_dir, tag, run.as_of)
     # one copy per worker (a broadcast), not one per task; the model is loaded there from the registry
-    shipped = run.spark.sparkContext.broadcast(ModelTagJob(tag, info, observed.labels, observed.dates, explainer, run.as_of, run.scored_at, top_reasons))
+    job = ModelTagJob(tag, info, observed.labels, observed.dates, explainer, run.as_of, run.scored_at, top_reasons, carry=carry)
+    shipped = run.spark.sparkContext.broadcast(job)
 
     def score(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         job = shipped.value
@@ -178,7 +190,12 @@ def _score_model_tag(
         _write(frame.mapInArrow(score, _spark_schema()), run.parts, order, f"model tag {tag.name!r}")
     finally:
         shipped.destroy()
-    return {"producer": info.producer, "seconds": time.perf_counter() - started, "observed_labels_outside_classes": observed.outside_classes}
+    summary = {"producer": info.producer, "seconds": time.perf_counter() - started, "observed_labels_outside_classes": observed.outside_classes}
+    if carry is None:
+        return {**summary, "refresh": {"cadence": tag.refresh, "inferred_rows": "all", "why": no_carry}}
+    # the workers' counts stay on the workers: count what the tag's parts hold
+    carry.carried, carry.inferred = carried_counts(run.con, Path(glob.escape(str(run.parts))) / f"part-{order:04d}-*.parquet")
+    return {**summary, "refresh": {"cadence": tag.refresh, **carry.summary()}}
 
 
 def score_partition_spark(
@@ -195,6 +212,8 @@ def score_partition_spark(
     with_reasons: bool = True,
     own_features: Mapping[str, Path] | None = None,
     skip: Mapping[str, str] | None = None,
+    previous_partition: Path | None = None,
+    honour_refresh: bool = True,
 ) -> ScoringSummary:
     """`score_partition` on Spark: the same arguments (and `spark`), the same rows, schema, checks and atomic replace of `target`.
 
@@ -215,7 +234,9 @@ def score_partition_spark(
         for order, tag in enumerate(plan.catalog.model_tags, start=len(plan.catalog.rule_tags)):
             assert client is not None  # plan_scoring refuses model tags without one
             champion, path = plan.champions[tag.name], plan.sources[tag.name]
-            per_tag[tag.name] = _score_model_tag(run, client.tracking_uri, tag, champion, path, staged_dir, top_reasons, with_reasons, order)
+            reasons_kept = top_reasons if with_reasons else 0
+            carry, no_carry = plan_carry(previous_partition, tag, champion.info, reasons_kept, as_of) if honour_refresh else (None, CARRY_OFF)
+            per_tag[tag.name] = _score_model_tag(run, client.tracking_uri, tag, champion, path, staged_dir, top_reasons, with_reasons, order, carry, no_carry)
         # the blocking check runs on the parts about to be committed: readers never see a partition that fails it
         coverage = check_coverage(con, Path(glob.escape(tmp)) / "part-*.parquet", plan.catalog, plan.sources)
         if not coverage.passed:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import duckdb
 import pandas as pd
+import pyarrow.parquet as pq
 
 from tagml.core.files import CorruptFileError, check_parquet
 from tagml.core.storage import PartitionedTable, WarehouseLayout, atomic_replace, create_views, quote, sql_literal, tag_store_views, write_parquet_atomically
@@ -103,7 +104,8 @@ class ParquetTagStore:
     def _all(self) -> str:
         if not self.partitions():
             raise TagStoreError(f"the tag store at {self.root} has no partitions yet; run the scoring job first")
-        return self.table.read_all_sql()
+        # partitions written before inferred_as_of was recorded inferred every row on their own as_of
+        return f"(SELECT * REPLACE (coalesce(inferred_as_of, as_of) AS inferred_as_of) FROM {self.table.read_all_sql(union_by_name=True)})"
 
     def read_sql(self, as_of: date) -> str:
         """A relation over one partition, checked readable (a missing or corrupt one raises TagStoreError)."""
@@ -117,6 +119,8 @@ class ParquetTagStore:
             check_parquet(path, f"re-run the scoring job (customer_tags) for the partition {as_of.isoformat()}")
         except CorruptFileError as err:
             raise TagStoreError(str(err)) from err
+        if "inferred_as_of" not in pq.read_schema(path).names:
+            return f"(SELECT *, as_of AS inferred_as_of FROM {self.table.read_sql(as_of)})"
         return self.table.read_sql(as_of)
 
     def partition_before(self, as_of: date) -> Path | None:

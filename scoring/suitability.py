@@ -103,7 +103,8 @@ SELECT customer_id, $as_of::DATE AS as_of, $tag AS tag, value, NULL::DOUBLE AS p
     END::VARCHAR[] AS reasons,
     'rule' AS source, NULL::VARCHAR AS inferred_value, NULL::VARCHAR AS observed_value, NULL::BOOLEAN AS observed_mismatch,
     CASE WHEN label IS NULL THEN 'none' WHEN valid THEN 'valid' ELSE 'expired' END AS assessment, assessed_on,
-    $producer AS producer, NULL::VARCHAR AS model_version, NULL::VARCHAR AS mlflow_run_id, $scored_at::TIMESTAMPTZ AS scored_at
+    $producer AS producer, NULL::VARCHAR AS model_version, NULL::VARCHAR AS mlflow_run_id, $scored_at::TIMESTAMPTZ AS scored_at,
+    $as_of::DATE AS inferred_as_of
 FROM decided ORDER BY customer_id"""
     return sql, params
 

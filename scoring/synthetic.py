@@ -47,7 +47,8 @@ def synthetic_partition_sql(catalog: Catalog, as_of: date, customers: int, seed:
                CASE WHEN kind = 'model' THEN tag || '/1' ELSE 'rule:' || tag || ':1' END AS producer,
                CASE WHEN kind = 'model' THEN '1' END AS model_version,
                CASE WHEN kind = 'model' THEN 'synthetic' END AS mlflow_run_id,
-               CAST(DATE {day} + INTERVAL 1 DAY + INTERVAL 2 HOUR AS TIMESTAMPTZ) AS scored_at
+               CAST(DATE {day} + INTERVAL 1 DAY + INTERVAL 2 HOUR AS TIMESTAMPTZ) AS scored_at,
+               DATE {day} AS inferred_as_of
         FROM drawn
     """
 

@@ -18,6 +18,7 @@ from tagml.monitoring.history import DriftHistory
 from tagml.monitoring.reevaluation import events_from_result
 from tagml.orchestration.definitions import build_definitions
 from tagml.orchestration.jobs import NIGHTLY_SCORING_JOB, RAW_INGEST_JOB, TRAIN_ALL_JOB, reevaluation_run_config
+from tagml.scoring.refresh import NO_EARLIER_PARTITION
 from tagml.scoring.reuse import NO_PREVIOUS, REUSE_OFF
 from tagml.scoring.store import ParquetTagStore
 from tagml.training.catalog import load_catalog
@@ -48,8 +49,9 @@ def home(tmp_path_factory):
     train = {"ops": {k: v for t in catalog.model_tags for k, v in reevaluation_run_config(t.name, TRAINED.isoformat())["ops"].items()}}
     assert defs.resolve_job_def(TRAIN_ALL_JOB).execute_in_process(instance=instance, run_config=train).success
     job = defs.resolve_job_def(NIGHTLY_SCORING_JOB)
-    # the nightly runs reuse the previous partition's output where they can, the backfill below does not:
-    # the equality of the two is the equality of reuse and full scoring through Dagster
+    # both carry each weekly/monthly tag's inference within its period (the default); the nightly runs also reuse
+    # the previous partition's output where they can, the backfill below does not: their equality is the equality
+    # of nightly runs and one ranged run through Dagster, carried inferences included
     reuse = {"ops": {"customer_tags": {"config": {"reuse_unchanged": True}}}}
     nightly = {day: job.execute_in_process(instance=instance, partition_key=day.isoformat(), run_config=reuse) for day in NIGHTS}
     assert all(r.success for r in nightly.values())
@@ -134,20 +136,27 @@ def test_the_online_store_ends_on_the_newest_partition(home):
     assert event.materialization.metadata["refreshed"].value is True
 
 
-def test_each_night_reuses_the_previous_partition_or_says_why_not(home):
-    """customer_tags' `reuse` metadata: the first night has nothing to reuse; each later night reuses the night
-    before for a tree champion (its rows split into reused and rescored) or names why it cannot."""
+def test_each_night_carries_its_periods_inference_and_reuses_or_says_why_not(home):
+    """customer_tags' `refresh` and `reuse` metadata: the first night has nothing to carry or reuse; each later night
+    of the same week and month carries every earlier customer's inference and infers only the new customers (whose
+    reuse, on a tree champion, splits into reused and rescored rows) or names why it cannot."""
     for position, (day, run) in enumerate(home["nightly"].items()):
         metadata = _materializations(run, "customer_tags")[0].materialization.metadata
-        reuse, customers = metadata["reuse"].value, metadata["customers"].value
-        assert set(reuse) == {t.name for t in home["catalog"].model_tags}
-        for tag, entry in reuse.items():
+        reuse, refresh, customers = metadata["reuse"].value, metadata["refresh"].value, metadata["customers"].value
+        models = {t.name for t in home["catalog"].model_tags}
+        assert set(reuse) == set(refresh) == models
+        for tag in models:
             if position == 0:
-                assert entry == {"off": NO_PREVIOUS}, (day, tag)
-            elif "off" in entry:
-                assert entry["off"].startswith("only tree models"), (day, tag, entry)
+                assert reuse[tag] == {"off": NO_PREVIOUS} and refresh[tag]["why"] == NO_EARLIER_PARTITION, (day, tag)
+                continue
+            carried, inferred = refresh[tag]["carried_rows"], refresh[tag]["inferred_rows"]
+            assert carried > 0 and carried + inferred == customers, (day, tag, refresh[tag])
+            if "off" in reuse[tag]:
+                assert reuse[tag]["off"].startswith("only tree models"), (day, tag, reuse[tag])
             else:
-                assert entry["reused_rows"] + entry["rescored_rows"] == customers and entry["reused_rows"] > 0, (day, tag, entry)
+                assert reuse[tag]["reused_rows"] + reuse[tag]["rescored_rows"] == inferred, (day, tag, reuse[tag])
     by_as_of = _materializations(home["backfill"], "customer_tags")[0].materialization.metadata["by_as_of"].value
     models = {t.name for t in home["catalog"].model_tags}
     assert all(night["reuse"] == {tag: {"off": REUSE_OFF} for tag in models} for night in by_as_of.values())  # off by default
+    # the range carries from its own earlier nights, as the nightly runs did
+    assert all(by_as_of[d.isoformat()]["refresh"][tag]["carried_rows"] > 0 for d in NIGHTS[1:] for tag in models)

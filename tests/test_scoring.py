@@ -214,6 +214,7 @@ def _rows(as_of: date, values: dict[str, str], producer: str) -> pa.Table:
             "model_version": [producer[-1]] * n,
             "mlflow_run_id": ["run" + producer[-1]] * n,
             "scored_at": [datetime(2026, 1, 1, tzinfo=UTC)] * n,
+            "inferred_as_of": [as_of] * n,
         },
         schema=TAG_ROW_SCHEMA,
     )
