@@ -253,6 +253,7 @@ def _write_partition(store: ParquetTagStore, as_of: date, ids, p_churn, version:
             "model_version": [version] * n,
             "mlflow_run_id": ["run"] * n,
             "scored_at": [datetime(2026, 8, 1, tzinfo=UTC)] * n,
+            "inferred_as_of": [as_of] * n,
         },
         schema=TAG_ROW_SCHEMA,
     )

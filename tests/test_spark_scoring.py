@@ -140,3 +140,33 @@ def test_each_python_worker_loads_the_champion_version_once(spark, world):
         per_worker.setdefault(row.pid, set()).add(row.model)
     assert per_worker and all(len(models) == 1 for models in per_worker.values())
     assert len(seen) < 8  # 8 tasks ran on fewer workers, each reusing its model
+
+
+def test_spark_carries_the_periods_inference_as_duckdb_does(spark, world, tmp_path):
+    """Under a monthly refresh both engines keep the inference made earlier in the month (here marked by a
+    changed top probability) and infer the customers without one."""
+    from datetime import timedelta
+
+    catalog = world["catalog"].model_copy(update={"tags": tuple(t.model_copy(update={"refresh": "monthly"}) for t in world["catalog"].tags)})
+    full = score_partition(world["con"], world["client"], catalog, world["features"], world["staged"], AS_OF, tmp_path / "full.parquet")
+    earlier = AS_OF - timedelta(days=3)
+    table = pq.read_table(full.path)
+    frame = table.to_pandas()
+    frame["inferred_as_of"] = earlier
+    frame["reasons"] = frame["reasons"].map(lambda r: [*r, "carried"] if len(r) else r)
+    newcomers = frame.loc[frame.tag == "risk_appetite", "customer_id"].iloc[::7]
+    frame = frame[~((frame.tag == "risk_appetite") & frame.customer_id.isin(newcomers))]
+    previous = tmp_path / "previous.parquet"
+    pq.write_table(pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False), previous)
+    duck, on_spark = _both(spark, world, tmp_path, catalog=catalog, previous_partition=previous)
+    for summary in (duck, on_spark):
+        refresh = summary.per_tag["risk_appetite"]["refresh"]
+        assert refresh["inferred_rows"] == len(newcomers) and refresh["carried_rows"] == summary.customers - len(newcomers), refresh
+    a, b = _rows(duck.path), _rows(on_spark.path)
+    pd.testing.assert_frame_equal(a[KEYS + EXACT + ["inferred_as_of"]], b[KEYS + EXACT + ["inferred_as_of"]])
+    assert a.reasons.map(list).tolist() == b.reasons.map(list).tolist()
+    model = b.tag == "risk_appetite"
+    carried = model & ~b.customer_id.isin(newcomers)
+    assert (b.inferred_as_of[carried] == earlier).all() and (b.inferred_as_of[model & ~carried] == AS_OF).all()
+    assert (b.reasons[carried].map(lambda r: len(r) == 0 or r[-1] == "carried")).all()
+    assert not b.reasons[model & ~carried].map(lambda r: "carried" in list(r)).any()
