@@ -15,8 +15,12 @@ with the day's rows, not with history), on a generated bank of --customers:
                features_inc  update_monthly_aggregates + build_feature_snapshot(..., aggregates_dir=...) (H2)
   full         ingest_full   re-validate and re-stage every raw table (stage_delivery(..., full=True))
                features_full build_feature_snapshot from the staged rows (no aggregates)
-  both         tags          score_partition with reason codes into the tag store, as customer_tags does (with
-                             BENCH_NIGHTLY_REUSE=1 the incremental night reuses yesterday's output of unchanged customers)
+  both         tags          score_partition with reason codes into the tag store, as customer_tags does: the
+                             incremental night from yesterday's partition (the catalog's weekly and monthly tags keep
+                             their period's inference: for the default as_of and for 2026-11-17, yesterday is of the
+                             same ISO week and month; with BENCH_NIGHTLY_REUSE=1 the customers inferred tonight reuse yesterday's output
+                             where their split codes did not move), the full recompute infers every customer (what a
+                             night on which every model tag is due costs)
                drift         compute_drift with the report policy of the nightly asset (TAGML_DRIFT_REPORT default)
                online        the online store refresh from the newest partition (reported separately)
 
@@ -189,23 +193,33 @@ def _client(work: Path):
     return connect_tracking(f"sqlite:///{work / 'mlflow.db'}")
 
 
-def _score(con, work: Path, home: Home, night: date | None = None, reuse: bool = False) -> dict:
+def _score(con, work: Path, home: Home, night: date | None = None, incremental: bool = False) -> dict:
     from tagml.scoring.score import score_partition
     from tagml.scoring.store import ParquetTagStore
     from tagml.training.catalog import load_catalog
 
     store = ParquetTagStore.in_warehouse(home.warehouse)
-    # as customer_tags does: into the store's partition, atomically; the incremental night reuses the previous
-    # partition's output for unchanged customers (customer_tags' default), the full recompute scores everyone
+    # as customer_tags does: into the store's partition, atomically, from the partition before it (a weekly or
+    # monthly tag keeps its period's inference and infers only customers without one; with BENCH_NIGHTLY_REUSE=1
+    # those reuse last night's output where their split codes did not move); the full recompute infers everyone
     night = night or AS_OF
-    previous = store.partition_before(night) if reuse else None
+    previous = store.partition_before(night) if incremental else None
     with store.write_partition(night) as staged:
         summary = score_partition(
-            con, _client(work), load_catalog(), home.features_of(night), home.layout.staged_dir, night, staged, previous_partition=previous
+            con,
+            _client(work),
+            load_catalog(),
+            home.features_of(night),
+            home.layout.staged_dir,
+            night,
+            staged,
+            previous_partition=previous,
+            reuse_unchanged=REUSE_SCORES,
         )
     return {
         "rows": summary.rows,
         "per_tag_seconds": {k: round(v["seconds"], 1) for k, v in summary.per_tag.items()},
+        "refresh": {k: v["refresh"] for k, v in summary.per_tag.items() if "refresh" in v},
         "reuse": {k: v["reuse"] for k, v in summary.per_tag.items() if "reuse" in v},
     }
 
@@ -253,7 +267,7 @@ def step(work: Path, name: str, customers: int, months: int, threads: int, polic
 
         out = {"rows": build_feature_snapshot(con, home.layout.staged_dir, AS_OF, home.features).rows}
     elif name.startswith(("tags", "full_tags")):
-        out = _score(con, work, home, reuse=name == "tags" and REUSE_SCORES)
+        out = _score(con, work, home, incremental=name == "tags")
     elif name.startswith(("drift", "full_drift")):
         out = _drift(con, work, home, policy)
     elif name.startswith(("online", "full_online")):

@@ -110,8 +110,9 @@ class TagQuality:
     """Tag quality as users see it, per tag for the loaded as_of.
 
     coverage: share of customers with a value other than `unknown`; changed_share: share of customers
-    whose value differs from the previous partition (None when there is none); freshness is read
-    against the clock by `freshness_days`.
+    whose value differs from the previous partition (None when there is none); oldest_inferred_as_of: the
+    oldest features any value was inferred from (earlier than as_of where the catalog's refresh carried a
+    period's inference); freshness is that day's age against the clock (`freshness_days`).
     """
 
     tag: str
@@ -121,13 +122,14 @@ class TagQuality:
     changed_share: float | None
     previous_as_of: str | None
     scored_at: str
+    oldest_inferred_as_of: str | None = None  # None: recorded before inferred_as_of existed (= as_of)
 
     def as_dict(self, today: date | None = None) -> dict[str, Any]:
-        return {**asdict(self), "freshness_days": freshness_days(self.as_of, today)}
+        return {**asdict(self), "freshness_days": freshness_days(self.oldest_inferred_as_of or self.as_of, today)}
 
 
 def freshness_days(as_of: str, today: date | None = None) -> int:
-    """Days from the tags' as_of to today (UTC)."""
+    """Days from `as_of` to today (UTC)."""
     return ((today or datetime.now(UTC).date()) - date.fromisoformat(as_of)).days
 
 
@@ -148,11 +150,15 @@ def quality_report(quality: Sequence[TagQuality], catalog: "Catalog | None" = No
 
 def quality_markdown(report: Sequence[dict[str, Any]]) -> str:
     """`quality_report` as a markdown table (Dagster metadata, `tagml online status`)."""
-    lines = ["| tag | coverage | changed since previous | as_of | freshness (days) | refresh | stale |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| tag | coverage | changed since previous | as_of | oldest inference | freshness (days) | refresh | stale |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for q in report:
         changed = "n/a" if q["changed_share"] is None else f"{q['changed_share']:.2%}"
         stale = "n/a" if q["stale"] is None else ("yes" if q["stale"] else "no")
-        lines.append(f"| {q['tag']} | {q['coverage']:.2%} | {changed} | {q['as_of']} | {q['freshness_days']} | {q['refresh'] or 'n/a'} | {stale} |")
+        oldest = q.get("oldest_inferred_as_of") or q["as_of"]
+        lines.append(f"| {q['tag']} | {q['coverage']:.2%} | {changed} | {q['as_of']} | {oldest} | {q['freshness_days']} | {q['refresh'] or 'n/a'} | {stale} |")
     return "\n".join(lines)
 
 
@@ -248,7 +254,7 @@ def quality_rows(con: duckdb.DuckDBPyConnection, store: TagStore, as_of: date, s
     """Coverage per tag of the partition, and the share changed since the previous partition."""
     partition_sql = store.read_sql(as_of)
     coverage = con.execute(
-        f"SELECT tag, count(*), avg((value IS NOT NULL AND value <> 'unknown')::INT) FROM {partition_sql} GROUP BY tag ORDER BY tag"
+        f"SELECT tag, count(*), avg((value IS NOT NULL AND value <> 'unknown')::INT), min(inferred_as_of) FROM {partition_sql} GROUP BY tag ORDER BY tag"
     ).fetchall()
     previous = [d for d in store.partitions() if d < as_of]
     changed = store.changed_share(con, previous[-1], as_of) if previous else {}
@@ -261,8 +267,9 @@ def quality_rows(con: duckdb.DuckDBPyConnection, store: TagStore, as_of: date, s
             changed_share=changed.get(tag),
             previous_as_of=previous[-1].isoformat() if previous else None,
             scored_at=scored_at,
+            oldest_inferred_as_of=oldest.isoformat(),
         )
-        for tag, customers, share in coverage
+        for tag, customers, share, oldest in coverage
     ]
 
 

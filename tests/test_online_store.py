@@ -12,6 +12,9 @@ from datetime import date
 
 import dagster as dg
 import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from tagml.compliance.erasure import erase
@@ -122,6 +125,24 @@ def test_quality_coverage_stability_and_staleness_by_catalog_cadence(con, store,
         assert row["freshness_days"] == 9 and row["refresh"] == cadence[tag]
         assert row["stale"] == (cadence[tag] in ("daily", "weekly")), tag
     assert not any(r["stale"] for r in quality_report(online.quality(), CATALOG, today=date(2026, 12, 1)))
+
+
+def test_freshness_is_the_age_of_the_oldest_inference_a_carried_tag_holds(con, store, tmp_path):
+    """A monthly tag carried from the start of its month is as old as that inference, not as the partition."""
+    _partition(con, store, NOV, 2_000, seed=1)
+    path = store.partition_path(NOV)
+    table = pq.read_table(path)
+    carried = pc.and_(pc.equal(table["tag"], "life_stage"), pc.less(table["customer_id"], "C000001000"))
+    days = pc.if_else(carried, pa.scalar(date(2026, 11, 2), pa.date32()), table["inferred_as_of"])
+    pq.write_table(table.set_column(table.schema.get_field_index("inferred_as_of"), "inferred_as_of", days), path)
+    online = SQLiteOnlineStore(tmp_path / "tags.sqlite")
+    online.refresh(con, store)
+    report = {r["tag"]: r for r in quality_report(online.quality(), CATALOG, today=date(2026, 12, 3))}
+    assert report["life_stage"]["oldest_inferred_as_of"] == "2026-11-02" and report["life_stage"]["freshness_days"] == 31
+    assert report["life_stage"]["stale"] is False  # monthly: 32 days allowed
+    assert report["value_tier"]["freshness_days"] == 3 and report["value_tier"]["stale"] is True  # daily: 2 days allowed
+    entry = next(e for e in online.customer("C000000001")["tags"] if e["tag"] == "life_stage")
+    assert entry["inferred_as_of"] == "2026-11-02"
 
 
 def test_readers_see_a_whole_old_or_new_record_while_refreshes_alternate(con, store, tmp_path):
