@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from tagml.scoring.reuse import REUSE_OFF, SCORED_FROM_KEY, TagReuse, plan_reuse
 from tagml.scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
 from tagml.scoring.sources import known_labels_sql, labels_input, own_source
 from tagml.scoring.suitability import holdings_month, suitability_batches
-from tagml.training.catalog import Catalog, TagSpec
+from tagml.training.catalog import UNKNOWN, Catalog, TagSpec
 from tagml.training.inference import Inference, infer, inference_of, model_input
 from tagml.training.registry import CHAMPION, IncompleteRegistrationError, alias_version, load_model, require_complete, version_info
 from tagml.training.versions import ModelVersionInfo, registered_model_name
@@ -196,18 +197,31 @@ class ModelTagJob:
         """The snapshot columns each batch must hold."""
         return ["customer_id", *self.info.features]
 
+    @cached_property
+    def label_valid(self) -> np.ndarray | None:
+        """Per observed label (in `observed`'s order): still valid on as_of; None where the tag's labels do not expire."""
+        valid_from = self.tag.label.valid_from(self.as_of) if self.tag.label is not None else None
+        if valid_from is None:
+            return None
+        return np.array([d >= valid_from for d in self.observed_on.to_numpy()], dtype=bool)
+
 
 def _assessments(job: ModelTagJob, customers: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per customer: the observed label (None), its label date (None) and the assessment (valid | expired | none;
     None where the tag's labels do not expire)."""
-    seen = job.observed.reindex(customers).to_numpy()
-    has_observed = pd.notna(seen)
-    seen = np.where(has_observed, seen, None)
-    dates = np.where(has_observed, job.observed_on.reindex(customers).to_numpy(), None)
-    valid_from = job.tag.label.valid_from(job.as_of) if job.tag.label is not None else None
-    if valid_from is None:
-        return seen, dates, np.full(len(seen), None, dtype=object)
-    valid = np.array([d is not None and d >= valid_from for d in dates], dtype=bool)
+    n = len(customers)
+    positions = job.observed.index.get_indexer(customers)
+    has_observed = positions >= 0
+    found = positions[has_observed]
+    seen = np.full(n, None, dtype=object)
+    seen[has_observed] = job.observed.to_numpy()[found]
+    dates = np.full(n, None, dtype=object)
+    dates[has_observed] = job.observed_on.to_numpy()[found]
+    label_valid = job.label_valid
+    if label_valid is None:
+        return seen, dates, np.full(n, None, dtype=object)
+    valid = np.zeros(n, dtype=bool)
+    valid[has_observed] = label_valid[found]
     return seen, dates, np.where(valid, "valid", np.where(has_observed, "expired", "none")).astype(object)
 
 
@@ -216,19 +230,19 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
     `unknown` below min_confidence, observed-label precedence (an expired assessment never wins) and reason
     codes. DuckDB's path feeds it a ParquetFile's batches, Spark's the batches of mapInArrow."""
     tag, info = job.tag, job.info
-    classes = np.array(info.classes, dtype=object)
+    classes = len(info.classes)
+    class_names = pa.array(info.classes, pa.string())
     value_index = {c: k for k, c in enumerate(info.classes)}
     observed_wins = tag.label is not None and tag.label.observed_wins
     for batch in batches:
         n = batch.num_rows
         customers = batch.column("customer_id").cast(pa.string())
         frame = batch.to_pandas()
-        X = model_input(frame, info)
         if job.carry is None:
-            inference, reasons = _inferred(model, X, customers, job)
+            inference, reasons = _inferred(model, model_input(frame, info), customers, job)
             scored_at, inferred_as_of = _constant(job.scored_at, pa.timestamp("s", tz="UTC"), n), _constant(job.as_of, pa.date32(), n)
         else:
-            inference, reasons, scored_at, inferred_as_of = _carrying(model, X, customers, job, job.carry)
+            inference, reasons, scored_at, inferred_as_of = _carrying(model, frame, customers, job, job.carry)
         proba, confidence, inferred = inference.proba, inference.confidence, inference.values
         seen, assessed_on, assessment = _assessments(job, frame["customer_id"])
         has_observed = pd.notna(seen)
@@ -237,8 +251,9 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
         source = np.where(wins, "observed", "model")
         mismatch = np.where(has_observed, seen != inferred, None)
         # the probability of the stored value: its class's, or the top class's confidence for `unknown`
-        uniques, inverse = np.unique(value, return_inverse=True)
-        column = np.array([value_index.get(v, -1) for v in uniques], dtype=np.int64)[inverse.ravel()]
+        column = np.where(inferred == UNKNOWN, -1, inference.top).astype(np.int64)
+        won = np.nonzero(wins)[0]
+        column[won] = [value_index.get(v, -1) for v in seen[won]]
         prob_of_value = np.where(column >= 0, proba[np.arange(n), np.maximum(column, 0)], confidence)
         yield pa.RecordBatch.from_arrays(
             [
@@ -248,8 +263,8 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
                 pa.array(value, pa.string()),
                 pa.array(prob_of_value, pa.float64()),
                 pa.MapArray.from_arrays(
-                    pa.array(np.arange(0, (n + 1) * len(classes), len(classes)), pa.int32()),
-                    pa.array(np.tile(classes, n), pa.string()),
+                    pa.array(np.arange(0, (n + 1) * classes, classes), pa.int32()),
+                    class_names.take(pa.array(np.tile(np.arange(classes, dtype=np.int32), n))),
                     pa.array(proba.astype("float64").ravel()),
                 ),
                 reasons,
@@ -281,10 +296,12 @@ def _inferred(model: Any, X: pd.DataFrame, customers: pa.Array, job: ModelTagJob
     return inference, job.explainer.reason_codes(X, inference.top, job.top_reasons) if job.explainer else _no_reasons(len(X))
 
 
-def _carrying(model: Any, X: pd.DataFrame, customers: pa.Array, job: ModelTagJob, carry: CarriedInference) -> tuple[Inference, pa.Array, pa.Array, pa.Array]:
+def _carrying(
+    model: Any, frame: pd.DataFrame, customers: pa.Array, job: ModelTagJob, carry: CarriedInference
+) -> tuple[Inference, pa.Array, pa.Array, pa.Array]:
     """A batch's inference, reasons, scored_at and inferred_as_of: the period's carried inference where a customer has
-    one, tonight's for the others."""
-    n = len(X)
+    one, tonight's for the others (only their model input is prepared)."""
+    n = len(frame)
     positions = carry.positions(customers.to_numpy(zero_copy_only=False))
     kept = np.nonzero(positions >= 0)[0]
     fresh = np.nonzero(positions < 0)[0]
@@ -296,8 +313,8 @@ def _carrying(model: Any, X: pd.DataFrame, customers: pa.Array, job: ModelTagJob
     parts_scored = [carry.scored_at.take(positions[kept])]
     parts_inferred = [carry.inferred_as_of.take(positions[kept])]
     if fresh.size:
-        subset = X if fresh.size == n else X.iloc[fresh]
-        fresh_inference, fresh_reasons = _inferred(model, subset, customers.take(fresh), job)
+        subset = frame if fresh.size == n else frame.iloc[fresh]
+        fresh_inference, fresh_reasons = _inferred(model, model_input(subset, job.info), customers.take(fresh), job)
         proba[fresh] = fresh_inference.proba
         parts_reasons.append(fresh_reasons)
         parts_scored.append(_constant(job.scored_at, pa.timestamp("s", tz="UTC"), fresh.size))
