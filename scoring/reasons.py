@@ -12,6 +12,7 @@ the population median at as_of) or `region=east`.
 """
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,20 @@ def code_features(names: list[str], categorical: np.ndarray) -> tuple[dict[str, 
     return numeric, {n: j for j, n in enumerate(names) if categorical[j]}
 
 
+def explains(model: Any) -> bool:
+    """Whether reason codes are computed for `model` (xgboost pipelines)."""
+    pipeline = unwrap_pipeline(model)
+    return pipeline is not None and type(pipeline.named_steps.get("model")).__name__ == "XGBClassifier"
+
+
+def snapshot_medians(con: duckdb.DuckDBPyConnection, features_path: Path, numeric: Sequence[str]) -> dict[str, float]:
+    """The median of each numeric feature over the snapshot, in one pass ("high"/"low" in a reason is against it)."""
+    if not numeric:
+        return {}
+    row = con.execute("SELECT " + ", ".join(f"median({quote(f)}::DOUBLE)" for f in numeric) + f" FROM read_parquet({sql_literal(features_path)})").fetchall()[0]
+    return dict(zip(numeric, row))
+
+
 class ReasonExplainer:
     ROWS_PER_PASS = 16_384  # bounds the (rows x trees) leaf and one-hot arrays to a few tens of MB
 
@@ -154,20 +169,25 @@ class ReasonExplainer:
 
     @classmethod
     def for_model(
-        cls, con: duckdb.DuckDBPyConnection, model: Any, features: tuple[str, ...], categorical: tuple[str, ...], features_path: Path
+        cls,
+        con: duckdb.DuckDBPyConnection,
+        model: Any,
+        features: tuple[str, ...],
+        categorical: tuple[str, ...],
+        features_path: Path,
+        medians: Mapping[str, float] | None = None,
     ) -> "ReasonExplainer | None":
-        """An explainer for xgboost pipelines (None for other families), with medians of the snapshot."""
+        """An explainer for xgboost pipelines (None for other families), with medians of the snapshot (`medians`: the
+        snapshot's medians already computed, e.g. by one `snapshot_medians` pass for every tag scored from it)."""
         pipeline = unwrap_pipeline(model)
-        if pipeline is None or type(pipeline.named_steps.get("model")).__name__ != "XGBClassifier":
+        if not explains(model):
             return None
         numeric = [f for f in features if f not in categorical]
-        medians: dict[str, float] = {}
-        if numeric:
-            row = con.execute(
-                "SELECT " + ", ".join(f"median({quote(f)}::DOUBLE)" for f in numeric) + f" FROM read_parquet({sql_literal(features_path)})"
-            ).fetchall()[0]
-            medians = dict(zip(numeric, row))
-        return cls(pipeline, medians, categorical)
+        known = dict(medians or {})
+        missing = [f for f in numeric if f not in known]
+        if missing:
+            known.update(snapshot_medians(con, features_path, missing))
+        return cls(pipeline, {f: known[f] for f in numeric}, categorical)
 
     def model_values(self, X: pd.DataFrame) -> np.ndarray:
         """The booster's float32 input for `X` (the pipeline's own preparation)."""

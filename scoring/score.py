@@ -34,7 +34,7 @@ from tagml.core.files import CorruptFileError, check_parquet
 from tagml.core.storage import atomic_replace, sql_literal
 from tagml.features.snapshot import open_feature_snapshot
 from tagml.scoring.coverage import Coverage, check_coverage
-from tagml.scoring.reasons import ReasonExplainer
+from tagml.scoring.reasons import ReasonExplainer, explains, snapshot_medians
 from tagml.scoring.refresh import CARRY_OFF, CarriedInference, plan_carry
 from tagml.scoring.reuse import REUSE_OFF, SCORED_FROM_KEY, TagReuse, plan_reuse, scored_from_entry
 from tagml.scoring.rules import RuleInputError, rule_batches, rule_case_sql, rule_version
@@ -206,7 +206,7 @@ class ModelTagJob:
         return np.array([d >= valid_from for d in self.observed_on.to_numpy()], dtype=bool)
 
 
-def _assessments(job: ModelTagJob, customers: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _assessments(job: ModelTagJob, customers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per customer: the observed label (None), its label date (None) and the assessment (valid | expired | none;
     None where the tag's labels do not expire)."""
     n = len(customers)
@@ -237,14 +237,14 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
     for batch in batches:
         n = batch.num_rows
         customers = batch.column("customer_id").cast(pa.string())
-        frame = batch.to_pandas()
+        customer_ids = customers.to_numpy(zero_copy_only=False)
         if job.carry is None:
-            inference, reasons = _inferred(model, model_input(frame, info), customers, job)
+            inference, reasons = _inferred(model, model_input(batch.to_pandas(), info), customers, job)
             scored_at, inferred_as_of = _constant(job.scored_at, pa.timestamp("s", tz="UTC"), n), _constant(job.as_of, pa.date32(), n)
         else:
-            inference, reasons, scored_at, inferred_as_of = _carrying(model, frame, customers, job, job.carry)
+            inference, reasons, scored_at, inferred_as_of = _carrying(model, batch, customer_ids, job, job.carry)
         proba, confidence, inferred = inference.proba, inference.confidence, inference.values
-        seen, assessed_on, assessment = _assessments(job, frame["customer_id"])
+        seen, assessed_on, assessment = _assessments(job, customer_ids)
         has_observed = pd.notna(seen)
         wins = has_observed & observed_wins & (assessment != "expired")
         value = np.where(wins, seen, inferred)
@@ -297,12 +297,12 @@ def _inferred(model: Any, X: pd.DataFrame, customers: pa.Array, job: ModelTagJob
 
 
 def _carrying(
-    model: Any, frame: pd.DataFrame, customers: pa.Array, job: ModelTagJob, carry: CarriedInference
+    model: Any, batch: pa.RecordBatch, customer_ids: np.ndarray, job: ModelTagJob, carry: CarriedInference
 ) -> tuple[Inference, pa.Array, pa.Array, pa.Array]:
     """A batch's inference, reasons, scored_at and inferred_as_of: the period's carried inference where a customer has
-    one, tonight's for the others (only their model input is prepared)."""
-    n = len(frame)
-    positions = carry.positions(customers.to_numpy(zero_copy_only=False))
+    one, tonight's for the others (only their rows are converted and prepared for the model)."""
+    n = batch.num_rows
+    positions = carry.positions(customer_ids)
     kept = np.nonzero(positions >= 0)[0]
     fresh = np.nonzero(positions < 0)[0]
     carry.carried += kept.size
@@ -313,8 +313,8 @@ def _carrying(
     parts_scored = [carry.scored_at.take(positions[kept])]
     parts_inferred = [carry.inferred_as_of.take(positions[kept])]
     if fresh.size:
-        subset = frame if fresh.size == n else frame.iloc[fresh]
-        fresh_inference, fresh_reasons = _inferred(model, model_input(subset, job.info), customers.take(fresh), job)
+        subset = batch if fresh.size == n else batch.take(pa.array(fresh))
+        fresh_inference, fresh_reasons = _inferred(model, model_input(subset.to_pandas(), job.info), subset.column("customer_id").cast(pa.string()), job)
         proba[fresh] = fresh_inference.proba
         parts_reasons.append(fresh_reasons)
         parts_scored.append(_constant(job.scored_at, pa.timestamp("s", tz="UTC"), fresh.size))
@@ -498,6 +498,17 @@ def plan_scoring(
     return ScoringPlan(catalog.model_copy(update={"tags": active}), sources, champions, dict(skip))
 
 
+def _shared_medians(con: duckdb.DuckDBPyConnection, plan: ScoringPlan) -> dict[Path, dict[str, float]]:
+    """Per snapshot, the medians of every numeric feature some explained champion scored from it uses: one pass each."""
+    wanted: dict[Path, set[str]] = {}
+    for tag in plan.catalog.model_tags:
+        champion = plan.champions[tag.name]
+        numeric = wanted.setdefault(plan.sources[tag.name], set())
+        if explains(champion.model):
+            numeric.update(f for f in champion.info.features if f not in champion.info.categorical)
+    return {path: snapshot_medians(con, path, sorted(names)) for path, names in wanted.items()}
+
+
 def score_partition(
     con: duckdb.DuckDBPyConnection,
     client: MlflowClient | None,
@@ -532,6 +543,7 @@ def score_partition(
     rows = 0
     scored_from = {t.name: scored_from_entry(plan.sources[t.name], plan.champions[t.name].info, top_reasons, with_reasons) for t in plan.catalog.model_tags}
     schema = TAG_ROW_SCHEMA.with_metadata({SCORED_FROM_KEY: json.dumps(scored_from).encode()})
+    medians = _shared_medians(con, plan) if with_reasons else {}
     with atomic_replace(target) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for tag in plan.catalog.rule_tags:
@@ -544,7 +556,7 @@ def score_partition(
                 t0 = time.perf_counter()
                 champion, path = plan.champions[tag.name], plan.sources[tag.name]
                 info = champion.info
-                explainer = ReasonExplainer.for_model(con, champion.model, info.features, info.categorical, path) if with_reasons else None
+                explainer = ReasonExplainer.for_model(con, champion.model, info.features, info.categorical, path, medians[path]) if with_reasons else None
                 observed = observed_labels(con, staged_dir, tag, as_of)
                 reasons_kept = top_reasons if with_reasons else 0
                 carry, no_carry = plan_carry(previous_partition, tag, info, reasons_kept, as_of) if honour_refresh else (None, CARRY_OFF)
