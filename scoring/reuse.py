@@ -14,8 +14,10 @@ scoring writes.
 Last night's side is read from what it actually used: the tag partition records, per model tag, the
 features file it was scored from (its path and file identity), the champion version and the reason
 settings; if any of them differs tonight, or the file was rewritten since, nothing is reused and
-the summary says why. Only xgboost pipelines are eligible: a linear model's output moves with every
-input value, and it is cheap to recompute.
+the summary says why. A row that partition carried from an earlier night of its refresh period
+(`inferred_as_of` before its as_of, scoring/refresh.py) was not computed from that file and is never
+reused. Only xgboost pipelines are eligible: a linear model's output moves with every input value,
+and it is cheap to recompute.
 """
 
 import json
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tagml.core.files import CorruptFileError, check_parquet
@@ -173,7 +176,9 @@ def load_previous_output(
     batch_rows: int,
 ) -> PreviousOutput:
     """Last night's output of `tag` from its partition and the split codes of the features file it was scored from."""
-    rows = pq.read_table(partition, columns=["customer_id", "tag", "probabilities", "reasons", "model_version"], filters=[("tag", "=", tag)])
+    columns = ["customer_id", "as_of", "tag", "probabilities", "reasons", "model_version"]
+    carried_possible = "inferred_as_of" in pq.read_schema(partition).names
+    rows = pq.read_table(partition, columns=columns + (["inferred_as_of"] if carried_possible else []), filters=[("tag", "=", tag)])
     customers = rows.column("customer_id").to_numpy(zero_copy_only=False).astype(object)
     index = pd.Index(customers)
     probabilities = rows.column("probabilities").combine_chunks()
@@ -189,6 +194,10 @@ def load_previous_output(
     else:
         reason_features, understood = np.full((len(rows), 0), -1, np.int64), np.ones(len(rows), bool)
     same_version = (rows.column("model_version").to_numpy(zero_copy_only=False) == info.version) & understood
+    if carried_possible:
+        # a row carried from an earlier night of its refresh period was not computed from the recorded features file
+        inferred_that_night = pc.fill_null(pc.equal(rows.column("inferred_as_of"), rows.column("as_of").cast(pa.date32())), False)
+        same_version &= inferred_that_night.to_numpy(zero_copy_only=False)
     codes = np.zeros((len(rows), intervals.used.size), np.int32)
     seen = np.zeros(len(rows), bool)
     for batch_customers, values in _transform_batches(Path(recorded["source"]), info, prepare, batch_rows):

@@ -317,3 +317,18 @@ def test_a_partition_written_before_inferred_as_of_carries_and_reads_as_its_own_
     con = nights["con"]
     days = con.execute(f"SELECT DISTINCT inferred_as_of FROM {store.read_sql(LAST_NIGHT)}").fetchall()
     assert days == [(LAST_NIGHT,)]
+
+
+def test_reuse_never_takes_a_row_the_previous_partition_carried(nights, scored, tmp_path):
+    """A carried row's output came from an earlier night's features, not from the file its partition records: reusing
+    it tonight (a new period, so nothing is carried) would copy a stale inference for customers whose codes held."""
+    # last night's partition, its life_stage rows carried from two nights ago
+    from_two_nights = tmp_path / "from-two-nights.parquet"
+    _carrying(nights, LAST_NIGHT, from_two_nights, scored[TWO_NIGHTS_AGO])
+    days = _rows(from_two_nights).query("tag == 'life_stage'")["inferred_as_of"]
+    assert (days == TWO_NIGHTS_AGO).sum() > 0
+    target = tmp_path / "tonight.parquet"
+    summary = _score(nights, TONIGHT, target, previous_partition=from_two_nights)
+    reuse = summary.per_tag["life_stage"]["reuse"]
+    assert reuse["reused_rows"] <= (days != TWO_NIGHTS_AGO).sum()
+    pd.testing.assert_frame_equal(_rows(target), _rows(scored[TONIGHT]), check_exact=True)
