@@ -31,8 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tagml.core.files import CorruptFileError, check_parquet
-from tagml.scoring.reuse import read_scored_from
+from tagml.scoring.reuse import champion_output_problem, class_ordered_proba
 from tagml.training.catalog import TagSpec
 from tagml.training.versions import ModelVersionInfo
 
@@ -77,18 +76,8 @@ class CarriedInference:
 
 
 def _carry_problem(partition: Path, tag: TagSpec, info: ModelVersionInfo, top_reasons: int) -> str | None:
-    try:
-        check_parquet(partition, "")
-        recorded = read_scored_from(partition).get(tag.name)
-    except (CorruptFileError, OSError, ValueError) as exc:
-        return f"the earlier partition {partition} is unreadable ({str(exc).splitlines()[0]}): every customer inferred"
-    if not recorded:
-        return f"the earlier partition {partition} does not record what this tag was inferred with: every customer inferred"
-    if recorded.get("model_version") != info.version or recorded.get("run_id") != info.run_id:
-        return f"the champion changed since the earlier partition (version {recorded.get('model_version')} then, {info.version} now): every customer inferred"
-    if recorded.get("top_reasons") != top_reasons:
-        return f"the reason settings changed (top {recorded.get('top_reasons')} then, {top_reasons} now): every customer inferred"
-    return None
+    problem, _ = champion_output_problem(partition, tag.name, info, top_reasons)
+    return f"{problem}: every customer inferred" if problem else None
 
 
 def _load(partition: Path, tag: TagSpec, info: ModelVersionInfo, period_start: date) -> CarriedInference:
@@ -104,16 +93,7 @@ def _load(partition: Path, tag: TagSpec, info: ModelVersionInfo, period_start: d
     keep = pc.fill_null(keep, False)
     rows = rows.filter(keep)
     inferred_as_of = inferred_as_of.filter(keep)
-    classes = len(info.classes)
-    probabilities = rows.column("probabilities").combine_chunks()
-    keys = probabilities.keys
-    # every row's map holds the champion's classes in its order (checked per position: 6M Python strings cost seconds)
-    in_order = bool((np.diff(probabilities.offsets.to_numpy()) == classes).all()) and all(
-        pc.all(pc.equal(keys.take(pa.array(np.arange(k, len(keys), classes))), pa.scalar(name, pa.string()))).as_py() is not False
-        for k, name in enumerate(info.classes)
-    )
-    if not in_order:
-        raise ValueError("its probabilities are not in the champion's class order")
+    proba = class_ordered_proba(rows.column("probabilities").combine_chunks(), info.classes)
     customers = rows.column("customer_id").to_numpy(zero_copy_only=False).astype(object)
     index = pd.Index(customers)
     if not index.is_unique:
@@ -122,7 +102,7 @@ def _load(partition: Path, tag: TagSpec, info: ModelVersionInfo, period_start: d
         period_start,
         partition,
         index,
-        probabilities.items.to_numpy(zero_copy_only=False).reshape(len(rows), classes),
+        proba,
         rows.column("reasons").combine_chunks().cast(pa.list_(pa.string())),
         inferred_as_of.combine_chunks(),
         rows.column("scored_at").cast(pa.timestamp("s", tz="UTC")).combine_chunks(),
