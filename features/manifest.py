@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tagml.core.storage import file_identity
-from tagml.features.contract import BALANCES, DIGITAL_EVENTS, TRANSACTIONS, TableSpec
+from tagml.features.contract import BALANCES, DIGITAL_EVENTS, HOLDINGS, TRANSACTIONS, TableSpec
 from tagml.features.raw import contract_error
 
 MANIFEST = "manifest.json"
@@ -55,6 +55,8 @@ PERIOD_TABLES: dict[str, PeriodSpec] = {
     TRANSACTIONS.name: PeriodSpec("txn_ts"),
     DIGITAL_EVENTS.name: PeriodSpec("event_ts"),
     BALANCES.name: PeriodSpec("month_end", month_end=True),
+    # month-end values like balances: delivered whole, a night would re-validate every month of history
+    HOLDINGS.name: PeriodSpec("month_end", month_end=True),
 }
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from tagml.core.storage import staged_path
+from tagml.core.storage import staged_files, staged_path
 from tagml.features.contract import PRODUCT_RISK_LEVELS
 from tagml.scoring.rules import rule_version
 from tagml.scoring.sources import known_labels_sql
@@ -36,19 +36,23 @@ _ABSENT = {
 }
 
 
-def _staged(staged_dir: Path, table: str, params: dict) -> str:
-    """The staged table as a relation (an empty one when the optional table was never staged)."""
-    path = staged_path(staged_dir, table)
-    if not path.exists():
+def _staged(staged_dir: Path, table: str, params: dict, latest_on: date | None = None) -> str:
+    """The staged table as a relation (an empty one when the optional table was never staged). With `latest_on`, a
+    table staged by period is read from its latest period file on or before that day only: the one month end the
+    suitability reads (a file holds exactly its period's rows, and a period with no row has no file)."""
+    files = staged_files(staged_dir, table)
+    if latest_on is not None and files != [staged_path(staged_dir, table)]:
+        files = staged_files(staged_dir, table, last=latest_on)[-1:]
+    if not files:
         return _ABSENT[table]
-    params[table] = str(path)
+    params[table] = [str(f) for f in files]
     return f"read_parquet(${table})"
 
 
 def holdings_month(con: duckdb.DuckDBPyConnection, staged_dir: Path, as_of: date) -> date | None:
     """The latest holdings month end on or before `as_of` (None: no holdings delivered for it)."""
     params: dict = {"as_of": as_of}
-    holdings = _staged(staged_dir, "holdings", params)
+    holdings = _staged(staged_dir, "holdings", params, latest_on=as_of)
     return con.execute(f"SELECT max(month_end) FROM {holdings} WHERE month_end <= $as_of", params).fetchall()[0][0]
 
 
@@ -67,7 +71,7 @@ def suitability_sql(catalog: Catalog, tag: TagSpec, features_path: Path, staged_
         "producer": rule_version(tag),
         "scored_at": scored_at,
     }
-    holdings, products = _staged(staged_dir, "holdings", params), _staged(staged_dir, "products", params)
+    holdings, products = _staged(staged_dir, "holdings", params, latest_on=as_of), _staged(staged_dir, "products", params)
     held = "h.product_id || ' (' || h.risk_level || ')'"
     sql = f"""
 WITH latest AS (SELECT max(month_end) AS month_end FROM {holdings} WHERE month_end <= $as_of),

@@ -24,7 +24,7 @@ from tagml.orchestration.jobs import RAW_INGEST_JOB
 
 LAST = date(2026, 10, 31)  # the generated bank's last day (months end at the generator's 2026-10)
 FIRST_NIGHT = date(2026, 10, 28)
-EVENT_TABLES = ("transactions", "digital_events", "balances")
+EVENT_TABLES = ("transactions", "digital_events", "balances", "holdings")
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,8 @@ def test_the_second_night_validates_and_writes_only_the_new_day(night):
     validated = {t: i.validated for t, i in result.ingest.items() if i.validated}
     assert validated["transactions"] == (f"transactions/{day}.parquet",)
     assert validated["digital_events"] == (f"digital_events/{day}.parquet",)
-    assert "balances" not in validated  # no month end on that day
-    assert result.changed_periods == {"transactions": [day], "digital_events": [day], "balances": []}
+    assert "balances" not in validated and "holdings" not in validated  # no month end on that day: month-end history not re-read
+    assert result.changed_periods == {"transactions": [day], "digital_events": [day], "balances": [], "holdings": []}
     assert result.ingest["transactions"].skipped == len([k for k in before if k.startswith("transactions/")])
     after = file_state(staged)
     assert set(after) == set(before) | {f"transactions/{day}.parquet", f"digital_events/{day}.parquet"}

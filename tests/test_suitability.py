@@ -104,6 +104,29 @@ def test_suitability_compares_held_risk_with_the_valid_assessment(con, catalog, 
     assert (rows.source == "rule").all() and rows.producer.str.startswith("rule:2026.1:").all() and rows.inferred_value.isna().all()
 
 
+def test_holdings_staged_by_month_end_decide_as_holdings_staged_whole(con, catalog, tmp_path):
+    """Staging writes holdings one file per month end; suitability then reads only the latest on or before as_of
+    (here a later month end exists, and the latest month holds a sold-out zero): the rows equal the whole table's."""
+    staged, features = staged_bank(tmp_path)
+    whole = tmp_path / "whole.parquet"
+    _score(con, catalog, features, staged, whole)
+    holdings = pq.read_table(staged_path(staged, "holdings"))
+    staged_path(staged, "holdings").unlink()
+    for month_end in sorted(set(holdings.column("month_end").to_pylist())):
+        _write(staged / "holdings" / f"{month_end}.parquet", holdings.filter(pa.compute.equal(holdings.column("month_end"), month_end)))
+    by_period = tmp_path / "by_period.parquet"
+    summary = _score(con, catalog, features, staged, by_period)
+    assert summary.per_tag["suitability"]["holdings_month_end"] == "2026-10-31"
+    keep = [c for c in TAG_ROW_SCHEMA.names if c != "scored_at"]
+    assert pq.read_table(by_period, columns=keep).equals(pq.read_table(whole, columns=keep))
+    # every month end after as_of: no holdings on or before it
+    for f in (staged / "holdings").glob("*.parquet"):
+        if f.stem <= AS_OF.isoformat():
+            f.unlink()
+    _score(con, catalog, features, staged, by_period)
+    assert set(pd.read_parquet(by_period).reasons.map(tuple)) == {(f"no holdings delivered on or before {AS_OF}",)}
+
+
 def test_no_holdings_delivered_is_said_on_every_row(con, catalog, tmp_path):
     staged, features = staged_bank(tmp_path, with_holdings=False)
     target = tmp_path / "data.parquet"
