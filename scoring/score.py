@@ -27,6 +27,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
@@ -198,6 +199,19 @@ class ModelTagJob:
         return ["customer_id", *self.info.features]
 
     @cached_property
+    def observed_labels(self) -> pa.Array:
+        return pa.array(self.observed.to_numpy(dtype=object), pa.string())
+
+    @cached_property
+    def observed_dates(self) -> pa.Array:
+        return pa.array(self.observed_on.to_numpy(dtype=object), pa.date32())
+
+    @cached_property
+    def observed_class(self) -> np.ndarray:
+        """Per observed label, its index in the champion's classes (observed_labels keeps only labels of the classes)."""
+        return pd.Index(self.info.classes).get_indexer(self.observed.to_numpy(dtype=object))
+
+    @cached_property
     def label_valid(self) -> np.ndarray | None:
         """Per observed label (in `observed`'s order): still valid on as_of; None where the tag's labels do not expire."""
         valid_from = self.tag.label.valid_from(self.as_of) if self.tag.label is not None else None
@@ -206,23 +220,40 @@ class ModelTagJob:
         return np.array([d >= valid_from for d in self.observed_on.to_numpy()], dtype=bool)
 
 
-def _assessments(job: ModelTagJob, customers: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per customer: the observed label (None), its label date (None) and the assessment (valid | expired | none;
-    None where the tag's labels do not expire)."""
+ASSESSMENTS = pa.array(["valid", "expired", "none"], pa.string())
+EXPIRED = 1
+SOURCES = pa.array(["model", "observed"], pa.string())
+
+
+@dataclass(frozen=True)
+class Assessed:
+    """One batch's observed labels: per customer the label (null when none) and its date as Arrow arrays, whether one
+    exists and its class index (numpy), and the assessment (valid | expired | none; null where labels do not expire)."""
+
+    seen: pa.Array
+    assessed_on: pa.Array
+    has_observed: np.ndarray
+    seen_class: np.ndarray
+    assessment: pa.Array
+    expired: np.ndarray
+
+
+def _assessments(job: ModelTagJob, customers: np.ndarray) -> Assessed:
+    """The observed labels of a batch's customers, looked up once and kept in Arrow (no per-row Python objects)."""
     n = len(customers)
     positions = job.observed.index.get_indexer(customers)
     has_observed = positions >= 0
-    found = positions[has_observed]
-    seen = np.full(n, None, dtype=object)
-    seen[has_observed] = job.observed.to_numpy()[found]
-    dates = np.full(n, None, dtype=object)
-    dates[has_observed] = job.observed_on.to_numpy()[found]
+    lookup = pa.array(positions, pa.int64(), mask=~has_observed)
+    seen_class = np.where(has_observed, job.observed_class[np.maximum(positions, 0)], -1) if len(job.observed) else np.full(n, -1)
     label_valid = job.label_valid
     if label_valid is None:
-        return seen, dates, np.full(n, None, dtype=object)
-    valid = np.zeros(n, dtype=bool)
-    valid[has_observed] = label_valid[found]
-    return seen, dates, np.where(valid, "valid", np.where(has_observed, "expired", "none")).astype(object)
+        assessment, expired = pa.nulls(n, pa.string()), np.zeros(n, dtype=bool)
+    else:
+        valid = np.zeros(n, dtype=bool)
+        valid[has_observed] = label_valid[positions[has_observed]]
+        codes = np.where(valid, 0, np.where(has_observed, EXPIRED, 2))
+        assessment, expired = ASSESSMENTS.take(pa.array(codes, pa.int8())), codes == EXPIRED
+    return Assessed(job.observed_labels.take(lookup), job.observed_dates.take(lookup), has_observed, seen_class, assessment, expired)
 
 
 def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelTagJob) -> Iterator[pa.RecordBatch]:
@@ -232,7 +263,7 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
     tag, info = job.tag, job.info
     classes = len(info.classes)
     class_names = pa.array(info.classes, pa.string())
-    value_index = {c: k for k, c in enumerate(info.classes)}
+    values = pa.array([*info.classes, UNKNOWN], pa.string())  # indexed by Inference.value_index, UNKNOWN last
     observed_wins = tag.label is not None and tag.label.observed_wins
     for batch in batches:
         n = batch.num_rows
@@ -243,24 +274,19 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
             scored_at, inferred_as_of = _constant(job.scored_at, pa.timestamp("s", tz="UTC"), n), _constant(job.as_of, pa.date32(), n)
         else:
             inference, reasons, scored_at, inferred_as_of = _carrying(model, batch, customer_ids, job, job.carry)
-        proba, confidence, inferred = inference.proba, inference.confidence, inference.values
-        seen, assessed_on, assessment = _assessments(job, customer_ids)
-        has_observed = pd.notna(seen)
-        wins = has_observed & observed_wins & (assessment != "expired")
-        value = np.where(wins, seen, inferred)
-        source = np.where(wins, "observed", "model")
-        mismatch = np.where(has_observed, seen != inferred, None)
+        proba = inference.proba
+        observed = _assessments(job, customer_ids)
+        inferred = values.take(pa.array(np.where(inference.value_index < 0, classes, inference.value_index), pa.int64()))
+        wins = observed.has_observed & observed_wins & ~observed.expired
         # the probability of the stored value: its class's, or the top class's confidence for `unknown`
-        column = np.where(inferred == UNKNOWN, -1, inference.top).astype(np.int64)
-        won = np.nonzero(wins)[0]
-        column[won] = [value_index.get(v, -1) for v in seen[won]]
-        prob_of_value = np.where(column >= 0, proba[np.arange(n), np.maximum(column, 0)], confidence)
+        column = np.where(wins, observed.seen_class, np.where(inference.value_index < 0, -1, inference.top)).astype(np.int64)
+        prob_of_value = np.where(column >= 0, proba[np.arange(n), np.maximum(column, 0)], inference.confidence)
         yield pa.RecordBatch.from_arrays(
             [
                 customers,
                 _constant(job.as_of, pa.date32(), n),
                 _constant(tag.name, pa.string(), n),
-                pa.array(value, pa.string()),
+                pc.if_else(pa.array(wins), observed.seen, inferred),
                 pa.array(prob_of_value, pa.float64()),
                 pa.MapArray.from_arrays(
                     pa.array(np.arange(0, (n + 1) * classes, classes), pa.int32()),
@@ -268,12 +294,12 @@ def model_tag_batches(batches: Iterable[pa.RecordBatch], model: Any, job: ModelT
                     pa.array(proba.astype("float64").ravel()),
                 ),
                 reasons,
-                pa.array(source, pa.string()),
-                pa.array(inferred, pa.string()),
-                pa.array(seen, pa.string()),
-                pa.array(mismatch, pa.bool_()),
-                pa.array(assessment, pa.string()),
-                pa.array(assessed_on, pa.date32()),
+                SOURCES.take(pa.array(wins.astype(np.int8))),
+                inferred,
+                observed.seen,
+                pc.not_equal(observed.seen, inferred),  # null where no label was observed
+                observed.assessment,
+                observed.assessed_on,
                 _constant(info.producer, pa.string(), n),
                 _constant(info.version, pa.string(), n),
                 _constant(info.run_id, pa.string(), n),

@@ -22,6 +22,7 @@ class Inference:
     top: np.ndarray  # index of the most probable class per row
     confidence: np.ndarray  # probability of that class
     values: np.ndarray  # the inferred value per row: a class, or UNKNOWN below min_confidence
+    value_index: np.ndarray  # the inferred value's index in the version's classes, -1 for UNKNOWN
 
 
 def model_input(frame: pd.DataFrame, version: ModelVersionInfo) -> pd.DataFrame:
@@ -50,7 +51,6 @@ def inference_of(proba: np.ndarray, version: ModelVersionInfo, min_confidence: f
     """The inferred values of probabilities `proba` (the model's, or the same model's from an earlier night)."""
     top = decide(proba, version.decision_threshold)
     confidence = proba[np.arange(len(top)), top]
-    values = np.array(version.classes, dtype=object)[top]
-    if min_confidence:
-        values = np.where(confidence < min_confidence, UNKNOWN, values)
-    return Inference(proba, top, confidence, values)
+    value_index = np.where(confidence < min_confidence, -1, top) if min_confidence else np.asarray(top)
+    values = np.array([*version.classes, UNKNOWN], dtype=object)[value_index]
+    return Inference(proba, top, confidence, values, value_index)
