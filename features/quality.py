@@ -7,7 +7,7 @@ from typing import Any
 import duckdb
 
 from tagml.core.files import check_parquet
-from tagml.core.storage import quote, sql_literal, staged_path, staged_relation
+from tagml.core.storage import latest_staged_files, quote, sql_literal, staged_path, staged_relation
 from tagml.features.checks import CheckOutcome, QualityCheck
 from tagml.features.contract import CUSTOMERS, TABLES_BY_NAME
 from tagml.features.customer_features import balance_month_end_sql
@@ -144,9 +144,15 @@ def check_feature_snapshot(con: duckdb.DuckDBPyConnection, path: Path, staged_di
     outcomes.append(check_null_rates(rates, features_without_history(con, staged_dir, as_of)))
     outcomes.append(check_unseen_categories(con, snap, columns))
     outcomes.append(check_constant_features(con, snap, present))
-    latest_txn = con.execute(
-        f"SELECT max(txn_ts)::DATE FROM {staged_relation(staged_dir, 'transactions', last=as_of)} WHERE txn_ts < {d} + INTERVAL 1 DAY"
-    ).fetchall()[0][0]
+    # the latest day's file only (not every day of history): freshness must not cost more as history grows
+    latest = latest_staged_files(staged_dir, "transactions", as_of)
+    latest_txn = (
+        con.execute(
+            f"SELECT max(txn_ts)::DATE FROM read_parquet([{', '.join(sql_literal(f) for f in latest)}]) WHERE txn_ts < {d} + INTERVAL 1 DAY"
+        ).fetchall()[0][0]
+        if latest
+        else None
+    )
     lag = (as_of - latest_txn).days if latest_txn else None
     outcomes.append(FRESHNESS.outcome(lag is not None and lag <= MAX_DATA_LAG_DAYS, {"latest_transaction_date": str(latest_txn), "lag_days": lag}))
     return outcomes

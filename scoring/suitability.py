@@ -24,7 +24,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from tagml.core.storage import staged_files, staged_path
+from tagml.core.storage import latest_staged_files, staged_files
 from tagml.features.contract import PRODUCT_RISK_LEVELS
 from tagml.scoring.rules import rule_version
 from tagml.scoring.sources import known_labels_sql
@@ -39,10 +39,8 @@ _ABSENT = {
 def _staged(staged_dir: Path, table: str, params: dict, latest_on: date | None = None) -> str:
     """The staged table as a relation (an empty one when the optional table was never staged). With `latest_on`, a
     table staged by period is read from its latest period file on or before that day only: the one month end the
-    suitability reads (a file holds exactly its period's rows, and a period with no row has no file)."""
-    files = staged_files(staged_dir, table)
-    if latest_on is not None and files != [staged_path(staged_dir, table)]:
-        files = staged_files(staged_dir, table, last=latest_on)[-1:]
+    suitability reads."""
+    files = staged_files(staged_dir, table) if latest_on is None else latest_staged_files(staged_dir, table, latest_on)
     if not files:
         return _ABSENT[table]
     params[table] = [str(f) for f in files]

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 PARQUET_OPTIONS = "FORMAT PARQUET, COMPRESSION ZSTD, ROW_GROUP_SIZE 122880"
 # DuckDB's own units (1000^i and 1024^i), in any case as DuckDB reads them ('4gib' is 4 GiB); anything
 # else is refused before a connection is opened. Settings validate TAGML_DUCKDB_MEMORY_LIMIT with it too.
+STAGED_PERIOD_FILE = re.compile(r"^\d{4}-\d{2}-\d{2}\.parquet$")
 MEMORY_LIMIT = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 PARTITION_FILE = "data.parquet"
 
@@ -117,7 +118,7 @@ def staged_period_dir(staged_dir: Path, table: str) -> Path:
 
 def staged_period(path: Path) -> date:
     """The period (day or month end) a staged period file holds, from its name."""
-    return date.fromisoformat(Path(path).stem)
+    return date.fromisoformat(os.path.basename(path)[: -len(".parquet")])
 
 
 def staged_files(staged_dir: Path, table: str, first: date | None = None, last: date | None = None) -> list[Path]:
@@ -132,8 +133,18 @@ def staged_files(staged_dir: Path, table: str, first: date | None = None, last: 
     periods = staged_period_dir(staged_dir, table)
     if not periods.is_dir():
         return []
-    files = sorted(periods.glob("????-??-??.parquet"))
-    return [f for f in files if (first is None or staged_period(f) >= first) and (last is None or staged_period(f) <= last)]
+    # names compared as text (ISO dates sort as dates): a nightly lists a few hundred files per table many times
+    low, high = first.isoformat() if first else "", last.isoformat() if last else "9999-12-31"
+    with os.scandir(periods) as entries:
+        names = sorted(e.name for e in entries if STAGED_PERIOD_FILE.match(e.name))
+    return [periods / name for name in names if low <= name[:10] <= high]
+
+
+def latest_staged_files(staged_dir: Path, table: str, last: date) -> list[Path]:
+    """What holds the rows of `table`'s latest period on or before `last`: its one period file when staged by period
+    (a file holds exactly its period's rows, and a period with no row has no file), else the whole table's file."""
+    files = staged_files(staged_dir, table)
+    return files if files == [staged_path(staged_dir, table)] else staged_files(staged_dir, table, last=last)[-1:]
 
 
 def staged_relation(staged_dir: Path, table: str, first: date | None = None, last: date | None = None) -> str:
