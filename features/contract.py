@@ -347,7 +347,7 @@ def contract_markdown() -> str:
             "or a CSV file `<table>.csv` (header row) in the raw directory: a *whole* delivery of the table. "
             "The event tables may instead be delivered as *dated files*, one per period of their event time: "
             "`transactions/YYYY-MM-DD.parquet|csv` (a day of `txn_ts`), `digital_events/YYYY-MM-DD.*` (a day of `event_ts`), "
-            "`balances/YYYY-MM-DD.*` (a month end); every row of a dated file must fall in its period. "
+            "`balances/YYYY-MM-DD.*` and `holdings/YYYY-MM-DD.*` (a month end); every row of a dated file must fall in its period. "
             "Columns not listed are ignored. "
             "PII columns are accepted, validated as text and dropped before anything downstream sees them."
         ),
