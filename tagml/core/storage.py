@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 PARQUET_OPTIONS = "FORMAT PARQUET, COMPRESSION ZSTD, ROW_GROUP_SIZE 122880"
 # DuckDB's own units (1000^i and 1024^i), in any case as DuckDB reads them ('4gib' is 4 GiB); anything
 # else is refused before a connection is opened. Settings validate TAGML_DUCKDB_MEMORY_LIMIT with it too.
-STAGED_PERIOD_FILE = re.compile(r"^\d{4}-\d{2}-\d{2}\.parquet$")
 MEMORY_LIMIT = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 PARTITION_FILE = "data.parquet"
+STAGED_PERIOD_FILE = re.compile(r"^\d{4}-\d{2}-\d{2}\.parquet$")  # a staged period file's name: its period, ISO
 
 
 class WarehouseConfigError(ValueError):
@@ -118,7 +118,7 @@ def staged_period_dir(staged_dir: Path, table: str) -> Path:
 
 def staged_period(path: Path) -> date:
     """The period (day or month end) a staged period file holds, from its name."""
-    return date.fromisoformat(os.path.basename(path)[: -len(".parquet")])
+    return date.fromisoformat(Path(path).stem)
 
 
 def staged_files(staged_dir: Path, table: str, first: date | None = None, last: date | None = None) -> list[Path]:
